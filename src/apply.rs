@@ -1,0 +1,304 @@
+//! Takes [`Rendered`] bytes to disk safely: unchanged bytes are left alone; changed bytes go to a
+//! staged file next to the destination (created exclusively, never through a symlink, with the
+//! final mode from the start), are checked, then fsynced, renamed over the destination and the
+//! directory fsynced. A failed check leaves the old file untouched.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::command::{self, CommandError};
+use crate::config::Target;
+use crate::render::Rendered;
+
+/// Placeholder in check argvs replaced by the staged file's path.
+pub const STAGED_PLACEHOLDER: &str = "{{staged}}";
+
+/// Errors of the apply stage; each names the file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The destination could not be read for comparison.
+    #[error("cannot read {path}: {source}")]
+    ReadDest {
+        /// Destination.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The staged file could not be created or written (missing or read-only directory...).
+    #[error("cannot stage {path}: {source}")]
+    Stage {
+        /// Staged file path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The check command refused the staged file.
+    #[error("check of {target:?} refused the new file; {dest} is unchanged: {source}")]
+    Check {
+        /// Target name.
+        target: String,
+        /// Destination kept.
+        dest: PathBuf,
+        /// The command's failure, with its stderr.
+        source: CommandError,
+    },
+    /// The rename or directory fsync failed.
+    #[error("cannot swap {dest} into place: {source}")]
+    Commit {
+        /// Destination.
+        dest: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A checked-or-not file waiting next to its destination. Dropping it removes the file.
+#[derive(Debug)]
+pub struct Staged {
+    /// Target name.
+    pub name: String,
+    /// Destination path.
+    pub dest: PathBuf,
+    /// The staged file's path.
+    pub path: PathBuf,
+    committed: bool,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Whether `bytes` differ from what `dest` holds now (a missing file differs).
+pub fn differs(dest: &Path, bytes: &[u8]) -> Result<bool, ApplyError> {
+    match std::fs::read(dest) {
+        Ok(current) => Ok(current != bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(source) => Err(ApplyError::ReadDest {
+            path: dest.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Writes `rendered` to a new staged file beside `target.dest`, fsynced, with the final mode and
+/// owner: the configured ones, else the current file's, else 0644 and the process's own.
+pub fn stage(target: &Target, rendered: &Rendered) -> Result<Staged, ApplyError> {
+    let dest = &target.dest;
+    let dir = parent_dir(dest);
+    let file_name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let existing = std::fs::metadata(dest).ok();
+    let mode = target
+        .mode
+        .or_else(|| existing.as_ref().map(|m| m.mode() & 0o7777))
+        .unwrap_or(0o644);
+    let uid = target.owner.or_else(|| existing.as_ref().map(|m| m.uid()));
+    let gid = target.group.or_else(|| existing.as_ref().map(|m| m.gid()));
+
+    let path = dir.join(format!(
+        ".{file_name}.haconfd-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let stage_err = |source| ApplyError::Stage {
+        path: path.clone(),
+        source,
+    };
+    // O_EXCL refuses any existing entry, a planted symlink included; O_NOFOLLOW says so twice.
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(stage_err)?;
+    let staged = Staged {
+        name: rendered.name.clone(),
+        dest: dest.clone(),
+        path: path.clone(),
+        committed: false,
+    };
+    // The umask may have cleared bits of `mode`; set it exactly on the open descriptor, before
+    // any content is written.
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(stage_err)?;
+    let meta = file.metadata().map_err(stage_err)?;
+    let want_uid = uid.filter(|u| *u != meta.uid());
+    let want_gid = gid.filter(|g| *g != meta.gid());
+    if want_uid.is_some() || want_gid.is_some() {
+        std::os::unix::fs::fchown(&file, want_uid, want_gid).map_err(stage_err)?;
+        // chown clears set-id bits; restore the exact mode.
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(stage_err)?;
+    }
+    file.write_all(&rendered.bytes).map_err(stage_err)?;
+    file.sync_all().map_err(stage_err)?;
+    Ok(staged)
+}
+
+/// Runs the target's check on the staged file. No check configured means accepted.
+pub async fn check(target: &Target, staged: &Staged) -> Result<(), ApplyError> {
+    if target.check.is_empty() {
+        return Ok(());
+    }
+    let staged_path = staged.path.display().to_string();
+    let argv: Vec<String> = target
+        .check
+        .iter()
+        .map(|a| a.replace(STAGED_PLACEHOLDER, &staged_path))
+        .collect();
+    command::run(&argv, target.check_timeout)
+        .await
+        .map_err(|source| ApplyError::Check {
+            target: target.name.clone(),
+            dest: target.dest.clone(),
+            source,
+        })
+}
+
+/// Renames the staged file over its destination and fsyncs the directory.
+pub fn commit(mut staged: Staged) -> Result<(), ApplyError> {
+    let err = |source| ApplyError::Commit {
+        dest: staged.dest.clone(),
+        source,
+    };
+    std::fs::rename(&staged.path, &staged.dest).map_err(err)?;
+    staged.committed = true;
+    File::open(parent_dir(&staged.dest))
+        .and_then(|d| d.sync_all())
+        .map_err(err)?;
+    Ok(())
+}
+
+fn parent_dir(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Writes `bytes` to `path` atomically (stage, fsync, rename, fsync dir) with `mode`; used for
+/// haconfd's own files such as HAProxy's server-state file.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let dir = parent_dir(path);
+    let tmp = dir.join(format!(
+        ".{}.haconfd-{}-{:08x}",
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        File::open(&dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn target(dest: &Path, check: &[&str]) -> Target {
+        Target {
+            name: "t".into(),
+            src: "/dev/null".into(),
+            dest: dest.to_owned(),
+            check: check.iter().map(|s| s.to_string()).collect(),
+            check_timeout: Duration::from_secs(5),
+            mode: None,
+            owner: None,
+            group: None,
+            reload: None,
+            require_leader: false,
+            server_state: None,
+            vars: Default::default(),
+        }
+    }
+
+    fn rendered(b: &[u8]) -> Rendered {
+        Rendered {
+            name: "t".into(),
+            bytes: b.to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn staged_file_passes_check_and_replaces_dest_keeping_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.cfg");
+        std::fs::write(&dest, "old").unwrap();
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let t = target(&dest, &["grep", "-q", "new", "{{staged}}"]);
+        let s = stage(&t, &rendered(b"new")).unwrap();
+        check(&t, &s).await.unwrap();
+        commit(s).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        assert_eq!(std::fs::metadata(&dest).unwrap().mode() & 0o7777, 0o640);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no staged leftovers");
+    }
+
+    #[tokio::test]
+    async fn failed_check_keeps_the_old_file_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.cfg");
+        std::fs::write(&dest, "old").unwrap();
+        let t = target(&dest, &["sh", "-c", "echo 'bad line 7' >&2; exit 1", "{{staged}}"]);
+        let s = stage(&t, &rendered(b"new")).unwrap();
+        let err = check(&t, &s).await.unwrap_err();
+        drop(s);
+        assert!(err.to_string().contains("bad line 7"), "{err}");
+        assert_eq!(std::fs::read(&dest).unwrap(), b"old");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn configured_mode_is_exact_despite_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.cfg");
+        let mut t = target(&dest, &[]);
+        t.mode = Some(0o664);
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let s = stage(&t, &rendered(b"x"));
+        nix::sys::stat::umask(old);
+        let s = s.unwrap();
+        assert_eq!(std::fs::metadata(&s.path).unwrap().mode() & 0o7777, 0o664);
+    }
+
+    #[test]
+    fn missing_directory_is_named() {
+        let t = target(Path::new("/nonexistent-dir/out.cfg"), &[]);
+        let err = stage(&t, &rendered(b"x")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent-dir/"), "{err}");
+    }
+
+    #[test]
+    fn differs_compares_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f");
+        assert!(differs(&dest, b"a").unwrap());
+        std::fs::write(&dest, "a").unwrap();
+        assert!(!differs(&dest, b"a").unwrap());
+        assert!(differs(&dest, b"b").unwrap());
+    }
+}

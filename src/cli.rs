@@ -1,0 +1,200 @@
+//! The command line: global options shared by every mode, one subcommand per mode, and the
+//! documented exit codes. Flags beat `HACONFD_*` env vars, which beat the config file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{LogFormat, Overrides, DEFAULT_CONFIG_PATH};
+
+/// Exit codes, the same for every mode.
+pub mod exit {
+    /// Applied, or already up to date.
+    pub const OK: u8 = 0;
+    /// An unexpected failure.
+    pub const FAILURE: u8 = 1;
+    /// Bad usage or configuration.
+    pub const CONFIG: u8 = 2;
+    /// etcd unreachable within the timeout.
+    pub const ETCD: u8 = 3;
+    /// The empty/shrink guard refused the view.
+    pub const GUARD: u8 = 4;
+    /// A template failed to render (including "no leader").
+    pub const RENDER: u8 = 5;
+    /// A check command refused a staged file.
+    pub const CHECK: u8 = 6;
+    /// A file could not be written.
+    pub const WRITE: u8 = 7;
+    /// Files were written but a reload failed.
+    pub const RELOAD: u8 = 8;
+}
+
+const LONG_ABOUT: &str = "\
+haconfd watches a Patroni cluster's keys in etcd (/<namespace>/<scope>/leader and members/<name>)
+and renders haproxy.cfg and pgbouncer.ini from Tera templates. Each changed file is staged next to
+its destination, checked (e.g. `haproxy -c`), swapped in atomically, and its consumer reloaded: a
+signal to the verified PID of a pidfile, HAProxy's master socket, or a command.";
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  applied, or already up to date
+  1  unexpected failure
+  2  bad usage or configuration
+  3  etcd unreachable within daemon.once_timeout
+  4  the empty/shrink guard refused the view (see --force)
+  5  a template failed to render (including: no leader)
+  6  a check command refused a staged file
+  7  a file could not be written
+  8  files were written but a reload failed
+
+Environment: HACONFD_CONFIG, HACONFD_ETCD_ENDPOINTS, HACONFD_NAMESPACE, HACONFD_SCOPE,
+HACONFD_ETCD_USERNAME, HACONFD_ETCD_PASSWORD, HACONFD_LOG_FORMAT, HACONFD_LOG_LEVEL.";
+
+/// haconfd command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "haconfd",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("HACONFD_GIT_REV"), ")"),
+    about = "Render haproxy.cfg and pgbouncer.ini from Patroni's state in etcd, safely",
+    long_about = LONG_ABOUT,
+    after_long_help = EXIT_CODES,
+)]
+pub struct Cli {
+    /// Options shared by every mode.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// The mode.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options shared by every mode.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Configuration file (TOML).
+    #[arg(short, long, global = true, env = "HACONFD_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// etcd endpoints, comma-separated (replaces etcd.endpoints).
+    #[arg(long, global = true, env = "HACONFD_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub endpoints: Option<Vec<String>>,
+    /// Patroni namespace (replaces etcd.namespace).
+    #[arg(long, global = true, env = "HACONFD_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Patroni scope, the cluster name (replaces etcd.scope).
+    #[arg(long, global = true, env = "HACONFD_SCOPE")]
+    pub scope: Option<String>,
+    /// etcd user (the password comes from HACONFD_ETCD_PASSWORD or the config, never a flag).
+    #[arg(long, global = true, env = "HACONFD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    /// Log format.
+    #[arg(long, global = true, env = "HACONFD_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `haconfd=debug`.
+    #[arg(long, global = true, env = "HACONFD_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// The modes.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run as a daemon or sidecar: watch etcd and apply every change.
+    #[command(long_about = "Run as a daemon or sidecar. Lists the prefix, watches it, and runs a pass \
+        on every change: render, check, swap in, reload what changed. Changes arriving during a pass \
+        merge into the next one; after a pass that wrote, the next waits for daemon.min_interval. \
+        SIGHUP re-reads the config and templates; template files are also watched. The first \
+        SIGTERM or SIGINT lets the pass in flight finish, a second exits at once.")]
+    Run(RunArgs),
+    /// One pass from etcd, then exit: render, check, write and reload what changed.
+    #[command(long_about = "One pass from etcd: render every template, check and swap in what changed, \
+        reload its consumer, then exit. Exit 0 when applied or already up to date; otherwise a \
+        non-zero code (see --help of haconfd) and a one-line reason on stderr.")]
+    Once(OnceArgs),
+    /// Print rendered files to stdout; writes nothing.
+    #[command(long_about = "Render to stdout and write nothing. Reads etcd, or with --snapshot a JSON dump: \
+        `etcdctl get --prefix -w json` output or a flat {\"key\": \"value\"} object. With several \
+        templates each is preceded by a `==> name <==` line; --template selects one. --context \
+        prints the template context as JSON instead.")]
+    Render(RenderArgs),
+    /// Validate config and templates, render and run the checks on staged copies; writes nothing.
+    Check(CheckArgs),
+    /// Print shell completions.
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `run` options.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Minimum time between passes that write (replaces daemon.min_interval), e.g. `500ms`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub min_interval: Option<Duration>,
+    /// Address for /healthz, /readyz, /metrics and /status (replaces http.listen).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Disable the empty/shrink guard.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `once` options.
+#[derive(Debug, Args)]
+pub struct OnceArgs {
+    /// Apply even if the empty/shrink guard would refuse.
+    #[arg(long)]
+    pub force: bool,
+    /// Write files but do not reload anything.
+    #[arg(long)]
+    pub no_reload: bool,
+}
+
+/// `render` options.
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// Read this JSON dump instead of etcd.
+    #[arg(long)]
+    pub snapshot: Option<PathBuf>,
+    /// Render only this template (its `name`, by default the destination's file name).
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Print the template context as JSON instead of rendering.
+    #[arg(long)]
+    pub context: bool,
+}
+
+/// `check` options.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Read this JSON dump instead of etcd.
+    #[arg(long)]
+    pub snapshot: Option<PathBuf>,
+}
+
+impl Cli {
+    /// Flag and env overrides for the config.
+    pub fn overrides(&self) -> Overrides {
+        let g = &self.global;
+        let mut o = Overrides {
+            endpoints: g.endpoints.clone(),
+            namespace: g.namespace.clone(),
+            scope: g.scope.clone(),
+            username: g.etcd_username.clone(),
+            password: std::env::var("HACONFD_ETCD_PASSWORD").ok(),
+            log_format: g.log_format,
+            log_level: g.log_level.clone(),
+            ..Default::default()
+        };
+        match &self.command {
+            Command::Run(r) => {
+                o.min_interval = r.min_interval;
+                o.listen = r.listen.clone();
+                o.force = r.force;
+            }
+            Command::Once(a) => o.force = a.force,
+            _ => {}
+        }
+        o
+    }
+}

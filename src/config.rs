@@ -1,0 +1,911 @@
+//! Configuration: the TOML file parsed into a raw struct (no I/O beyond reading it), overridden by
+//! `HACONFD_*` env vars and flags, then resolved into [`Settings`] (paths made absolute, durations,
+//! modes, owners and reload forms validated). Precedence, in one place: flag > env > file > default.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/haconfd/haconfd.toml";
+
+/// Errors raised while loading or resolving the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// Path of the config file.
+        path: PathBuf,
+        /// Underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not match the schema (unknown key, bad duration...).
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// Path of the config file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A value parsed but makes no sense.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The configuration file as written, before overrides and resolution.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Where Patroni's keys live.
+    #[serde(default)]
+    pub etcd: EtcdConfig,
+    /// Daemon timing: coalescing, resync, retries.
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    /// Guards against an empty or shrunken store.
+    #[serde(default)]
+    pub guard: GuardConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// HTTP endpoint for health, readiness, metrics and status.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Template variables shared by every template (`vars.*` in the context).
+    #[serde(default)]
+    pub vars: toml::Table,
+    /// One entry per rendered output.
+    #[serde(default, rename = "template")]
+    pub templates: Vec<TemplateConfig>,
+}
+
+/// `[etcd]`: the store and the Patroni scope.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Patroni's `namespace` (default `/service`).
+    pub namespace: String,
+    /// Patroni's `scope` (the cluster name). Required.
+    pub scope: Option<String>,
+    /// Timeout of one connection attempt.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Timeout of one request (list, watch creation).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// gRPC keepalive ping interval; detects a hung etcd on an open watch.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// gRPC keepalive timeout.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// User for etcd auth.
+    pub username: Option<String>,
+    /// Password for etcd auth (prefer `password_file` or `HACONFD_ETCD_PASSWORD`).
+    pub password: Option<String>,
+    /// File holding the password (first line).
+    pub password_file: Option<PathBuf>,
+    /// TLS to etcd.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            namespace: "/service".into(),
+            scope: None,
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(3),
+            username: None,
+            password: None,
+            password_file: None,
+            tls: None,
+        }
+    }
+}
+
+/// `[etcd.tls]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA bundle (PEM) that signed etcd's server certificate.
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    pub key: Option<PathBuf>,
+    /// Server name to verify, when it differs from the endpoint's host.
+    pub domain: Option<String>,
+}
+
+/// `[daemon]`: timing of passes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Minimum time between two passes that write or reload. Changes arriving in between are
+    /// merged into the next pass; the first change after a quiet period runs at once.
+    #[serde(with = "humantime_serde")]
+    pub min_interval: Duration,
+    /// Full re-list of the prefix as a safety net (0 disables).
+    #[serde(with = "humantime_serde")]
+    pub resync_interval: Duration,
+    /// Cap of the reconnect backoff.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// How long `once`, `check` and `render` wait for etcd before failing.
+    #[serde(with = "humantime_serde")]
+    pub once_timeout: Duration,
+    /// Retry a failed pass after this long even if nothing changes.
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            min_interval: Duration::from_millis(500),
+            resync_interval: Duration::from_secs(300),
+            max_backoff: Duration::from_secs(30),
+            once_timeout: Duration::from_secs(10),
+            retry_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[guard]`: refuse renders from an empty or suddenly shrunken store.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// Fewer valid members than this and the pass is refused.
+    pub min_members: usize,
+    /// Refuse a pass that removes more than this fraction of the last applied members at once.
+    pub max_removed_fraction: f64,
+    /// Disable both guards.
+    pub force: bool,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            min_members: 1,
+            max_removed_fraction: 0.5,
+            force: false,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `haconfd=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// `[http]`: off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address such as `127.0.0.1:9187`.
+    pub listen: Option<String>,
+}
+
+/// One `[[template]]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateConfig {
+    /// Name used in logs, metrics and `render --template`; defaults to the destination's file name.
+    pub name: Option<String>,
+    /// The Tera template, relative to the config file's directory.
+    pub src: PathBuf,
+    /// The rendered file.
+    pub dest: PathBuf,
+    /// Argv run on the staged file before it is swapped in; `{{staged}}` is replaced by its path.
+    #[serde(default)]
+    pub check: Vec<String>,
+    /// Time limit of the check command.
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub check_timeout: Duration,
+    /// Octal mode of the file, e.g. `"0644"`. Default: keep the existing file's, or 0644.
+    pub mode: Option<String>,
+    /// Owner user name or uid. Default: keep the existing file's.
+    pub owner: Option<String>,
+    /// Owner group name or gid. Default: keep the existing file's.
+    pub group: Option<String>,
+    /// How to reload the consumer once the file changed.
+    pub reload: Option<ReloadConfig>,
+    /// Refuse to render unless the cluster has a leader (default: true for pgbouncer-like
+    /// templates is up to the template; this flag makes it explicit).
+    #[serde(default)]
+    pub require_leader: bool,
+    /// Carry HAProxy server state over reloads.
+    pub server_state: Option<ServerStateConfig>,
+    /// Variables for this template only; they override the global `[vars]`.
+    #[serde(default)]
+    pub vars: toml::Table,
+}
+
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `reload = {...}`: exactly one of `pidfile`, `master_socket` or `command`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Pidfile of the process to signal.
+    pub pidfile: Option<PathBuf>,
+    /// Signal name, e.g. `SIGUSR2` (HAProxy master) or `SIGHUP` (PgBouncer).
+    pub signal: Option<String>,
+    /// Expected process name (`/proc/<pid>/comm` or the basename of `/proc/<pid>/exe`).
+    pub process: Option<String>,
+    /// HAProxy master CLI socket: reload through it, or verify a signal-based reload with it.
+    pub master_socket: Option<PathBuf>,
+    /// Argv to run instead of signalling (never a shell string).
+    pub command: Option<Vec<String>>,
+    /// Time limit of the command or of the master-socket reload.
+    #[serde(default, with = "humantime_serde::option")]
+    pub timeout: Option<Duration>,
+}
+
+/// `server_state = {...}`: HAProxy's `server-state-file` kept right across reloads.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerStateConfig {
+    /// The admin stats socket (`stats socket ... level admin`).
+    pub stats_socket: PathBuf,
+    /// The file named by `server-state-file` in the global section.
+    pub file: PathBuf,
+    /// Backends that must route to the leader only.
+    #[serde(default = "default_primary_backends")]
+    pub primary_backends: Vec<String>,
+    /// Backends that must route to replicas only.
+    #[serde(default = "default_replica_backends")]
+    pub replica_backends: Vec<String>,
+}
+
+fn default_primary_backends() -> Vec<String> {
+    vec!["primary".into()]
+}
+
+fn default_replica_backends() -> Vec<String> {
+    vec!["replicas".into()]
+}
+
+/// Overrides from flags and `HACONFD_*` env vars (clap merges the two, flag first).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Replaces `etcd.endpoints`.
+    pub endpoints: Option<Vec<String>>,
+    /// Replaces `etcd.namespace`.
+    pub namespace: Option<String>,
+    /// Replaces `etcd.scope`.
+    pub scope: Option<String>,
+    /// Replaces `etcd.username`.
+    pub username: Option<String>,
+    /// Replaces `etcd.password`.
+    pub password: Option<String>,
+    /// Replaces `log.format`.
+    pub log_format: Option<LogFormat>,
+    /// Replaces `log.level`.
+    pub log_level: Option<String>,
+    /// Replaces `daemon.min_interval`.
+    pub min_interval: Option<Duration>,
+    /// Replaces `http.listen`.
+    pub listen: Option<String>,
+    /// Sets `guard.force`.
+    pub force: bool,
+}
+
+impl RawConfig {
+    /// Parses TOML text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Applies flag/env overrides on top of the file.
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = &o.endpoints {
+            self.etcd.endpoints = v.clone();
+        }
+        if let Some(v) = &o.namespace {
+            self.etcd.namespace = v.clone();
+        }
+        if let Some(v) = &o.scope {
+            self.etcd.scope = Some(v.clone());
+        }
+        if let Some(v) = &o.username {
+            self.etcd.username = Some(v.clone());
+        }
+        if let Some(v) = &o.password {
+            self.etcd.password = Some(v.clone());
+        }
+        if let Some(v) = o.log_format {
+            self.log.format = v;
+        }
+        if let Some(v) = &o.log_level {
+            self.log.level = v.clone();
+        }
+        if let Some(v) = o.min_interval {
+            self.daemon.min_interval = v;
+        }
+        if let Some(v) = &o.listen {
+            self.http.listen = Some(v.clone());
+        }
+        if o.force {
+            self.guard.force = true;
+        }
+    }
+
+    /// Resolves into [`Settings`]; relative template paths are taken from `base_dir`.
+    pub fn resolve(self, base_dir: &Path) -> Result<Settings, ConfigError> {
+        let etcd = resolve_etcd(self.etcd, base_dir)?;
+        if !(0.0..=1.0).contains(&self.guard.max_removed_fraction) {
+            return Err(ConfigError::Invalid(format!(
+                "guard.max_removed_fraction must be between 0 and 1, got {}",
+                self.guard.max_removed_fraction
+            )));
+        }
+        let vars = table_to_json(self.vars);
+        let mut targets = Vec::with_capacity(self.templates.len());
+        for (i, t) in self.templates.into_iter().enumerate() {
+            let target = resolve_template(t, i, base_dir, &vars)?;
+            if targets.iter().any(|o: &Target| o.name == target.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "two [[template]] entries are named {:?}; set distinct `name`s",
+                    target.name
+                )));
+            }
+            if targets.iter().any(|o: &Target| o.dest == target.dest) {
+                return Err(ConfigError::Invalid(format!(
+                    "two [[template]] entries write {}",
+                    target.dest.display()
+                )));
+            }
+            targets.push(target);
+        }
+        if targets.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no [[template]] entries: nothing to render".into(),
+            ));
+        }
+        Ok(Settings {
+            etcd,
+            daemon: self.daemon,
+            guard: self.guard,
+            log: self.log,
+            http: self.http,
+            targets,
+        })
+    }
+}
+
+/// The resolved, validated configuration every mode runs from.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Store access.
+    pub etcd: EtcdSettings,
+    /// Timing.
+    pub daemon: DaemonConfig,
+    /// Empty/shrink guards.
+    pub guard: GuardConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// HTTP endpoint.
+    pub http: HttpConfig,
+    /// The outputs, in config order.
+    pub targets: Vec<Target>,
+}
+
+/// Resolved `[etcd]`.
+#[derive(Clone)]
+pub struct EtcdSettings {
+    /// Client URLs.
+    pub endpoints: Vec<String>,
+    /// Normalised namespace: leading `/`, no trailing `/`.
+    pub namespace: String,
+    /// Patroni scope.
+    pub scope: String,
+    /// Connection timeout.
+    pub connect_timeout: Duration,
+    /// Request timeout.
+    pub request_timeout: Duration,
+    /// Keepalive interval.
+    pub keepalive_interval: Duration,
+    /// Keepalive timeout.
+    pub keepalive_timeout: Duration,
+    /// `(user, password)` when auth is on.
+    pub auth: Option<(String, String)>,
+    /// TLS files when TLS is on.
+    pub tls: Option<TlsConfig>,
+}
+
+impl EtcdSettings {
+    /// The key prefix Patroni writes under: `<namespace>/<scope>/`.
+    pub fn prefix(&self) -> String {
+        format!("{}/{}/", self.namespace, self.scope)
+    }
+}
+
+impl fmt::Debug for EtcdSettings {
+    // Secrets never reach a log line: the password is masked here, where every log of the
+    // effective settings goes through.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdSettings")
+            .field("endpoints", &self.endpoints)
+            .field("namespace", &self.namespace)
+            .field("scope", &self.scope)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("keepalive_timeout", &self.keepalive_timeout)
+            .field("auth", &self.auth.as_ref().map(|(u, _)| (u, "********")))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// Resolved `[[template]]`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Name in logs, metrics and `--template`.
+    pub name: String,
+    /// Absolute template path.
+    pub src: PathBuf,
+    /// Destination file.
+    pub dest: PathBuf,
+    /// Check argv (may be empty: no check).
+    pub check: Vec<String>,
+    /// Check time limit.
+    pub check_timeout: Duration,
+    /// File mode to set, if configured.
+    pub mode: Option<u32>,
+    /// Owner to set, if configured.
+    pub owner: Option<u32>,
+    /// Group to set, if configured.
+    pub group: Option<u32>,
+    /// Reload action.
+    pub reload: Option<Reload>,
+    /// Refuse to render with no leader.
+    pub require_leader: bool,
+    /// HAProxy server-state handling.
+    pub server_state: Option<ServerStateConfig>,
+    /// Merged variables (global, then per-template).
+    pub vars: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A resolved reload action.
+#[derive(Debug, Clone)]
+pub enum Reload {
+    /// Signal the verified PID from a pidfile.
+    Signal {
+        /// Pidfile path.
+        pidfile: PathBuf,
+        /// Signal to send.
+        signal: nix::sys::signal::Signal,
+        /// Expected process name.
+        process: String,
+        /// Optional HAProxy master socket to verify the reload's outcome.
+        master_socket: Option<PathBuf>,
+        /// How long to wait for the verification.
+        timeout: Duration,
+    },
+    /// `reload` through HAProxy's master CLI, verified with `show proc`.
+    MasterSocket {
+        /// Master CLI socket.
+        path: PathBuf,
+        /// How long to wait for the new worker.
+        timeout: Duration,
+    },
+    /// Run an argv with a time limit.
+    Command {
+        /// The argv.
+        argv: Vec<String>,
+        /// Time limit.
+        timeout: Duration,
+    },
+}
+
+fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigError> {
+    let scope = e.scope.filter(|s| !s.is_empty()).ok_or_else(|| {
+        ConfigError::Invalid(
+            "etcd.scope is not set (Patroni's `scope`; set it in [etcd], HACONFD_SCOPE or --scope)"
+                .into(),
+        )
+    })?;
+    if scope.contains('/') || scope.chars().any(char::is_whitespace) {
+        return Err(ConfigError::Invalid(format!(
+            "etcd.scope {scope:?} must not contain '/' or spaces"
+        )));
+    }
+    let endpoints: Vec<String> = e
+        .endpoints
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if endpoints.is_empty() {
+        return Err(ConfigError::Invalid("etcd.endpoints is empty".into()));
+    }
+    for ep in &endpoints {
+        let u = url::Url::parse(ep)
+            .map_err(|err| ConfigError::Invalid(format!("etcd endpoint {ep:?}: {err}")))?;
+        if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "etcd endpoint {ep:?} must be http://host:port or https://host:port"
+            )));
+        }
+    }
+    let namespace = format!("/{}", e.namespace.trim_matches('/'));
+    let password = match (&e.password, &e.password_file) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(file)) => {
+            let file = base_dir.join(file);
+            let text = std::fs::read_to_string(&file).map_err(|err| {
+                ConfigError::Invalid(format!(
+                    "etcd.password_file {}: {err}",
+                    file.display()
+                ))
+            })?;
+            Some(text.lines().next().unwrap_or("").to_owned())
+        }
+        (None, None) => None,
+    };
+    let auth = match (e.username, password) {
+        (Some(u), Some(p)) => Some((u, p)),
+        (Some(u), None) => {
+            return Err(ConfigError::Invalid(format!(
+                "etcd.username {u:?} is set but no password (password, password_file or HACONFD_ETCD_PASSWORD)"
+            )))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "an etcd password is set but etcd.username is not".into(),
+            ))
+        }
+        (None, None) => None,
+    };
+    let tls = e.tls.map(|t| TlsConfig {
+        ca: t.ca.map(|p| base_dir.join(p)),
+        cert: t.cert.map(|p| base_dir.join(p)),
+        key: t.key.map(|p| base_dir.join(p)),
+        domain: t.domain,
+    });
+    if let Some(t) = &tls {
+        if t.cert.is_some() != t.key.is_some() {
+            return Err(ConfigError::Invalid(
+                "etcd.tls needs both cert and key for a client certificate".into(),
+            ));
+        }
+    }
+    Ok(EtcdSettings {
+        endpoints,
+        namespace,
+        scope,
+        connect_timeout: e.connect_timeout,
+        request_timeout: e.request_timeout,
+        keepalive_interval: e.keepalive_interval,
+        keepalive_timeout: e.keepalive_timeout,
+        auth,
+        tls,
+    })
+}
+
+fn resolve_template(
+    t: TemplateConfig,
+    index: usize,
+    base_dir: &Path,
+    global_vars: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Target, ConfigError> {
+    let name = match t.name {
+        Some(n) => n,
+        None => t
+            .dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "template #{}: dest {} has no file name",
+                    index + 1,
+                    t.dest.display()
+                ))
+            })?,
+    };
+    let ctx = |msg: String| ConfigError::Invalid(format!("template {name:?}: {msg}"));
+    if t.dest.file_name().is_none() {
+        return Err(ctx(format!("dest {} has no file name", t.dest.display())));
+    }
+    if let Some(first) = t.check.first() {
+        if first.contains(char::is_whitespace) {
+            return Err(ctx(format!(
+                "check is an argv, not a shell string: split {first:?} into separate items"
+            )));
+        }
+    }
+    let mode = t
+        .mode
+        .as_deref()
+        .map(|m| {
+            u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|v| *v <= 0o7777)
+                .ok_or_else(|| ctx(format!("mode {m:?} is not an octal file mode like \"0644\"")))
+        })
+        .transpose()?;
+    let owner = t.owner.as_deref().map(resolve_user).transpose().map_err(ctx)?;
+    let group = t.group.as_deref().map(resolve_group).transpose().map_err(ctx)?;
+    let reload = t.reload.map(|r| resolve_reload(r).map_err(&ctx)).transpose()?;
+    let mut vars = global_vars.clone();
+    vars.extend(table_to_json(t.vars));
+    Ok(Target {
+        src: base_dir.join(&t.src),
+        dest: t.dest,
+        check: t.check,
+        check_timeout: t.check_timeout,
+        mode,
+        owner,
+        group,
+        reload,
+        require_leader: t.require_leader,
+        server_state: t.server_state,
+        vars,
+        name,
+    })
+}
+
+fn resolve_reload(r: ReloadConfig) -> Result<Reload, String> {
+    let timeout = r.timeout.unwrap_or_else(default_command_timeout);
+    match (&r.pidfile, &r.command, &r.master_socket) {
+        (Some(pidfile), None, socket) => {
+            let signal_name = r.signal.as_deref().ok_or(
+                "reload with a pidfile needs `signal` (SIGUSR2 for an HAProxy master, SIGHUP for PgBouncer)",
+            )?;
+            let signal = parse_signal(signal_name)?;
+            let process = r.process.clone().ok_or(
+                "reload with a pidfile needs `process`, the expected process name (e.g. \"haproxy\")",
+            )?;
+            Ok(Reload::Signal {
+                pidfile: pidfile.clone(),
+                signal,
+                process,
+                master_socket: socket.clone(),
+                timeout,
+            })
+        }
+        (None, Some(argv), None) => {
+            if argv.is_empty() {
+                return Err("reload.command is empty".into());
+            }
+            if r.signal.is_some() || r.process.is_some() {
+                return Err("reload.command does not take `signal` or `process`".into());
+            }
+            Ok(Reload::Command {
+                argv: argv.clone(),
+                timeout,
+            })
+        }
+        (None, None, Some(path)) => {
+            if r.signal.is_some() || r.process.is_some() {
+                return Err(
+                    "reload through master_socket does not take `signal` or `process`".into(),
+                );
+            }
+            Ok(Reload::MasterSocket {
+                path: path.clone(),
+                timeout,
+            })
+        }
+        (None, None, None) => {
+            Err("reload needs one of `pidfile`, `master_socket` or `command`".into())
+        }
+        _ => Err("reload takes only one of `pidfile` or `command` (master_socket may go with pidfile to verify)".into()),
+    }
+}
+
+/// Parses `SIGHUP`, `HUP` or `hup`.
+pub fn parse_signal(name: &str) -> Result<nix::sys::signal::Signal, String> {
+    let upper = name.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse::<nix::sys::signal::Signal>()
+        .map_err(|_| format!("unknown signal {name:?}"))
+}
+
+fn resolve_user(s: &str) -> Result<u32, String> {
+    if let Ok(uid) = s.parse::<u32>() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(s) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        _ => Err(format!("owner {s:?} is not a known user")),
+    }
+}
+
+fn resolve_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(s) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        _ => Err(format!("group {s:?} is not a known group")),
+    }
+}
+
+/// Converts TOML variables into the JSON the template context carries.
+pub fn table_to_json(t: toml::Table) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(t) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// Loads, overrides and resolves in one go (the path every mode takes).
+pub fn load_settings(path: &Path, overrides: &Overrides) -> Result<Settings, ConfigError> {
+    let mut raw = RawConfig::load(path)?;
+    raw.apply(overrides);
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
+    raw.resolve(&base)
+}
+
+/// A map of template names to targets, for `--template` lookups.
+pub fn target_names(s: &Settings) -> BTreeMap<&str, &Target> {
+    s.targets.iter().map(|t| (t.name.as_str(), t)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[etcd]
+scope = "demo"
+[[template]]
+src = "haproxy.cfg.tera"
+dest = "/tmp/x/haproxy.cfg"
+reload = { pidfile = "/run/haproxy.pid", signal = "SIGUSR2", process = "haproxy" }
+"#;
+
+    #[test]
+    fn minimal_config_resolves_with_defaults() {
+        let raw = RawConfig::parse(MINIMAL, Path::new("t.toml")).unwrap();
+        let s = raw.resolve(Path::new("/etc/haconfd")).unwrap();
+        assert_eq!(s.etcd.prefix(), "/service/demo/");
+        assert_eq!(s.targets[0].name, "haproxy.cfg");
+        assert_eq!(s.targets[0].src, Path::new("/etc/haconfd/haproxy.cfg.tera"));
+        assert!(matches!(
+            s.targets[0].reload,
+            Some(Reload::Signal { signal: nix::sys::signal::Signal::SIGUSR2, .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_its_position() {
+        let err = RawConfig::parse("[etcd]\nscop = \"x\"\n", Path::new("c.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("c.toml") && msg.contains("scop"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn bad_duration_is_an_error() {
+        let err = RawConfig::parse("[daemon]\nmin_interval = \"fast\"\n", Path::new("c.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("min_interval"), "{err}");
+    }
+
+    #[test]
+    fn overrides_beat_the_file() {
+        let mut raw = RawConfig::parse(MINIMAL, Path::new("t.toml")).unwrap();
+        raw.apply(&Overrides {
+            scope: Some("other".into()),
+            endpoints: Some(vec!["http://10.0.0.1:2379,http://10.0.0.2:2379".into()]),
+            namespace: Some("ns/".into()),
+            ..Default::default()
+        });
+        let s = raw.resolve(Path::new("/")).unwrap();
+        assert_eq!(s.etcd.prefix(), "/ns/other/");
+        assert_eq!(s.etcd.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn password_is_masked_in_debug_output() {
+        let mut raw = RawConfig::parse(MINIMAL, Path::new("t.toml")).unwrap();
+        raw.etcd.username = Some("root".into());
+        raw.etcd.password = Some("s3cret-pw".into());
+        let s = raw.resolve(Path::new("/")).unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+        assert!(shown.contains("root"));
+    }
+
+    #[test]
+    fn reload_needs_exactly_one_form() {
+        for (text, want) in [
+            ("{ signal = \"SIGHUP\" }", "one of"),
+            ("{ pidfile = \"/p\", process = \"x\" }", "signal"),
+            ("{ pidfile = \"/p\", signal = \"SIGNOPE\", process = \"x\" }", "unknown signal"),
+            ("{ pidfile = \"/p\", signal = \"HUP\" }", "process"),
+            ("{ pidfile = \"/p\", signal = \"HUP\", process = \"x\", command = [\"a\"] }", "only one"),
+        ] {
+            let toml = MINIMAL.replace(
+                "{ pidfile = \"/run/haproxy.pid\", signal = \"SIGUSR2\", process = \"haproxy\" }",
+                text,
+            );
+            let err = RawConfig::parse(&toml, Path::new("t.toml"))
+                .unwrap()
+                .resolve(Path::new("/"))
+                .unwrap_err();
+            assert!(err.to_string().contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_scope_names_the_ways_to_set_it() {
+        let err = RawConfig::parse("[[template]]\nsrc=\"a\"\ndest=\"/b\"\n", Path::new("t"))
+            .unwrap()
+            .resolve(Path::new("/"))
+            .unwrap_err();
+        assert!(err.to_string().contains("HACONFD_SCOPE"), "{err}");
+    }
+
+    #[test]
+    fn check_given_as_a_shell_string_is_refused() {
+        let toml = MINIMAL.replace("reload =", "check = [\"haproxy -c -f x\"]\nreload =");
+        let err = RawConfig::parse(&toml, Path::new("t"))
+            .unwrap()
+            .resolve(Path::new("/"))
+            .unwrap_err();
+        assert!(err.to_string().contains("argv"), "{err}");
+    }
+}

@@ -1,0 +1,204 @@
+//! The `haconfd` binary: parses the command line, loads the settings, wires the stages for the
+//! chosen mode and maps errors to the documented exit codes.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use clap::{CommandFactory, Parser};
+
+use haconfd::cli::{exit, Cli, Command};
+use haconfd::config::{self, LogFormat, Settings};
+use haconfd::pipeline::{Engine, PassError};
+use haconfd::render::{self, RenderError};
+use haconfd::snapshot::Snapshot;
+use haconfd::source;
+use haconfd::status::Status;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Completions { shell } = &cli.command {
+        clap_complete::generate(*shell, &mut Cli::command(), "haconfd", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    let overrides = cli.overrides();
+    let settings = match config::load_settings(&cli.global.config, &overrides) {
+        Ok(s) => s,
+        Err(e) => {
+            // Logging is not set up yet: the config chooses its format.
+            eprintln!("haconfd: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    init_logging(settings.log.format, &settings.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("haconfd: cannot start the runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let code = runtime.block_on(dispatch(cli, settings, overrides));
+    ExitCode::from(code)
+}
+
+async fn dispatch(cli: Cli, settings: Settings, overrides: config::Overrides) -> u8 {
+    match cli.command {
+        Command::Run(_) => {
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), settings = ?settings, "starting");
+            let status = Arc::new(Mutex::new(Status::default()));
+            match haconfd::daemon::run(cli.global.config.clone(), overrides, settings, status).await {
+                Ok(()) => exit::OK,
+                Err(e) => fail(exit::FAILURE, &format!("{e:#}")),
+            }
+        }
+        Command::Once(args) => once(settings, !args.no_reload).await,
+        Command::Render(args) => render_cmd(settings, args).await,
+        Command::Check(args) => check_cmd(settings, args).await,
+        Command::Completions { .. } => exit::OK,
+    }
+}
+
+/// Prints a one-line reason (the first line; multi-line details follow) and returns `code`.
+fn fail(code: u8, message: &str) -> u8 {
+    tracing::error!("{message}");
+    eprintln!("haconfd: {message}");
+    code
+}
+
+fn pass_code(e: &PassError) -> u8 {
+    match e {
+        PassError::Guard(_) => exit::GUARD,
+        PassError::Render(_) => exit::RENDER,
+        PassError::Apply(haconfd::apply::ApplyError::Check { .. }) => exit::CHECK,
+        PassError::Apply(_) => exit::WRITE,
+        PassError::Reload { .. } => exit::RELOAD,
+    }
+}
+
+async fn snapshot_from(settings: &Settings, file: Option<&std::path::Path>) -> Result<Snapshot, u8> {
+    match file {
+        Some(path) => Snapshot::from_file(path).map_err(|e| fail(exit::CONFIG, &e.to_string())),
+        None => source::fetch_once(&settings.etcd, settings.daemon.once_timeout)
+            .await
+            .map_err(|e| fail(exit::ETCD, &e.to_string())),
+    }
+}
+
+fn engine(settings: Settings) -> Result<Engine, u8> {
+    Engine::new(Arc::new(settings)).map_err(|e| fail(exit::CONFIG, &e.to_string()))
+}
+
+async fn once(settings: Settings, reload: bool) -> u8 {
+    let snap = match snapshot_from(&settings, None).await {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let mut engine = match engine(settings) {
+        Ok(e) => e,
+        Err(c) => return c,
+    };
+    match engine.pass(&snap, reload).await {
+        Ok(o) if o.is_noop() => {
+            tracing::info!(revision = snap.revision, "up to date");
+            exit::OK
+        }
+        Ok(o) => {
+            tracing::info!(revision = snap.revision, written = ?o.written, reloaded = ?o.reloaded, "applied");
+            exit::OK
+        }
+        Err(e) => fail(pass_code(&e), &format!("{e:#}")),
+    }
+}
+
+async fn render_cmd(settings: Settings, args: haconfd::cli::RenderArgs) -> u8 {
+    let snap = match snapshot_from(&settings, args.snapshot.as_deref()).await {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let mut engine = match engine(settings) {
+        Ok(e) => e,
+        Err(c) => return c,
+    };
+    let mut out = std::io::stdout().lock();
+    if args.context {
+        let cluster = engine.model(&snap);
+        let targets: Vec<_> = engine
+            .settings()
+            .targets
+            .iter()
+            .filter(|t| args.template.as_deref().is_none_or(|n| n == t.name))
+            .collect();
+        if targets.is_empty() {
+            let name = args.template.unwrap_or_default();
+            return fail(exit::CONFIG, &RenderError::UnknownTarget(name).to_string());
+        }
+        let json = if targets.len() == 1 {
+            serde_json::to_string_pretty(&render::context(&cluster, targets[0]))
+        } else {
+            let map: serde_json::Map<String, serde_json::Value> = targets
+                .iter()
+                .map(|t| {
+                    let v = serde_json::to_value(render::context(&cluster, t))
+                        .unwrap_or(serde_json::Value::Null);
+                    (t.name.clone(), v)
+                })
+                .collect();
+            serde_json::to_string_pretty(&map)
+        };
+        let _ = writeln!(out, "{}", json.unwrap_or_default());
+        return exit::OK;
+    }
+    match engine.render(&snap, args.template.as_deref()) {
+        Ok(rendered) => {
+            let many = rendered.len() > 1;
+            for r in rendered {
+                if many {
+                    let _ = writeln!(out, "==> {} <==", r.name);
+                }
+                let _ = out.write_all(&r.bytes);
+            }
+            exit::OK
+        }
+        Err(e @ RenderError::UnknownTarget(_)) => fail(exit::CONFIG, &e.to_string()),
+        Err(e) => fail(exit::RENDER, &e.to_string()),
+    }
+}
+
+async fn check_cmd(settings: Settings, args: haconfd::cli::CheckArgs) -> u8 {
+    let snap = match snapshot_from(&settings, args.snapshot.as_deref()).await {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let mut engine = match engine(settings) {
+        Ok(e) => e,
+        Err(c) => return c,
+    };
+    let scratch = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => return fail(exit::FAILURE, &format!("cannot create a scratch directory: {e}")),
+    };
+    match engine.check_only(&snap, scratch.path()).await {
+        Ok(names) => {
+            println!("ok: config, templates and checks pass for {}", names.join(", "));
+            exit::OK
+        }
+        Err(e) => fail(pass_code(&e), &format!("{e:#}")),
+    }
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

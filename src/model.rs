@@ -1,0 +1,520 @@
+//! Turns a [`Snapshot`] into a validated Patroni [`Cluster`]: the leader from the `leader` key, then
+//! `members/<leader>`; members sorted by name with host, port, API address, role, state, tags,
+//! timeline and lag. Every value that can reach a rendered file is validated here, so a hostile or
+//! broken member is skipped with a warning naming its key and never becomes config text.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::snapshot::Snapshot;
+
+/// A Patroni cluster as the templates see it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cluster {
+    /// Patroni's namespace, e.g. `/service`.
+    pub namespace: String,
+    /// Patroni's scope.
+    pub scope: String,
+    /// The leader's name, when the `leader` key names a valid member.
+    pub leader_name: Option<String>,
+    /// Valid members, sorted by name.
+    pub members: Vec<Member>,
+}
+
+/// One valid member.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Member {
+    /// Member name (safe characters only).
+    pub name: String,
+    /// PostgreSQL host from `conn_url` (hostname or IP, IPv6 without brackets).
+    pub host: String,
+    /// PostgreSQL port from `conn_url`.
+    pub port: u16,
+    /// `host:port`, with IPv6 hosts bracketed: ready for a `server` line.
+    pub address: String,
+    /// Patroni REST API scheme (`http` or `https`).
+    pub api_scheme: String,
+    /// Patroni REST API host.
+    pub api_host: String,
+    /// Patroni REST API port (HAProxy's `check port`).
+    pub api_port: u16,
+    /// Patroni's role: `primary`/`master`, `replica`, `standby_leader`, ...
+    pub role: String,
+    /// Patroni's state: `running`, `streaming`, `starting`, ...
+    pub state: String,
+    /// True for the member named by the `leader` key.
+    pub is_leader: bool,
+    /// Validated tags (booleans, numbers and safe strings).
+    pub tags: BTreeMap<String, serde_json::Value>,
+    /// `tags.nofailover`.
+    pub nofailover: bool,
+    /// `tags.noloadbalance`.
+    pub noloadbalance: bool,
+    /// `tags.nosync`.
+    pub nosync: bool,
+    /// PostgreSQL timeline.
+    pub timeline: Option<u64>,
+    /// WAL position (`xlog_location`).
+    pub xlog_location: Option<u64>,
+    /// Bytes behind the leader's WAL position (None when unknown).
+    pub lag: Option<u64>,
+    /// Patroni version.
+    pub version: Option<String>,
+    /// Patroni's `pending_restart`.
+    pub pending_restart: bool,
+}
+
+/// A key that did not make it into the model, and why. Logged as a warning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The full etcd key.
+    pub key: String,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// The model built from one snapshot, with what was skipped.
+#[derive(Debug, Clone)]
+pub struct Built {
+    /// The cluster.
+    pub cluster: Cluster,
+    /// Keys refused, in key order.
+    pub skipped: Vec<Skipped>,
+}
+
+impl Cluster {
+    /// The leader, when there is one.
+    pub fn leader(&self) -> Option<&Member> {
+        self.members.iter().find(|m| m.is_leader)
+    }
+
+    /// Builds the cluster under `<namespace>/<scope>/`. Never fails: bad keys are skipped and
+    /// reported, stray keys ignored. The result does not depend on key order.
+    pub fn build(snapshot: &Snapshot, namespace: &str, scope: &str) -> Built {
+        let prefix = format!("{namespace}/{scope}/");
+        let mut skipped = Vec::new();
+        let mut raw_members: Vec<(String, String, RawMember)> = Vec::new();
+        for (key, value) in snapshot.kvs.range(prefix.clone()..) {
+            let Some(rest) = key.strip_prefix(&prefix) else {
+                break;
+            };
+            let Some(name) = rest.strip_prefix("members/") else {
+                continue;
+            };
+            if let Err(reason) = validate_name(name) {
+                skipped.push(Skipped {
+                    key: key.clone(),
+                    reason: format!("member name refused: {reason}"),
+                });
+                continue;
+            }
+            match serde_json::from_slice::<RawMember>(value) {
+                Ok(m) => raw_members.push((key.clone(), name.to_owned(), m)),
+                Err(e) => skipped.push(Skipped {
+                    key: key.clone(),
+                    reason: format!("member JSON does not parse: {e}"),
+                }),
+            }
+        }
+
+        let leader_key = format!("{prefix}leader");
+        let leader_name = match snapshot.kvs.get(&leader_key) {
+            None => None,
+            Some(v) => match std::str::from_utf8(v).map(str::trim) {
+                Ok(name) => match validate_name(name) {
+                    Ok(()) => Some(name.to_owned()),
+                    Err(reason) => {
+                        skipped.push(Skipped {
+                            key: leader_key.clone(),
+                            reason: format!("leader name refused: {reason}"),
+                        });
+                        None
+                    }
+                },
+                Err(_) => {
+                    skipped.push(Skipped {
+                        key: leader_key.clone(),
+                        reason: "leader value is not UTF-8".into(),
+                    });
+                    None
+                }
+            },
+        };
+
+        let mut members = Vec::with_capacity(raw_members.len());
+        for (key, name, raw) in raw_members {
+            let is_leader = leader_name.as_deref() == Some(name.as_str());
+            match Member::from_raw(name, raw, is_leader) {
+                Ok(m) => members.push(m),
+                Err(reason) => skipped.push(Skipped { key, reason }),
+            }
+        }
+
+        let leader_name = match leader_name {
+            Some(l) if members.iter().any(|m| m.name == l) => Some(l),
+            Some(l) => {
+                skipped.push(Skipped {
+                    key: leader_key,
+                    reason: format!("leader {l:?} is not a valid member; treating the cluster as leaderless"),
+                });
+                None
+            }
+            None => None,
+        };
+        // Lag is measured against the leader's WAL position.
+        let leader_pos = members
+            .iter()
+            .find(|m| m.is_leader)
+            .and_then(|m| m.xlog_location);
+        for m in &mut members {
+            m.lag = match (leader_pos, m.xlog_location) {
+                (Some(l), Some(p)) => Some(l.saturating_sub(p)),
+                _ => None,
+            };
+        }
+        skipped.sort_by(|a, b| a.key.cmp(&b.key));
+        Built {
+            cluster: Cluster {
+                namespace: namespace.to_owned(),
+                scope: scope.to_owned(),
+                leader_name,
+                members,
+            },
+            skipped,
+        }
+    }
+}
+
+/// Member JSON as Patroni writes it; unknown fields are ignored.
+#[derive(Debug, serde::Deserialize)]
+struct RawMember {
+    conn_url: Option<String>,
+    api_url: Option<String>,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    version: Option<serde_json::Value>,
+    #[serde(default)]
+    tags: Option<serde_json::Value>,
+    #[serde(default)]
+    timeline: Option<serde_json::Value>,
+    #[serde(default)]
+    xlog_location: Option<serde_json::Value>,
+    #[serde(default)]
+    replay_lsn: Option<serde_json::Value>,
+    #[serde(default)]
+    pending_restart: Option<serde_json::Value>,
+}
+
+impl Member {
+    fn from_raw(name: String, raw: RawMember, is_leader: bool) -> Result<Self, String> {
+        let conn_url = raw.conn_url.ok_or("missing conn_url")?;
+        let (_, host, port) = parse_endpoint(&conn_url, Some(5432))
+            .map_err(|e| format!("conn_url {conn_url:?}: {e}"))?;
+        let api_url = raw.api_url.ok_or("missing api_url")?;
+        let (api_scheme, api_host, api_port) =
+            parse_endpoint(&api_url, None).map_err(|e| format!("api_url {api_url:?}: {e}"))?;
+        if !matches!(api_scheme.as_str(), "http" | "https") {
+            return Err(format!("api_url {api_url:?}: scheme must be http or https"));
+        }
+        let role = raw.role.unwrap_or_else(|| "unknown".into());
+        validate_word(&role, false).map_err(|e| format!("role {role:?}: {e}"))?;
+        let state = raw.state.unwrap_or_else(|| "unknown".into());
+        validate_word(&state, true).map_err(|e| format!("state {state:?}: {e}"))?;
+        let tags = validate_tags(raw.tags)?;
+        let flag = |k: &str| tags.get(k).and_then(serde_json::Value::as_bool).unwrap_or(false);
+        let version = match raw.version {
+            Some(serde_json::Value::String(v)) => {
+                validate_version(&v).map_err(|e| format!("version {v:?}: {e}"))?;
+                Some(v)
+            }
+            _ => None,
+        };
+        // Prefer replay_lsn (4.1+, what a reader sees) over xlog_location.
+        let xlog_location = as_u64(raw.replay_lsn.as_ref()).or(as_u64(raw.xlog_location.as_ref()));
+        Ok(Member {
+            address: join_host_port(&host, port),
+            nofailover: flag("nofailover"),
+            noloadbalance: flag("noloadbalance"),
+            nosync: flag("nosync"),
+            name,
+            host,
+            port,
+            api_scheme,
+            api_host,
+            api_port,
+            role,
+            state,
+            is_leader,
+            tags,
+            timeline: as_u64(raw.timeline.as_ref()),
+            xlog_location,
+            lag: None,
+            version,
+            pending_restart: raw
+                .pending_restart
+                .as_ref()
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false),
+        })
+    }
+}
+
+fn as_u64(v: Option<&serde_json::Value>) -> Option<u64> {
+    match v? {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// `host:port`, bracketing IPv6 literals.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Parses `scheme://host:port/...` into a validated scheme, host and port.
+fn parse_endpoint(text: &str, default_port: Option<u16>) -> Result<(String, String, u16), String> {
+    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains whitespace or control characters".into());
+    }
+    let url = url::Url::parse(text).map_err(|e| e.to_string())?;
+    let host = match url.host() {
+        Some(url::Host::Ipv4(a)) => a.to_string(),
+        Some(url::Host::Ipv6(a)) => a.to_string(),
+        Some(url::Host::Domain(d)) => {
+            // Non-special schemes (postgres://) leave IPv4 literals as "domains".
+            if let Ok(ip) = d.parse::<IpAddr>() {
+                ip.to_string()
+            } else {
+                validate_hostname(d)?;
+                d.to_ascii_lowercase()
+            }
+        }
+        None => return Err("no host".into()),
+    };
+    let port = match url.port().or(url.port_or_known_default()).or(default_port) {
+        Some(0) => return Err("port 0 is not a valid port".into()),
+        Some(p) => p,
+        None => return Err("no port".into()),
+    };
+    Ok((url.scheme().to_owned(), host, port))
+}
+
+/// Member names: what Patroni clusters use in practice, and nothing a config file could misread.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("empty".into());
+    }
+    if name.len() > 63 {
+        return Err("longer than 63 characters".into());
+    }
+    let mut chars = name.chars();
+    let first = chars.next().unwrap_or(' ');
+    if !first.is_ascii_alphanumeric() {
+        return Err(format!("{name:?} must start with a letter or digit"));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{name:?} contains {bad:?}; allowed are letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// RFC 1123 hostnames.
+fn validate_hostname(h: &str) -> Result<(), String> {
+    if h.is_empty() || h.len() > 253 {
+        return Err(format!("host {h:?} is not a valid hostname"));
+    }
+    for label in h.trim_end_matches('.').split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(format!("host {h:?} is not a valid hostname or IP address"));
+        }
+    }
+    Ok(())
+}
+
+/// Roles and states: lowercase words; states may have single spaces (`creating replica`).
+fn validate_word(w: &str, spaces: bool) -> Result<(), String> {
+    let ok = !w.is_empty()
+        && w.len() <= 40
+        && w.starts_with(|c: char| c.is_ascii_lowercase())
+        && !w.ends_with(' ')
+        && !w.contains("  ")
+        && w.chars()
+            .all(|c| c.is_ascii_lowercase() || c == '_' || (spaces && c == ' '));
+    if ok {
+        Ok(())
+    } else {
+        Err("must be lowercase letters and '_'".into())
+    }
+}
+
+fn validate_version(v: &str) -> Result<(), String> {
+    if !v.is_empty()
+        && v.len() <= 32
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+'))
+    {
+        Ok(())
+    } else {
+        Err("not a version string".into())
+    }
+}
+
+/// Tag values a template can reach: booleans, numbers and safe strings. A tag key or string that
+/// could smuggle text into a config refuses the whole member: a partly-trusted member is worse
+/// than a skipped one, because the operator sees the warning either way.
+fn validate_tags(
+    tags: Option<serde_json::Value>,
+) -> Result<BTreeMap<String, serde_json::Value>, String> {
+    let obj = match tags {
+        None | Some(serde_json::Value::Null) => return Ok(BTreeMap::new()),
+        Some(serde_json::Value::Object(o)) => o,
+        Some(_) => return Err("tags must be a JSON object".into()),
+    };
+    let mut out = BTreeMap::new();
+    for (k, v) in obj {
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !key_ok {
+            return Err(format!("tag name {k:?} refused: use letters, digits and '_'"));
+        }
+        let ok = match &v {
+            serde_json::Value::Bool(_) | serde_json::Value::Number(_) | serde_json::Value::Null => {
+                true
+            }
+            serde_json::Value::String(s) => {
+                s.len() <= 253
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(format!(
+                "tag {k:?} value {v} refused: tags may be booleans, numbers or strings of letters, digits, '.', '_', '-', ':'"
+            ));
+        }
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Snapshot {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        Snapshot::from_file(std::path::Path::new(&path)).unwrap()
+    }
+
+    fn snap(pairs: &[(&str, &str)]) -> Snapshot {
+        let mut s = Snapshot::new();
+        for (k, v) in pairs {
+            s.put(format!("/service/demo/{k}"), v.as_bytes().to_vec());
+        }
+        s
+    }
+
+    const PG1: &str = r#"{"conn_url":"postgres://127.0.0.1:5441/postgres","api_url":"http://127.0.0.1:8011/patroni","state":"running","role":"master","xlog_location":100,"timeline":1}"#;
+    const PG2: &str = r#"{"conn_url":"postgres://127.0.0.1:5442/postgres","api_url":"http://127.0.0.1:8012/patroni","state":"streaming","role":"replica","xlog_location":60,"timeline":1}"#;
+
+    #[test]
+    fn patroni3_fixture_has_master_leader_and_two_replicas() {
+        let b = Cluster::build(&fixture("patroni3-kv.json"), "/service", "demo");
+        assert!(b.skipped.is_empty(), "{:?}", b.skipped);
+        let c = b.cluster;
+        assert_eq!(c.leader_name.as_deref(), Some("pg1"));
+        assert_eq!(c.leader().unwrap().role, "master");
+        let names: Vec<_> = c.members.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["pg1", "pg2", "pg3"]);
+        assert_eq!(c.members[1].port, 5442);
+        assert_eq!(c.members[1].api_port, 8012);
+        assert_eq!(c.members[1].lag, Some(0));
+    }
+
+    #[test]
+    fn patroni4_fixture_uses_primary_and_ignores_stray_keys() {
+        let b = Cluster::build(&fixture("patroni4-kv.json"), "/service", "demo");
+        assert!(b.skipped.is_empty(), "{:?}", b.skipped);
+        assert_eq!(b.cluster.leader().unwrap().name, "pg2");
+        assert_eq!(b.cluster.leader().unwrap().role, "primary");
+        assert_eq!(b.cluster.members[0].timeline, Some(4));
+    }
+
+    #[test]
+    fn lag_is_bytes_behind_the_leader() {
+        let b = Cluster::build(&snap(&[("leader", "pg1"), ("members/pg1", PG1), ("members/pg2", PG2)]), "/service", "demo");
+        assert_eq!(b.cluster.members[1].lag, Some(40));
+        assert_eq!(b.cluster.members[0].lag, Some(0));
+    }
+
+    #[test]
+    fn leader_key_naming_a_missing_member_leaves_no_leader() {
+        let b = Cluster::build(&snap(&[("leader", "ghost"), ("members/pg1", PG1)]), "/service", "demo");
+        assert_eq!(b.cluster.leader_name, None);
+        assert!(b.skipped[0].key.ends_with("/leader"), "{:?}", b.skipped);
+    }
+
+    #[test]
+    fn injection_in_host_is_refused_naming_the_key() {
+        let evil = PG2.replace("127.0.0.1:5442", "127.0.0.1%0a%20server%20x:5442");
+        let b = Cluster::build(&snap(&[("members/pg2", &evil)]), "/service", "demo");
+        assert!(b.cluster.members.is_empty());
+        assert_eq!(b.skipped[0].key, "/service/demo/members/pg2");
+    }
+
+    #[test]
+    fn ipv6_host_is_bracketed_in_address() {
+        let v6 = PG2.replace("127.0.0.1:5442", "[::1]:5442");
+        let b = Cluster::build(&snap(&[("members/pg2", &v6)]), "/service", "demo");
+        assert_eq!(b.cluster.members[0].host, "::1");
+        assert_eq!(b.cluster.members[0].address, "[::1]:5442");
+    }
+
+    #[test]
+    fn names_outside_the_safe_set_are_refused() {
+        for bad in ["", "a b", "a\nb", "-x", "a/b", "a;b", "x#", &"a".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["pg1", "node-1.dc_a", "0abc"] {
+            assert!(validate_name(good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn other_scopes_and_groups_do_not_leak_in() {
+        let mut s = snap(&[("members/pg1", PG1)]);
+        s.put("/service/demo2/members/x".into(), PG2.as_bytes().to_vec());
+        s.put("/service/dem/members/y".into(), PG2.as_bytes().to_vec());
+        let b = Cluster::build(&s, "/service", "demo");
+        assert_eq!(b.cluster.members.len(), 1);
+    }
+}

@@ -1,0 +1,273 @@
+//! One pass through the stages: snapshot → model → guard → render every target → stage and check
+//! every changed file → swap them all in → reload what changed. If any target fails before the
+//! swap, nothing is swapped and nothing is reloaded. Every mode runs passes through [`Engine`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::apply::{self, ApplyError};
+use crate::config::{Settings, Target};
+use crate::guard::{self, GuardError};
+use crate::model::{Cluster, Skipped};
+use crate::reload::{self, ReloadError};
+use crate::render::{RenderError, Rendered, Renderer};
+use crate::server_state;
+use crate::snapshot::Snapshot;
+
+/// Why a pass failed. Every variant leaves the last good files in place.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    /// The guard refused the view.
+    #[error(transparent)]
+    Guard(#[from] GuardError),
+    /// A template did not render.
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    /// Staging, checking or swapping failed.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// Files were swapped in but a reload failed.
+    #[error("{target}: file updated but reload failed: {source}")]
+    Reload {
+        /// Target name.
+        target: String,
+        /// Cause.
+        source: ReloadError,
+    },
+}
+
+impl PassError {
+    /// A short reason label for metrics and exit codes.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PassError::Guard(_) => "guard",
+            PassError::Render(RenderError::NoLeader { .. }) => "no_leader",
+            PassError::Render(_) => "render",
+            PassError::Apply(ApplyError::Check { .. }) => "check",
+            PassError::Apply(_) => "write",
+            PassError::Reload { .. } => "reload",
+        }
+    }
+}
+
+/// What a successful pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassOutcome {
+    /// Targets whose file was replaced.
+    pub written: Vec<String>,
+    /// Targets whose consumer was reloaded.
+    pub reloaded: Vec<String>,
+}
+
+impl PassOutcome {
+    /// True when nothing was written.
+    pub fn is_noop(&self) -> bool {
+        self.written.is_empty()
+    }
+}
+
+/// Timings and counts of the last pass, for logs, metrics and status.
+#[derive(Debug, Clone, Default)]
+pub struct PassStats {
+    /// Time spent rendering.
+    pub render: Duration,
+    /// Time spent staging, checking, swapping and reloading.
+    pub apply: Duration,
+}
+
+/// The pass runner, holding compiled templates and what was last applied.
+pub struct Engine {
+    settings: Arc<Settings>,
+    renderer: Renderer,
+    last_members: Option<Vec<String>>,
+    last_skipped: Vec<Skipped>,
+    /// Timings of the last pass.
+    pub stats: PassStats,
+    /// The model of the last pass.
+    pub cluster: Option<Cluster>,
+}
+
+impl Engine {
+    /// Compiles the templates of `settings`.
+    pub fn new(settings: Arc<Settings>) -> Result<Self, RenderError> {
+        let renderer = Renderer::load(&settings.targets)?;
+        Ok(Self {
+            settings,
+            renderer,
+            last_members: None,
+            last_skipped: Vec::new(),
+            stats: PassStats::default(),
+            cluster: None,
+        })
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Arc<Settings> {
+        &self.settings
+    }
+
+    /// Swaps in new settings and templates (hot reload), keeping what was last applied.
+    pub fn replace(&mut self, settings: Arc<Settings>) -> Result<(), RenderError> {
+        self.renderer = Renderer::load(&settings.targets)?;
+        self.settings = settings;
+        Ok(())
+    }
+
+    /// Builds the model and logs skipped keys when the set of them changes (not on every
+    /// heartbeat).
+    pub fn model(&mut self, snap: &Snapshot) -> Cluster {
+        let built = Cluster::build(snap, &self.settings.etcd.namespace, &self.settings.etcd.scope);
+        if built.skipped != self.last_skipped {
+            for s in &built.skipped {
+                tracing::warn!(key = %s.key, reason = %s.reason, "ignoring key");
+            }
+            self.last_skipped = built.skipped;
+        }
+        built.cluster
+    }
+
+    /// Renders the selected targets (all when `only` is None) without the guard: for `render`.
+    pub fn render(
+        &mut self,
+        snap: &Snapshot,
+        only: Option<&str>,
+    ) -> Result<Vec<Rendered>, RenderError> {
+        let cluster = self.model(snap);
+        let targets = select(&self.settings.targets, only)?;
+        targets
+            .iter()
+            .map(|t| self.renderer.render(t, &cluster))
+            .collect()
+    }
+
+    /// Renders, stages into `scratch` and runs every check without touching any destination: for
+    /// `check`. Returns the names checked.
+    pub async fn check_only(
+        &mut self,
+        snap: &Snapshot,
+        scratch: &std::path::Path,
+    ) -> Result<Vec<String>, PassError> {
+        let cluster = self.model(snap);
+        guard::check(&self.settings.guard, &cluster, None)?;
+        let rendered = self.renderer.render_all(&self.settings.targets, &cluster)?;
+        let mut names = Vec::new();
+        for (t, r) in self.settings.targets.iter().zip(&rendered) {
+            let mut copy = t.clone();
+            copy.dest = scratch.join(&t.name);
+            copy.owner = None;
+            copy.group = None;
+            let staged = apply::stage(&copy, r)?;
+            apply::check(&copy, &staged).await?;
+            names.push(t.name.clone());
+        }
+        Ok(names)
+    }
+
+    /// One full pass. `reload` false writes files but signals nothing.
+    pub async fn pass(&mut self, snap: &Snapshot, reload: bool) -> Result<PassOutcome, PassError> {
+        let started = Instant::now();
+        let cluster = self.model(snap);
+        guard::check(&self.settings.guard, &cluster, self.last_members.as_deref())?;
+        let rendered = self.renderer.render_all(&self.settings.targets, &cluster)?;
+        self.stats.render = started.elapsed();
+        let apply_start = Instant::now();
+
+        let settings = Arc::clone(&self.settings);
+        let mut changed: Vec<(&Target, &Rendered)> = Vec::new();
+        for (t, r) in settings.targets.iter().zip(&rendered) {
+            if apply::differs(&t.dest, &r.bytes)? {
+                changed.push((t, r));
+            }
+        }
+        // Stage and check everything before swapping anything in.
+        let mut staged = Vec::with_capacity(changed.len());
+        for (t, r) in &changed {
+            staged.push(apply::stage(t, r)?);
+        }
+        for ((t, _), s) in changed.iter().zip(&staged) {
+            apply::check(t, s).await?;
+        }
+        for s in staged {
+            apply::commit(s)?;
+        }
+        let mut outcome = PassOutcome {
+            written: changed.iter().map(|(t, _)| t.name.clone()).collect(),
+            reloaded: Vec::new(),
+        };
+        for name in &outcome.written {
+            tracing::info!(target = %name, "file updated");
+        }
+        self.last_members = Some(cluster.members.iter().map(|m| m.name.clone()).collect());
+
+        let mut first_error = None;
+        if reload {
+            for (t, r) in &changed {
+                let Some(action) = &t.reload else { continue };
+                if let Some(ss) = &t.server_state {
+                    prepare_server_state(ss, r, &cluster).await;
+                }
+                match reload::reload(action).await {
+                    Ok(()) => {
+                        tracing::info!(target = %t.name, "reloaded");
+                        outcome.reloaded.push(t.name.clone());
+                    }
+                    Err(source) => {
+                        tracing::error!(target = %t.name, error = %source, "reload failed");
+                        first_error.get_or_insert(PassError::Reload {
+                            target: t.name.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        // Between reloads the state file holds etcd's view, for cold starts.
+        for (t, r) in settings.targets.iter().zip(&rendered) {
+            if let Some(ss) = &t.server_state {
+                let content = server_state::build(ss, &String::from_utf8_lossy(&r.bytes), &cluster, "");
+                if let Err(e) = server_state::write_if_changed(&ss.file, &content) {
+                    tracing::warn!(file = %ss.file.display(), error = %e, "cannot write the server-state file");
+                }
+            }
+        }
+        self.stats.apply = apply_start.elapsed();
+        self.cluster = Some(cluster);
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(outcome),
+        }
+    }
+}
+
+/// Dumps the live state, merges it with etcd's view and writes the file HAProxy's new worker
+/// will load. Failure to reach HAProxy falls back to etcd's view alone.
+async fn prepare_server_state(
+    ss: &crate::config::ServerStateConfig,
+    rendered: &Rendered,
+    cluster: &Cluster,
+) {
+    let live = server_state::dump(&ss.stats_socket, Duration::from_secs(2))
+        .await
+        .unwrap_or_default();
+    let content = server_state::build(ss, &String::from_utf8_lossy(&rendered.bytes), cluster, &live);
+    if let Err(e) = crate::apply::write_atomic(&ss.file, content.as_bytes(), 0o644) {
+        tracing::warn!(file = %ss.file.display(), error = %e, "cannot write the server-state file before reload");
+    }
+}
+
+fn select<'a>(targets: &'a [Target], only: Option<&str>) -> Result<Vec<&'a Target>, RenderError> {
+    match only {
+        None => Ok(targets.iter().collect()),
+        Some(name) => targets
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| vec![t])
+            .ok_or_else(|| RenderError::UnknownTarget(name.to_owned())),
+    }
+}
+
+/// The destinations of `settings`, for messages.
+pub fn destinations(settings: &Settings) -> Vec<PathBuf> {
+    settings.targets.iter().map(|t| t.dest.clone()).collect()
+}

@@ -1,0 +1,5 @@
+//! Shared harness for the integration tests: real etcd, HAProxy, PgBouncer and Patroni on loopback.
+#![allow(dead_code)]
+
+pub mod patroni;
+pub mod procs;
