@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite, as the README gives it and CI runs it: installs what the tests need on a
+# Debian 12 machine, then runs fmt, clippy and every test (unit, golden, integration against real
+# etcd/HAProxy/PgBouncer, end-to-end against a real Patroni cluster).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(protobuf-compiler etcd-server etcd-client haproxy pgbouncer postgresql patroni)
+need_install=0
+for bin in protoc etcd etcdctl haproxy pgbouncer patroni patronictl psql; do
+    if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then need_install=1; fi
+done
+[ -x /usr/lib/postgresql/15/bin/postgres ] || need_install=1
+if [ "$need_install" = 1 ]; then
+    echo "== installing test dependencies: ${packages[*]}"
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    # policy-rc.d keeps the packaged services (etcd, haproxy, pgbouncer, postgresql) from starting:
+    # the tests start their own copies on free loopback ports.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+        $sudo chmod +x /usr/sbin/policy-rc.d
+        trap '$sudo rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --all-features -- --test-threads=2
