@@ -191,7 +191,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     let dir = parent_dir(path);
     let tmp = dir.join(format!(
         ".{}.haconfd-{}-{:08x}",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
         std::process::id(),
         rand::random::<u32>()
     ));
@@ -255,7 +257,11 @@ mod tests {
         commit(s).unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"new");
         assert_eq!(std::fs::metadata(&dest).unwrap().mode() & 0o7777, 0o640);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no staged leftovers");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no staged leftovers"
+        );
     }
 
     #[tokio::test]
@@ -263,7 +269,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("out.cfg");
         std::fs::write(&dest, "old").unwrap();
-        let t = target(&dest, &["sh", "-c", "echo 'bad line 7' >&2; exit 1", "{{staged}}"]);
+        let t = target(
+            &dest,
+            &["sh", "-c", "echo 'bad line 7' >&2; exit 1", "{{staged}}"],
+        );
         let s = stage(&t, &rendered(b"new")).unwrap();
         let err = check(&t, &s).await.unwrap_err();
         drop(s);

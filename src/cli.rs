@@ -76,7 +76,12 @@ pub struct GlobalArgs {
     #[arg(short, long, global = true, env = "HACONFD_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
     /// etcd endpoints, comma-separated (replaces etcd.endpoints).
-    #[arg(long, global = true, env = "HACONFD_ETCD_ENDPOINTS", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "HACONFD_ETCD_ENDPOINTS",
+        value_delimiter = ','
+    )]
     pub endpoints: Option<Vec<String>>,
     /// Patroni namespace (replaces etcd.namespace).
     #[arg(long, global = true, env = "HACONFD_NAMESPACE")]
@@ -99,22 +104,28 @@ pub struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run as a daemon or sidecar: watch etcd and apply every change.
-    #[command(long_about = "Run as a daemon or sidecar. Lists the prefix, watches it, and runs a pass \
+    #[command(
+        long_about = "Run as a daemon or sidecar. Lists the prefix, watches it, and runs a pass \
         on every change: render, check, swap in, reload what changed. Changes arriving during a pass \
         merge into the next one; after a pass that wrote, the next waits for daemon.min_interval. \
         SIGHUP re-reads the config and templates; template files are also watched. The first \
-        SIGTERM or SIGINT lets the pass in flight finish, a second exits at once.")]
+        SIGTERM or SIGINT lets the pass in flight finish, a second exits at once."
+    )]
     Run(RunArgs),
     /// One pass from etcd, then exit: render, check, write and reload what changed.
-    #[command(long_about = "One pass from etcd: render every template, check and swap in what changed, \
+    #[command(
+        long_about = "One pass from etcd: render every template, check and swap in what changed, \
         reload its consumer, then exit. Exit 0 when applied or already up to date; otherwise a \
-        non-zero code (see --help of haconfd) and a one-line reason on stderr.")]
+        non-zero code (see --help of haconfd) and a one-line reason on stderr."
+    )]
     Once(OnceArgs),
     /// Print rendered files to stdout; writes nothing.
-    #[command(long_about = "Render to stdout and write nothing. Reads etcd, or with --snapshot a JSON dump: \
+    #[command(
+        long_about = "Render to stdout and write nothing. Reads etcd, or with --snapshot a JSON dump: \
         `etcdctl get --prefix -w json` output or a flat {\"key\": \"value\"} object. With several \
         templates each is preceded by a `==> name <==` line; --template selects one. --context \
-        prints the template context as JSON instead.")]
+        prints the template context as JSON instead."
+    )]
     Render(RenderArgs),
     /// Validate config and templates, render and run the checks on staged copies; writes nothing.
     Check(CheckArgs),

@@ -92,7 +92,12 @@ pub async fn run(argv: &[String], timeout: Duration) -> Result<(), CommandError>
                 timeout,
             })
         }
-        Ok(Err(source)) => return Err(CommandError::Spawn { argv: shown, source }),
+        Ok(Err(source)) => {
+            return Err(CommandError::Spawn {
+                argv: shown,
+                source,
+            })
+        }
         Ok(Ok(out)) => out,
     };
     if out.status.success() {
@@ -123,9 +128,12 @@ mod tests {
 
     #[tokio::test]
     async fn failure_keeps_stderr_verbatim() {
-        let err = run(&argv(&["sh", "-c", "echo '[ALERT] line 3: bad' >&2; exit 3"]), Duration::from_secs(5))
-            .await
-            .unwrap_err();
+        let err = run(
+            &argv(&["sh", "-c", "echo '[ALERT] line 3: bad' >&2; exit 3"]),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("[ALERT] line 3: bad"), "{msg}");
         assert!(msg.contains("exit status: 3"), "{msg}");
@@ -143,9 +151,12 @@ mod tests {
 
     #[tokio::test]
     async fn missing_binary_is_named() {
-        let err = run(&argv(&["/nonexistent/haproxy", "-c"]), Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let err = run(
+            &argv(&["/nonexistent/haproxy", "-c"]),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/haproxy"), "{err}");
     }
 }

@@ -586,10 +586,7 @@ fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigEr
         (None, Some(file)) => {
             let file = base_dir.join(file);
             let text = std::fs::read_to_string(&file).map_err(|err| {
-                ConfigError::Invalid(format!(
-                    "etcd.password_file {}: {err}",
-                    file.display()
-                ))
+                ConfigError::Invalid(format!("etcd.password_file {}: {err}", file.display()))
             })?;
             Some(text.lines().next().unwrap_or("").to_owned())
         }
@@ -673,12 +670,29 @@ fn resolve_template(
             u32::from_str_radix(m.trim_start_matches("0o"), 8)
                 .ok()
                 .filter(|v| *v <= 0o7777)
-                .ok_or_else(|| ctx(format!("mode {m:?} is not an octal file mode like \"0644\"")))
+                .ok_or_else(|| {
+                    ctx(format!(
+                        "mode {m:?} is not an octal file mode like \"0644\""
+                    ))
+                })
         })
         .transpose()?;
-    let owner = t.owner.as_deref().map(resolve_user).transpose().map_err(ctx)?;
-    let group = t.group.as_deref().map(resolve_group).transpose().map_err(ctx)?;
-    let reload = t.reload.map(|r| resolve_reload(r).map_err(&ctx)).transpose()?;
+    let owner = t
+        .owner
+        .as_deref()
+        .map(resolve_user)
+        .transpose()
+        .map_err(ctx)?;
+    let group = t
+        .group
+        .as_deref()
+        .map(resolve_group)
+        .transpose()
+        .map_err(ctx)?;
+    let reload = t
+        .reload
+        .map(|r| resolve_reload(r).map_err(&ctx))
+        .transpose()?;
     let mut vars = global_vars.clone();
     vars.extend(table_to_json(t.vars));
     Ok(Target {
@@ -825,7 +839,10 @@ reload = { pidfile = "/run/haproxy.pid", signal = "SIGUSR2", process = "haproxy"
         assert_eq!(s.targets[0].src, Path::new("/etc/haconfd/haproxy.cfg.tera"));
         assert!(matches!(
             s.targets[0].reload,
-            Some(Reload::Signal { signal: nix::sys::signal::Signal::SIGUSR2, .. })
+            Some(Reload::Signal {
+                signal: nix::sys::signal::Signal::SIGUSR2,
+                ..
+            })
         ));
     }
 
@@ -874,9 +891,15 @@ reload = { pidfile = "/run/haproxy.pid", signal = "SIGUSR2", process = "haproxy"
         for (text, want) in [
             ("{ signal = \"SIGHUP\" }", "one of"),
             ("{ pidfile = \"/p\", process = \"x\" }", "signal"),
-            ("{ pidfile = \"/p\", signal = \"SIGNOPE\", process = \"x\" }", "unknown signal"),
+            (
+                "{ pidfile = \"/p\", signal = \"SIGNOPE\", process = \"x\" }",
+                "unknown signal",
+            ),
             ("{ pidfile = \"/p\", signal = \"HUP\" }", "process"),
-            ("{ pidfile = \"/p\", signal = \"HUP\", process = \"x\", command = [\"a\"] }", "only one"),
+            (
+                "{ pidfile = \"/p\", signal = \"HUP\", process = \"x\", command = [\"a\"] }",
+                "only one",
+            ),
         ] {
             let toml = MINIMAL.replace(
                 "{ pidfile = \"/run/haproxy.pid\", signal = \"SIGUSR2\", process = \"haproxy\" }",

@@ -135,8 +135,13 @@ pub async fn run(
                 retry_at = None; // the leader key's arrival is an etcd event
             }
             Err(e) => {
-                tracing::error!(revision = snap.revision, reason = e.reason(), "pass failed; last good files kept: {e:#}");
-                retry_at = Some(tokio::time::Instant::now() + engine.settings().daemon.retry_interval);
+                tracing::error!(
+                    revision = snap.revision,
+                    reason = e.reason(),
+                    "pass failed; last good files kept: {e:#}"
+                );
+                retry_at =
+                    Some(tokio::time::Instant::now() + engine.settings().daemon.retry_interval);
             }
         }
         if !notified_ready && result.is_ok() {
@@ -172,7 +177,10 @@ fn spawn_signal_handler(tx: watch::Sender<bool>) -> std::io::Result<()> {
             };
             count += 1;
             if count == 1 {
-                tracing::info!(signal = name, "shutting down after the pass in flight (send again to exit at once)");
+                tracing::info!(
+                    signal = name,
+                    "shutting down after the pass in flight (send again to exit at once)"
+                );
                 let _ = tx.send(true);
             } else {
                 tracing::warn!(signal = name, "exiting at once");
@@ -201,7 +209,10 @@ fn reload_config(
             st.config_error = None;
         }
         Err(e) => {
-            tracing::error!(trigger = why, "new configuration refused, the running one stays: {e:#}");
+            tracing::error!(
+                trigger = why,
+                "new configuration refused, the running one stays: {e:#}"
+            );
             st.config_error = Some(format!("{e:#}"));
         }
     }

@@ -108,13 +108,21 @@ mod tests {
     fn most_of_the_cluster_vanishing_is_refused() {
         let last = names(&["a", "b", "c", "d"]);
         let err = check(&GuardConfig::default(), &cluster(&["a"]), Some(&last)).unwrap_err();
-        assert!(matches!(err, GuardError::Shrunk { removed: 3, .. }), "{err}");
+        assert!(
+            matches!(err, GuardError::Shrunk { removed: 3, .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn replacement_counts_as_removal() {
         let last = names(&["a", "b", "c"]);
-        let err = check(&GuardConfig::default(), &cluster(&["x", "y", "z"]), Some(&last)).unwrap_err();
+        let err = check(
+            &GuardConfig::default(),
+            &cluster(&["x", "y", "z"]),
+            Some(&last),
+        )
+        .unwrap_err();
         assert!(matches!(err, GuardError::Shrunk { .. }));
     }
 

@@ -101,6 +101,9 @@ mod tests {
     fn reload_answer_forms() {
         assert_eq!(parse_reload_answer(""), None);
         assert_eq!(parse_reload_answer("Success=1\n--\n"), Some(true));
-        assert_eq!(parse_reload_answer("Success=0\n--\n[ALERT] x\n"), Some(false));
+        assert_eq!(
+            parse_reload_answer("Success=0\n--\n[ALERT] x\n"),
+            Some(false)
+        );
     }
 }

@@ -18,7 +18,12 @@ use haconfd::status::Status;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Completions { shell } = &cli.command {
-        clap_complete::generate(*shell, &mut Cli::command(), "haconfd", &mut std::io::stdout());
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "haconfd",
+            &mut std::io::stdout(),
+        );
         return ExitCode::SUCCESS;
     }
     let overrides = cli.overrides();
@@ -51,7 +56,8 @@ async fn dispatch(cli: Cli, settings: Settings, overrides: config::Overrides) ->
         Command::Run(_) => {
             tracing::info!(version = env!("CARGO_PKG_VERSION"), settings = ?settings, "starting");
             let status = Arc::new(Mutex::new(Status::default()));
-            match haconfd::daemon::run(cli.global.config.clone(), overrides, settings, status).await {
+            match haconfd::daemon::run(cli.global.config.clone(), overrides, settings, status).await
+            {
                 Ok(()) => exit::OK,
                 Err(e) => fail(exit::FAILURE, &format!("{e:#}")),
             }
@@ -80,7 +86,10 @@ fn pass_code(e: &PassError) -> u8 {
     }
 }
 
-async fn snapshot_from(settings: &Settings, file: Option<&std::path::Path>) -> Result<Snapshot, u8> {
+async fn snapshot_from(
+    settings: &Settings,
+    file: Option<&std::path::Path>,
+) -> Result<Snapshot, u8> {
     match file {
         Some(path) => Snapshot::from_file(path).map_err(|e| fail(exit::CONFIG, &e.to_string())),
         None => source::fetch_once(&settings.etcd, settings.daemon.once_timeout)
@@ -180,11 +189,19 @@ async fn check_cmd(settings: Settings, args: haconfd::cli::CheckArgs) -> u8 {
     };
     let scratch = match tempfile::tempdir() {
         Ok(d) => d,
-        Err(e) => return fail(exit::FAILURE, &format!("cannot create a scratch directory: {e}")),
+        Err(e) => {
+            return fail(
+                exit::FAILURE,
+                &format!("cannot create a scratch directory: {e}"),
+            )
+        }
     };
     match engine.check_only(&snap, scratch.path()).await {
         Ok(names) => {
-            println!("ok: config, templates and checks pass for {}", names.join(", "));
+            println!(
+                "ok: config, templates and checks pass for {}",
+                names.join(", ")
+            );
             exit::OK
         }
         Err(e) => fail(pass_code(&e), &format!("{e:#}")),

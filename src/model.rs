@@ -163,7 +163,9 @@ impl Cluster {
             Some(l) => {
                 skipped.push(Skipped {
                     key: leader_key,
-                    reason: format!("leader {l:?} is not a valid member; treating the cluster as leaderless"),
+                    reason: format!(
+                        "leader {l:?} is not a valid member; treating the cluster as leaderless"
+                    ),
                 });
                 None
             }
@@ -232,7 +234,11 @@ impl Member {
         let state = raw.state.unwrap_or_else(|| "unknown".into());
         validate_word(&state, true).map_err(|e| format!("state {state:?}: {e}"))?;
         let tags = validate_tags(raw.tags)?;
-        let flag = |k: &str| tags.get(k).and_then(serde_json::Value::as_bool).unwrap_or(false);
+        let flag = |k: &str| {
+            tags.get(k)
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false)
+        };
         let version = match raw.version {
             Some(serde_json::Value::String(v)) => {
                 validate_version(&v).map_err(|e| format!("version {v:?}: {e}"))?;
@@ -403,7 +409,9 @@ fn validate_tags(
             && k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
             && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !key_ok {
-            return Err(format!("tag name {k:?} refused: use letters, digits and '_'"));
+            return Err(format!(
+                "tag name {k:?} refused: use letters, digits and '_'"
+            ));
         }
         let ok = match &v {
             serde_json::Value::Bool(_) | serde_json::Value::Number(_) | serde_json::Value::Null => {
@@ -471,14 +479,26 @@ mod tests {
 
     #[test]
     fn lag_is_bytes_behind_the_leader() {
-        let b = Cluster::build(&snap(&[("leader", "pg1"), ("members/pg1", PG1), ("members/pg2", PG2)]), "/service", "demo");
+        let b = Cluster::build(
+            &snap(&[
+                ("leader", "pg1"),
+                ("members/pg1", PG1),
+                ("members/pg2", PG2),
+            ]),
+            "/service",
+            "demo",
+        );
         assert_eq!(b.cluster.members[1].lag, Some(40));
         assert_eq!(b.cluster.members[0].lag, Some(0));
     }
 
     #[test]
     fn leader_key_naming_a_missing_member_leaves_no_leader() {
-        let b = Cluster::build(&snap(&[("leader", "ghost"), ("members/pg1", PG1)]), "/service", "demo");
+        let b = Cluster::build(
+            &snap(&[("leader", "ghost"), ("members/pg1", PG1)]),
+            "/service",
+            "demo",
+        );
         assert_eq!(b.cluster.leader_name, None);
         assert!(b.skipped[0].key.ends_with("/leader"), "{:?}", b.skipped);
     }

@@ -117,7 +117,11 @@ impl Engine {
     /// Builds the model and logs skipped keys when the set of them changes (not on every
     /// heartbeat).
     pub fn model(&mut self, snap: &Snapshot) -> Cluster {
-        let built = Cluster::build(snap, &self.settings.etcd.namespace, &self.settings.etcd.scope);
+        let built = Cluster::build(
+            snap,
+            &self.settings.etcd.namespace,
+            &self.settings.etcd.scope,
+        );
         if built.skipped != self.last_skipped {
             for s in &built.skipped {
                 tracing::warn!(key = %s.key, reason = %s.reason, "ignoring key");
@@ -225,7 +229,8 @@ impl Engine {
         // Between reloads the state file holds etcd's view, for cold starts.
         for (t, r) in settings.targets.iter().zip(&rendered) {
             if let Some(ss) = &t.server_state {
-                let content = server_state::build(ss, &String::from_utf8_lossy(&r.bytes), &cluster, "");
+                let content =
+                    server_state::build(ss, &String::from_utf8_lossy(&r.bytes), &cluster, "");
                 if let Err(e) = server_state::write_if_changed(&ss.file, &content) {
                     tracing::warn!(file = %ss.file.display(), error = %e, "cannot write the server-state file");
                 }
@@ -250,7 +255,12 @@ async fn prepare_server_state(
     let live = server_state::dump(&ss.stats_socket, Duration::from_secs(2))
         .await
         .unwrap_or_default();
-    let content = server_state::build(ss, &String::from_utf8_lossy(&rendered.bytes), cluster, &live);
+    let content = server_state::build(
+        ss,
+        &String::from_utf8_lossy(&rendered.bytes),
+        cluster,
+        &live,
+    );
     if let Err(e) = crate::apply::write_atomic(&ss.file, content.as_bytes(), 0o644) {
         tracing::warn!(file = %ss.file.display(), error = %e, "cannot write the server-state file before reload");
     }

@@ -104,10 +104,11 @@ pub fn read_pidfile(path: &Path) -> Result<i32, ReloadError> {
 /// file name of `/proc/<pid>/exe`.
 pub fn verify_process(pid: i32, expected: &str, pidfile: &Path) -> Result<(), ReloadError> {
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    let stat = std::fs::read_to_string(proc_dir.join("stat")).map_err(|_| ReloadError::NotRunning {
-        pid,
-        path: pidfile.to_owned(),
-    })?;
+    let stat =
+        std::fs::read_to_string(proc_dir.join("stat")).map_err(|_| ReloadError::NotRunning {
+            pid,
+            path: pidfile.to_owned(),
+        })?;
     // Field 3, after the parenthesised comm, is the state; Z and X are dead.
     let state = stat
         .rsplit_once(')')
@@ -167,12 +168,12 @@ pub async fn reload(action: &Reload) -> Result<(), ReloadError> {
         }
         Reload::MasterSocket { path, timeout } => {
             let before = show_proc(path, *timeout).await?;
-            let answer = haproxy::cli(path, "reload", *timeout)
-                .await
-                .map_err(|e| ReloadError::MasterSocket {
+            let answer = haproxy::cli(path, "reload", *timeout).await.map_err(|e| {
+                ReloadError::MasterSocket {
                     path: path.clone(),
                     message: format!("sending `reload`: {e}"),
-                })?;
+                }
+            })?;
             // 2.7+ answers `Success=1|0` followed by the startup logs; 2.6 answers nothing.
             if let Some(ok) = haproxy::parse_reload_answer(&answer) {
                 if !ok {
@@ -258,7 +259,10 @@ mod tests {
 
     #[test]
     fn foreign_process_is_refused() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let pid = child.id() as i32;
         let err = verify_process(pid, "haproxy", Path::new("/p")).unwrap_err();
         assert!(matches!(err, ReloadError::WrongProcess { .. }), "{err}");

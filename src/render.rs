@@ -41,7 +41,9 @@ pub enum RenderError {
         report: String,
     },
     /// The target needs a leader and the cluster has none.
-    #[error("target {target:?} needs a leader and cluster {scope:?} has none; {dest} is kept as it is")]
+    #[error(
+        "target {target:?} needs a leader and cluster {scope:?} has none; {dest} is kept as it is"
+    )]
     NoLeader {
         /// Target name.
         target: String,
@@ -206,12 +208,10 @@ fn register_filters(tera: &mut Tera) {
         s.rsplit('/').next().unwrap_or("").to_owned()
     });
     // confd `dir`: everything before the last segment.
-    tera.register_filter("dir", |s: &str, _: Kwargs, _: &State| {
-        match s.rfind('/') {
-            Some(0) => "/".to_owned(),
-            Some(i) => s[..i].to_owned(),
-            None => ".".to_owned(),
-        }
+    tera.register_filter("dir", |s: &str, _: Kwargs, _: &State| match s.rfind('/') {
+        Some(0) => "/".to_owned(),
+        Some(i) => s[..i].to_owned(),
+        None => ".".to_owned(),
     });
     // confd `json`: parse a JSON string into a value.
     tera.register_filter(
@@ -291,7 +291,8 @@ mod tests {
     }
 
     fn cluster() -> Cluster {
-        let s = Snapshot::from_json_bytes(include_bytes!("../tests/fixtures/patroni4-kv.json")).unwrap();
+        let s = Snapshot::from_json_bytes(include_bytes!("../tests/fixtures/patroni4-kv.json"))
+            .unwrap();
         Cluster::build(&s, "/service", "demo").cluster
     }
 
@@ -301,7 +302,8 @@ mod tests {
         std::fs::write(&p, tpl).unwrap();
         let t = target(&p);
         let r = Renderer::load(std::slice::from_ref(&t))?;
-        r.render(&t, &cluster()).map(|r| String::from_utf8(r.bytes).unwrap())
+        r.render(&t, &cluster())
+            .map(|r| String::from_utf8(r.bytes).unwrap())
     }
 
     #[test]
@@ -329,7 +331,8 @@ mod tests {
 
     #[test]
     fn json_round_trip_filters() {
-        let out = render_str("{{ '{\"a\":[1,2]}' | from_json | get(key=\"a\") | to_json }}").unwrap();
+        let out =
+            render_str("{{ '{\"a\":[1,2]}' | from_json | get(key=\"a\") | to_json }}").unwrap();
         assert_eq!(out, "[1,2]");
     }
 }

@@ -52,8 +52,7 @@ pub fn config_servers(cfg: &str) -> Vec<ConfigServer> {
         if first != "server" {
             continue;
         }
-        let (Some(backend), Some(name), Some(addr)) = (&section, words.next(), words.next())
-        else {
+        let (Some(backend), Some(name), Some(addr)) = (&section, words.next(), words.next()) else {
             continue;
         };
         if let Some((host, port)) = split_addr(addr) {
@@ -69,7 +68,10 @@ pub fn config_servers(cfg: &str) -> Vec<ConfigServer> {
 }
 
 fn split_addr(addr: &str) -> Option<(String, u16)> {
-    let addr = addr.strip_prefix("ipv4@").or(addr.strip_prefix("ipv6@")).unwrap_or(addr);
+    let addr = addr
+        .strip_prefix("ipv4@")
+        .or(addr.strip_prefix("ipv6@"))
+        .unwrap_or(addr);
     if let Some(rest) = addr.strip_prefix('[') {
         let (host, port) = rest.split_once("]:")?;
         return Some((host.to_owned(), port.parse().ok()?));
@@ -107,9 +109,15 @@ impl StateLine {
         self.fields[5] == "0"
     }
     fn force_down(&mut self) {
-        self.fields[5] = "0".into(); // SRV_ST_STOPPED
-        self.fields[11] = "1".into(); // CHK_RES_FAILED
-        self.fields[12] = "0".into(); // health 0: needs `rise` good checks to come UP
+        // As HAProxy dumps a server that failed its checks: stopped, result "failed", health 0,
+        // so it needs `rise` good checks to come UP. A check status of 0 would keep it DOWN for
+        // good, so an unknown status becomes 1.
+        self.fields[5] = "0".into();
+        if self.fields[10] == "0" {
+            self.fields[10] = "1".into();
+        }
+        self.fields[11] = "2".into();
+        self.fields[12] = "0".into();
     }
     fn render(&self) -> String {
         self.fields.join(" ")
@@ -118,7 +126,12 @@ impl StateLine {
 
 /// Whether etcd's view lets `member` serve in `backend`: the leader only in primary backends,
 /// healthy non-leaders without `noloadbalance` only in replica backends. Other backends: no view.
-fn permitted(cfg: &ServerStateConfig, cluster: &Cluster, backend: &str, server: &str) -> Option<bool> {
+fn permitted(
+    cfg: &ServerStateConfig,
+    cluster: &Cluster,
+    backend: &str,
+    server: &str,
+) -> Option<bool> {
     let member = cluster.members.iter().find(|m| m.name == server);
     if cfg.primary_backends.iter().any(|b| b == backend) {
         return Some(member.is_some_and(|m| m.is_leader));
@@ -132,7 +145,12 @@ fn permitted(cfg: &ServerStateConfig, cluster: &Cluster, backend: &str, server: 
 }
 
 /// Builds the state file from a live dump (may be empty), the new config and etcd's view.
-pub fn build(cfg: &ServerStateConfig, rendered_cfg: &str, cluster: &Cluster, live_dump: &str) -> String {
+pub fn build(
+    cfg: &ServerStateConfig,
+    rendered_cfg: &str,
+    cluster: &Cluster,
+    live_dump: &str,
+) -> String {
     let mut live: BTreeMap<(String, String), StateLine> = BTreeMap::new();
     for line in live_dump.lines().filter_map(StateLine::parse) {
         live.insert((line.backend().to_owned(), line.server().to_owned()), line);
@@ -163,11 +181,12 @@ pub fn build(cfg: &ServerStateConfig, rendered_cfg: &str, cluster: &Cluster, liv
     out
 }
 
-/// A line that makes HAProxy start `s` DOWN. IDs are 0 with their `forced` flags off, so HAProxy
-/// matches the line by backend and server name.
+/// A line that makes HAProxy start `s` DOWN: the 20 fields HAProxy 2.6 requires (fewer and it
+/// calls the file corrupted). IDs are 0 with their `forced` flags off, so HAProxy matches the line by
+/// backend and server name; `srv_port` is the configured port (a saved port would override it).
 fn down_line(s: &ConfigServer) -> String {
     format!(
-        "0 {} 0 {} {} 0 0 1 1 0 1 1 0 0 0 0 0 - {} - 0 0 - - 0",
+        "0 {} 0 {} {} 0 0 1 1 0 1 0 0 6 0 0 0 - {} -",
         s.backend, s.name, s.addr, s.port
     )
 }
@@ -221,7 +240,15 @@ mod tests {
     fn config_servers_are_read_per_section() {
         let s = config_servers(CFG);
         assert_eq!(s.len(), 4);
-        assert_eq!(s[3], ConfigServer { backend: "replicas".into(), name: "pg2".into(), addr: "127.0.0.1".into(), port: 5442 });
+        assert_eq!(
+            s[3],
+            ConfigServer {
+                backend: "replicas".into(),
+                name: "pg2".into(),
+                addr: "127.0.0.1".into(),
+                port: 5442
+            }
+        );
         assert_eq!(split_addr("[::1]:5432"), Some(("::1".into(), 5432)));
     }
 
@@ -230,17 +257,27 @@ mod tests {
         let out = build(&cfg(), CFG, &cluster(), "");
         let lines: Vec<_> = out.lines().skip(2).collect();
         assert_eq!(lines.len(), 2, "{out}");
-        assert!(lines[0].starts_with("0 primary 0 pg2 127.0.0.1 0 "), "{out}");
-        assert!(lines[1].starts_with("0 replicas 0 pg1 127.0.0.1 0 "), "{out}");
+        assert!(
+            lines[0].starts_with("0 primary 0 pg2 127.0.0.1 0 "),
+            "{out}"
+        );
+        assert!(
+            lines[1].starts_with("0 replicas 0 pg1 127.0.0.1 0 "),
+            "{out}"
+        );
     }
 
     #[test]
     fn live_up_line_for_a_demoted_server_is_forced_down_and_moved_port_dropped() {
-        let live = "1\n# header\n3 primary 1 pg2 127.0.0.1 2 0 1 1 20 15 3 4 6 0 0 0 - 5442 - 0 0 - - 0\n\
+        let live =
+            "1\n# header\n3 primary 1 pg2 127.0.0.1 2 0 1 1 20 15 3 4 6 0 0 0 - 5442 - 0 0 - - 0\n\
                     3 primary 2 pg1 127.0.0.1 2 0 1 1 20 15 3 4 6 0 0 0 - 9999 - 0 0 - - 0\n\
                     4 replicas 1 pg2 127.0.0.1 2 0 1 1 20 15 3 4 6 0 0 0 - 5442 - 0 0 - - 0\n";
         let out = build(&cfg(), CFG, &cluster(), live);
-        assert!(out.contains("3 primary 1 pg2 127.0.0.1 0 0 1 1 20 15 1 0 6"), "{out}");
+        assert!(
+            out.contains("3 primary 1 pg2 127.0.0.1 0 0 1 1 20 15 2 0 6"),
+            "{out}"
+        );
         assert!(!out.contains("9999"), "{out}");
         assert!(out.contains("4 replicas 1 pg2 127.0.0.1 2 0"), "{out}");
     }

@@ -178,12 +178,16 @@ mod tests {
 
     #[test]
     fn etcdctl_and_flat_dumps_of_the_same_cluster_agree() {
-        let a = Snapshot::from_json_bytes(include_bytes!("../tests/fixtures/patroni3-etcdctl.json"))
-            .unwrap();
+        let a =
+            Snapshot::from_json_bytes(include_bytes!("../tests/fixtures/patroni3-etcdctl.json"))
+                .unwrap();
         let b = Snapshot::from_json_bytes(include_bytes!("../tests/fixtures/patroni3-kv.json"))
             .unwrap();
         assert_eq!(a.revision, 130);
-        assert_eq!(a.kvs.keys().collect::<Vec<_>>(), b.kvs.keys().collect::<Vec<_>>());
+        assert_eq!(
+            a.kvs.keys().collect::<Vec<_>>(),
+            b.kvs.keys().collect::<Vec<_>>()
+        );
         assert_eq!(a.kvs["/service/demo/leader"], b"pg1");
     }
 

@@ -245,32 +245,30 @@ pub async fn run(
             .with_prefix()
             .with_start_revision(current.revision + 1)
             .with_progress_notify();
-        let mut stream = match tokio::time::timeout(
-            cfg.request_timeout,
-            c.watch(prefix.as_bytes(), Some(opts)),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                fail(&tx, format!("watch {prefix}: {e}"), &mut down_since);
-                if sleep_or_shutdown(backoff.next_delay(), &mut shutdown).await {
-                    return;
+        let mut stream =
+            match tokio::time::timeout(cfg.request_timeout, c.watch(prefix.as_bytes(), Some(opts)))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    fail(&tx, format!("watch {prefix}: {e}"), &mut down_since);
+                    if sleep_or_shutdown(backoff.next_delay(), &mut shutdown).await {
+                        return;
+                    }
+                    continue;
                 }
-                continue;
-            }
-            Err(_) => {
-                fail(
-                    &tx,
-                    format!("watch {prefix}: no answer within {:?}", cfg.request_timeout),
-                    &mut down_since,
-                );
-                if sleep_or_shutdown(backoff.next_delay(), &mut shutdown).await {
-                    return;
+                Err(_) => {
+                    fail(
+                        &tx,
+                        format!("watch {prefix}: no answer within {:?}", cfg.request_timeout),
+                        &mut down_since,
+                    );
+                    if sleep_or_shutdown(backoff.next_delay(), &mut shutdown).await {
+                        return;
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
+            };
         let mut resync = tokio::time::interval_at(
             tokio::time::Instant::now() + nonzero(resync_interval),
             nonzero(resync_interval),

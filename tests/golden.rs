@@ -61,7 +61,11 @@ fn patroni3_haproxy_lists_every_member_in_both_listeners() {
 #[test]
 fn patroni3_etcdctl_dump_renders_the_same_as_the_flat_dump() {
     golden("patroni3-etcdctl.json", "haproxy", "patroni3-haproxy.cfg");
-    golden("patroni3-etcdctl.json", "pgbouncer", "patroni3-pgbouncer.ini");
+    golden(
+        "patroni3-etcdctl.json",
+        "pgbouncer",
+        "patroni3-pgbouncer.ini",
+    );
 }
 
 #[test]
@@ -91,7 +95,10 @@ fn golden_haproxy_configs_pass_haproxy_check() {
         let dir = tempfile::tempdir().unwrap();
         let text = std::fs::read_to_string(root().join("tests/golden").join(f)).unwrap();
         // The golden file names system paths; check it with a state file path that exists.
-        let text = text.replace("/var/lib/haproxy/server-state", &dir.path().join("state").display().to_string());
+        let text = text.replace(
+            "/var/lib/haproxy/server-state",
+            &dir.path().join("state").display().to_string(),
+        );
         let cfg = dir.path().join("h.cfg");
         std::fs::write(&cfg, text).unwrap();
         let out = std::process::Command::new(haproxy)
@@ -99,6 +106,10 @@ fn golden_haproxy_configs_pass_haproxy_check() {
             .arg(&cfg)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{f}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
