@@ -11,6 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{self, Overrides, Settings};
+use crate::metrics::Metrics;
 use crate::pipeline::{Engine, PassError};
 use crate::snapshot::Snapshot;
 use crate::source::{self, SourceState};
@@ -25,6 +26,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
     let mut engine = Engine::new(Arc::clone(&settings))?;
+    let metrics = Arc::new(Metrics::new());
+    let http_task = match &settings.http.listen {
+        Some(addr) => Some(
+            crate::http::bind(addr, Arc::clone(&status), Arc::clone(&metrics))
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on http.listen {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     spawn_signal_handler(shutdown_tx.clone())?;
 
@@ -121,6 +131,13 @@ pub async fn run(
             let mut st = status.lock().expect("status lock");
             st.record_pass(&result, &engine, snap.revision, elapsed);
         }
+        let names: Vec<String> = engine
+            .settings()
+            .targets
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        metrics.record(&names, &result, &engine.stats);
         match &result {
             Ok(o) if o.is_noop() => {
                 tracing::debug!(revision = snap.revision, took = ?elapsed, "pass: nothing changed");
@@ -152,6 +169,9 @@ pub async fn run(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(2), source_task).await;
+    if let Some(h) = http_task {
+        h.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

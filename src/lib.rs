@@ -16,6 +16,8 @@ pub mod config;
 pub mod daemon;
 pub mod guard;
 pub mod haproxy;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod reload;

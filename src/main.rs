@@ -54,7 +54,16 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli, settings: Settings, overrides: config::Overrides) -> u8 {
     match cli.command {
         Command::Run(_) => {
-            tracing::info!(version = env!("CARGO_PKG_VERSION"), settings = ?settings, "starting");
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                endpoints = ?settings.etcd.endpoints,
+                prefix = %settings.etcd.prefix(),
+                auth = settings.etcd.auth.as_ref().map(|(u, _)| u.as_str()),
+                tls = settings.etcd.tls.is_some(),
+                targets = ?settings.targets.iter().map(|t| format!("{} -> {}", t.name, t.dest.display())).collect::<Vec<_>>(),
+                "starting"
+            );
+            tracing::debug!(settings = ?settings, "effective settings (secrets masked)");
             let status = Arc::new(Mutex::new(Status::default()));
             match haconfd::daemon::run(cli.global.config.clone(), overrides, settings, status).await
             {

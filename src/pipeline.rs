@@ -171,6 +171,7 @@ impl Engine {
     /// One full pass. `reload` false writes files but signals nothing.
     pub async fn pass(&mut self, snap: &Snapshot, reload: bool) -> Result<PassOutcome, PassError> {
         let started = Instant::now();
+        self.stats = PassStats::default();
         let cluster = self.model(snap);
         guard::check(&self.settings.guard, &cluster, self.last_members.as_deref())?;
         let rendered = self.renderer.render_all(&self.settings.targets, &cluster)?;
