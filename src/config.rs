@@ -154,7 +154,7 @@ impl Default for DaemonConfig {
         Self {
             min_interval: Duration::from_millis(500),
             resync_interval: Duration::from_secs(300),
-            max_backoff: Duration::from_secs(30),
+            max_backoff: Duration::from_millis(500),
             once_timeout: Duration::from_secs(10),
             retry_interval: Duration::from_secs(5),
         }

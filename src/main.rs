@@ -52,6 +52,7 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli, settings: Settings, overrides: config::Overrides) -> u8 {
+    tracing::debug!(settings = ?settings, "effective settings (secrets masked)");
     match cli.command {
         Command::Run(_) => {
             tracing::info!(
@@ -63,7 +64,6 @@ async fn dispatch(cli: Cli, settings: Settings, overrides: config::Overrides) ->
                 targets = ?settings.targets.iter().map(|t| format!("{} -> {}", t.name, t.dest.display())).collect::<Vec<_>>(),
                 "starting"
             );
-            tracing::debug!(settings = ?settings, "effective settings (secrets masked)");
             let status = Arc::new(Mutex::new(Status::default()));
             match haconfd::daemon::run(cli.global.config.clone(), overrides, settings, status).await
             {

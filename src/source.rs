@@ -193,12 +193,23 @@ pub async fn run(
     let mut down_since: Option<Instant> = None;
     let prefix = cfg.prefix();
 
-    let fail = |tx: &watch::Sender<SourceState>, err: String, down_since: &mut Option<Instant>| {
-        if down_since.is_none() {
-            *down_since = Some(Instant::now());
-            tracing::error!(error = %err, "etcd unreachable: not ready; keeping the last good files");
-        } else {
-            tracing::warn!(error = %err, "etcd still unreachable");
+    // The first failure is an error; while it lasts, a reminder every 30 s rather than one line
+    // per retry.
+    let mut last_reminder = Instant::now();
+    let mut fail = |tx: &watch::Sender<SourceState>,
+                    err: String,
+                    down_since: &mut Option<Instant>| {
+        match down_since {
+            None => {
+                *down_since = Some(Instant::now());
+                last_reminder = Instant::now();
+                tracing::error!(error = %err, "etcd unreachable: not ready; keeping the last good files");
+            }
+            Some(since) if last_reminder.elapsed() >= Duration::from_secs(30) => {
+                last_reminder = Instant::now();
+                tracing::warn!(error = %err, down_for = ?since.elapsed(), "etcd still unreachable; retrying");
+            }
+            Some(_) => tracing::debug!(error = %err, "etcd still unreachable"),
         }
         tx.send_modify(|s| {
             s.connected = false;

@@ -625,6 +625,8 @@ pub struct Etcd {
     initial_cluster: String,
     token: String,
     proc: Mutex<Option<Proc>>,
+    /// `(cert, key, ca)` PEM paths when clients must use TLS with a client certificate.
+    tls: Option<(String, String, String)>,
     paused: AtomicBool,
     rt: Mutex<Option<tokio::runtime::Runtime>>,
     handle: tokio::runtime::Handle,
@@ -646,6 +648,44 @@ impl Etcd {
                 e.log()
             );
         }
+        e
+    }
+
+    /// A fresh single-node etcd whose client port is `client_port` (e.g. a port a test already
+    /// pointed haconfd at while nothing listened there).
+    pub fn start_on(client_port: u16) -> Etcd {
+        let p = free_port();
+        let initial = format!("default=http://127.0.0.1:{p}");
+        let e = Etcd::new_member(
+            "default".into(),
+            client_port,
+            p,
+            initial,
+            unique_name("etcd"),
+        );
+        e.spawn_process();
+        assert!(
+            e.wait_healthy(Duration::from_secs(30)),
+            "etcd not healthy:\n{}",
+            e.log()
+        );
+        e
+    }
+
+    /// A single-node etcd serving clients over TLS and requiring client certificates signed by
+    /// `ca`. The key/value helpers do not speak TLS: drive it with `etcdctl`.
+    pub fn start_tls(cert: &str, key: &str, ca: &str) -> Etcd {
+        let (c, p) = (free_port(), free_port());
+        let initial = format!("default=http://127.0.0.1:{p}");
+        let mut e = Etcd::new_member("default".into(), c, p, initial, unique_name("etcd"));
+        e.tls = Some((cert.into(), key.into(), ca.into()));
+        e.spawn_process();
+        assert!(
+            wait_until(Duration::from_secs(30), || port_open(c)
+                && e.log().contains("serving client traffic")),
+            "TLS etcd did not come up:\n{}",
+            e.log()
+        );
         e
     }
 
@@ -682,6 +722,7 @@ impl Etcd {
             initial_cluster,
             token,
             proc: Mutex::new(None),
+            tls: None,
             paused: AtomicBool::new(false),
             rt: Mutex::new(Some(rt)),
             handle,
@@ -694,9 +735,20 @@ impl Etcd {
         if g.as_ref().is_some_and(|p| p.is_running()) {
             return;
         }
-        let c = format!("http://127.0.0.1:{}", self.client_port);
+        let c = self.endpoint();
         let p = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new(require_bin("etcd"));
+        if let Some((cert, key, ca)) = &self.tls {
+            cmd.args([
+                "--cert-file",
+                cert,
+                "--key-file",
+                key,
+                "--trusted-ca-file",
+                ca,
+            ])
+            .arg("--client-cert-auth");
+        }
         cmd.env_clear()
             .env("PATH", "/usr/bin:/bin")
             .current_dir(self.dir.path())
@@ -730,7 +782,8 @@ impl Etcd {
 
     /// `http://127.0.0.1:<client port>`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn client_port(&self) -> u16 {
