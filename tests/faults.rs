@@ -365,7 +365,7 @@ fn tls_with_client_certificates_and_user_password_auth() {
 
     let endpoint = etcd.endpoint();
     let d = Daemon::new(
-        &[endpoint.clone()],
+        std::slice::from_ref(&endpoint),
         &scope,
         &format!("username = \"haconfd\"\n{tls}"),
     );
