@@ -112,24 +112,13 @@ pub fn stage(target: &Target, rendered: &Rendered) -> Result<Staged, ApplyError>
         path: path.clone(),
         source,
     };
-    // O_EXCL refuses any existing entry, a planted symlink included; O_NOFOLLOW says so twice.
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(stage_err)?;
+    let mut file = create_exclusive(&path, mode).map_err(stage_err)?;
     let staged = Staged {
         name: rendered.name.clone(),
         dest: dest.clone(),
         path: path.clone(),
         committed: false,
     };
-    // The umask may have cleared bits of `mode`; set it exactly on the open descriptor, before
-    // any content is written.
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(stage_err)?;
     let meta = file.metadata().map_err(stage_err)?;
     let want_uid = uid.filter(|u| *u != meta.uid());
     let want_gid = gid.filter(|g| *g != meta.gid());
@@ -178,6 +167,20 @@ pub fn commit(mut staged: Staged) -> Result<(), ApplyError> {
     Ok(())
 }
 
+/// Creates a new file with exactly `mode`. O_EXCL refuses any existing entry, a planted symlink
+/// included (O_NOFOLLOW says so twice); the umask may clear bits of `mode`, so it is set again on
+/// the open descriptor before any content is written.
+pub fn create_exclusive(path: &Path, mode: u32) -> std::io::Result<File> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    Ok(f)
+}
+
 fn parent_dir(p: &Path) -> PathBuf {
     match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
@@ -198,13 +201,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
         rand::random::<u32>()
     ));
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-            .open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        let mut f = create_exclusive(&tmp, mode)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -292,6 +289,22 @@ mod tests {
         nix::sys::stat::umask(old);
         let s = s.unwrap();
         assert_eq!(std::fs::metadata(&s.path).unwrap().mode() & 0o7777, 0o664);
+    }
+
+    #[test]
+    fn a_planted_symlink_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let planted = dir.path().join(".out.cfg.haconfd-planted");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let err = create_exclusive(&planted, 0o644).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+        assert!(create_exclusive(&dangling, 0o644).is_err());
+        assert!(!dir.path().join("nowhere").exists(), "a dangling link must not create its target");
     }
 
     #[test]
