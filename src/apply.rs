@@ -74,16 +74,21 @@ impl Drop for Staged {
     }
 }
 
-/// Whether `bytes` differ from what `dest` holds now (a missing file differs).
-pub fn differs(dest: &Path, bytes: &[u8]) -> Result<bool, ApplyError> {
+/// What `dest` holds now; None when it does not exist.
+pub fn current(dest: &Path) -> Result<Option<Vec<u8>>, ApplyError> {
     match std::fs::read(dest) {
-        Ok(current) => Ok(current != bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(ApplyError::ReadDest {
             path: dest.to_owned(),
             source,
         }),
     }
+}
+
+/// Whether `bytes` differ from what `dest` holds now (a missing file differs).
+pub fn differs(dest: &Path, bytes: &[u8]) -> Result<bool, ApplyError> {
+    Ok(current(dest)?.as_deref() != Some(bytes))
 }
 
 /// Writes `rendered` to a new staged file beside `target.dest`, fsynced, with the final mode and
@@ -304,7 +309,10 @@ mod tests {
         let dangling = dir.path().join("dangling");
         std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
         assert!(create_exclusive(&dangling, 0o644).is_err());
-        assert!(!dir.path().join("nowhere").exists(), "a dangling link must not create its target");
+        assert!(
+            !dir.path().join("nowhere").exists(),
+            "a dangling link must not create its target"
+        );
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub async fn cli(path: &Path, command: &str, timeout: Duration) -> std::io::Resu
         let mut s = UnixStream::connect(path).await?;
         s.write_all(command.as_bytes()).await?;
         s.write_all(b"\n").await?;
+        // The master CLI answers only once the client half-closes its side.
+        s.shutdown().await?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await?;
         Ok::<_, std::io::Error>(String::from_utf8_lossy(&out).into_owned())

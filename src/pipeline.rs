@@ -179,10 +179,15 @@ impl Engine {
         let apply_start = Instant::now();
 
         let settings = Arc::clone(&self.settings);
+        // Each changed target with what its file held before: the known-good bytes to put back
+        // if its consumer refuses the new ones.
         let mut changed: Vec<(&Target, &Rendered)> = Vec::new();
+        let mut previous: Vec<Option<Vec<u8>>> = Vec::new();
         for (t, r) in settings.targets.iter().zip(&rendered) {
-            if apply::differs(&t.dest, &r.bytes)? {
+            let old = apply::current(&t.dest)?;
+            if old.as_deref() != Some(r.bytes.as_slice()) {
                 changed.push((t, r));
+                previous.push(old);
             }
         }
         // Stage and check everything before swapping anything in.
@@ -207,7 +212,7 @@ impl Engine {
 
         let mut first_error = None;
         if reload {
-            for (t, r) in &changed {
+            for ((t, r), old) in changed.iter().zip(&previous) {
                 let Some(action) = &t.reload else { continue };
                 if let Some(ss) = &t.server_state {
                     prepare_server_state(ss, r, &cluster).await;
@@ -219,6 +224,23 @@ impl Engine {
                     }
                     Err(source) => {
                         tracing::error!(target = %t.name, error = %source, "reload failed");
+                        // The consumer still runs the old file: put it back, so that the file on
+                        // disk is the known-good one a restart would load. The next retry tries
+                        // the new bytes again.
+                        if let (Some(old), true) = (old, refused_by_consumer(&source)) {
+                            let known_good = Rendered {
+                                name: t.name.clone(),
+                                bytes: old.clone(),
+                            };
+                            match apply::stage(t, &known_good).and_then(apply::commit) {
+                                Ok(()) => {
+                                    tracing::warn!(target = %t.name, dest = %t.dest.display(), "restored the last good file")
+                                }
+                                Err(e) => {
+                                    tracing::error!(target = %t.name, dest = %t.dest.display(), error = %e, "cannot restore the last good file")
+                                }
+                            }
+                        }
                         first_error.get_or_insert(PassError::Reload {
                             target: t.name.clone(),
                             source,
@@ -265,6 +287,12 @@ async fn prepare_server_state(
     if let Err(e) = crate::apply::write_atomic(&ss.file, content.as_bytes(), 0o644) {
         tracing::warn!(file = %ss.file.display(), error = %e, "cannot write the server-state file before reload");
     }
+}
+
+/// Whether the consumer itself rejected the new file (HAProxy's failed reload), as opposed to
+/// haconfd refusing to signal: only then is the file on disk known not to be in use.
+fn refused_by_consumer(e: &ReloadError) -> bool {
+    matches!(e, ReloadError::ReloadFailed { .. })
 }
 
 fn select<'a>(targets: &'a [Target], only: Option<&str>) -> Result<Vec<&'a Target>, RenderError> {
