@@ -78,9 +78,9 @@ async fn dispatch(cli: Cli, settings: Settings, overrides: config::Overrides) ->
     }
 }
 
-/// Prints a one-line reason (the first line; multi-line details follow) and returns `code`.
+/// Prints the reason (its first line says what failed; details such as a check's output follow)
+/// and returns `code`.
 fn fail(code: u8, message: &str) -> u8 {
-    tracing::error!("{message}");
     eprintln!("haconfd: {message}");
     code
 }

@@ -82,6 +82,8 @@ pub struct Engine {
     renderer: Renderer,
     last_members: Option<Vec<String>>,
     last_skipped: Vec<Skipped>,
+    /// Targets whose last reload failed: reloaded on the next pass even if unchanged.
+    unreloaded: std::collections::BTreeSet<String>,
     /// Timings of the last pass.
     pub stats: PassStats,
     /// The model of the last pass.
@@ -97,6 +99,7 @@ impl Engine {
             renderer,
             last_members: None,
             last_skipped: Vec::new(),
+            unreloaded: Default::default(),
             stats: PassStats::default(),
             cluster: None,
         })
@@ -212,7 +215,21 @@ impl Engine {
 
         let mut first_error = None;
         if reload {
-            for ((t, r), old) in changed.iter().zip(&previous) {
+            // Changed targets, and those whose last reload failed although their file is now up
+            // to date: a refused PID must not turn into "nothing changed" on the retry.
+            let due: Vec<(&Target, &Rendered, Option<&Vec<u8>>)> = settings
+                .targets
+                .iter()
+                .zip(&rendered)
+                .filter_map(
+                    |(t, r)| match changed.iter().position(|(c, _)| c.name == t.name) {
+                        Some(i) => Some((t, r, previous[i].as_ref())),
+                        None if self.unreloaded.contains(&t.name) => Some((t, r, None)),
+                        None => None,
+                    },
+                )
+                .collect();
+            for (t, r, old) in due {
                 let Some(action) = &t.reload else { continue };
                 if let Some(ss) = &t.server_state {
                     prepare_server_state(ss, r, &cluster).await;
@@ -220,13 +237,16 @@ impl Engine {
                 match reload::reload(action).await {
                     Ok(()) => {
                         tracing::info!(target = %t.name, "reloaded");
+                        self.unreloaded.remove(&t.name);
                         outcome.reloaded.push(t.name.clone());
                     }
                     Err(source) => {
                         tracing::error!(target = %t.name, error = %source, "reload failed");
-                        // The consumer still runs the old file: put it back, so that the file on
-                        // disk is the known-good one a restart would load. The next retry tries
-                        // the new bytes again.
+                        self.unreloaded.insert(t.name.clone());
+                        // HAProxy refused the new file and still runs the old one: put the old
+                        // one back, so that the file on disk is the known-good one a restart
+                        // would load. (When haconfd refused to signal — stale or foreign PID —
+                        // the new file stays: a consumer starting now must read it.)
                         if let (Some(old), true) = (old, refused_by_consumer(&source)) {
                             let known_good = Rendered {
                                 name: t.name.clone(),

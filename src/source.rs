@@ -169,10 +169,12 @@ pub async fn fetch_once(cfg: &EtcdSettings, timeout: Duration) -> Result<Snapsho
                 what: "connect and list",
             },
         };
-        let wait = backoff.next_delay();
-        if Instant::now() + wait >= deadline {
+        // Keep trying until the deadline itself, not until the next delay would pass it.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return Err(err);
         }
+        let wait = backoff.next_delay().min(left);
         tracing::warn!(error = %err, retry_in = ?wait, "etcd not reachable yet");
         tokio::time::sleep(wait).await;
     }

@@ -1,0 +1,1220 @@
+//! End-to-end tests of the real `haconfd` binary against a real etcd, HAProxy (master-worker) and
+//! PgBouncer on loopback: member joins, leader changes, heartbeat no-ops, failed checks, foreign
+//! pidfiles, `once` exit codes, `render --snapshot`, and coalescing of change bursts.
+//!
+//! Every test uses its own Patroni scope on the binary's shared etcd (`Etcd::shared()` +
+//! `unique_name`), and its own temp dir, ports and sockets, so tests run in parallel.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::procs::*;
+
+// ---------------------------------------------------------------------------------------------
+// Local helpers
+// ---------------------------------------------------------------------------------------------
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn template_path(name: &str) -> String {
+    manifest_dir()
+        .join("templates")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// A TOML basic string literal for `s`.
+fn q(s: impl AsRef<str>) -> String {
+    toml_str(s.as_ref())
+}
+
+fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+/// A TOML array of strings.
+fn toml_array(items: &[&str]) -> String {
+    format!(
+        "[{}]",
+        items
+            .iter()
+            .map(|s| toml_str(s))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// (inode, mtime) of a file: both stay the same when haconfd leaves it alone.
+fn file_id(path: &Path) -> (u64, SystemTime) {
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    (m.ino(), m.modified().unwrap())
+}
+
+fn stdout_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Member JSON as Patroni writes it, for a fake member, with a chosen `xlog_location`.
+fn member_json(m: &FakeMember, role: &str, xlog: u64) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(&m.member_json(role)).unwrap();
+    v["xlog_location"] = serde_json::json!(xlog);
+    v.to_string()
+}
+
+/// Member JSON for a member nobody serves (ports are never opened): for config-only tests.
+fn paper_member_json(port: u16, api_port: u16, role: &str) -> String {
+    serde_json::json!({
+        "conn_url": format!("postgres://127.0.0.1:{port}/postgres"),
+        "api_url": format!("http://127.0.0.1:{api_port}/patroni"),
+        "state": "running",
+        "role": role,
+        "version": "3.0.2",
+        "xlog_location": 50331816u64,
+        "timeline": 1
+    })
+    .to_string()
+}
+
+/// The `server` lines of one `listen` section of a rendered haproxy.cfg.
+fn servers_in(cfg: &str, listen: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in cfg.lines() {
+        if !line.starts_with(char::is_whitespace) && !line.trim().is_empty() {
+            inside = line.trim() == format!("listen {listen}");
+            continue;
+        }
+        if inside && line.trim_start().starts_with("server ") {
+            out.push(line.trim().to_string());
+        }
+    }
+    out
+}
+
+/// Whether `server <name> 127.0.0.1:<port> ` is listed in both listeners.
+fn lists_server_in_both(cfg: &str, name: &str, port: u16) -> bool {
+    let prefix = format!("server {name} 127.0.0.1:{port} ");
+    ["primary", "replicas"]
+        .iter()
+        .all(|l| servers_in(cfg, l).iter().any(|s| s.starts_with(&prefix)))
+}
+
+/// One test's world: a scope on the shared etcd, a temp dir holding every file and socket, and
+/// the loopback ports of its HAProxy and PgBouncer.
+struct World {
+    dir: tempfile::TempDir,
+    scope: String,
+    endpoint: String,
+    primary_port: u16,
+    replica_port: u16,
+    stats_port: u16,
+    pgb_port: u16,
+}
+
+impl World {
+    fn new(tag: &str) -> World {
+        Self::with_endpoint(tag, Etcd::shared().endpoint())
+    }
+
+    fn with_endpoint(tag: &str, endpoint: String) -> World {
+        let dir = temp_dir(tag);
+        let pgb = dir.path().join("pgb");
+        std::fs::create_dir(&pgb).unwrap();
+        // auth_type trust still needs the users listed.
+        write(
+            &pgb.join("userlist.txt"),
+            "\"pgbouncer\" \"\"\n\"postgres\" \"\"\n",
+        );
+        give_to_postgres(&pgb);
+        World {
+            dir,
+            scope: unique_name(tag),
+            endpoint,
+            primary_port: free_port(),
+            replica_port: free_port(),
+            stats_port: free_port(),
+            pgb_port: free_port(),
+        }
+    }
+
+    fn etcd(&self) -> &'static Etcd {
+        Etcd::shared()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("/service/{}/{rest}", self.scope)
+    }
+
+    fn put_member(&self, name: &str, json: &str) -> i64 {
+        self.etcd().put(&self.key(&format!("members/{name}")), json)
+    }
+
+    fn put_leader(&self, name: &str) -> i64 {
+        self.etcd().put(&self.key("leader"), name)
+    }
+
+    fn haproxy_cfg(&self) -> PathBuf {
+        self.path("haproxy.cfg")
+    }
+
+    fn admin_sock(&self) -> PathBuf {
+        self.path("admin.sock")
+    }
+
+    fn server_state(&self) -> PathBuf {
+        self.path("server-state")
+    }
+
+    fn pgb_dir(&self) -> PathBuf {
+        self.path("pgb")
+    }
+
+    fn pgbouncer_ini(&self) -> PathBuf {
+        self.pgb_dir().join("pgbouncer.ini")
+    }
+
+    fn pgbouncer_log(&self) -> PathBuf {
+        self.pgb_dir().join("pgbouncer.log")
+    }
+
+    /// The `[[template]]` block for haproxy.cfg; `check` and `reload` are TOML values ("" for
+    /// no reload).
+    fn haproxy_block(&self, check: &str, reload: &str) -> String {
+        let reload = if reload.is_empty() {
+            String::new()
+        } else {
+            format!("reload = {reload}\n")
+        };
+        format!(
+            "[[template]]\nname = \"haproxy\"\nsrc = {}\ndest = {}\ncheck = {check}\n{reload}\
+             server_state = {{ stats_socket = {}, file = {} }}\n",
+            q(template_path("haproxy.cfg.tera")),
+            q(self.haproxy_cfg().display().to_string()),
+            q(self.admin_sock().display().to_string()),
+            q(self.server_state().display().to_string()),
+        )
+    }
+
+    /// The real check: `haproxy -c -q -f {{staged}}`.
+    fn haproxy_check() -> String {
+        toml_array(&["haproxy", "-c", "-q", "-f", "{{staged}}"])
+    }
+
+    /// Reload of the harness' HAProxy master: SIGUSR2 to the verified pidfile PID, outcome
+    /// verified on the master socket.
+    fn haproxy_reload(h: &Haproxy) -> String {
+        format!(
+            "{{ pidfile = {}, signal = \"SIGUSR2\", process = \"haproxy\", master_socket = {} }}",
+            q(h.pidfile().display().to_string()),
+            q(h.master_socket().display().to_string())
+        )
+    }
+
+    fn pgbouncer_block(&self, reload: &str) -> String {
+        let reload = if reload.is_empty() {
+            String::new()
+        } else {
+            format!("reload = {reload}\n")
+        };
+        let d = self.pgb_dir();
+        format!(
+            "[[template]]\nname = \"pgbouncer\"\nsrc = {}\ndest = {}\nrequire_leader = true\n{reload}\
+             [template.vars]\nlisten_addr = \"127.0.0.1\"\nlisten_port = {}\nunix_socket_dir = {}\n\
+             auth_type = \"trust\"\nauth_file = {}\nadmin_users = \"pgbouncer\"\npidfile = {}\n\
+             logfile = {}\n",
+            q(template_path("pgbouncer.ini.tera")),
+            q(self.pgbouncer_ini().display().to_string()),
+            self.pgb_port,
+            q(d.display().to_string()),
+            q(d.join("userlist.txt").display().to_string()),
+            q(d.join("pgbouncer.pid").display().to_string()),
+            q(self.pgbouncer_log().display().to_string()),
+        )
+    }
+
+    fn pgbouncer_reload(&self) -> String {
+        format!(
+            "{{ pidfile = {}, signal = \"SIGHUP\", process = \"pgbouncer\" }}",
+            q(self.pgb_dir().join("pgbouncer.pid").display().to_string())
+        )
+    }
+
+    /// Writes `haconfd.toml` with this world's etcd, scope and HAProxy vars, `daemon` lines and
+    /// the given template blocks; returns its path.
+    fn write_config(&self, daemon: &str, blocks: &[String]) -> PathBuf {
+        let text = format!(
+            "[etcd]\nendpoints = [{}]\nscope = {}\n\n[daemon]\n{daemon}\n\n[vars]\n\
+             bind_address = \"127.0.0.1\"\nprimary_port = {}\nreplica_port = {}\nstats_port = {}\n\
+             stats_socket = {}\ncheck_inter = \"300ms\"\ncheck_rise = 1\ncheck_fall = 1\n\
+             hard_stop_after = \"5s\"\n\n{}",
+            q(&self.endpoint),
+            q(&self.scope),
+            self.primary_port,
+            self.replica_port,
+            self.stats_port,
+            q(self.admin_sock().display().to_string()),
+            blocks.join("\n"),
+        );
+        let path = self.path("haconfd.toml");
+        write(&path, &text);
+        path
+    }
+
+    /// `haconfd -c <cfg> <args>`, bounded to 30 s.
+    fn haconfd(&self, cfg: &Path, args: &[&str]) -> Output {
+        haconfd_cmd(cfg, args)
+    }
+
+    /// `haconfd once`, asserting exit 0.
+    fn once_ok(&self, cfg: &Path, args: &[&str]) -> Output {
+        let mut all = vec!["once"];
+        all.extend_from_slice(args);
+        let out = self.haconfd(cfg, &all);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "haconfd once {args:?} failed\nstdout:\n{}\nstderr:\n{}",
+            stdout_of(&out),
+            stderr_of(&out)
+        );
+        out
+    }
+}
+
+fn haconfd_cmd(cfg: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(haconfd_bin());
+    cmd.env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .arg("-c")
+        .arg(cfg)
+        .args(args);
+    run_with_timeout(&mut cmd, Duration::from_secs(30)).expect("run haconfd")
+}
+
+/// `haconfd run` in the background with JSON logs (debug for haconfd), stopped by PID on drop.
+struct Daemon {
+    proc: Proc,
+}
+
+impl Daemon {
+    /// Starts `haconfd run` and waits (15 s) for its first pass.
+    fn start(cfg: &Path) -> Daemon {
+        let log = cfg.with_file_name("haconfd.log");
+        let mut cmd = Command::new(haconfd_bin());
+        cmd.env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .arg("-c")
+            .arg(cfg)
+            .args([
+                "run",
+                "--log-format",
+                "json",
+                "--log-level",
+                "info,haconfd=debug",
+            ]);
+        let d = Daemon {
+            proc: Proc::spawn_logged("haconfd", cmd, &log),
+        };
+        d.wait_pass(0, Duration::from_secs(15));
+        d
+    }
+
+    fn log(&self) -> String {
+        self.proc.log()
+    }
+
+    /// Log lines as JSON objects (non-JSON lines are skipped).
+    fn events(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits until a pass ("pass ..." message) ran at `revision` or later. Panics with the log.
+    fn wait_pass(&self, revision: i64, timeout: Duration) -> serde_json::Value {
+        let mut found = None;
+        let ok = wait_until(timeout, || {
+            assert!(
+                self.proc.is_running(),
+                "haconfd exited early; log:\n{}",
+                self.log()
+            );
+            found = self.events().into_iter().find(|e| {
+                e["message"].as_str().is_some_and(|m| m.starts_with("pass"))
+                    && e["revision"].as_i64().is_some_and(|r| r >= revision)
+            });
+            found.is_some()
+        });
+        assert!(
+            ok,
+            "no pass at revision >= {revision} within {timeout:?}; log:\n{}",
+            self.log()
+        );
+        found.unwrap()
+    }
+
+    /// Messages of every event, joined (for "appears verbatim" checks).
+    fn messages(&self) -> String {
+        self.events()
+            .iter()
+            .map(|e| {
+                let mut s = e["message"].as_str().unwrap_or("").to_string();
+                if let Some(err) = e["error"].as_str() {
+                    s.push_str(" error=");
+                    s.push_str(err);
+                }
+                s
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Starts HAProxy (master-worker, foreground) on the rendered config.
+fn start_haproxy(w: &World) -> Haproxy {
+    let h = Haproxy::start(&w.haproxy_cfg());
+    assert!(
+        wait_until(Duration::from_secs(5), || w.admin_sock().exists()),
+        "stats socket {} missing; log:\n{}",
+        w.admin_sock().display(),
+        h.log()
+    );
+    h
+}
+
+/// Polls a TCP banner through HAProxy until it equals `want` (bounded).
+fn wait_banner(port: u16, want: &str, timeout: Duration) -> Result<(), String> {
+    let mut last = String::new();
+    let ok = wait_until(timeout, || {
+        last = match tcp_banner(port, Duration::from_millis(500)) {
+            Ok(b) => b,
+            Err(e) => format!("error: {e}"),
+        };
+        last == want
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "port {port}: wanted banner {want:?}, last {last:?}"
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. A member joins
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn adding_a_member_lists_it_reloads_haproxy_once_and_routes_to_it() {
+    let w = World::new("join");
+    let a = FakeMember::start("pga", Role::Primary);
+    let b = FakeMember::start("pgb", Role::Replica);
+    w.put_member(&a.name, &a.member_json("master"));
+    w.put_leader(&a.name);
+
+    let daemon_cfg = "min_interval = \"300ms\"\nretry_interval = \"1s\"";
+    let blocks = [w.haproxy_block(&World::haproxy_check(), "")];
+    let cfg = w.write_config(daemon_cfg, &blocks);
+    w.once_ok(&cfg, &["--no-reload"]);
+    let h = start_haproxy(&w);
+    let blocks = [w.haproxy_block(&World::haproxy_check(), &World::haproxy_reload(&h))];
+    let cfg = w.write_config(daemon_cfg, &blocks);
+    let d = Daemon::start(&cfg);
+
+    // Before: the leader serves writes, nobody serves reads.
+    wait_banner(w.primary_port, &a.name, Duration::from_secs(5)).unwrap();
+    assert!(
+        tcp_banner(w.replica_port, Duration::from_millis(500)).is_err(),
+        "the replica port served something before any replica joined"
+    );
+    let before = h.reload_count();
+    let cfg_before = read(&w.haproxy_cfg());
+    assert!(!cfg_before.contains(&format!("server {} ", b.name)));
+
+    let rev = w.put_member(&b.name, &b.member_json("replica"));
+    d.wait_pass(rev, Duration::from_secs(10));
+    let text = read(&w.haproxy_cfg());
+    assert!(
+        lists_server_in_both(&text, &b.name, b.port()),
+        "new member missing from a listener:\n{text}"
+    );
+    assert!(
+        lists_server_in_both(&text, &a.name, a.port()),
+        "old member lost:\n{text}"
+    );
+    assert!(
+        h.wait_reloads(before + 1, Duration::from_secs(5)),
+        "HAProxy was not reloaded; show proc:\n{}\nhaconfd log:\n{}",
+        h.show_proc(),
+        d.log()
+    );
+    // The new worker routes reads to the new member, and writes still to the leader.
+    wait_banner(w.replica_port, &b.name, Duration::from_secs(5)).unwrap();
+    wait_banner(w.primary_port, &a.name, Duration::from_secs(5)).unwrap();
+    assert!(b.backend.connections() >= 1);
+    // Exactly one reload, also after the dust settles.
+    std::thread::sleep(Duration::from_millis(800));
+    let status = h.proc_status();
+    assert_eq!(
+        status.reloads(),
+        before + 1,
+        "expected exactly one reload; show proc:\n{}\nhaconfd log:\n{}",
+        h.show_proc(),
+        d.log()
+    );
+    assert_eq!(status.failed, 0);
+    assert!(h.is_running());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. The leader changes
+// ---------------------------------------------------------------------------------------------
+
+/// Opens a client connection to PgBouncer for `db` (a raw v3 StartupMessage as `postgres`),
+/// which makes PgBouncer create the database from its `*` entry and connect to the backend.
+/// The fake backend does not speak the protocol; what matters is where PgBouncer goes. Waits
+/// (5 s) until `backend` has accepted a new connection, then drops the client.
+fn connect_through_pgbouncer(p: &Pgbouncer, db: &str, backend: &TcpBackend) {
+    use std::io::Write;
+    let before = backend.connections();
+    let mut body = Vec::new();
+    body.extend_from_slice(&196608u32.to_be_bytes());
+    for s in ["user", "postgres", "database", db] {
+        body.extend_from_slice(s.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&body);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", p.port())).expect("connect PgBouncer");
+    s.write_all(&msg).expect("send StartupMessage");
+    let ok = wait_until(Duration::from_secs(5), || backend.connections() > before);
+    drop(s);
+    assert!(
+        ok,
+        "PgBouncer did not connect to {} ({}) for database {db}; SHOW DATABASES: {:?}\nlog:\n{}",
+        backend.name(),
+        backend.addr(),
+        p.show_databases(),
+        p.log()
+    );
+}
+
+fn db_host_port(p: &Pgbouncer, db: &str) -> Option<(String, String)> {
+    let dbs = p.show_databases();
+    let row = dbs.get(db)?;
+    Some((row.get("host")?.clone(), row.get("port")?.clone()))
+}
+
+#[test]
+fn leader_change_repoints_pgbouncer_and_reloads_it() {
+    let w = World::new("leader");
+    let a = FakeMember::start("pga", Role::Primary);
+    let b = FakeMember::start("pgb", Role::Replica);
+    w.put_member(&a.name, &a.member_json("master"));
+    w.put_member(&b.name, &b.member_json("replica"));
+    w.put_leader(&a.name);
+
+    let daemon_cfg = "min_interval = \"300ms\"\nretry_interval = \"1s\"";
+    let cfg = w.write_config(daemon_cfg, &[w.pgbouncer_block("")]);
+    w.once_ok(&cfg, &["--no-reload"]);
+    let ini = read(&w.pgbouncer_ini());
+    assert!(
+        ini.contains(&format!("* = host=127.0.0.1 port={}\n", a.port())),
+        "{ini}"
+    );
+    let p = Pgbouncer::start(&w.pgbouncer_ini());
+    let cfg = w.write_config(daemon_cfg, &[w.pgbouncer_block(&w.pgbouncer_reload())]);
+    let d = Daemon::start(&cfg);
+
+    // Before: a new database goes to the leader.
+    connect_through_pgbouncer(&p, "before_db", &a.backend);
+    assert_eq!(
+        db_host_port(&p, "before_db"),
+        Some(("127.0.0.1".into(), a.port().to_string())),
+        "SHOW DATABASES: {:?}",
+        p.show_databases()
+    );
+    let pid = p.pid();
+    assert_eq!(b.backend.connections(), 0);
+
+    // Patroni's switchover: the new leader takes the key, then both rewrite their member keys.
+    let rev = w.put_leader(&b.name);
+    w.put_member(&b.name, &b.member_json("master"));
+    w.put_member(&a.name, &a.member_json("replica"));
+    d.wait_pass(rev, Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(5), || read(&w.pgbouncer_ini())
+            .contains(&format!("* = host=127.0.0.1 port={}\n", b.port()))),
+        "pgbouncer.ini not re-pointed:\n{}\nhaconfd log:\n{}",
+        read(&w.pgbouncer_ini()),
+        d.log()
+    );
+    // PgBouncer re-read its config (same process, SIGHUP) and now sends new databases to the
+    // new leader.
+    assert!(
+        wait_until(Duration::from_secs(5), || p.log().contains("got SIGHUP")),
+        "PgBouncer did not log a SIGHUP; log:\n{}",
+        p.log()
+    );
+    // The database PgBouncer created from `*` before the switch is re-pointed too.
+    let want = Some(("127.0.0.1".to_string(), b.port().to_string()));
+    assert!(
+        wait_until(Duration::from_secs(5), || db_host_port(&p, "before_db")
+            == want),
+        "SHOW DATABASES still shows the old leader: {:?}",
+        p.show_databases()
+    );
+    connect_through_pgbouncer(&p, "after_db", &b.backend);
+    assert_eq!(
+        db_host_port(&p, "after_db"),
+        Some(("127.0.0.1".into(), b.port().to_string())),
+        "SHOW DATABASES: {:?}",
+        p.show_databases()
+    );
+    assert_eq!(p.pid(), pid);
+    assert!(p.proc().is_running(), "PgBouncer died; log:\n{}", p.log());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Heartbeats
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn heartbeat_rewrites_of_member_keys_write_nothing_and_reload_nothing() {
+    let w = World::new("beat");
+    let members = [
+        FakeMember::start("pga", Role::Primary),
+        FakeMember::start("pgb", Role::Replica),
+        FakeMember::start("pgc", Role::Replica),
+    ];
+    for (i, m) in members.iter().enumerate() {
+        let role = if i == 0 { "master" } else { "replica" };
+        w.put_member(&m.name, &member_json(m, role, 50_000_000));
+    }
+    w.put_leader(&members[0].name);
+
+    let daemon_cfg = "min_interval = \"100ms\"\nretry_interval = \"1s\"";
+    let cfg = w.write_config(
+        daemon_cfg,
+        &[
+            w.haproxy_block(&World::haproxy_check(), ""),
+            w.pgbouncer_block(""),
+        ],
+    );
+    w.once_ok(&cfg, &["--no-reload"]);
+    let h = start_haproxy(&w);
+    let p = Pgbouncer::start(&w.pgbouncer_ini());
+    let cfg = w.write_config(
+        daemon_cfg,
+        &[
+            w.haproxy_block(&World::haproxy_check(), &World::haproxy_reload(&h)),
+            w.pgbouncer_block(&w.pgbouncer_reload()),
+        ],
+    );
+    let d = Daemon::start(&cfg);
+
+    let hap_id = file_id(&w.haproxy_cfg());
+    let pgb_id = file_id(&w.pgbouncer_ini());
+    let hap_bytes = std::fs::read(w.haproxy_cfg()).unwrap();
+    let pgb_bytes = std::fs::read(w.pgbouncer_ini()).unwrap();
+    let reloads = h.reload_count();
+    let pid = p.pid();
+    let hup_lines = p.log().matches("got SIGHUP").count();
+
+    // Three Patroni heartbeat rounds: every member key rewritten with a new xlog_location.
+    let mut rev = 0;
+    for round in 1..=3u64 {
+        for (i, m) in members.iter().enumerate() {
+            let role = if i == 0 { "master" } else { "replica" };
+            rev = w.put_member(&m.name, &member_json(m, role, 50_000_000 + round * 4096));
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let pass = d.wait_pass(rev, Duration::from_secs(10));
+    assert_eq!(
+        pass["message"].as_str(),
+        Some("pass: nothing changed"),
+        "{pass}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    assert_eq!(file_id(&w.haproxy_cfg()), hap_id, "haproxy.cfg rewritten");
+    assert_eq!(
+        file_id(&w.pgbouncer_ini()),
+        pgb_id,
+        "pgbouncer.ini rewritten"
+    );
+    assert_eq!(std::fs::read(w.haproxy_cfg()).unwrap(), hap_bytes);
+    assert_eq!(std::fs::read(w.pgbouncer_ini()).unwrap(), pgb_bytes);
+    assert_eq!(h.reload_count(), reloads, "HAProxy reloaded on a heartbeat");
+    assert_eq!(p.pid(), pid);
+    assert!(p.proc().is_running());
+    assert_eq!(
+        p.log().matches("got SIGHUP").count(),
+        hup_lines,
+        "PgBouncer got a SIGHUP on a heartbeat; log:\n{}",
+        p.log()
+    );
+    let log = d.log();
+    assert!(
+        !log.contains("\"file updated\"") && !log.contains("\"reloaded\""),
+        "haconfd wrote or reloaded on a heartbeat:\n{log}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A failing check
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn failing_check_keeps_the_old_file_sends_no_signal_and_logs_its_stderr() {
+    let w = World::new("check");
+    let a = FakeMember::start("pga", Role::Primary);
+    w.put_member(&a.name, &a.member_json("master"));
+    w.put_leader(&a.name);
+
+    // The real check, except that a staged file listing a member named "doomed" is refused
+    // with a two-line message on stderr.
+    let script = "if grep -q 'server doomed ' \"$1\"; then \
+                  printf 'boom: refusing member doomed\\n  second line, verbatim\\n' >&2; exit 1; fi; \
+                  exec haproxy -c -q -f \"$1\"";
+    let check = toml_array(&["sh", "-c", script, "check", "{{staged}}"]);
+    let daemon_cfg = "min_interval = \"100ms\"\nretry_interval = \"500ms\"";
+    let cfg = w.write_config(daemon_cfg, &[w.haproxy_block(&check, "")]);
+    w.once_ok(&cfg, &["--no-reload"]);
+    let h = start_haproxy(&w);
+    let cfg = w.write_config(
+        daemon_cfg,
+        &[w.haproxy_block(&check, &World::haproxy_reload(&h))],
+    );
+    let d = Daemon::start(&cfg);
+
+    let old = std::fs::read(w.haproxy_cfg()).unwrap();
+    let old_id = file_id(&w.haproxy_cfg());
+    let reloads = h.reload_count();
+
+    let doomed = FakeMember::start("doomed", Role::Replica);
+    let rev = w.put_member(&doomed.name, &doomed.member_json("replica"));
+    let pass = d.wait_pass(rev, Duration::from_secs(10));
+    assert_eq!(pass["reason"].as_str(), Some("check"), "{pass}");
+    // It keeps failing on retries, and keeps refusing.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(d.proc.is_running(), "haconfd exited; log:\n{}", d.log());
+
+    assert_eq!(
+        std::fs::read(w.haproxy_cfg()).unwrap(),
+        old,
+        "old file replaced"
+    );
+    assert_eq!(file_id(&w.haproxy_cfg()), old_id);
+    assert_eq!(h.reload_count(), reloads, "HAProxy was signalled");
+    assert_eq!(h.failed_reloads(), 0);
+    let msgs = d.messages();
+    assert!(
+        msgs.contains("boom: refusing member doomed\n  second line, verbatim"),
+        "the check's stderr is not in haconfd's log verbatim:\n{}",
+        d.log()
+    );
+    let failures = d
+        .events()
+        .iter()
+        .filter(|e| e["reason"].as_str() == Some("check"))
+        .count();
+    assert!(
+        failures >= 2,
+        "the failed pass was not retried:\n{}",
+        d.log()
+    );
+    // No staged leftovers next to the destination.
+    let leftovers: Vec<_> = std::fs::read_dir(w.dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".haconfd-") && n.starts_with(".haproxy.cfg"))
+        .collect();
+    assert!(leftovers.is_empty(), "staged files left: {leftovers:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. A pidfile naming another program
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn pidfile_of_another_process_is_refused_in_once_and_run() {
+    let w = World::new("pidfile");
+    let a = FakeMember::start("pga", Role::Primary);
+    w.put_member(&a.name, &a.member_json("master"));
+    w.put_leader(&a.name);
+
+    let sleeper = Proc::spawn("sleep", command("sleep", &["300"]));
+    let spid = sleeper.pid();
+    let pidfile = w.path("haproxy.pid");
+    write(&pidfile, &format!("{spid}\n"));
+    // SIGUSR2's default action kills `sleep`: a wrongly sent signal would show.
+    let reload = format!(
+        "{{ pidfile = {}, signal = \"SIGUSR2\", process = \"haproxy\" }}",
+        q(pidfile.display().to_string())
+    );
+    let cfg = w.write_config(
+        "min_interval = \"100ms\"\nretry_interval = \"300ms\"",
+        &[w.haproxy_block(&World::haproxy_check(), &reload)],
+    );
+
+    // once: the file is written, the reload refused, exit 8.
+    let out = w.haconfd(&cfg, &["once"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(8), "stderr:\n{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("haconfd: "))
+        .unwrap_or_else(|| panic!("no `haconfd:` reason line:\n{err}"));
+    assert!(
+        line.contains(&spid.to_string()) && line.contains(&pidfile.display().to_string()),
+        "reason does not name the PID and the pidfile: {line}"
+    );
+    assert!(w.haproxy_cfg().exists());
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(sleeper.is_running(), "the foreign process was signalled");
+
+    // run: the file is written, the reload refused and logged, the daemon keeps running and
+    // the foreign process is never signalled.
+    std::fs::remove_file(w.haproxy_cfg()).unwrap();
+    let d = Daemon::start(&cfg);
+    let msgs = || d.messages();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let m = msgs();
+            m.contains(&format!("PID {spid} from {}", pidfile.display()))
+                && m.contains("refusing to signal it")
+        }),
+        "haconfd run did not name the PID and pidfile; log:\n{}",
+        d.log()
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(d.proc.is_running(), "haconfd exited; log:\n{}", d.log());
+    assert!(sleeper.is_running(), "the foreign process was signalled");
+    assert!(pid_alive(spid));
+}
+
+/// README: "retry_interval: a failed pass (check, write, reload) is retried this often". A reload
+/// refused after the file was swapped in must be retried once the pidfile is right again, or
+/// HAProxy keeps serving the old config while the file on disk says otherwise.
+#[test]
+fn refused_reload_is_retried_once_the_pidfile_is_fixed() {
+    let w = World::new("retry");
+    let a = FakeMember::start("pga", Role::Primary);
+    w.put_member(&a.name, &a.member_json("master"));
+    w.put_leader(&a.name);
+
+    let daemon_cfg = "min_interval = \"100ms\"\nretry_interval = \"300ms\"";
+    let cfg = w.write_config(daemon_cfg, &[w.haproxy_block(&World::haproxy_check(), "")]);
+    w.once_ok(&cfg, &["--no-reload"]);
+    let h = start_haproxy(&w);
+    let sleeper = Proc::spawn("sleep", command("sleep", &["300"]));
+    let pidfile = w.path("haproxy.pid");
+    write(&pidfile, &format!("{}\n", sleeper.pid()));
+    // Signal only (no master socket), to keep this about the retry.
+    let reload = format!(
+        "{{ pidfile = {}, signal = \"SIGUSR2\", process = \"haproxy\" }}",
+        q(pidfile.display().to_string())
+    );
+    let cfg = w.write_config(
+        daemon_cfg,
+        &[w.haproxy_block(&World::haproxy_check(), &reload)],
+    );
+    let d = Daemon::start(&cfg);
+    let before = h.reload_count();
+
+    let b = FakeMember::start("pgb", Role::Replica);
+    let rev = w.put_member(&b.name, &b.member_json("replica"));
+    let pass = d.wait_pass(rev, Duration::from_secs(10));
+    assert_eq!(pass["reason"].as_str(), Some("reload"), "{pass}");
+    assert!(lists_server_in_both(
+        &read(&w.haproxy_cfg()),
+        &b.name,
+        b.port()
+    ));
+    assert!(sleeper.is_running());
+    assert_eq!(h.reload_count(), before);
+
+    // The operator fixes the pidfile; the next retry must reload HAProxy.
+    write(&pidfile, &format!("{}\n", h.pid()));
+    let reloaded = h.wait_reloads(before + 1, Duration::from_secs(5));
+    assert!(
+        reloaded,
+        "HAProxy was never reloaded after the pidfile was fixed: it still serves the old \
+         config although {} lists {}; haconfd log:\n{}",
+        w.haproxy_cfg().display(),
+        b.name,
+        d.log()
+    );
+    wait_banner(w.replica_port, &b.name, Duration::from_secs(5)).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. `once` exit codes
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn once_exit_codes_applied_up_to_date_unreachable_guard_no_leader_bad_config() {
+    let w = World::new("once");
+    let a = FakeMember::start("pga", Role::Primary);
+    let b = FakeMember::start("pgb", Role::Replica);
+    w.put_member(&a.name, &a.member_json("master"));
+    w.put_member(&b.name, &b.member_json("replica"));
+    w.put_leader(&a.name);
+    let blocks = [
+        w.haproxy_block(&World::haproxy_check(), ""),
+        w.pgbouncer_block(""),
+    ];
+    let cfg = w.write_config("once_timeout = \"1s\"", &blocks);
+
+    // 0: applied.
+    let out = w.once_ok(&cfg, &[]);
+    assert!(stderr_of(&out).contains("applied"), "{}", stderr_of(&out));
+    let hap = std::fs::read(w.haproxy_cfg()).unwrap();
+    let pgb = std::fs::read(w.pgbouncer_ini()).unwrap();
+    assert!(lists_server_in_both(
+        &String::from_utf8_lossy(&hap),
+        &b.name,
+        b.port()
+    ));
+    let ids = (file_id(&w.haproxy_cfg()), file_id(&w.pgbouncer_ini()));
+    std::thread::sleep(Duration::from_millis(20));
+
+    // 0 again: up to date, nothing written.
+    let out = w.once_ok(&cfg, &[]);
+    assert!(
+        stderr_of(&out).contains("up to date"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(
+        (file_id(&w.haproxy_cfg()), file_id(&w.pgbouncer_ini())),
+        ids,
+        "an up-to-date once rewrote a file"
+    );
+
+    // 5: no leader (pgbouncer requires one): nothing is touched.
+    w.etcd().delete(&w.key("leader"));
+    let out = w.haconfd(&cfg, &["once"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("leader"),
+        "reason does not mention the leader:\n{}",
+        stderr_of(&out)
+    );
+    assert_eq!(std::fs::read(w.pgbouncer_ini()).unwrap(), pgb);
+    assert_eq!(std::fs::read(w.haproxy_cfg()).unwrap(), hap);
+    assert_eq!(
+        (file_id(&w.haproxy_cfg()), file_id(&w.pgbouncer_ini())),
+        ids
+    );
+
+    // 4: no members at all (the guard): nothing is touched.
+    w.etcd().delete_prefix(&w.key("members/"));
+    w.put_leader(&a.name);
+    let out = w.haconfd(&cfg, &["once"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("min_members"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(std::fs::read(w.haproxy_cfg()).unwrap(), hap);
+    assert_eq!(std::fs::read(w.pgbouncer_ini()).unwrap(), pgb);
+    assert_eq!(
+        (file_id(&w.haproxy_cfg()), file_id(&w.pgbouncer_ini())),
+        ids
+    );
+
+    // 3: etcd unreachable (a closed port), within once_timeout plus a little.
+    let closed = free_port();
+    let w3 = World::with_endpoint("once3", format!("http://127.0.0.1:{closed}"));
+    let cfg3 = w3.write_config(
+        "once_timeout = \"1s\"",
+        &[w3.haproxy_block(&World::haproxy_check(), "")],
+    );
+    let started = Instant::now();
+    let out = w3.haconfd(&cfg3, &["once"]);
+    let took = started.elapsed();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    let reason: Vec<&str> = err.lines().filter(|l| l.starts_with("haconfd: ")).collect();
+    assert_eq!(reason.len(), 1, "want one reason line:\n{err}");
+    assert!(
+        reason[0].contains(&format!("127.0.0.1:{closed}")),
+        "reason does not name the endpoint: {}",
+        reason[0]
+    );
+    assert!(!w3.haproxy_cfg().exists());
+
+    // 2: a bad config (unknown key) names the file and the line.
+    let bad = w.path("bad.toml");
+    write(
+        &bad,
+        &format!(
+            "[etcd]\nendpoints = [{}]\nscope = {}\n\n[daemon]\nmin_intervall = \"1s\"\n",
+            q(&w.endpoint),
+            q(&w.scope)
+        ),
+    );
+    let out = haconfd_cmd(&bad, &["once"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&bad.display().to_string()) && err.contains("line 6"),
+        "message does not name the file and line 6:\n{err}"
+    );
+    assert!(err.contains("min_intervall"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. render --snapshot
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn render_snapshot_prints_to_stdout_writes_nothing_and_reports_errors() {
+    let w = World::new("render");
+    // The golden tests' settings, with this test's paths for the socket and state file.
+    let admin = w.path("run/admin.sock");
+    let state = w.path("lib/server-state");
+    let text = format!(
+        "[etcd]\nscope = \"demo\"\n[vars]\nstats_socket = {}\n\
+         [[template]]\nname = \"haproxy\"\nsrc = {}\ndest = {}\n\
+         server_state = {{ stats_socket = {}, file = {} }}\n\
+         [[template]]\nname = \"pgbouncer\"\nsrc = {}\ndest = {}\nrequire_leader = true\n",
+        q(admin.display().to_string()),
+        q(template_path("haproxy.cfg.tera")),
+        q(w.haproxy_cfg().display().to_string()),
+        q(admin.display().to_string()),
+        q(state.display().to_string()),
+        q(template_path("pgbouncer.ini.tera")),
+        q(w.pgbouncer_ini().display().to_string()),
+    );
+    let cfg = w.path("haconfd.toml");
+    write(&cfg, &text);
+    let golden = |name: &str| {
+        read(&manifest_dir().join("tests/golden").join(name))
+            .replace("/run/haproxy/admin.sock", &admin.display().to_string())
+            .replace(
+                "/var/lib/haproxy/server-state",
+                &state.display().to_string(),
+            )
+    };
+    let fixture = |name: &str| manifest_dir().join("tests/fixtures").join(name);
+    let entries_before: Vec<_> = std::fs::read_dir(w.dir.path()).unwrap().flatten().collect();
+
+    for (fx, hap_golden, pgb_golden, leader) in [
+        (
+            "patroni4-kv.json",
+            "patroni4-haproxy.cfg",
+            "patroni4-pgbouncer.ini",
+            "pg2",
+        ),
+        ("patroni3-etcdctl.json", "patroni3-haproxy.cfg", "", "pg1"),
+    ] {
+        let snap = fixture(fx).display().to_string();
+        // Only haproxy.
+        let out = haconfd_cmd(
+            &cfg,
+            &["render", "--snapshot", &snap, "--template", "haproxy"],
+        );
+        assert_eq!(out.status.code(), Some(0), "{fx}: {}", stderr_of(&out));
+        let hap = stdout_of(&out);
+        assert_eq!(hap, golden(hap_golden), "{fx}: haproxy.cfg");
+        for port in [5441, 5442, 5443] {
+            let name = format!("pg{}", port - 5440);
+            assert!(lists_server_in_both(&hap, &name, port), "{fx}: {name}");
+        }
+
+        // Only pgbouncer.
+        let out = haconfd_cmd(
+            &cfg,
+            &["render", "--snapshot", &snap, "--template", "pgbouncer"],
+        );
+        assert_eq!(out.status.code(), Some(0), "{fx}: {}", stderr_of(&out));
+        let pgb = stdout_of(&out);
+        let leader_port = 5440 + leader[2..].parse::<u16>().unwrap();
+        assert!(
+            pgb.contains(&format!("* = host=127.0.0.1 port={leader_port}\n"))
+                && pgb.contains(&format!("; Leader: {leader}\n")),
+            "{fx}: {pgb}"
+        );
+        assert!(
+            !pgb.contains("listen ") && !pgb.contains("==>"),
+            "{fx}: {pgb}"
+        );
+        if !pgb_golden.is_empty() {
+            assert_eq!(pgb, golden(pgb_golden), "{fx}: pgbouncer.ini");
+        }
+
+        // Both, each under a header.
+        let out = haconfd_cmd(&cfg, &["render", "--snapshot", &snap]);
+        assert_eq!(out.status.code(), Some(0), "{fx}: {}", stderr_of(&out));
+        assert_eq!(
+            stdout_of(&out),
+            format!("==> haproxy <==\n{hap}==> pgbouncer <==\n{pgb}"),
+            "{fx}"
+        );
+
+        // The context, as JSON.
+        let out = haconfd_cmd(
+            &cfg,
+            &[
+                "render",
+                "--snapshot",
+                &snap,
+                "--context",
+                "--template",
+                "pgbouncer",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(0), "{fx}: {}", stderr_of(&out));
+        let ctx: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{fx}: --context is not JSON: {e}\n{}", stdout_of(&out)));
+        assert_eq!(ctx["leader"]["name"], leader, "{fx}: {ctx}");
+        assert_eq!(ctx["scope"], "demo");
+        assert_eq!(ctx["members"].as_array().map(|m| m.len()), Some(3));
+        let out = haconfd_cmd(&cfg, &["render", "--snapshot", &snap, "--context"]);
+        assert_eq!(out.status.code(), Some(0), "{fx}: {}", stderr_of(&out));
+        let ctx: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ctx["haproxy"]["leader"]["name"], leader, "{fx}: {ctx}");
+    }
+
+    // An unknown template: exit 2, named.
+    let snap = fixture("patroni4-kv.json").display().to_string();
+    let out = haconfd_cmd(
+        &cfg,
+        &["render", "--snapshot", &snap, "--template", "nginx"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("nginx"), "{}", stderr_of(&out));
+    assert!(out.stdout.is_empty());
+
+    // A malformed snapshot: exit 2, naming the file and the line.
+    let bad = w.path("bad-snapshot.json");
+    write(
+        &bad,
+        "{\n  \"/service/demo/leader\": \"pg1\",\n  \"/service/demo/members/pg1\": oops\n}\n",
+    );
+    let out = haconfd_cmd(&cfg, &["render", "--snapshot", &bad.display().to_string()]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&bad.display().to_string()) && err.contains("line 3"),
+        "message does not name the file and line 3:\n{err}"
+    );
+    assert!(out.stdout.is_empty());
+
+    // Nothing was written anywhere: no destination, no state file, no socket dir.
+    assert!(!w.haproxy_cfg().exists());
+    assert!(!w.pgbouncer_ini().exists());
+    assert!(!state.exists() && !state.parent().unwrap().exists());
+    let entries_after: Vec<_> = std::fs::read_dir(w.dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        entries_after.len(),
+        entries_before.len() + 1, // bad-snapshot.json
+        "render created files: {entries_after:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Coalescing
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn burst_of_30_changes_gives_at_most_3_reloads_and_the_final_state() {
+    let w = World::new("burst");
+    let a = FakeMember::start("pga", Role::Primary);
+    w.put_member(&a.name, &a.member_json("master"));
+    w.put_leader(&a.name);
+
+    let daemon_cfg = "min_interval = \"500ms\"\nretry_interval = \"1s\"";
+    let cfg = w.write_config(daemon_cfg, &[w.haproxy_block(&World::haproxy_check(), "")]);
+    w.once_ok(&cfg, &["--no-reload"]);
+    let h = start_haproxy(&w);
+    let cfg = w.write_config(
+        daemon_cfg,
+        &[w.haproxy_block(&World::haproxy_check(), &World::haproxy_reload(&h))],
+    );
+    let d = Daemon::start(&cfg);
+    let before = h.reload_count();
+
+    // 30 members join one by one, 10 ms apart. Nobody listens on their ports.
+    let base_port = 20000 + (std::process::id() % 1000) as u16 * 30;
+    let started = Instant::now();
+    let mut rev = 0;
+    for i in 0..30u16 {
+        rev = w.put_member(
+            &format!("burst{i:02}"),
+            &paper_member_json(base_port + i, 1, "replica"),
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let burst = started.elapsed();
+
+    d.wait_pass(rev, Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let text = read(&w.haproxy_cfg());
+            (0..30u16).all(|i| lists_server_in_both(&text, &format!("burst{i:02}"), base_port + i))
+        }),
+        "final state not rendered:\n{}",
+        read(&w.haproxy_cfg())
+    );
+    let text = read(&w.haproxy_cfg());
+    assert_eq!(servers_in(&text, "primary").len(), 31, "{text}");
+    assert_eq!(servers_in(&text, "replicas").len(), 31, "{text}");
+    // Let any pass still due run, then count.
+    std::thread::sleep(Duration::from_millis(900));
+    let status = h.proc_status();
+    let reloads = status.reloads() - before;
+    let applied = d
+        .events()
+        .iter()
+        .filter(|e| e["message"].as_str() == Some("pass applied"))
+        .count();
+    eprintln!(
+        "burst of 30 puts took {burst:?}: {reloads} HAProxy reload(s), {applied} applied pass(es)"
+    );
+    assert!(
+        (1..=3).contains(&reloads),
+        "{reloads} reloads ({applied} applied passes) for 30 changes in {burst:?}; log:\n{}",
+        d.log()
+    );
+    assert_eq!(applied as u32, reloads, "log:\n{}", d.log());
+    assert_eq!(status.failed, 0);
+    assert!(h.is_running());
+}
