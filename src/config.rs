@@ -171,6 +171,9 @@ pub struct GuardConfig {
     pub max_removed_fraction: f64,
     /// Disable both guards.
     pub force: bool,
+    /// Where the member names of the last applied render are kept, so that the shrink guard also
+    /// holds for `once` and across restarts. Unset: kept in memory only.
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for GuardConfig {
@@ -179,6 +182,7 @@ impl Default for GuardConfig {
             min_members: 1,
             max_removed_fraction: 0.5,
             force: false,
+            state_file: None,
         }
     }
 }
@@ -389,6 +393,8 @@ impl RawConfig {
                 self.guard.max_removed_fraction
             )));
         }
+        let mut guard = self.guard;
+        guard.state_file = guard.state_file.map(|p| base_dir.join(p));
         let vars = table_to_json(self.vars);
         let mut targets = Vec::with_capacity(self.templates.len());
         for (i, t) in self.templates.into_iter().enumerate() {
@@ -415,7 +421,7 @@ impl RawConfig {
         Ok(Settings {
             etcd,
             daemon: self.daemon,
-            guard: self.guard,
+            guard,
             log: self.log,
             http: self.http,
             targets,

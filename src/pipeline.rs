@@ -94,10 +94,11 @@ impl Engine {
     /// Compiles the templates of `settings`.
     pub fn new(settings: Arc<Settings>) -> Result<Self, RenderError> {
         let renderer = Renderer::load(&settings.targets)?;
+        let last_members = settings.guard.state_file.as_deref().and_then(load_members);
         Ok(Self {
             settings,
             renderer,
-            last_members: None,
+            last_members,
             last_skipped: Vec::new(),
             unreloaded: Default::default(),
             stats: PassStats::default(),
@@ -127,7 +128,9 @@ impl Engine {
         );
         if built.skipped != self.last_skipped {
             for s in &built.skipped {
-                tracing::warn!(key = %s.key, reason = %s.reason, "ignoring key");
+                // A key may carry newlines meant to forge log lines: escape it. The reason quotes
+                // every value it takes from etcd with `{:?}` already.
+                tracing::warn!(key = %s.key.escape_debug(), reason = %s.reason, "ignoring key");
             }
             self.last_skipped = built.skipped;
         }
@@ -211,7 +214,16 @@ impl Engine {
         for name in &outcome.written {
             tracing::info!(target = %name, "file updated");
         }
-        self.last_members = Some(cluster.members.iter().map(|m| m.name.clone()).collect());
+        let names: Vec<String> = cluster.members.iter().map(|m| m.name.clone()).collect();
+        if self.last_members.as_ref() != Some(&names) {
+            if let Some(path) = &self.settings.guard.state_file {
+                let json = serde_json::json!({ "members": names }).to_string();
+                if let Err(e) = apply::write_atomic(path, json.as_bytes(), 0o644) {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot save the applied member names");
+                }
+            }
+            self.last_members = Some(names);
+        }
 
         let mut first_error = None;
         if reload {
@@ -307,6 +319,19 @@ async fn prepare_server_state(
     if let Err(e) = crate::apply::write_atomic(&ss.file, content.as_bytes(), 0o644) {
         tracing::warn!(file = %ss.file.display(), error = %e, "cannot write the server-state file before reload");
     }
+}
+
+/// Reads the member names saved by an earlier pass (`guard.state_file`).
+fn load_members(path: &std::path::Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable guard state file"))
+        .ok()?;
+    v.get("members")?
+        .as_array()?
+        .iter()
+        .map(|n| n.as_str().map(str::to_owned))
+        .collect()
 }
 
 /// Whether the consumer itself rejected the new file (HAProxy's failed reload), as opposed to

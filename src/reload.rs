@@ -53,10 +53,12 @@ pub enum ReloadError {
         expected: String,
     },
     /// kill(2) failed.
-    #[error("cannot send {signal} to PID {pid}: {source}")]
+    #[error("cannot send {signal} to PID {pid} from {path}: {source}")]
     Signal {
         /// PID.
         pid: i32,
+        /// Pidfile.
+        path: PathBuf,
         /// Signal.
         signal: Signal,
         /// Cause.
@@ -158,6 +160,7 @@ pub async fn reload(action: &Reload) -> Result<(), ReloadError> {
             };
             signal::kill(Pid::from_raw(pid), *signal).map_err(|source| ReloadError::Signal {
                 pid,
+                path: pidfile.clone(),
                 signal: *signal,
                 source,
             })?;

@@ -316,10 +316,13 @@ pub async fn run(
                             continue;
                         }
                         let mut changed = false;
+                        // Skip what the snapshot already holds (after a re-list or resync). The
+                        // bound is taken once per response: the events of one revision (a range
+                        // delete, a lease expiring under a member and the leader key) share it.
+                        let held = current.revision;
                         for ev in resp.events() {
                             let Some(kv) = ev.kv() else { continue };
-                            // Skip what the snapshot already holds (after a re-list or resync).
-                            if kv.mod_revision() <= current.revision {
+                            if kv.mod_revision() <= held {
                                 continue;
                             }
                             let key = String::from_utf8_lossy(kv.key()).into_owned();
@@ -327,7 +330,7 @@ pub async fn run(
                                 EventType::Put => current.put(key, kv.value().to_vec()),
                                 EventType::Delete => current.delete(&key),
                             }
-                            current.revision = kv.mod_revision();
+                            current.revision = current.revision.max(kv.mod_revision());
                             changed = true;
                         }
                         if resp.events().is_empty() {
