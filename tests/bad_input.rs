@@ -800,8 +800,8 @@ fn leader_key_naming_a_missing_member_renders_haproxy_but_pgbouncer_exits_5() {
         .expect(5, &["target \"pgbouncer\" needs a leader"]);
 }
 
-/// BUG while failing: a key holding a newline is logged raw by the text formatter, so a hostile
-/// etcd writer can start a forged log line.
+/// A key holding a newline is logged escaped by the text formatter: a hostile etcd writer cannot
+/// start a forged log line.
 #[test]
 fn member_name_with_newline_cannot_forge_a_text_log_line() {
     let ws = Ws::new("logforge");
