@@ -307,9 +307,13 @@ async fn prepare_server_state(
     rendered: &Rendered,
     cluster: &Cluster,
 ) {
-    let live = server_state::dump(&ss.stats_socket, Duration::from_secs(2))
-        .await
-        .unwrap_or_default();
+    let live = match server_state::dump(&ss.stats_socket, Duration::from_secs(2)).await {
+        Some(live) => live,
+        None => {
+            tracing::warn!(socket = %ss.stats_socket.display(), "cannot read `show servers state`; the state file carries etcd's view only");
+            String::new()
+        }
+    };
     let content = server_state::build(
         ss,
         &String::from_utf8_lossy(&rendered.bytes),
