@@ -224,20 +224,10 @@ mod tests {
     use std::time::Duration;
 
     fn target(dest: &Path, check: &[&str]) -> Target {
-        Target {
-            name: "t".into(),
-            src: "/dev/null".into(),
-            dest: dest.to_owned(),
-            check: check.iter().map(|s| s.to_string()).collect(),
-            check_timeout: Duration::from_secs(5),
-            mode: None,
-            owner: None,
-            group: None,
-            reload: None,
-            require_leader: false,
-            server_state: None,
-            vars: Default::default(),
-        }
+        let mut t = Target::bare("t", Path::new("/dev/null"), dest);
+        t.check = check.iter().map(|s| s.to_string()).collect();
+        t.check_timeout = Duration::from_secs(5);
+        t
     }
 
     fn rendered(b: &[u8]) -> Rendered {

@@ -523,6 +523,26 @@ pub struct Target {
     pub vars: serde_json::Map<String, serde_json::Value>,
 }
 
+impl Target {
+    /// A target with defaults and no check, reload or variables: a starting point for tests.
+    pub fn bare(name: &str, src: &Path, dest: &Path) -> Self {
+        Target {
+            name: name.to_owned(),
+            src: src.to_owned(),
+            dest: dest.to_owned(),
+            check: Vec::new(),
+            check_timeout: default_command_timeout(),
+            mode: None,
+            owner: None,
+            group: None,
+            reload: None,
+            require_leader: false,
+            server_state: None,
+            vars: serde_json::Map::new(),
+        }
+    }
+}
+
 /// A resolved reload action.
 #[derive(Debug, Clone)]
 pub enum Reload {

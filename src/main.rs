@@ -107,17 +107,20 @@ async fn snapshot_from(
     }
 }
 
-fn engine(settings: Settings) -> Result<Engine, u8> {
-    Engine::new(Arc::new(settings)).map_err(|e| fail(exit::CONFIG, &e.to_string()))
+/// The snapshot (from etcd or a file) and an engine with compiled templates: what every one-shot
+/// mode starts from.
+async fn prepare(
+    settings: Settings,
+    snapshot_file: Option<&std::path::Path>,
+) -> Result<(Snapshot, Engine), u8> {
+    let snap = snapshot_from(&settings, snapshot_file).await?;
+    let engine = Engine::new(Arc::new(settings)).map_err(|e| fail(exit::CONFIG, &e.to_string()))?;
+    Ok((snap, engine))
 }
 
 async fn once(settings: Settings, reload: bool) -> u8 {
-    let snap = match snapshot_from(&settings, None).await {
-        Ok(s) => s,
-        Err(c) => return c,
-    };
-    let mut engine = match engine(settings) {
-        Ok(e) => e,
+    let (snap, mut engine) = match prepare(settings, None).await {
+        Ok(p) => p,
         Err(c) => return c,
     };
     match engine.pass(&snap, reload).await {
@@ -134,12 +137,8 @@ async fn once(settings: Settings, reload: bool) -> u8 {
 }
 
 async fn render_cmd(settings: Settings, args: haconfd::cli::RenderArgs) -> u8 {
-    let snap = match snapshot_from(&settings, args.snapshot.as_deref()).await {
-        Ok(s) => s,
-        Err(c) => return c,
-    };
-    let mut engine = match engine(settings) {
-        Ok(e) => e,
+    let (snap, mut engine) = match prepare(settings, args.snapshot.as_deref()).await {
+        Ok(p) => p,
         Err(c) => return c,
     };
     let mut out = std::io::stdout().lock();
@@ -188,12 +187,8 @@ async fn render_cmd(settings: Settings, args: haconfd::cli::RenderArgs) -> u8 {
 }
 
 async fn check_cmd(settings: Settings, args: haconfd::cli::CheckArgs) -> u8 {
-    let snap = match snapshot_from(&settings, args.snapshot.as_deref()).await {
-        Ok(s) => s,
-        Err(c) => return c,
-    };
-    let mut engine = match engine(settings) {
-        Ok(e) => e,
+    let (snap, mut engine) = match prepare(settings, args.snapshot.as_deref()).await {
+        Ok(p) => p,
         Err(c) => return c,
     };
     let scratch = match tempfile::tempdir() {

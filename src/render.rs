@@ -274,20 +274,7 @@ mod tests {
     use crate::snapshot::Snapshot;
 
     fn target(src: &std::path::Path) -> Target {
-        Target {
-            name: "t".into(),
-            src: src.to_owned(),
-            dest: "/tmp/none".into(),
-            check: vec![],
-            check_timeout: std::time::Duration::from_secs(1),
-            mode: None,
-            owner: None,
-            group: None,
-            reload: None,
-            require_leader: false,
-            server_state: None,
-            vars: serde_json::Map::new(),
-        }
+        Target::bare("t", src, std::path::Path::new("/tmp/none"))
     }
 
     fn cluster() -> Cluster {
