@@ -119,6 +119,14 @@ impl StateLine {
         self.fields[11] = "2".into();
         self.fields[12] = "0".into();
     }
+    /// The dump repeats the check port as the agent port; loaded back into a server without agent
+    /// checks, HAProxy warns "server-state partially applied" on every reload. The agent's port
+    /// comes from the config anyway.
+    fn clear_agent_port(&mut self) {
+        if let Some(port) = self.fields.get_mut(24) {
+            *port = "0".into();
+        }
+    }
     fn render(&self) -> String {
         self.fields.join(" ")
     }
@@ -163,13 +171,13 @@ pub fn build(
             // A saved line with another address or port would override the new config.
             .filter(|l| l.addr() == s.addr && l.port() == Some(s.port));
         let line = match (saved, allowed) {
-            (Some(mut l), Some(false)) => {
-                if !l.is_down() {
+            (Some(mut l), allowed) => {
+                if allowed == Some(false) && !l.is_down() {
                     l.force_down();
                 }
+                l.clear_agent_port();
                 Some(l.render())
             }
-            (Some(l), _) => Some(l.render()),
             (None, Some(false)) => Some(down_line(&s)),
             (None, _) => None,
         };

@@ -1,0 +1,991 @@
+//! End-to-end: a real 3-node Patroni 3.0.2 cluster on a fresh etcd, real HAProxy (master-worker)
+//! and PgBouncer, driven by the real `haconfd run` with the shipped templates and `server_state`.
+//! Proves that writes reach only the leader and reads only replicas across haconfd-driven reloads,
+//! a cold start, a member joining, a switchover and a leader crash. Each scenario prints a
+//! `RESULT ...` line with its counts. The tests are serialized (each runs 3-4 PostgreSQL servers).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::patroni::{self, LoadStats, PatroniCluster, ReadLoad, WriteLoad};
+use common::procs::{
+    free_port, give_to_postgres, haconfd_bin, port_open, require_bin, run_with_timeout, temp_dir,
+    wait_until, Etcd, Haproxy, Pgbouncer, Proc,
+};
+use nix::sys::signal::Signal;
+
+/// One test at a time: each starts 3-4 PostgreSQL instances; in parallel on 2 cores the timing
+/// (health checks, leases) would be distorted.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How many haconfd-driven HAProxy reloads `reloads_under_write_load_lose_no_writes` makes.
+const RELOADS: u32 = 20;
+/// Pause after each reload so that a misrouting window (0.17-0.33 s per FACTS) shows in the loads.
+const AFTER_RELOAD: Duration = Duration::from_millis(400);
+/// Upper bound for one whole load run (loads stop by themselves after this).
+const LOAD_MAX: Duration = Duration::from_secs(150);
+
+// ------------------------------------------------------------------------------------- helpers
+
+/// `SELECT inet_server_port(), pg_is_in_recovery()` on a new connection to 127.0.0.1:`port`
+/// (simple query protocol, so it also works through PgBouncer in transaction mode).
+fn route(port: u16) -> Result<(u16, bool), String> {
+    std::thread::spawn(move || {
+        let mut c = patroni::connect(port).map_err(|e| format!("{e:#}"))?;
+        let msgs = c
+            .simple_query("SELECT inet_server_port(), pg_is_in_recovery()")
+            .map_err(|e| patroni::pg_err_text(&e))?;
+        let _ = c.close();
+        for m in msgs {
+            if let postgres::SimpleQueryMessage::Row(r) = m {
+                let p = r.get(0).and_then(|v| v.parse().ok()).ok_or("no port")?;
+                let rec = r.get(1) == Some("t");
+                return Ok((p, rec));
+            }
+        }
+        Err("no row".to_string())
+    })
+    .join()
+    .unwrap_or_else(|_| Err("route thread panicked".into()))
+}
+
+/// Polls `route(port)` until it answers from `want_port` out of recovery, within `timeout`.
+/// Returns the time it took, or the last answer.
+fn wait_route_to(port: u16, want_port: u16, timeout: Duration) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let mut last = String::from("(no attempt)");
+    let ok = wait_until(timeout, || {
+        let r = route(port);
+        let hit = matches!(r, Ok((p, false)) if p == want_port);
+        last = format!("{r:?}");
+        if !hit {
+            std::thread::sleep(Duration::from_millis(80));
+        }
+        hit
+    });
+    if ok {
+        Ok(t0.elapsed())
+    } else {
+        Err(format!(
+            "127.0.0.1:{port} did not route to the leader on port {want_port} within {timeout:?}; last answer {last}"
+        ))
+    }
+}
+
+/// Number of `server` lines per `listen`/`backend` section named `section`.
+fn server_lines(cfg: &str, section: &str) -> usize {
+    let mut current = String::new();
+    let mut n = 0;
+    for line in cfg.lines() {
+        if !line.starts_with(char::is_whitespace) {
+            let mut w = line.split_whitespace();
+            current = match (w.next(), w.next()) {
+                (Some("listen" | "backend"), Some(name)) => name.to_string(),
+                _ => String::new(),
+            };
+        } else if current == section && line.trim_start().starts_with("server ") {
+            n += 1;
+        }
+    }
+    n
+}
+
+fn fmt_stats(s: &LoadStats) -> String {
+    format!(
+        "ok={} failed={} misrouted={} first_bad_at={:?} last_bad_at={:?} errors={:?}",
+        s.ok, s.failed, s.misrouted, s.first_bad_at, s.last_bad_at, s.errors
+    )
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// --------------------------------------------------------------------------------- the stack
+
+/// haconfd + HAProxy + PgBouncer for one Patroni cluster, in one temp dir. Field order is drop
+/// order: haconfd goes first so it never signals a process being torn down.
+struct Stack {
+    haconfd: Option<Proc>,
+    haproxy: Option<Haproxy>,
+    pgbouncer: Option<Pgbouncer>,
+    server_state: bool,
+    endpoint: String,
+    scope: String,
+    primary_port: u16,
+    replica_port: u16,
+    stats_port: u16,
+    pgb_port: u16,
+    config: PathBuf,
+    haproxy_cfg: PathBuf,
+    state_file: PathBuf,
+    admin_sock: PathBuf,
+    pgb_ini: PathBuf,
+    pgb_dir: PathBuf,
+    tpl_dir: PathBuf,
+    haconfd_log: PathBuf,
+    maxconn: u32,
+    dir: tempfile::TempDir,
+}
+
+impl Stack {
+    /// Lays out the directory (templates copied from the repository, PgBouncer's run dir owned by
+    /// `postgres`) and writes the first haconfd config. Starts nothing.
+    fn new(cluster: &PatroniCluster, server_state: bool) -> Stack {
+        require_bin("haproxy");
+        require_bin("pgbouncer");
+        let dir = temp_dir("e2e-patroni");
+        let d = dir.path().to_path_buf();
+        let tpl_dir = d.join("tpl");
+        std::fs::create_dir(&tpl_dir).unwrap();
+        // Copies of the shipped templates: haconfd watches the templates' directory, and other
+        // edits to the repository must not trigger reloads in the middle of a count.
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+        for t in ["haproxy.cfg.tera", "pgbouncer.ini.tera"] {
+            std::fs::copy(shipped.join(t), tpl_dir.join(t))
+                .unwrap_or_else(|e| panic!("copy template {t}: {e}"));
+        }
+        let pgb_dir = d.join("pgb");
+        std::fs::create_dir(&pgb_dir).unwrap();
+        std::fs::write(
+            pgb_dir.join("userlist.txt"),
+            "\"postgres\" \"\"\n\"pgbouncer\" \"\"\n",
+        )
+        .unwrap();
+        give_to_postgres(&pgb_dir);
+        let s = Stack {
+            haconfd: None,
+            haproxy: None,
+            pgbouncer: None,
+            server_state,
+            endpoint: cluster.etcd_endpoint.clone(),
+            scope: cluster.scope.clone(),
+            primary_port: free_port(),
+            replica_port: free_port(),
+            stats_port: free_port(),
+            pgb_port: free_port(),
+            config: d.join("haconfd.toml"),
+            haproxy_cfg: d.join("haproxy.cfg"),
+            state_file: d.join("server-state"),
+            admin_sock: d.join("admin.sock"),
+            pgb_ini: d.join("pgbouncer.ini"),
+            pgb_dir,
+            tpl_dir,
+            haconfd_log: d.join("haconfd.log"),
+            maxconn: 1000,
+            dir,
+        };
+        s.write_config();
+        s
+    }
+
+    /// (Re)writes haconfd.toml atomically from the current fields.
+    fn write_config(&self) {
+        let haproxy_bin = require_bin("haproxy");
+        let reload_haproxy = match &self.haproxy {
+            Some(h) => format!(
+                "reload = {{ pidfile = \"{}\", signal = \"SIGUSR2\", process = \"haproxy\", master_socket = \"{}\", timeout = \"10s\" }}\n",
+                h.pidfile().display(),
+                h.master_socket().display()
+            ),
+            None => String::new(),
+        };
+        let server_state = if self.server_state {
+            format!(
+                "server_state = {{ stats_socket = \"{}\", file = \"{}\" }}\n",
+                self.admin_sock.display(),
+                self.state_file.display()
+            )
+        } else {
+            String::new()
+        };
+        let text = format!(
+            r#"[etcd]
+endpoints = ["{endpoint}"]
+scope = "{scope}"
+
+[daemon]
+min_interval = "100ms"
+retry_interval = "1s"
+
+[vars]
+bind_address = "127.0.0.1"
+primary_port = {primary}
+replica_port = {replica}
+stats_port = {stats}
+stats_socket = "{admin}"
+maxconn = {maxconn}
+
+[[template]]
+name = "haproxy"
+src = "{tpl}/haproxy.cfg.tera"
+dest = "{haproxy_cfg}"
+check = ["{haproxy_bin}", "-c", "-q", "-f", "{{{{staged}}}}"]
+{reload_haproxy}{server_state}
+[[template]]
+name = "pgbouncer"
+src = "{tpl}/pgbouncer.ini.tera"
+dest = "{pgb_ini}"
+require_leader = true
+reload = {{ pidfile = "{pgb}/pgbouncer.pid", signal = "SIGHUP", process = "pgbouncer" }}
+
+[template.vars]
+listen_addr = "127.0.0.1"
+listen_port = {pgb_port}
+unix_socket_dir = "{pgb}"
+auth_type = "trust"
+auth_file = "{pgb}/userlist.txt"
+admin_users = "pgbouncer"
+pool_mode = "transaction"
+pidfile = "{pgb}/pgbouncer.pid"
+logfile = "{pgb}/pgbouncer.log"
+"#,
+            endpoint = self.endpoint,
+            scope = self.scope,
+            primary = self.primary_port,
+            replica = self.replica_port,
+            stats = self.stats_port,
+            admin = self.admin_sock.display(),
+            maxconn = self.maxconn,
+            tpl = self.tpl_dir.display(),
+            haproxy_cfg = self.haproxy_cfg.display(),
+            haproxy_bin = haproxy_bin.display(),
+            pgb_ini = self.pgb_ini.display(),
+            pgb = self.pgb_dir.display(),
+            pgb_port = self.pgb_port,
+        );
+        let tmp = self.config.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    /// `haconfd once --no-reload`: the first render of both files (and of the state file) from
+    /// etcd's view, before anything consumes them.
+    fn first_render(&self) {
+        let out = run_with_timeout(
+            Command::new(haconfd_bin())
+                .arg("-c")
+                .arg(&self.config)
+                .args(["once", "--no-reload"]),
+            Duration::from_secs(30),
+        )
+        .expect("run haconfd once");
+        assert!(
+            out.status.success(),
+            "haconfd once --no-reload failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cfg = std::fs::read_to_string(&self.haproxy_cfg).expect("haproxy.cfg rendered");
+        assert_eq!(
+            cfg.contains("server-state-file"),
+            self.server_state,
+            "server-state-file in haproxy.cfg:\n{cfg}"
+        );
+        if self.server_state {
+            let st = std::fs::read_to_string(&self.state_file).unwrap_or_else(|e| {
+                panic!(
+                    "haconfd wrote no state file {}: {e}",
+                    self.state_file.display()
+                )
+            });
+            eprintln!("[e2e] state file after the first render:\n{st}");
+        }
+    }
+
+    /// Starts HAProxy (master-worker) on the rendered haproxy.cfg.
+    fn start_haproxy(&mut self) {
+        self.haproxy = Some(Haproxy::start(&self.haproxy_cfg));
+    }
+
+    /// Starts PgBouncer (as `postgres`) on the rendered pgbouncer.ini.
+    fn start_pgbouncer(&mut self) {
+        give_to_postgres(&self.pgb_dir);
+        self.pgbouncer = Some(Pgbouncer::start(&self.pgb_ini));
+    }
+
+    /// Points the config at HAProxy's pidfile and master socket and starts `haconfd run`; waits
+    /// until its first pass is done.
+    fn start_haconfd(&mut self) {
+        assert!(self.haproxy.is_some(), "start HAProxy first");
+        self.write_config();
+        let mut cmd = Command::new(haconfd_bin());
+        cmd.arg("-c").arg(&self.config).args([
+            "run",
+            "--log-format",
+            "json",
+            "--log-level",
+            "haconfd=debug",
+        ]);
+        let p = Proc::spawn_logged("haconfd", cmd, &self.haconfd_log);
+        self.haconfd = Some(p);
+        let ok = wait_until(Duration::from_secs(20), || {
+            let log = self.haconfd_log_text();
+            log.contains("pass: nothing changed") || log.contains("pass applied")
+        });
+        assert!(
+            ok,
+            "haconfd run did not finish a first pass within 20 s:\n{}",
+            self.diag()
+        );
+    }
+
+    /// Everything: first render, HAProxy, PgBouncer, haconfd.
+    fn start(cluster: &PatroniCluster, server_state: bool) -> Stack {
+        let mut s = Stack::new(cluster, server_state);
+        s.first_render();
+        s.start_haproxy();
+        s.start_pgbouncer();
+        s.start_haconfd();
+        s
+    }
+
+    fn haproxy(&self) -> &Haproxy {
+        self.haproxy.as_ref().expect("haproxy started")
+    }
+
+    fn haconfd_log_text(&self) -> String {
+        std::fs::read_to_string(&self.haconfd_log).unwrap_or_default()
+    }
+
+    /// haconfd's log without the DEBUG lines (one per Patroni heartbeat).
+    fn haconfd_events(&self) -> String {
+        self.haconfd_log_text()
+            .lines()
+            .filter(|l| !l.contains("\"level\":\"DEBUG\""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn reload_count(&self) -> u32 {
+        self.haproxy()
+            .try_show_proc()
+            .map(|p| p.reloads())
+            .unwrap_or_else(|| panic!("no `show proc` answer:\n{}", self.diag()))
+    }
+
+    /// Flips `[vars] maxconn` (changes haproxy.cfg, not routing), SIGHUPs haconfd so it re-reads
+    /// its config and re-renders, and waits until HAProxy's master counted exactly one more
+    /// reload (same master PID). Returns how long that took.
+    fn reload_via_haconfd(&mut self) -> Duration {
+        let h = self.haproxy();
+        let master = h.pid();
+        let before = self.reload_count();
+        self.maxconn = if self.maxconn == 1000 { 1001 } else { 1000 };
+        self.write_config();
+        let t0 = Instant::now();
+        self.haconfd
+            .as_ref()
+            .expect("haconfd running")
+            .signal(Signal::SIGHUP)
+            .expect("SIGHUP haconfd");
+        let h = self.haproxy();
+        assert!(
+            h.wait_reloads(before + 1, Duration::from_secs(10)),
+            "HAProxy was not reloaded by haconfd within 10 s (counter {before}):\n{}",
+            self.diag()
+        );
+        let took = t0.elapsed();
+        let p = h.proc_status();
+        assert_eq!(
+            p.reloads(),
+            before + 1,
+            "one reload expected:\n{}",
+            self.diag()
+        );
+        assert_eq!(
+            p.failed,
+            0,
+            "HAProxy counted a failed reload:\n{}",
+            self.diag()
+        );
+        assert_eq!(
+            p.master.as_ref().map(|m| m.pid),
+            Some(master),
+            "master restarted"
+        );
+        let cfg = std::fs::read_to_string(&self.haproxy_cfg).unwrap();
+        assert!(
+            cfg.contains(&format!("maxconn {}\n", self.maxconn)),
+            "haproxy.cfg does not carry maxconn {}:\n{cfg}",
+            self.maxconn
+        );
+        took
+    }
+
+    /// Waits until HAProxy's own checks agree with Patroni: only `leader` UP in `primary`, every
+    /// server but `leader` UP in `replicas`.
+    fn wait_checks_settled(&self, leader: &str, timeout: Duration) {
+        let mut last = Default::default();
+        let ok = wait_until(timeout, || {
+            last = Haproxy::servers_op_state(&self.admin_sock);
+            !last.is_empty()
+                && last.iter().all(|((b, s), st)| {
+                    let want_up = match b.as_str() {
+                        "primary" => s == leader,
+                        "replicas" => s != leader,
+                        _ => return true,
+                    };
+                    (*st == 2) == want_up
+                })
+        });
+        assert!(
+            ok,
+            "HAProxy checks did not settle on leader {leader}: {last:?}"
+        );
+    }
+
+    /// State file, rendered files, live server states and log tails, for failure messages.
+    fn diag(&self) -> String {
+        let live = self
+            .haproxy
+            .as_ref()
+            .map(|_| {
+                common::procs::unix_cmd(
+                    &self.admin_sock,
+                    "show servers state",
+                    Duration::from_secs(2),
+                )
+                .unwrap_or_else(|e| format!("({e})"))
+            })
+            .unwrap_or_default();
+        format!(
+            "--- state file {}:\n{}\n--- live show servers state:\n{}\n--- haproxy.cfg:\n{}\n--- pgbouncer.ini:\n{}\n--- haproxy log (tail):\n{}\n--- haconfd log (tail):\n{}",
+            self.state_file.display(),
+            std::fs::read_to_string(&self.state_file).unwrap_or_else(|e| format!("({e})")),
+            live,
+            std::fs::read_to_string(&self.haproxy_cfg).unwrap_or_else(|e| format!("({e})")),
+            std::fs::read_to_string(&self.pgb_ini).unwrap_or_else(|e| format!("({e})")),
+            self.haproxy.as_ref().map(|h| tail(&h.log(), 30)).unwrap_or_default(),
+            tail(&self.haconfd_events(), 30),
+        )
+    }
+
+    /// HAProxy log lines about the server-state file: (servers it set DOWN at a start or reload,
+    /// other warnings/alerts mentioning the state file, e.g. a line it could not parse).
+    fn state_log(&self) -> (usize, Vec<String>) {
+        let log = self.haproxy().log();
+        let applied = log
+            .lines()
+            .filter(|l| l.contains("changed from server-state"))
+            .count();
+        let complaints = log
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().contains("state"))
+            .filter(|l| l.contains("WARNING") || l.contains("ALERT"))
+            .filter(|l| !l.contains("changed from server-state"))
+            .map(String::from)
+            .collect();
+        (applied, complaints)
+    }
+
+    fn stop_haconfd(&mut self) {
+        if let Some(p) = self.haconfd.take() {
+            p.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "[e2e] stack in {}:\n{}",
+                self.dir.path().display(),
+                self.diag()
+            );
+        }
+        self.stop_haconfd();
+    }
+}
+
+/// Samples haproxy.cfg and pgbouncer.ini every ~50 ms on a thread and counts samples that would
+/// route nothing: a listener without a `server` line, or no `* = host=` line.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Sampler {
+    fn start(haproxy_cfg: PathBuf, pgb_ini: PathBuf) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut samples = 0u64;
+            let mut bad = Vec::new();
+            // 12000 x 50 ms = 10 min: bounded even if nobody stops it.
+            for _ in 0..12_000 {
+                if s2.load(Ordering::Relaxed) {
+                    break;
+                }
+                samples += 1;
+                match std::fs::read_to_string(&haproxy_cfg) {
+                    Ok(cfg) => {
+                        for l in ["primary", "replicas"] {
+                            if server_lines(&cfg, l) == 0 {
+                                bad.push(format!("haproxy.cfg without servers in {l}:\n{cfg}"));
+                            }
+                        }
+                    }
+                    Err(e) => bad.push(format!("haproxy.cfg unreadable: {e}")),
+                }
+                match std::fs::read_to_string(&pgb_ini) {
+                    Ok(ini) if ini.lines().any(|l| l.starts_with("* = host=")) => {}
+                    Ok(ini) => bad.push(format!("pgbouncer.ini without `* = host=`:\n{ini}")),
+                    Err(e) => bad.push(format!("pgbouncer.ini unreadable: {e}")),
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (samples, bad)
+        });
+        Sampler {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .take()
+            .expect("sampler")
+            .join()
+            .expect("sampler thread")
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A 3-node cluster with the probe table. One retry under a new scope if the start fails: on a
+/// shared machine another process can take a port between `free_port` and PostgreSQL's bind
+/// ("could not bind ... Address already in use"), which says nothing about haconfd.
+fn start_cluster(etcd: &Etcd, tag: &str) -> PatroniCluster {
+    let endpoint = etcd.endpoint();
+    let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        PatroniCluster::start(&endpoint, tag, 3)
+    }));
+    let c = first.unwrap_or_else(|_| {
+        eprintln!("[e2e] cluster {tag} did not start (see above); retrying once as {tag}2");
+        PatroniCluster::start(&endpoint, &format!("{tag}2"), 3)
+    });
+    c.create_probe_table();
+    c
+}
+
+// ----------------------------------------------------------------------------------- the tests
+
+#[test]
+fn writes_reach_the_leader_and_reads_the_replicas() {
+    let _g = serial();
+    let t0 = Instant::now();
+    let etcd = Etcd::start();
+    let cluster = start_cluster(&etcd, "e2eroute");
+    let stack = Stack::start(&cluster, true);
+    let leader = cluster.wait_leader(None, patroni::SWITCH_TIMEOUT).unwrap();
+    let leader_port = cluster.node(&leader).pg_port;
+    let replica_ports: BTreeSet<u16> = cluster
+        .nodes()
+        .iter()
+        .filter(|n| n.name != leader)
+        .map(|n| n.pg_port)
+        .collect();
+
+    // Right after start: no waiting for health checks, the state file decides.
+    let mut writes_ok = 0;
+    for i in 0..10 {
+        let r = route(stack.primary_port);
+        assert_eq!(
+            r,
+            Ok((leader_port, false)),
+            "write connection {i} via the primary port did not reach leader {leader}:\n{}",
+            stack.diag()
+        );
+        writes_ok += 1;
+    }
+    let mut seen = BTreeSet::new();
+    for i in 0..20 {
+        let r = route(stack.replica_port);
+        match r {
+            Ok((p, true)) if replica_ports.contains(&p) => {
+                seen.insert(p);
+            }
+            other => panic!(
+                "read connection {i} via the replica port: {other:?} (replicas {replica_ports:?}):\n{}",
+                stack.diag()
+            ),
+        }
+    }
+    assert_eq!(
+        seen, replica_ports,
+        "round robin over 20 reads should reach every replica"
+    );
+    println!(
+        "RESULT writes_reach_the_leader_and_reads_the_replicas leader={leader}:{leader_port} writes_ok={writes_ok} reads_ok=20 replicas_seen={seen:?} reads_misrouted=0 took={:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// What one run of the reload scenario observed.
+struct ReloadRun {
+    reloads: u32,
+    writes: LoadStats,
+    reads: LoadStats,
+    max_reload_latency: Duration,
+    /// Server states HAProxy took from the state file (log lines), and its complaints about it.
+    state_applied: usize,
+    state_complaints: Vec<String>,
+}
+
+/// One run of `reloads_under_write_load_lose_no_writes` with or without `server_state`.
+fn reload_scenario(cluster: &PatroniCluster, server_state: bool) -> ReloadRun {
+    let leader = cluster.wait_leader(None, patroni::SWITCH_TIMEOUT).unwrap();
+    let mut stack = Stack::start(cluster, server_state);
+    stack.wait_checks_settled(&leader, Duration::from_secs(15));
+    let start_count = stack.reload_count();
+    let writes = WriteLoad::start(stack.primary_port, LOAD_MAX);
+    let reads = ReadLoad::start(stack.replica_port, LOAD_MAX);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut max_took = Duration::ZERO;
+    for _ in 0..RELOADS {
+        max_took = max_took.max(stack.reload_via_haconfd());
+        std::thread::sleep(AFTER_RELOAD);
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    let w = writes.stop();
+    let r = reads.stop();
+    let reloads = stack.reload_count() - start_count;
+    let (state_applied, state_complaints) = stack.state_log();
+    if server_state && (w.failed > 0 || r.misrouted > 0) {
+        eprintln!("[e2e] misrouting with server_state:\n{}", stack.diag());
+    }
+    ReloadRun {
+        reloads,
+        writes: w,
+        reads: r,
+        max_reload_latency: max_took,
+        state_applied,
+        state_complaints,
+    }
+}
+
+#[test]
+fn reloads_under_write_load_lose_no_writes() {
+    let _g = serial();
+    let t0 = Instant::now();
+    let etcd = Etcd::start();
+    let cluster = start_cluster(&etcd, "e2ereload");
+
+    let on = reload_scenario(&cluster, true);
+    let (w, r) = (&on.writes, &on.reads);
+    println!(
+        "RESULT reloads_under_write_load_lose_no_writes server_state=on reloads={} writes_ok={} writes_failed={} reads_ok={} reads_failed={} reads_misrouted={} max_reload_latency={:.0}ms servers_set_down_from_state_file={} state_file_complaints={}",
+        on.reloads, w.ok, w.failed, r.ok, r.failed, r.misrouted,
+        on.max_reload_latency.as_secs_f64() * 1000.0, on.state_applied, on.state_complaints.len()
+    );
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    for l in &on.state_complaints {
+        // Drop the "[WARNING]  (PID) :" prefix so that repeats group together.
+        let text = l.split_once(") :").map_or(l.as_str(), |(_, t)| t.trim());
+        *kinds.entry(text.to_string()).or_default() += 1;
+    }
+    for (text, n) in kinds.iter().take(10) {
+        println!("  haproxy x{n}: {text}");
+    }
+
+    let off = reload_scenario(&cluster, false);
+    let (bw, br) = (&off.writes, &off.reads);
+    println!(
+        "RESULT reloads_under_write_load_lose_no_writes server_state=off(baseline) reloads={} writes_ok={} writes_failed={} reads_ok={} reads_failed={} reads_misrouted={} max_reload_latency={:.0}ms",
+        off.reloads, bw.ok, bw.failed, br.ok, br.failed, br.misrouted,
+        off.max_reload_latency.as_secs_f64() * 1000.0
+    );
+
+    assert_eq!(on.reloads, RELOADS, "haconfd-driven reloads");
+    assert!(w.ok > 0 && r.ok > 0, "loads did nothing: {w:?} {r:?}");
+    assert_eq!(
+        w.failed,
+        0,
+        "failed writes with server_state: {}",
+        fmt_stats(w)
+    );
+    assert_eq!(
+        r.misrouted,
+        0,
+        "reads served by the primary with server_state: {}",
+        fmt_stats(r)
+    );
+    assert_eq!(off.reloads, RELOADS, "baseline reloads");
+    println!("took {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn first_start_and_member_join_lose_no_writes() {
+    let _g = serial();
+    let t0 = Instant::now();
+    let etcd = Etcd::start();
+    let mut cluster = start_cluster(&etcd, "e2ejoin");
+    let mut stack = Stack::new(&cluster, true);
+    stack.first_render();
+    stack.start_haproxy();
+    assert!(
+        wait_until(Duration::from_secs(5), || port_open(stack.primary_port)),
+        "HAProxy's primary port does not accept connections"
+    );
+    let load_t0 = Instant::now();
+    let writes = WriteLoad::start(stack.primary_port, LOAD_MAX);
+    let reads = ReadLoad::start(stack.replica_port, LOAD_MAX);
+    stack.start_pgbouncer();
+    stack.start_haconfd();
+    let left = Duration::from_secs(5).saturating_sub(load_t0.elapsed());
+    std::thread::sleep(left);
+    let w_start = writes.snapshot();
+    let r_start = reads.snapshot();
+    println!(
+        "RESULT first_start phase=first_5s writes_ok={} writes_failed={} reads_ok={} reads_failed={} reads_misrouted={}",
+        w_start.ok, w_start.failed, r_start.ok, r_start.failed, r_start.misrouted
+    );
+    assert_eq!(
+        w_start.failed,
+        0,
+        "failed writes in the first 5 s after a cold start: {}\n{}",
+        fmt_stats(&w_start),
+        stack.diag()
+    );
+    assert!(
+        w_start.ok > 0,
+        "no write went through: {}",
+        fmt_stats(&w_start)
+    );
+    assert_eq!(
+        r_start.misrouted,
+        0,
+        "reads served by the primary after a cold start: {}\n{}",
+        fmt_stats(&r_start),
+        stack.diag()
+    );
+
+    // A 4th member joins while haconfd runs and the loads go on.
+    let master = stack.haproxy().pid();
+    let before = stack.reload_count();
+    let join_t0 = Instant::now();
+    let new = cluster.add_member();
+    let join_took = join_t0.elapsed();
+    let new_port = cluster.node(&new).pg_port;
+    let in_cfg = wait_until(Duration::from_secs(20), || {
+        std::fs::read_to_string(&stack.haproxy_cfg)
+            .is_ok_and(|c| c.contains(&format!("server {new} ")))
+            && stack
+                .haproxy()
+                .try_show_proc()
+                .is_some_and(|p| p.reloads() > before && !p.workers.is_empty())
+    });
+    assert!(
+        in_cfg,
+        "haconfd did not add {new} and reload HAProxy:\n{}",
+        stack.diag()
+    );
+    // Let the new member come UP through its checks and show in the replica listener.
+    let mut serves = false;
+    let read_t0 = Instant::now();
+    for _ in 0..100 {
+        if read_t0.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        if let Ok((p, true)) = route(stack.replica_port) {
+            if p == new_port {
+                serves = true;
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let read_took = read_t0.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let w = writes.stop();
+    let r = reads.stop();
+    let p = stack.haproxy().proc_status();
+    println!(
+        "RESULT member_join new={new} join_took={:.1}s reloads={} master_same={} new_member_reads_after={:.1}s writes_ok={} writes_failed={} reads_ok={} reads_failed={} reads_misrouted={} took={:.1}s",
+        join_took.as_secs_f64(),
+        p.reloads() - before,
+        p.master.as_ref().map(|m| m.pid) == Some(master),
+        read_took.as_secs_f64(),
+        w.ok, w.failed, r.ok, r.failed, r.misrouted,
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        p.reloads(),
+        before + 1,
+        "one reload for the join:\n{}",
+        stack.diag()
+    );
+    assert_eq!(p.failed, 0, "failed reload:\n{}", stack.diag());
+    assert_eq!(
+        p.master.as_ref().map(|m| m.pid),
+        Some(master),
+        "HAProxy was restarted, not reloaded"
+    );
+    assert_eq!(
+        w.failed,
+        0,
+        "failed writes: {}\n{}",
+        fmt_stats(&w),
+        stack.diag()
+    );
+    assert_eq!(
+        r.misrouted,
+        0,
+        "reads served by the primary: {}",
+        fmt_stats(&r)
+    );
+    assert!(
+        serves,
+        "{new} never served a read through the replica port:\n{}",
+        stack.diag()
+    );
+}
+
+#[test]
+fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
+    let _g = serial();
+    let t0 = Instant::now();
+    let etcd = Etcd::start();
+    let mut cluster = start_cluster(&etcd, "e2efailover");
+    let stack = Stack::start(&cluster, true);
+    let sampler = Sampler::start(stack.haproxy_cfg.clone(), stack.pgb_ini.clone());
+    let pgb = stack.pgb_port;
+
+    let first = cluster.wait_leader(None, patroni::SWITCH_TIMEOUT).unwrap();
+    let first_port = cluster.node(&first).pg_port;
+    wait_route_to(stack.primary_port, first_port, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}\n{}", stack.diag()));
+    wait_route_to(pgb, first_port, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}\n{}", stack.diag()));
+    let writes = WriteLoad::start(stack.primary_port, LOAD_MAX);
+
+    // Switchover.
+    let sw_t0 = Instant::now();
+    let second = cluster.switchover(None);
+    let second_port = cluster.node(&second).pg_port;
+    let bound = Duration::from_secs(10).saturating_sub(sw_t0.elapsed());
+    let sw_haproxy = wait_route_to(stack.primary_port, second_port, bound)
+        .map(|_| sw_t0.elapsed())
+        .unwrap_or_else(|e| {
+            panic!(
+                "after switchover {first} -> {second}: {e}\n{}",
+                stack.diag()
+            )
+        });
+    let bound = Duration::from_secs(10).saturating_sub(sw_t0.elapsed());
+    let sw_pgb = wait_route_to(pgb, second_port, bound)
+        .map(|_| sw_t0.elapsed())
+        .unwrap_or_else(|e| {
+            panic!(
+                "PgBouncer after switchover {first} -> {second}: {e}\n{}",
+                stack.diag()
+            )
+        });
+    let dbs = stack.pgbouncer.as_ref().unwrap().show_databases();
+    if let Some(row) = dbs.get("postgres") {
+        assert_eq!(
+            row.get("port").map(String::as_str),
+            Some(second_port.to_string().as_str()),
+            "SHOW DATABASES after switchover: {row:?}"
+        );
+    }
+    let w_sw = writes.snapshot();
+    println!(
+        "RESULT switchover {first}->{second} haproxy_writes_on_new_leader_after={:.2}s pgbouncer_on_new_leader_after={:.2}s writes_ok={} writes_failed={} (not asserted)",
+        sw_haproxy.as_secs_f64(),
+        sw_pgb.as_secs_f64(),
+        w_sw.ok,
+        w_sw.failed
+    );
+
+    // The old leader rejoins as a replica before the crash, so the cluster has two candidates.
+    cluster
+        .wait_healthy(patroni::READY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("cluster not healthy after switchover: {e:#}"));
+
+    // Crash of the new leader.
+    let cr_t0 = Instant::now();
+    let crashed = cluster.crash_leader();
+    assert_eq!(crashed, second);
+    let third = cluster
+        .wait_leader(Some(&crashed), patroni::FAILOVER_TIMEOUT)
+        .unwrap_or_else(|e| panic!("no leader after crashing {crashed}: {e:#}"));
+    let third_port = cluster.node(&third).pg_port;
+    let elected = cr_t0.elapsed();
+    let bound = Duration::from_secs(40).saturating_sub(cr_t0.elapsed());
+    let cr_haproxy = wait_route_to(stack.primary_port, third_port, bound)
+        .map(|_| cr_t0.elapsed())
+        .unwrap_or_else(|e| panic!("after crash of {crashed}: {e}\n{}", stack.diag()));
+    let bound = Duration::from_secs(40).saturating_sub(cr_t0.elapsed());
+    let cr_pgb = wait_route_to(pgb, third_port, bound)
+        .map(|_| cr_t0.elapsed())
+        .unwrap_or_else(|e| panic!("PgBouncer after crash of {crashed}: {e}\n{}", stack.diag()));
+    let dbs = stack.pgbouncer.as_ref().unwrap().show_databases();
+    if let Some(row) = dbs.get("postgres") {
+        assert_eq!(
+            row.get("port").map(String::as_str),
+            Some(third_port.to_string().as_str()),
+            "SHOW DATABASES after the crash: {row:?}"
+        );
+    }
+    // The crashed member's keys expired with the leader key (one lease, one etcd revision):
+    // haconfd must drop it from haproxy.cfg. Let the sampler see that file too.
+    let gone = wait_until(Duration::from_secs(15), || {
+        std::fs::read_to_string(&stack.haproxy_cfg)
+            .is_ok_and(|c| !c.contains(&format!("server {crashed} ")))
+    });
+    let member_keys: Vec<String> = etcd
+        .get_prefix(&format!("{}members/", cluster.key_prefix()))
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let w = writes.stop();
+    let (samples, bad) = sampler.finish();
+    println!(
+        "RESULT leader_crash {crashed}->{third} elected_after={:.1}s haproxy_writes_on_new_leader_after={:.1}s pgbouncer_on_new_leader_after={:.1}s crashed_member_dropped_from_cfg={gone} writes_ok={} writes_failed={} (not asserted)",
+        elected.as_secs_f64(),
+        cr_haproxy.as_secs_f64(),
+        cr_pgb.as_secs_f64(),
+        w.ok,
+        w.failed
+    );
+    println!(
+        "RESULT file_samples={samples} empty_or_serverless_samples={} took={:.1}s",
+        bad.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(samples > 100, "too few samples: {samples}");
+    assert!(
+        bad.is_empty(),
+        "{} samples would route nothing; first:\n{}",
+        bad.len(),
+        bad[0]
+    );
+    assert!(
+        gone,
+        "{crashed} crashed and its keys expired (etcd now holds {member_keys:?}), but haconfd still \
+         lists it in haproxy.cfg 15 s after {third} was elected:\n{}",
+        stack.diag()
+    );
+}
