@@ -128,6 +128,12 @@ pub enum Command {
     )]
     Render(RenderArgs),
     /// Validate config and templates, render and run the checks on staged copies; writes nothing.
+    #[command(
+        long_about = "Validate the config and compile every template, render against etcd (or \
+        --snapshot), and run each target's check command on a staged copy in a scratch directory. \
+        Nothing is written next to the destinations and nothing is reloaded. Exit 0 when every \
+        check passes; otherwise the code of the first failure (see --help of haconfd)."
+    )]
     Check(CheckArgs),
     /// Print shell completions.
     Completions {
