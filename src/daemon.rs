@@ -57,6 +57,7 @@ pub async fn run(
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut pending = false;
     let mut notified_ready = false;
+    let mut leaderless = false;
 
     loop {
         let retry = async {
@@ -148,7 +149,12 @@ pub async fn run(
                 retry_at = None;
             }
             Err(e @ PassError::Render(crate::render::RenderError::NoLeader { .. })) => {
-                tracing::warn!(revision = snap.revision, "{e}");
+                // Once per leaderless spell, not once per etcd event during it.
+                if !leaderless {
+                    tracing::warn!(revision = snap.revision, "{e}");
+                } else {
+                    tracing::debug!(revision = snap.revision, "{e}");
+                }
                 retry_at = None; // the leader key's arrival is an etcd event
             }
             Err(e) => {
@@ -161,6 +167,12 @@ pub async fn run(
                     Some(tokio::time::Instant::now() + engine.settings().daemon.retry_interval);
             }
         }
+        leaderless = matches!(
+            &result,
+            Err(PassError::Render(
+                crate::render::RenderError::NoLeader { .. }
+            ))
+        );
         if !notified_ready && result.is_ok() {
             notified_ready = true;
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
