@@ -18,12 +18,14 @@ if [ "$need_install" = 1 ]; then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     # policy-rc.d keeps the packaged services (etcd, haproxy, pgbouncer, postgresql) from starting:
     # the tests start their own copies on free loopback ports.
+    made_policy=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
         $sudo chmod +x /usr/sbin/policy-rc.d
-        trap '$sudo rm -f /usr/sbin/policy-rc.d' EXIT
+        made_policy=1
     fi
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"
+    if [ "$made_policy" = 1 ]; then $sudo rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 echo "== cargo fmt --check"
@@ -31,4 +33,10 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo test"
-cargo test --all-features -- --test-threads=2
+# Library, binary and integration tests (doc tests: none; benches: `cargo bench`, see the README).
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set -o pipefail
+cargo test --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
+# One closing line for the whole suite.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "suite: %d passed, %d failed\n", p, f }' "$log"
