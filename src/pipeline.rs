@@ -82,6 +82,9 @@ pub struct Engine {
     renderer: Renderer,
     last_members: Option<Vec<String>>,
     last_skipped: Vec<Skipped>,
+    /// Whether leftovers of earlier runs were swept (first writing pass; `render` and `check`
+    /// never touch the destination directories).
+    swept: bool,
     /// Targets whose last reload failed: reloaded on the next pass even if unchanged.
     unreloaded: std::collections::BTreeSet<String>,
     /// Timings of the last pass.
@@ -101,6 +104,7 @@ impl Engine {
             last_members,
             last_skipped: Vec::new(),
             unreloaded: Default::default(),
+            swept: false,
             stats: PassStats::default(),
             cluster: None,
         })
@@ -115,6 +119,7 @@ impl Engine {
     pub fn replace(&mut self, settings: Arc<Settings>) -> Result<(), RenderError> {
         self.renderer = Renderer::load(&settings.targets)?;
         self.settings = settings;
+        self.swept = false;
         Ok(())
     }
 
@@ -185,6 +190,12 @@ impl Engine {
         let apply_start = Instant::now();
 
         let settings = Arc::clone(&self.settings);
+        if !self.swept {
+            self.swept = true;
+            for t in &settings.targets {
+                apply::sweep_leftovers(&t.dest);
+            }
+        }
         // Each changed target with what its file held before: the known-good bytes to put back
         // if its consumer refuses the new ones.
         let mut changed: Vec<(&Target, &Rendered)> = Vec::new();
@@ -204,8 +215,10 @@ impl Engine {
         for ((t, _), s) in changed.iter().zip(&staged) {
             apply::check(t, s).await?;
         }
+        // The replaced files are released after the reloads, off the latency path.
+        let mut retired = Vec::with_capacity(staged.len());
         for s in staged {
-            apply::commit(s)?;
+            retired.push(apply::commit(s)?);
         }
         let mut outcome = PassOutcome {
             written: changed.iter().map(|(t, _)| t.name.clone()).collect(),
@@ -264,7 +277,10 @@ impl Engine {
                                 name: t.name.clone(),
                                 bytes: old.clone(),
                             };
-                            match apply::stage(t, &known_good).and_then(apply::commit) {
+                            match apply::stage(t, &known_good)
+                                .and_then(apply::commit)
+                                .map(drop)
+                            {
                                 Ok(()) => {
                                     tracing::warn!(target = %t.name, dest = %t.dest.display(), "restored the last good file")
                                 }
@@ -281,6 +297,7 @@ impl Engine {
                 }
             }
         }
+        drop(retired);
         // Between reloads the state file holds etcd's view, for cold starts.
         for (t, r) in settings.targets.iter().zip(&rendered) {
             if let Some(ss) = &t.server_state {
