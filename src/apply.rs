@@ -158,28 +158,44 @@ pub async fn check(target: &Target, staged: &Staged) -> Result<(), ApplyError> {
         })
 }
 
-/// The file a commit replaced, kept alive under a hidden name until this is dropped.
-///
-/// Freeing a replaced file's blocks happens inside `rename(2)` when the rename drops its last
-/// link, and costs about a millisecond on ext4 with `discard` (measured in docs/BENCHMARKS.md). A
-/// hard link taken first moves that cost to the `unlink` when this is dropped: after the reload.
+/// What a commit leaves to do once the consumer has been told: fsync the directory (the rename
+/// is already visible to every reader; only its durability waits) and release the replaced file,
+/// kept alive under a hidden name. Freeing a replaced file's blocks happens inside `rename(2)` when
+/// the rename drops its last link, and costs about a millisecond on ext4 with `discard` (see
+/// docs/BENCHMARKS.md); the hard link moves that cost to the `unlink` here, after the reload.
 #[derive(Debug)]
-pub struct Retired(Option<PathBuf>);
+pub struct Retired {
+    dir: PathBuf,
+    dest: PathBuf,
+    old: Option<PathBuf>,
+}
+
+impl Retired {
+    /// Makes the rename durable and releases the replaced file.
+    pub fn finish(mut self) -> Result<(), ApplyError> {
+        let synced = File::open(&self.dir).and_then(|d| d.sync_all());
+        if let Some(p) = self.old.take() {
+            let _ = std::fs::remove_file(p);
+        }
+        synced.map_err(|source| ApplyError::Commit {
+            dest: self.dest.clone(),
+            source,
+        })
+    }
+}
 
 impl Drop for Retired {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
+        if let Some(p) = self.old.take() {
+            let _ = File::open(&self.dir).and_then(|d| d.sync_all());
             let _ = std::fs::remove_file(p);
         }
     }
 }
 
-/// Renames the staged file over its destination and fsyncs the directory.
+/// Renames the staged file over its destination. The directory fsync and the release of the old
+/// file follow in [`Retired::finish`].
 pub fn commit(mut staged: Staged) -> Result<Retired, ApplyError> {
-    let err = |source| ApplyError::Commit {
-        dest: staged.dest.clone(),
-        source,
-    };
     let dir = parent_dir(&staged.dest);
     let keep = dir.join(format!(
         ".{}.haconfd-old-{}-{:08x}",
@@ -192,10 +208,17 @@ pub fn commit(mut staged: Staged) -> Result<Retired, ApplyError> {
         rand::random::<u32>()
     ));
     // No old file (or a filesystem without hard links): nothing to keep.
-    let retired = Retired(std::fs::hard_link(&staged.dest, &keep).ok().map(|()| keep));
-    std::fs::rename(&staged.path, &staged.dest).map_err(err)?;
+    let old = std::fs::hard_link(&staged.dest, &keep).ok().map(|()| keep);
+    let retired = Retired {
+        dir,
+        dest: staged.dest.clone(),
+        old,
+    };
+    std::fs::rename(&staged.path, &staged.dest).map_err(|source| ApplyError::Commit {
+        dest: staged.dest.clone(),
+        source,
+    })?;
     staged.committed = true;
-    File::open(&dir).and_then(|d| d.sync_all()).map_err(err)?;
     Ok(retired)
 }
 
@@ -307,7 +330,7 @@ mod tests {
         let t = target(&dest, &["grep", "-q", "new", "{{staged}}"]);
         let s = stage(&t, &rendered(b"new")).unwrap();
         check(&t, &s).await.unwrap();
-        commit(s).unwrap();
+        commit(s).unwrap().finish().unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"new");
         assert_eq!(std::fs::metadata(&dest).unwrap().mode() & 0o7777, 0o640);
         assert_eq!(

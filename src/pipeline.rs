@@ -227,16 +227,6 @@ impl Engine {
         for name in &outcome.written {
             tracing::info!(target = %name, "file updated");
         }
-        let names: Vec<String> = cluster.members.iter().map(|m| m.name.clone()).collect();
-        if self.last_members.as_ref() != Some(&names) {
-            if let Some(path) = &self.settings.guard.state_file {
-                let json = serde_json::json!({ "members": names }).to_string();
-                if let Err(e) = apply::write_atomic(path, json.as_bytes(), 0o644) {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot save the applied member names");
-                }
-            }
-            self.last_members = Some(names);
-        }
 
         let mut first_error = None;
         if reload {
@@ -297,8 +287,23 @@ impl Engine {
                 }
             }
         }
-        drop(retired);
-        // Between reloads the state file holds etcd's view, for cold starts.
+        for r in retired {
+            if let Err(e) = r.finish() {
+                tracing::warn!(error = %e, "cannot fsync the directory after the swap");
+            }
+        }
+        // Bookkeeping after the reloads, off the latency path: the guard's memory...
+        let names: Vec<String> = cluster.members.iter().map(|m| m.name.clone()).collect();
+        if self.last_members.as_ref() != Some(&names) {
+            if let Some(path) = &self.settings.guard.state_file {
+                let json = serde_json::json!({ "members": names }).to_string();
+                if let Err(e) = apply::write_atomic(path, json.as_bytes(), 0o644) {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot save the applied member names");
+                }
+            }
+            self.last_members = Some(names);
+        }
+        // ...and, between reloads, the state file holds etcd's view, for cold starts.
         for (t, r) in settings.targets.iter().zip(&rendered) {
             if let Some(ss) = &t.server_state {
                 let content =
