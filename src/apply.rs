@@ -94,21 +94,41 @@ pub fn differs(dest: &Path, bytes: &[u8]) -> Result<bool, ApplyError> {
 /// Writes `rendered` to a new staged file beside `target.dest`, fsynced, with the final mode and
 /// owner: the configured ones, else the current file's, else 0644 and the process's own.
 pub fn stage(target: &Target, rendered: &Rendered) -> Result<Staged, ApplyError> {
-    let dest = &target.dest;
-    let dir = parent_dir(dest);
-    let file_name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let existing = std::fs::metadata(dest).ok();
+    let existing = std::fs::metadata(&target.dest).ok();
     let mode = target
         .mode
         .or_else(|| existing.as_ref().map(|m| m.mode() & 0o7777))
         .unwrap_or(0o644);
-    let uid = target.owner.or_else(|| existing.as_ref().map(|m| m.uid()));
-    let gid = target.group.or_else(|| existing.as_ref().map(|m| m.gid()));
+    let owner = (
+        target.owner.or_else(|| existing.as_ref().map(|m| m.uid())),
+        target.group.or_else(|| existing.as_ref().map(|m| m.gid())),
+    );
+    stage_bytes(
+        &target.dest,
+        &rendered.name,
+        &rendered.bytes,
+        mode,
+        owner,
+        true,
+    )
+}
 
-    let path = dir.join(format!(
+/// Writes `bytes` to a new staged file beside `dest` with exactly `mode` and, where it differs
+/// from the process's, `owner` (uid, gid). `durable` fsyncs it: a config must survive a crash
+/// once renamed; a scratch file haconfd rewrites every pass need not.
+pub fn stage_bytes(
+    dest: &Path,
+    name: &str,
+    bytes: &[u8],
+    mode: u32,
+    owner: (Option<u32>, Option<u32>),
+    durable: bool,
+) -> Result<Staged, ApplyError> {
+    let file_name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let path = parent_dir(dest).join(format!(
         ".{file_name}.haconfd-{}-{:08x}",
         std::process::id(),
         rand::random::<u32>()
@@ -119,22 +139,24 @@ pub fn stage(target: &Target, rendered: &Rendered) -> Result<Staged, ApplyError>
     };
     let mut file = create_exclusive(&path, mode).map_err(stage_err)?;
     let staged = Staged {
-        name: rendered.name.clone(),
-        dest: dest.clone(),
+        name: name.to_owned(),
+        dest: dest.to_owned(),
         path: path.clone(),
         committed: false,
     };
     let meta = file.metadata().map_err(stage_err)?;
-    let want_uid = uid.filter(|u| *u != meta.uid());
-    let want_gid = gid.filter(|g| *g != meta.gid());
+    let want_uid = owner.0.filter(|u| *u != meta.uid());
+    let want_gid = owner.1.filter(|g| *g != meta.gid());
     if want_uid.is_some() || want_gid.is_some() {
         std::os::unix::fs::fchown(&file, want_uid, want_gid).map_err(stage_err)?;
         // chown clears set-id bits; restore the exact mode.
         file.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(stage_err)?;
     }
-    file.write_all(&rendered.bytes).map_err(stage_err)?;
-    file.sync_all().map_err(stage_err)?;
+    file.write_all(bytes).map_err(stage_err)?;
+    if durable {
+        file.sync_all().map_err(stage_err)?;
+    }
     Ok(staged)
 }
 
@@ -277,29 +299,11 @@ fn parent_dir(p: &Path) -> PathBuf {
     }
 }
 
-/// Writes `bytes` to `path` atomically (stage, fsync, rename, fsync dir) with `mode`; used for
-/// haconfd's own files such as HAProxy's server-state file.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = parent_dir(path);
-    let tmp = dir.join(format!(
-        ".{}.haconfd-{}-{:08x}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    let result = (|| {
-        let mut f = create_exclusive(&tmp, mode)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        File::open(&dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+/// Writes `bytes` to `path` atomically and durably (stage, fsync, rename, fsync dir) with `mode`;
+/// used for haconfd's own files such as the guard's memory.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ApplyError> {
+    let staged = stage_bytes(path, "", bytes, mode, (None, None), true)?;
+    commit(staged)?.finish()
 }
 
 #[cfg(test)]

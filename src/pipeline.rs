@@ -247,7 +247,7 @@ impl Engine {
             for (t, r, old) in due {
                 let Some(action) = &t.reload else { continue };
                 if let Some(ss) = &t.server_state {
-                    prepare_server_state(ss, r, &cluster).await;
+                    retired.extend(prepare_server_state(ss, r, &cluster).await);
                 }
                 match reload::reload(action).await {
                     Ok(()) => {
@@ -303,8 +303,12 @@ impl Engine {
             }
             self.last_members = Some(names);
         }
-        // ...and, between reloads, the state file holds etcd's view, for cold starts.
+        // ...and, between reloads, the state file holds etcd's view, for cold starts. Not for a
+        // target reloaded just now: its new worker may still be reading the merged file.
         for (t, r) in settings.targets.iter().zip(&rendered) {
+            if outcome.reloaded.contains(&t.name) {
+                continue;
+            }
             if let Some(ss) = &t.server_state {
                 let content =
                     server_state::build(ss, &String::from_utf8_lossy(&r.bytes), &cluster, "");
@@ -322,13 +326,14 @@ impl Engine {
     }
 }
 
-/// Dumps the live state, merges it with etcd's view and writes the file HAProxy's new worker
-/// will load. Failure to reach HAProxy falls back to etcd's view alone.
+/// Dumps the live state, merges it with etcd's view and swaps in the file HAProxy's new worker
+/// will load. Failure to reach HAProxy falls back to etcd's view alone. The replaced file is
+/// released after the reload.
 async fn prepare_server_state(
     ss: &crate::config::ServerStateConfig,
     rendered: &Rendered,
     cluster: &Cluster,
-) {
+) -> Option<apply::Retired> {
     let live = match server_state::dump(&ss.stats_socket, Duration::from_secs(2)).await {
         Some(live) => live,
         None => {
@@ -342,9 +347,9 @@ async fn prepare_server_state(
         cluster,
         &live,
     );
-    if let Err(e) = crate::apply::write_atomic(&ss.file, content.as_bytes(), 0o644) {
-        tracing::warn!(file = %ss.file.display(), error = %e, "cannot write the server-state file before reload");
-    }
+    server_state::swap_in(&ss.file, &content)
+        .map_err(|e| tracing::warn!(error = %e, "cannot write the server-state file before reload"))
+        .ok()
 }
 
 /// Reads the member names saved by an earlier pass (`guard.state_file`).

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::apply::{ApplyError, Retired};
 use crate::config::ServerStateConfig;
 use crate::model::Cluster;
 
@@ -210,12 +211,27 @@ pub async fn dump(stats_socket: &Path, timeout: Duration) -> Option<String> {
     }
 }
 
+/// Swaps `content` in as the state file, atomically but without fsync: HAProxy reads it at its
+/// next start or reload, and haconfd rewrites it on every pass, so only visibility matters. The
+/// returned [`Retired`] releases the replaced file; finish it after the reload.
+pub fn swap_in(path: &Path, content: &str) -> Result<Retired, ApplyError> {
+    let staged = crate::apply::stage_bytes(
+        path,
+        "server-state",
+        content.as_bytes(),
+        0o644,
+        (None, None),
+        false,
+    )?;
+    crate::apply::commit(staged)
+}
+
 /// Writes the file if its content differs; returns whether it wrote.
-pub fn write_if_changed(path: &Path, content: &str) -> std::io::Result<bool> {
+pub fn write_if_changed(path: &Path, content: &str) -> Result<bool, ApplyError> {
     if std::fs::read_to_string(path).is_ok_and(|c| c == content) {
         return Ok(false);
     }
-    crate::apply::write_atomic(path, content.as_bytes(), 0o644)?;
+    swap_in(path, content)?.finish()?;
     Ok(true)
 }
 
