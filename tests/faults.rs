@@ -78,6 +78,13 @@ dest = "{dest}"
         Proc::spawn_logged("haconfd", cmd, &self.dir.path().join("haconfd.log"))
     }
 
+    /// Runs the daemon and waits until it reports ready.
+    fn run_ready(&self, timeout: Duration) -> Proc {
+        let p = self.run();
+        assert!(wait_until(timeout, || self.ready() == 200), "{}", p.log());
+        p
+    }
+
     fn out(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("out.txt")).unwrap_or_default()
     }
@@ -110,12 +117,7 @@ fn sixty_second_outage_keeps_files_and_catches_up_with_writes_made_meanwhile() {
     seed(|k, v| cluster.put(k, v), &scope, 3);
     // haconfd talks to member 0 only; a second client keeps writing through member 1.
     let d = Daemon::new(&[cluster.member(0).endpoint()], &scope, "");
-    let p = d.run();
-    assert!(
-        wait_until(Duration::from_secs(10), || d.ready() == 200),
-        "{}",
-        p.log()
-    );
+    let p = d.run_ready(Duration::from_secs(10));
     let before = d.out();
 
     cluster.member(0).stop();
@@ -161,12 +163,7 @@ fn hung_etcd_is_detected_by_keepalive_and_treated_as_an_outage() {
     let scope = unique_name("hung");
     seed(|k, v| etcd.put(k, v), &scope, 2);
     let d = Daemon::new(&[etcd.endpoint()], &scope, "");
-    let p = d.run();
-    assert!(
-        wait_until(Duration::from_secs(10), || d.ready() == 200),
-        "{}",
-        p.log()
-    );
+    let p = d.run_ready(Duration::from_secs(10));
     let before = d.out();
 
     etcd.pause();
@@ -194,12 +191,7 @@ fn one_dead_endpoint_of_three_fails_no_pass() {
     seed(|k, v| cluster.put(k, v), &scope, 3);
     cluster.member(2).stop();
     let d = Daemon::new(&cluster.endpoints(), &scope, "");
-    let p = d.run();
-    assert!(
-        wait_until(Duration::from_secs(15), || d.ready() == 200),
-        "{}",
-        p.log()
-    );
+    let p = d.run_ready(Duration::from_secs(15));
     for i in 0..20u16 {
         let port = 16000 + i;
         cluster.put(&format!("/service/{scope}/members/pg3"), &member(port));
@@ -222,12 +214,7 @@ fn compaction_past_the_watch_revision_relists_without_losing_state() {
     let scope = unique_name("compact");
     seed(|k, v| cluster.put(k, v), &scope, 3);
     let d = Daemon::new(&[cluster.member(0).endpoint()], &scope, "");
-    let p = d.run();
-    assert!(
-        wait_until(Duration::from_secs(10), || d.ready() == 200),
-        "{}",
-        p.log()
-    );
+    let p = d.run_ready(Duration::from_secs(10));
 
     cluster.member(0).stop();
     assert!(wait_until(Duration::from_secs(10), || d.ready() == 503));
