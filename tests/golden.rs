@@ -2,12 +2,16 @@
 //! (`primary`) etcd dumps, compared byte for byte with files in tests/golden/. Regenerate with
 //! `UPDATE_GOLDEN=1 cargo test --test golden` and review the diff.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use haconfd::config::{RawConfig, Settings};
 use haconfd::pipeline::Engine;
 use haconfd::snapshot::Snapshot;
+
+use common::procs::Haproxy;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -85,12 +89,6 @@ fn patroni4_pgbouncer_points_at_primary_pg2() {
 
 #[test]
 fn golden_haproxy_configs_pass_haproxy_check() {
-    let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .unwrap_or_else(|| {
-            panic!("haproxy not found: install the test dependencies with `sudo apt-get install -y haproxy` (or run `bash .ci/run`)")
-        });
     for f in ["patroni3-haproxy.cfg", "patroni4-haproxy.cfg"] {
         let dir = tempfile::tempdir().unwrap();
         let text = std::fs::read_to_string(root().join("tests/golden").join(f)).unwrap();
@@ -101,15 +99,7 @@ fn golden_haproxy_configs_pass_haproxy_check() {
         );
         let cfg = dir.path().join("h.cfg");
         std::fs::write(&cfg, text).unwrap();
-        let out = std::process::Command::new(haproxy)
-            .args(["-c", "-f"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{f}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, output) = Haproxy::check_config(&cfg);
+        assert!(ok, "{f}: {output}");
     }
 }

@@ -441,17 +441,11 @@ impl Loaded {
         let dir = temp_dir("packaging-render");
         let cfg = dir.path().join("haproxy.cfg");
         std::fs::write(&cfg, &text).unwrap();
-        let out = Command::new(require_bin("haproxy"))
-            .args(["-c", "-f"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
+        let (ok, output) = Haproxy::check_config(&cfg);
         assert!(
-            out.status.success(),
-            "{}: `haproxy -c` refuses the rendered config:\n{}{}\n{text}",
-            self.origin,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            ok,
+            "{}: `haproxy -c` refuses the rendered config:\n{output}\n{text}",
+            self.origin
         );
 
         let mut listeners = BTreeMap::new();
