@@ -85,6 +85,8 @@ pub struct Engine {
     /// Whether leftovers of earlier runs were swept (first writing pass; `render` and `check`
     /// never touch the destination directories).
     swept: bool,
+    /// The promoted leader HAProxy was last moved to (runtime API), per the last pass.
+    promoted: Option<String>,
     /// Targets whose last reload failed: reloaded on the next pass even if unchanged.
     unreloaded: std::collections::BTreeSet<String>,
     /// Timings of the last pass.
@@ -105,6 +107,7 @@ impl Engine {
             last_skipped: Vec::new(),
             unreloaded: Default::default(),
             swept: false,
+            promoted: None,
             stats: PassStats::default(),
             cluster: None,
         })
@@ -287,6 +290,8 @@ impl Engine {
                 }
             }
         }
+        self.move_to_new_leader(&settings, &rendered, &cluster)
+            .await;
         for r in retired {
             if let Err(e) = r.finish() {
                 tracing::warn!(error = %e, "cannot fsync the directory after the swap");
@@ -322,6 +327,52 @@ impl Engine {
         match first_error {
             Some(e) => Err(e),
             None => Ok(outcome),
+        }
+    }
+}
+
+impl Engine {
+    /// When a new leader is promoted, tells HAProxy at once through the runtime API rather than
+    /// leaving it to the health checks (about 2–5 s at `inter 1s rise 2`). Only on a change of
+    /// promoted leader after a first one was seen: haconfd's own start does not force anything.
+    async fn move_to_new_leader(
+        &mut self,
+        settings: &Settings,
+        rendered: &[Rendered],
+        cluster: &Cluster,
+    ) {
+        let promoted = cluster
+            .leader()
+            .filter(|m| matches!(m.role.as_str(), "master" | "primary"))
+            .map(|m| m.name.clone());
+        let Some(now) = promoted else { return };
+        let before = self.promoted.replace(now.clone());
+        if before.is_none() || before.as_deref() == Some(now.as_str()) {
+            return;
+        }
+        for (t, r) in settings.targets.iter().zip(rendered) {
+            let Some(ss) = &t.server_state else { continue };
+            let cmds = server_state::leader_moved_commands(
+                ss,
+                &String::from_utf8_lossy(&r.bytes),
+                cluster,
+            );
+            if cmds.is_empty() {
+                continue;
+            }
+            match server_state::apply_commands(&ss.stats_socket, &cmds, Duration::from_secs(2))
+                .await
+            {
+                Ok(answer) if answer.trim().is_empty() => {
+                    tracing::info!(target = %t.name, leader = %now, "moved HAProxy to the new leader through the runtime API")
+                }
+                Ok(answer) => {
+                    tracing::warn!(target = %t.name, leader = %now, answer = %answer.trim(), "HAProxy answered the runtime API; its checks will settle the servers")
+                }
+                Err(e) => {
+                    tracing::warn!(target = %t.name, socket = %ss.stats_socket.display(), error = %e, "cannot reach HAProxy's runtime API; its checks will move it to the new leader")
+                }
+            }
         }
     }
 }

@@ -200,6 +200,55 @@ fn down_line(s: &ConfigServer) -> String {
     )
 }
 
+/// Runtime API commands that move HAProxy to a new leader at once instead of after `fall` + `rise`
+/// health checks: the promoted leader's server is set UP in the primary backends and DOWN in the
+/// replica backends, and every other server DOWN in the primary backends. The checks keep running
+/// and agree (the new leader answers 200 on `/primary`, the others 503), so nothing flaps; if one
+/// disagrees, the checks win within `fall` intervals. Only for a leader that Patroni reports
+/// promoted (`role` master or primary): a leader key held before promotion would route writes to
+/// a read-only server.
+pub fn leader_moved_commands(
+    cfg: &ServerStateConfig,
+    rendered_cfg: &str,
+    cluster: &Cluster,
+) -> Vec<String> {
+    let Some(leader) = cluster
+        .leader()
+        .filter(|m| matches!(m.role.as_str(), "master" | "primary"))
+    else {
+        return Vec::new();
+    };
+    let mut cmds = Vec::new();
+    for s in config_servers(rendered_cfg) {
+        let is_leader = s.name == leader.name;
+        let health = if cfg.primary_backends.contains(&s.backend) {
+            if is_leader {
+                "up"
+            } else {
+                "down"
+            }
+        } else if cfg.replica_backends.contains(&s.backend) && is_leader {
+            "down"
+        } else {
+            continue;
+        };
+        cmds.push(format!(
+            "set server {}/{} health {health}",
+            s.backend, s.name
+        ));
+    }
+    cmds
+}
+
+/// Sends runtime API commands in one connection (HAProxy runs `;`-separated commands in order).
+pub async fn apply_commands(
+    stats_socket: &Path,
+    cmds: &[String],
+    timeout: Duration,
+) -> std::io::Result<String> {
+    crate::haproxy::cli(stats_socket, &cmds.join(";"), timeout).await
+}
+
 /// Dumps `show servers state` from the admin socket; None when HAProxy is not reachable.
 pub async fn dump(stats_socket: &Path, timeout: Duration) -> Option<String> {
     match crate::haproxy::cli(stats_socket, "show servers state", timeout).await {
@@ -258,6 +307,28 @@ mod tests {
             s.put(format!("/service/demo/members/{n}"), format!(r#"{{"conn_url":"postgres://127.0.0.1:{p}/postgres","api_url":"http://127.0.0.1:{}/patroni","state":"running","role":"replica"}}"#, p + 2570).into_bytes());
         }
         Cluster::build(&s, "/service", "demo").cluster
+    }
+
+    #[test]
+    fn a_promoted_leader_is_moved_at_once_through_the_runtime_api() {
+        let c = cluster();
+        let cmds = leader_moved_commands(&cfg(), CFG, &c);
+        // pg1 holds the leader key but its member key says `replica`: not promoted yet.
+        assert!(cmds.is_empty(), "{cmds:?}");
+        let mut s = Snapshot::new();
+        s.put("/service/demo/leader".into(), b"pg2".to_vec());
+        for (n, p, role) in [("pg1", 5441, "replica"), ("pg2", 5442, "primary")] {
+            s.put(format!("/service/demo/members/{n}"), format!(r#"{{"conn_url":"postgres://127.0.0.1:{p}/postgres","api_url":"http://127.0.0.1:{}/patroni","state":"running","role":"{role}"}}"#, p + 2570).into_bytes());
+        }
+        let c = Cluster::build(&s, "/service", "demo").cluster;
+        assert_eq!(
+            leader_moved_commands(&cfg(), CFG, &c),
+            [
+                "set server primary/pg1 health down",
+                "set server primary/pg2 health up",
+                "set server replicas/pg2 health down",
+            ]
+        );
     }
 
     #[test]

@@ -919,6 +919,17 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
         w_sw.failed
     );
 
+    // haconfd moved HAProxy to the promoted leader itself rather than waiting for the checks.
+    assert!(
+        wait_until(Duration::from_secs(5), || stack
+            .haconfd_log_text()
+            .contains(
+                "moved HAProxy to the new leader through the runtime API"
+            )),
+        "no runtime-API move after the switchover:\n{}",
+        stack.diag()
+    );
+
     // The old leader rejoins as a replica before the crash, so the cluster has two candidates.
     cluster
         .wait_healthy(patroni::READY_TIMEOUT)
