@@ -602,14 +602,7 @@ impl Rig {
         let cluster = FakeCluster::start(etcd, &scope);
         let mut setup = Setup::new(dir.path(), &etcd.endpoint(), &scope);
         tweak(&mut setup);
-        let cfg = dir.path().join("haconfd.toml");
-        setup.write(&cfg);
-        render_once(&cfg);
-        let haproxy = Haproxy::start(&setup.dest);
-        setup.pidfile = haproxy.pidfile();
-        setup.master_socket = haproxy.master_socket();
-        setup.write(&cfg);
-        let daemon = Haconfd::start(&cfg, dir.path(), Duration::from_millis(1500));
+        let (haproxy, daemon) = start_stack(&mut setup, dir.path(), Duration::from_millis(1500));
         Rig {
             setup,
             cluster,
@@ -618,6 +611,20 @@ impl Rig {
             _dir: dir,
         }
     }
+}
+
+/// Renders once, starts HAProxy from that file, points `setup` at its pidfile and master socket,
+/// and starts haconfd on the result (waiting `settle` for its first pass).
+fn start_stack(setup: &mut Setup, dir: &Path, settle: Duration) -> (Haproxy, Haconfd) {
+    let cfg = dir.join("haconfd.toml");
+    setup.write(&cfg);
+    render_once(&cfg);
+    let haproxy = Haproxy::start(&setup.dest);
+    setup.pidfile = haproxy.pidfile();
+    setup.master_socket = haproxy.master_socket();
+    setup.write(&cfg);
+    let daemon = Haconfd::start(&cfg, dir, settle);
+    (haproxy, daemon)
 }
 
 /// `(utime + stime)` of `pid` in seconds, from /proc/<pid>/stat.
@@ -1028,13 +1035,7 @@ fn bench_reload_under_load() {
     let mut setup = Setup::new(dir.path(), &etcd.endpoint(), &scope);
     setup.verify_reload = verify_reload();
     let cfg = dir.path().join("haconfd.toml");
-    setup.write(&cfg);
-    render_once(&cfg);
-    let haproxy = Haproxy::start(&setup.dest);
-    setup.pidfile = haproxy.pidfile();
-    setup.master_socket = haproxy.master_socket();
-    setup.write(&cfg);
-    let daemon = Haconfd::start(&cfg, dir.path(), Duration::from_millis(500));
+    let (haproxy, daemon) = start_stack(&mut setup, dir.path(), Duration::from_millis(500));
 
     let with_state = reload_phase(&cluster, &haproxy, &daemon, &cfg, &mut setup, n, true);
     let without = reload_phase(&cluster, &haproxy, &daemon, &cfg, &mut setup, n, false);

@@ -8,7 +8,6 @@ pub struct Backoff {
     initial: Duration,
     max: Duration,
     current: Duration,
-    attempts: u32,
 }
 
 impl Backoff {
@@ -18,7 +17,6 @@ impl Backoff {
             initial,
             max: max.max(initial),
             current: initial,
-            attempts: 0,
         }
     }
 
@@ -26,20 +24,13 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let base = self.current;
         self.current = (self.current * 2).min(self.max);
-        self.attempts += 1;
         let jitter = 0.8 + rand::random::<f64>() * 0.4;
         base.mul_f64(jitter).min(self.max)
-    }
-
-    /// Failures since the last reset.
-    pub fn attempts(&self) -> u32 {
-        self.attempts
     }
 
     /// Back to the initial delay after a success.
     pub fn reset(&mut self) {
         self.current = self.initial;
-        self.attempts = 0;
     }
 }
 
@@ -53,7 +44,6 @@ mod tests {
         let d: Vec<_> = (0..8).map(|_| b.next_delay()).collect();
         assert!(d[0] >= Duration::from_millis(80) && d[0] <= Duration::from_millis(120));
         assert!(d[7] <= Duration::from_secs(1) && d[7] >= Duration::from_millis(800));
-        assert_eq!(b.attempts(), 8);
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(120));
     }

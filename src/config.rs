@@ -2,7 +2,6 @@
 //! `HACONFD_*` env vars and flags, then resolved into [`Settings`] (paths made absolute, durations,
 //! modes, owners and reload forms validated). Precedence, in one place: flag > env > file > default.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -836,11 +835,6 @@ pub fn load_settings(path: &Path, overrides: &Overrides) -> Result<Settings, Con
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
     raw.resolve(&base)
-}
-
-/// A map of template names to targets, for `--template` lookups.
-pub fn target_names(s: &Settings) -> BTreeMap<&str, &Target> {
-    s.targets.iter().map(|t| (t.name.as_str(), t)).collect()
 }
 
 #[cfg(test)]

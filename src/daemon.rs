@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
@@ -130,7 +130,7 @@ pub async fn run(
         }
         {
             let mut st = status.lock().expect("status lock");
-            st.record_pass(&result, &engine, snap.revision, elapsed);
+            st.record_pass(&result, &engine, elapsed);
         }
         let names: Vec<String> = engine
             .settings()
@@ -248,7 +248,6 @@ fn reload_config(
             st.config_error = Some(format!("{e:#}"));
         }
     }
-    st.config_loaded_at = Some(SystemTime::now());
 }
 
 /// Watches the directories holding the templates (not the files: editors and ConfigMaps replace

@@ -2,7 +2,6 @@
 //! every changed file → swap them all in → reload what changed. If any target fails before the
 //! swap, nothing is swapped and nothing is reloaded. Every mode runs passes through [`Engine`].
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -431,9 +430,4 @@ fn select<'a>(targets: &'a [Target], only: Option<&str>) -> Result<Vec<&'a Targe
             .map(|t| vec![t])
             .ok_or_else(|| RenderError::UnknownTarget(name.to_owned())),
     }
-}
-
-/// The destinations of `settings`, for messages.
-pub fn destinations(settings: &Settings) -> Vec<PathBuf> {
-    settings.targets.iter().map(|t| t.dest.clone()).collect()
 }

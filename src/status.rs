@@ -2,7 +2,7 @@
 //! cluster view. The daemon writes it after every pass; logs, readiness and `/status` read it.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -45,9 +45,6 @@ pub struct Status {
     pub config_reloads: u64,
     /// Error of the last refused config reload.
     pub config_error: Option<String>,
-    /// When the config was last (re)loaded.
-    #[serde(skip)]
-    pub config_loaded_at: Option<SystemTime>,
     /// Duration of the last pass.
     pub last_pass_seconds: f64,
 }
@@ -69,7 +66,6 @@ impl Status {
         &mut self,
         result: &Result<PassOutcome, PassError>,
         engine: &Engine,
-        _revision: i64,
         took: Duration,
     ) {
         self.passes += 1;
