@@ -10,7 +10,10 @@
 //! configured signal proves the rightful reload reached the right process. Scopes live on the
 //! binary's shared etcd under `unique_name` prefixes, so the tests run in parallel.
 
+#[path = "../common/mod.rs"]
 mod common;
+
+// One module per class of hostile input found after the first release; each test names its class.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
