@@ -166,12 +166,13 @@ impl Default for DaemonConfig {
 pub struct GuardConfig {
     /// Fewer valid members than this and the pass is refused.
     pub min_members: usize,
-    /// Refuse a pass that removes more than this fraction of the last applied members at once.
+    /// Refuse a leaderless view that lost more than this fraction of the members of the last
+    /// view the guard accepted (see `guard.rs` for the whole rule).
     pub max_removed_fraction: f64,
     /// Disable both guards.
     pub force: bool,
-    /// Where the member names of the last applied render are kept, so that the shrink guard also
-    /// holds for `once` and across restarts. Unset: kept in memory only.
+    /// Where the member names of the last accepted view are kept, per namespace and scope, so
+    /// that the shrink guard also holds for `once` and across restarts. Unset: in memory only.
     pub state_file: Option<PathBuf>,
 }
 

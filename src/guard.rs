@@ -1,6 +1,32 @@
-//! Refuses a [`Cluster`] that looks like a lying or emptied store: fewer members than
-//! `min_members`, or more than `max_removed_fraction` of the last applied members gone at once.
-//! One member of three leaving (a lease expiring) passes; everything vanishing does not.
+//! Refuses a [`Cluster`] that looks like a lying or emptied store, and remembers the views it
+//! accepted ([`Memory`], saved to `guard.state_file`).
+//!
+//! The rule, for each view a pass builds (`--force` / `guard.force` accepts every view):
+//! 1. Fewer valid members than `guard.min_members`: refused. An emptied store, a wrong scope or
+//!    namespace, a restore gone wrong all look like this. The floor is the operator's own: it
+//!    applies with a leader too, so it must not exceed what a failover can leave.
+//! 2. A view with a valid leader (the `leader` key names a member whose own key is present and
+//!    valid) is never refused for a shrink. Patroni's leader renews the leader key and its member
+//!    key every `loop_wait` on its own lease, so such a view comes from a live store that says who
+//!    is gone; keeping a departed member in the files would route to a dead node.
+//! 3. A leaderless view is compared with the last view the guard *accepted* for the same
+//!    namespace and scope (not the last render that was applied: a leaderless pass is accepted
+//!    here and then fails in a template with `require_leader`). More than
+//!    `guard.max_removed_fraction` of those members gone at once and the view is refused. Because
+//!    every accepted view becomes the new reference, members leaving one by one (each lease
+//!    expiring on its own, a few seconds apart) are never a mass removal; only a revision in
+//!    which most members vanish at once with no leader is. A refused view never becomes the
+//!    reference: the refusal ends when the members come back, when a leader is elected (rule 2),
+//!    or with `--force`.
+//!
+//! The memory is kept per namespace and scope, so that several haconfd instances (or a scope
+//! changed by SIGHUP) sharing one `guard.state_file` never compare one cluster with another. The
+//! file holds `{"clusters": [{"namespace", "scope", "members"}]}`; a file written by an older
+//! haconfd (`{"members": [...]}`, no cluster named) is ignored with a note and replaced.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use crate::config::GuardConfig;
 use crate::model::Cluster;
@@ -18,14 +44,14 @@ pub enum GuardError {
         /// The minimum.
         min: usize,
     },
-    /// Too many members removed at once.
-    #[error("etcd shows {found} member(s) in cluster {scope:?} where the last applied render had {last} ({removed} gone at once, more than guard.max_removed_fraction = {fraction}); keeping the last good files (override with --force or guard.force)")]
+    /// Too many members removed at once, with no leader to vouch for the view.
+    #[error("etcd shows {found} member(s) and no valid leader in cluster {scope:?} where the last view the guard accepted had {last} ({removed} gone at once, more than guard.max_removed_fraction = {fraction}); keeping the last good files until a leader or the members are back (override with --force or guard.force)")]
     Shrunk {
         /// Scope.
         scope: String,
         /// Members found now.
         found: usize,
-        /// Members in the last applied render.
+        /// Members in the last accepted view.
         last: usize,
         /// Members missing now that were there.
         removed: usize,
@@ -34,11 +60,12 @@ pub enum GuardError {
     },
 }
 
-/// Checks `cluster` against the guard, given the member names of the last applied render.
+/// Checks `cluster` against the guard's rule (see the module docs), given the member names of
+/// the last view accepted for the same cluster, if any.
 pub fn check(
     cfg: &GuardConfig,
     cluster: &Cluster,
-    last_applied: Option<&[String]>,
+    last_accepted: Option<&[String]>,
 ) -> Result<(), GuardError> {
     if cfg.force {
         return Ok(());
@@ -51,7 +78,10 @@ pub fn check(
             min: cfg.min_members,
         });
     }
-    if let Some(last) = last_applied.filter(|l| !l.is_empty()) {
+    if cluster.leader().is_some() {
+        return Ok(());
+    }
+    if let Some(last) = last_accepted.filter(|l| !l.is_empty()) {
         let removed = last
             .iter()
             .filter(|name| !cluster.members.iter().any(|m| &m.name == *name))
@@ -69,21 +99,184 @@ pub fn check(
     Ok(())
 }
 
+/// The member names of the last view the guard accepted for one cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Entry {
+    namespace: String,
+    scope: String,
+    members: Vec<String>,
+}
+
+impl Entry {
+    fn is_of(&self, cluster: &Cluster) -> bool {
+        self.namespace == cluster.namespace && self.scope == cluster.scope
+    }
+}
+
+/// The content of `guard.state_file`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    #[serde(default)]
+    clusters: Vec<Entry>,
+}
+
+/// The guard's memory: per cluster, the members of the last view it accepted, kept in
+/// `guard.state_file` when one is set so that `once` runs and restarts share it.
+#[derive(Debug, Default)]
+pub struct Memory {
+    /// Every cluster known, this process's own included.
+    entries: Vec<Entry>,
+    /// The file this process last wrote its entry to (a SIGHUP may name another one).
+    saved_to: Option<PathBuf>,
+}
+
+impl Memory {
+    /// Reads the memory saved in `cfg.state_file`; empty when unset, absent or unreadable.
+    pub fn load(cfg: &GuardConfig) -> Memory {
+        let Some(path) = cfg.state_file.as_deref() else {
+            return Memory::default();
+        };
+        match read_state(path) {
+            Some(entries) => Memory {
+                entries,
+                saved_to: Some(path.to_owned()),
+            },
+            None => Memory::default(),
+        }
+    }
+
+    /// The member names last accepted for `cluster`'s namespace and scope.
+    pub fn members_of(&self, cluster: &Cluster) -> Option<&[String]> {
+        self.entries
+            .iter()
+            .find(|e| e.is_of(cluster))
+            .map(|e| e.members.as_slice())
+    }
+
+    /// Checks `cluster` against the guard and, when it passes, remembers it as the last accepted
+    /// view (saved to `guard.state_file` when its members changed).
+    pub fn admit(&mut self, cfg: &GuardConfig, cluster: &Cluster) -> Result<(), GuardError> {
+        check(cfg, cluster, self.members_of(cluster))?;
+        let names: Vec<String> = cluster.members.iter().map(|m| m.name.clone()).collect();
+        let same = self.members_of(cluster) == Some(names.as_slice());
+        let file_current = self.saved_to.as_deref() == cfg.state_file.as_deref();
+        if same && file_current {
+            return Ok(());
+        }
+        match self.entries.iter_mut().find(|e| e.is_of(cluster)) {
+            Some(e) => e.members = names,
+            None => {
+                if !self.entries.is_empty() {
+                    // Another haconfd sharing the file, or a scope changed by SIGHUP: the other
+                    // clusters' members are kept, never compared with this one.
+                    tracing::info!(
+                        namespace = %cluster.namespace,
+                        scope = %cluster.scope,
+                        others = self.entries.len(),
+                        "the guard starts remembering this cluster; memory of other clusters is kept apart"
+                    );
+                }
+                self.entries.push(Entry {
+                    namespace: cluster.namespace.clone(),
+                    scope: cluster.scope.clone(),
+                    members: names,
+                });
+            }
+        }
+        if let Some(path) = cfg.state_file.as_deref() {
+            self.save(path, cluster);
+        }
+        Ok(())
+    }
+
+    /// Writes this cluster's entry to `path`, keeping the entries other processes wrote there
+    /// since (re-read just before: two instances sharing a file only write when their members
+    /// change, so a lost update needs two such changes within the same milliseconds, and costs
+    /// no more than one instance's memory being one view older).
+    fn save(&mut self, path: &Path, cluster: &Cluster) {
+        let Some(ours) = self.entries.iter().find(|e| e.is_of(cluster)).cloned() else {
+            return;
+        };
+        let mut state = StateFile {
+            clusters: read_state(path).unwrap_or_default(),
+        };
+        state.clusters.retain(|e| !e.is_of(cluster));
+        state.clusters.push(ours);
+        state
+            .clusters
+            .sort_by(|a, b| (&a.namespace, &a.scope).cmp(&(&b.namespace, &b.scope)));
+        let json = serde_json::to_string(&state).unwrap_or_default();
+        match crate::apply::write_atomic(path, json.as_bytes(), 0o644) {
+            Ok(()) => self.saved_to = Some(path.to_owned()),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot save the guard's memory (guard.state_file)")
+            }
+        }
+    }
+}
+
+/// The entries saved in `path`; None when there is nothing usable (logged, except absence).
+fn read_state(path: &Path) -> Option<Vec<Entry>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read guard.state_file; the guard starts without memory");
+            return None;
+        }
+    };
+    let value: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable guard.state_file");
+            return None;
+        }
+    };
+    if value.get("clusters").is_none() && value.get("members").is_some() {
+        tracing::info!(file = %path.display(), "guard.state_file was written by an older haconfd and does not name its cluster; ignored and replaced at the next accepted view");
+        return None;
+    }
+    match serde_json::from_value::<StateFile>(value) {
+        Ok(s) => Some(s.clusters),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable guard.state_file");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::Cluster;
     use crate::snapshot::Snapshot;
 
-    fn cluster(names: &[&str]) -> Cluster {
+    /// A cluster of `names` in scope `scope`, led by `leader` when given.
+    fn cluster_in(scope: &str, names: &[&str], leader: Option<&str>) -> Cluster {
         let mut s = Snapshot::new();
         for (i, n) in names.iter().enumerate() {
+            let role = if Some(*n) == leader {
+                "master"
+            } else {
+                "replica"
+            };
             s.put(
-                format!("/service/demo/members/{n}"),
-                format!(r#"{{"conn_url":"postgres://127.0.0.1:{}/postgres","api_url":"http://127.0.0.1:{}/patroni","state":"running","role":"replica"}}"#, 5000 + i, 8000 + i).into_bytes(),
+                format!("/service/{scope}/members/{n}"),
+                format!(r#"{{"conn_url":"postgres://127.0.0.1:{}/postgres","api_url":"http://127.0.0.1:{}/patroni","state":"running","role":"{role}"}}"#, 5000 + i, 8000 + i).into_bytes(),
             );
         }
-        Cluster::build(&s, "/service", "demo").cluster
+        if let Some(l) = leader {
+            s.put(format!("/service/{scope}/leader"), l.as_bytes().to_vec());
+        }
+        Cluster::build(&s, "/service", scope).cluster
+    }
+
+    fn cluster(names: &[&str]) -> Cluster {
+        cluster_in("demo", names, None)
+    }
+
+    fn led(names: &[&str], leader: &str) -> Cluster {
+        cluster_in("demo", names, Some(leader))
     }
 
     fn names(n: &[&str]) -> Vec<String> {
@@ -105,17 +298,22 @@ mod tests {
     }
 
     #[test]
-    fn most_of_the_cluster_vanishing_is_refused() {
+    fn most_of_the_cluster_vanishing_without_a_leader_is_refused() {
         let last = names(&["a", "b", "c", "d"]);
         let err = check(&GuardConfig::default(), &cluster(&["a"]), Some(&last)).unwrap_err();
         assert!(
             matches!(err, GuardError::Shrunk { removed: 3, .. }),
             "{err}"
         );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("no valid leader") && msg.contains("--force"),
+            "{msg}"
+        );
     }
 
     #[test]
-    fn replacement_counts_as_removal() {
+    fn replacement_without_a_leader_counts_as_removal() {
         let last = names(&["a", "b", "c"]);
         let err = check(
             &GuardConfig::default(),
@@ -127,11 +325,178 @@ mod tests {
     }
 
     #[test]
+    fn a_valid_leader_vouches_for_a_shrunken_view() {
+        let last = names(&["a", "b", "c", "d"]);
+        check(&GuardConfig::default(), &led(&["d"], "d"), Some(&last)).unwrap();
+    }
+
+    #[test]
+    fn a_leader_key_naming_a_missing_member_does_not_vouch() {
+        // The leader key survives but its member is gone: no valid leader, the shrink counts.
+        let last = names(&["a", "b", "c", "d"]);
+        let mut s = Snapshot::new();
+        s.put(
+            "/service/demo/members/d".into(),
+            br#"{"conn_url":"postgres://127.0.0.1:5000/postgres","api_url":"http://127.0.0.1:8000/patroni"}"#.to_vec(),
+        );
+        s.put("/service/demo/leader".into(), b"a".to_vec());
+        let c = Cluster::build(&s, "/service", "demo").cluster;
+        assert!(c.leader().is_none());
+        let err = check(&GuardConfig::default(), &c, Some(&last)).unwrap_err();
+        assert!(
+            matches!(err, GuardError::Shrunk { removed: 3, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn min_members_holds_even_with_a_leader() {
+        let cfg = GuardConfig {
+            min_members: 2,
+            ..Default::default()
+        };
+        let err = check(&cfg, &led(&["a"], "a"), None).unwrap_err();
+        assert!(matches!(
+            err,
+            GuardError::TooFew {
+                found: 1,
+                min: 2,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn force_overrides() {
         let cfg = GuardConfig {
             force: true,
             ..Default::default()
         };
         check(&cfg, &cluster(&[]), Some(&names(&["a"]))).unwrap();
+    }
+
+    /// Admits each view in turn, returning which were refused.
+    fn admit_all(memory: &mut Memory, cfg: &GuardConfig, views: &[Cluster]) -> Vec<bool> {
+        views
+            .iter()
+            .map(|v| memory.admit(cfg, v).is_err())
+            .collect()
+    }
+
+    #[test]
+    fn leader_lost_then_a_second_member_then_promotion_is_never_refused() {
+        let cfg = GuardConfig::default();
+        let mut memory = Memory::default();
+        let views = [
+            led(&["a", "b", "c"], "a"),
+            cluster(&["b", "c"]), // the leader's lease expired
+            cluster(&["c"]),      // a few seconds later, a replica's
+            led(&["c"], "c"),     // the survivor is promoted
+        ];
+        assert_eq!(admit_all(&mut memory, &cfg, &views), [false; 4]);
+        assert_eq!(memory.members_of(&views[3]), Some(&names(&["c"])[..]));
+    }
+
+    #[test]
+    fn leader_and_replica_crashing_together_then_promotion_is_accepted_at_promotion() {
+        let cfg = GuardConfig::default();
+        let mut memory = Memory::default();
+        let views = [
+            led(&["a", "b", "c"], "a"),
+            cluster(&["c"]), // both leases expired in one revision: a mass vanish, no leader
+            led(&["c"], "c"), // the survivor is promoted: a leader vouches for the view
+        ];
+        assert_eq!(admit_all(&mut memory, &cfg, &views), [false, true, false]);
+    }
+
+    #[test]
+    fn a_refused_view_does_not_become_the_reference() {
+        let cfg = GuardConfig::default();
+        let mut memory = Memory::default();
+        let views = [
+            led(&["a", "b", "c", "d"], "a"),
+            cluster(&["d"]),
+            cluster(&["d"]), // the same lie again is refused again
+            cluster(&["c", "d"]),
+        ];
+        assert_eq!(
+            admit_all(&mut memory, &cfg, &views),
+            [false, true, true, false]
+        );
+    }
+
+    #[test]
+    fn memory_is_kept_per_scope() {
+        let cfg = GuardConfig::default();
+        let mut memory = Memory::default();
+        let a = cluster_in("a", &["a1", "a2", "a3", "a4"], Some("a1"));
+        memory.admit(&cfg, &a).unwrap();
+        // Another scope is never compared with the first one's members...
+        memory.admit(&cfg, &cluster_in("b", &["b1"], None)).unwrap();
+        // ...and does not replace them.
+        let err = memory
+            .admit(&cfg, &cluster_in("a", &["a4"], None))
+            .unwrap_err();
+        assert!(matches!(err, GuardError::Shrunk { last: 4, .. }), "{err}");
+    }
+
+    #[test]
+    fn state_file_keeps_each_cluster_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = GuardConfig {
+            state_file: Some(dir.path().join("members.json")),
+            ..Default::default()
+        };
+        // Two instances sharing one file, each with its own memory object.
+        let mut one = Memory::load(&cfg);
+        let mut two = Memory::load(&cfg);
+        one.admit(&cfg, &cluster_in("a", &["a1", "a2", "a3"], Some("a1")))
+            .unwrap();
+        two.admit(&cfg, &cluster_in("b", &["b1", "b2"], Some("b1")))
+            .unwrap();
+        let restarted = Memory::load(&cfg);
+        let a = cluster_in("a", &[], None);
+        let b = cluster_in("b", &[], None);
+        assert_eq!(
+            restarted.members_of(&a),
+            Some(&names(&["a1", "a2", "a3"])[..])
+        );
+        assert_eq!(restarted.members_of(&b), Some(&names(&["b1", "b2"])[..]));
+    }
+
+    #[test]
+    fn state_file_of_an_older_haconfd_is_ignored_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("members.json");
+        std::fs::write(&path, r#"{"members":["a","b","c","d"]}"#).unwrap();
+        let cfg = GuardConfig {
+            state_file: Some(path.clone()),
+            ..Default::default()
+        };
+        let mut memory = Memory::load(&cfg);
+        memory.admit(&cfg, &cluster(&["d"])).unwrap();
+        let saved: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(
+            saved,
+            serde_json::json!({"clusters": [{"namespace": "/service", "scope": "demo", "members": ["d"]}]})
+        );
+    }
+
+    #[test]
+    fn unchanged_members_do_not_rewrite_the_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("members.json");
+        let cfg = GuardConfig {
+            state_file: Some(path.clone()),
+            ..Default::default()
+        };
+        let mut memory = Memory::load(&cfg);
+        memory.admit(&cfg, &led(&["a", "b"], "a")).unwrap();
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap());
+        // A promotion changes roles, not names: nothing to save on the failover's latency path.
+        memory.admit(&cfg, &led(&["a", "b"], "b")).unwrap();
+        let again = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap());
+        assert_eq!(ino, again);
     }
 }

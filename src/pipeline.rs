@@ -79,7 +79,8 @@ pub struct PassStats {
 pub struct Engine {
     settings: Arc<Settings>,
     renderer: Renderer,
-    last_members: Option<Vec<String>>,
+    /// The guard's memory of the views it accepted.
+    memory: guard::Memory,
     last_skipped: Vec<Skipped>,
     /// Whether leftovers of earlier runs were swept (first writing pass; `render` and `check`
     /// never touch the destination directories).
@@ -98,11 +99,11 @@ impl Engine {
     /// Compiles the templates of `settings`.
     pub fn new(settings: Arc<Settings>) -> Result<Self, RenderError> {
         let renderer = Renderer::load(&settings.targets)?;
-        let last_members = settings.guard.state_file.as_deref().and_then(load_members);
+        let memory = guard::Memory::load(&settings.guard);
         Ok(Self {
             settings,
             renderer,
-            last_members,
+            memory,
             last_skipped: Vec::new(),
             unreloaded: Default::default(),
             swept: false,
@@ -186,7 +187,7 @@ impl Engine {
         let started = Instant::now();
         self.stats = PassStats::default();
         let cluster = self.model(snap);
-        guard::check(&self.settings.guard, &cluster, self.last_members.as_deref())?;
+        self.memory.admit(&self.settings.guard, &cluster)?;
         let rendered = self.renderer.render_all(&self.settings.targets, &cluster)?;
         self.stats.render = started.elapsed();
         let apply_start = Instant::now();
@@ -296,19 +297,9 @@ impl Engine {
                 tracing::warn!(error = %e, "cannot fsync the directory after the swap");
             }
         }
-        // Bookkeeping after the reloads, off the latency path: the guard's memory...
-        let names: Vec<String> = cluster.members.iter().map(|m| m.name.clone()).collect();
-        if self.last_members.as_ref() != Some(&names) {
-            if let Some(path) = &self.settings.guard.state_file {
-                let json = serde_json::json!({ "members": names }).to_string();
-                if let Err(e) = apply::write_atomic(path, json.as_bytes(), 0o644) {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot save the applied member names");
-                }
-            }
-            self.last_members = Some(names);
-        }
-        // ...and, between reloads, the state file holds etcd's view, for cold starts. Not for a
-        // target reloaded just now: its new worker may still be reading the merged file.
+        // Bookkeeping after the reloads, off the latency path: between reloads, the state file
+        // holds etcd's view, for cold starts. Not for a target reloaded just now: its new worker
+        // may still be reading the merged file.
         for (t, r) in settings.targets.iter().zip(&rendered) {
             if outcome.reloaded.contains(&t.name) {
                 continue;
@@ -400,19 +391,6 @@ async fn prepare_server_state(
     server_state::swap_in(&ss.file, &content)
         .map_err(|e| tracing::warn!(error = %e, "cannot write the server-state file before reload"))
         .ok()
-}
-
-/// Reads the member names saved by an earlier pass (`guard.state_file`).
-fn load_members(path: &std::path::Path) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable guard state file"))
-        .ok()?;
-    v.get("members")?
-        .as_array()?
-        .iter()
-        .map(|n| n.as_str().map(str::to_owned))
-        .collect()
 }
 
 /// Whether the consumer itself rejected the new file (HAProxy's failed reload), as opposed to

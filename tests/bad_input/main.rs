@@ -14,6 +14,7 @@
 mod common;
 
 // One module per class of hostile input found after the first release; each test names its class.
+mod guard;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -1377,11 +1378,12 @@ fn fetch(rt: &tokio::runtime::Runtime, engine: &Engine) -> haconfd::snapshot::Sn
 }
 
 #[test]
-fn shrink_from_4_to_1_members_is_refused_by_the_guard() {
+fn shrink_from_4_to_1_members_without_a_leader_is_refused_by_the_guard() {
     let ws = Ws::with_members("shrink41", &["pg1", "pg2", "pg3", "pg4"]);
     let (rt, mut engine) = engine_after_first_pass(&ws);
     let before = ws.files();
-    for m in ["pg2", "pg3", "pg4"] {
+    // The leader among them: a leader still there would vouch for the smaller view.
+    for m in ["pg1", "pg2", "pg3"] {
         ws.delete(&format!("members/{m}"));
     }
     let snap = fetch(&rt, &engine);
@@ -1394,7 +1396,7 @@ fn shrink_from_4_to_1_members_is_refused_by_the_guard() {
     );
     let msg = err.to_string();
     let want = format!(
-        "etcd shows 1 member(s) in cluster {} where the last applied render had 4 (3 gone at once",
+        "etcd shows 1 member(s) and no valid leader in cluster {} where the last view the guard accepted had 4 (3 gone at once",
         q(&ws.scope)
     );
     assert!(msg.contains(&want) && msg.contains("--force"), "{msg}");
@@ -1430,7 +1432,7 @@ fn shrink_from_3_to_2_members_is_accepted() {
 /// held instead of refusing the shrink.
 #[test]
 fn daemon_refuses_a_4_to_1_shrink_and_keeps_the_files() {
-    let ws = Ws::with_members("shrinkdaemon", &["pg1", "rm2", "rm3", "rm4"]);
+    let ws = Ws::with_members("shrinkdaemon", &["rm1", "rm2", "rm3", "pg4"]);
     let before = ws.files();
     let log = ws.path("daemon.log");
     let mut cmd = Command::new(haconfd_bin());
@@ -1449,11 +1451,11 @@ fn daemon_refuses_a_4_to_1_shrink_and_keeps_the_files() {
         "the daemon's first pass did not finish:\n{}",
         daemon.log()
     );
-    // One etcd request, one revision: three of four members gone at once.
+    // One etcd request, one revision: three of four members gone at once, the leader among them.
     assert_eq!(Etcd::shared().delete_prefix(&ws.key("members/rm")), 3);
     // The message quotes the scope; inside a JSON log line those quotes are escaped.
     let want = format!(
-        "etcd shows 1 member(s) in cluster \\\"{}\\\" where the last applied render had 4 (3 gone at once",
+        "etcd shows 1 member(s) and no valid leader in cluster \\\"{}\\\" where the last view the guard accepted had 4 (3 gone at once",
         ws.scope
     );
     let settled = wait_until(Duration::from_secs(10), || {
