@@ -1,6 +1,8 @@
 //! Prometheus metrics through prometheus-client: counters and histograms updated after each pass,
 //! and the cluster view (members by role and state, leader, lag) taken from [`Status`] at scrape
-//! time, so a member that left stops being reported at once.
+//! time, so a member that left stops being reported at once. The view is what etcd showed the
+//! last pass, also when that pass was refused: during a failover no leader is reported, and
+//! `haconfd_cluster_has_leader` is 0.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -175,6 +177,14 @@ impl Metrics {
         }
         r.register("cluster_members", "Members by role and state", by_role);
         r.register("cluster_leader", "1 for the current leader's name", leader);
+        if let Some(c) = &status.cluster {
+            // An alert needs a series that is there while the leader is not.
+            r.register(
+                "cluster_has_leader",
+                "1 when etcd shows a valid leader, 0 while the cluster has none",
+                gauge(c.leader_name.is_some() as i64),
+            );
+        }
         r.register(
             "member_lag_bytes",
             "Bytes each member is behind the leader",

@@ -91,8 +91,9 @@ pub struct Engine {
     unreloaded: std::collections::BTreeSet<String>,
     /// Timings of the last pass.
     pub stats: PassStats,
-    /// The model of the last pass.
-    pub cluster: Option<Cluster>,
+    /// The model the last pass saw, accepted or refused: what etcd shows, for status and
+    /// metrics.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Engine {
@@ -186,7 +187,8 @@ impl Engine {
     pub async fn pass(&mut self, snap: &Snapshot, reload: bool) -> Result<PassOutcome, PassError> {
         let started = Instant::now();
         self.stats = PassStats::default();
-        let cluster = self.model(snap);
+        let cluster = Arc::new(self.model(snap));
+        self.cluster = Some(Arc::clone(&cluster));
         self.memory.admit(&self.settings.guard, &cluster)?;
         let rendered = self.renderer.render_all(&self.settings.targets, &cluster)?;
         self.stats.render = started.elapsed();
@@ -313,7 +315,6 @@ impl Engine {
             }
         }
         self.stats.apply = apply_start.elapsed();
-        self.cluster = Some(cluster);
         match first_error {
             Some(e) => Err(e),
             None => Ok(outcome),

@@ -1,7 +1,11 @@
 //! The daemon's state as operators see it: etcd connection, watch revision, the last pass and the
 //! cluster view. The daemon writes it after every pass; logs, readiness and `/status` read it.
+//! The cluster view is what etcd shows to the last pass, whether that pass was applied or refused
+//! (guard, no leader, a failed check): during a failover dashboards show no leader, not the old
+//! one.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -37,10 +41,14 @@ pub struct Status {
     pub last_success_age_seconds: Option<f64>,
     /// Per-target counters.
     pub targets: BTreeMap<String, TargetStatus>,
-    /// Leader changes seen.
+    /// Leader changes seen: a leader followed, possibly after a leaderless spell, by another.
     pub leader_changes: u64,
-    /// The cluster of the last pass.
-    pub cluster: Option<Cluster>,
+    /// The last leader seen, kept through leaderless spells so that a failover counts once.
+    #[serde(skip)]
+    last_leader: Option<String>,
+    /// The cluster the last pass saw (applied or refused).
+    #[serde(serialize_with = "serialize_cluster")]
+    pub cluster: Option<Arc<Cluster>>,
     /// Config hot reloads applied.
     pub config_reloads: u64,
     /// Error of the last refused config reload.
@@ -100,12 +108,19 @@ impl Status {
             }
         }
         if let Some(c) = &engine.cluster {
-            let old = self.cluster.as_ref().and_then(|c| c.leader_name.clone());
-            if old.is_some() && old != c.leader_name && c.leader_name.is_some() {
+            self.observe(c);
+        }
+    }
+
+    /// Takes `cluster` as the current view and counts a change of leader.
+    fn observe(&mut self, cluster: &Arc<Cluster>) {
+        if let Some(new) = &cluster.leader_name {
+            if self.last_leader.as_ref().is_some_and(|old| old != new) {
                 self.leader_changes += 1;
             }
-            self.cluster = Some(c.clone());
+            self.last_leader = Some(new.clone());
         }
+        self.cluster = Some(Arc::clone(cluster));
     }
 
     fn count(&mut self, o: &PassOutcome) {
@@ -127,5 +142,50 @@ impl Status {
         let mut s = self.clone();
         s.last_success_age_seconds = self.last_success.map(|t| t.elapsed().as_secs_f64());
         s
+    }
+}
+
+/// The cluster as its plain JSON (the `Arc` is only there to share it without copying).
+fn serialize_cluster<S: serde::Serializer>(
+    cluster: &Option<Arc<Cluster>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    cluster.as_deref().serialize(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::Snapshot;
+
+    fn view(leader: Option<&str>) -> Arc<Cluster> {
+        let mut s = Snapshot::new();
+        for n in ["a", "b"] {
+            s.put(
+                format!("/service/demo/members/{n}"),
+                br#"{"conn_url":"postgres://127.0.0.1:5432/postgres","api_url":"http://127.0.0.1:8008/patroni"}"#.to_vec(),
+            );
+        }
+        if let Some(l) = leader {
+            s.put("/service/demo/leader".into(), l.as_bytes().to_vec());
+        }
+        Arc::new(Cluster::build(&s, "/service", "demo").cluster)
+    }
+
+    #[test]
+    fn a_failover_through_a_leaderless_spell_counts_one_leader_change() {
+        let mut st = Status::default();
+        for leader in [Some("a"), Some("a"), None, None, Some("b"), None, Some("b")] {
+            st.observe(&view(leader));
+            assert_eq!(
+                st.cluster.as_ref().unwrap().leader_name.as_deref(),
+                leader,
+                "the view shown is the one seen"
+            );
+        }
+        assert_eq!(st.leader_changes, 1);
+        let json = serde_json::to_value(&st).unwrap();
+        assert_eq!(json["cluster"]["leader_name"], "b");
+        assert_eq!(json["leader_changes"], 1);
     }
 }

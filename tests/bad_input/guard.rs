@@ -1,6 +1,6 @@
 //! The shrink guard against the sequences real failovers produce (leases expiring one by one or
-//! together, then a promotion) and its memory in `guard.state_file` (restarts, scopes sharing one
-//! file).
+//! together, then a promotion), its memory in `guard.state_file` (restarts, scopes sharing one
+//! file), and `/status` and `/metrics` showing what etcd says while a pass is refused.
 
 use super::*;
 
@@ -269,4 +269,82 @@ fn guard_state_file_shared_by_two_scopes_keeps_each_scope_apart() {
         scopes.contains(&a.scope.as_str()) && scopes.contains(&b.scope.as_str()),
         "{memory}"
     );
+}
+
+/// `/status` as JSON, once the endpoint answers.
+fn status_json(port: u16) -> serde_json::Value {
+    let (code, body) = http_get(port, "/status").expect("/status answers");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn metrics_text(port: u16) -> String {
+    http_get(port, "/metrics").expect("/metrics answers").1
+}
+
+#[test]
+fn status_and_metrics_show_no_leader_while_the_pass_is_refused() {
+    let mut ws = guarded("statusview", &["rm1", "rm2", "pg3"]);
+    let port = free_port();
+    ws.reconfigure(|c| {
+        c.daemon_extra = format!("\n[http]\nlisten = \"127.0.0.1:{port}\"\n");
+    });
+    let daemon = start_daemon(&ws);
+    assert!(
+        wait_until(Duration::from_secs(5), || http_get(port, "/status")
+            .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .is_some_and(|st| st["cluster"]["leader_name"] == "rm1")),
+        "{}",
+        daemon.log()
+    );
+
+    // The leader key goes: the pass is refused (no leader), and dashboards must say so.
+    let pass = pass_over(&daemon, || ws.delete("leader"));
+    assert!(pass.to_string().contains("needs a leader"), "{pass}");
+    let st = status_json(port);
+    assert_eq!(st["last_pass_ok"], false, "{st}");
+    assert_eq!(st["last_error_reason"], "no_leader", "{st}");
+    assert!(st["cluster"]["leader_name"].is_null(), "{st}");
+    let m = metrics_text(port);
+    assert!(!m.contains("haconfd_cluster_leader{"), "{m}");
+    assert!(m.contains("haconfd_cluster_has_leader 0"), "{m}");
+
+    // Two members vanish at once with no leader: the guard refuses, the view is still shown.
+    let pass = pass_over(&daemon, || {
+        assert_eq!(Etcd::shared().delete_prefix(&ws.key("members/rm")), 2);
+    });
+    assert!(pass.to_string().contains("2 gone at once"), "{pass}");
+    let st = status_json(port);
+    assert_eq!(st["last_error_reason"], "guard", "{st}");
+    let members: Vec<&str> = st["cluster"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, ["pg3"], "{st}");
+    assert!(
+        metrics_text(port)
+            .contains("haconfd_cluster_members{role=\"replica\",state=\"streaming\"} 1"),
+        "{}",
+        metrics_text(port)
+    );
+
+    // pg3 is promoted: one leader change, rm1 → pg3, through the leaderless spell.
+    promote(&ws, "pg3", 2);
+    assert!(
+        wait_until(Duration::from_secs(10), || status_json(port)
+            ["last_pass_ok"]
+            == true),
+        "{}",
+        daemon.log()
+    );
+    let st = status_json(port);
+    assert_eq!(st["cluster"]["leader_name"], "pg3", "{st}");
+    assert_eq!(st["leader_changes"], 1, "{st}");
+    let m = metrics_text(port);
+    assert!(m.contains("haconfd_cluster_leader{name=\"pg3\"} 1"), "{m}");
+    assert!(m.contains("haconfd_cluster_has_leader 1"), "{m}");
+    assert!(m.contains("haconfd_leader_changes_total 1"), "{m}");
+    daemon.kill();
 }
