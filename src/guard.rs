@@ -157,12 +157,15 @@ impl Memory {
     /// view (saved to `guard.state_file` when its members changed).
     pub fn admit(&mut self, cfg: &GuardConfig, cluster: &Cluster) -> Result<(), GuardError> {
         check(cfg, cluster, self.members_of(cluster))?;
-        let names: Vec<String> = cluster.members.iter().map(|m| m.name.clone()).collect();
-        let same = self.members_of(cluster) == Some(names.as_slice());
+        // Compared without copying: heartbeats admit the same names again and again.
+        let same = self
+            .members_of(cluster)
+            .is_some_and(|l| l.iter().eq(cluster.members.iter().map(|m| &m.name)));
         let file_current = self.saved_to.as_deref() == cfg.state_file.as_deref();
         if same && file_current {
             return Ok(());
         }
+        let names: Vec<String> = cluster.members.iter().map(|m| m.name.clone()).collect();
         match self.entries.iter_mut().find(|e| e.is_of(cluster)) {
             Some(e) => e.members = names,
             None => {
@@ -206,12 +209,12 @@ impl Memory {
             .clusters
             .sort_by(|a, b| (&a.namespace, &a.scope).cmp(&(&b.namespace, &b.scope)));
         let json = serde_json::to_string(&state).unwrap_or_default();
-        match crate::apply::write_atomic(path, json.as_bytes(), 0o644) {
-            Ok(()) => self.saved_to = Some(path.to_owned()),
-            Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "cannot save the guard's memory (guard.state_file)")
-            }
+        if let Err(e) = crate::apply::write_atomic(path, json.as_bytes(), 0o644) {
+            tracing::warn!(file = %path.display(), error = %e, "cannot save the guard's memory (guard.state_file); it is kept in memory and saved again at the next change of members");
         }
+        // Also after a failure: an unwritable file is retried at the next change of members, not
+        // on every heartbeat.
+        self.saved_to = Some(path.to_owned());
     }
 }
 
@@ -481,6 +484,21 @@ mod tests {
             saved,
             serde_json::json!({"clusters": [{"namespace": "/service", "scope": "demo", "members": ["d"]}]})
         );
+    }
+
+    #[test]
+    fn an_unwritable_state_file_keeps_the_memory_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = GuardConfig {
+            state_file: Some(dir.path().join("missing-dir").join("members.json")),
+            ..Default::default()
+        };
+        let mut memory = Memory::load(&cfg);
+        memory
+            .admit(&cfg, &led(&["a", "b", "c", "d"], "a"))
+            .unwrap();
+        let err = memory.admit(&cfg, &cluster(&["d"])).unwrap_err();
+        assert!(matches!(err, GuardError::Shrunk { last: 4, .. }), "{err}");
     }
 
     #[test]
