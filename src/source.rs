@@ -439,7 +439,11 @@ pub async fn run(
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                fail(&tx, format!("watch {prefix}: {e}"), &mut down_since);
+                fail(
+                    &tx,
+                    format!("watch {prefix}: {}", describe(&e)),
+                    &mut down_since,
+                );
                 if sleep_or_shutdown(backoff.next_delay(), &mut shutdown).await {
                     return;
                 }
@@ -523,7 +527,7 @@ pub async fn run(
                         break true;
                     }
                     Err(e) => {
-                        fail(&tx, format!("watch {prefix}: {e}"), &mut down_since);
+                        fail(&tx, format!("watch {prefix}: {}", describe(&e)), &mut down_since);
                         break true;
                     }
                 },
