@@ -492,3 +492,28 @@ fn scope_larger_than_4_mib_is_listed_by_once_and_run() {
         d.log()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The shipped container configs
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn shipped_container_checks_keep_haproxys_reason() {
+    // `haproxy -c -q` in HAProxy 2.6 prints nothing on failure: the check then fails with "exit
+    // status: 1" and no reason at all.
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for rel in ["docker/haconfd.toml", "docker/k8s/haconfd-sidecar.yaml"] {
+        let text = read(&root.join(rel));
+        let checks: Vec<&str> = text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("check ="))
+            .collect();
+        assert!(!checks.is_empty(), "{rel}: no check line");
+        for l in checks {
+            assert!(
+                l.contains("\"haproxy\", \"-c\"") && !l.contains("\"-q\""),
+                "{rel}: {l}"
+            );
+        }
+    }
+}
