@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, KvClient, TlsOptions,
+    WatchOptions,
 };
 use tokio::sync::watch;
 
@@ -19,13 +20,26 @@ use crate::snapshot::Snapshot;
 /// Errors talking to etcd; each names the endpoints or prefix involved.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    /// Building the client failed (bad TLS files, auth refused, unreachable).
+    /// Building the client failed (bad TLS files, unreachable).
     #[error("cannot connect to etcd at {endpoints}: {message}")]
     Connect {
         /// Endpoints, comma-separated.
         endpoints: String,
         /// Cause.
         message: String,
+    },
+    /// etcd refused the credentials or the permission to read the prefix. Retrying cannot help
+    /// until the configuration or etcd's users and roles change, so one-shot modes stop at once.
+    #[error("etcd at {endpoints} refused {what}: {message}{hint}")]
+    Denied {
+        /// Endpoints.
+        endpoints: String,
+        /// What was refused ("the credentials of user \"x\"", "reading /service/demo/").
+        what: String,
+        /// etcd's own words.
+        message: String,
+        /// What to change, with a leading separator, or empty.
+        hint: &'static str,
     },
     /// A TLS file could not be read.
     #[error("cannot read etcd TLS file {path}: {source}")]
@@ -55,7 +69,72 @@ pub enum SourceError {
         /// Which step.
         what: &'static str,
     },
+    /// Retries ran out of time; `last` is the real cause seen on the way.
+    #[error("{last} (still failing after {timeout:?})")]
+    GaveUp {
+        /// The last error before the deadline.
+        last: Box<SourceError>,
+        /// The deadline.
+        timeout: Duration,
+    },
 }
+
+impl SourceError {
+    /// Whether retrying cannot fix it: refused credentials or permissions, an unreadable TLS
+    /// file. One-shot modes report these at once instead of retrying until their deadline.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            SourceError::Denied { .. } | SourceError::TlsFile { .. }
+        )
+    }
+}
+
+/// etcd's words for an error, without tonic's metadata dump, and a hint when the words alone do
+/// not say what to do.
+fn describe(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(s) if s.message().contains("message length too large") => {
+            format!(
+                "{} (one answer from etcd exceeded the gRPC message limit of {MAX_MESSAGE} bytes)",
+                s.message()
+            )
+        }
+        etcd_client::Error::GRpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
+        other => other.to_string(),
+    }
+}
+
+/// The hint for an error that means access was refused (etcd's `rpctypes` messages), or `None`
+/// for errors a retry may fix. An expired token ("invalid auth token") is not among them: the
+/// client authenticates again.
+fn refusal(e: &etcd_client::Error) -> Option<&'static str> {
+    let etcd_client::Error::GRpcStatus(s) = e else {
+        return None;
+    };
+    let m = s.message();
+    if m.contains("authentication failed") {
+        Some("")
+    } else if m.contains("permission denied") {
+        Some(" (the user's role needs read permission on the prefix: etcdctl role grant-permission <role> --prefix=true read <prefix>)")
+    } else if m.contains("user name is empty") {
+        Some(" (etcd has authentication enabled: set etcd.username and the password)")
+    } else if m.contains("authentication is not enabled") {
+        Some(" (etcd.username is set but etcd has authentication off)")
+    } else {
+        None
+    }
+}
+
+/// Keys per page of a list. Paging keeps each answer small whatever the scope holds (etcd's own
+/// limits and gRPC's apply per message); all pages are read at one revision.
+const PAGE_KEYS: i64 = 200;
+
+/// The largest single gRPC message accepted from etcd (list pages and watch responses). tonic's
+/// default is 4 MiB, and a scope with large member keys exceeded it in one list answer; a watch
+/// catching up sends many revisions in one response. etcd itself caps a value at
+/// `--max-request-bytes` (1.5 MiB by default), so a page of [`PAGE_KEYS`] keys fits comfortably.
+const MAX_MESSAGE: usize = 512 << 20;
 
 /// What the source publishes.
 #[derive(Debug, Clone, Default)]
@@ -78,7 +157,11 @@ pub async fn connect(cfg: &EtcdSettings) -> Result<Client, SourceError> {
         .with_keep_alive(cfg.keepalive_interval, cfg.keepalive_timeout)
         .with_keep_alive_while_idle(true);
     if let Some((user, password)) = &cfg.auth {
-        opts = opts.with_user(user.clone(), password.clone());
+        // etcd's simple tokens expire (5 minutes idle by default); a long-running watcher must
+        // authenticate again rather than fail every call after that.
+        opts = opts
+            .with_user(user.clone(), password.clone())
+            .with_auto_token_refresh(true);
     }
     if let Some(tls) = &cfg.tls {
         let read = |p: &std::path::PathBuf| {
@@ -107,39 +190,66 @@ pub async fn connect(cfg: &EtcdSettings) -> Result<Client, SourceError> {
             timeout: limit,
             what: "connect",
         }),
-        Ok(Err(e)) => Err(SourceError::Connect {
-            endpoints,
-            message: e.to_string(),
+        Ok(Err(e)) => Err(match (refusal(&e), &cfg.auth) {
+            (Some(hint), Some((user, _))) => SourceError::Denied {
+                endpoints,
+                what: format!("the credentials of user {user:?}"),
+                message: describe(&e),
+                hint,
+            },
+            _ => SourceError::Connect {
+                endpoints,
+                message: describe(&e),
+            },
         }),
         Ok(Ok(c)) => Ok(c),
     }
 }
 
-/// Lists the prefix into a snapshot at the response's revision. Retries at once on another
-/// endpoint a few times: with one of several endpoints dead, some requests fail with
-/// `Unavailable` while the others answer.
+/// The first key after every key that starts with `prefix` (etcd's range end for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: to the end of the keyspace.
+    vec![0]
+}
+
+/// Lists the prefix into a snapshot at the response's revision, in pages of [`PAGE_KEYS`] keys,
+/// every page after the first read at the first page's revision (one consistent view). Retries at
+/// once on another endpoint a few times: with one of several endpoints dead, some requests fail
+/// with `Unavailable` while the others answer. A compaction between two pages fails the page; the
+/// retry lists afresh at the newest revision.
 pub async fn list(client: &mut Client, cfg: &EtcdSettings) -> Result<Snapshot, SourceError> {
     let prefix = cfg.prefix();
     let endpoints = cfg.endpoints.join(",");
     let tries = cfg.endpoints.len() * 2 + 1;
+    let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
     let mut last = String::new();
     for _ in 0..tries {
-        let req = client.get(prefix.as_bytes(), Some(GetOptions::new().with_prefix()));
-        match tokio::time::timeout(cfg.request_timeout, req).await {
-            Err(_) => last = format!("no answer within {:?}", cfg.request_timeout),
-            Ok(Err(e)) => last = e.to_string(),
-            Ok(Ok(resp)) => {
-                let mut snap = Snapshot {
-                    revision: resp.header().map(|h| h.revision()).unwrap_or(0),
-                    ..Snapshot::default()
-                };
-                for kv in resp.kvs() {
-                    snap.put(
-                        String::from_utf8_lossy(kv.key()).into_owned(),
-                        kv.value().to_vec(),
-                    );
+        match list_pages(&mut kv, prefix.as_bytes(), cfg.request_timeout).await {
+            Ok(snap) => return Ok(snap),
+            Err(ListFailure::Etcd(e)) => {
+                if let Some(hint) = refusal(&e) {
+                    let what = match &cfg.auth {
+                        Some((user, _)) => format!("reading {prefix} to user {user:?}"),
+                        None => format!("reading {prefix} without credentials"),
+                    };
+                    return Err(SourceError::Denied {
+                        endpoints,
+                        what,
+                        message: describe(&e),
+                        hint,
+                    });
                 }
-                return Ok(snap);
+                last = describe(&e);
+            }
+            Err(ListFailure::NoAnswer) => {
+                last = format!("no answer within {:?}", cfg.request_timeout)
             }
         }
     }
@@ -150,10 +260,59 @@ pub async fn list(client: &mut Client, cfg: &EtcdSettings) -> Result<Snapshot, S
     })
 }
 
+enum ListFailure {
+    Etcd(etcd_client::Error),
+    NoAnswer,
+}
+
+async fn list_pages(
+    kv: &mut KvClient,
+    prefix: &[u8],
+    request_timeout: Duration,
+) -> Result<Snapshot, ListFailure> {
+    let end = prefix_end(prefix);
+    let mut from = prefix.to_vec();
+    let mut snap = Snapshot::default();
+    let mut revision = 0;
+    loop {
+        let mut opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(PAGE_KEYS);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = tokio::time::timeout(request_timeout, kv.get(from.clone(), Some(opts)))
+            .await
+            .map_err(|_| ListFailure::NoAnswer)?
+            .map_err(ListFailure::Etcd)?;
+        if revision == 0 {
+            revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            snap.revision = revision;
+        }
+        for kv in resp.kvs() {
+            snap.put(
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            );
+        }
+        match resp.kvs().last() {
+            // The next page starts right after the last key of this one.
+            Some(kv) if resp.more() => {
+                from = kv.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok(snap),
+        }
+    }
+}
+
 /// Connects and lists once, retrying with backoff until `timeout` (for `once`, `check`, `render`).
+/// Refused credentials or permissions end it at once; otherwise the error at the deadline is the
+/// last real one seen, not only "no answer".
 pub async fn fetch_once(cfg: &EtcdSettings, timeout: Duration) -> Result<Snapshot, SourceError> {
     let deadline = Instant::now() + timeout;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut last: Option<SourceError> = None;
     loop {
         let attempt = async {
             let mut c = connect(cfg).await?;
@@ -162,20 +321,33 @@ pub async fn fetch_once(cfg: &EtcdSettings, timeout: Duration) -> Result<Snapsho
         let left = deadline.saturating_duration_since(Instant::now());
         let err = match tokio::time::timeout(left, attempt).await {
             Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) if e.is_permanent() => return Err(e),
             Ok(Err(e)) => e,
-            Err(_) => SourceError::Timeout {
-                endpoints: cfg.endpoints.join(","),
-                timeout,
-                what: "connect and list",
-            },
+            Err(_) => {
+                return Err(match last {
+                    Some(last) => SourceError::GaveUp {
+                        last: Box::new(last),
+                        timeout,
+                    },
+                    None => SourceError::Timeout {
+                        endpoints: cfg.endpoints.join(","),
+                        timeout,
+                        what: "connect and list",
+                    },
+                })
+            }
         };
         // Keep trying until the deadline itself, not until the next delay would pass it.
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(err);
+            return Err(SourceError::GaveUp {
+                last: Box::new(err),
+                timeout,
+            });
         }
         let wait = backoff.next_delay().min(left);
         tracing::warn!(error = %err, retry_in = ?wait, "etcd not reachable yet");
+        last = Some(err);
         tokio::time::sleep(wait).await;
     }
 }
@@ -254,34 +426,41 @@ pub async fn run(
             }
         }
         let current = snap.as_mut().expect("listed above");
+        let mut watch_client = c.watch_client().max_decoding_message_size(MAX_MESSAGE);
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(current.revision + 1)
             .with_progress_notify();
-        let mut stream =
-            match tokio::time::timeout(cfg.request_timeout, c.watch(prefix.as_bytes(), Some(opts)))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    fail(&tx, format!("watch {prefix}: {e}"), &mut down_since);
-                    if sleep_or_shutdown(backoff.next_delay(), &mut shutdown).await {
-                        return;
-                    }
-                    continue;
+        let mut stream = match tokio::time::timeout(
+            cfg.request_timeout,
+            watch_client.watch(prefix.as_bytes(), Some(opts)),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                fail(
+                    &tx,
+                    format!("watch {prefix}: {}", describe(&e)),
+                    &mut down_since,
+                );
+                if sleep_or_shutdown(backoff.next_delay(), &mut shutdown).await {
+                    return;
                 }
-                Err(_) => {
-                    fail(
-                        &tx,
-                        format!("watch {prefix}: no answer within {:?}", cfg.request_timeout),
-                        &mut down_since,
-                    );
-                    if sleep_or_shutdown(backoff.next_delay(), &mut shutdown).await {
-                        return;
-                    }
-                    continue;
+                continue;
+            }
+            Err(_) => {
+                fail(
+                    &tx,
+                    format!("watch {prefix}: no answer within {:?}", cfg.request_timeout),
+                    &mut down_since,
+                );
+                if sleep_or_shutdown(backoff.next_delay(), &mut shutdown).await {
+                    return;
                 }
-            };
+                continue;
+            }
+        };
         let mut resync = tokio::time::interval_at(
             tokio::time::Instant::now() + nonzero(resync_interval),
             nonzero(resync_interval),
@@ -348,7 +527,7 @@ pub async fn run(
                         break true;
                     }
                     Err(e) => {
-                        fail(&tx, format!("watch {prefix}: {e}"), &mut down_since);
+                        fail(&tx, format!("watch {prefix}: {}", describe(&e)), &mut down_since);
                         break true;
                     }
                 },
@@ -405,5 +584,17 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) ->
     tokio::select! {
         _ = tokio::time::sleep(d) => *shutdown.borrow(),
         _ = shutdown.changed() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_is_the_first_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/service/demo/"), b"/service/demo0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 }

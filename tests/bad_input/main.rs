@@ -14,6 +14,7 @@
 mod common;
 
 // One module per class of hostile input found after the first release; each test names its class.
+mod edge;
 mod guard;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
