@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::apply::STAGED_PLACEHOLDER;
+
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/haconfd/haconfd.toml";
 
@@ -387,14 +389,21 @@ impl RawConfig {
     /// Resolves into [`Settings`]; relative template paths are taken from `base_dir`.
     pub fn resolve(self, base_dir: &Path) -> Result<Settings, ConfigError> {
         let etcd = resolve_etcd(self.etcd, base_dir)?;
+        check_daemon_durations(&self.daemon)?;
         if !(0.0..=1.0).contains(&self.guard.max_removed_fraction) {
             return Err(ConfigError::Invalid(format!(
                 "guard.max_removed_fraction must be between 0 and 1, got {}",
                 self.guard.max_removed_fraction
             )));
         }
+        if let Some(listen) = &self.http.listen {
+            check_listen(listen)?;
+        }
         let mut guard = self.guard;
-        guard.state_file = guard.state_file.map(|p| base_dir.join(p));
+        guard.state_file = guard
+            .state_file
+            .map(|p| resolve_path(base_dir, &p).map_err(|m| invalid_path("guard.state_file", m)))
+            .transpose()?;
         let vars = table_to_json(self.vars);
         let mut targets = Vec::with_capacity(self.templates.len());
         for (i, t) in self.templates.into_iter().enumerate() {
@@ -405,12 +414,6 @@ impl RawConfig {
                     target.name
                 )));
             }
-            if targets.iter().any(|o: &Target| o.dest == target.dest) {
-                return Err(ConfigError::Invalid(format!(
-                    "two [[template]] entries write {}",
-                    target.dest.display()
-                )));
-            }
             targets.push(target);
         }
         if targets.is_empty() {
@@ -418,6 +421,7 @@ impl RawConfig {
                 "no [[template]] entries: nothing to render".into(),
             ));
         }
+        check_written_files(&targets, guard.state_file.as_deref())?;
         Ok(Settings {
             etcd,
             daemon: self.daemon,
@@ -451,7 +455,8 @@ pub struct Settings {
 pub struct EtcdSettings {
     /// Client URLs.
     pub endpoints: Vec<String>,
-    /// Normalised namespace: leading `/`, no trailing `/`.
+    /// Normalised namespace: `/service` style (one leading `/`, no trailing or doubled `/`), or
+    /// empty for the root (`"/"` or `""`), so that `<namespace>/<scope>/` is the path Patroni uses.
     pub namespace: String,
     /// Patroni scope.
     pub scope: String,
@@ -470,7 +475,8 @@ pub struct EtcdSettings {
 }
 
 impl EtcdSettings {
-    /// The key prefix Patroni writes under: `<namespace>/<scope>/`.
+    /// The key prefix Patroni writes under: `<namespace>/<scope>/`, e.g. `/service/demo/`, or
+    /// `/demo/` with the root namespace.
     pub fn prefix(&self) -> String {
         format!("{}/{}/", self.namespace, self.scope)
     }
@@ -606,11 +612,20 @@ fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigEr
             )));
         }
     }
-    let namespace = format!("/{}", e.namespace.trim_matches('/'));
+    for (key, d) in [
+        ("etcd.connect_timeout", e.connect_timeout),
+        ("etcd.request_timeout", e.request_timeout),
+        ("etcd.keepalive_interval", e.keepalive_interval),
+        ("etcd.keepalive_timeout", e.keepalive_timeout),
+    ] {
+        positive(key, d).map_err(ConfigError::Invalid)?;
+    }
+    let namespace = normalize_namespace(&e.namespace);
     let password = match (&e.password, &e.password_file) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(file)) => {
-            let file = base_dir.join(file);
+            let file =
+                resolve_path(base_dir, file).map_err(|m| invalid_path("etcd.password_file", m))?;
             let text = std::fs::read_to_string(&file).map_err(|err| {
                 ConfigError::Invalid(format!("etcd.password_file {}: {err}", file.display()))
             })?;
@@ -632,12 +647,19 @@ fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigEr
         }
         (None, None) => None,
     };
-    let tls = e.tls.map(|t| TlsConfig {
-        ca: t.ca.map(|p| base_dir.join(p)),
-        cert: t.cert.map(|p| base_dir.join(p)),
-        key: t.key.map(|p| base_dir.join(p)),
-        domain: t.domain,
-    });
+    let tls_path = |key: &str, p: Option<PathBuf>| {
+        p.map(|p| resolve_path(base_dir, &p).map_err(|m| invalid_path(key, m)))
+            .transpose()
+    };
+    let tls = match e.tls {
+        Some(t) => Some(TlsConfig {
+            ca: tls_path("etcd.tls.ca", t.ca)?,
+            cert: tls_path("etcd.tls.cert", t.cert)?,
+            key: tls_path("etcd.tls.key", t.key)?,
+            domain: t.domain,
+        }),
+        None => None,
+    };
     if let Some(t) = &tls {
         if t.cert.is_some() != t.key.is_some() {
             return Err(ConfigError::Invalid(
@@ -688,7 +710,18 @@ fn resolve_template(
                 "check is an argv, not a shell string: split {first:?} into separate items"
             )));
         }
+        // A check that is not handed the staged file checks whatever else it reads, usually the
+        // live file: the new one would go live unchecked while the check reports success.
+        if !t.check.iter().any(|a| a.contains(STAGED_PLACEHOLDER)) {
+            return Err(ctx(format!(
+                "check {:?} does not name the staged file: put \"{STAGED_PLACEHOLDER}\" where \
+                 the file to check goes, or the new file goes live unchecked",
+                t.check
+            )));
+        }
     }
+    positive("check_timeout", t.check_timeout).map_err(ctx)?;
+    let dest = resolve_path(base_dir, &t.dest).map_err(|m| ctx(format!("dest: {m}")))?;
     let mode = t
         .mode
         .as_deref()
@@ -717,13 +750,26 @@ fn resolve_template(
         .map_err(ctx)?;
     let reload = t
         .reload
-        .map(|r| resolve_reload(r).map_err(&ctx))
+        .map(|r| resolve_reload(r, base_dir).map_err(&ctx))
         .transpose()?;
+    let server_state = t
+        .server_state
+        .map(|ss| {
+            Ok::<_, String>(ServerStateConfig {
+                stats_socket: resolve_path(base_dir, &ss.stats_socket)
+                    .map_err(|m| format!("server_state.stats_socket: {m}"))?,
+                file: resolve_path(base_dir, &ss.file)
+                    .map_err(|m| format!("server_state.file: {m}"))?,
+                ..ss
+            })
+        })
+        .transpose()
+        .map_err(&ctx)?;
     let mut vars = global_vars.clone();
     vars.extend(table_to_json(t.vars));
     Ok(Target {
-        src: base_dir.join(&t.src),
-        dest: t.dest,
+        src: resolve_path(base_dir, &t.src).map_err(|m| ctx(format!("src: {m}")))?,
+        dest,
         check: t.check,
         check_timeout: t.check_timeout,
         mode,
@@ -731,15 +777,27 @@ fn resolve_template(
         group,
         reload,
         require_leader: t.require_leader,
-        server_state: t.server_state,
+        server_state,
         vars,
         name,
     })
 }
 
-fn resolve_reload(r: ReloadConfig) -> Result<Reload, String> {
+fn resolve_reload(r: ReloadConfig, base_dir: &Path) -> Result<Reload, String> {
     let timeout = r.timeout.unwrap_or_else(default_command_timeout);
-    match (&r.pidfile, &r.command, &r.master_socket) {
+    positive("reload.timeout", timeout)?;
+    // `command` is an argv run as written (looked up in PATH), not a path setting.
+    let pidfile = r
+        .pidfile
+        .as_deref()
+        .map(|p| resolve_path(base_dir, p).map_err(|m| format!("reload.pidfile: {m}")))
+        .transpose()?;
+    let master_socket = r
+        .master_socket
+        .as_deref()
+        .map(|p| resolve_path(base_dir, p).map_err(|m| format!("reload.master_socket: {m}")))
+        .transpose()?;
+    match (&pidfile, &r.command, &master_socket) {
         (Some(pidfile), None, socket) => {
             let signal_name = r.signal.as_deref().ok_or(
                 "reload with a pidfile needs `signal` (SIGUSR2 for an HAProxy master, SIGHUP for PgBouncer)",
@@ -784,6 +842,139 @@ fn resolve_reload(r: ReloadConfig) -> Result<Reload, String> {
         }
         _ => Err("reload takes only one of `pidfile` or `command` (master_socket may go with pidfile to verify)".into()),
     }
+}
+
+/// Takes a path setting from the config file's directory when it is relative, as every path in
+/// the file is (an absolute `base_dir` makes the result independent of the working directory).
+fn resolve_path(base_dir: &Path, path: &Path) -> Result<PathBuf, String> {
+    if path.as_os_str().is_empty() {
+        return Err("the path is empty".into());
+    }
+    Ok(base_dir.join(path))
+}
+
+fn invalid_path(key: &str, message: String) -> ConfigError {
+    ConfigError::Invalid(format!("{key}: {message}"))
+}
+
+/// Refuses a zero duration for a setting where zero makes no sense: a zero timeout fails every
+/// attempt, a zero interval or backoff spins. `daemon.resync_interval` (`"0s"` is off) and
+/// `daemon.min_interval` (`"0s"` is no spacing between passes) are not checked here.
+fn positive(key: &str, d: Duration) -> Result<(), String> {
+    if d.is_zero() {
+        return Err(format!(
+            "{key} must be more than 0s (\"0s\" means off only for daemon.resync_interval)"
+        ));
+    }
+    Ok(())
+}
+
+fn check_daemon_durations(d: &DaemonConfig) -> Result<(), ConfigError> {
+    for (key, value) in [
+        ("daemon.max_backoff", d.max_backoff),
+        ("daemon.once_timeout", d.once_timeout),
+        ("daemon.retry_interval", d.retry_interval),
+    ] {
+        positive(key, value).map_err(ConfigError::Invalid)?;
+    }
+    Ok(())
+}
+
+/// `http.listen` must be an address `bind` can take: an IP socket address, or `host:port` with a
+/// host that resolves. Checked here so that `check` refuses it and `run` exits 2, not at bind.
+fn check_listen(listen: &str) -> Result<(), ConfigError> {
+    use std::net::{SocketAddr, ToSocketAddrs};
+    if listen.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let bad = |why: String| {
+        ConfigError::Invalid(format!(
+            "http.listen {listen:?} is not an address to listen on ({why}); write it as \
+             127.0.0.1:9187 or [::1]:9187"
+        ))
+    };
+    let Some((host, port)) = listen.rsplit_once(':') else {
+        return Err(bad("no port".into()));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad(format!("host {host:?}, port {port:?}")));
+    }
+    match listen.to_socket_addrs().map(|mut addrs| addrs.next()) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(bad(format!("{host} resolves to no address"))),
+        Err(e) => Err(bad(e.to_string())),
+    }
+}
+
+/// Patroni joins `/`, namespace and scope and collapses repeated slashes (`dcs/__init__.py`), so
+/// `"/"` and `""` mean the root and keys live at `/<scope>/`. Empty for the root, else one leading
+/// slash and none doubled or trailing.
+fn normalize_namespace(ns: &str) -> String {
+    ns.split('/')
+        .filter(|part| !part.is_empty())
+        .map(|part| format!("/{part}"))
+        .collect()
+}
+
+/// Refuses two settings that write one file (two targets would overwrite each other's output),
+/// however the paths are spelled: compared after `.`/`..` are removed and the directory is
+/// canonicalized, so a symlinked directory is caught too.
+fn check_written_files(targets: &[Target], state_file: Option<&Path>) -> Result<(), ConfigError> {
+    let mut written: Vec<(String, &Path)> = Vec::new();
+    for t in targets {
+        written.push((format!("template {:?} dest", t.name), &t.dest));
+        if let Some(ss) = &t.server_state {
+            written.push((format!("template {:?} server_state.file", t.name), &ss.file));
+        }
+    }
+    if let Some(p) = state_file {
+        written.push(("guard.state_file".into(), p));
+    }
+    let ids: Vec<PathBuf> = written.iter().map(|(_, p)| file_identity(p)).collect();
+    for (i, id) in ids.iter().enumerate() {
+        if let Some(j) = ids[..i].iter().position(|other| other == id) {
+            let ((first, first_path), (second, second_path)) = (&written[j], &written[i]);
+            return Err(ConfigError::Invalid(format!(
+                "{first} ({}) and {second} ({}) are the same file {}; each must write its own",
+                first_path.display(),
+                second_path.display(),
+                id.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What a path names, for comparison: the directory canonicalized when it exists (symlinks and
+/// `..` resolved by the filesystem), else the path with `.` and `..` removed lexically.
+fn file_identity(path: &Path) -> PathBuf {
+    let lexical = normalize_lexically(path);
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => match std::fs::canonicalize(dir) {
+            Ok(real) => real.join(name),
+            Err(_) => lexical,
+        },
+        _ => lexical,
+    }
+}
+
+fn normalize_lexically(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) {
+                    out.pop();
+                } else if !out.has_root() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Parses `SIGHUP`, `HUP` or `hup`.
@@ -835,6 +1026,9 @@ pub fn load_settings(path: &Path, overrides: &Overrides) -> Result<Settings, Con
         .map(Path::to_path_buf)
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
+    // Absolute once, at load: paths then name the same files whatever the working directory is
+    // when they are used, and messages show where they really are.
+    let base = std::path::absolute(&base).unwrap_or(base);
     raw.resolve(&base)
 }
 
@@ -951,5 +1145,300 @@ reload = { pidfile = "/run/haproxy.pid", signal = "SIGUSR2", process = "haproxy"
             .resolve(Path::new("/"))
             .unwrap_err();
         assert!(err.to_string().contains("argv"), "{err}");
+    }
+
+    fn resolve_text(toml: &str, base: &str) -> Result<Settings, ConfigError> {
+        RawConfig::parse(toml, Path::new("t.toml"))
+            .unwrap()
+            .resolve(Path::new(base))
+    }
+
+    #[test]
+    fn every_relative_path_is_taken_from_the_config_directory() {
+        let toml = r#"
+[etcd]
+scope = "demo"
+password_file = "secret/pw"
+tls = { ca = "tls/ca.pem", cert = "tls/c.pem", key = "tls/k.pem" }
+[guard]
+state_file = "state/members.json"
+[[template]]
+src = "haproxy.cfg.tera"
+dest = "out/haproxy.cfg"
+check = ["bin/check", "{{staged}}"]
+reload = { pidfile = "run/haproxy.pid", signal = "SIGUSR2", process = "haproxy", master_socket = "run/master.sock" }
+server_state = { stats_socket = "run/admin.sock", file = "state/server-state" }
+[[template]]
+src = "pgbouncer.ini.tera"
+dest = "out/pgbouncer.ini"
+reload = { command = ["bin/reload", "arg"] }
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("secret")).unwrap();
+        std::fs::write(dir.path().join("secret/pw"), "pw\n").unwrap();
+        let toml = toml.replace("password_file", "username = \"u\"\npassword_file");
+        let s = RawConfig::parse(&toml, Path::new("t.toml"))
+            .unwrap()
+            .resolve(dir.path())
+            .unwrap();
+        let d = dir.path();
+        let tls = s.etcd.tls.as_ref().unwrap();
+        assert_eq!(tls.ca.as_deref(), Some(d.join("tls/ca.pem").as_path()));
+        assert_eq!(tls.cert.as_deref(), Some(d.join("tls/c.pem").as_path()));
+        assert_eq!(tls.key.as_deref(), Some(d.join("tls/k.pem").as_path()));
+        assert_eq!(s.etcd.auth.as_ref().unwrap().1, "pw");
+        assert_eq!(s.guard.state_file, Some(d.join("state/members.json")));
+        let hap = &s.targets[0];
+        assert_eq!(hap.src, d.join("haproxy.cfg.tera"));
+        assert_eq!(hap.dest, d.join("out/haproxy.cfg"));
+        // Argvs run as written: a relative program is looked up in PATH, not in the directory.
+        assert_eq!(hap.check, ["bin/check", "{{staged}}"]);
+        match &hap.reload {
+            Some(Reload::Signal {
+                pidfile,
+                master_socket,
+                ..
+            }) => {
+                assert_eq!(pidfile, &d.join("run/haproxy.pid"));
+                assert_eq!(
+                    master_socket.as_deref(),
+                    Some(d.join("run/master.sock").as_path())
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let ss = hap.server_state.as_ref().unwrap();
+        assert_eq!(ss.stats_socket, d.join("run/admin.sock"));
+        assert_eq!(ss.file, d.join("state/server-state"));
+        assert_eq!(s.targets[1].dest, d.join("out/pgbouncer.ini"));
+        assert!(matches!(
+            &s.targets[1].reload,
+            Some(Reload::Command { argv, .. }) if argv == &["bin/reload", "arg"]
+        ));
+    }
+
+    #[test]
+    fn master_socket_reload_path_is_taken_from_the_config_directory() {
+        let toml = MINIMAL.replace(
+            "{ pidfile = \"/run/haproxy.pid\", signal = \"SIGUSR2\", process = \"haproxy\" }",
+            "{ master_socket = \"master.sock\" }",
+        );
+        let s = resolve_text(&toml, "/etc/haconfd").unwrap();
+        assert!(matches!(
+            &s.targets[0].reload,
+            Some(Reload::MasterSocket { path, .. }) if path == Path::new("/etc/haconfd/master.sock")
+        ));
+    }
+
+    #[test]
+    fn load_settings_resolves_against_an_absolute_config_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("haconfd.toml");
+        std::fs::write(
+            &cfg,
+            MINIMAL.replace("/tmp/x/haproxy.cfg", "rel/haproxy.cfg"),
+        )
+        .unwrap();
+        let s = load_settings(&cfg, &Overrides::default()).unwrap();
+        assert_eq!(s.targets[0].dest, dir.path().join("rel/haproxy.cfg"));
+        assert!(s.targets[0].src.is_absolute());
+    }
+
+    #[test]
+    fn check_without_the_staged_placeholder_is_refused() {
+        let toml = MINIMAL.replace(
+            "reload =",
+            "check = [\"haproxy\", \"-c\", \"-f\", \"/etc/haproxy/haproxy.cfg\"]\nreload =",
+        );
+        let err = resolve_text(&toml, "/").unwrap_err().to_string();
+        assert!(err.contains("template \"haproxy.cfg\""), "{err}");
+        assert!(
+            err.contains(r#"["haproxy", "-c", "-f", "/etc/haproxy/haproxy.cfg"]"#),
+            "{err}"
+        );
+        assert!(err.contains("{{staged}}"), "{err}");
+        // Inside a larger argument (`--file={{staged}}`) it is replaced too, so that is fine.
+        let ok = MINIMAL.replace(
+            "reload =",
+            "check = [\"x\", \"--file={{staged}}\"]\nreload =",
+        );
+        resolve_text(&ok, "/").unwrap();
+    }
+
+    #[test]
+    fn zero_durations_are_refused_naming_the_key() {
+        for (section, line, key) in [
+            ("[etcd]", "connect_timeout = \"0s\"", "etcd.connect_timeout"),
+            ("[etcd]", "request_timeout = \"0s\"", "etcd.request_timeout"),
+            (
+                "[etcd]",
+                "keepalive_interval = \"0s\"",
+                "etcd.keepalive_interval",
+            ),
+            (
+                "[etcd]",
+                "keepalive_timeout = \"0s\"",
+                "etcd.keepalive_timeout",
+            ),
+            (
+                "[daemon]",
+                "retry_interval = \"0s\"",
+                "daemon.retry_interval",
+            ),
+            ("[daemon]", "max_backoff = \"0ms\"", "daemon.max_backoff"),
+            ("[daemon]", "once_timeout = \"0s\"", "daemon.once_timeout"),
+            ("[[template]]", "check_timeout = \"0s\"", "check_timeout"),
+        ] {
+            let toml =
+                format!("[daemon]\n{MINIMAL}").replace(section, &format!("{section}\n{line}"));
+            let err = resolve_text(&toml, "/").unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{key} must be more than 0s")),
+                "{line}: {err}"
+            );
+        }
+        let toml = MINIMAL.replace(
+            "process = \"haproxy\" }",
+            "process = \"haproxy\", timeout = \"0s\" }",
+        );
+        let err = resolve_text(&toml, "/").unwrap_err().to_string();
+        assert!(
+            err.contains("template \"haproxy.cfg\": reload.timeout must be more than 0s"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn zero_resync_and_min_interval_are_accepted() {
+        let toml = format!("[daemon]\nresync_interval = \"0s\"\nmin_interval = \"0s\"\n{MINIMAL}");
+        let s = resolve_text(&toml, "/").unwrap();
+        assert!(s.daemon.resync_interval.is_zero() && s.daemon.min_interval.is_zero());
+    }
+
+    #[test]
+    fn root_namespace_gives_the_prefix_patroni_writes() {
+        for (ns, want) in [
+            ("/", "/demo/"),
+            ("", "/demo/"),
+            ("//", "/demo/"),
+            ("service", "/service/demo/"),
+            ("/service/", "/service/demo/"),
+            ("//a//b/", "/a/b/demo/"),
+        ] {
+            let mut raw = RawConfig::parse(MINIMAL, Path::new("t.toml")).unwrap();
+            raw.etcd.namespace = ns.into();
+            let s = raw.resolve(Path::new("/")).unwrap();
+            assert_eq!(s.etcd.prefix(), want, "namespace {ns:?}");
+            // The model builds its prefix as `{namespace}/{scope}/`: it must agree.
+            assert_eq!(
+                format!("{}/{}/", s.etcd.namespace, s.etcd.scope),
+                want,
+                "namespace {ns:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_file_written_by_two_settings_is_refused_however_spelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("real")).unwrap();
+        std::fs::create_dir(d.join("real/sub")).unwrap();
+        std::os::unix::fs::symlink(d.join("real"), d.join("link")).unwrap();
+        let two = |a: &str, b: &str, extra: &str| {
+            format!(
+                "[etcd]\nscope = \"demo\"\n{extra}\n[[template]]\nname = \"a\"\nsrc = \"t\"\ndest = {a:?}\n\
+                 [[template]]\nname = \"b\"\nsrc = \"t\"\ndest = {b:?}\n"
+            )
+        };
+        for (a, b) in [
+            ("real/same.cfg", "real/sub/../same.cfg"),
+            ("real/same.cfg", "./real/./same.cfg"),
+            ("real/same.cfg", "link/same.cfg"),
+            ("missing/same.cfg", "missing/x/../same.cfg"),
+        ] {
+            let err = RawConfig::parse(&two(a, b, ""), Path::new("t"))
+                .unwrap()
+                .resolve(d)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("template \"a\" dest") && err.contains("template \"b\" dest"),
+                "{a} vs {b}: {err}"
+            );
+        }
+        let err = RawConfig::parse(
+            &two(
+                "real/a.cfg",
+                "real/b.cfg",
+                "[guard]\nstate_file = \"link/a.cfg\"",
+            ),
+            Path::new("t"),
+        )
+        .unwrap()
+        .resolve(d)
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("guard.state_file"), "{err}");
+        RawConfig::parse(&two("real/a.cfg", "link/b.cfg", ""), Path::new("t"))
+            .unwrap()
+            .resolve(d)
+            .unwrap();
+    }
+
+    #[test]
+    fn server_state_file_shared_with_another_target_is_refused() {
+        let toml = format!(
+            "{MINIMAL}server_state = {{ stats_socket = \"/run/a.sock\", file = \"/tmp/x/../x/other.cfg\" }}\n\
+             [[template]]\nsrc = \"t\"\ndest = \"/tmp/x/other.cfg\"\n"
+        );
+        let err = resolve_text(&toml, "/").unwrap_err().to_string();
+        assert!(
+            err.contains("template \"haproxy.cfg\" server_state.file")
+                && err.contains("template \"other.cfg\" dest"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn http_listen_must_be_an_address() {
+        for bad in [
+            "127.0.0.1",
+            "127.0.0.1:http",
+            "999.0.0.1:80",
+            ":9187",
+            "no-such-host.invalid:80",
+            "127.0.0.1:70000",
+        ] {
+            let mut raw = RawConfig::parse(MINIMAL, Path::new("t.toml")).unwrap();
+            raw.http.listen = Some(bad.into());
+            let err = raw.resolve(Path::new("/")).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("http.listen {bad:?}")),
+                "{bad}: {err}"
+            );
+        }
+        for good in [
+            "127.0.0.1:9187",
+            "[::1]:0",
+            "0.0.0.0:9187",
+            "localhost:9187",
+        ] {
+            let mut raw = RawConfig::parse(MINIMAL, Path::new("t.toml")).unwrap();
+            raw.http.listen = Some(good.into());
+            raw.resolve(Path::new("/")).unwrap();
+        }
+    }
+
+    #[test]
+    fn lexical_normalization_removes_dot_and_dot_dot() {
+        for (p, want) in [
+            ("/a/b/../c", "/a/c"),
+            ("/a/./b", "/a/b"),
+            ("/../a", "/a"),
+            ("a/../../b", "../b"),
+        ] {
+            assert_eq!(normalize_lexically(Path::new(p)), Path::new(want), "{p}");
+        }
     }
 }

@@ -30,7 +30,7 @@ fn everything() -> RawConfig {
         name: Some("n".into()),
         src: "a".into(),
         dest: "/b".into(),
-        check: vec!["true".into()],
+        check: vec!["true".into(), "{{staged}}".into()],
         check_timeout: Duration::from_secs(1),
         mode: Some("0644".into()),
         owner: Some("root".into()),

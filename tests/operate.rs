@@ -303,7 +303,8 @@ fn sigterm_stops_gracefully_and_a_second_signal_exits_at_once() {
     let s2 = Setup::new(etcd, &scope, "");
     let text = std::fs::read_to_string(&s2.config).unwrap().replace(
         "dest =",
-        "check = [\"sleep\", \"30\"]\ncheck_timeout = \"60s\"\ndest =",
+        "check = [\"sh\", \"-c\", \"exec sleep 30\", \"check\", \"{{staged}}\"]\n\
+         check_timeout = \"60s\"\ndest =",
     );
     std::fs::write(&s2.config, text).unwrap();
     let mut cmd = std::process::Command::new(haconfd_bin());

@@ -14,6 +14,7 @@
 mod common;
 
 // One module per class of hostile input found after the first release; each test names its class.
+mod config;
 mod edge;
 mod guard;
 
@@ -1042,13 +1043,21 @@ fn failing_check_in_check_mode_exits_6_and_writes_nothing() {
 fn hanging_check_is_killed_after_check_timeout_with_exit_6() {
     let mut ws = Ws::new("checkhang");
     ws.reconfigure(|c| {
-        c.hap_check = vec!["sleep".into(), "30".into()];
+        c.hap_check = ["sh", "-c", "exec sleep 30", "check", "{{staged}}"]
+            .map(String::from)
+            .to_vec();
         c.hap_extra = "check_timeout = \"1s\"".into();
     });
     let before = ws.files();
     ws.add_valid_member();
     let run = ws.once(&[]);
-    run.expect(6, &["`sleep 30` did not finish within 1s and was killed"]);
+    run.expect(
+        6,
+        &[
+            "`sh -c 'exec sleep 30' check ",
+            "` did not finish within 1s and was killed",
+        ],
+    );
     assert!(
         run.elapsed >= Duration::from_secs(1) && run.elapsed < Duration::from_secs(8),
         "took {:?}",

@@ -1,0 +1,243 @@
+//! Configuration that parsed but silently meant something else: relative paths taken from the
+//! working directory, a check that never saw the staged file, one file written by two targets,
+//! the root namespace, zero durations and an `http.listen` that only failed at bind.
+
+use super::*;
+
+/// Runs the binary from `cwd` (as [`haconfd`] does otherwise), bounded to 30 s.
+fn haconfd_in(cwd: &Path, cfg: &Path, args: &[&str]) -> Run {
+    let mut cmd = Command::new(haconfd_bin());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("HACONFD_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.current_dir(cwd)
+        .arg("-c")
+        .arg(cfg)
+        .args(["--log-format", "json"])
+        .args(args);
+    let start = Instant::now();
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("haconfd {args:?}: {e}"));
+    Run {
+        what: format!("haconfd {} (in {})", args.join(" "), cwd.display()),
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Writes `ws`'s config as `edit` changes its text (for keys [`Cfg`] has no field for).
+fn write_edited(ws: &Ws, edit: impl FnOnce(String) -> String) {
+    std::fs::write(&ws.cfg_path, edit(ws.cfg.text())).unwrap();
+}
+
+#[test]
+fn relative_paths_are_taken_from_the_config_files_directory_not_the_working_directory() {
+    let mut ws = Ws::new("cfgrelative");
+    // The working directory holds a decoy pidfile naming another `sleep`: reading the pidfile
+    // from there would signal the decoy, and files would land there.
+    let cwd = temp_dir("cfgrelative-cwd");
+    let decoy = sentinel("sleep (decoy in the working directory)");
+    std::fs::write(cwd.path().join("haproxy.pid"), format!("{}\n", decoy.pid())).unwrap();
+    ws.reconfigure(|c| {
+        c.hap_dest = "haproxy.cfg".into();
+        c.pgb_dest = "./pgbouncer.ini".into();
+        c.hap_reload = signal_reload(Path::new("haproxy.pid"), "SIGUSR2", "sleep");
+        c.pgb_reload = signal_reload(Path::new("pgbouncer.pid"), "SIGHUP", "sleep");
+        c.hap_extra =
+            "server_state = { stats_socket = \"admin.sock\", file = \"server-state\" }".into();
+        c.guard = "state_file = \"members.json\"".into();
+    });
+    let pgb_before = file_state(&ws.pgb);
+    ws.add_valid_member();
+    let run = haconfd_in(cwd.path(), &ws.cfg_path, &["once"]);
+    run.expect(0, &[]);
+    assert!(
+        read(&ws.hap).contains("server pg4 127.0.0.1:5444 "),
+        "haproxy.cfg beside the config was not updated:\n{}",
+        read(&ws.hap)
+    );
+    assert!(
+        read(&ws.hap).contains(&format!(
+            "server-state-file {}",
+            ws.path("server-state").display()
+        )),
+        "the template must get the server-state file's real path:\n{}",
+        read(&ws.hap)
+    );
+    assert!(ws.path("server-state").exists(), "server-state file");
+    assert!(ws.path("members.json").exists(), "guard state file");
+    assert_file_unchanged(&ws.pgb, &pgb_before);
+    let strays: Vec<String> = std::fs::read_dir(cwd.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "haproxy.pid")
+        .collect();
+    assert!(
+        strays.is_empty(),
+        "files written in the working directory: {strays:?}"
+    );
+    assert_killed_by(&ws.hap_sleep, nix::sys::signal::Signal::SIGUSR2);
+    assert_not_signalled(&decoy);
+    assert_not_signalled(&ws.pgb_sleep);
+    ws.assert_no_staged_leftovers();
+}
+
+#[test]
+fn check_without_the_staged_placeholder_exits_2_naming_the_template_and_argv() {
+    let mut ws = Ws::new("cfgnostaged");
+    let before = ws.files();
+    // The classic mistake: the check reads the live file, so a broken new one would pass.
+    let live = ws.hap.display().to_string();
+    ws.reconfigure(|c| {
+        c.hap_check = ["haproxy", "-c", "-f", &live].map(String::from).to_vec();
+    });
+    ws.add_valid_member();
+    let argv = format!("[\"haproxy\", \"-c\", \"-f\", {}]", q(&live));
+    let needles = [
+        "template \"haproxy\": check",
+        argv.as_str(),
+        "does not name the staged file",
+        "{{staged}}",
+    ];
+    ws.once(&[]).expect(2, &needles);
+    ws.run(&["check"]).expect(2, &needles);
+    ws.assert_unchanged(&before);
+    ws.assert_nothing_signalled();
+}
+
+#[test]
+fn one_destination_spelled_two_ways_exits_2_naming_both_templates() {
+    for (tag, spelling) in [("cfgdupdotdot", "sub/../"), ("cfgdupsymlink", "link/")] {
+        let mut ws = Ws::new(tag);
+        std::fs::create_dir(ws.path("sub")).unwrap();
+        std::os::unix::fs::symlink(ws.dir.path(), ws.path("link")).unwrap();
+        let before = ws.files();
+        let other = ws.path(&format!("{spelling}haproxy.cfg"));
+        ws.reconfigure(|c| c.pgb_dest = other.clone());
+        ws.add_valid_member();
+        ws.once(&[]).expect(
+            2,
+            &[
+                &format!("template \"haproxy\" dest ({})", ws.hap.display()),
+                &format!("template \"pgbouncer\" dest ({})", other.display()),
+                "are the same file",
+            ],
+        );
+        ws.assert_unchanged(&before);
+        ws.assert_nothing_signalled();
+    }
+}
+
+#[test]
+fn root_namespace_finds_the_keys_patroni_writes_under_slash_scope() {
+    let ws = Ws::new("cfgrootns");
+    // Patroni with namespace "/" or "" collapses the slashes and writes /<scope>/...
+    let root = |rel: &str| format!("/{}/{rel}", ws.scope);
+    Etcd::shared().put(&root("members/pg9"), &member(5449, "master").to_string());
+    Etcd::shared().put(&root("leader"), "pg9");
+    let renders_pg9 = |run: Run, how: &str| {
+        run.expect(0, &[]);
+        assert!(
+            run.stdout.contains("host=127.0.0.1 port=5449"),
+            "{how} did not find /{}/leader:\n{}\n{}",
+            ws.scope,
+            run.stdout,
+            run.stderr
+        );
+    };
+    for ns in ["/", ""] {
+        write_edited(&ws, |t| {
+            t.replacen("scope = ", &format!("namespace = {}\nscope = ", q(ns)), 1)
+        });
+        renders_pg9(
+            ws.run(&["render", "--template", "pgbouncer"]),
+            &format!("namespace = {ns:?}"),
+        );
+    }
+    ws.write_config();
+    renders_pg9(
+        ws.run(&["--namespace", "/", "render", "--template", "pgbouncer"]),
+        "--namespace /",
+    );
+}
+
+#[test]
+fn zero_durations_exit_2_naming_the_key_where_zero_makes_no_sense() {
+    let ws = Ws::new("cfgzero");
+    let before = ws.files();
+    ws.add_valid_member();
+    for (section, line, key) in [
+        (
+            "[daemon]",
+            "retry_interval = \"0s\"",
+            "daemon.retry_interval",
+        ),
+        ("[daemon]", "max_backoff = \"0ms\"", "daemon.max_backoff"),
+        ("[daemon]", "once_timeout = \"0s\"", "daemon.once_timeout"),
+        ("[etcd]", "connect_timeout = \"0s\"", "etcd.connect_timeout"),
+        ("[etcd]", "request_timeout = \"0s\"", "etcd.request_timeout"),
+        (
+            "[etcd]",
+            "keepalive_interval = \"0s\"",
+            "etcd.keepalive_interval",
+        ),
+        (
+            "[etcd]",
+            "keepalive_timeout = \"0s\"",
+            "etcd.keepalive_timeout",
+        ),
+        (
+            "name = \"haproxy\"",
+            "check_timeout = \"0s\"",
+            "template \"haproxy\": check_timeout",
+        ),
+        (
+            "name = \"pgbouncer\"",
+            "reload = { command = [\"true\"], timeout = \"0s\" }",
+            "template \"pgbouncer\": reload.timeout",
+        ),
+    ] {
+        write_edited(&ws, |t| {
+            let t = if line.starts_with("reload") {
+                t.replace(&format!("reload = {}", ws.cfg.pgb_reload), "")
+            } else {
+                t
+            };
+            t.replace("once_timeout = \"5s\"\n", "").replacen(
+                section,
+                &format!("{section}\n{line}"),
+                1,
+            )
+        });
+        ws.once(&[])
+            .expect(2, &[&format!("{key} must be more than 0s")]);
+    }
+    // "0s" keeps its meaning where it has one: no resync, no spacing between passes.
+    write_edited(&ws, |t| {
+        t.replacen("[daemon]", "[daemon]\nresync_interval = \"0s\"\n", 1)
+            .replace("min_interval = \"100ms\"", "min_interval = \"0s\"")
+    });
+    ws.once(&["--no-reload"]).expect(0, &[]);
+    assert!(read(&ws.hap).contains("server pg4 127.0.0.1:5444 "));
+    assert_file_unchanged(&ws.pgb, &before[1]);
+    ws.assert_nothing_signalled();
+}
+
+#[test]
+fn invalid_http_listen_exits_2_in_check_and_run_naming_it() {
+    let ws = Ws::new("cfglisten");
+    let before = ws.files();
+    for listen in ["127.0.0.1:notaport", "localhost", "300.1.2.3:9187"] {
+        write_edited(&ws, |t| format!("{t}\n[http]\nlisten = {}\n", q(listen)));
+        let needle = format!("http.listen {}", q(listen));
+        ws.run(&["check"]).expect(2, &[&needle]);
+        ws.run(&["run"]).expect(2, &[&needle]);
+    }
+    ws.assert_unchanged(&before);
+    ws.assert_nothing_signalled();
+}
