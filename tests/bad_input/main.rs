@@ -14,6 +14,7 @@
 mod common;
 
 // One module per class of hostile input found after the first release; each test names its class.
+mod daemon;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
