@@ -298,7 +298,12 @@ impl Daemon {
     async fn try_reload(&mut self, why: &str) -> Result<bool, DaemonError> {
         let new = Arc::new(config::load_settings(&self.config_path, &self.overrides)?);
         let old = Arc::clone(self.engine.settings());
-        let changed = changed_settings(&old, &new);
+        let mut changed = changed_settings(&old, &new);
+        // Certificates are rotated in place, under the same paths: compare what they hold.
+        let tls = tls_contents(&new);
+        if tls != self.source.tls && !changed.iter().any(|c| c == "etcd.tls") {
+            changed.push("etcd.tls".into());
+        }
         let has = |name: &str| changed.iter().any(|c| c == name);
         // Everything that can fail comes first; nothing is committed until all of it passed.
         let log = if has("log.level") || has("log.format") {
@@ -359,6 +364,20 @@ struct Source {
     task: JoinHandle<()>,
     stop: watch::Sender<bool>,
     rx: watch::Receiver<SourceState>,
+    /// What the TLS files held when it started.
+    tls: Vec<Option<Vec<u8>>>,
+}
+
+/// The bytes of the etcd TLS files (CA, certificate, key); unreadable counts as empty, and the
+/// source itself reports why it cannot read them.
+fn tls_contents(s: &Settings) -> Vec<Option<Vec<u8>>> {
+    let Some(tls) = &s.etcd.tls else {
+        return Vec::new();
+    };
+    [&tls.ca, &tls.cert, &tls.key]
+        .into_iter()
+        .map(|p| p.as_ref().and_then(|p| std::fs::read(p).ok()))
+        .collect()
 }
 
 impl Source {
@@ -372,7 +391,12 @@ impl Source {
             tx,
             stop_rx,
         ));
-        Source { task, stop, rx }
+        Source {
+            task,
+            stop,
+            rx,
+            tls: tls_contents(s),
+        }
     }
 }
 
