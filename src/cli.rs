@@ -95,7 +95,7 @@ pub struct GlobalArgs {
     /// Log format.
     #[arg(long, global = true, env = "HACONFD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
-    /// Log filter, e.g. `info` or `haconfd=debug`.
+    /// Log filter, e.g. `info` or `info,haconfd=debug`; a word that is no level is refused.
     #[arg(long, global = true, env = "HACONFD_LOG_LEVEL")]
     pub log_level: Option<String>,
 }
@@ -108,8 +108,12 @@ pub enum Command {
         long_about = "Run as a daemon or sidecar. Lists the prefix, watches it, and runs a pass \
         on every change: render, check, swap in, reload what changed. Changes arriving during a pass \
         merge into the next one; after a pass that wrote, the next waits for daemon.min_interval. \
-        SIGHUP re-reads the config and templates; template files are also watched. The first \
-        SIGTERM or SIGINT lets the pass in flight finish, a second exits at once."
+        SIGHUP re-reads the config and templates and applies every setting (the etcd watch \
+        restarted when etcd settings change, http.listen rebound, log output switched) or refuses \
+        the new config as a whole, naming what failed; template files and their directories are \
+        also watched. Under systemd (Type=notify), READY=1 follows the first listed snapshot and \
+        the first pass, whatever its outcome. The first SIGTERM or SIGINT lets the pass in flight \
+        finish, a second kills a running check and exits at once."
     )]
     Run(RunArgs),
     /// One pass from etcd, then exit: render, check, write and reload what changed.

@@ -3,7 +3,12 @@
 
 use std::fmt;
 use std::process::Stdio;
+use std::sync::Mutex;
 use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
 
 /// Why a command did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -67,44 +72,122 @@ pub fn display_argv(argv: &[String]) -> String {
         .join(" ")
 }
 
-/// Runs `argv` with `timeout`. Standard input is closed; the child is killed on timeout.
+/// Process groups of the commands running now, so that an immediate exit can take them along.
+static RUNNING: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// A running command's process group: registered while it runs; killed (SIGKILL to the whole
+/// group, so a `sh -c` check takes its children along) unless the command was seen to exit.
+struct Group {
+    pgid: i32,
+    reaped: bool,
+}
+
+impl Group {
+    fn register(pgid: i32) -> Group {
+        RUNNING.lock().unwrap_or_else(|e| e.into_inner()).push(pgid);
+        Group {
+            pgid,
+            reaped: false,
+        }
+    }
+
+    fn kill(&self) {
+        // The leader is not reaped yet (the caller holds it), so the group ID cannot have been
+        // reused by an unrelated process.
+        let _ = killpg(Pid::from_raw(self.pgid), Signal::SIGKILL);
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.kill();
+        }
+        RUNNING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| *p != self.pgid);
+    }
+}
+
+/// Kills every command running now with its children (SIGKILL to each process group): called
+/// before exiting at once on a second SIGTERM, which would otherwise leave them orphaned.
+pub fn kill_running() {
+    let groups = RUNNING.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for pgid in groups {
+        tracing::warn!(pgid, "killing the command in flight and its children");
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
+}
+
+async fn read_all<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>) -> Vec<u8> {
+    let mut buf = Vec::new();
+    if let Some(mut p) = pipe {
+        let _ = p.read_to_end(&mut buf).await;
+    }
+    buf
+}
+
+/// Runs `argv` with `timeout`. Standard input is closed. The command runs in a process group of
+/// its own, killed as a whole on timeout, when the caller gives up, or by [`kill_running`].
 pub async fn run(argv: &[String], timeout: Duration) -> Result<(), CommandError> {
     let shown = display_argv(argv);
     let (prog, args) = argv.split_first().ok_or_else(|| CommandError::Spawn {
         argv: shown.clone(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty argv"),
     })?;
-    let child = tokio::process::Command::new(prog)
+    let mut child = tokio::process::Command::new(prog)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| CommandError::Spawn {
             argv: shown.clone(),
             source,
         })?;
-    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+    // Declared after `child`, so dropped before it: the group is killed while its leader is
+    // still unreaped.
+    let mut group = child.id().map(|pid| Group::register(pid as i32));
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let finished = tokio::time::timeout(timeout, async {
+        tokio::join!(child.wait(), read_all(stdout), read_all(stderr))
+    })
+    .await;
+    let (status, out, err) = match finished {
         Err(_) => {
+            if let Some(g) = &group {
+                g.kill();
+            }
+            // Reap it; SIGKILL makes this immediate.
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+                if let Some(g) = &mut group {
+                    g.reaped = true;
+                }
+            }
             return Err(CommandError::Timeout {
                 argv: shown,
                 timeout,
-            })
+            });
         }
-        Ok(Err(source)) => {
+        Ok((Err(source), _, _)) => {
             return Err(CommandError::Spawn {
                 argv: shown,
                 source,
             })
         }
-        Ok(Ok(out)) => out,
+        Ok((Ok(status), out, err)) => (status, out, err),
     };
-    if out.status.success() {
+    if let Some(g) = &mut group {
+        g.reaped = true;
+    }
+    if status.success() {
         return Ok(());
     }
-    let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut text = String::from_utf8_lossy(&err).into_owned();
+    let stdout = String::from_utf8_lossy(&out);
     if !stdout.trim().is_empty() {
         if !text.is_empty() && !text.ends_with('\n') {
             text.push('\n');
@@ -113,7 +196,7 @@ pub async fn run(argv: &[String], timeout: Duration) -> Result<(), CommandError>
     }
     Err(CommandError::Failed {
         argv: shown,
-        status: out.status.to_string(),
+        status: status.to_string(),
         output: Verbatim(text),
     })
 }
@@ -147,6 +230,36 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
         assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_hung_command_is_killed_with_its_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("child.pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let err = run(&argv(&["sh", "-c", &script]), Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The orphaned `sleep` is reaped by init once killed; allow it a moment.
+        let gone = (0..100).any(|_| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let dead = stat.is_empty()
+                || stat
+                    .rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+            if !dead {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            dead
+        });
+        assert!(gone, "the check's child {pid} outlived the timeout");
+        assert!(RUNNING.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

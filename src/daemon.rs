@@ -1,7 +1,9 @@
 //! The `run` mode: wires the etcd source to passes with coalescing (leading edge, then at most one
 //! pass that writes per `min_interval`; events arriving during a pass merge into the next),
-//! retries failed passes, hot-reloads config and templates (SIGHUP, file changes), and shuts down
-//! gracefully (first SIGTERM/SIGINT finishes the pass in flight, a second exits at once).
+//! retries failed passes, hot-reloads config and templates (SIGHUP, file changes) with every
+//! setting taking effect or the whole new config refused, tells systemd when it has started and
+//! what it is doing, and shuts down gracefully (first SIGTERM/SIGINT finishes the pass in flight,
+//! a second kills the command in flight and exits at once).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -9,13 +11,46 @@ use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
-use crate::config::{self, Overrides, Settings};
+use crate::config::{self, ConfigError, Overrides, Settings};
+use crate::logging::{self, LogError, Logging};
 use crate::metrics::Metrics;
 use crate::pipeline::{Engine, PassError};
+use crate::render::RenderError;
 use crate::snapshot::Snapshot;
 use crate::source::{self, SourceState};
 use crate::status::Status;
+
+/// Why `run` could not start, or why a new configuration was refused (the running one stays).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The config file did not load or resolve.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `log.level` or `log.format` cannot be applied.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// A template did not compile.
+    #[error(transparent)]
+    Templates(#[from] RenderError),
+    /// `http.listen` could not be bound.
+    #[error("cannot listen on http.listen {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A signal handler could not be installed.
+    #[error("cannot handle {signal}: {source}")]
+    Signal {
+        /// Which signal.
+        signal: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
 
 /// Runs until a shutdown signal. Returns an error only if nothing could start.
 pub async fn run(
@@ -23,40 +58,44 @@ pub async fn run(
     overrides: Overrides,
     settings: Settings,
     status: Arc<Mutex<Status>>,
+    logging: Logging,
 ) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
-    let mut engine = Engine::new(Arc::clone(&settings))?;
+    let engine = Engine::new(Arc::clone(&settings))?;
     let metrics = Arc::new(Metrics::new());
-    let http_task = match &settings.http.listen {
-        Some(addr) => Some(
-            crate::http::bind(addr, Arc::clone(&status), Arc::clone(&metrics))
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on http.listen {addr}: {e}"))?,
-        ),
+    let http = match &settings.http.listen {
+        Some(addr) => Some(HttpServer::bind(addr, &status, &metrics).await?),
         None => None,
     };
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    spawn_signal_handler(shutdown_tx.clone())?;
-
-    let (src_tx, mut src_rx) = watch::channel(SourceState::default());
-    let source_task = tokio::spawn(source::run(
-        settings.etcd.clone(),
-        settings.daemon.resync_interval,
-        settings.daemon.max_backoff,
-        src_tx,
-        shutdown_rx.clone(),
-    ));
-
+    let (shutdown_tx, mut shutdown) = watch::channel(false);
+    spawn_signal_handler(shutdown_tx)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|source| DaemonError::Signal {
+        signal: "SIGHUP",
+        source,
+    })?;
     let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(8);
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut _template_watcher = watch_templates(&settings, reload_tx.clone());
+    let mut systemd = Systemd::default();
+    systemd.status(format!(
+        "listing {} from etcd at {}",
+        settings.etcd.prefix(),
+        settings.etcd.endpoints.join(",")
+    ));
+    let mut d = Daemon {
+        config_path,
+        overrides,
+        source: Source::start(&settings),
+        watcher: watch_templates(&settings, reload_tx.clone()),
+        engine,
+        status,
+        metrics,
+        http,
+        logging,
+    };
 
-    let mut shutdown = shutdown_rx.clone();
     let mut last_snapshot: Option<Arc<Snapshot>> = None;
     let mut last_write: Option<Instant> = None;
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut pending = false;
-    let mut notified_ready = false;
     let mut leaderless = false;
 
     loop {
@@ -66,41 +105,58 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        let trigger = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
-            r = src_rx.changed() => {
+            r = d.source.rx.changed() => {
                 if r.is_err() { break; }
-                let state = src_rx.borrow_and_update().clone();
-                update_source_status(&status, &state);
+                let state = d.source.rx.borrow_and_update().clone();
+                d.update_source_status(&state);
                 if state.connected {
                     if let Some(snap) = &state.snapshot {
                         if last_snapshot.as_ref().is_none_or(|l| !Arc::ptr_eq(l, snap)) {
                             pending = true;
                         }
                     }
+                } else if let Some(e) = &state.last_error {
+                    systemd.status(format!("etcd unreachable: {e}; last good files kept"));
                 }
+                None
             }
-            _ = hup.recv() => {
-                reload_config(&config_path, &overrides, &mut engine, &status, "SIGHUP");
-                _template_watcher = watch_templates(engine.settings(), reload_tx.clone());
-                pending = last_snapshot.is_some();
-            }
+            _ = hup.recv() => Some("SIGHUP"),
             Some(why) = reload_rx.recv() => {
                 // Editors and ConfigMaps replace files in several steps: let them settle.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while reload_rx.try_recv().is_ok() {}
-                reload_config(&config_path, &overrides, &mut engine, &status, why);
-                pending = last_snapshot.is_some();
+                Some(why)
             }
-            _ = retry => { retry_at = None; pending = true; }
+            _ = retry => { retry_at = None; pending = true; None }
+        };
+        if let Some(why) = trigger {
+            // Watch anew before reading: a directory renamed over the old one is a new inode
+            // the old watch never sees, and an edit made during the reload must still count.
+            d.watcher = watch_templates(d.engine.settings(), reload_tx.clone());
+            if d.reload(why).await {
+                // The snapshot in hand is from the old source: wait for the new one's list.
+                last_snapshot = None;
+                retry_at = None;
+                leaderless = false;
+                let s = d.engine.settings();
+                systemd.status(format!(
+                    "etcd settings changed: listing {} from etcd at {}",
+                    s.etcd.prefix(),
+                    s.etcd.endpoints.join(",")
+                ));
+            }
+            d.watcher = watch_templates(d.engine.settings(), reload_tx.clone());
+            pending = last_snapshot.is_some();
         }
         if !pending {
             continue;
         }
         // Leading edge: the first change after a quiet spell runs at once; after a pass that
         // wrote, wait out `min_interval` and take whatever is newest then.
-        let min_interval = engine.settings().daemon.min_interval;
+        let min_interval = d.engine.settings().daemon.min_interval;
         if let Some(last) = last_write {
             let wait = min_interval.saturating_sub(last.elapsed());
             if !wait.is_zero() {
@@ -110,15 +166,15 @@ pub async fn run(
                 }
             }
         }
-        let state = src_rx.borrow_and_update().clone();
-        update_source_status(&status, &state);
+        let state = d.source.rx.borrow_and_update().clone();
+        d.update_source_status(&state);
         let Some(snap) = state.snapshot.filter(|_| state.connected) else {
             continue;
         };
         pending = false;
         last_snapshot = Some(Arc::clone(&snap));
         let started = Instant::now();
-        let result = engine.pass(&snap, true).await;
+        let result = d.engine.pass(&snap, true).await;
         let elapsed = started.elapsed();
         let wrote = match &result {
             Ok(o) => !o.is_noop(),
@@ -129,16 +185,18 @@ pub async fn run(
             last_write = Some(Instant::now());
         }
         {
-            let mut st = status.lock().expect("status lock");
-            st.record_pass(&result, &engine, elapsed);
+            let mut st = d.status.lock().expect("status lock");
+            st.record_pass(&result, &d.engine, elapsed);
         }
-        let names: Vec<String> = engine
+        let names: Vec<String> = d
+            .engine
             .settings()
             .targets
             .iter()
             .map(|t| t.name.clone())
             .collect();
-        metrics.record(&names, &result, &engine.stats);
+        d.metrics.record(&names, &result, &d.engine.stats);
+        let prefix = d.engine.settings().etcd.prefix();
         match &result {
             Ok(o) if o.is_noop() => {
                 tracing::debug!(revision = snap.revision, took = ?elapsed, "pass: nothing changed");
@@ -148,7 +206,7 @@ pub async fn run(
                 tracing::info!(revision = snap.revision, written = ?o.written, reloaded = ?o.reloaded, took = ?elapsed, "pass applied");
                 retry_at = None;
             }
-            Err(e @ PassError::Render(crate::render::RenderError::NoLeader { .. })) => {
+            Err(e @ PassError::Render(RenderError::NoLeader { .. })) => {
                 // Once per leaderless spell, not once per etcd event during it.
                 if !leaderless {
                     tracing::warn!(revision = snap.revision, "{e}");
@@ -164,42 +222,331 @@ pub async fn run(
                     "pass failed; last good files kept: {e:#}"
                 );
                 retry_at =
-                    Some(tokio::time::Instant::now() + engine.settings().daemon.retry_interval);
+                    Some(tokio::time::Instant::now() + d.engine.settings().daemon.retry_interval);
             }
         }
         leaderless = matches!(
             &result,
-            Err(PassError::Render(
-                crate::render::RenderError::NoLeader { .. }
-            ))
+            Err(PassError::Render(RenderError::NoLeader { .. }))
         );
-        if !notified_ready && result.is_ok() {
-            notified_ready = true;
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        }
+        systemd.status(match &result {
+            Ok(_) => format!("watching {prefix}: files up to date"),
+            Err(_) if leaderless => {
+                format!("no leader in {prefix}: last good files kept until one is elected")
+            }
+            Err(e) => format!(
+                "last pass failed ({}): last good files kept; retrying",
+                e.reason()
+            ),
+        });
+        // Started means: config loaded, a complete snapshot listed, a first pass attempted. Its
+        // outcome is for /readyz: a leaderless cluster or a guard refusal is an outage to ride
+        // out, and a restart by a start timeout would not end it.
+        systemd.ready();
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    let _ = shutdown_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(2), source_task).await;
-    if let Some(h) = http_task {
-        h.abort();
-    }
+    drop(d);
     tracing::info!("stopped");
     Ok(())
 }
 
-fn update_source_status(status: &Arc<Mutex<Status>>, state: &SourceState) {
-    let mut st = status.lock().expect("status lock");
-    st.etcd_connected = state.connected;
-    st.etcd_error = state.last_error.clone();
-    st.revision = state.snapshot.as_ref().map(|s| s.revision).unwrap_or(0);
-    st.relists = state.relists;
+/// The state a reload may replace.
+struct Daemon {
+    config_path: PathBuf,
+    overrides: Overrides,
+    engine: Engine,
+    status: Arc<Mutex<Status>>,
+    metrics: Arc<Metrics>,
+    http: Option<HttpServer>,
+    source: Source,
+    logging: Logging,
+    watcher: Option<notify::RecommendedWatcher>,
 }
 
-/// First SIGTERM/SIGINT: request a graceful stop. Second: exit at once.
-fn spawn_signal_handler(tx: watch::Sender<bool>) -> std::io::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+impl Daemon {
+    fn update_source_status(&self, state: &SourceState) {
+        let mut st = self.status.lock().expect("status lock");
+        st.etcd_connected = state.connected;
+        st.etcd_error = state.last_error.clone();
+        st.revision = state.snapshot.as_ref().map(|s| s.revision).unwrap_or(0);
+        st.relists = state.relists;
+    }
+
+    /// Re-reads the config and templates and applies all of it, or none of it. Returns true
+    /// when the etcd source was restarted (so the snapshot in hand is stale).
+    async fn reload(&mut self, why: &str) -> bool {
+        let result = self.try_reload(why).await;
+        let mut st = self.status.lock().expect("status lock");
+        match result {
+            Ok(restarted) => {
+                st.config_reloads += 1;
+                st.config_error = None;
+                restarted
+            }
+            Err(e) => {
+                tracing::error!(
+                    trigger = why,
+                    config = %self.config_path.display(),
+                    "new configuration refused, the running one stays: {e:#}"
+                );
+                st.config_error = Some(format!("{e:#}"));
+                false
+            }
+        }
+    }
+
+    async fn try_reload(&mut self, why: &str) -> Result<bool, DaemonError> {
+        let new = Arc::new(config::load_settings(&self.config_path, &self.overrides)?);
+        let old = Arc::clone(self.engine.settings());
+        let mut changed = changed_settings(&old, &new);
+        // Certificates are rotated in place, under the same paths: compare what they hold.
+        let tls = tls_contents(&new);
+        if tls != self.source.tls && !changed.iter().any(|c| c == "etcd.tls") {
+            changed.push("etcd.tls".into());
+        }
+        let has = |name: &str| changed.iter().any(|c| c == name);
+        // Everything that can fail comes first; nothing is committed until all of it passed.
+        let log = if has("log.level") || has("log.format") {
+            let origin = format!("log.level of {}", self.config_path.display());
+            Some(logging::parse_level(&new.log.level, &origin)?)
+        } else {
+            None
+        };
+        let http = if has("http.listen") {
+            Some(match &new.http.listen {
+                Some(addr) => Some(HttpServer::bind(addr, &self.status, &self.metrics).await?),
+                None => None,
+            })
+        } else {
+            None
+        };
+        let other_cluster = has("etcd.namespace") || has("etcd.scope");
+        if other_cluster {
+            // Another cluster: what the guard remembers of the old one says nothing about it.
+            self.engine = Engine::new(Arc::clone(&new))?;
+        } else {
+            self.engine.replace(Arc::clone(&new))?;
+        }
+        if let Some(h) = http {
+            self.http = h; // dropping the old server closes its listener
+        }
+        if let Some(filter) = log {
+            if let Err(e) = self.logging.apply(new.log.format, filter) {
+                tracing::warn!("{e}");
+            }
+        }
+        let restart = changed.iter().any(|c| {
+            c.starts_with("etcd.") || c == "daemon.resync_interval" || c == "daemon.max_backoff"
+        });
+        if restart {
+            self.source = Source::start(&new);
+            self.update_source_status(&SourceState::default());
+            if other_cluster {
+                let mut st = self.status.lock().expect("status lock");
+                st.cluster = None;
+                st.last_pass_ok = None;
+            }
+        }
+        tracing::info!(trigger = why, config = %self.config_path.display(), changed = ?changed, "configuration and templates reloaded");
+        if restart {
+            tracing::info!(
+                endpoints = ?new.etcd.endpoints,
+                prefix = %new.etcd.prefix(),
+                "etcd source restarted with the new settings; the next pass waits for its first list"
+            );
+        }
+        Ok(restart)
+    }
+}
+
+/// The etcd source task in force and its channels; dropping it stops the task.
+struct Source {
+    task: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    rx: watch::Receiver<SourceState>,
+    /// What the TLS files held when it started.
+    tls: Vec<Option<Vec<u8>>>,
+}
+
+/// The bytes of the etcd TLS files (CA, certificate, key); unreadable counts as empty, and the
+/// source itself reports why it cannot read them.
+fn tls_contents(s: &Settings) -> Vec<Option<Vec<u8>>> {
+    let Some(tls) = &s.etcd.tls else {
+        return Vec::new();
+    };
+    [&tls.ca, &tls.cert, &tls.key]
+        .into_iter()
+        .map(|p| p.as_ref().and_then(|p| std::fs::read(p).ok()))
+        .collect()
+}
+
+impl Source {
+    fn start(s: &Settings) -> Source {
+        let (tx, rx) = watch::channel(SourceState::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(source::run(
+            s.etcd.clone(),
+            s.daemon.resync_interval,
+            s.daemon.max_backoff,
+            tx,
+            stop_rx,
+        ));
+        Source {
+            task,
+            stop,
+            rx,
+            tls: tls_contents(s),
+        }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        // The source holds nothing worth finishing: stop it now, wherever it is waiting.
+        let _ = self.stop.send(true);
+        self.task.abort();
+    }
+}
+
+/// The HTTP endpoint in force; dropping it closes the listener.
+struct HttpServer {
+    task: JoinHandle<()>,
+}
+
+impl HttpServer {
+    async fn bind(
+        addr: &str,
+        status: &Arc<Mutex<Status>>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<HttpServer, DaemonError> {
+        let task = crate::http::bind(addr, Arc::clone(status), Arc::clone(metrics))
+            .await
+            .map_err(|source| DaemonError::Listen {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        Ok(HttpServer { task })
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What systemd hears (nothing when not run under it): READY=1 once, STATUS= when it changes.
+#[derive(Default)]
+struct Systemd {
+    ready: bool,
+    status: String,
+}
+
+impl Systemd {
+    fn status(&mut self, text: String) {
+        if text != self.status {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&text)]);
+            self.status = text;
+        }
+    }
+
+    fn ready(&mut self) {
+        if !self.ready {
+            self.ready = true;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            tracing::debug!("started (READY=1)");
+        }
+    }
+}
+
+/// The names of the settings that differ, as the config file spells them (`template "name"`
+/// for anything of one template). Secrets are compared, never shown.
+fn changed_settings(old: &Settings, new: &Settings) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut diff = |name: &str, differs: bool| {
+        if differs {
+            out.push(name.to_owned());
+        }
+    };
+    let (a, b) = (&old.etcd, &new.etcd);
+    diff("etcd.endpoints", a.endpoints != b.endpoints);
+    diff("etcd.namespace", a.namespace != b.namespace);
+    diff("etcd.scope", a.scope != b.scope);
+    diff(
+        "etcd.connect_timeout",
+        a.connect_timeout != b.connect_timeout,
+    );
+    diff(
+        "etcd.request_timeout",
+        a.request_timeout != b.request_timeout,
+    );
+    diff(
+        "etcd.keepalive_interval",
+        a.keepalive_interval != b.keepalive_interval,
+    );
+    diff(
+        "etcd.keepalive_timeout",
+        a.keepalive_timeout != b.keepalive_timeout,
+    );
+    let user = |e: &config::EtcdSettings| e.auth.as_ref().map(|(u, _)| u.clone());
+    let password = |e: &config::EtcdSettings| e.auth.as_ref().map(|(_, p)| p.clone());
+    diff("etcd.username", user(a) != user(b));
+    diff("etcd.password", password(a) != password(b));
+    diff("etcd.tls", format!("{:?}", a.tls) != format!("{:?}", b.tls));
+    let (a, b) = (&old.daemon, &new.daemon);
+    diff("daemon.min_interval", a.min_interval != b.min_interval);
+    diff(
+        "daemon.resync_interval",
+        a.resync_interval != b.resync_interval,
+    );
+    diff("daemon.max_backoff", a.max_backoff != b.max_backoff);
+    diff("daemon.once_timeout", a.once_timeout != b.once_timeout);
+    diff(
+        "daemon.retry_interval",
+        a.retry_interval != b.retry_interval,
+    );
+    let (a, b) = (&old.guard, &new.guard);
+    diff("guard.min_members", a.min_members != b.min_members);
+    diff(
+        "guard.max_removed_fraction",
+        a.max_removed_fraction != b.max_removed_fraction,
+    );
+    diff("guard.force", a.force != b.force);
+    diff("guard.state_file", a.state_file != b.state_file);
+    diff("log.format", old.log.format != new.log.format);
+    diff("log.level", old.log.level != new.log.level);
+    diff("http.listen", old.http.listen != new.http.listen);
+    let mut names: Vec<&str> = old
+        .targets
+        .iter()
+        .chain(&new.targets)
+        .map(|t| t.name.as_str())
+        .collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        let find = |s: &Settings| {
+            s.targets
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| format!("{t:?}"))
+        };
+        diff(&format!("template {name:?}"), find(old) != find(new));
+    }
+    out
+}
+
+/// First SIGTERM/SIGINT: request a graceful stop. Second: kill the command in flight (a check
+/// or reload command, with its children) and exit at once.
+fn spawn_signal_handler(tx: watch::Sender<bool>) -> Result<(), DaemonError> {
+    let mut term = signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal {
+        signal: "SIGTERM",
+        source,
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signal {
+        signal: "SIGINT",
+        source,
+    })?;
     tokio::spawn(async move {
         let mut count = 0;
         loop {
@@ -216,6 +563,7 @@ fn spawn_signal_handler(tx: watch::Sender<bool>) -> std::io::Result<()> {
                 let _ = tx.send(true);
             } else {
                 tracing::warn!(signal = name, "exiting at once");
+                crate::command::kill_running();
                 std::process::exit(130);
             }
         }
@@ -223,35 +571,10 @@ fn spawn_signal_handler(tx: watch::Sender<bool>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn reload_config(
-    path: &Path,
-    overrides: &Overrides,
-    engine: &mut Engine,
-    status: &Arc<Mutex<Status>>,
-    why: &str,
-) {
-    let result = config::load_settings(path, overrides)
-        .map_err(anyhow::Error::from)
-        .and_then(|s| engine.replace(Arc::new(s)).map_err(anyhow::Error::from));
-    let mut st = status.lock().expect("status lock");
-    match result {
-        Ok(()) => {
-            tracing::info!(trigger = why, config = %path.display(), "configuration and templates reloaded");
-            st.config_reloads += 1;
-            st.config_error = None;
-        }
-        Err(e) => {
-            tracing::error!(
-                trigger = why,
-                "new configuration refused, the running one stays: {e:#}"
-            );
-            st.config_error = Some(format!("{e:#}"));
-        }
-    }
-}
-
 /// Watches the directories holding the templates (not the files: editors and ConfigMaps replace
-/// files by renaming, which a file watch would lose).
+/// files by renaming, which a file watch would lose) and the directories above them (a template
+/// directory renamed over, or a symlink to it swapped, is a new inode that only its parent sees).
+/// Call again after each reload: the watch of a replaced directory is dead.
 fn watch_templates(
     settings: &Settings,
     tx: mpsc::Sender<&'static str>,
@@ -262,6 +585,13 @@ fn watch_templates(
         .iter()
         .filter_map(|f| f.file_name().map(|n| n.to_owned()))
         .collect();
+    let mut dirs: Vec<PathBuf> = files
+        .iter()
+        .filter_map(|f| f.parent().map(Path::to_path_buf))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    let template_dirs = dirs.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(ev) = res else { return };
         if matches!(ev.kind, notify::EventKind::Access(_)) {
@@ -269,8 +599,9 @@ fn watch_templates(
         }
         // ConfigMaps swap a `..data` symlink; count any change to it as a template change.
         let relevant = ev.paths.iter().any(|p| {
-            p.file_name()
-                .is_some_and(|n| names.iter().any(|x| x == n) || n == "..data")
+            template_dirs.iter().any(|d| p == d)
+                || p.file_name()
+                    .is_some_and(|n| names.iter().any(|x| x == n) || n == "..data")
         });
         if relevant {
             let _ = tx.try_send("template change");
@@ -278,16 +609,72 @@ fn watch_templates(
     })
     .map_err(|e| tracing::warn!(error = %e, "cannot watch template files; SIGHUP still reloads"))
     .ok()?;
-    let mut dirs: Vec<PathBuf> = files
+    let mut parents: Vec<PathBuf> = dirs
         .iter()
-        .filter_map(|f| f.parent().map(Path::to_path_buf))
+        .filter_map(|d| d.parent().map(Path::to_path_buf))
+        .filter(|p| !dirs.contains(p))
         .collect();
-    dirs.sort();
-    dirs.dedup();
-    for d in dirs {
-        if let Err(e) = watcher.watch(&d, notify::RecursiveMode::NonRecursive) {
+    parents.sort();
+    parents.dedup();
+    for d in &dirs {
+        if let Err(e) = watcher.watch(d, notify::RecursiveMode::NonRecursive) {
+            // Possibly mid-swap: the parent's watch sees it come back.
             tracing::warn!(dir = %d.display(), error = %e, "cannot watch template directory");
         }
     }
+    for p in &parents {
+        if let Err(e) = watcher.watch(p, notify::RecursiveMode::NonRecursive) {
+            tracing::debug!(dir = %p.display(), error = %e, "cannot watch the directory above the templates");
+        }
+    }
     Some(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(toml: &str) -> Settings {
+        let raw = config::RawConfig::parse(toml, Path::new("t.toml")).unwrap();
+        raw.resolve(Path::new("/etc/haconfd")).unwrap()
+    }
+
+    const BASE: &str = r#"
+[etcd]
+endpoints = ["http://127.0.0.1:2379"]
+scope = "a"
+password = "secret1"
+username = "u"
+[[template]]
+name = "t"
+src = "x.tera"
+dest = "/tmp/x.cfg"
+"#;
+
+    #[test]
+    fn changed_settings_name_each_difference_and_never_a_secret() {
+        let a = settings(BASE);
+        assert!(changed_settings(&a, &a).is_empty());
+        let b = settings(
+            &(BASE
+                .replace("\"a\"", "\"b\"")
+                .replace("secret1", "secret2")
+                .replace("x.cfg", "y.cfg")
+                + "[daemon]\nmax_backoff = \"3s\"\n[http]\nlisten = \"127.0.0.1:1\"\n[log]\nlevel = \"debug\"\n"),
+        );
+        let changed = changed_settings(&a, &b);
+        assert_eq!(
+            changed,
+            [
+                "etcd.scope",
+                "etcd.password",
+                "daemon.max_backoff",
+                "log.level",
+                "http.listen",
+                "template \"t\""
+            ]
+            .map(String::from)
+        );
+        assert!(!format!("{changed:?}").contains("secret"));
+    }
 }

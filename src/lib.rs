@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod guard;
 pub mod haproxy;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

@@ -1,14 +1,15 @@
 //! The `haconfd` binary: parses the command line, loads the settings, wires the stages for the
 //! chosen mode and maps errors to the documented exit codes.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::{CommandFactory, Parser};
 
 use haconfd::cli::{exit, Cli, Command};
-use haconfd::config::{self, LogFormat, Settings};
+use haconfd::config::{self, Settings};
+use haconfd::logging::Logging;
 use haconfd::pipeline::{Engine, PassError};
 use haconfd::render::{self, RenderError};
 use haconfd::snapshot::Snapshot;
@@ -35,7 +36,18 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    init_logging(settings.log.format, &settings.log.level);
+    // A level given by flag or env wins over the file's; the refusal names the one in force.
+    let origin = match &cli.global.log_level {
+        Some(_) => "--log-level (or HACONFD_LOG_LEVEL)".to_owned(),
+        None => format!("log.level of {}", cli.global.config.display()),
+    };
+    let logging = match Logging::init(settings.log.format, &settings.log.level, &origin) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("haconfd: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
     // One thread is plenty for a watcher that runs a pass at a time, and keeps idle RSS low.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -47,11 +59,16 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
-    let code = runtime.block_on(dispatch(cli, settings, overrides));
+    let code = runtime.block_on(dispatch(cli, settings, overrides, logging));
     ExitCode::from(code)
 }
 
-async fn dispatch(cli: Cli, settings: Settings, overrides: config::Overrides) -> u8 {
+async fn dispatch(
+    cli: Cli,
+    settings: Settings,
+    overrides: config::Overrides,
+    logging: Logging,
+) -> u8 {
     tracing::debug!(settings = ?settings, "effective settings (secrets masked)");
     match cli.command {
         Command::Run(_) => {
@@ -65,8 +82,8 @@ async fn dispatch(cli: Cli, settings: Settings, overrides: config::Overrides) ->
                 "starting"
             );
             let status = Arc::new(Mutex::new(Status::default()));
-            match haconfd::daemon::run(cli.global.config.clone(), overrides, settings, status).await
-            {
+            let config_path = cli.global.config.clone();
+            match haconfd::daemon::run(config_path, overrides, settings, status, logging).await {
                 Ok(()) => exit::OK,
                 Err(e) => fail(exit::FAILURE, &format!("{e:#}")),
             }
@@ -209,18 +226,5 @@ async fn check_cmd(settings: Settings, args: haconfd::cli::CheckArgs) -> u8 {
             exit::OK
         }
         Err(e) => fail(pass_code(&e), &format!("{e:#}")),
-    }
-}
-
-fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
     }
 }

@@ -15,6 +15,7 @@ mod common;
 
 // One module per class of hostile input found after the first release; each test names its class.
 mod config;
+mod daemon;
 mod edge;
 mod guard;
 
