@@ -102,11 +102,15 @@ impl Cluster {
         let prefix = format!("{namespace}/{scope}/");
         let mut skipped = Vec::new();
         let mut raw_members: Vec<(String, String, RawMember)> = Vec::new();
+        let mut groups = std::collections::BTreeSet::new();
         for (key, value) in snapshot.kvs.range(prefix.clone()..) {
             let Some(rest) = key.strip_prefix(&prefix) else {
                 break;
             };
             let Some(name) = rest.strip_prefix("members/") else {
+                if let Some(group) = citus_group(rest) {
+                    groups.insert(group);
+                }
                 continue;
             };
             if let Err(reason) = validate_name(name) {
@@ -182,6 +186,9 @@ impl Cluster {
                 _ => None,
             };
         }
+        if !groups.is_empty() {
+            skipped.push(citus_hint(namespace, scope, &groups));
+        }
         skipped.sort_by(|a, b| a.key.cmp(&b.key));
         Built {
             cluster: Cluster {
@@ -192,6 +199,105 @@ impl Cluster {
             },
             skipped,
         }
+    }
+}
+
+/// The group number when `rest` (a key below the scope) is a Patroni key of a Citus group:
+/// `<group>/leader` or `<group>/members/<name>`.
+fn citus_group(rest: &str) -> Option<u64> {
+    let (group, key) = rest.split_once('/')?;
+    let patroni = key == "leader" || key.starts_with("members/");
+    match group.parse() {
+        Ok(n) if patroni && group.bytes().all(|b| b.is_ascii_digit()) => Some(n),
+        _ => None,
+    }
+}
+
+/// Patroni's Citus mode keeps each group's `leader` and `members/` one level down
+/// (`<scope>/0/` is the coordinator, `1/`.. the workers), where the scope itself shows no member:
+/// say so, and how to follow one group, rather than leave only "0 valid members".
+fn citus_hint(namespace: &str, scope: &str, groups: &std::collections::BTreeSet<u64>) -> Skipped {
+    let dirs: Vec<String> = groups
+        .iter()
+        .map(|g| format!("{namespace}/{scope}/{g}/"))
+        .collect();
+    let first = groups.iter().next().copied().unwrap_or(0);
+    Skipped {
+        key: format!("{namespace}/{scope}/{first}/"),
+        reason: format!(
+            "Citus groups found under {}; haconfd follows one Patroni group: to follow group {first}, \
+             set etcd.namespace = {:?} and etcd.scope = \"{first}\"",
+            dirs.join(", "),
+            format!("{namespace}/{scope}"),
+        ),
+    }
+}
+
+impl Cluster {
+    /// Whether a template sees the same context in `self` and `other`. With `with_wal` false,
+    /// the WAL position and lag are left out: Patroni rewrites every member key every
+    /// `loop_wait` because they move, and a template that never reads them must not be rendered
+    /// again for that. Every other field counts (the destructuring names them all, so that a new
+    /// field cannot be forgotten here).
+    pub fn same_for_templates(&self, other: &Cluster, with_wal: bool) -> bool {
+        let Cluster {
+            namespace,
+            scope,
+            leader_name,
+            members,
+        } = self;
+        namespace == &other.namespace
+            && scope == &other.scope
+            && leader_name == &other.leader_name
+            && members.len() == other.members.len()
+            && members
+                .iter()
+                .zip(&other.members)
+                .all(|(a, b)| a.same_for_templates(b, with_wal))
+    }
+}
+
+impl Member {
+    fn same_for_templates(&self, other: &Member, with_wal: bool) -> bool {
+        let Member {
+            name,
+            host,
+            port,
+            address,
+            api_scheme,
+            api_host,
+            api_port,
+            role,
+            state,
+            is_leader,
+            tags,
+            nofailover,
+            noloadbalance,
+            nosync,
+            timeline,
+            xlog_location,
+            lag,
+            version,
+            pending_restart,
+        } = self;
+        name == &other.name
+            && host == &other.host
+            && port == &other.port
+            && address == &other.address
+            && api_scheme == &other.api_scheme
+            && api_host == &other.api_host
+            && api_port == &other.api_port
+            && role == &other.role
+            && state == &other.state
+            && is_leader == &other.is_leader
+            && tags == &other.tags
+            && nofailover == &other.nofailover
+            && noloadbalance == &other.noloadbalance
+            && nosync == &other.nosync
+            && timeline == &other.timeline
+            && version == &other.version
+            && pending_restart == &other.pending_restart
+            && (!with_wal || (xlog_location == &other.xlog_location && lag == &other.lag))
     }
 }
 
@@ -527,6 +633,73 @@ mod tests {
         for good in ["pg1", "node-1.dc_a", "0abc"] {
             assert!(validate_name(good).is_ok(), "{good:?}");
         }
+    }
+
+    #[test]
+    fn citus_groups_are_named_with_how_to_follow_one() {
+        let mut s = Snapshot::new();
+        for g in ["0", "1", "10"] {
+            s.put(format!("/service/demo/{g}/leader"), b"pg1".to_vec());
+            s.put(
+                format!("/service/demo/{g}/members/pg1"),
+                PG1.as_bytes().to_vec(),
+            );
+        }
+        s.put("/service/demo/2024/notpatroni".into(), b"x".to_vec());
+        let b = Cluster::build(&s, "/service", "demo");
+        assert!(b.cluster.members.is_empty());
+        assert_eq!(b.skipped.len(), 1, "{:?}", b.skipped);
+        let hint = b.skipped[0].to_string();
+        assert!(
+            hint.contains(
+                "Citus groups found under /service/demo/0/, /service/demo/1/, /service/demo/10/;"
+            ),
+            "{hint}"
+        );
+        assert!(
+            hint.contains("etcd.namespace = \"/service/demo\" and etcd.scope = \"0\""),
+            "{hint}"
+        );
+        let plain = Cluster::build(&snap(&[("members/pg1", PG1)]), "/service", "demo");
+        assert!(plain.skipped.is_empty());
+    }
+
+    #[test]
+    fn a_new_wal_position_is_invisible_only_when_wal_fields_are_left_out() {
+        let before = Cluster::build(
+            &snap(&[
+                ("leader", "pg1"),
+                ("members/pg1", PG1),
+                ("members/pg2", PG2),
+            ]),
+            "/service",
+            "demo",
+        )
+        .cluster;
+        let heartbeat = PG2.replace("\"xlog_location\":60", "\"xlog_location\":90");
+        let after = Cluster::build(
+            &snap(&[
+                ("leader", "pg1"),
+                ("members/pg1", PG1),
+                ("members/pg2", &heartbeat),
+            ]),
+            "/service",
+            "demo",
+        )
+        .cluster;
+        assert!(after.same_for_templates(&before, false));
+        assert!(!after.same_for_templates(&before, true));
+        let promoted = Cluster::build(
+            &snap(&[
+                ("leader", "pg2"),
+                ("members/pg1", PG1),
+                ("members/pg2", PG2),
+            ]),
+            "/service",
+            "demo",
+        )
+        .cluster;
+        assert!(!promoted.same_for_templates(&before, false));
     }
 
     #[test]
