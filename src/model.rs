@@ -99,9 +99,21 @@ impl Cluster {
     /// Builds the cluster under `<namespace>/<scope>/`. Never fails: bad keys are skipped and
     /// reported, stray keys ignored. The result does not depend on key order.
     pub fn build(snapshot: &Snapshot, namespace: &str, scope: &str) -> Built {
+        Self::build_with(snapshot, namespace, scope, &mut MemberCache::default())
+    }
+
+    /// [`Cluster::build`], parsing again only the member values that changed since `cache`
+    /// last saw them. The result is the same as without a cache.
+    pub fn build_with(
+        snapshot: &Snapshot,
+        namespace: &str,
+        scope: &str,
+        cache: &mut MemberCache,
+    ) -> Built {
         let prefix = format!("{namespace}/{scope}/");
         let mut skipped = Vec::new();
-        let mut raw_members: Vec<(String, String, RawMember)> = Vec::new();
+        let mut parsed: Vec<(String, Result<Member, String>)> = Vec::new();
+        let mut seen = std::collections::HashMap::with_capacity(cache.parsed.len());
         let mut groups = std::collections::BTreeSet::new();
         for (key, value) in snapshot.kvs.range(prefix.clone()..) {
             let Some(rest) = key.strip_prefix(&prefix) else {
@@ -120,14 +132,15 @@ impl Cluster {
                 });
                 continue;
             }
-            match serde_json::from_slice::<RawMember>(value) {
-                Ok(m) => raw_members.push((key.clone(), name.to_owned(), m)),
-                Err(e) => skipped.push(Skipped {
-                    key: key.clone(),
-                    reason: format!("member JSON does not parse: {e}"),
-                }),
-            }
+            let member = match cache.parsed.remove_entry(key) {
+                Some((k, (v, m))) if v == *value => (k, (v, m)),
+                _ => (key.clone(), (value.clone(), Member::parse(name, value))),
+            };
+            parsed.push((member.0.clone(), member.1 .1.clone()));
+            seen.insert(member.0, member.1);
         }
+        // Only keys present now are kept: a departed member's entry goes with it.
+        cache.parsed = seen;
 
         let leader_key = format!("{prefix}leader");
         let leader_name = match snapshot.kvs.get(&leader_key) {
@@ -153,11 +166,13 @@ impl Cluster {
             },
         };
 
-        let mut members = Vec::with_capacity(raw_members.len());
-        for (key, name, raw) in raw_members {
-            let is_leader = leader_name.as_deref() == Some(name.as_str());
-            match Member::from_raw(name, raw, is_leader) {
-                Ok(m) => members.push(m),
+        let mut members = Vec::with_capacity(parsed.len());
+        for (key, member) in parsed {
+            match member {
+                Ok(mut m) => {
+                    m.is_leader = leader_name.as_deref() == Some(m.name.as_str());
+                    members.push(m);
+                }
                 Err(reason) => skipped.push(Skipped { key, reason }),
             }
         }
@@ -324,7 +339,22 @@ struct RawMember {
     pending_restart: Option<serde_json::Value>,
 }
 
+/// Members parsed from earlier snapshots, by key, with the value each was parsed from. Patroni
+/// rewrites one member key per heartbeat: with this, one member is parsed again, not thousands.
+#[derive(Debug, Default)]
+pub struct MemberCache {
+    parsed: std::collections::HashMap<String, (Vec<u8>, Result<Member, String>)>,
+}
+
 impl Member {
+    /// Parses and validates one member value; `is_leader` and `lag` are set by the caller,
+    /// which knows the leader.
+    fn parse(name: &str, value: &[u8]) -> Result<Self, String> {
+        let raw = serde_json::from_slice::<RawMember>(value)
+            .map_err(|e| format!("member JSON does not parse: {e}"))?;
+        Self::from_raw(name.to_owned(), raw, false)
+    }
+
     fn from_raw(name: String, raw: RawMember, is_leader: bool) -> Result<Self, String> {
         let conn_url = raw.conn_url.ok_or("missing conn_url")?;
         let (_, host, port) = parse_endpoint(&conn_url, Some(5432))
@@ -700,6 +730,41 @@ mod tests {
         )
         .cluster;
         assert!(!promoted.same_for_templates(&before, false));
+    }
+
+    #[test]
+    fn a_cached_build_equals_a_fresh_one_across_changes() {
+        let mut cache = MemberCache::default();
+        let steps = [
+            snap(&[
+                ("leader", "pg1"),
+                ("members/pg1", PG1),
+                ("members/pg2", PG2),
+            ]),
+            snap(&[
+                ("leader", "pg2"),
+                ("members/pg1", PG1),
+                ("members/pg2", PG2),
+            ]),
+            snap(&[("leader", "pg2"), ("members/pg2", &PG2.replace("60", "70"))]),
+            snap(&[
+                ("leader", "pg1"),
+                ("members/pg1", "{"),
+                ("members/pg2", PG2),
+            ]),
+            snap(&[
+                ("leader", "pg1"),
+                ("members/pg1", PG1),
+                ("members/pg2", PG2),
+            ]),
+        ];
+        for s in steps {
+            let cached = Cluster::build_with(&s, "/service", "demo", &mut cache);
+            let fresh = Cluster::build(&s, "/service", "demo");
+            assert_eq!(cached.cluster, fresh.cluster);
+            assert_eq!(cached.skipped, fresh.skipped);
+        }
+        assert_eq!(cache.parsed.len(), 2);
     }
 
     #[test]

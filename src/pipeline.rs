@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::apply::{self, ApplyError};
 use crate::config::{Reload, Settings, Target};
 use crate::guard::{self, GuardError};
-use crate::model::{Cluster, Skipped};
+use crate::model::{Cluster, MemberCache, Skipped};
 use crate::reload::{self, ReloadError};
 use crate::render::{RenderError, Rendered, Renderer};
 use crate::server_state;
@@ -104,6 +104,8 @@ pub struct Engine {
     promoted: Option<String>,
     /// Targets whose last reload failed: reloaded on the next pass even if unchanged.
     unreloaded: std::collections::BTreeSet<String>,
+    /// Members parsed by earlier passes: a heartbeat parses one member, not all.
+    parsed_members: MemberCache,
     /// Each target's last render and the cluster it was rendered from.
     renders: std::collections::HashMap<String, CachedRender>,
     /// Whether unchanged views reuse the last render (see [`Engine::set_reuse_renders`]).
@@ -129,6 +131,7 @@ impl Engine {
             unreloaded: Default::default(),
             swept: false,
             promoted: None,
+            parsed_members: MemberCache::default(),
             renders: Default::default(),
             reuse_renders: true,
             state_synced: Default::default(),
@@ -155,10 +158,14 @@ impl Engine {
     /// Builds the model and logs skipped keys when the set of them changes (not on every
     /// heartbeat).
     pub fn model(&mut self, snap: &Snapshot) -> Cluster {
-        let built = Cluster::build(
+        if !self.reuse_renders {
+            self.parsed_members = MemberCache::default();
+        }
+        let built = Cluster::build_with(
             snap,
             &self.settings.etcd.namespace,
             &self.settings.etcd.scope,
+            &mut self.parsed_members,
         );
         if built.skipped != self.last_skipped {
             for s in &built.skipped {
@@ -449,9 +456,10 @@ impl Engine {
         out
     }
 
-    /// Whether a pass may reuse a target's last render when nothing its template sees changed
-    /// (the default). Off, every pass renders every target, as haconfd did before: for
-    /// benchmarks that compare the two.
+    /// Whether a pass may reuse what did not change: members parsed from the same values, and a
+    /// target's last render when nothing its template sees changed (the default). Off, every
+    /// pass parses every member and renders every target, as haconfd did before: for benchmarks
+    /// that compare the two.
     pub fn set_reuse_renders(&mut self, on: bool) {
         self.reuse_renders = on;
         self.renders.clear();
