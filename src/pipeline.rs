@@ -88,7 +88,7 @@ pub struct PassStats {
 #[derive(Debug, Clone)]
 struct CachedRender {
     view: Arc<Cluster>,
-    rendered: Rendered,
+    rendered: Arc<Rendered>,
 }
 
 /// The pass runner, holding compiled templates and what was last applied.
@@ -360,7 +360,7 @@ impl Engine {
         // What each target's consumer reads now: its new render, where it was applied.
         let mut live: Vec<Option<&Rendered>> = vec![None; settings.targets.len()];
         for &i in applied.iter().flatten() {
-            live[i] = rendered[i].as_ref().ok();
+            live[i] = rendered[i].as_deref().ok();
         }
         self.move_to_new_leader(&settings, &live, &cluster).await;
         for r in retired {
@@ -423,19 +423,19 @@ impl Engine {
         &mut self,
         targets: &[Target],
         cluster: &Cluster,
-    ) -> Vec<Result<Rendered, RenderError>> {
+    ) -> Vec<Result<Arc<Rendered>, RenderError>> {
         let mut view: Option<Arc<Cluster>> = None;
         let mut out = Vec::with_capacity(targets.len());
         for t in targets {
             let reads_wal = self.renderer.reads_wal(t);
             if let Some(c) = self.renders.get(&t.name).filter(|_| self.reuse_renders) {
                 if c.view.same_for_templates(cluster, reads_wal) {
-                    out.push(Ok(c.rendered.clone()));
+                    out.push(Ok(Arc::clone(&c.rendered)));
                     continue;
                 }
             }
             self.stats.rendered.push(t.name.clone());
-            let result = self.renderer.render(t, cluster);
+            let result = self.renderer.render(t, cluster).map(Arc::new);
             match &result {
                 Ok(r) => {
                     let view = view.get_or_insert_with(|| Arc::new(cluster.clone()));
@@ -443,7 +443,7 @@ impl Engine {
                         t.name.clone(),
                         CachedRender {
                             view: Arc::clone(view),
-                            rendered: r.clone(),
+                            rendered: Arc::clone(r),
                         },
                     );
                 }
@@ -472,16 +472,17 @@ impl Engine {
 async fn swap_in(
     targets: &[Target],
     group: &[usize],
-    rendered: &[Result<Rendered, RenderError>],
+    rendered: &[Result<Arc<Rendered>, RenderError>],
 ) -> Result<(Vec<(usize, Option<Vec<u8>>)>, Vec<apply::Retired>), (usize, PassError)> {
     let mut changed = Vec::new();
     for &i in group {
         let t = &targets[i];
         let r = rendered[i].as_ref().map_err(|e| (i, e.clone().into()))?;
-        let old = apply::current(&t.dest).map_err(|e| (i, e.into()))?;
-        if old.as_deref() != Some(r.bytes.as_slice()) {
-            changed.push((i, r, old));
+        if apply::holds(&t.dest, &r.bytes).map_err(|e| (i, e.into()))? {
+            continue;
         }
+        let old = apply::current(&t.dest).map_err(|e| (i, e.into()))?;
+        changed.push((i, r.as_ref(), old));
     }
     // Stage and check everything before swapping anything in.
     let mut staged = Vec::with_capacity(changed.len());
