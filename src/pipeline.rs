@@ -599,6 +599,16 @@ impl Engine {
             .filter(|m| matches!(m.role.as_str(), "master" | "primary"))
             .map(|m| m.name.clone());
         let Some(now) = promoted else { return };
+        // A target with server state whose new file was not applied: HAProxy runs the old one.
+        // Leave the move, and the memory of it, to the pass that applies it.
+        if settings
+            .targets
+            .iter()
+            .zip(live)
+            .any(|(t, r)| t.server_state.is_some() && r.is_none())
+        {
+            return;
+        }
         let before = self.promoted.replace(now.clone());
         if before.is_none() || before.as_deref() == Some(now.as_str()) {
             return;
