@@ -1,7 +1,7 @@
 //! Benchmarks of haconfd against a real etcd, HAProxy and Patroni on loopback (docs/BENCHMARKS.md).
 //!
 //! `cargo bench --bench pipeline` runs every scenario; `cargo bench --bench pipeline -- NAME` runs
-//! one (`latency`, `burst`, `idle`, `reload-under-load`). Each scenario is bounded in count and
+//! one (`latency`, `burst`, `idle`, `reload-under-load`, `heartbeat`). Each scenario is bounded in count and
 //! time, prints a human-readable result line (`RESULT ...`) and a machine-readable JSON line
 //! (`{"bench":...}`), and stops every process it started, by PID.
 //!
@@ -12,7 +12,8 @@
 //! Knobs (environment): `BENCH_LATENCY_N` (default 200 changes per latency variant),
 //! `BENCH_IDLE_SECS` (default 60), `BENCH_RELOADS` (default 100 reloads per reload-under-load
 //! phase), `BENCH_VERIFY_RELOAD=1` (haconfd also verifies each reload on the master CLI; see
-//! [`verify_reload`]).
+//! [`verify_reload`]), `BENCH_HEARTBEAT_MEMBERS` (default `3,300,3000`) and
+//! `BENCH_HEARTBEAT_SECS` (default 2 s per variant, at most 200 events).
 //!
 //! Latency is measured from just before the etcd put (client side, `SystemTime`) to the
 //! `timestamp` of haconfd's JSON log line `reloaded` for that pass; both clocks are this machine's
@@ -37,7 +38,7 @@ use common::procs::{
 };
 
 /// The scenarios, in the order `cargo bench --bench pipeline` runs them.
-const SCENARIOS: &[&str] = &["latency", "burst", "idle", "reload-under-load"];
+const SCENARIOS: &[&str] = &["latency", "burst", "idle", "reload-under-load", "heartbeat"];
 
 /// confd's figures from the field measurements haconfd was designed against (not measured here:
 /// confd is not installable).
@@ -87,6 +88,7 @@ fn main() {
             "burst" => bench_burst(),
             "idle" => bench_idle(),
             "reload-under-load" => bench_reload_under_load(),
+            "heartbeat" => bench_heartbeat(),
             _ => unreachable!(),
         });
         println!(
@@ -435,7 +437,6 @@ fn haproxy_check() -> Vec<String> {
     vec![
         procs::require_bin("haproxy").display().to_string(),
         "-c".into(),
-        "-q".into(),
         "-f".into(),
         "{{staged}}".into(),
     ]
@@ -796,7 +797,7 @@ fn latency_variant(name: &str, haproxy_c: bool, server_state: bool, n: usize) {
     let mut j = json!({
         "bench": "latency",
         "variant": name,
-        "check": if haproxy_c { "haproxy -c -q" } else { "true" },
+        "check": if haproxy_c { "haproxy -c" } else { "true" },
         "server_state": server_state,
         "changes": n,
         "missed": misses,
@@ -1195,4 +1196,127 @@ fn reload_failures(daemon: &Haconfd) -> usize {
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. heartbeat
+// ---------------------------------------------------------------------------------------------
+
+/// CPU time per Patroni heartbeat (a member key rewritten with only a new `xlog_location`) at
+/// 3, 300 and 3,000 members, with the shipped haproxy (plus server state) and pgbouncer
+/// templates. In process, one `Engine::pass` per event: the worst case, where no two events
+/// coalesce. Two variants in the same run: `render-every-pass` renders every target on every
+/// pass, as haconfd did before it reused renders; `reuse-unchanged` is the default now.
+fn bench_heartbeat() {
+    let sizes: Vec<usize> = std::env::var("BENCH_HEARTBEAT_MEMBERS")
+        .unwrap_or_else(|_| "3,300,3000".into())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .filter(|&n| n > 0)
+        .collect();
+    let budget = Duration::from_secs(env_usize("BENCH_HEARTBEAT_SECS", 2) as u64);
+    for n in sizes {
+        for (mode, reuse) in [("render-every-pass", false), ("reuse-unchanged", true)] {
+            heartbeat_variant(n, mode, reuse, budget);
+        }
+    }
+}
+
+/// CPU seconds this process has used (all threads; the pass runs on this one).
+fn process_cpu_seconds() -> f64 {
+    let mut ts = nix::libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+fn heartbeat_variant(n: usize, mode: &str, reuse: bool, budget: Duration) {
+    use haconfd::config::RawConfig;
+    use haconfd::pipeline::Engine;
+    use haconfd::snapshot::Snapshot;
+
+    let dir = temp_dir("heartbeat");
+    let d = dir.path();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let toml = format!(
+        "[etcd]\nscope = \"demo\"\n[vars]\nstats_socket = {sock}\n\
+         [[template]]\nname = \"haproxy\"\nsrc = {hsrc}\ndest = {hdest}\n\
+         server_state = {{ stats_socket = {sock}, file = {state} }}\n\
+         [[template]]\nname = \"pgbouncer\"\nsrc = {psrc}\ndest = {pdest}\nrequire_leader = true\n",
+        sock = q(&d.join("admin.sock")),
+        hsrc = q(&root.join("templates/haproxy.cfg.tera")),
+        hdest = q(&d.join("haproxy.cfg")),
+        state = q(&d.join("server-state")),
+        psrc = q(&root.join("templates/pgbouncer.ini.tera")),
+        pdest = q(&d.join("pgbouncer.ini")),
+    );
+    let settings = RawConfig::parse(&toml, &d.join("haconfd.toml"))
+        .expect("parse the heartbeat config")
+        .resolve(d)
+        .expect("resolve the heartbeat config");
+    let mut engine = Engine::new(std::sync::Arc::new(settings)).expect("compile the templates");
+    engine.set_reuse_renders(reuse);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let key = |i: usize| format!("/service/demo/members/m{i:04}");
+    let member = |i: usize, xlog: u64| {
+        let role = if i == 0 { "master" } else { "replica" };
+        member_json(5432 + i as u16, 8000 + i as u16, role, xlog).into_bytes()
+    };
+    let mut snap = Snapshot::new();
+    snap.put("/service/demo/leader".into(), b"m0000".to_vec());
+    for i in 0..n {
+        snap.put(key(i), member(i, 50_331_816));
+    }
+    rt.block_on(engine.pass(&snap, false))
+        .expect("the first pass");
+    let bytes = std::fs::metadata(d.join("haproxy.cfg"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+
+    let (mut events, mut renders) = (0usize, 0usize);
+    let mut wall = Vec::new();
+    let cpu0 = process_cpu_seconds();
+    let t0 = Instant::now();
+    while events < 200 && t0.elapsed() < budget {
+        events += 1;
+        let i = events % n;
+        snap.put(key(i), member(i, 50_331_816 + 4096 * events as u64));
+        snap.revision += 1;
+        let t = Instant::now();
+        let outcome = rt
+            .block_on(engine.pass(&snap, false))
+            .expect("a heartbeat pass");
+        wall.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert!(outcome.is_noop(), "a heartbeat changed a file: {outcome:?}");
+        renders += engine.stats.rendered.len();
+    }
+    let cpu_ms = (process_cpu_seconds() - cpu0) * 1000.0;
+    let per_event = cpu_ms / events.max(1) as f64;
+    let w = summarize(&wall);
+    println!(
+        "RESULT heartbeat members={n} mode={mode}: {events} events, CPU {per_event:.3} ms/event \
+         ({:.0} % of a core at 200 events/s), renders/event {:.2}, pass wall p50 {:.3} ms p99 \
+         {:.3} ms, haproxy.cfg {bytes} bytes",
+        per_event * 20.0,
+        renders as f64 / events.max(1) as f64,
+        w.p50,
+        w.p99,
+    );
+    print_json(json!({
+        "bench": "heartbeat",
+        "members": n,
+        "mode": mode,
+        "events": events,
+        "cpu_ms_per_event": (per_event * 1000.0).round() / 1000.0,
+        "renders_per_event": renders as f64 / events.max(1) as f64,
+        "pass_wall_ms": summary_json(&w),
+        "haproxy_cfg_bytes": bytes,
+    }));
 }

@@ -86,6 +86,36 @@ pub fn current(dest: &Path) -> Result<Option<Vec<u8>>, ApplyError> {
     }
 }
 
+/// Whether `dest` holds exactly `bytes`, read in small chunks: most passes change nothing, and
+/// a 300 KB haproxy.cfg read whole into a fresh buffer on every heartbeat costs page faults.
+pub fn holds(dest: &Path, bytes: &[u8]) -> Result<bool, ApplyError> {
+    use std::io::Read;
+    let read_err = |source| ApplyError::ReadDest {
+        path: dest.to_owned(),
+        source,
+    };
+    let mut file = match File::open(dest) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(read_err(e)),
+    };
+    if file.metadata().map_err(read_err)?.len() != bytes.len() as u64 {
+        return Ok(false);
+    }
+    let mut buf = [0u8; 16 * 1024];
+    let mut rest = bytes;
+    loop {
+        let n = file.read(&mut buf).map_err(read_err)?;
+        if n == 0 {
+            return Ok(rest.is_empty());
+        }
+        if n > rest.len() || buf[..n] != rest[..n] {
+            return Ok(false);
+        }
+        rest = &rest[n..];
+    }
+}
+
 /// Writes `rendered` to a new staged file beside `target.dest`, fsynced, with the final mode and
 /// owner: the configured ones, else the current file's, else 0644 and the process's own.
 pub fn stage(target: &Target, rendered: &Rendered) -> Result<Staged, ApplyError> {
@@ -410,6 +440,20 @@ mod tests {
         let t = target(Path::new("/nonexistent-dir/out.cfg"), &[]);
         let err = stage(&t, &rendered(b"x")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent-dir/"), "{err}");
+    }
+
+    #[test]
+    fn holds_compares_the_whole_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f");
+        assert!(!holds(&dest, b"a").unwrap());
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&dest, &big).unwrap();
+        assert!(holds(&dest, &big).unwrap());
+        let mut other = big.clone();
+        other[70_000] ^= 1;
+        assert!(!holds(&dest, &other).unwrap());
+        assert!(!holds(&dest, &big[..99_999]).unwrap());
     }
 
     #[test]

@@ -52,6 +52,11 @@ pub enum DaemonError {
     },
 }
 
+/// How many times its own duration a no-op pass waits before the next pass (a 10 % duty cycle).
+const NO_OP_DUTY_FACTOR: u32 = 9;
+/// The longest such wait, whatever one pass took.
+const MAX_NO_OP_PAUSE: Duration = Duration::from_millis(100);
+
 /// Runs until a shutdown signal. Returns an error only if nothing could start.
 pub async fn run(
     config_path: PathBuf,
@@ -97,6 +102,11 @@ pub async fn run(
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut pending = false;
     let mut leaderless = false;
+    // After a pass that wrote nothing (Patroni's heartbeats), the next waits 9× as long as that
+    // pass took (at most 100 ms): no-op passes then use at most a tenth of a core however fast
+    // events arrive (while one takes under 11 ms; 4.3 ms at 3,000 members), and a real change
+    // waits at most that long (about 40 ms at 3,000 members, well under 1 ms at 3).
+    let mut quiet_until: Option<Instant> = None;
 
     loop {
         let retry = async {
@@ -166,6 +176,17 @@ pub async fn run(
                 }
             }
         }
+        if let Some(wait) = quiet_until
+            .take()
+            .map(|t| t.saturating_duration_since(Instant::now()))
+        {
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => break,
+                }
+            }
+        }
         let state = d.source.rx.borrow_and_update().clone();
         d.update_source_status(&state);
         let Some(snap) = state.snapshot.filter(|_| state.connected) else {
@@ -176,26 +197,19 @@ pub async fn run(
         let started = Instant::now();
         let result = d.engine.pass(&snap, true).await;
         let elapsed = started.elapsed();
-        let wrote = match &result {
-            Ok(o) => !o.is_noop(),
-            Err(PassError::Reload { .. }) => true,
-            Err(_) => false,
-        };
+        // A failed pass may still have written another consumer's files.
+        let wrote =
+            !d.engine.stats.outcome.is_noop() || matches!(result, Err(PassError::Reload { .. }));
         if wrote {
             last_write = Some(Instant::now());
+        } else {
+            quiet_until = Some(Instant::now() + (elapsed * NO_OP_DUTY_FACTOR).min(MAX_NO_OP_PAUSE));
         }
         {
             let mut st = d.status.lock().expect("status lock");
             st.record_pass(&result, &d.engine, elapsed);
         }
-        let names: Vec<String> = d
-            .engine
-            .settings()
-            .targets
-            .iter()
-            .map(|t| t.name.clone())
-            .collect();
-        d.metrics.record(&names, &result, &d.engine.stats);
+        d.metrics.record(&result, &d.engine.stats);
         let prefix = d.engine.settings().etcd.prefix();
         match &result {
             Ok(o) if o.is_noop() => {

@@ -51,12 +51,7 @@ impl Metrics {
     }
 
     /// Records one pass.
-    pub fn record(
-        &self,
-        targets: &[String],
-        result: &Result<PassOutcome, PassError>,
-        stats: &PassStats,
-    ) {
+    pub fn record(&self, result: &Result<PassOutcome, PassError>, stats: &PassStats) {
         let label = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
         let ok = result.is_ok();
         self.passes
@@ -64,27 +59,23 @@ impl Metrics {
             .inc();
         self.render_seconds.observe(stats.render.as_secs_f64());
         self.apply_seconds.observe(stats.apply.as_secs_f64());
-        match result {
-            Ok(o) => {
-                for t in targets {
-                    self.renders.get_or_create(&label("target", t)).inc();
-                }
-                for t in &o.written {
-                    self.writes.get_or_create(&label("target", t)).inc();
-                }
-                for t in &o.reloaded {
-                    self.reloads.get_or_create(&label("target", t)).inc();
-                }
-            }
-            Err(e) => {
-                let target = match e {
-                    PassError::Reload { target, .. } => target.clone(),
-                    _ => "*".to_owned(),
-                };
+        // Targets whose last render was reused (nothing they read changed) are not counted.
+        for t in &stats.rendered {
+            self.renders.get_or_create(&label("target", t)).inc();
+        }
+        // Written and reloaded count also when another consumer's target failed in this pass.
+        for t in &stats.outcome.written {
+            self.writes.get_or_create(&label("target", t)).inc();
+        }
+        for t in &stats.outcome.reloaded {
+            self.reloads.get_or_create(&label("target", t)).inc();
+        }
+        if let Err(e) = result {
+            for (target, reason) in crate::status::failures(e, stats) {
                 self.failures
                     .get_or_create(&vec![
                         ("target".to_owned(), target),
-                        ("reason".to_owned(), e.reason().to_owned()),
+                        ("reason".to_owned(), reason.to_owned()),
                     ])
                     .inc();
             }
@@ -97,7 +88,7 @@ impl Metrics {
         r.register("passes", "Passes run, by result", self.passes.clone());
         r.register(
             "renders",
-            "Targets rendered in successful passes",
+            "Targets rendered (a target whose inputs did not change reuses its last render)",
             self.renders.clone(),
         );
         r.register("writes", "Files swapped in, by target", self.writes.clone());

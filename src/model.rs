@@ -99,14 +99,30 @@ impl Cluster {
     /// Builds the cluster under `<namespace>/<scope>/`. Never fails: bad keys are skipped and
     /// reported, stray keys ignored. The result does not depend on key order.
     pub fn build(snapshot: &Snapshot, namespace: &str, scope: &str) -> Built {
+        Self::build_with(snapshot, namespace, scope, &mut MemberCache::default())
+    }
+
+    /// [`Cluster::build`], parsing again only the member values that changed since `cache`
+    /// last saw them. The result is the same as without a cache.
+    pub fn build_with(
+        snapshot: &Snapshot,
+        namespace: &str,
+        scope: &str,
+        cache: &mut MemberCache,
+    ) -> Built {
         let prefix = format!("{namespace}/{scope}/");
         let mut skipped = Vec::new();
-        let mut raw_members: Vec<(String, String, RawMember)> = Vec::new();
+        let mut parsed: Vec<(String, Result<Member, String>)> = Vec::new();
+        let mut seen = std::collections::HashMap::with_capacity(cache.parsed.len());
+        let mut groups = std::collections::BTreeSet::new();
         for (key, value) in snapshot.kvs.range(prefix.clone()..) {
             let Some(rest) = key.strip_prefix(&prefix) else {
                 break;
             };
             let Some(name) = rest.strip_prefix("members/") else {
+                if let Some(group) = citus_group(rest) {
+                    groups.insert(group);
+                }
                 continue;
             };
             if let Err(reason) = validate_name(name) {
@@ -116,14 +132,15 @@ impl Cluster {
                 });
                 continue;
             }
-            match serde_json::from_slice::<RawMember>(value) {
-                Ok(m) => raw_members.push((key.clone(), name.to_owned(), m)),
-                Err(e) => skipped.push(Skipped {
-                    key: key.clone(),
-                    reason: format!("member JSON does not parse: {e}"),
-                }),
-            }
+            let member = match cache.parsed.remove_entry(key) {
+                Some((k, (v, m))) if v == *value => (k, (v, m)),
+                _ => (key.clone(), (value.clone(), Member::parse(name, value))),
+            };
+            parsed.push((member.0.clone(), member.1 .1.clone()));
+            seen.insert(member.0, member.1);
         }
+        // Only keys present now are kept: a departed member's entry goes with it.
+        cache.parsed = seen;
 
         let leader_key = format!("{prefix}leader");
         let leader_name = match snapshot.kvs.get(&leader_key) {
@@ -149,11 +166,13 @@ impl Cluster {
             },
         };
 
-        let mut members = Vec::with_capacity(raw_members.len());
-        for (key, name, raw) in raw_members {
-            let is_leader = leader_name.as_deref() == Some(name.as_str());
-            match Member::from_raw(name, raw, is_leader) {
-                Ok(m) => members.push(m),
+        let mut members = Vec::with_capacity(parsed.len());
+        for (key, member) in parsed {
+            match member {
+                Ok(mut m) => {
+                    m.is_leader = leader_name.as_deref() == Some(m.name.as_str());
+                    members.push(m);
+                }
                 Err(reason) => skipped.push(Skipped { key, reason }),
             }
         }
@@ -182,6 +201,9 @@ impl Cluster {
                 _ => None,
             };
         }
+        if !groups.is_empty() {
+            skipped.push(citus_hint(namespace, scope, &groups));
+        }
         skipped.sort_by(|a, b| a.key.cmp(&b.key));
         Built {
             cluster: Cluster {
@@ -192,6 +214,105 @@ impl Cluster {
             },
             skipped,
         }
+    }
+}
+
+/// The group number when `rest` (a key below the scope) is a Patroni key of a Citus group:
+/// `<group>/leader` or `<group>/members/<name>`.
+fn citus_group(rest: &str) -> Option<u64> {
+    let (group, key) = rest.split_once('/')?;
+    let patroni = key == "leader" || key.starts_with("members/");
+    match group.parse() {
+        Ok(n) if patroni && group.bytes().all(|b| b.is_ascii_digit()) => Some(n),
+        _ => None,
+    }
+}
+
+/// Patroni's Citus mode keeps each group's `leader` and `members/` one level down
+/// (`<scope>/0/` is the coordinator, `1/`.. the workers), where the scope itself shows no member:
+/// say so, and how to follow one group, rather than leave only "0 valid members".
+fn citus_hint(namespace: &str, scope: &str, groups: &std::collections::BTreeSet<u64>) -> Skipped {
+    let dirs: Vec<String> = groups
+        .iter()
+        .map(|g| format!("{namespace}/{scope}/{g}/"))
+        .collect();
+    let first = groups.iter().next().copied().unwrap_or(0);
+    Skipped {
+        key: format!("{namespace}/{scope}/{first}/"),
+        reason: format!(
+            "Citus groups found under {}; haconfd follows one Patroni group: to follow group {first}, \
+             set etcd.namespace = {:?} and etcd.scope = \"{first}\"",
+            dirs.join(", "),
+            format!("{namespace}/{scope}"),
+        ),
+    }
+}
+
+impl Cluster {
+    /// Whether a template sees the same context in `self` and `other`. With `with_wal` false,
+    /// the WAL position and lag are left out: Patroni rewrites every member key every
+    /// `loop_wait` because they move, and a template that never reads them must not be rendered
+    /// again for that. Every other field counts (the destructuring names them all, so that a new
+    /// field cannot be forgotten here).
+    pub fn same_for_templates(&self, other: &Cluster, with_wal: bool) -> bool {
+        let Cluster {
+            namespace,
+            scope,
+            leader_name,
+            members,
+        } = self;
+        namespace == &other.namespace
+            && scope == &other.scope
+            && leader_name == &other.leader_name
+            && members.len() == other.members.len()
+            && members
+                .iter()
+                .zip(&other.members)
+                .all(|(a, b)| a.same_for_templates(b, with_wal))
+    }
+}
+
+impl Member {
+    fn same_for_templates(&self, other: &Member, with_wal: bool) -> bool {
+        let Member {
+            name,
+            host,
+            port,
+            address,
+            api_scheme,
+            api_host,
+            api_port,
+            role,
+            state,
+            is_leader,
+            tags,
+            nofailover,
+            noloadbalance,
+            nosync,
+            timeline,
+            xlog_location,
+            lag,
+            version,
+            pending_restart,
+        } = self;
+        name == &other.name
+            && host == &other.host
+            && port == &other.port
+            && address == &other.address
+            && api_scheme == &other.api_scheme
+            && api_host == &other.api_host
+            && api_port == &other.api_port
+            && role == &other.role
+            && state == &other.state
+            && is_leader == &other.is_leader
+            && tags == &other.tags
+            && nofailover == &other.nofailover
+            && noloadbalance == &other.noloadbalance
+            && nosync == &other.nosync
+            && timeline == &other.timeline
+            && version == &other.version
+            && pending_restart == &other.pending_restart
+            && (!with_wal || (xlog_location == &other.xlog_location && lag == &other.lag))
     }
 }
 
@@ -218,7 +339,22 @@ struct RawMember {
     pending_restart: Option<serde_json::Value>,
 }
 
+/// Members parsed from earlier snapshots, by key, with the value each was parsed from. Patroni
+/// rewrites one member key per heartbeat: with this, one member is parsed again, not thousands.
+#[derive(Debug, Default)]
+pub struct MemberCache {
+    parsed: std::collections::HashMap<String, (Vec<u8>, Result<Member, String>)>,
+}
+
 impl Member {
+    /// Parses and validates one member value; `is_leader` and `lag` are set by the caller,
+    /// which knows the leader.
+    fn parse(name: &str, value: &[u8]) -> Result<Self, String> {
+        let raw = serde_json::from_slice::<RawMember>(value)
+            .map_err(|e| format!("member JSON does not parse: {e}"))?;
+        Self::from_raw(name.to_owned(), raw, false)
+    }
+
     fn from_raw(name: String, raw: RawMember, is_leader: bool) -> Result<Self, String> {
         let conn_url = raw.conn_url.ok_or("missing conn_url")?;
         let (_, host, port) = parse_endpoint(&conn_url, Some(5432))
@@ -527,6 +663,108 @@ mod tests {
         for good in ["pg1", "node-1.dc_a", "0abc"] {
             assert!(validate_name(good).is_ok(), "{good:?}");
         }
+    }
+
+    #[test]
+    fn citus_groups_are_named_with_how_to_follow_one() {
+        let mut s = Snapshot::new();
+        for g in ["0", "1", "10"] {
+            s.put(format!("/service/demo/{g}/leader"), b"pg1".to_vec());
+            s.put(
+                format!("/service/demo/{g}/members/pg1"),
+                PG1.as_bytes().to_vec(),
+            );
+        }
+        s.put("/service/demo/2024/notpatroni".into(), b"x".to_vec());
+        let b = Cluster::build(&s, "/service", "demo");
+        assert!(b.cluster.members.is_empty());
+        assert_eq!(b.skipped.len(), 1, "{:?}", b.skipped);
+        let hint = b.skipped[0].to_string();
+        assert!(
+            hint.contains(
+                "Citus groups found under /service/demo/0/, /service/demo/1/, /service/demo/10/;"
+            ),
+            "{hint}"
+        );
+        assert!(
+            hint.contains("etcd.namespace = \"/service/demo\" and etcd.scope = \"0\""),
+            "{hint}"
+        );
+        let plain = Cluster::build(&snap(&[("members/pg1", PG1)]), "/service", "demo");
+        assert!(plain.skipped.is_empty());
+    }
+
+    #[test]
+    fn a_new_wal_position_is_invisible_only_when_wal_fields_are_left_out() {
+        let before = Cluster::build(
+            &snap(&[
+                ("leader", "pg1"),
+                ("members/pg1", PG1),
+                ("members/pg2", PG2),
+            ]),
+            "/service",
+            "demo",
+        )
+        .cluster;
+        let heartbeat = PG2.replace("\"xlog_location\":60", "\"xlog_location\":90");
+        let after = Cluster::build(
+            &snap(&[
+                ("leader", "pg1"),
+                ("members/pg1", PG1),
+                ("members/pg2", &heartbeat),
+            ]),
+            "/service",
+            "demo",
+        )
+        .cluster;
+        assert!(after.same_for_templates(&before, false));
+        assert!(!after.same_for_templates(&before, true));
+        let promoted = Cluster::build(
+            &snap(&[
+                ("leader", "pg2"),
+                ("members/pg1", PG1),
+                ("members/pg2", PG2),
+            ]),
+            "/service",
+            "demo",
+        )
+        .cluster;
+        assert!(!promoted.same_for_templates(&before, false));
+    }
+
+    #[test]
+    fn a_cached_build_equals_a_fresh_one_across_changes() {
+        let mut cache = MemberCache::default();
+        let steps = [
+            snap(&[
+                ("leader", "pg1"),
+                ("members/pg1", PG1),
+                ("members/pg2", PG2),
+            ]),
+            snap(&[
+                ("leader", "pg2"),
+                ("members/pg1", PG1),
+                ("members/pg2", PG2),
+            ]),
+            snap(&[("leader", "pg2"), ("members/pg2", &PG2.replace("60", "70"))]),
+            snap(&[
+                ("leader", "pg1"),
+                ("members/pg1", "{"),
+                ("members/pg2", PG2),
+            ]),
+            snap(&[
+                ("leader", "pg1"),
+                ("members/pg1", PG1),
+                ("members/pg2", PG2),
+            ]),
+        ];
+        for s in steps {
+            let cached = Cluster::build_with(&s, "/service", "demo", &mut cache);
+            let fresh = Cluster::build(&s, "/service", "demo");
+            assert_eq!(cached.cluster, fresh.cluster);
+            assert_eq!(cached.skipped, fresh.skipped);
+        }
+        assert_eq!(cache.parsed.len(), 2);
     }
 
     #[test]

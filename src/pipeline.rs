@@ -1,20 +1,23 @@
-//! One pass through the stages: snapshot → model → guard → render every target → stage and check
-//! every changed file → swap them all in → reload what changed. If any target fails before the
-//! swap, nothing is swapped and nothing is reloaded. Every mode runs passes through [`Engine`].
+//! One pass through the stages: snapshot → model → guard → render every target (reusing the last
+//! render when nothing a template sees changed) → per consumer: stage and check its changed
+//! files, swap them in, reload it once. A consumer whose target fails keeps its last good files
+//! and is not reloaded; the other consumers go ahead. Every mode runs passes through [`Engine`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::apply::{self, ApplyError};
-use crate::config::{Settings, Target};
+use crate::config::{Reload, Settings, Target};
 use crate::guard::{self, GuardError};
-use crate::model::{Cluster, Skipped};
+use crate::model::{Cluster, MemberCache, Skipped};
 use crate::reload::{self, ReloadError};
 use crate::render::{RenderError, Rendered, Renderer};
 use crate::server_state;
 use crate::snapshot::Snapshot;
 
-/// Why a pass failed. Every variant leaves the last good files in place.
+/// Why a pass failed: the first failure in config order. Every variant leaves the failed
+/// target's last good file in place; other consumers' targets may have been applied (see
+/// [`PassStats::outcome`]).
 #[derive(Debug, thiserror::Error)]
 pub enum PassError {
     /// The guard refused the view.
@@ -73,6 +76,20 @@ pub struct PassStats {
     pub render: Duration,
     /// Time spent staging, checking, swapping and reloading.
     pub apply: Duration,
+    /// Targets rendered (the others reused their last render: nothing they see changed).
+    pub rendered: Vec<String>,
+    /// What the pass wrote and reloaded, also when it failed for another target.
+    pub outcome: PassOutcome,
+    /// Targets that failed (render, check, write or reload) and kept their last good files,
+    /// each with its reason label.
+    pub failed: Vec<(String, &'static str)>,
+}
+
+/// A target's last render, kept to skip the next one when nothing its template sees changed.
+#[derive(Debug, Clone)]
+struct CachedRender {
+    view: Arc<Cluster>,
+    rendered: Arc<Rendered>,
 }
 
 /// The pass runner, holding compiled templates and what was last applied.
@@ -89,6 +106,14 @@ pub struct Engine {
     promoted: Option<String>,
     /// Targets whose last reload failed: reloaded on the next pass even if unchanged.
     unreloaded: std::collections::BTreeSet<String>,
+    /// Members parsed by earlier passes: a heartbeat parses one member, not all.
+    parsed_members: MemberCache,
+    /// Each target's last render and the cluster it was rendered from.
+    renders: std::collections::HashMap<String, CachedRender>,
+    /// Whether unchanged views reuse the last render (see [`Engine::set_reuse_renders`]).
+    reuse_renders: bool,
+    /// Targets whose server-state file holds etcd's view of their current render.
+    state_synced: std::collections::BTreeSet<String>,
     /// Timings of the last pass.
     pub stats: PassStats,
     /// The model the last pass saw, accepted or refused: what etcd shows, for status and
@@ -109,6 +134,10 @@ impl Engine {
             unreloaded: Default::default(),
             swept: false,
             promoted: None,
+            parsed_members: MemberCache::default(),
+            renders: Default::default(),
+            reuse_renders: true,
+            state_synced: Default::default(),
             stats: PassStats::default(),
             cluster: None,
         })
@@ -124,16 +153,22 @@ impl Engine {
         self.renderer = Renderer::load(&settings.targets)?;
         self.settings = settings;
         self.swept = false;
+        self.renders.clear();
+        self.state_synced.clear();
         Ok(())
     }
 
     /// Builds the model and logs skipped keys when the set of them changes (not on every
     /// heartbeat).
     pub fn model(&mut self, snap: &Snapshot) -> Cluster {
-        let built = Cluster::build(
+        if !self.reuse_renders {
+            self.parsed_members = MemberCache::default();
+        }
+        let built = Cluster::build_with(
             snap,
             &self.settings.etcd.namespace,
             &self.settings.etcd.scope,
+            &mut self.parsed_members,
         );
         if built.skipped != self.last_skipped {
             for s in &built.skipped {
@@ -161,7 +196,8 @@ impl Engine {
     }
 
     /// Renders, stages into `scratch` and runs every check without touching any destination: for
-    /// `check`. Returns the names checked.
+    /// `check`. Every target is checked; the first failure (in config order) is returned, the
+    /// others logged. Errors name the target's real destination, not the scratch copy.
     pub async fn check_only(
         &mut self,
         snap: &Snapshot,
@@ -169,131 +205,168 @@ impl Engine {
     ) -> Result<Vec<String>, PassError> {
         let cluster = self.model(snap);
         guard::check(&self.settings.guard, &cluster, None)?;
-        let rendered = self.renderer.render_all(&self.settings.targets, &cluster)?;
         let mut names = Vec::new();
-        for (t, r) in self.settings.targets.iter().zip(&rendered) {
-            let mut copy = t.clone();
-            copy.dest = scratch.join(&t.name);
-            copy.owner = None;
-            copy.group = None;
-            let staged = apply::stage(&copy, r)?;
-            apply::check(&copy, &staged).await?;
-            names.push(t.name.clone());
+        let mut failures = Vec::new();
+        for (i, t) in self.settings.targets.iter().enumerate() {
+            match self
+                .check_one(t, &cluster, &scratch.join(i.to_string()))
+                .await
+            {
+                Ok(()) => names.push(t.name.clone()),
+                Err(e) => failures.push((i, e)),
+            }
         }
-        Ok(names)
+        first_failure(&self.settings.targets, failures).map_or(Ok(names), Err)
+    }
+
+    async fn check_one(
+        &self,
+        t: &Target,
+        cluster: &Cluster,
+        dir: &std::path::Path,
+    ) -> Result<(), PassError> {
+        let r = self.renderer.render(t, cluster)?;
+        let mut copy = t.clone();
+        // The staged file is named as beside the real destination, so a check's own output
+        // (`parsing [.haproxy.cfg.haconfd-…:12]`) reads as it does in `once` and `run`.
+        let file_name = t.dest.file_name().unwrap_or(t.name.as_ref());
+        copy.dest = dir.join(file_name);
+        copy.owner = None;
+        copy.group = None;
+        std::fs::create_dir_all(dir).map_err(|source| ApplyError::Stage {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let staged = apply::stage(&copy, &r)?;
+        apply::check(&copy, &staged).await.map_err(|e| match e {
+            ApplyError::Check { target, source, .. } => ApplyError::Check {
+                target,
+                dest: t.dest.clone(),
+                source,
+            },
+            other => other,
+        })?;
+        Ok(())
     }
 
     /// One full pass. `reload` false writes files but signals nothing.
+    ///
+    /// Targets are applied per consumer (see [`consumers`]): the targets of one consumer are
+    /// staged, checked, swapped in and reloaded together, all or nothing, and a consumer whose
+    /// target does not render or is refused by its check keeps its last good files without
+    /// holding the others back. The pass fails if any consumer failed: the error is the first
+    /// failure in config order, the others are logged, and [`PassStats`] tells what was applied.
     pub async fn pass(&mut self, snap: &Snapshot, reload: bool) -> Result<PassOutcome, PassError> {
         let started = Instant::now();
         self.stats = PassStats::default();
         let cluster = Arc::new(self.model(snap));
         self.cluster = Some(Arc::clone(&cluster));
         self.memory.admit(&self.settings.guard, &cluster)?;
-        let rendered = self.renderer.render_all(&self.settings.targets, &cluster)?;
+        let settings = Arc::clone(&self.settings);
+        let rendered = self.render_targets(&settings.targets, &cluster);
         self.stats.render = started.elapsed();
         let apply_start = Instant::now();
 
-        let settings = Arc::clone(&self.settings);
         if !self.swept {
             self.swept = true;
             for t in &settings.targets {
                 apply::sweep_leftovers(&t.dest);
             }
         }
+        let mut failures: Vec<(usize, PassError)> = Vec::new();
         // Each changed target with what its file held before: the known-good bytes to put back
         // if its consumer refuses the new ones.
-        let mut changed: Vec<(&Target, &Rendered)> = Vec::new();
-        let mut previous: Vec<Option<Vec<u8>>> = Vec::new();
-        for (t, r) in settings.targets.iter().zip(&rendered) {
-            let old = apply::current(&t.dest)?;
-            if old.as_deref() != Some(r.bytes.as_slice()) {
-                changed.push((t, r));
-                previous.push(old);
+        let mut changed: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
+        // The replaced files are released after the reloads, off the latency path.
+        let mut retired = Vec::new();
+        let mut applied: Vec<Vec<usize>> = Vec::new();
+        for group in consumers(&settings.targets) {
+            match swap_in(&settings.targets, &group, &rendered).await {
+                Ok((c, r)) => {
+                    changed.extend(c);
+                    retired.extend(r);
+                    applied.push(group);
+                }
+                Err(failure) => failures.push(failure),
             }
         }
-        // Stage and check everything before swapping anything in.
-        let mut staged = Vec::with_capacity(changed.len());
-        for (t, r) in &changed {
-            staged.push(apply::stage(t, r)?);
-        }
-        for ((t, _), s) in changed.iter().zip(&staged) {
-            apply::check(t, s).await?;
-        }
-        // The replaced files are released after the reloads, off the latency path.
-        let mut retired = Vec::with_capacity(staged.len());
-        for s in staged {
-            retired.push(apply::commit(s)?);
-        }
         let mut outcome = PassOutcome {
-            written: changed.iter().map(|(t, _)| t.name.clone()).collect(),
+            written: changed
+                .iter()
+                .map(|(i, _)| settings.targets[*i].name.clone())
+                .collect(),
             reloaded: Vec::new(),
         };
         for name in &outcome.written {
             tracing::info!(target = %name, "file updated");
         }
 
-        let mut first_error = None;
         if reload {
-            // Changed targets, and those whose last reload failed although their file is now up
-            // to date: a refused PID must not turn into "nothing changed" on the retry.
-            let due: Vec<(&Target, &Rendered, Option<&Vec<u8>>)> = settings
-                .targets
-                .iter()
-                .zip(&rendered)
-                .filter_map(
-                    |(t, r)| match changed.iter().position(|(c, _)| c.name == t.name) {
-                        Some(i) => Some((t, r, previous[i].as_ref())),
-                        None if self.unreloaded.contains(&t.name) => Some((t, r, None)),
-                        None => None,
-                    },
-                )
-                .collect();
-            for (t, r, old) in due {
-                let Some(action) = &t.reload else { continue };
-                if let Some(ss) = &t.server_state {
-                    retired.extend(prepare_server_state(ss, r, &cluster).await);
+            for group in &applied {
+                // Changed targets, and those whose last reload failed although their file is
+                // now up to date: a refused PID must not turn into "nothing changed" on the
+                // retry. One reload per consumer, however many of its files changed.
+                let due: Vec<usize> = group
+                    .iter()
+                    .copied()
+                    .filter(|i| settings.targets[*i].reload.is_some())
+                    .filter(|i| {
+                        changed.iter().any(|(c, _)| c == i)
+                            || self.unreloaded.contains(&settings.targets[*i].name)
+                    })
+                    .collect();
+                let Some(&first) = due.first() else { continue };
+                let Some(action) = &settings.targets[first].reload else {
+                    continue;
+                };
+                for &i in &due {
+                    let t = &settings.targets[i];
+                    if let (Some(ss), Ok(r)) = (&t.server_state, &rendered[i]) {
+                        retired.extend(prepare_server_state(ss, r, &cluster).await);
+                    }
                 }
                 match reload::reload(action).await {
                     Ok(()) => {
-                        tracing::info!(target = %t.name, "reloaded");
-                        self.unreloaded.remove(&t.name);
-                        outcome.reloaded.push(t.name.clone());
+                        for &i in &due {
+                            let name = &settings.targets[i].name;
+                            tracing::info!(target = %name, "reloaded");
+                            self.unreloaded.remove(name);
+                            self.state_synced.remove(name);
+                            outcome.reloaded.push(name.clone());
+                        }
                     }
                     Err(source) => {
+                        let t = &settings.targets[first];
                         tracing::error!(target = %t.name, error = %source, "reload failed");
-                        self.unreloaded.insert(t.name.clone());
-                        // HAProxy refused the new file and still runs the old one: put the old
-                        // one back, so that the file on disk is the known-good one a restart
-                        // would load. (When haconfd refused to signal — stale or foreign PID —
-                        // the new file stays: a consumer starting now must read it.)
-                        if let (Some(old), true) = (old, refused_by_consumer(&source)) {
-                            let known_good = Rendered {
-                                name: t.name.clone(),
-                                bytes: old.clone(),
-                            };
-                            match apply::stage(t, &known_good)
-                                .and_then(apply::commit)
-                                .map(drop)
-                            {
-                                Ok(()) => {
-                                    tracing::warn!(target = %t.name, dest = %t.dest.display(), "restored the last good file")
-                                }
-                                Err(e) => {
-                                    tracing::error!(target = %t.name, dest = %t.dest.display(), error = %e, "cannot restore the last good file")
-                                }
+                        for &i in &due {
+                            self.unreloaded.insert(settings.targets[i].name.clone());
+                            // HAProxy refused the new file and still runs the old one: put the
+                            // old one back, so that the file on disk is the known-good one a
+                            // restart would load. (When haconfd refused to signal — stale or
+                            // foreign PID — the new file stays: a consumer starting now must
+                            // read it.)
+                            let old = changed.iter().find(|(c, _)| *c == i).map(|(_, o)| o);
+                            if let (Some(Some(old)), true) = (old, refused_by_consumer(&source)) {
+                                restore(&settings.targets[i], old);
                             }
                         }
-                        first_error.get_or_insert(PassError::Reload {
-                            target: t.name.clone(),
-                            source,
-                        });
+                        failures.push((
+                            first,
+                            PassError::Reload {
+                                target: t.name.clone(),
+                                source,
+                            },
+                        ));
                     }
                 }
             }
         }
-        self.move_to_new_leader(&settings, &rendered, &cluster)
-            .await;
+        // What each target's consumer reads now: its new render, where it was applied.
+        let mut live: Vec<Option<&Rendered>> = vec![None; settings.targets.len()];
+        for &i in applied.iter().flatten() {
+            live[i] = rendered[i].as_deref().ok();
+        }
+        self.move_to_new_leader(&settings, &live, &cluster).await;
         for r in retired {
             if let Err(e) = r.finish() {
                 tracing::warn!(error = %e, "cannot fsync the directory after the swap");
@@ -301,24 +374,203 @@ impl Engine {
         }
         // Bookkeeping after the reloads, off the latency path: between reloads, the state file
         // holds etcd's view, for cold starts. Not for a target reloaded just now: its new worker
-        // may still be reading the merged file.
-        for (t, r) in settings.targets.iter().zip(&rendered) {
-            if outcome.reloaded.contains(&t.name) {
+        // may still be reading the merged file. Built again only when the target was rendered
+        // again: the state depends on nothing a heartbeat changes.
+        for (t, r) in settings.targets.iter().zip(&live) {
+            let (Some(ss), Some(r)) = (&t.server_state, r) else {
+                continue;
+            };
+            if outcome.reloaded.contains(&t.name)
+                || (self.state_synced.contains(&t.name) && !self.stats.rendered.contains(&t.name))
+            {
                 continue;
             }
-            if let Some(ss) = &t.server_state {
-                let content =
-                    server_state::build(ss, &String::from_utf8_lossy(&r.bytes), &cluster, "");
-                if let Err(e) = server_state::write_if_changed(&ss.file, &content) {
+            let content = server_state::build(ss, &String::from_utf8_lossy(&r.bytes), &cluster, "");
+            match server_state::write_if_changed(&ss.file, &content) {
+                Ok(_) => {
+                    self.state_synced.insert(t.name.clone());
+                }
+                Err(e) => {
+                    self.state_synced.remove(&t.name);
                     tracing::warn!(file = %ss.file.display(), error = %e, "cannot write the server-state file");
                 }
             }
         }
         self.stats.apply = apply_start.elapsed();
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(outcome),
+        self.stats.failed = failures
+            .iter()
+            .map(|(i, e)| (settings.targets[*i].name.clone(), e.reason()))
+            .collect();
+        self.stats.outcome = outcome.clone();
+        first_failure(&settings.targets, failures).map_or(Ok(outcome), Err)
+    }
+
+    /// Renders every target, or reuses its last render when nothing its template can see has
+    /// changed since (see [`Cluster::same_for_templates`] and [`Renderer::reads_wal`]):
+    /// rendering thousands of members costs tens of milliseconds, comparing them a fraction of
+    /// one, and most etcd events are heartbeats. Sound because a render depends on the context
+    /// alone (no clock or random functions are registered), and the context on the cluster and
+    /// the settings, which [`Engine::replace`] resets the cache with.
+    fn render_targets(
+        &mut self,
+        targets: &[Target],
+        cluster: &Arc<Cluster>,
+    ) -> Vec<Result<Arc<Rendered>, RenderError>> {
+        let mut out = Vec::with_capacity(targets.len());
+        for t in targets {
+            let reads_wal = self.renderer.reads_wal(t);
+            if let Some(c) = self.renders.get(&t.name).filter(|_| self.reuse_renders) {
+                if c.view.same_for_templates(cluster, reads_wal) {
+                    out.push(Ok(Arc::clone(&c.rendered)));
+                    continue;
+                }
+            }
+            self.stats.rendered.push(t.name.clone());
+            let result = self.renderer.render(t, cluster).map(Arc::new);
+            match &result {
+                Ok(r) => {
+                    self.renders.insert(
+                        t.name.clone(),
+                        CachedRender {
+                            view: Arc::clone(cluster),
+                            rendered: Arc::clone(r),
+                        },
+                    );
+                }
+                Err(_) => {
+                    self.renders.remove(&t.name);
+                }
+            }
+            out.push(result);
         }
+        out
+    }
+
+    /// Whether a pass may reuse what did not change: members parsed from the same values, and a
+    /// target's last render when nothing its template sees changed (the default). Off, every
+    /// pass parses every member and renders every target, as haconfd did before: for benchmarks
+    /// that compare the two.
+    pub fn set_reuse_renders(&mut self, on: bool) {
+        self.reuse_renders = on;
+        self.renders.clear();
+    }
+}
+
+/// Stages, checks and swaps in the changed files of one consumer's targets (`group`), all or
+/// none. Returns each changed target with its previous bytes, and what the swaps retired; or the
+/// first failure with the index of the target it concerns.
+async fn swap_in(
+    targets: &[Target],
+    group: &[usize],
+    rendered: &[Result<Arc<Rendered>, RenderError>],
+) -> Result<(Vec<(usize, Option<Vec<u8>>)>, Vec<apply::Retired>), (usize, PassError)> {
+    let mut changed = Vec::new();
+    for &i in group {
+        let t = &targets[i];
+        let r = rendered[i].as_ref().map_err(|e| (i, e.clone().into()))?;
+        if apply::holds(&t.dest, &r.bytes).map_err(|e| (i, e.into()))? {
+            continue;
+        }
+        let old = apply::current(&t.dest).map_err(|e| (i, e.into()))?;
+        changed.push((i, r.as_ref(), old));
+    }
+    // Stage and check everything before swapping anything in.
+    let mut staged = Vec::with_capacity(changed.len());
+    for (i, r, _) in &changed {
+        staged.push(apply::stage(&targets[*i], r).map_err(|e| (*i, e.into()))?);
+    }
+    for ((i, _, _), s) in changed.iter().zip(&staged) {
+        apply::check(&targets[*i], s)
+            .await
+            .map_err(|e| (*i, e.into()))?;
+    }
+    let mut retired = Vec::with_capacity(staged.len());
+    for ((i, _, _), s) in changed.iter().zip(staged) {
+        retired.push(apply::commit(s).map_err(|e| (*i, e.into()))?);
+    }
+    Ok((
+        changed.into_iter().map(|(i, _, old)| (i, old)).collect(),
+        retired,
+    ))
+}
+
+/// Puts a target's known-good bytes back after its consumer refused the new ones.
+fn restore(t: &Target, old: &[u8]) {
+    let known_good = Rendered {
+        name: t.name.clone(),
+        bytes: old.to_vec(),
+    };
+    match apply::stage(t, &known_good)
+        .and_then(apply::commit)
+        .map(drop)
+    {
+        Ok(()) => {
+            tracing::warn!(target = %t.name, dest = %t.dest.display(), "restored the last good file")
+        }
+        Err(e) => {
+            tracing::error!(target = %t.name, dest = %t.dest.display(), error = %e, "cannot restore the last good file")
+        }
+    }
+}
+
+/// The first failure in config order; the others are logged, each naming its target.
+fn first_failure(targets: &[Target], mut failures: Vec<(usize, PassError)>) -> Option<PassError> {
+    failures.sort_by_key(|(i, _)| *i);
+    let mut failures = failures.into_iter();
+    let (_, first) = failures.next()?;
+    for (i, e) in failures {
+        tracing::error!(target = %targets[i].name, reason = e.reason(), "this target failed too; its last good file stays: {e:#}");
+    }
+    Some(first)
+}
+
+/// Groups targets by the consumer that reads them: indices into `targets`, in config order.
+/// Targets whose reload acts on the same process (one pidfile, master socket or command) are
+/// one consumer: that process reads their files together, so they are checked, swapped and
+/// reloaded together, all or nothing, and reloaded once. Every other target stands alone —
+/// a target with no reload too, since nothing says who reads it — so that a failure of one does
+/// not keep the others from following the cluster.
+pub fn consumers(targets: &[Target]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(Vec<String>, Vec<usize>)> = Vec::new();
+    for (i, t) in targets.iter().enumerate() {
+        let ids = t.reload.as_ref().map(consumer_ids).unwrap_or_default();
+        let mut merged = (ids, vec![i]);
+        // Merge every group sharing an identifier (a signal verified on a master socket and a
+        // master-socket reload of that socket are the same HAProxy).
+        let mut k = 0;
+        while k < groups.len() {
+            if groups[k].0.iter().any(|id| merged.0.contains(id)) {
+                let (ids, members) = groups.remove(k);
+                merged.0.extend(ids);
+                merged.1.extend(members);
+            } else {
+                k += 1;
+            }
+        }
+        merged.1.sort_unstable();
+        groups.push(merged);
+    }
+    let mut out: Vec<Vec<usize>> = groups.into_iter().map(|(_, m)| m).collect();
+    out.sort_by_key(|m| m[0]);
+    out
+}
+
+/// What identifies the process a reload acts on.
+fn consumer_ids(r: &Reload) -> Vec<String> {
+    match r {
+        Reload::Signal {
+            pidfile,
+            master_socket,
+            ..
+        } => std::iter::once(format!("pidfile {}", pidfile.display()))
+            .chain(
+                master_socket
+                    .iter()
+                    .map(|m| format!("master socket {}", m.display())),
+            )
+            .collect(),
+        Reload::MasterSocket { path, .. } => vec![format!("master socket {}", path.display())],
+        Reload::Command { argv, .. } => vec![format!("command {argv:?}")],
     }
 }
 
@@ -329,7 +581,7 @@ impl Engine {
     async fn move_to_new_leader(
         &mut self,
         settings: &Settings,
-        rendered: &[Rendered],
+        live: &[Option<&Rendered>],
         cluster: &Cluster,
     ) {
         let promoted = cluster
@@ -337,12 +589,24 @@ impl Engine {
             .filter(|m| matches!(m.role.as_str(), "master" | "primary"))
             .map(|m| m.name.clone());
         let Some(now) = promoted else { return };
+        // A target with server state whose new file was not applied: HAProxy runs the old one.
+        // Leave the move, and the memory of it, to the pass that applies it.
+        if settings
+            .targets
+            .iter()
+            .zip(live)
+            .any(|(t, r)| t.server_state.is_some() && r.is_none())
+        {
+            return;
+        }
         let before = self.promoted.replace(now.clone());
         if before.is_none() || before.as_deref() == Some(now.as_str()) {
             return;
         }
-        for (t, r) in settings.targets.iter().zip(rendered) {
-            let Some(ss) = &t.server_state else { continue };
+        for (t, r) in settings.targets.iter().zip(live) {
+            let (Some(ss), Some(r)) = (&t.server_state, r) else {
+                continue;
+            };
             let cmds = server_state::leader_moved_commands(
                 ss,
                 &String::from_utf8_lossy(&r.bytes),
@@ -408,5 +672,52 @@ fn select<'a>(targets: &'a [Target], only: Option<&str>) -> Result<Vec<&'a Targe
             .find(|t| t.name == name)
             .map(|t| vec![t])
             .ok_or_else(|| RenderError::UnknownTarget(name.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn target(name: &str, reload: Option<Reload>) -> Target {
+        let mut t = Target::bare(name, Path::new("/dev/null"), Path::new("/tmp/none"));
+        t.reload = reload;
+        t
+    }
+
+    fn signal(pidfile: &str, master_socket: Option<&str>) -> Option<Reload> {
+        Some(Reload::Signal {
+            pidfile: PathBuf::from(pidfile),
+            signal: nix::sys::signal::Signal::SIGUSR2,
+            process: "haproxy".into(),
+            master_socket: master_socket.map(PathBuf::from),
+            timeout: Duration::from_secs(1),
+        })
+    }
+
+    #[test]
+    fn targets_of_one_consumer_go_together_and_the_others_alone() {
+        let targets = [
+            target(
+                "haproxy",
+                signal("/run/haproxy.pid", Some("/run/master.sock")),
+            ),
+            target("pgbouncer", signal("/run/pgbouncer.pid", None)),
+            target("plain", None),
+            target("haproxy-maps", signal("/run/haproxy.pid", None)),
+            target(
+                "haproxy-extra",
+                Some(Reload::MasterSocket {
+                    path: PathBuf::from("/run/master.sock"),
+                    timeout: Duration::from_secs(1),
+                }),
+            ),
+            target("also-plain", None),
+        ];
+        assert_eq!(
+            consumers(&targets),
+            vec![vec![0, 3, 4], vec![1], vec![2], vec![5]]
+        );
     }
 }

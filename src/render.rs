@@ -20,7 +20,7 @@ pub struct Rendered {
 }
 
 /// Errors of the render stage.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RenderError {
     /// The template does not load or parse.
     #[error("template {path} does not compile:\n{report}")]
@@ -40,10 +40,9 @@ pub enum RenderError {
         /// Tera's report.
         report: String,
     },
-    /// The target needs a leader and the cluster has none.
-    #[error(
-        "target {target:?} needs a leader and cluster {scope:?} has none; {dest} is kept as it is"
-    )]
+    /// The target needs a leader and the cluster has none. Worded for every mode: `render`
+    /// writes nothing anyway, and `once`/`run` leave the last good file where it is.
+    #[error("target {target:?} needs a leader and cluster {scope:?} has none; nothing is written to {dest}")]
     NoLeader {
         /// Target name.
         target: String,
@@ -125,6 +124,8 @@ pub fn context<'a>(cluster: &'a Cluster, target: &'a Target) -> Context<'a> {
 /// Compiled templates for a set of targets.
 pub struct Renderer {
     tera: Tera,
+    /// Template keys whose text may read `xlog_location` or `lag` (see [`reads_wal`]).
+    wal_readers: std::collections::HashSet<String>,
 }
 
 impl std::fmt::Debug for Renderer {
@@ -139,6 +140,7 @@ impl Renderer {
     pub fn load(targets: &[Target]) -> Result<Self, RenderError> {
         let mut tera = Tera::new();
         register_filters(&mut tera);
+        let mut wal_readers = std::collections::HashSet::new();
         for t in targets {
             let key = t.src.display().to_string();
             if tera.contains_template(&key) {
@@ -153,8 +155,18 @@ impl Renderer {
                     path: t.src.clone(),
                     report: e.to_string(),
                 })?;
+            if reads_wal(&text) {
+                wal_readers.insert(key);
+            }
         }
-        Ok(Self { tera })
+        Ok(Self { tera, wal_readers })
+    }
+
+    /// Whether `target`'s template may read a member's WAL position or lag, which change on
+    /// every Patroni heartbeat: if not, a change of only those cannot change its output.
+    pub fn reads_wal(&self, target: &Target) -> bool {
+        self.wal_readers
+            .contains(target.src.display().to_string().as_str())
     }
 
     /// Renders one target.
@@ -195,6 +207,31 @@ impl Renderer {
     ) -> Result<Vec<Rendered>, RenderError> {
         targets.iter().map(|t| self.render(t, cluster)).collect()
     }
+}
+
+/// Whether a template's text may read `xlog_location` or `lag`: it names one of them (as an
+/// attribute or in a string such as `attribute="lag"`), or uses something that reaches a map's
+/// fields without naming them (the context dump, `to_json`, `pairs`, `values`, `keys`, `get`,
+/// `group_by`) or another template (`include`, `extends`). Judged on whole words, so `flag` is
+/// not `lag`. What this cannot see is a field name built at render time (`"la" ~ "g"`, a name
+/// taken from `vars`) or a whole member printed as `{{ m }}`: such a template gets the WAL
+/// fields as of its last render caused by another change (the README says so).
+pub fn reads_wal(text: &str) -> bool {
+    const WORDS: &[&str] = &[
+        "xlog_location",
+        "lag",
+        "__tera_context",
+        "to_json",
+        "pairs",
+        "values",
+        "keys",
+        "get",
+        "group_by",
+        "include",
+        "extends",
+    ];
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .any(|w| WORDS.contains(&w))
 }
 
 fn to_json(v: &Value) -> serde_json::Value {
@@ -314,6 +351,28 @@ mod tests {
         let err = render_str("{{ nope.port }}").unwrap_err();
         assert!(matches!(err, RenderError::Render { .. }), "{err}");
         assert!(err.to_string().contains("t.tera:1:"), "{err}");
+    }
+
+    #[test]
+    fn wal_readers_are_told_apart_by_whole_words() {
+        for t in [
+            "{{ m.xlog_location }}",
+            "{% if m.lag > 100 %}",
+            "{{ members | selectattr(attribute=\"lag\") | length }}",
+            "{{ m | to_json }}",
+            "{{ __tera_context }}",
+            "{% for k, v in m | pairs %}",
+            "{% include \"other\" %}",
+        ] {
+            assert!(reads_wal(t), "{t}");
+        }
+        for t in [
+            "{{ m.flag }} {{ m.laggard }} {{ m.name }}",
+            include_str!("../templates/haproxy.cfg.tera"),
+            include_str!("../templates/pgbouncer.ini.tera"),
+        ] {
+            assert!(!reads_wal(t), "{t}");
+        }
     }
 
     #[test]

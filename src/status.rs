@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::model::Cluster;
-use crate::pipeline::{Engine, PassError, PassOutcome};
+use crate::pipeline::{Engine, PassError, PassOutcome, PassStats};
 
 /// Shared daemon state.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -81,30 +81,29 @@ impl Status {
         for t in &engine.settings().targets {
             self.targets.entry(t.name.clone()).or_default();
         }
+        // What was written and reloaded counts also when another consumer's target failed.
+        self.count(&engine.stats.outcome);
         match result {
-            Ok(o) => {
+            Ok(_) => {
                 self.last_pass_ok = Some(true);
                 self.last_error = None;
                 self.last_error_reason = None;
                 self.last_success = Some(Instant::now());
-                self.count(o);
             }
             Err(e) => {
                 self.failed_passes += 1;
                 self.last_pass_ok = Some(false);
                 self.last_error = Some(format!("{e:#}"));
                 self.last_error_reason = Some(e.reason().to_owned());
-                let target = match e {
-                    PassError::Reload { target, .. } => target.clone(),
-                    _ => "*".to_owned(),
-                };
-                *self
-                    .targets
-                    .entry(target)
-                    .or_default()
-                    .failures
-                    .entry(e.reason().to_owned())
-                    .or_default() += 1;
+                for (target, reason) in failures(e, &engine.stats) {
+                    *self
+                        .targets
+                        .entry(target)
+                        .or_default()
+                        .failures
+                        .entry(reason.to_owned())
+                        .or_default() += 1;
+                }
             }
         }
         if let Some(c) = &engine.cluster {
@@ -151,6 +150,16 @@ fn serialize_cluster<S: serde::Serializer>(
     s: S,
 ) -> Result<S::Ok, S::Error> {
     cluster.as_deref().serialize(s)
+}
+
+/// The failures of a pass by target and reason: each target that failed, or `*` when the pass
+/// was refused before any target (the guard).
+pub fn failures(e: &PassError, stats: &PassStats) -> Vec<(String, &'static str)> {
+    if stats.failed.is_empty() {
+        vec![("*".to_owned(), e.reason())]
+    } else {
+        stats.failed.clone()
+    }
 }
 
 #[cfg(test)]

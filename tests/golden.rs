@@ -103,3 +103,33 @@ fn golden_haproxy_configs_pass_haproxy_check() {
         assert!(ok, "{f}: {output}");
     }
 }
+
+/// A member whose host does not resolve (a typo, a DNS outage, a node not yet in DNS) must not
+/// make `haproxy -c` refuse the whole file: the shipped template starts such a server in
+/// maintenance (`init-addr last,libc,none`), and every other member keeps being routed.
+#[test]
+fn shipped_haproxy_template_survives_an_unresolvable_member_host() {
+    let mut snap = Snapshot::from_file(&root().join("tests/fixtures/patroni4-kv.json")).unwrap();
+    snap.put(
+        "/service/demo/members/pg9".into(),
+        br#"{"conn_url":"postgres://pg9.invalid:5432/postgres","api_url":"http://pg9.invalid:8008/patroni","state":"running","role":"replica"}"#.to_vec(),
+    );
+    let mut engine = Engine::new(Arc::new(settings())).unwrap();
+    let out = engine
+        .render(&snap, Some("haproxy"))
+        .unwrap()
+        .remove(0)
+        .bytes;
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("server pg9 pg9.invalid:5432 "), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let text = text.replace(
+        "/var/lib/haproxy/server-state",
+        &dir.path().join("state").display().to_string(),
+    );
+    let cfg = dir.path().join("h.cfg");
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, output) = Haproxy::check_config(&cfg);
+    assert!(ok, "haproxy -c refuses the unresolvable member:\n{output}");
+    assert!(output.contains("pg9.invalid"), "{output}");
+}

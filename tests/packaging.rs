@@ -1678,6 +1678,12 @@ fn systemd_units_agree_with_the_binary_the_sample_config_and_each_other() {
     let sample = root().join("examples/haconfd.toml");
     let cfg = load_config(&read(&sample), &sample, "examples/haconfd.toml");
     cfg.assert_templates_shipped(|p| p.is_file().then(|| p.to_path_buf()));
+    // `haproxy -c -q` prints nothing in HAProxy 2.6: a refused file would come with no reason.
+    assert!(
+        !cfg.haproxy_target().check.iter().any(|a| a == "-q"),
+        "examples/haconfd.toml: the haproxy check uses -q, which hides HAProxy's reason: {:?}",
+        cfg.haproxy_target().check
+    );
 
     // The sandbox lets it write every destination directory, and nothing hides the PIDs it checks.
     let rw: Vec<PathBuf> = haconfd

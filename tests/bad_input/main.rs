@@ -18,6 +18,7 @@ mod config;
 mod daemon;
 mod edge;
 mod guard;
+mod pass;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -379,7 +380,7 @@ impl Ws {
             guard: String::new(),
             hap_src: shipped("haproxy.cfg.tera"),
             hap_dest: d.join("haproxy.cfg"),
-            hap_check: ["haproxy", "-c", "-q", "-f", "{{staged}}"]
+            hap_check: ["haproxy", "-c", "-f", "{{staged}}"]
                 .map(String::from)
                 .to_vec(),
             hap_extra: String::new(),
