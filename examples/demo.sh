@@ -619,7 +619,7 @@ stats_socket = "$W/haproxy/admin.sock"
 name = "haproxy"
 src = "$REPO/templates/haproxy.cfg.tera"
 dest = "$W/haproxy/haproxy.cfg"
-check = ["haproxy", "-c", "-q", "-f", "{{staged}}"]
+check = ["haproxy", "-c", "-f", "{{staged}}"]
 # HAProxy runs in master-worker mode: SIGUSR2 to the master (PID from its pidfile, checked to be
 # "haproxy"), then haconfd confirms the reload with "show proc" on the master socket.
 reload = { pidfile = "$W/haproxy/haproxy.pid", signal = "SIGUSR2", process = "haproxy", master_socket = "$W/haproxy/master.sock" }

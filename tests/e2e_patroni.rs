@@ -232,7 +232,7 @@ maxconn = {maxconn}
 name = "haproxy"
 src = "{tpl}/haproxy.cfg.tera"
 dest = "{haproxy_cfg}"
-check = ["{haproxy_bin}", "-c", "-q", "-f", "{{{{staged}}}}"]
+check = ["{haproxy_bin}", "-c", "-f", "{{{{staged}}}}"]
 {reload_haproxy}{server_state}
 [[template]]
 name = "pgbouncer"

@@ -218,9 +218,9 @@ impl World {
         )
     }
 
-    /// The real check: `haproxy -c -q -f {{staged}}`.
+    /// The real check: `haproxy -c -f {{staged}}`.
     fn haproxy_check() -> String {
-        toml_array(&["haproxy", "-c", "-q", "-f", "{{staged}}"])
+        toml_array(&["haproxy", "-c", "-f", "{{staged}}"])
     }
 
     /// Reload of the harness' HAProxy master: SIGUSR2 to the verified pidfile PID, outcome
@@ -703,7 +703,7 @@ fn failing_check_keeps_the_old_file_sends_no_signal_and_logs_its_stderr() {
     // with a two-line message on stderr.
     let script = "if grep -q 'server doomed ' \"$1\"; then \
                   printf 'boom: refusing member doomed\\n  second line, verbatim\\n' >&2; exit 1; fi; \
-                  exec haproxy -c -q -f \"$1\"";
+                  exec haproxy -c -f \"$1\"";
     let check = toml_array(&["sh", "-c", script, "check", "{{staged}}"]);
     let daemon_cfg = "min_interval = \"100ms\"\nretry_interval = \"500ms\"";
     let cfg = w.write_config(daemon_cfg, &[w.haproxy_block(&check, "")]);
