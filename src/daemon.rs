@@ -189,7 +189,10 @@ pub async fn run(
         }
         let state = d.source.rx.borrow_and_update().clone();
         d.update_source_status(&state);
-        let Some(snap) = state.snapshot.filter(|_| state.connected) else {
+        // A snapshot newer than the last pass's is complete even if the watch broke since
+        // (the source publishes whole revisions only): apply it rather than wait for etcd.
+        let fresh = |s: &Arc<Snapshot>| last_snapshot.as_ref().is_none_or(|l| !Arc::ptr_eq(l, s));
+        let Some(snap) = state.snapshot.filter(|s| state.connected || fresh(s)) else {
             continue;
         };
         pending = false;
@@ -227,7 +230,14 @@ pub async fn run(
                 } else {
                     tracing::debug!(revision = snap.revision, "{e}");
                 }
-                retry_at = None; // the leader key's arrival is an etcd event
+                // The leader key's arrival is an etcd event; another target's failure in the
+                // same pass still needs the retry timer.
+                let only_no_leader = d.engine.stats.failed.iter().all(|(_, r)| *r == "no_leader");
+                retry_at = if only_no_leader {
+                    None
+                } else {
+                    Some(tokio::time::Instant::now() + d.engine.settings().daemon.retry_interval)
+                };
             }
             Err(e) => {
                 tracing::error!(

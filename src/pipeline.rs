@@ -301,6 +301,9 @@ impl Engine {
             tracing::info!(target = %name, "file updated");
         }
 
+        // Targets whose consumer did not take the new file (its reload failed): the runtime-API
+        // move must wait for a reload that succeeds.
+        let mut not_live: Vec<usize> = Vec::new();
         if reload {
             for group in &applied {
                 // Changed targets, and those whose last reload failed although their file is
@@ -338,6 +341,7 @@ impl Engine {
                     Err(source) => {
                         let t = &settings.targets[first];
                         tracing::error!(target = %t.name, error = %source, "reload failed");
+                        not_live.extend(due.iter().copied());
                         for &i in &due {
                             self.unreloaded.insert(settings.targets[i].name.clone());
                             // HAProxy refused the new file and still runs the old one: put the
@@ -364,7 +368,9 @@ impl Engine {
         // What each target's consumer reads now: its new render, where it was applied.
         let mut live: Vec<Option<&Rendered>> = vec![None; settings.targets.len()];
         for &i in applied.iter().flatten() {
-            live[i] = rendered[i].as_deref().ok();
+            if !not_live.contains(&i) {
+                live[i] = rendered[i].as_deref().ok();
+            }
         }
         self.move_to_new_leader(&settings, &live, &cluster).await;
         for r in retired {
@@ -485,8 +491,21 @@ async fn swap_in(
             .map_err(|e| (*i, e.into()))?;
     }
     let mut retired = Vec::with_capacity(staged.len());
-    for ((i, _, _), s) in changed.iter().zip(staged) {
-        retired.push(apply::commit(s).map_err(|e| (*i, e.into()))?);
+    for (k, s) in staged.into_iter().enumerate() {
+        match apply::commit(s) {
+            Ok(r) => retired.push(r),
+            Err(e) => {
+                // All or nothing within a consumer: the files of this group already swapped in
+                // go back, or a restart of the consumer would load half a new set, and nothing
+                // would be left due for a reload.
+                for (j, _, old) in &changed[..k] {
+                    if let Some(old) = old {
+                        restore(&targets[*j], old);
+                    }
+                }
+                return Err((changed[k].0, e.into()));
+            }
+        }
     }
     Ok((
         changed.into_iter().map(|(i, _, old)| (i, old)).collect(),

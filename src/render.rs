@@ -228,6 +228,7 @@ pub fn reads_wal(text: &str) -> bool {
         "get",
         "group_by",
         "include",
+        "import",
         "extends",
     ];
     text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))

@@ -262,3 +262,40 @@ fn citus_layout_is_named_with_how_to_follow_one_group() {
     ws.assert_unchanged(&before);
     ws.assert_nothing_signalled();
 }
+
+/// Class: one consumer's files are all or nothing, also when the swap itself fails half-way.
+/// Both targets reload the same process; haproxy.cfg is swapped in first, then pgbouncer.ini's
+/// rename fails (its destination became a non-empty directory while the checks ran). haproxy.cfg
+/// must go back to its last good bytes, and the shared consumer must not be signalled: a restart
+/// would otherwise load half a new set, and nothing would be left due for a reload.
+#[test]
+fn a_swap_failing_half_way_puts_back_the_consumers_files_already_swapped() {
+    let mut ws = Ws::new("halfswap");
+    let hap_before = read(&ws.hap);
+    let pgb_dest = ws.pgb.clone();
+    let shared_reload = signal_reload(&ws.hap_pidfile, "SIGUSR2", "sleep");
+    ws.reconfigure(|c| {
+        c.pgb_reload = shared_reload.clone();
+        c.hap_check = vec![
+            "sh".into(),
+            "-c".into(),
+            "rm -f \"$1\" && mkdir -p \"$1/in-the-way\" && exec haproxy -c -f \"$2\"".into(),
+            "check".into(),
+            pgb_dest.to_string_lossy().into_owned(),
+            "{{staged}}".into(),
+        ];
+    });
+    ws.put("members/pg1", &member(5441, "replica").to_string());
+    ws.put("members/pg2", &member(5442, "master").to_string());
+    ws.put("leader", "pg2");
+    ws.add_valid_member();
+    let run = ws.once(&[]);
+    run.expect(7, &[&pgb_dest.display().to_string()]);
+    assert_eq!(
+        read(&ws.hap),
+        hap_before,
+        "haproxy.cfg must be put back when its consumer's other file could not be swapped in"
+    );
+    assert_not_signalled(&ws.hap_sleep);
+    assert_not_signalled(&ws.pgb_sleep);
+}
