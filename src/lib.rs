@@ -14,6 +14,7 @@ pub mod cli;
 pub mod command;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod guard;
 pub mod haproxy;
 pub mod http;

@@ -24,6 +24,7 @@ pub struct Metrics {
     writes: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
     failures: Family<Labels, Counter>,
+    events: Family<Labels, Counter>,
     render_seconds: Histogram,
     apply_seconds: Histogram,
 }
@@ -45,6 +46,7 @@ impl Metrics {
             writes: Family::default(),
             reloads: Family::default(),
             failures: Family::default(),
+            events: Family::default(),
             render_seconds: buckets(),
             apply_seconds: buckets(),
         }
@@ -69,6 +71,10 @@ impl Metrics {
         }
         for t in &stats.outcome.reloaded {
             self.reloads.get_or_create(&label("target", t)).inc();
+        }
+        // Counted also when the pass was refused: a failover's events come in refused passes.
+        for e in &stats.events {
+            self.events.get_or_create(&label("event", e.kind())).inc();
         }
         if let Err(e) = result {
             for (target, reason) in crate::status::failures(e, stats) {
@@ -97,6 +103,11 @@ impl Metrics {
             "failures",
             "Failed passes, by target and reason",
             self.failures.clone(),
+        );
+        r.register(
+            "cluster_events",
+            "Cluster events seen (leader lost or changed, switchover requested, member promoted, demoted, added, removed, down), by event",
+            self.events.clone(),
         );
         r.register(
             "render_duration_seconds",

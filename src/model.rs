@@ -21,6 +21,22 @@ pub struct Cluster {
     pub leader_name: Option<String>,
     /// Valid members, sorted by name.
     pub members: Vec<Member>,
+    /// A pending switchover or failover from Patroni's `failover` key; None when the key is
+    /// absent, `{}` (Patroni leaves that behind after a switchover) or refused. Templates do not
+    /// see it (it is not in the render context): it drives events, not file contents.
+    pub failover: Option<Failover>,
+}
+
+/// A switchover or failover requested through Patroni's `failover` key (`patronictl switchover`
+/// writes `{"leader":"pg1","member":"pg2"}`, with `scheduled_at` when planned for later).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Failover {
+    /// The leader to step down, when named.
+    pub leader: Option<String>,
+    /// The candidate to take over, when named.
+    pub member: Option<String>,
+    /// When the switchover is scheduled (Patroni's ISO 8601 text), for a planned one.
+    pub scheduled_at: Option<String>,
 }
 
 /// One valid member.
@@ -166,6 +182,19 @@ impl Cluster {
             },
         };
 
+        let failover_key = format!("{prefix}failover");
+        let failover = match snapshot.kvs.get(&failover_key).map(|v| Failover::parse(v)) {
+            None | Some(Ok(None)) => None,
+            Some(Ok(Some(f))) => Some(f),
+            Some(Err(reason)) => {
+                skipped.push(Skipped {
+                    key: failover_key,
+                    reason: format!("failover value refused: {reason}"),
+                });
+                None
+            }
+        };
+
         let mut members = Vec::with_capacity(parsed.len());
         for (key, member) in parsed {
             match member {
@@ -211,6 +240,7 @@ impl Cluster {
                 scope: scope.to_owned(),
                 leader_name,
                 members,
+                failover,
             },
             skipped,
         }
@@ -260,6 +290,8 @@ impl Cluster {
             scope,
             leader_name,
             members,
+            // Not in the render context: a switchover request alone renders nothing.
+            failover: _,
         } = self;
         namespace == &other.namespace
             && scope == &other.scope
@@ -313,6 +345,48 @@ impl Member {
             && version == &other.version
             && pending_restart == &other.pending_restart
             && (!with_wal || (xlog_location == &other.xlog_location && lag == &other.lag))
+    }
+}
+
+impl Failover {
+    /// Parses the `failover` value: `Ok(None)` for `{}` (or an object naming neither leader,
+    /// member nor time), an error for anything that is not a JSON object of valid names.
+    fn parse(value: &[u8]) -> Result<Option<Self>, String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(value).map_err(|e| format!("not JSON: {e}"))?;
+        let obj = v.as_object().ok_or("not a JSON object")?;
+        let field = |k: &str| -> Result<Option<String>, String> {
+            match obj.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) if s.is_empty() => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(format!("{k} must be a string, not {other}")),
+            }
+        };
+        let leader = field("leader")?;
+        let member = field("member")?;
+        let scheduled_at = field("scheduled_at")?;
+        for (k, name) in [("leader", &leader), ("member", &member)] {
+            if let Some(n) = name {
+                validate_name(n).map_err(|e| format!("{k} name refused: {e}"))?;
+            }
+        }
+        if let Some(t) = &scheduled_at {
+            let ok = t.len() <= 40
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | ':' | '.' | '+' | ' '));
+            if !ok {
+                return Err(format!("scheduled_at {t:?} is not a timestamp"));
+            }
+        }
+        if leader.is_none() && member.is_none() && scheduled_at.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Failover {
+            leader,
+            member,
+            scheduled_at,
+        }))
     }
 }
 
@@ -765,6 +839,58 @@ mod tests {
             assert_eq!(cached.skipped, fresh.skipped);
         }
         assert_eq!(cache.parsed.len(), 2);
+    }
+
+    #[test]
+    fn the_failover_key_is_parsed_and_a_bad_one_is_ignored_naming_the_key() {
+        let with = |f: &str| {
+            Cluster::build(
+                &snap(&[("leader", "pg1"), ("members/pg1", PG1), ("failover", f)]),
+                "/service",
+                "demo",
+            )
+        };
+        let b =
+            with(r#"{"leader":"pg1","member":"pg2","scheduled_at":"2026-11-30T15:00:00+00:00"}"#);
+        assert!(b.skipped.is_empty(), "{:?}", b.skipped);
+        assert_eq!(
+            b.cluster.failover,
+            Some(Failover {
+                leader: Some("pg1".into()),
+                member: Some("pg2".into()),
+                scheduled_at: Some("2026-11-30T15:00:00+00:00".into()),
+            })
+        );
+        let empty = with("{}");
+        assert!(empty.skipped.is_empty(), "{:?}", empty.skipped);
+        assert_eq!(
+            empty.cluster.failover, None,
+            "{{}} is what a switchover leaves behind"
+        );
+        for bad in [
+            "{",
+            "[]",
+            "\"pg2\"",
+            r#"{"member":7}"#,
+            r#"{"member":"pg2\nserver evil 1.2.3.4:5432"}"#,
+            r#"{"leader":"../x","member":"pg2"}"#,
+            r#"{"member":"pg2","scheduled_at":"now; rm -rf"}"#,
+        ] {
+            let b = with(bad);
+            assert_eq!(b.cluster.failover, None, "{bad}");
+            assert_eq!(b.cluster.leader_name.as_deref(), Some("pg1"), "{bad}");
+            assert_eq!(b.skipped.len(), 1, "{bad}: {:?}", b.skipped);
+            assert_eq!(b.skipped[0].key, "/service/demo/failover");
+            assert!(
+                b.skipped[0].reason.starts_with("failover value refused"),
+                "{:?}",
+                b.skipped
+            );
+        }
+        // A switchover request alone renders nothing: templates do not see it.
+        assert!(with(r#"{"member":"pg2"}"#)
+            .cluster
+            .same_for_templates(&empty.cluster, true));
     }
 
     #[test]

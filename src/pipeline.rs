@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::apply::{self, ApplyError};
 use crate::config::{Reload, Settings, Target};
+use crate::events::{ClusterEvent, Differ};
 use crate::guard::{self, GuardError};
 use crate::model::{Cluster, MemberCache, Skipped};
 use crate::reload::{self, ReloadError};
@@ -83,6 +84,9 @@ pub struct PassStats {
     /// Targets that failed (render, check, write or reload) and kept their last good files,
     /// each with its reason label.
     pub failed: Vec<(String, &'static str)>,
+    /// What changed in the cluster since the previous pass's model, also when this pass was
+    /// refused (guard, no leader, a failed check).
+    pub events: Vec<ClusterEvent>,
 }
 
 /// A target's last render, kept to skip the next one when nothing its template sees changed.
@@ -104,6 +108,8 @@ pub struct Engine {
     swept: bool,
     /// The promoted leader HAProxy was last moved to (runtime API), per the last pass.
     promoted: Option<String>,
+    /// Turns the previous pass's model and this one into [`PassStats::events`].
+    differ: Differ,
     /// Targets whose last reload failed: reloaded on the next pass even if unchanged.
     unreloaded: std::collections::BTreeSet<String>,
     /// Members parsed by earlier passes: a heartbeat parses one member, not all.
@@ -134,6 +140,7 @@ impl Engine {
             unreloaded: Default::default(),
             swept: false,
             promoted: None,
+            differ: Differ::default(),
             parsed_members: MemberCache::default(),
             renders: Default::default(),
             reuse_renders: true,
@@ -260,7 +267,13 @@ impl Engine {
         let started = Instant::now();
         self.stats = PassStats::default();
         let cluster = Arc::new(self.model(snap));
-        self.cluster = Some(Arc::clone(&cluster));
+        let previous = self.cluster.replace(Arc::clone(&cluster));
+        // Before the guard: a refused view (a failover's leaderless spell) still tells what
+        // changed.
+        self.stats.events = self.differ.diff(previous.as_deref(), &cluster);
+        for e in &self.stats.events {
+            e.log();
+        }
         self.memory.admit(&self.settings.guard, &cluster)?;
         let settings = Arc::clone(&self.settings);
         let rendered = self.render_targets(&settings.targets, &cluster);
@@ -597,6 +610,9 @@ impl Engine {
     /// When a new leader is promoted, tells HAProxy at once through the runtime API rather than
     /// leaving it to the health checks (about 2–5 s at `inter 1s rise 2`). Only on a change of
     /// promoted leader after a first one was seen: haconfd's own start does not force anything.
+    /// It keeps its own memory of the promoted leader (`self.promoted`) for now; it is to consume
+    /// [`PassStats::events`] (`LeaderChanged`, `MemberPromoted`) instead, when the leader move is
+    /// reworked to follow the leader key.
     async fn move_to_new_leader(
         &mut self,
         settings: &Settings,

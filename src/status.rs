@@ -4,12 +4,13 @@
 //! (guard, no leader, a failed check): during a failover dashboards show no leader, not the old
 //! one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::events::ClusterEvent;
 use crate::model::Cluster;
 use crate::pipeline::{Engine, PassError, PassOutcome, PassStats};
 
@@ -41,11 +42,11 @@ pub struct Status {
     pub last_success_age_seconds: Option<f64>,
     /// Per-target counters.
     pub targets: BTreeMap<String, TargetStatus>,
-    /// Leader changes seen: a leader followed, possibly after a leaderless spell, by another.
+    /// Leader changes seen: a leader followed, possibly after a leaderless spell, by another
+    /// (the `leader_changed` events that name an old leader).
     pub leader_changes: u64,
-    /// The last leader seen, kept through leaderless spells so that a failover counts once.
-    #[serde(skip)]
-    last_leader: Option<String>,
+    /// The last [`EVENTS_KEPT`] cluster events, oldest first.
+    pub events: VecDeque<TimedEvent>,
     /// The cluster the last pass saw (applied or refused).
     #[serde(serialize_with = "serialize_cluster")]
     pub cluster: Option<Arc<Cluster>>,
@@ -55,6 +56,19 @@ pub struct Status {
     pub config_error: Option<String>,
     /// Duration of the last pass.
     pub last_pass_seconds: f64,
+}
+
+/// How many cluster events `/status` keeps.
+pub const EVENTS_KEPT: usize = 20;
+
+/// A cluster event with when the pass that saw it ran.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimedEvent {
+    /// Unix time in seconds, with milliseconds.
+    pub at: f64,
+    /// The event, its fields flattened next to `at`.
+    #[serde(flatten)]
+    pub event: ClusterEvent,
 }
 
 /// Counters for one target.
@@ -107,17 +121,26 @@ impl Status {
             }
         }
         if let Some(c) = &engine.cluster {
-            self.observe(c);
+            self.observe(c, &engine.stats.events);
         }
     }
 
-    /// Takes `cluster` as the current view and counts a change of leader.
-    fn observe(&mut self, cluster: &Arc<Cluster>) {
-        if let Some(new) = &cluster.leader_name {
-            if self.last_leader.as_ref().is_some_and(|old| old != new) {
+    /// Takes `cluster` as the current view and records the events that led to it.
+    fn observe(&mut self, cluster: &Arc<Cluster>, events: &[ClusterEvent]) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| (d.as_millis() as f64) / 1000.0);
+        for e in events {
+            if matches!(e, ClusterEvent::LeaderChanged { old: Some(_), .. }) {
                 self.leader_changes += 1;
             }
-            self.last_leader = Some(new.clone());
+            if self.events.len() == EVENTS_KEPT {
+                self.events.pop_front();
+            }
+            self.events.push_back(TimedEvent {
+                at,
+                event: e.clone(),
+            });
         }
         self.cluster = Some(Arc::clone(cluster));
     }
@@ -184,8 +207,13 @@ mod tests {
     #[test]
     fn a_failover_through_a_leaderless_spell_counts_one_leader_change() {
         let mut st = Status::default();
+        let mut differ = crate::events::Differ::default();
+        let mut prev: Option<Arc<Cluster>> = None;
         for leader in [Some("a"), Some("a"), None, None, Some("b"), None, Some("b")] {
-            st.observe(&view(leader));
+            let next = view(leader);
+            let events = differ.diff(prev.as_deref(), &next);
+            st.observe(&next, &events);
+            prev = Some(next);
             assert_eq!(
                 st.cluster.as_ref().unwrap().leader_name.as_deref(),
                 leader,
@@ -196,5 +224,33 @@ mod tests {
         let json = serde_json::to_value(&st).unwrap();
         assert_eq!(json["cluster"]["leader_name"], "b");
         assert_eq!(json["leader_changes"], 1);
+        let kinds: Vec<_> = json["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "leader_lost",
+                "leader_changed",
+                "leader_lost",
+                "leader_regained"
+            ]
+        );
+        assert_eq!(json["events"][1]["old"], "a");
+        assert_eq!(json["events"][1]["new"], "b");
+    }
+
+    #[test]
+    fn status_keeps_the_last_events_only() {
+        let mut st = Status::default();
+        let c = view(Some("a"));
+        let lost = ClusterEvent::LeaderLost { old: "a".into() };
+        for _ in 0..EVENTS_KEPT + 5 {
+            st.observe(&c, std::slice::from_ref(&lost));
+        }
+        assert_eq!(st.events.len(), EVENTS_KEPT);
     }
 }
