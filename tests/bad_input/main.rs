@@ -17,6 +17,7 @@ mod common;
 mod config;
 mod daemon;
 mod edge;
+mod events;
 mod guard;
 mod pass;
 
