@@ -144,7 +144,9 @@ pub struct Differ {
 
 impl Differ {
     /// The events from `prev` to `next`. With no `prev` (the first model haconfd sees) there is
-    /// nothing to compare: no events, and `next` is the starting point.
+    /// nothing to compare: no events, and `next` is the starting point. In order: the
+    /// switchover request, the leader's events, then each member's by name (its key added or
+    /// removed, its role, its state).
     pub fn diff(&mut self, prev: Option<&Cluster>, next: &Cluster) -> Vec<ClusterEvent> {
         let mut out = Vec::new();
         let Some(prev) = prev else {
