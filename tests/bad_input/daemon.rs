@@ -8,29 +8,9 @@ use std::os::unix::net::UnixDatagram;
 
 use nix::sys::signal::Signal;
 
-/// `haconfd run` on `ws`'s config (with `flags` before `run`, and `env`), logging to
-/// `daemon.log` in the workspace.
-fn start(ws: &Ws, flags: &[&str], env: &[(&str, &Path)]) -> Proc {
-    let mut cmd = Command::new(haconfd_bin());
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("HACONFD_") || k == "NOTIFY_SOCKET" {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.arg("-c").arg(&ws.cfg_path).args(flags).arg("run");
-    Proc::spawn_logged("haconfd run", cmd, &ws.path("daemon.log"))
-}
-
 /// JSON logs at debug; returns once the first pass (a no-op after the workspace's `once`) ran.
 fn start_debug(ws: &Ws) -> Proc {
-    let p = start(
-        ws,
-        &["--log-format", "json", "--log-level", "haconfd=debug"],
-        &[],
-    );
+    let p = ws.start_debug_run();
     assert!(
         wait_until(Duration::from_secs(10), || p
             .log()
@@ -210,7 +190,7 @@ fn sighup_rebinds_http_and_applies_log_and_timings_or_refuses_naming_the_setting
     let (p1, p2) = (free_port(), free_port());
     let first = format!("127.0.0.1:{p1}");
     ws.reconfigure(|c| c.daemon_extra = http_and_log("", &first, "json", "info"));
-    let daemon = start(&ws, &[], &[]);
+    let daemon = ws.start_run(&[], &[]);
     assert!(
         wait_until(Duration::from_secs(10), || http_get(p1, "/readyz")
             .is_some_and(|(c, _)| c == 200)),
@@ -313,11 +293,7 @@ fn notifications_until_ready(sock: &UnixDatagram, timeout: Duration) -> (bool, V
 fn assert_ready_despite(ws: &Ws, status_needle: &str) {
     let sock_path = ws.path("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    let daemon = start(
-        ws,
-        &["--log-format", "json"],
-        &[("NOTIFY_SOCKET", &sock_path)],
-    );
+    let daemon = ws.start_run(&["--log-format", "json"], &[("NOTIFY_SOCKET", &sock_path)]);
     let (ready, got) = notifications_until_ready(&sock, Duration::from_secs(15));
     assert!(
         ready,
@@ -368,11 +344,7 @@ fn template_directory_replaced_by_rename_is_picked_up_and_later_edits_too() {
         c.pgb_src = src;
         c.pgb_reload = "{ command = [\"true\"] }".into();
     });
-    let daemon = start(
-        &ws,
-        &["--log-format", "json", "--log-level", "haconfd=debug"],
-        &[],
-    );
+    let daemon = ws.start_debug_run();
     let shows = |mark: &str| {
         let ok = wait_until(Duration::from_secs(5), || read(&ws.pgb).contains(mark));
         assert!(

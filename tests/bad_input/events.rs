@@ -3,13 +3,6 @@
 
 use super::*;
 
-/// `haconfd run` on `ws`'s config, logging to `daemon.log` in the workspace.
-fn start(ws: &Ws) -> Proc {
-    let mut cmd = Command::new(haconfd_bin());
-    cmd.arg("-c").arg(&ws.cfg_path).arg("run");
-    Proc::spawn_logged("haconfd run", cmd, &ws.path("daemon.log"))
-}
-
 fn status(port: u16) -> Option<serde_json::Value> {
     http_get(port, "/status").and_then(|(_, b)| serde_json::from_str(&b).ok())
 }
@@ -45,7 +38,7 @@ fn a_switchover_is_listed_as_events_in_order_and_counted() {
     ws.reconfigure(|c| {
         c.daemon_extra = format!("\n[http]\nlisten = \"127.0.0.1:{port}\"\n");
     });
-    let daemon = start(&ws);
+    let daemon = ws.start_run(&[], &[]);
     assert!(
         wait_until(Duration::from_secs(10), || status(port)
             .is_some_and(|st| st["cluster"]["leader_name"] == "pg1")),

@@ -52,15 +52,7 @@ fn routes_to(ws: &Ws, port: u16) -> bool {
 
 /// `haconfd run` on `ws`'s config with debug logs (every pass logs its revision).
 fn start_daemon(ws: &Ws) -> Proc {
-    let mut cmd = Command::new(haconfd_bin());
-    cmd.arg("-c").arg(&ws.cfg_path).args([
-        "--log-format",
-        "json",
-        "--log-level",
-        "haconfd=debug",
-        "run",
-    ]);
-    let daemon = Proc::spawn_logged("haconfd run", cmd, &ws.path("daemon.log"));
+    let daemon = ws.start_debug_run();
     assert!(
         wait_until(Duration::from_secs(10), || !passes_after(&daemon, 0)
             .is_empty()),

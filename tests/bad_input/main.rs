@@ -469,6 +469,30 @@ impl Ws {
         self.run(&args)
     }
 
+    /// `haconfd run` on this workspace's config, `flags` before `run`, `env` added to an
+    /// environment cleared of `HACONFD_*` and `NOTIFY_SOCKET`, logging to `daemon.log` here.
+    fn start_run(&self, flags: &[&str], env: &[(&str, &Path)]) -> Proc {
+        let mut cmd = Command::new(haconfd_bin());
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("HACONFD_") || k == "NOTIFY_SOCKET" {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.arg("-c").arg(&self.cfg_path).args(flags).arg("run");
+        Proc::spawn_logged("haconfd run", cmd, &self.path("daemon.log"))
+    }
+
+    /// [`Ws::start_run`] with JSON logs at debug (every pass logs its revision).
+    fn start_debug_run(&self) -> Proc {
+        self.start_run(
+            &["--log-format", "json", "--log-level", "haconfd=debug"],
+            &[],
+        )
+    }
+
     /// The states of both known-good destination files.
     fn files(&self) -> [FileState; 2] {
         [file_state(&self.hap), file_state(&self.pgb)]
@@ -1447,16 +1471,7 @@ fn shrink_from_3_to_2_members_is_accepted() {
 fn daemon_refuses_a_4_to_1_shrink_and_keeps_the_files() {
     let ws = Ws::with_members("shrinkdaemon", &["rm1", "rm2", "rm3", "pg4"]);
     let before = ws.files();
-    let log = ws.path("daemon.log");
-    let mut cmd = Command::new(haconfd_bin());
-    cmd.arg("-c").arg(&ws.cfg_path).args([
-        "--log-format",
-        "json",
-        "--log-level",
-        "haconfd=debug",
-        "run",
-    ]);
-    let daemon = Proc::spawn_logged("haconfd run", cmd, &log);
+    let daemon = ws.start_debug_run();
     assert!(
         wait_until(Duration::from_secs(10), || daemon
             .log()
