@@ -18,7 +18,6 @@ use crate::logging::{self, LogError, Logging};
 use crate::metrics::Metrics;
 use crate::pipeline::{Engine, PassError};
 use crate::render::RenderError;
-use crate::snapshot::Snapshot;
 use crate::source::{self, SourceState};
 use crate::status::Status;
 
@@ -97,7 +96,9 @@ pub async fn run(
         logging,
     };
 
-    let mut last_snapshot: Option<Arc<Snapshot>> = None;
+    // The generation of the snapshot the last pass ran on (not the snapshot itself: holding it
+    // would make the source copy the whole scope on its next event, see `source::publish_changes`).
+    let mut last_generation: Option<u64> = None;
     let mut last_write: Option<Instant> = None;
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut pending = false;
@@ -123,10 +124,8 @@ pub async fn run(
                 let state = d.source.rx.borrow_and_update().clone();
                 d.update_source_status(&state);
                 if state.connected {
-                    if let Some(snap) = &state.snapshot {
-                        if last_snapshot.as_ref().is_none_or(|l| !Arc::ptr_eq(l, snap)) {
-                            pending = true;
-                        }
+                    if state.snapshot.is_some() && last_generation != Some(state.generation) {
+                        pending = true;
                     }
                 } else if let Some(e) = &state.last_error {
                     systemd.status(format!("etcd unreachable: {e}; last good files kept"));
@@ -148,7 +147,7 @@ pub async fn run(
             d.watcher = watch_templates(d.engine.settings(), reload_tx.clone());
             if d.reload(why).await {
                 // The snapshot in hand is from the old source: wait for the new one's list.
-                last_snapshot = None;
+                last_generation = None;
                 retry_at = None;
                 leaderless = false;
                 let s = d.engine.settings();
@@ -159,7 +158,7 @@ pub async fn run(
                 ));
             }
             d.watcher = watch_templates(d.engine.settings(), reload_tx.clone());
-            pending = last_snapshot.is_some();
+            pending = last_generation.is_some();
         }
         if !pending {
             continue;
@@ -191,12 +190,12 @@ pub async fn run(
         d.update_source_status(&state);
         // A snapshot newer than the last pass's is complete even if the watch broke since
         // (the source publishes whole revisions only): apply it rather than wait for etcd.
-        let fresh = |s: &Arc<Snapshot>| last_snapshot.as_ref().is_none_or(|l| !Arc::ptr_eq(l, s));
-        let Some(snap) = state.snapshot.filter(|s| state.connected || fresh(s)) else {
+        let fresh = last_generation != Some(state.generation);
+        let Some(snap) = state.snapshot.filter(|_| state.connected || fresh) else {
             continue;
         };
         pending = false;
-        last_snapshot = Some(Arc::clone(&snap));
+        last_generation = Some(state.generation);
         let started = Instant::now();
         let result = d.engine.pass(&snap, true).await;
         let elapsed = started.elapsed();

@@ -147,6 +147,9 @@ pub struct SourceState {
     pub last_error: Option<String>,
     /// Re-lists done after compaction or drift (for metrics and tests).
     pub relists: u64,
+    /// Bumped each time the published snapshot changes: the same generation is the same view.
+    /// (The snapshot may change in place, behind the same `Arc`, when no pass holds it.)
+    pub generation: u64,
 }
 
 /// Builds an etcd client from the settings (TLS, auth, keepalive, timeouts).
@@ -494,7 +497,7 @@ pub async fn run(
                             publish(&tx, Some(current), true);
                             continue;
                         }
-                        let mut changed = false;
+                        let mut changes: Vec<(String, Option<Vec<u8>>)> = Vec::new();
                         // Skip what the snapshot already holds (after a re-list or resync). The
                         // bound is taken once per response: the events of one revision (a range
                         // delete, a lease expiring under a member and the leader key) share it.
@@ -505,12 +508,16 @@ pub async fn run(
                                 continue;
                             }
                             let key = String::from_utf8_lossy(kv.key()).into_owned();
-                            match ev.event_type() {
-                                EventType::Put => current.put(key, kv.value().to_vec()),
-                                EventType::Delete => current.delete(&key),
+                            let value = match ev.event_type() {
+                                EventType::Put => Some(kv.value().to_vec()),
+                                EventType::Delete => None,
+                            };
+                            match &value {
+                                Some(v) => current.put(key.clone(), v.clone()),
+                                None => current.delete(&key),
                             }
+                            changes.push((key, value));
                             current.revision = current.revision.max(kv.mod_revision());
-                            changed = true;
                         }
                         if resp.events().is_empty() {
                             // Progress notification: every event up to this revision was sent.
@@ -518,8 +525,8 @@ pub async fn run(
                                 current.revision = current.revision.max(h.revision());
                             }
                         }
-                        if changed {
-                            publish(&tx, Some(current), true);
+                        if !changes.is_empty() {
+                            publish_changes(&tx, changes, current);
                         }
                     }
                     Ok(None) => {
@@ -570,12 +577,46 @@ fn publish(tx: &watch::Sender<SourceState>, snap: Option<&Snapshot>, connected: 
             let same = s.snapshot.as_deref() == Some(snap);
             if !same {
                 s.snapshot = Some(Arc::new(snap.clone()));
+                s.generation += 1;
             }
         }
         s.connected = connected;
         if connected {
             s.last_error = None;
         }
+    });
+}
+
+/// Publishes the events of one watch response. The published snapshot is the source's view
+/// before them, so they are applied to it in place: a heartbeat costs one key, not a copy of the
+/// whole scope (3,000 members are about 1 MB). It is copied first only while a pass still holds
+/// it (`Arc::make_mut`), which happens at most once per pass.
+fn publish_changes(
+    tx: &watch::Sender<SourceState>,
+    changes: Vec<(String, Option<Vec<u8>>)>,
+    current: &Snapshot,
+) {
+    tx.send_modify(|s| {
+        match s.snapshot.as_mut() {
+            Some(published) => {
+                let p = Arc::make_mut(published);
+                for (key, value) in changes {
+                    match value {
+                        Some(v) => p.put(key, v),
+                        None => p.delete(&key),
+                    }
+                }
+                p.revision = current.revision;
+            }
+            None => s.snapshot = Some(Arc::new(current.clone())),
+        }
+        debug_assert!(
+            s.snapshot.as_deref() == Some(current),
+            "the published snapshot drifted from the source's view"
+        );
+        s.generation += 1;
+        s.connected = true;
+        s.last_error = None;
     });
 }
 
@@ -590,6 +631,39 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_change_the_published_snapshot_in_place_unless_a_pass_holds_it() {
+        let mut current = Snapshot::new();
+        current.put("/service/s/members/a".into(), b"1".to_vec());
+        current.revision = 5;
+        let (tx, rx) = watch::channel(SourceState::default());
+        publish(&tx, Some(&current), true);
+        let first = Arc::as_ptr(rx.borrow().snapshot.as_ref().unwrap());
+
+        current.put("/service/s/members/b".into(), b"2".to_vec());
+        current.revision = 6;
+        publish_changes(
+            &tx,
+            vec![("/service/s/members/b".into(), Some(b"2".to_vec()))],
+            &current,
+        );
+        assert_eq!(
+            Arc::as_ptr(rx.borrow().snapshot.as_ref().unwrap()),
+            first,
+            "an event copied the whole scope although no pass held it"
+        );
+
+        // A pass holds the view: it keeps what it was given, the channel moves on.
+        let held = rx.borrow().snapshot.clone().unwrap();
+        current.delete("/service/s/members/a");
+        current.revision = 7;
+        publish_changes(&tx, vec![("/service/s/members/a".into(), None)], &current);
+        assert_eq!(held.revision, 6);
+        assert!(held.kvs.contains_key("/service/s/members/a"));
+        assert_eq!(rx.borrow().snapshot.as_deref(), Some(&current));
+        assert_eq!(rx.borrow().generation, 3);
+    }
 
     #[test]
     fn prefix_end_is_the_first_key_after_the_prefix() {
