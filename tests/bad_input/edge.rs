@@ -268,28 +268,12 @@ fn auth_ws(tag: &str, user: Option<&str>, extra: &str) -> (Ws, String) {
 }
 
 fn with_password(ws: &Ws, args: &[&str], password: &str) -> Run {
-    let mut cmd = Command::new(haconfd_bin());
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("HACONFD_") {
-            cmd.env_remove(k);
-        }
-    }
-    if !password.is_empty() {
-        cmd.env("HACONFD_ETCD_PASSWORD", password);
-    }
-    cmd.arg("-c")
-        .arg(&ws.cfg_path)
-        .args(["--log-format", "json"])
-        .args(args);
-    let start = Instant::now();
-    let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).unwrap();
-    Run {
-        what: format!("haconfd {}", args.join(" ")),
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        elapsed: start.elapsed(),
-    }
+    let env: &[(&str, &str)] = if password.is_empty() {
+        &[]
+    } else {
+        &[("HACONFD_ETCD_PASSWORD", password)]
+    };
+    haconfd_with_env(&ws.cfg_path, args, None, env)
 }
 
 #[test]

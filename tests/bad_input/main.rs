@@ -146,12 +146,23 @@ impl Run {
 /// Runs the binary with `--log-format json` unless `args` choose a format (as `user` when given),
 /// bounded to 30 s.
 fn haconfd(cfg: &Path, args: &[&str], user: Option<(u32, u32)>) -> Run {
+    haconfd_with_env(cfg, args, user, &[])
+}
+
+/// [`haconfd`] with `env` added to an environment cleared of `HACONFD_*`.
+fn haconfd_with_env(
+    cfg: &Path,
+    args: &[&str],
+    user: Option<(u32, u32)>,
+    env: &[(&str, &str)],
+) -> Run {
     let mut cmd = Command::new(haconfd_bin());
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("HACONFD_") {
             cmd.env_remove(k);
         }
     }
+    cmd.envs(env.iter().copied());
     cmd.arg("-c").arg(cfg);
     if !args.contains(&"--log-format") {
         cmd.args(["--log-format", "json"]);
