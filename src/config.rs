@@ -56,6 +56,9 @@ pub struct RawConfig {
     /// HTTP endpoint for health, readiness, metrics and status.
     #[serde(default)]
     pub http: HttpConfig,
+    /// The failover fast path.
+    #[serde(default)]
+    pub failover: crate::failover::FailoverConfig,
     /// Template variables shared by every template (`vars.*` in the context).
     #[serde(default)]
     pub vars: toml::Table,
@@ -255,8 +258,12 @@ pub struct TemplateConfig {
     /// templates is up to the template; this flag makes it explicit).
     #[serde(default)]
     pub require_leader: bool,
-    /// Carry HAProxy server state over reloads.
+    /// Carry HAProxy server state over reloads; with `[failover]`, the HAProxy the fast path
+    /// moves through its runtime API.
     pub server_state: Option<ServerStateConfig>,
+    /// PgBouncer's admin console: reload through `RELOAD`, and PAUSE/RESUME around a leader
+    /// change (the `reload` action, if any, is the fallback when the console cannot be reached).
+    pub pgbouncer_admin: Option<crate::pgbouncer::AdminConfig>,
     /// Variables for this template only; they override the global `[vars]`.
     #[serde(default)]
     pub vars: toml::Table,
@@ -404,6 +411,7 @@ impl RawConfig {
             .state_file
             .map(|p| resolve_path(base_dir, &p).map_err(|m| invalid_path("guard.state_file", m)))
             .transpose()?;
+        self.failover.validate().map_err(ConfigError::Invalid)?;
         let vars = table_to_json(self.vars);
         let mut targets = Vec::with_capacity(self.templates.len());
         for (i, t) in self.templates.into_iter().enumerate() {
@@ -428,6 +436,7 @@ impl RawConfig {
             guard,
             log: self.log,
             http: self.http,
+            failover: self.failover,
             targets,
         })
     }
@@ -446,6 +455,8 @@ pub struct Settings {
     pub log: LogConfig,
     /// HTTP endpoint.
     pub http: HttpConfig,
+    /// The failover fast path.
+    pub failover: crate::failover::FailoverConfig,
     /// The outputs, in config order.
     pub targets: Vec<Target>,
 }
@@ -525,6 +536,8 @@ pub struct Target {
     pub require_leader: bool,
     /// HAProxy server-state handling.
     pub server_state: Option<ServerStateConfig>,
+    /// PgBouncer's admin console.
+    pub pgbouncer_admin: Option<crate::pgbouncer::Admin>,
     /// Merged variables (global, then per-template).
     pub vars: serde_json::Map<String, serde_json::Value>,
 }
@@ -544,6 +557,7 @@ impl Target {
             reload: None,
             require_leader: false,
             server_state: None,
+            pgbouncer_admin: None,
             vars: serde_json::Map::new(),
         }
     }
@@ -765,6 +779,15 @@ fn resolve_template(
         })
         .transpose()
         .map_err(&ctx)?;
+    let pgbouncer_admin = t
+        .pgbouncer_admin
+        .map(|mut a| {
+            a.validate()?;
+            a.resolve_paths(base_dir);
+            Ok::<_, String>(crate::pgbouncer::Admin::new(a))
+        })
+        .transpose()
+        .map_err(&ctx)?;
     let mut vars = global_vars.clone();
     vars.extend(table_to_json(t.vars));
     Ok(Target {
@@ -778,6 +801,7 @@ fn resolve_template(
         reload,
         require_leader: t.require_leader,
         server_state,
+        pgbouncer_admin,
         vars,
         name,
     })

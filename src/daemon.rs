@@ -78,13 +78,18 @@ pub async fn run(
         source,
     })?;
     let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(8);
+    // The failover fast path's confirmations of a new leader: each runs a pass at once.
+    let (confirm_tx, mut confirm_rx) = mpsc::unbounded_channel();
     let mut systemd = Systemd::default();
     systemd.status(format!(
         "listing {} from etcd at {}",
         settings.etcd.prefix(),
         settings.etcd.endpoints.join(",")
     ));
+    let mut engine = engine;
+    engine.attach_router(confirm_tx.clone(), metrics.failover_observers());
     let mut d = Daemon {
+        confirm_tx,
         config_path,
         overrides,
         source: Source::start(&settings),
@@ -108,6 +113,9 @@ pub async fn run(
     // events arrive (while one takes under 11 ms; 4.3 ms at 3,000 members), and a real change
     // waits at most that long (about 40 ms at 3,000 members, well under 1 ms at 3).
     let mut quiet_until: Option<Instant> = None;
+    // A pass the failover fast path waits for (a leader or switchover key changed, a new
+    // leader confirmed): it skips `min_interval` and the no-op pause.
+    let mut urgent = false;
 
     loop {
         let retry = async {
@@ -140,6 +148,12 @@ pub async fn run(
                 Some(why)
             }
             _ = retry => { retry_at = None; pending = true; None }
+            Some(c) = confirm_rx.recv() => {
+                tracing::debug!(leader = %c.leader, "confirmed: running a pass at once");
+                pending = true;
+                urgent = true;
+                None
+            }
         };
         if let Some(why) = trigger {
             // Watch anew before reading: a directory renamed over the old one is a new inode
@@ -166,7 +180,16 @@ pub async fn run(
         // Leading edge: the first change after a quiet spell runs at once; after a pass that
         // wrote, wait out `min_interval` and take whatever is newest then.
         let min_interval = d.engine.settings().daemon.min_interval;
-        if let Some(last) = last_write {
+        urgent = std::mem::take(&mut urgent)
+            || d.source
+                .rx
+                .borrow()
+                .snapshot
+                .as_ref()
+                .is_some_and(|s| d.engine.is_urgent(s));
+        if urgent {
+            quiet_until = None;
+        } else if let Some(last) = last_write {
             let wait = min_interval.saturating_sub(last.elapsed());
             if !wait.is_zero() {
                 tokio::select! {
@@ -275,6 +298,7 @@ pub async fn run(
 
 /// The state a reload may replace.
 struct Daemon {
+    confirm_tx: mpsc::UnboundedSender<crate::failover::Confirmed>,
     config_path: PathBuf,
     overrides: Overrides,
     engine: Engine,
@@ -347,6 +371,8 @@ impl Daemon {
         if other_cluster {
             // Another cluster: what the guard remembers of the old one says nothing about it.
             self.engine = Engine::new(Arc::clone(&new))?;
+            self.engine
+                .attach_router(self.confirm_tx.clone(), self.metrics.failover_observers());
         } else {
             self.engine.replace(Arc::clone(&new))?;
         }

@@ -27,6 +27,8 @@ pub struct Metrics {
     events: Family<Labels, Counter>,
     render_seconds: Histogram,
     apply_seconds: Histogram,
+    switch_seconds: Family<Labels, Histogram>,
+    drift: Gauge,
 }
 
 impl Default for Metrics {
@@ -49,6 +51,25 @@ impl Metrics {
             events: Family::default(),
             render_seconds: buckets(),
             apply_seconds: buckets(),
+            // 1 ms .. ~32 s: a fast-path switch takes milliseconds, health checks seconds.
+            switch_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            }),
+            drift: Gauge::default(),
+        }
+    }
+
+    /// The failover fast path's histograms and drift gauge, shared with it.
+    pub fn failover_observers(&self) -> crate::failover::Observers {
+        let consumer = |c: &str| {
+            self.switch_seconds
+                .get_or_create(&vec![("consumer".to_owned(), c.to_owned())])
+                .clone()
+        };
+        crate::failover::Observers {
+            haproxy: Some(consumer("haproxy")),
+            pgbouncer: Some(consumer("pgbouncer")),
+            drift: Some(self.drift.clone()),
         }
     }
 
@@ -118,6 +139,16 @@ impl Metrics {
             "apply_duration_seconds",
             "Time to stage, check, swap and reload",
             self.apply_seconds.clone(),
+        );
+        r.register(
+            "failover_switch_seconds",
+            "Per leader change: from the new leader key to HAProxy (runtime API) or PgBouncer (reloaded and resumed) sending writes to it, by consumer",
+            self.switch_seconds.clone(),
+        );
+        r.register(
+            "haproxy_primary_drift",
+            "1 while HAProxy's live primary servers have disagreed with etcd's leader for longer than failover.drift_grace",
+            self.drift.clone(),
         );
 
         let gauge = |v: i64| {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::apply::{self, ApplyError};
 use crate::config::{Reload, Settings, Target};
 use crate::events::{ClusterEvent, Differ};
+use crate::failover::{self, Router};
 use crate::guard::{self, GuardError};
 use crate::model::{Cluster, MemberCache, Skipped};
 use crate::reload::{self, ReloadError};
@@ -87,6 +88,9 @@ pub struct PassStats {
     /// What changed in the cluster since the previous pass's model, also when this pass was
     /// refused (guard, no leader, a failed check).
     pub events: Vec<ClusterEvent>,
+    /// `require_leader` targets kept as they are because the leader key's holder is not yet
+    /// confirmed to take writes (the failover fast path; a pass follows the confirmation).
+    pub awaiting: Vec<String>,
 }
 
 /// A target's last render, kept to skip the next one when nothing its template sees changed.
@@ -106,8 +110,10 @@ pub struct Engine {
     /// Whether leftovers of earlier runs were swept (first writing pass; `render` and `check`
     /// never touch the destination directories).
     swept: bool,
-    /// The promoted leader HAProxy was last moved to (runtime API), per the last pass.
-    promoted: Option<String>,
+    /// The failover fast path: HAProxy moves, PgBouncer pauses, the confirmation gate.
+    router: Router,
+    /// The raw `leader` and `failover` values the last pass saw: a change is urgent.
+    routing_keys: (Option<Vec<u8>>, Option<Vec<u8>>),
     /// Turns the previous pass's model and this one into [`PassStats::events`].
     differ: Differ,
     /// Targets whose last reload failed: reloaded on the next pass even if unchanged.
@@ -132,6 +138,7 @@ impl Engine {
     pub fn new(settings: Arc<Settings>) -> Result<Self, RenderError> {
         let renderer = Renderer::load(&settings.targets)?;
         let memory = guard::Memory::load(&settings.guard);
+        let router = Router::new(&settings.failover, &settings.targets);
         Ok(Self {
             settings,
             renderer,
@@ -139,7 +146,8 @@ impl Engine {
             last_skipped: Vec::new(),
             unreloaded: Default::default(),
             swept: false,
-            promoted: None,
+            router,
+            routing_keys: (None, None),
             differ: Differ::default(),
             parsed_members: MemberCache::default(),
             renders: Default::default(),
@@ -158,11 +166,37 @@ impl Engine {
     /// Swaps in new settings and templates (hot reload), keeping what was last applied.
     pub fn replace(&mut self, settings: Arc<Settings>) -> Result<(), RenderError> {
         self.renderer = Renderer::load(&settings.targets)?;
+        let mut router = Router::new(&settings.failover, &settings.targets);
+        router.take_state_from(&mut self.router);
+        self.router = router;
         self.settings = settings;
         self.swept = false;
         self.renders.clear();
         self.state_synced.clear();
         Ok(())
+    }
+
+    /// Connects the failover fast path to the daemon (see [`Router::attach`]).
+    pub fn attach_router(
+        &mut self,
+        notify: tokio::sync::mpsc::UnboundedSender<failover::Confirmed>,
+        observers: failover::Observers,
+    ) {
+        self.router.attach(notify, observers);
+    }
+
+    /// The last leader change as the fast path handled it.
+    pub fn failover_timeline(&self) -> Option<failover::Timeline> {
+        self.router.timeline()
+    }
+
+    /// Whether `snap` changes the `leader` or `failover` key since the last pass: such a pass
+    /// runs at once, not after `min_interval`.
+    pub fn is_urgent(&self, snap: &Snapshot) -> bool {
+        let prefix = self.settings.etcd.prefix();
+        let leader = snap.kvs.get(&format!("{prefix}leader"));
+        let failover = snap.kvs.get(&format!("{prefix}failover"));
+        leader != self.routing_keys.0.as_ref() || failover != self.routing_keys.1.as_ref()
     }
 
     /// Builds the model and logs skipped keys when the set of them changes (not on every
@@ -274,9 +308,27 @@ impl Engine {
         for e in &self.stats.events {
             e.log();
         }
+        let prefix = self.settings.etcd.prefix();
+        self.routing_keys = (
+            snap.kvs.get(&format!("{prefix}leader")).cloned(),
+            snap.kvs.get(&format!("{prefix}failover")).cloned(),
+        );
+        // Before the guard too: routing follows the leader key even while the files wait.
+        self.router.observe(&cluster, &self.stats.events);
+        self.router.confirm_now(&cluster).await;
         self.memory.admit(&self.settings.guard, &cluster)?;
         let settings = Arc::clone(&self.settings);
         let rendered = self.render_targets(&settings.targets, &cluster);
+        // PgBouncer-like targets point at a leader only once it takes writes.
+        let gate_open = self.router.gate_open(&cluster);
+        let awaiting: Vec<usize> = (0..settings.targets.len())
+            .filter(|&i| !gate_open && settings.targets[i].require_leader)
+            .collect();
+        for &i in &awaiting {
+            let t = &settings.targets[i];
+            tracing::debug!(target = %t.name, leader = ?cluster.leader_name, "waiting for the new leader to take writes");
+            self.stats.awaiting.push(t.name.clone());
+        }
         self.stats.render = started.elapsed();
         let apply_start = Instant::now();
 
@@ -293,7 +345,11 @@ impl Engine {
         // The replaced files are released after the reloads, off the latency path.
         let mut retired = Vec::new();
         let mut applied: Vec<Vec<usize>> = Vec::new();
-        for group in consumers(&settings.targets) {
+        for mut group in consumers(&settings.targets) {
+            group.retain(|i| !awaiting.contains(i));
+            if group.is_empty() {
+                continue;
+            }
             match swap_in(&settings.targets, &group, &rendered).await {
                 Ok((c, r)) => {
                     changed.extend(c);
@@ -325,23 +381,23 @@ impl Engine {
                 let due: Vec<usize> = group
                     .iter()
                     .copied()
-                    .filter(|i| settings.targets[*i].reload.is_some())
+                    .filter(|i| {
+                        let t = &settings.targets[*i];
+                        t.reload.is_some() || t.pgbouncer_admin.is_some()
+                    })
                     .filter(|i| {
                         changed.iter().any(|(c, _)| c == i)
                             || self.unreloaded.contains(&settings.targets[*i].name)
                     })
                     .collect();
                 let Some(&first) = due.first() else { continue };
-                let Some(action) = &settings.targets[first].reload else {
-                    continue;
-                };
                 for &i in &due {
                     let t = &settings.targets[i];
                     if let (Some(ss), Ok(r)) = (&t.server_state, &rendered[i]) {
                         retired.extend(prepare_server_state(ss, r, &cluster).await);
                     }
                 }
-                match reload::reload(action).await {
+                match reload_consumer(&settings.targets[first]).await {
                     Ok(()) => {
                         for &i in &due {
                             let name = &settings.targets[i].name;
@@ -385,7 +441,14 @@ impl Engine {
                 live[i] = rendered[i].as_deref().ok();
             }
         }
-        self.move_to_new_leader(&settings, &live, &cluster).await;
+        // PgBouncers now reading a file for the confirmed leader: resume them.
+        if gate_open && cluster.leader().is_some() {
+            for (t, r) in settings.targets.iter().zip(&live) {
+                if t.require_leader && r.is_some() {
+                    self.router.pgbouncer_settled(&t.name).await;
+                }
+            }
+        }
         for r in retired {
             if let Err(e) = r.finish() {
                 tracing::warn!(error = %e, "cannot fsync the directory after the swap");
@@ -565,7 +628,7 @@ fn first_failure(targets: &[Target], mut failures: Vec<(usize, PassError)>) -> O
 pub fn consumers(targets: &[Target]) -> Vec<Vec<usize>> {
     let mut groups: Vec<(Vec<String>, Vec<usize>)> = Vec::new();
     for (i, t) in targets.iter().enumerate() {
-        let ids = t.reload.as_ref().map(consumer_ids).unwrap_or_default();
+        let ids = target_consumer_ids(t);
         let mut merged = (ids, vec![i]);
         // Merge every group sharing an identifier (a signal verified on a master socket and a
         // master-socket reload of that socket are the same HAProxy).
@@ -588,6 +651,34 @@ pub fn consumers(targets: &[Target]) -> Vec<Vec<usize>> {
 }
 
 /// What identifies the process a reload acts on.
+fn target_consumer_ids(t: &Target) -> Vec<String> {
+    let mut ids = t.reload.as_ref().map(consumer_ids).unwrap_or_default();
+    if let Some(a) = &t.pgbouncer_admin {
+        ids.push(format!("pgbouncer console {}", a.address()));
+    }
+    ids
+}
+
+/// Reloads the consumer of `t`: through PgBouncer's admin console when one is configured
+/// (falling back to the `reload` action if the console fails), else by its `reload` action.
+async fn reload_consumer(t: &Target) -> Result<(), ReloadError> {
+    if let Some(admin) = &t.pgbouncer_admin {
+        match admin.reload().await {
+            Ok(()) => return Ok(()),
+            Err(e) => match &t.reload {
+                Some(_) => {
+                    tracing::warn!(target = %t.name, error = %e, "PgBouncer's console did not take RELOAD; using the reload action")
+                }
+                None => return Err(ReloadError::Console(e.to_string())),
+            },
+        }
+    }
+    match &t.reload {
+        Some(action) => reload::reload(action).await,
+        None => Ok(()),
+    }
+}
+
 fn consumer_ids(r: &Reload) -> Vec<String> {
     match r {
         Reload::Signal {
@@ -603,67 +694,6 @@ fn consumer_ids(r: &Reload) -> Vec<String> {
             .collect(),
         Reload::MasterSocket { path, .. } => vec![format!("master socket {}", path.display())],
         Reload::Command { argv, .. } => vec![format!("command {argv:?}")],
-    }
-}
-
-impl Engine {
-    /// When a new leader is promoted, tells HAProxy at once through the runtime API rather than
-    /// leaving it to the health checks (about 2–5 s at `inter 1s rise 2`). Only on a change of
-    /// promoted leader after a first one was seen: haconfd's own start does not force anything.
-    /// It keeps its own memory of the promoted leader (`self.promoted`) for now; it is to consume
-    /// [`PassStats::events`] (`LeaderChanged`, `MemberPromoted`) instead, when the leader move is
-    /// reworked to follow the leader key.
-    async fn move_to_new_leader(
-        &mut self,
-        settings: &Settings,
-        live: &[Option<&Rendered>],
-        cluster: &Cluster,
-    ) {
-        let promoted = cluster
-            .leader()
-            .filter(|m| matches!(m.role.as_str(), "master" | "primary"))
-            .map(|m| m.name.clone());
-        let Some(now) = promoted else { return };
-        // A target with server state whose new file was not applied: HAProxy runs the old one.
-        // Leave the move, and the memory of it, to the pass that applies it.
-        if settings
-            .targets
-            .iter()
-            .zip(live)
-            .any(|(t, r)| t.server_state.is_some() && r.is_none())
-        {
-            return;
-        }
-        let before = self.promoted.replace(now.clone());
-        if before.is_none() || before.as_deref() == Some(now.as_str()) {
-            return;
-        }
-        for (t, r) in settings.targets.iter().zip(live) {
-            let (Some(ss), Some(r)) = (&t.server_state, r) else {
-                continue;
-            };
-            let cmds = server_state::leader_moved_commands(
-                ss,
-                &String::from_utf8_lossy(&r.bytes),
-                cluster,
-            );
-            if cmds.is_empty() {
-                continue;
-            }
-            match server_state::apply_commands(&ss.stats_socket, &cmds, Duration::from_secs(2))
-                .await
-            {
-                Ok(answer) if answer.trim().is_empty() => {
-                    tracing::info!(target = %t.name, leader = %now, "moved HAProxy to the new leader through the runtime API")
-                }
-                Ok(answer) => {
-                    tracing::warn!(target = %t.name, leader = %now, answer = %answer.trim(), "HAProxy answered the runtime API; its checks will settle the servers")
-                }
-                Err(e) => {
-                    tracing::warn!(target = %t.name, socket = %ss.stats_socket.display(), error = %e, "cannot reach HAProxy's runtime API; its checks will move it to the new leader")
-                }
-            }
-        }
     }
 }
 

@@ -83,6 +83,10 @@ pub enum ReloadError {
     /// The reload command failed.
     #[error(transparent)]
     Command(#[from] CommandError),
+    /// PgBouncer's admin console refused or could not take `RELOAD`, and no `reload` action is
+    /// configured to fall back to.
+    #[error("PgBouncer admin console: {0}")]
+    Console(String),
 }
 
 /// Reads a pidfile and returns the PID it names.

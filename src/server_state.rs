@@ -200,44 +200,90 @@ fn down_line(s: &ConfigServer) -> String {
     )
 }
 
-/// Runtime API commands that move HAProxy to a new leader at once instead of after `fall` + `rise`
-/// health checks: the promoted leader's server is set UP in the primary backends and DOWN in the
-/// replica backends, and every other server DOWN in the primary backends. The checks keep running
-/// and agree (the new leader answers 200 on `/primary`, the others 503), so nothing flaps; if one
-/// disagrees, the checks win within `fall` intervals. Only for a leader that Patroni reports
-/// promoted (`role` master or primary): a leader key held before promotion would route writes to
-/// a read-only server.
-pub fn leader_moved_commands(
-    cfg: &ServerStateConfig,
-    rendered_cfg: &str,
-    cluster: &Cluster,
-) -> Vec<String> {
-    let Some(leader) = cluster
-        .leader()
-        .filter(|m| matches!(m.role.as_str(), "master" | "primary"))
-    else {
-        return Vec::new();
-    };
+/// A change of who takes writes, made through HAProxy's runtime API ahead of the health checks
+/// (about 2 s at `inter 1s fall 2 rise 2`). The checks keep running and agree once the move is
+/// made (the confirmed leader answers 200 on `/primary`, the others 503), so nothing flaps; if
+/// one disagrees, the checks win within `fall` intervals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Move {
+    /// The leader is stepping down (switchover requested, or its leader key is gone): no new
+    /// connection goes to it (`state drain`); its open sessions go on until it is demoted.
+    Fence {
+        /// The leader stepping down.
+        old: String,
+    },
+    /// The fenced leader keeps the leader key (the switchover was cancelled): undo the drain.
+    Unfence {
+        /// The leader.
+        leader: String,
+    },
+    /// `new` is confirmed to take writes: UP in the primary backends and DOWN in the replica
+    /// backends; each of `demote` DOWN in the primary backends (its sessions shut); `unfence`,
+    /// the server haconfd drained, ready again (still DOWN where `demote` says so).
+    Promote {
+        /// The confirmed leader.
+        new: String,
+        /// Earlier leaders to take out of the primary backends.
+        demote: Vec<String>,
+        /// The server haconfd drained, if any.
+        unfence: Option<String>,
+    },
+}
+
+/// The runtime API commands for `mv`, for the servers `rendered_cfg` lists in the backends of
+/// `cfg` (a server missing from a backend gets no command there). A server an operator put in
+/// maintenance stays there: `health up` does not lift `maint`, and only a drain haconfd set is
+/// undone.
+pub fn move_commands(cfg: &ServerStateConfig, rendered_cfg: &str, mv: &Move) -> Vec<String> {
     let mut cmds = Vec::new();
     for s in config_servers(rendered_cfg) {
-        let is_leader = s.name == leader.name;
-        let health = if cfg.primary_backends.contains(&s.backend) {
-            if is_leader {
-                "up"
-            } else {
-                "down"
+        let primary = cfg.primary_backends.contains(&s.backend);
+        let replica = cfg.replica_backends.contains(&s.backend);
+        let at = format!("{}/{}", s.backend, s.name);
+        match mv {
+            Move::Fence { old } if primary && s.name == *old => {
+                cmds.push(format!("set server {at} state drain"));
             }
-        } else if cfg.replica_backends.contains(&s.backend) && is_leader {
-            "down"
-        } else {
-            continue;
-        };
-        cmds.push(format!(
-            "set server {}/{} health {health}",
-            s.backend, s.name
-        ));
+            Move::Unfence { leader } if primary && s.name == *leader => {
+                cmds.push(format!("set server {at} state ready"));
+            }
+            Move::Promote {
+                new,
+                demote,
+                unfence,
+            } => {
+                if unfence.as_deref() == Some(s.name.as_str()) && primary {
+                    cmds.push(format!("set server {at} state ready"));
+                }
+                if s.name == *new {
+                    if primary {
+                        cmds.push(format!("set server {at} health up"));
+                    } else if replica {
+                        cmds.push(format!("set server {at} health down"));
+                    }
+                } else if primary && demote.contains(&s.name) {
+                    cmds.push(format!("set server {at} health down"));
+                    cmds.push(format!("shutdown sessions server {at}"));
+                }
+            }
+            _ => {}
+        }
     }
     cmds
+}
+
+/// The servers that take new connections in the primary backends of a `show servers state`
+/// dump: UP (`srv_op_state` 2) with no administrative state (maint or drain). Sorted, once
+/// each.
+pub fn live_primaries(cfg: &ServerStateConfig, dump: &str) -> Vec<String> {
+    let live: std::collections::BTreeSet<String> = dump
+        .lines()
+        .filter_map(StateLine::parse)
+        .filter(|l| cfg.primary_backends.iter().any(|b| b == l.backend()))
+        .filter(|l| l.fields[5] == "2" && l.fields[6] == "0")
+        .map(|l| l.server().to_owned())
+        .collect();
+    live.into_iter().collect()
 }
 
 /// Sends runtime API commands in one connection (HAProxy runs `;`-separated commands in order).
@@ -310,25 +356,39 @@ mod tests {
     }
 
     #[test]
-    fn a_promoted_leader_is_moved_at_once_through_the_runtime_api() {
-        let c = cluster();
-        let cmds = leader_moved_commands(&cfg(), CFG, &c);
-        // pg1 holds the leader key but its member key says `replica`: not promoted yet.
-        assert!(cmds.is_empty(), "{cmds:?}");
-        let mut s = Snapshot::new();
-        s.put("/service/demo/leader".into(), b"pg2".to_vec());
-        for (n, p, role) in [("pg1", 5441, "replica"), ("pg2", 5442, "primary")] {
-            s.put(format!("/service/demo/members/{n}"), format!(r#"{{"conn_url":"postgres://127.0.0.1:{p}/postgres","api_url":"http://127.0.0.1:{}/patroni","state":"running","role":"{role}"}}"#, p + 2570).into_bytes());
-        }
-        let c = Cluster::build(&s, "/service", "demo").cluster;
+    fn moves_name_only_the_servers_each_backend_lists() {
+        let fence = move_commands(&cfg(), CFG, &Move::Fence { old: "pg1".into() });
+        assert_eq!(fence, ["set server primary/pg1 state drain"]);
+        let unfence = move_commands(
+            &cfg(),
+            CFG,
+            &Move::Unfence {
+                leader: "pg1".into(),
+            },
+        );
+        assert_eq!(unfence, ["set server primary/pg1 state ready"]);
+        let promote = Move::Promote {
+            new: "pg2".into(),
+            demote: vec!["pg1".into()],
+            unfence: Some("pg1".into()),
+        };
         assert_eq!(
-            leader_moved_commands(&cfg(), CFG, &c),
+            move_commands(&cfg(), CFG, &promote),
             [
+                "set server primary/pg1 state ready",
                 "set server primary/pg1 health down",
+                "shutdown sessions server primary/pg1",
                 "set server primary/pg2 health up",
                 "set server replicas/pg2 health down",
             ]
         );
+        // A member the file does not list gets no command.
+        let gone = Move::Promote {
+            new: "pg9".into(),
+            demote: vec![],
+            unfence: None,
+        };
+        assert!(move_commands(&cfg(), CFG, &gone).is_empty());
     }
 
     #[test]

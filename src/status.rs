@@ -56,6 +56,11 @@ pub struct Status {
     pub config_error: Option<String>,
     /// Duration of the last pass.
     pub last_pass_seconds: f64,
+    /// The last leader change as the failover fast path handled it (milliseconds after the new
+    /// leader key: confirmed, HAProxy switched, PgBouncer switched).
+    pub last_failover: Option<crate::failover::Timeline>,
+    /// `require_leader` targets waiting for the leader to confirm it takes writes.
+    pub awaiting_confirmation: Vec<String>,
 }
 
 /// How many cluster events `/status` keeps.
@@ -123,6 +128,8 @@ impl Status {
         if let Some(c) = &engine.cluster {
             self.observe(c, &engine.stats.events);
         }
+        self.last_failover = engine.failover_timeline();
+        self.awaiting_confirmation = engine.stats.awaiting.clone();
     }
 
     /// Takes `cluster` as the current view and records the events that led to it.

@@ -50,6 +50,15 @@ fn everything() -> RawConfig {
             primary_backends: vec![],
             replica_backends: vec![],
         }),
+        pgbouncer_admin: Some(haconfd::pgbouncer::AdminConfig {
+            host: "/run/postgresql".into(),
+            port: 6432,
+            user: "pgbouncer".into(),
+            password_file: Some("/pw".into()),
+            password_env: Some("PW".into()),
+            pause_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+        }),
         vars,
     });
     c

@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::patroni::{self, LoadStats, PatroniCluster, ReadLoad, WriteLoad};
+use common::switch::{self, Mode, WriteProbe};
 use common::procs::{
     free_port, give_to_postgres, haconfd_bin, port_open, require_bin, run_with_timeout, temp_dir,
     wait_until, Etcd, Haproxy, Pgbouncer, Proc,
@@ -153,7 +154,7 @@ impl Stack {
         // Copies of the shipped templates: haconfd watches the templates' directory, and other
         // edits to the repository must not trigger reloads in the middle of a count.
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
-        for t in ["haproxy.cfg.tera", "pgbouncer.ini.tera"] {
+        for t in ["haproxy.cfg.tera", "pgbouncer.ini.tera", "hold.lua"] {
             std::fs::copy(shipped.join(t), tpl_dir.join(t))
                 .unwrap_or_else(|e| panic!("copy template {t}: {e}"));
         }
@@ -202,14 +203,31 @@ impl Stack {
             ),
             None => String::new(),
         };
-        let server_state = if self.server_state {
-            format!(
-                "server_state = {{ stats_socket = \"{}\", file = \"{}\" }}\n",
-                self.admin_sock.display(),
-                self.state_file.display()
+        // With server state: the whole fast path (runtime-API moves, the hold action on the
+        // write port, PgBouncer paused and resumed through its console). Without: health checks
+        // and SIGHUP alone, as a baseline.
+        let (server_state, hold, pgbouncer_admin, failover) = if self.server_state {
+            (
+                format!(
+                    "server_state = {{ stats_socket = \"{}\", file = \"{}\" }}\n",
+                    self.admin_sock.display(),
+                    self.state_file.display()
+                ),
+                format!("hold_lua = \"{}/hold.lua\"\n", self.tpl_dir.display()),
+                format!(
+                    "pgbouncer_admin = {{ host = \"{}\", port = {}, user = \"pgbouncer\", pause_timeout = \"15s\", connect_timeout = \"2s\" }}\n",
+                    self.pgb_dir.display(),
+                    self.pgb_port
+                ),
+                "enabled = true\n",
             )
         } else {
-            String::new()
+            (
+                String::new(),
+                String::new(),
+                String::new(),
+                "enabled = false\n",
+            )
         };
         let text = format!(
             r#"[etcd]
@@ -220,6 +238,8 @@ scope = "{scope}"
 min_interval = "100ms"
 retry_interval = "1s"
 
+[failover]
+{failover}
 [vars]
 bind_address = "127.0.0.1"
 primary_port = {primary}
@@ -227,7 +247,7 @@ replica_port = {replica}
 stats_port = {stats}
 stats_socket = "{admin}"
 maxconn = {maxconn}
-
+{hold}
 [[template]]
 name = "haproxy"
 src = "{tpl}/haproxy.cfg.tera"
@@ -240,7 +260,7 @@ src = "{tpl}/pgbouncer.ini.tera"
 dest = "{pgb_ini}"
 require_leader = true
 reload = {{ pidfile = "{pgb}/pgbouncer.pid", signal = "SIGHUP", process = "pgbouncer" }}
-
+{pgbouncer_admin}
 [template.vars]
 listen_addr = "127.0.0.1"
 listen_port = {pgb_port}
@@ -879,6 +899,23 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
     wait_route_to(pgb, first_port, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("{e}\n{}", stack.diag()));
     let writes = WriteLoad::start(stack.primary_port, LOAD_MAX);
+    // When each node itself first takes a write, and when writes through HAProxy and PgBouncer
+    // first reach it: new connections through both, and two persistent PgBouncer clients.
+    let step = Duration::from_millis(5);
+    let nodes: Vec<(String, u16, WriteProbe)> = cluster
+        .nodes()
+        .iter()
+        .map(|n| {
+            let p = WriteProbe::start(n.pg_port, Mode::Persistent, step, LOAD_MAX);
+            (n.name.clone(), n.pg_port, p)
+        })
+        .collect();
+    let via_haproxy = WriteProbe::start(stack.primary_port, Mode::Reconnect, step, LOAD_MAX);
+    let via_pgb = WriteProbe::start(pgb, Mode::Reconnect, step, LOAD_MAX);
+    let pooled: Vec<WriteProbe> = (0..2)
+        .map(|_| WriteProbe::start(pgb, Mode::Persistent, Duration::from_millis(10), LOAD_MAX))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
 
     // Switchover.
     let sw_t0 = Instant::now();
@@ -918,17 +955,67 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
         w_sw.ok,
         w_sw.failed
     );
-
-    // haconfd moved HAProxy to the promoted leader itself rather than waiting for the checks.
+    std::thread::sleep(Duration::from_millis(500));
+    let node_log = nodes
+        .iter()
+        .find(|(n, _, _)| *n == second)
+        .map(|(_, _, p)| p.attempts())
+        .unwrap();
+    let own = switch::first_on(&node_log, second_port, sw_t0)
+        .unwrap_or_else(|| panic!("{second} never took a direct write after the switchover"));
+    let hap = via_haproxy.attempts();
+    let pgb_new = via_pgb.attempts();
+    let hap_first = switch::first_on(&hap, second_port, sw_t0).expect("a write through HAProxy");
+    let pgb_first = switch::first_on(&pgb_new, second_port, sw_t0).expect("a write through PgBouncer");
+    let pooled_logs: Vec<_> = pooled.iter().map(|p| p.attempts()).collect();
+    let hap_after = switch::ms_between(own, hap_first);
+    let pgb_after = switch::ms_between(own, pgb_first);
+    println!(
+        "RESULT fast_path switchover {first}->{second}: after the node's own first write, HAProxy +{hap_after:.0} ms, PgBouncer +{pgb_after:.0} ms; errors haproxy={:?} pgbouncer={:?} pooled={:?}",
+        switch::errors_by_class(&hap, sw_t0),
+        switch::errors_by_class(&pgb_new, sw_t0),
+        pooled_logs.iter().map(|l| switch::errors_by_class(l, sw_t0)).collect::<Vec<_>>(),
+    );
+    let events = stack.haconfd_events();
     assert!(
-        wait_until(Duration::from_secs(5), || stack
-            .haconfd_log_text()
-            .contains(
-                "moved HAProxy to the new leader through the runtime API"
-            )),
-        "no runtime-API move after the switchover:\n{}",
+        events.contains("HAProxy follows the new primary")
+            && events.contains("PgBouncer follows the new primary"),
+        "the fast path did not report both switches:\n{}",
         stack.diag()
     );
+    // Never a write on a node before it takes them; persistent PgBouncer clients wait through
+    // the pause instead of failing.
+    for (what, log) in [("HAProxy", &hap), ("PgBouncer", &pgb_new)]
+        .into_iter()
+        .chain(pooled_logs.iter().map(|l| ("pooled PgBouncer client", l)))
+    {
+        let by_class = switch::errors_by_class(log, sw_t0);
+        assert_eq!(
+            by_class.get("read_only"),
+            None,
+            "{what} sent a write to a read-only node: {:?}\n{}",
+            switch::first_errors(log, sw_t0, 5),
+            stack.diag()
+        );
+    }
+    for l in &pooled_logs {
+        assert!(
+            switch::errors_by_class(l, sw_t0).is_empty(),
+            "a persistent PgBouncer client saw errors in the switchover: {:?}\n{}",
+            switch::first_errors(l, sw_t0, 5),
+            stack.diag()
+        );
+    }
+    // Generous bounds for a shared 2-core machine; the benchmark measures the real figures.
+    assert!(
+        hap_after < 500.0 && pgb_after < 500.0,
+        "writes reached {second} through HAProxy {hap_after:.0} ms and PgBouncer {pgb_after:.0} ms after it took its own first write\n{}",
+        stack.diag()
+    );
+    drop(pooled);
+    drop(via_pgb);
+    drop(via_haproxy);
+    drop(nodes);
 
     // The old leader rejoins as a replica before the crash, so the cluster has two candidates.
     cluster

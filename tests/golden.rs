@@ -133,3 +133,44 @@ fn shipped_haproxy_template_survives_an_unresolvable_member_host() {
     assert!(ok, "haproxy -c refuses the unresolvable member:\n{output}");
     assert!(output.contains("pg9.invalid"), "{output}");
 }
+
+/// With `hold_lua` set, the primary listener holds new connections while no server takes
+/// writes (the failover fast path's gap): the Lua action must load and the rules must parse in
+/// a real HAProxy, with the inspect delay longer than the longest hold.
+#[test]
+fn shipped_haproxy_template_with_the_hold_action_passes_haproxy_check() {
+    let snap = Snapshot::from_file(&root().join("tests/fixtures/patroni4-kv.json")).unwrap();
+    let mut s = settings();
+    let lua = root().join("templates/hold.lua");
+    s.targets[0]
+        .vars
+        .insert("hold_lua".into(), lua.display().to_string().into());
+    s.targets[0]
+        .vars
+        .insert("hold_max_ms".into(), 5000.into());
+    let mut engine = Engine::new(Arc::new(s)).unwrap();
+    let out = engine
+        .render(&snap, Some("haproxy"))
+        .unwrap()
+        .remove(0)
+        .bytes;
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains(&format!("lua-load {}", lua.display())), "{text}");
+    assert!(text.contains("tcp-request inspect-delay 6000ms"), "{text}");
+    assert!(
+        text.contains("tcp-request content lua.haconfd_hold primary 5000 10"),
+        "{text}"
+    );
+    // Only the write port holds: the read port has no hold rule.
+    let replicas = text.split("listen replicas").nth(1).unwrap();
+    assert!(!replicas.contains("haconfd_hold"), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let text = text.replace(
+        "/var/lib/haproxy/server-state",
+        &dir.path().join("state").display().to_string(),
+    );
+    let cfg = dir.path().join("h.cfg");
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, output) = Haproxy::check_config(&cfg);
+    assert!(ok, "haproxy -c refuses the hold action:\n{output}");
+}

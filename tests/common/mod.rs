@@ -3,3 +3,4 @@
 
 pub mod patroni;
 pub mod procs;
+pub mod switch;
