@@ -131,6 +131,31 @@ impl Timeline {
     }
 }
 
+/// The last leader change, serialized as it is when read (see [`Router::view`]).
+#[derive(Clone, Default)]
+pub struct TimelineView(Option<Arc<Mutex<Shared>>>);
+
+impl TimelineView {
+    /// The timeline now.
+    pub fn get(&self) -> Option<Timeline> {
+        self.0
+            .as_ref()
+            .and_then(|s| s.lock().expect("failover lock").timeline.clone())
+    }
+}
+
+impl std::fmt::Debug for TimelineView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
+impl Serialize for TimelineView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.get().serialize(s)
+    }
+}
+
 /// What the fast path observes into `/metrics`: histograms are shared with [`crate::metrics`].
 #[derive(Clone, Default)]
 pub struct Observers {
@@ -291,9 +316,10 @@ impl Router {
         self.shared.lock().expect("failover lock").confirmed.as_deref() == Some(&leader.name)
     }
 
-    /// The last leader change as handled, for `/status`.
-    pub fn timeline(&self) -> Option<Timeline> {
-        self.shared.lock().expect("failover lock").timeline.clone()
+    /// A live view of the last leader change, read when `/status` is served: the moves that
+    /// finish after the pass (HAProxy's, in its task) show without waiting for another pass.
+    pub fn view(&self) -> TimelineView {
+        TimelineView(Some(Arc::clone(&self.shared)))
     }
 
     /// Acts on one pass's model and events: fences on a switchover request or a lost leader,

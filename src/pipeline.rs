@@ -185,9 +185,9 @@ impl Engine {
         self.router.attach(notify, observers);
     }
 
-    /// The last leader change as the fast path handled it.
-    pub fn failover_timeline(&self) -> Option<failover::Timeline> {
-        self.router.timeline()
+    /// The last leader change as the fast path handled it, live.
+    pub fn failover_timeline(&self) -> failover::TimelineView {
+        self.router.view()
     }
 
     /// Whether `snap` changes the `leader` or `failover` key since the last pass: such a pass

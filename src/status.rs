@@ -58,7 +58,7 @@ pub struct Status {
     pub last_pass_seconds: f64,
     /// The last leader change as the failover fast path handled it (milliseconds after the new
     /// leader key: confirmed, HAProxy switched, PgBouncer switched).
-    pub last_failover: Option<crate::failover::Timeline>,
+    pub last_failover: crate::failover::TimelineView,
     /// `require_leader` targets waiting for the leader to confirm it takes writes.
     pub awaiting_confirmation: Vec<String>,
 }

@@ -1926,6 +1926,9 @@ impl TcpBackend {
 pub enum Role {
     Primary,
     Replica,
+    /// Holds the leader lock while PostgreSQL is still in recovery (the ~0.2 s of a promotion):
+    /// `/primary` answers 200, but the body says `replica`, with no write location.
+    Promoting,
     /// Answers 503 everywhere (Patroni up, PostgreSQL not running).
     Down,
 }
@@ -1934,8 +1937,10 @@ pub enum Role {
 pub fn patroni_status(role: Role, path: &str) -> u16 {
     let p = path.split('?').next().unwrap_or("");
     let ok = match p {
-        "/" | "/primary" | "/master" | "/leader" | "/read-write" => role == Role::Primary,
-        "/replica" | "/async" => role == Role::Replica,
+        "/" | "/primary" | "/master" | "/leader" | "/read-write" => {
+            matches!(role, Role::Primary | Role::Promoting)
+        }
+        "/replica" | "/async" => matches!(role, Role::Replica | Role::Promoting),
         "/read-only" | "/health" | "/readiness" | "/patroni" => role != Role::Down,
         "/liveness" => true,
         _ => return 404,
@@ -1988,19 +1993,17 @@ impl HealthEndpoint {
                 404 => "Not Found",
                 _ => "Service Unavailable",
             };
-            let body = format!(
-                "{{\"state\":\"{}\",\"role\":\"{}\"}}",
-                if role == Role::Down {
-                    "stopped"
-                } else {
-                    "running"
-                },
-                match role {
-                    Role::Primary => "primary",
-                    Role::Replica => "replica",
-                    Role::Down => "uninitialized",
+            // As Patroni builds it: the role and the xlog section come from a query on the
+            // node, so a promoting node still reports itself a replica.
+            let body = match role {
+                Role::Primary => {
+                    r#"{"state":"running","role":"primary","xlog":{"location":50331816},"timeline":2}"#
                 }
-            );
+                Role::Replica | Role::Promoting => {
+                    r#"{"state":"running","role":"replica","xlog":{"received_location":50331816,"replayed_location":50331816},"timeline":1}"#
+                }
+                Role::Down => r#"{"state":"stopped","role":"uninitialized"}"#,
+            };
             let mut resp = format!(
                 "HTTP/1.0 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
                  Connection: close\r\n\r\n",
