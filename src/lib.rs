@@ -21,6 +21,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod pgbouncer;
 pub mod pipeline;
 pub mod reload;
 pub mod render;
