@@ -1,60 +1,1200 @@
-//! PLACEHOLDER until the admin-console module lands (replaced by the pgb branch).
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+//! PgBouncer's admin console: `SHOW CONFIG`, `RELOAD`, `PAUSE`, `RESUME`, `RECONNECT`, and a
+//! bounded pause ([`Pause`]) that holds client queries while the pooler is pointed at a new
+//! primary and always ends in `RESUME`.
+//!
+//! The console speaks only the simple-query protocol, so every command goes through
+//! [`tokio_postgres::Client::simple_query`]. Each call opens its own connection (a unix socket in
+//! PgBouncer's `unix_socket_dir`, or TCP), reads the password afresh from its file or environment
+//! variable (so a rotated password is picked up), and is bounded by `connect_timeout`; only
+//! `PAUSE` itself may wait longer, and [`Pause`] bounds that by `pause_timeout`.
+//!
+//! The connection future is driven inside the call that owns the client rather than spawned, so
+//! dropping a call (a timeout, an aborted task) closes the socket at once: a `PAUSE` that has not
+//! answered yet never lingers on a connection nobody reads.
+//!
+//! # The fast path
+//! ```text
+//! pause.begin("leader changed")     // PAUSE in the background: new transactions wait
+//! … render pgbouncer.ini …
+//! admin.reload().await?             // RELOAD: the new [databases] address
+//! pause.end("switched").await?      // RESUME (session pool mode: RECONNECT)
+//! ```
+//! PgBouncer 1.18 facts this relies on: `PAUSE` closes idle server connections and answers only
+//! once no server connection is active (transaction mode: running transactions have finished;
+//! session mode: clients have disconnected, which is why session pools are never paused); a
+//! global pause survives the disconnect of the console that asked for it; `RESUME` answers
+//! "pooler is not paused/suspended" when there is nothing to resume, and resumes a `PAUSE` that
+//! is still waiting (whose own console then never gets an answer).
 
-#[allow(missing_docs)]
-#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::{Client, Connection, NoTls, SimpleQueryMessage, Socket};
+use tracing::{debug, error, info, warn};
+
+fn default_port() -> u16 {
+    6432
+}
+
+fn default_user() -> String {
+    "pgbouncer".to_string()
+}
+
+fn default_pause_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// How to reach PgBouncer's admin console (`pgbouncer_admin = { … }` in a `[[template]]`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
+    /// Unix-socket directory (an absolute path, PgBouncer's `unix_socket_dir`) or a host name / IP.
     pub host: String,
+    /// PgBouncer's `listen_port` (also names the unix socket `.s.PGSQL.<port>`).
+    #[serde(default = "default_port")]
     pub port: u16,
+    /// A user listed in PgBouncer's `admin_users`.
+    #[serde(default = "default_user")]
     pub user: String,
+    /// File whose first line is the password (trailing newline trimmed); read at each connect.
     pub password_file: Option<PathBuf>,
+    /// Name of an environment variable holding the password; read at each connect.
     pub password_env: Option<String>,
-    #[serde(with = "humantime_serde")]
+    /// The longest PgBouncer stays paused: `RESUME` is sent then whatever happens.
+    #[serde(default = "default_pause_timeout", with = "humantime_serde")]
     pub pause_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    /// Bounds connecting and each command (except the wait for `PAUSE` to answer).
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
 }
-#[allow(missing_docs)]
+
 impl AdminConfig {
+    /// The console at `host` (socket dir or host name) with every other setting at its default.
+    pub fn new(host: impl Into<String>) -> AdminConfig {
+        AdminConfig {
+            host: host.into(),
+            port: default_port(),
+            user: default_user(),
+            password_file: None,
+            password_env: None,
+            pause_timeout: default_pause_timeout(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+
+    /// Refuses settings that cannot work; the message names the key as `pgbouncer_admin.<key>`.
     pub fn validate(&self) -> Result<(), String> {
+        let host = self.host.trim();
+        if host.is_empty() {
+            return Err(
+                "pgbouncer_admin.host is empty: give PgBouncer's unix_socket_dir (an \
+                        absolute path) or a host name / IP"
+                    .to_string(),
+            );
+        }
+        if host.contains('/') && !host.starts_with('/') {
+            return Err(format!(
+                "pgbouncer_admin.host = {:?} looks like a relative path: a unix-socket directory \
+                 must be absolute",
+                self.host
+            ));
+        }
+        if self.port == 0 {
+            return Err("pgbouncer_admin.port must be 1-65535".to_string());
+        }
+        if self.user.is_empty() {
+            return Err(
+                "pgbouncer_admin.user is empty: give a user listed in PgBouncer's \
+                        admin_users"
+                    .to_string(),
+            );
+        }
+        if self.password_file.is_some() && self.password_env.is_some() {
+            return Err(
+                "pgbouncer_admin.password_file and pgbouncer_admin.password_env are both \
+                        set: give one"
+                    .to_string(),
+            );
+        }
+        if let Some(var) = &self.password_env {
+            if var.is_empty() || var.contains('=') || var.contains('\0') {
+                return Err(format!(
+                    "pgbouncer_admin.password_env = {var:?} is not an environment variable name"
+                ));
+            }
+        }
+        if let Some(file) = &self.password_file {
+            if file.as_os_str().is_empty() {
+                return Err("pgbouncer_admin.password_file is empty".to_string());
+            }
+        }
+        if self.pause_timeout.is_zero() {
+            return Err(
+                "pgbouncer_admin.pause_timeout must be above zero (the longest PgBouncer \
+                        stays paused)"
+                    .to_string(),
+            );
+        }
+        if self.connect_timeout.is_zero() {
+            return Err("pgbouncer_admin.connect_timeout must be above zero".to_string());
+        }
         Ok(())
     }
-    pub fn resolve_paths(&mut self, _base: &Path) {}
-}
-#[allow(missing_docs)]
-#[derive(Debug, thiserror::Error)]
-#[error("x")]
-pub struct AdminError;
-#[allow(missing_docs)]
-#[derive(Debug, Clone)]
-pub struct Admin(AdminConfig);
-#[allow(missing_docs)]
-impl Admin {
-    pub fn new(c: AdminConfig) -> Admin {
-        Admin(c)
+
+    /// Makes a relative `password_file` relative to `base` (the config file's directory).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        if let Some(file) = &self.password_file {
+            if file.is_relative() {
+                self.password_file = Some(base.join(file));
+            }
+        }
     }
+
+    /// Where the console is, as error messages and logs name it: the socket path for a socket
+    /// directory, else `host:port`.
     pub fn address(&self) -> String {
-        format!("{}:{}", self.0.host, self.0.port)
-    }
-    pub async fn reload(&self) -> Result<(), AdminError> {
-        Ok(())
+        if self.host.starts_with('/') {
+            format!("{}/.s.PGSQL.{}", self.host.trim_end_matches('/'), self.port)
+        } else if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
 }
-#[allow(missing_docs)]
-#[derive(Clone)]
-pub struct Pause;
-#[allow(missing_docs)]
-impl Pause {
-    pub fn new(_a: Admin) -> Pause {
-        Pause
+
+/// PgBouncer's `pool_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PoolMode {
+    /// A server connection per client session.
+    Session,
+    /// A server connection per transaction.
+    Transaction,
+    /// A server connection per statement.
+    Statement,
+}
+
+impl PoolMode {
+    /// The name PgBouncer uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+            PoolMode::Statement => "statement",
+        }
     }
-    pub fn begin(&self, _why: &str) {}
-    pub async fn end(&self, _why: &str) -> Result<Option<Duration>, AdminError> {
+}
+
+impl fmt::Display for PoolMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PoolMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<PoolMode, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "session" => Ok(PoolMode::Session),
+            "transaction" => Ok(PoolMode::Transaction),
+            "statement" => Ok(PoolMode::Statement),
+            other => Err(format!("unknown pool_mode {other:?}")),
+        }
+    }
+}
+
+/// An admin-console call that failed. The message names the console (socket path or
+/// `host:port`) and the user, and carries PgBouncer's own text when it answered with an error.
+/// It never contains the password.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The password file or environment variable could not be read.
+    #[error("PgBouncer admin console {console}: cannot read the password: {detail}")]
+    Password {
+        /// Console address and user.
+        console: String,
+        /// Which file or variable, and why.
+        detail: String,
+    },
+    /// Connecting or logging in failed.
+    #[error("PgBouncer admin console {console}: cannot connect: {detail}")]
+    Connect {
+        /// Console address and user.
+        console: String,
+        /// The cause, with PgBouncer's answer when it gave one.
+        detail: String,
+    },
+    /// Connecting or a command took longer than `connect_timeout`.
+    #[error("PgBouncer admin console {console}: {what} did not finish within {after:?}")]
+    Timeout {
+        /// Console address and user.
+        console: String,
+        /// `connecting` or the command.
+        what: String,
+        /// The bound that ran out.
+        after: Duration,
+    },
+    /// PgBouncer answered the command with an error.
+    #[error("PgBouncer admin console {console}: {command} refused: {message}")]
+    Refused {
+        /// Console address and user.
+        console: String,
+        /// The command sent.
+        command: String,
+        /// PgBouncer's error text.
+        message: String,
+    },
+    /// The connection broke during the command.
+    #[error("PgBouncer admin console {console}: {command} failed: {detail}")]
+    Failed {
+        /// Console address and user.
+        console: String,
+        /// The command sent.
+        command: String,
+        /// The cause.
+        detail: String,
+    },
+    /// PgBouncer's answer did not have the expected shape.
+    #[error("PgBouncer admin console {console}: unexpected answer to {command}: {detail}")]
+    Unexpected {
+        /// Console address and user.
+        console: String,
+        /// The command sent.
+        command: String,
+        /// What was wrong with it.
+        detail: String,
+    },
+}
+
+impl AdminError {
+    /// PgBouncer's own error text, when it answered a command with one.
+    pub fn pgbouncer_message(&self) -> Option<&str> {
+        match self {
+            AdminError::Refused { message, .. } => Some(message),
+            _ => None,
+        }
+    }
+}
+
+/// A `tokio_postgres::Error` as text: PgBouncer's answer when it sent one, else the error and its
+/// causes (which never include the password: it is only ever sent, in a startup exchange).
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!(
+            "PgBouncer answered {} {}: {}",
+            db.severity(),
+            db.code().code(),
+            db.message()
+        );
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Why a command on an open connection did not succeed (before the console is named).
+enum CommandFailure {
+    Db(String),
+    Other(String),
+    TimedOut(Duration),
+}
+
+/// One admin-console connection whose connection future is polled only while a command runs on
+/// it: dropping it closes the socket immediately, whatever is pending.
+struct Conn {
+    client: Client,
+    connection: Connection<Socket, NoTlsStream>,
+    closed: Option<String>,
+}
+
+impl Conn {
+    async fn query(&mut self, sql: &str) -> Result<Vec<SimpleQueryMessage>, CommandFailure> {
+        if let Some(why) = &self.closed {
+            return Err(CommandFailure::Other(why.clone()));
+        }
+        let Conn {
+            client, connection, ..
+        } = self;
+        let query = client.simple_query(sql);
+        tokio::pin!(query);
+        tokio::select! {
+            r = &mut query => r.map_err(|e| match e.as_db_error() {
+                Some(db) => CommandFailure::Db(db.message().to_string()),
+                None => CommandFailure::Other(describe(&e)),
+            }),
+            r = connection => {
+                let why = match r {
+                    Ok(()) => "PgBouncer closed the connection".to_string(),
+                    Err(e) => describe(&e),
+                };
+                self.closed = Some(why.clone());
+                Err(CommandFailure::Other(why))
+            }
+        }
+    }
+}
+
+/// PgBouncer's admin console. Cheap to clone; holds only the settings (the password is read at
+/// each connect and kept nowhere).
+#[derive(Debug, Clone)]
+pub struct Admin {
+    cfg: Arc<AdminConfig>,
+    console: Arc<str>,
+}
+
+impl Admin {
+    /// A console client for `cfg` (call [`AdminConfig::validate`] first).
+    pub fn new(cfg: AdminConfig) -> Admin {
+        let console = format!("{} as user {}", cfg.address(), cfg.user);
+        Admin {
+            cfg: Arc::new(cfg),
+            console: console.into(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &AdminConfig {
+        &self.cfg
+    }
+
+    /// The console's address and user, as messages name them.
+    pub fn console(&self) -> &str {
+        &self.console
+    }
+
+    /// The password, read now from its file (first line) or environment variable.
+    async fn password(&self) -> Result<Option<Vec<u8>>, AdminError> {
+        let fail = |detail: String| AdminError::Password {
+            console: self.console.to_string(),
+            detail,
+        };
+        if let Some(file) = &self.cfg.password_file {
+            let bytes = tokio::fs::read(file)
+                .await
+                .map_err(|e| fail(format!("password_file {}: {e}", file.display())))?;
+            let mut line = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+            if let Some(stripped) = line.strip_suffix(b"\r") {
+                line = stripped;
+            }
+            if line.is_empty() {
+                return Err(fail(format!(
+                    "password_file {}: the first line is empty",
+                    file.display()
+                )));
+            }
+            return Ok(Some(line.to_vec()));
+        }
+        if let Some(var) = &self.cfg.password_env {
+            return match std::env::var_os(var) {
+                Some(v) if !v.is_empty() => {
+                    use std::os::unix::ffi::OsStrExt;
+                    Ok(Some(v.as_bytes().to_vec()))
+                }
+                Some(_) => Err(fail(format!("password_env {var} is empty"))),
+                None => Err(fail(format!("password_env {var} is not set"))),
+            };
+        }
         Ok(None)
     }
+
+    async fn connect(&self) -> Result<Conn, AdminError> {
+        let limit = self.cfg.connect_timeout;
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(&self.cfg.host)
+            .port(self.cfg.port)
+            .user(&self.cfg.user)
+            .dbname("pgbouncer")
+            .application_name("haconfd")
+            .connect_timeout(limit);
+        if let Some(password) = self.password().await? {
+            pg.password(password);
+        }
+        match tokio::time::timeout(limit, pg.connect(NoTls)).await {
+            Err(_) => Err(AdminError::Timeout {
+                console: self.console.to_string(),
+                what: "connecting".to_string(),
+                after: limit,
+            }),
+            Ok(Err(e)) => Err(AdminError::Connect {
+                console: self.console.to_string(),
+                detail: describe(&e),
+            }),
+            Ok(Ok((client, connection))) => Ok(Conn {
+                client,
+                connection,
+                closed: None,
+            }),
+        }
+    }
+
+    /// Runs `sql` on `conn`, bounded by `limit` (`None`: unbounded, for `PAUSE`).
+    async fn run(
+        &self,
+        conn: &mut Conn,
+        sql: &str,
+        limit: Option<Duration>,
+    ) -> Result<Vec<SimpleQueryMessage>, AdminError> {
+        let result = match limit {
+            Some(limit) => tokio::time::timeout(limit, conn.query(sql))
+                .await
+                .unwrap_or(Err(CommandFailure::TimedOut(limit))),
+            None => conn.query(sql).await,
+        };
+        result.map_err(|f| match f {
+            CommandFailure::Db(message) => AdminError::Refused {
+                console: self.console.to_string(),
+                command: sql.to_string(),
+                message,
+            },
+            CommandFailure::Other(detail) => AdminError::Failed {
+                console: self.console.to_string(),
+                command: sql.to_string(),
+                detail,
+            },
+            CommandFailure::TimedOut(after) => AdminError::Timeout {
+                console: self.console.to_string(),
+                what: sql.to_string(),
+                after,
+            },
+        })
+    }
+
+    /// Connects and runs one bounded command.
+    async fn one(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, AdminError> {
+        let mut conn = self.connect().await?;
+        self.run(&mut conn, sql, Some(self.cfg.connect_timeout))
+            .await
+    }
+
+    /// The global `pool_mode`, from `SHOW CONFIG`.
+    pub async fn pool_mode(&self) -> Result<PoolMode, AdminError> {
+        let mut conn = self.connect().await?;
+        self.pool_mode_on(&mut conn).await
+    }
+
+    async fn pool_mode_on(&self, conn: &mut Conn) -> Result<PoolMode, AdminError> {
+        let rows = self
+            .run(conn, "SHOW CONFIG", Some(self.cfg.connect_timeout))
+            .await?;
+        let unexpected = |detail: String| AdminError::Unexpected {
+            console: self.console.to_string(),
+            command: "SHOW CONFIG".to_string(),
+            detail,
+        };
+        for msg in &rows {
+            if let SimpleQueryMessage::Row(row) = msg {
+                if row.try_get("key").ok().flatten() == Some("pool_mode") {
+                    let value =
+                        row.try_get("value").ok().flatten().ok_or_else(|| {
+                            unexpected("the pool_mode row has no value".to_string())
+                        })?;
+                    return value.parse().map_err(unexpected);
+                }
+            }
+        }
+        Err(unexpected("no pool_mode row".to_string()))
+    }
+
+    /// Which pools run in session mode, on `conn`: the global `pool_mode` and any database or
+    /// user override of it (`SHOW DATABASES` / `SHOW USERS`). `None` when no pool does.
+    async fn session_pools_on(&self, conn: &mut Conn) -> Result<Option<String>, AdminError> {
+        if self.pool_mode_on(conn).await? == PoolMode::Session {
+            return Ok(Some("pool_mode = session".to_string()));
+        }
+        let mut overrides = Vec::new();
+        for (command, kind) in [("SHOW DATABASES", "database"), ("SHOW USERS", "user")] {
+            let rows = self
+                .run(conn, command, Some(self.cfg.connect_timeout))
+                .await?;
+            for msg in &rows {
+                if let SimpleQueryMessage::Row(row) = msg {
+                    let mode = row.try_get("pool_mode").ok().flatten();
+                    if mode.and_then(|m| m.parse().ok()) == Some(PoolMode::Session) {
+                        let name = row.try_get("name").ok().flatten().unwrap_or("?");
+                        overrides.push(format!("{kind} {name}"));
+                    }
+                }
+            }
+        }
+        Ok((!overrides.is_empty())
+            .then(|| format!("pool_mode = session for {}", overrides.join(", "))))
+    }
+
+    /// `RELOAD`: PgBouncer rereads its ini (and auth file).
+    pub async fn reload(&self) -> Result<(), AdminError> {
+        self.one("RELOAD").await.map(drop)
+    }
+
+    /// `RESUME`. Returns `true` when PgBouncer was paused and now is not, `false` when it answered
+    /// "pooler is not paused/suspended" (which counts as success).
+    pub async fn resume(&self) -> Result<bool, AdminError> {
+        let mut conn = self.connect().await?;
+        self.resume_on(&mut conn).await
+    }
+
+    async fn resume_on(&self, conn: &mut Conn) -> Result<bool, AdminError> {
+        match self
+            .run(conn, "RESUME", Some(self.cfg.connect_timeout))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(AdminError::Refused { message, .. }) if message.contains("not paused") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `RECONNECT`: every server connection is closed once released, so new server connections
+    /// go to the address in the current ini (PgBouncer 1.15 and later).
+    pub async fn reconnect(&self) -> Result<(), AdminError> {
+        self.one("RECONNECT").await.map(drop)
+    }
+
+    /// `PAUSE`, waiting for the answer (bounded by `pause_timeout`; on timeout the pause is left
+    /// in place: call [`Admin::resume`]). PgBouncer answers only once no server connection is
+    /// active: in transaction mode when running transactions have finished, in session mode when
+    /// clients have disconnected. Returns `true` when it paused now, `false` when it answered
+    /// "already suspended/paused" (which counts as success). [`Pause`] is the bounded form.
+    pub async fn pause(&self) -> Result<bool, AdminError> {
+        let mut conn = self.connect().await?;
+        self.pause_on(&mut conn, Some(self.cfg.pause_timeout)).await
+    }
+
+    async fn pause_on(&self, conn: &mut Conn, limit: Option<Duration>) -> Result<bool, AdminError> {
+        match self.run(conn, "PAUSE", limit).await {
+            Ok(_) => Ok(true),
+            Err(AdminError::Refused { message, .. }) if message.contains("already") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bounded pause
+// ---------------------------------------------------------------------------------------------
+
+/// Where one pause stands.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// Connecting and asking for the pool modes; `PAUSE` not sent.
+    Checking,
+    /// `PAUSE` sent, not answered yet (transactions still running).
+    Pausing { sent: Instant },
+    /// `PAUSE` answered: no server connection is in use.
+    Paused { sent: Instant },
+    /// A pool runs in session mode: not paused; the switch ends with `RECONNECT`.
+    Session,
+    /// `PAUSE` failed (logged); ending still sends `RESUME` in case it took effect.
+    Failed { sent: Option<Instant> },
+}
+
+/// One pause, from [`Pause::begin`] to its end.
+struct Active {
+    gen: u64,
+    why: String,
+    began: Instant,
+    stage: Stage,
+    pause_task: Option<JoinHandle<()>>,
+    deadline_task: Option<JoinHandle<()>>,
+}
+
+/// The pause under way, and how many ends of earlier ones are still sending their `RESUME`.
+#[derive(Default)]
+struct State {
+    current: Option<Active>,
+    ending: usize,
+}
+
+struct Inner {
+    admin: Admin,
+    state: Mutex<State>,
+    gens: AtomicU64,
+    /// Held by whoever ends a pause for the whole `RESUME` / `RECONNECT`, and by a starting pause
+    /// until it sends `PAUSE`: a new `PAUSE` never races the `RESUME` of the previous one.
+    transition: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Who ends a pause, for the logs.
+#[derive(Clone, Copy, PartialEq)]
+enum Ender {
+    Caller,
+    Deadline,
+    Dropped,
+}
+
+/// A bounded pause of one PgBouncer for a failover switch: [`Pause::begin`] starts `PAUSE` in
+/// the background and returns at once; [`Pause::end`] (after the caller's `RELOAD`) sends
+/// `RESUME`, or `RECONNECT` when a pool runs in session mode. Whatever happens, PgBouncer is
+/// resumed within `pause_timeout` of `begin` by a deadline task, and dropping the last handle
+/// resumes it too. Clones share the pause. `begin` and dropping need a tokio runtime.
+#[derive(Clone)]
+pub struct Pause {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Pause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let stage = self.inner.lock().current.as_ref().map(|a| a.stage);
+        f.debug_struct("Pause")
+            .field("console", &self.inner.admin.console())
+            .field("stage", &stage)
+            .finish()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the stage of pause `gen` if it is still the current one.
+    fn set_stage(&self, gen: u64, stage: Stage) -> bool {
+        match self.lock().current.as_mut() {
+            Some(a) if a.gen == gen => {
+                a.stage = stage;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends the current pause (or only pause `gen`): aborts a pending `PAUSE` (closing its
+    /// connection), then `RESUME` / `RECONNECT` on a fresh connection. On failure the pause is
+    /// put back so that the deadline tries again.
+    async fn end(
+        &self,
+        why: &str,
+        gen: Option<u64>,
+        by: Ender,
+    ) -> Result<Option<Duration>, AdminError> {
+        // First close a pending PAUSE (its task holds `transition` until it has sent PAUSE).
+        if let Some(a) = self.lock().current.as_ref() {
+            if gen.is_none_or(|g| g == a.gen) {
+                if let Some(t) = &a.pause_task {
+                    t.abort();
+                }
+            }
+        }
+        // Then wait for an end in flight: if its RESUME fails, it puts the pause back for us.
+        let _transition = self.transition.lock().await;
+        let mut active = {
+            let mut st = self.lock();
+            match st.current.as_ref() {
+                Some(a) if gen.is_none_or(|g| g == a.gen) => {
+                    st.ending += 1;
+                    st.current.take().expect("checked")
+                }
+                _ => return Ok(None),
+            }
+        };
+        let _ending = Ending(self);
+        let deadline_task = active.deadline_task.take();
+        let result = finish(&self.admin, &mut active, why, by).await;
+        match &result {
+            Ok(_) => {
+                if by != Ender::Deadline {
+                    if let Some(t) = deadline_task {
+                        t.abort();
+                    }
+                }
+            }
+            Err(_) => {
+                let mut st = self.lock();
+                if st.current.is_none() {
+                    active.deadline_task = deadline_task;
+                    st.current = Some(active);
+                }
+            }
+        }
+        result
+    }
+}
+
+/// Counts an end in flight (so that [`Pause::is_active`] stays true until its `RESUME` has
+/// answered), also when it is dropped half-way.
+struct Ending<'a>(&'a Inner);
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.ending = st.ending.saturating_sub(1);
+    }
+}
+
+/// `RESUME` (or `RECONNECT` for session pools) for `active`, after making sure its `PAUSE`
+/// connection is closed.
+async fn finish(
+    admin: &Admin,
+    active: &mut Active,
+    why: &str,
+    by: Ender,
+) -> Result<Option<Duration>, AdminError> {
+    if let Some(t) = active.pause_task.take() {
+        t.abort();
+        // Returns once the task is dropped, and with it the socket of a pending PAUSE.
+        let _ = tokio::time::timeout(admin.cfg.connect_timeout, t).await;
+    }
+    let console = admin.console();
+    let begun = humantime::format_duration(round_ms(active.began.elapsed()));
+    let (sent, answered) = match active.stage {
+        Stage::Session => {
+            admin.reconnect().await?;
+            if by == Ender::Caller {
+                info!(
+                    console,
+                    why, began = %active.why,
+                    "PgBouncer was not paused (session pool mode): RECONNECT sent {begun} after the switch began, so new server connections go to the new address",
+                );
+            } else {
+                warn!(
+                    console,
+                    why, began = %active.why,
+                    "PgBouncer was not paused (session pool mode): RECONNECT sent {begun} after the switch began, which did not end in time",
+                );
+            }
+            return Ok(None);
+        }
+        Stage::Checking => (None, false),
+        Stage::Pausing { sent } => (Some(sent), false),
+        Stage::Paused { sent } => (Some(sent), true),
+        Stage::Failed { sent } => (sent, false),
+    };
+    let mut conn = admin.connect().await?;
+    let resumed = admin.resume_on(&mut conn).await?;
+    if !resumed {
+        if matches!(active.stage, Stage::Checking) {
+            // The pool modes were not known yet: RECONNECT as session pools need it (harmless
+            // for the others: server connections are replaced once released).
+            admin
+                .run(&mut conn, "RECONNECT", Some(admin.cfg.connect_timeout))
+                .await?;
+            info!(console, why, began = %active.why, "PgBouncer switch ended before PAUSE was sent: RECONNECT sent");
+        } else {
+            info!(console, why, began = %active.why, "PgBouncer was not paused at the end of the switch (RESUME: not paused)");
+        }
+        return Ok(None);
+    }
+    let paused = sent.unwrap_or(active.began).elapsed();
+    let paused_text = humantime::format_duration(round_ms(paused));
+    let paused_ms = paused.as_millis() as u64;
+    match by {
+        Ender::Caller if answered => info!(
+            console, why, began = %active.why, paused_ms,
+            "PgBouncer resumed after {paused_text} paused",
+        ),
+        Ender::Caller => info!(
+            console, why, began = %active.why, paused_ms,
+            "PgBouncer resumed after {paused_text}; its PAUSE had not answered yet (transactions were still running)",
+        ),
+        Ender::Deadline => warn!(
+            console, began = %active.why, paused_ms,
+            "PgBouncer resumed at pause_timeout ({}) after {paused_text} paused: the switch did not end in time{}",
+            humantime::format_duration(admin.cfg.pause_timeout),
+            if answered { "" } else { " (its PAUSE never answered: transactions were still running)" },
+        ),
+        Ender::Dropped => warn!(
+            console, began = %active.why, paused_ms,
+            "PgBouncer resumed after {paused_text} paused: the pause was dropped without being ended",
+        ),
+    }
+    Ok(Some(paused))
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
+
+/// The background half of [`Pause::begin`]: pool modes, then `PAUSE` and its answer.
+async fn run_pause(inner: Weak<Inner>, admin: Admin, gen: u64) {
+    let Some(transition) = inner.upgrade().map(|i| i.transition.clone()) else {
+        return;
+    };
+    let ordering = transition.lock().await;
+    let mut conn = match admin.connect().await {
+        Ok(c) => c,
+        Err(e) => return pause_failed(&inner, &admin, gen, None, e).await,
+    };
+    match admin.session_pools_on(&mut conn).await {
+        Err(e) => return pause_failed(&inner, &admin, gen, None, e).await,
+        Ok(Some(pools)) => {
+            if let Some(i) = inner.upgrade() {
+                i.set_stage(gen, Stage::Session);
+            }
+            info!(
+                console = admin.console(),
+                "PgBouncer not paused: {pools}, and PAUSE would wait for those clients to \
+                 disconnect; the switch ends with RECONNECT instead",
+            );
+            return;
+        }
+        Ok(None) => {}
+    }
+    let sent = Instant::now();
+    match inner.upgrade() {
+        Some(i) if i.set_stage(gen, Stage::Pausing { sent }) => {}
+        _ => return,
+    }
+    info!(
+        console = admin.console(),
+        "PgBouncer: PAUSE sent (new transactions wait; it answers once running ones have finished)"
+    );
+    drop(ordering);
+    // Unbounded here: the deadline task ends it.
+    match admin.pause_on(&mut conn, None).await {
+        Ok(fresh) => {
+            let waited = sent.elapsed();
+            if let Some(i) = inner.upgrade() {
+                i.set_stage(gen, Stage::Paused { sent });
+            }
+            info!(
+                console = admin.console(),
+                waited_ms = waited.as_millis() as u64,
+                "PgBouncer paused: PAUSE answered after {}{}",
+                humantime::format_duration(round_ms(waited)),
+                if fresh {
+                    ""
+                } else {
+                    " (it was already paused)"
+                },
+            );
+        }
+        Err(e) => pause_failed(&inner, &admin, gen, Some(sent), e).await,
+    }
+}
+
+async fn pause_failed(
+    inner: &Weak<Inner>,
+    admin: &Admin,
+    gen: u64,
+    sent: Option<Instant>,
+    e: AdminError,
+) {
+    if let Some(i) = inner.upgrade() {
+        i.set_stage(gen, Stage::Failed { sent });
+    }
+    warn!(console = admin.console(), error = %e, "PgBouncer PAUSE failed; sending RESUME in case it took effect");
+    match admin.resume().await {
+        Ok(true) => info!(
+            console = admin.console(),
+            "PgBouncer resumed after its failed PAUSE"
+        ),
+        Ok(false) => {}
+        Err(e) => {
+            warn!(console = admin.console(), error = %e, "RESUME after a failed PAUSE failed too; the switch's end or the deadline tries again")
+        }
+    }
+}
+
+/// Resumes pause `gen` at its deadline unless it has ended; retries a failed `RESUME` a few
+/// times, `connect_timeout` apart.
+async fn run_deadline(inner: Weak<Inner>, admin: Admin, gen: u64, after: Duration) {
+    tokio::time::sleep(after).await;
+    const TRIES: u32 = 3;
+    for attempt in 1..=TRIES {
+        let result = match inner.upgrade() {
+            Some(i) => i.end("pause_timeout", Some(gen), Ender::Deadline).await,
+            // Every handle was dropped where no runtime could take the RESUME: do it here.
+            None => admin.resume().await.map(|_| None),
+        };
+        match result {
+            Ok(_) => return,
+            Err(e) if attempt < TRIES => {
+                warn!(console = admin.console(), error = %e, attempt, "RESUME at pause_timeout failed; trying again");
+                tokio::time::sleep(admin.cfg.connect_timeout).await;
+            }
+            Err(e) => {
+                error!(
+                    console = admin.console(),
+                    error = %e,
+                    "RESUME at pause_timeout failed {TRIES} times: PgBouncer may still be paused \
+                     (the next switch sends RESUME again; by hand: RESUME on its admin console)",
+                );
+                if let Some(i) = inner.upgrade() {
+                    let mut st = i.lock();
+                    if st.current.as_ref().is_some_and(|a| a.gen == gen) {
+                        st.current = None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Pause {
+    /// A pause controller for the PgBouncer behind `admin`.
+    pub fn new(admin: Admin) -> Pause {
+        Pause {
+            inner: Arc::new(Inner {
+                admin,
+                state: Mutex::new(State::default()),
+                gens: AtomicU64::new(0),
+                transition: Arc::new(tokio::sync::Mutex::new(())),
+            }),
+        }
+    }
+
+    /// The console this pause drives.
+    pub fn admin(&self) -> &Admin {
+        &self.inner.admin
+    }
+
+    /// Starts `PAUSE` in a spawned task unless already paused or pausing; returns at once
+    /// (never blocks the caller). When a pool runs in session mode it does not pause (`PAUSE`
+    /// would wait for clients to disconnect): it records that the switch must end with
+    /// `RECONNECT` instead, and logs that at info. A deadline task resumes after
+    /// `pause_timeout` whatever happens (logged at warn with how long it was paused).
+    /// Must be called within a tokio runtime.
+    pub fn begin(&self, why: &str) {
+        let mut st = self.inner.lock();
+        if let Some(a) = st.current.as_ref() {
+            debug!(
+                console = self.inner.admin.console(),
+                why,
+                began = %a.why,
+                "PgBouncer pause already under way"
+            );
+            return;
+        }
+        let gen = self.inner.gens.fetch_add(1, Ordering::Relaxed) + 1;
+        let admin = self.inner.admin.clone();
+        info!(
+            console = admin.console(),
+            why,
+            pause_timeout = %humantime::format_duration(admin.cfg.pause_timeout),
+            "PgBouncer: pausing for a switch"
+        );
+        let weak = Arc::downgrade(&self.inner);
+        let pause_task = tokio::spawn(run_pause(weak.clone(), admin.clone(), gen));
+        let after = admin.cfg.pause_timeout;
+        let deadline_task = tokio::spawn(run_deadline(weak, admin, gen, after));
+        st.current = Some(Active {
+            gen,
+            why: why.to_string(),
+            began: Instant::now(),
+            stage: Stage::Checking,
+            pause_task: Some(pause_task),
+            deadline_task: Some(deadline_task),
+        });
+    }
+
+    /// Ends the pause: `RESUME` (or `RECONNECT` in session pool mode, after the caller's
+    /// `RELOAD`). Idempotent; a pending `PAUSE` that has not answered yet is ended too (its
+    /// connection is closed, then `RESUME` on a fresh one). Returns how long PgBouncer was
+    /// paused (from `PAUSE` sent to `RESUME` answered), `None` if it was not. On error the
+    /// deadline still tries again. The work runs in its own task: dropping this future (a
+    /// caller's timeout) does not stop the `RESUME`.
+    pub async fn end(&self, why: &str) -> Result<Option<Duration>, AdminError> {
+        let inner = self.inner.clone();
+        let why = why.to_string();
+        match tokio::spawn(async move { inner.end(&why, None, Ender::Caller).await }).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(AdminError::Failed {
+                console: self.inner.admin.console().to_string(),
+                command: "RESUME".to_string(),
+                detail: format!("the task ending the pause was cancelled: {e}"),
+            }),
+        }
+    }
+
+    /// True from [`Pause::begin`] until the pause has ended (by [`Pause::end`] or the deadline)
+    /// and its `RESUME` / `RECONNECT` has answered.
     pub fn is_active(&self) -> bool {
-        false
+        let st = self.inner.lock();
+        st.current.is_some() || st.ending > 0
+    }
+
+    /// True once PgBouncer has answered this pause's `PAUSE`: no server connection is in use.
+    pub fn is_paused(&self) -> bool {
+        matches!(
+            self.inner.lock().current.as_ref().map(|a| a.stage),
+            Some(Stage::Paused { .. })
+        )
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let Some(mut active) = self
+            .state
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .take()
+        else {
+            return;
+        };
+        if let Some(t) = &active.pause_task {
+            t.abort();
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                if let Some(t) = active.deadline_task.take() {
+                    t.abort();
+                }
+                let admin = self.admin.clone();
+                let transition = self.transition.clone();
+                rt.spawn(async move {
+                    let _transition = transition.lock().await;
+                    if let Err(e) = finish(&admin, &mut active, "dropped", Ender::Dropped).await {
+                        warn!(console = admin.console(), error = %e, "RESUME of a dropped pause failed: PgBouncer may still be paused");
+                    }
+                });
+            }
+            Err(_) => warn!(
+                console = self.admin.console(),
+                "PgBouncer pause dropped outside a tokio runtime: its deadline task resumes it"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_in_and_unknown_keys_are_refused() {
+        let cfg: AdminConfig = toml::from_str(r#"host = "/run/postgresql""#).unwrap();
+        assert_eq!(cfg, AdminConfig::new("/run/postgresql"));
+        assert_eq!(cfg.port, 6432);
+        assert_eq!(cfg.user, "pgbouncer");
+        assert_eq!(cfg.pause_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.connect_timeout, Duration::from_secs(2));
+        let cfg: AdminConfig =
+            toml::from_str("host = \"10.0.0.1\"\npause_timeout = \"300ms\"\nport = 7000").unwrap();
+        assert_eq!(cfg.pause_timeout, Duration::from_millis(300));
+        assert_eq!(cfg.address(), "10.0.0.1:7000");
+        assert!(toml::from_str::<AdminConfig>("host = \"h\"\npasword_file = \"x\"").is_err());
+        let back: AdminConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn validate_names_the_key() {
+        let ok = AdminConfig::new("/run/pgbouncer");
+        assert_eq!(ok.validate(), Ok(()));
+        let cases: Vec<(AdminConfig, &str)> = vec![
+            (
+                AdminConfig {
+                    pause_timeout: Duration::ZERO,
+                    ..ok.clone()
+                },
+                "pgbouncer_admin.pause_timeout",
+            ),
+            (
+                AdminConfig {
+                    connect_timeout: Duration::ZERO,
+                    ..ok.clone()
+                },
+                "pgbouncer_admin.connect_timeout",
+            ),
+            (
+                AdminConfig {
+                    password_file: Some("p".into()),
+                    password_env: Some("P".into()),
+                    ..ok.clone()
+                },
+                "pgbouncer_admin.password_file",
+            ),
+            (AdminConfig::new(""), "pgbouncer_admin.host"),
+            (AdminConfig::new("run/pgbouncer"), "pgbouncer_admin.host"),
+            (
+                AdminConfig {
+                    port: 0,
+                    ..ok.clone()
+                },
+                "pgbouncer_admin.port",
+            ),
+            (
+                AdminConfig {
+                    password_env: Some(String::new()),
+                    ..ok.clone()
+                },
+                "pgbouncer_admin.password_env",
+            ),
+        ];
+        for (cfg, key) in cases {
+            let e = cfg.validate().unwrap_err();
+            assert!(e.contains(key), "{e:?} should name {key}");
+        }
+    }
+
+    #[test]
+    fn relative_password_file_is_resolved_against_the_base() {
+        let mut cfg = AdminConfig {
+            password_file: Some("secrets/pgb".into()),
+            ..AdminConfig::new("/run/pgbouncer")
+        };
+        cfg.resolve_paths(Path::new("/etc/haconfd"));
+        assert_eq!(
+            cfg.password_file.as_deref(),
+            Some(Path::new("/etc/haconfd/secrets/pgb"))
+        );
+        cfg.resolve_paths(Path::new("/elsewhere"));
+        assert_eq!(
+            cfg.password_file.as_deref(),
+            Some(Path::new("/etc/haconfd/secrets/pgb"))
+        );
+    }
+
+    #[test]
+    fn addresses_name_the_socket_or_host_and_port() {
+        let mut cfg = AdminConfig::new("/run/pgbouncer/");
+        assert_eq!(cfg.address(), "/run/pgbouncer/.s.PGSQL.6432");
+        cfg.host = "::1".into();
+        assert_eq!(cfg.address(), "[::1]:6432");
+        let admin = Admin::new(cfg);
+        assert_eq!(admin.console(), "[::1]:6432 as user pgbouncer");
+    }
+
+    #[test]
+    fn pool_modes_parse() {
+        assert_eq!("session".parse(), Ok(PoolMode::Session));
+        assert_eq!("Transaction".parse(), Ok(PoolMode::Transaction));
+        assert_eq!("statement".parse(), Ok(PoolMode::Statement));
+        assert!("sessions".parse::<PoolMode>().is_err());
+    }
+
+    #[tokio::test]
+    async fn the_password_is_the_first_line_read_at_each_connect() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\r\nsecond line\n").unwrap();
+        let admin = Admin::new(AdminConfig {
+            password_file: Some(file.clone()),
+            ..AdminConfig::new("/nonexistent")
+        });
+        assert_eq!(admin.password().await.unwrap().unwrap(), b"s3cret");
+        std::fs::write(&file, "rotated").unwrap();
+        assert_eq!(admin.password().await.unwrap().unwrap(), b"rotated");
+        std::fs::write(&file, "\nx").unwrap();
+        let e = admin.password().await.unwrap_err().to_string();
+        assert!(e.contains("first line is empty"), "{e}");
+        assert!(!format!("{admin:?}").contains("rotated"));
+
+        let var = "HACONFD_PGBOUNCER_UNIT_TEST_PASSWORD_UNSET";
+        let admin = Admin::new(AdminConfig {
+            password_env: Some(var.into()),
+            ..AdminConfig::new("/nonexistent")
+        });
+        let e = admin.password().await.unwrap_err().to_string();
+        assert!(e.contains(var) && e.contains("not set"), "{e}");
     }
 }

@@ -654,7 +654,7 @@ pub fn consumers(targets: &[Target]) -> Vec<Vec<usize>> {
 fn target_consumer_ids(t: &Target) -> Vec<String> {
     let mut ids = t.reload.as_ref().map(consumer_ids).unwrap_or_default();
     if let Some(a) = &t.pgbouncer_admin {
-        ids.push(format!("pgbouncer console {}", a.address()));
+        ids.push(format!("pgbouncer console {}", a.config().address()));
     }
     ids
 }

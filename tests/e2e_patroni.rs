@@ -215,7 +215,7 @@ impl Stack {
                 ),
                 format!("hold_lua = \"{}/hold.lua\"\n", self.tpl_dir.display()),
                 format!(
-                    "pgbouncer_admin = {{ host = \"{}\", port = {}, user = \"pgbouncer\", pause_timeout = \"15s\", connect_timeout = \"2s\" }}\n",
+                    "pgbouncer_admin = {{ host = \"{}\", port = {}, user = \"pgbouncer\", pause_timeout = \"15s\" }}\n",
                     self.pgb_dir.display(),
                     self.pgb_port
                 ),

@@ -2079,3 +2079,122 @@ impl FakeMember {
         .to_string()
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A plain PostgreSQL server (initdb + postgres, no Patroni)
+// ---------------------------------------------------------------------------------------------
+
+/// A throwaway PostgreSQL 15 server on 127.0.0.1:`port` (trust auth, superuser `postgres`, no
+/// fsync), run as `postgres` in its own temp dir and killed by PID on drop.
+pub struct Postgres {
+    port: u16,
+    data: PathBuf,
+    proc: Proc,
+    // Declared after `proc`: the dir outlives the process.
+    _dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    /// `initdb` (about half a second) and start; waits (30 s) until `SELECT 1` answers.
+    pub fn start() -> Postgres {
+        let dir = temp_dir("postgres");
+        let data = dir.path().join("data");
+        let sock = dir.path().join("sock");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::create_dir(&sock).unwrap();
+        give_to_postgres(dir.path());
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let bin = |name: &str| {
+            let p = Path::new("/usr/lib/postgresql/15/bin").join(name);
+            if is_executable(&p) {
+                p
+            } else {
+                require_bin(name)
+            }
+        };
+        let as_postgres = |cmd: &mut Command| {
+            cmd.env_clear()
+                .env("PATH", "/usr/bin:/bin")
+                .env("LC_ALL", "C")
+                .current_dir(dir.path());
+            if let Some((uid, gid)) = pgbouncer_user() {
+                cmd.uid(uid).gid(gid);
+            }
+        };
+        let mut initdb = Command::new(bin("initdb"));
+        as_postgres(&mut initdb);
+        initdb.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
+        let out = run_with_timeout(&mut initdb, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("initdb: {e}: {SETUP_HINT}"));
+        assert!(
+            out.status.success(),
+            "initdb failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let mut cmd = Command::new(bin("postgres"));
+        as_postgres(&mut cmd);
+        cmd.arg("-D").arg(&data).arg("-k").arg(&sock).args([
+            "-p",
+            &port.to_string(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "shared_buffers=16MB",
+            "-c",
+            "max_connections=50",
+        ]);
+        let log = dir.path().join("postgres.log");
+        std::fs::write(&log, "").unwrap();
+        give_to_postgres(&log);
+        let proc = Proc::spawn_logged("postgres", cmd, &log);
+        let pg = Postgres {
+            port,
+            data,
+            proc,
+            _dir: dir,
+        };
+        let ok = wait_until(Duration::from_secs(30), || {
+            !pg.proc.is_running()
+                || (port_open(port)
+                    && Pgbouncer::psql(port, "postgres", "postgres", "SELECT 1", true).is_ok())
+        });
+        assert!(
+            ok && pg.proc.is_running(),
+            "postgres did not come up on port {port}:\n{}",
+            pg.proc.log()
+        );
+        pg
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+
+    pub fn proc(&self) -> &Proc {
+        &self.proc
+    }
+}
