@@ -147,8 +147,10 @@ mod tests {
 
     #[test]
     fn only_a_primary_out_of_recovery_is_writable() {
-        let primary3 = br#"{"state":"running","role":"master","xlog":{"location":67108960},"timeline":2}"#;
-        let primary4 = br#"{"state":"running","role":"primary","xlog":{"location":1},"timeline":2}"#;
+        let primary3 =
+            br#"{"state":"running","role":"master","xlog":{"location":67108960},"timeline":2}"#;
+        let primary4 =
+            br#"{"state":"running","role":"primary","xlog":{"location":1},"timeline":2}"#;
         assert_eq!(verdict(200, primary3), Probe::Writable);
         assert_eq!(verdict(200, primary4), Probe::Writable);
         // The leader lock is held but PostgreSQL is still in recovery: the body says replica.

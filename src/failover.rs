@@ -313,7 +313,12 @@ impl Router {
         let Some(leader) = cluster.leader() else {
             return true;
         };
-        self.shared.lock().expect("failover lock").confirmed.as_deref() == Some(&leader.name)
+        self.shared
+            .lock()
+            .expect("failover lock")
+            .confirmed
+            .as_deref()
+            == Some(&leader.name)
     }
 
     /// A live view of the last leader change, read when `/status` is served: the moves that
@@ -340,7 +345,8 @@ impl Router {
                     let old = leader.clone().or_else(|| cluster.leader_name.clone());
                     // Only the leader still holding the key steps down; a request naming
                     // another is Patroni's to refuse.
-                    if let Some(old) = old.filter(|o| cluster.leader().is_some_and(|l| l.name == *o))
+                    if let Some(old) =
+                        old.filter(|o| cluster.leader().is_some_and(|l| l.name == *o))
                     {
                         self.shared.lock().expect("failover lock").switchover_at = Some(now);
                         self.fence(&old, "switchover requested");
@@ -514,7 +520,9 @@ impl Router {
         drop(sh);
         if first_fence {
             tracing::info!(old = %old, why, "fencing the old primary: no new connection goes to it");
-            self.send(Move::Fence { old: old.to_owned() });
+            self.send(Move::Fence {
+                old: old.to_owned(),
+            });
         }
         for (name, p) in &self.pauses {
             if !p.is_active() {
@@ -539,7 +547,9 @@ impl Router {
     /// After a pass that rendered `target` (a PgBouncer) for the confirmed leader and reloaded
     /// it, or found it already pointing there: ends its pause and records the switch.
     pub async fn pgbouncer_settled(&self, target: &str) {
-        if !self.cfg.enabled {
+        // A fence still up means the leader change is under way (switchover requested, leader
+        // lost): the pause it began holds until a new leader is confirmed.
+        if !self.cfg.enabled || self.shared.lock().expect("failover lock").fenced.is_some() {
             return;
         }
         let Some((_, p)) = self

@@ -15,11 +15,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::patroni::{self, LoadStats, PatroniCluster, ReadLoad, WriteLoad};
-use common::switch::{self, Mode, WriteProbe};
 use common::procs::{
     free_port, give_to_postgres, haconfd_bin, port_open, require_bin, run_with_timeout, temp_dir,
     wait_until, Etcd, Haproxy, Pgbouncer, Proc,
 };
+use common::switch::{self, Mode, WriteProbe};
 use nix::sys::signal::Signal;
 
 /// One test at a time: each starts 3-4 PostgreSQL instances; in parallel on 2 cores the timing
@@ -966,7 +966,8 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
     let hap = via_haproxy.attempts();
     let pgb_new = via_pgb.attempts();
     let hap_first = switch::first_on(&hap, second_port, sw_t0).expect("a write through HAProxy");
-    let pgb_first = switch::first_on(&pgb_new, second_port, sw_t0).expect("a write through PgBouncer");
+    let pgb_first =
+        switch::first_on(&pgb_new, second_port, sw_t0).expect("a write through PgBouncer");
     let pooled_logs: Vec<_> = pooled.iter().map(|p| p.attempts()).collect();
     let hap_after = switch::ms_between(own, hap_first);
     let pgb_after = switch::ms_between(own, pgb_first);

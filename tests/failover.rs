@@ -201,7 +201,12 @@ fn a_new_leader_takes_writes_in_haproxy_only_once_it_confirms_it_takes_them() {
     let etcd = Etcd::shared();
     let (prefix, pg1, pg2) = two_members("fastpath");
     let lb = start(&prefix, "confirm_interval = \"10ms\"");
-    assert_eq!(lb.server("primary", "pg1"), Some((UP, READY)), "{}", lb.diag());
+    assert_eq!(
+        lb.server("primary", "pg1"),
+        Some((UP, READY)),
+        "{}",
+        lb.diag()
+    );
     assert_eq!(lb.server("primary", "pg2").map(|s| s.0), Some(DOWN));
 
     // Switchover requested: the old primary takes no new connection.
@@ -240,9 +245,17 @@ fn a_new_leader_takes_writes_in_haproxy_only_once_it_confirms_it_takes_them() {
         lb.diag()
     );
     let took = t0.elapsed();
-    assert_eq!(lb.server("primary", "pg1"), Some((DOWN, READY)), "{}", lb.diag());
+    assert_eq!(
+        lb.server("primary", "pg1"),
+        Some((DOWN, READY)),
+        "{}",
+        lb.diag()
+    );
     assert_eq!(lb.server("replicas", "pg2").map(|s| s.0), Some(DOWN));
-    println!("RESULT fast path: pg2 UP {} ms after it took writes", took.as_millis());
+    println!(
+        "RESULT fast path: pg2 UP {} ms after it took writes",
+        took.as_millis()
+    );
     assert!(took < Duration::from_millis(500), "took {took:?}");
 
     let st = lb.status();
@@ -264,7 +277,8 @@ fn a_new_leader_takes_writes_in_haproxy_only_once_it_confirms_it_takes_them() {
     let pg3 = FakeMember::start("pg3", Role::Replica);
     etcd.put(&member_key(&prefix, &pg3), &pg3.member_json("replica"));
     assert!(
-        wait_until(Duration::from_secs(10), || lb.haproxy.reload_count() > before),
+        wait_until(Duration::from_secs(10), || lb.haproxy.reload_count()
+            > before),
         "no reload after pg3 joined:\n{}",
         lb.diag()
     );
@@ -273,8 +287,18 @@ fn a_new_leader_takes_writes_in_haproxy_only_once_it_confirms_it_takes_them() {
         "{}",
         lb.diag()
     );
-    assert_eq!(lb.server("primary", "pg1").map(|s| s.0), Some(DOWN), "{}", lb.diag());
-    assert_eq!(lb.server("primary", "pg3").map(|s| s.0), Some(DOWN), "{}", lb.diag());
+    assert_eq!(
+        lb.server("primary", "pg1").map(|s| s.0),
+        Some(DOWN),
+        "{}",
+        lb.diag()
+    );
+    assert_eq!(
+        lb.server("primary", "pg3").map(|s| s.0),
+        Some(DOWN),
+        "{}",
+        lb.diag()
+    );
 }
 
 #[test]
@@ -339,7 +363,12 @@ fn two_members_claiming_primary_resolve_by_the_leader_key_and_a_flapping_store_m
         "{}",
         lb.diag()
     );
-    assert_eq!(lb.server("primary", "pg1").map(|s| s.0), Some(DOWN), "{}", lb.diag());
+    assert_eq!(
+        lb.server("primary", "pg1").map(|s| s.0),
+        Some(DOWN),
+        "{}",
+        lb.diag()
+    );
     let settled = lb.moves();
     // The store flaps: pg1's member key says primary, replica, primary ...; pg2's is rewritten.
     for i in 0..6 {
@@ -350,8 +379,18 @@ fn two_members_claiming_primary_resolve_by_the_leader_key_and_a_flapping_store_m
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(lb.moves(), settled, "moves repeated:\n{}", lb.diag());
-    assert_eq!(lb.server("primary", "pg2"), Some((UP, READY)), "{}", lb.diag());
-    assert_eq!(lb.server("primary", "pg1").map(|s| s.0), Some(DOWN), "{}", lb.diag());
+    assert_eq!(
+        lb.server("primary", "pg2"),
+        Some((UP, READY)),
+        "{}",
+        lb.diag()
+    );
+    assert_eq!(
+        lb.server("primary", "pg1").map(|s| s.0),
+        Some(DOWN),
+        "{}",
+        lb.diag()
+    );
 }
 
 #[test]

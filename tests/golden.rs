@@ -145,9 +145,7 @@ fn shipped_haproxy_template_with_the_hold_action_passes_haproxy_check() {
     s.targets[0]
         .vars
         .insert("hold_lua".into(), lua.display().to_string().into());
-    s.targets[0]
-        .vars
-        .insert("hold_max_ms".into(), 5000.into());
+    s.targets[0].vars.insert("hold_max_ms".into(), 5000.into());
     let mut engine = Engine::new(Arc::new(s)).unwrap();
     let out = engine
         .render(&snap, Some("haproxy"))
@@ -155,7 +153,10 @@ fn shipped_haproxy_template_with_the_hold_action_passes_haproxy_check() {
         .remove(0)
         .bytes;
     let text = String::from_utf8(out).unwrap();
-    assert!(text.contains(&format!("lua-load {}", lua.display())), "{text}");
+    assert!(
+        text.contains(&format!("lua-load {}", lua.display())),
+        "{text}"
+    );
     assert!(text.contains("tcp-request inspect-delay 6000ms"), "{text}");
     assert!(
         text.contains("tcp-request content lua.haconfd_hold primary 5000 10"),

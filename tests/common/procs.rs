@@ -2010,7 +2010,7 @@ impl HealthEndpoint {
                 body.len()
             );
             if method != "HEAD" && method != "OPTIONS" {
-                resp.push_str(&body);
+                resp.push_str(body);
             }
             let _ = s.write_all(resp.as_bytes());
             let _ = s.shutdown(Shutdown::Both);
