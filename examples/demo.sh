@@ -614,6 +614,9 @@ primary_port = $PRIMARY_PORT
 replica_port = $REPLICA_PORT
 stats_port = $STATS_PORT
 stats_socket = "$W/haproxy/admin.sock"
+# During a switchover, a new connection to :$PRIMARY_PORT waits for the new primary instead of
+# being closed while no server takes writes.
+hold_lua = "$REPO/templates/hold.lua"
 
 [[template]]
 name = "haproxy"
@@ -634,6 +637,9 @@ dest = "$W/pgbouncer/pgbouncer.ini"
 check = []
 require_leader = true
 reload = { pidfile = "$W/pgbouncer/pgbouncer.pid", signal = "SIGHUP", process = "pgbouncer" }
+# The admin console: PAUSE when the switchover is requested, RELOAD + RESUME once the new primary
+# takes writes (the SIGHUP above is the fallback if the console cannot be reached).
+pgbouncer_admin = { host = "$W/pgbouncer", port = $PGBOUNCER_PORT, user = "postgres" }
 # auth_type trust: fine for a loopback-only demo, never on a network. PgBouncer still wants each
 # user listed in auth_file.
 vars = { listen_addr = "127.0.0.1", listen_port = $PGBOUNCER_PORT, unix_socket_dir = "$W/pgbouncer", auth_type = "trust", auth_file = "$W/pgbouncer/userlist.txt", admin_users = "postgres", pidfile = "$W/pgbouncer/pgbouncer.pid", logfile = "$W/pgbouncer/pgbouncer.log" }
@@ -892,8 +898,10 @@ main() {
     fi
     wait "$sw" 2>/dev/null || warn "patronictl switchover reported a failure: $(tail -n 3 "$W/switchover.log")"
     info "patronictl: $(grep -m1 -iE 'success|error|fail' "$W/switchover.log" || tail -n1 "$W/switchover.log")"
-    info "haconfd's log during the switchover:"
-    tail -n "+$((log_mark + 1))" "$W/haconfd.log" | grep -E 'file updated|reloaded|ERROR|WARN' | cut -c1-200 | sed 's/^/      /'
+    info "haconfd's log during the switchover (the fast path's timeline: fence, confirm, switch):"
+    tail -n "+$((log_mark + 1))" "$W/haconfd.log" |
+        grep -E 'fencing|pausing|takes writes|follows the new primary|resumed|file updated|reloaded|ERROR|WARN' |
+        cut -c1-220 | sed 's/^/      /'
     info "waiting for $old to rejoin as a replica..."
     wait_for 60 streaming pg1 pg2 pg3 pg4 || warn "$old has not rejoined as a streaming replica within 60 s"
     patronictl_list

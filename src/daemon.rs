@@ -180,14 +180,14 @@ pub async fn run(
         // Leading edge: the first change after a quiet spell runs at once; after a pass that
         // wrote, wait out `min_interval` and take whatever is newest then.
         let min_interval = d.engine.settings().daemon.min_interval;
-        urgent = std::mem::take(&mut urgent)
+        let urgent_now = std::mem::take(&mut urgent)
             || d.source
                 .rx
                 .borrow()
                 .snapshot
                 .as_ref()
                 .is_some_and(|s| d.engine.is_urgent(s));
-        if urgent {
+        if urgent_now {
             quiet_until = None;
         } else if let Some(last) = last_write {
             let wait = min_interval.saturating_sub(last.elapsed());
@@ -565,6 +565,8 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<String> {
     diff("log.format", old.log.format != new.log.format);
     diff("log.level", old.log.level != new.log.level);
     diff("http.listen", old.http.listen != new.http.listen);
+    // Applied by the engine's new router, which keeps the state of a leader change under way.
+    diff("failover", old.failover != new.failover);
     let mut names: Vec<&str> = old
         .targets
         .iter()

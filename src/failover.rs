@@ -296,6 +296,16 @@ impl Router {
         if let (Some(n), obs) = (old.notify.clone(), old.observers.clone()) {
             self.attach(n, obs);
         }
+        // The same PgBouncer keeps its pause (and its deadline) across the reload.
+        for (name, p) in &mut self.pauses {
+            if let Some((_, kept)) = old
+                .pauses
+                .iter()
+                .find(|(n, o)| n == name && o.admin().config() == p.admin().config())
+            {
+                *p = kept.clone();
+            }
+        }
         for (name, p) in &old.pauses {
             if p.is_active() && !self.pauses.iter().any(|(n, _)| n == name) {
                 // The deadline ends it; the new config no longer names this PgBouncer.

@@ -326,7 +326,7 @@ impl Engine {
             .collect();
         for &i in &awaiting {
             let t = &settings.targets[i];
-            tracing::debug!(target = %t.name, leader = ?cluster.leader_name, "waiting for the new leader to take writes");
+            tracing::info!(target = %t.name, leader = ?cluster.leader_name, "the new leader does not take writes yet: this target keeps pointing where it did");
             self.stats.awaiting.push(t.name.clone());
         }
         self.stats.render = started.elapsed();
