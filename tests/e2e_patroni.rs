@@ -999,6 +999,14 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
             stack.diag()
         );
     }
+    // New connections through :5000 wait in the hold action while no server takes writes,
+    // instead of being closed.
+    assert!(
+        switch::errors_by_class(&hap, sw_t0).is_empty(),
+        "new connections through HAProxy failed during the switchover: {:?}\n{}",
+        switch::first_errors(&hap, sw_t0, 5),
+        stack.diag()
+    );
     for l in &pooled_logs {
         assert!(
             switch::errors_by_class(l, sw_t0).is_empty(),

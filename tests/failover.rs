@@ -152,6 +152,24 @@ impl Lb {
         http_get(self.http_port, "/metrics").expect("/metrics").1
     }
 
+    fn admin(&self, cmd: &str) {
+        unix_cmd(&self.admin_sock, cmd, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    }
+
+    /// Waits until `/metrics` reports the drift gauge at `value`.
+    fn wait_drift(&self, value: u8) {
+        let want = format!("haconfd_haproxy_primary_drift {value}");
+        assert!(
+            wait_until(Duration::from_secs(5), || self
+                .metrics()
+                .lines()
+                .any(|l| l == want)),
+            "no {want}:\n{}",
+            self.diag()
+        );
+    }
+
     fn moves(&self) -> usize {
         self.log_text()
             .matches("HAProxy moved through the runtime API")
@@ -401,38 +419,14 @@ fn haproxy_drifting_from_the_leader_is_reported_after_the_grace() {
         "drift_interval = \"100ms\"\ndrift_grace = \"500ms\"",
     );
     // An operator (or anything else) sets a replica UP in the write backend.
-    unix_cmd(
-        &lb.admin_sock,
-        "set server primary/pg2 health up",
-        Duration::from_secs(2),
-    )
-    .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(5), || lb
-            .metrics()
-            .lines()
-            .any(|l| l == "haconfd_haproxy_primary_drift 1")),
-        "{}",
-        lb.diag()
-    );
+    lb.admin("set server primary/pg2 health up");
+    lb.wait_drift(1);
     assert!(
         lb.log_text()
             .contains("HAProxy's live primary servers disagree with etcd's leader"),
         "{}",
         lb.diag()
     );
-    unix_cmd(
-        &lb.admin_sock,
-        "set server primary/pg2 health down",
-        Duration::from_secs(2),
-    )
-    .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(5), || lb
-            .metrics()
-            .lines()
-            .any(|l| l == "haconfd_haproxy_primary_drift 0")),
-        "{}",
-        lb.diag()
-    );
+    lb.admin("set server primary/pg2 health down");
+    lb.wait_drift(0);
 }

@@ -57,6 +57,19 @@ fn golden(fixture: &str, target: &str, expected: &str) {
     );
 }
 
+/// `haproxy -c` on a rendered config. It names system paths: the state file is checked at a
+/// path that exists.
+fn haproxy_check(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = text.replace(
+        "/var/lib/haproxy/server-state",
+        &dir.path().join("state").display().to_string(),
+    );
+    let cfg = dir.path().join("h.cfg");
+    std::fs::write(&cfg, text).unwrap();
+    Haproxy::check_config(&cfg)
+}
+
 #[test]
 fn patroni3_haproxy_lists_every_member_in_both_listeners() {
     golden("patroni3-kv.json", "haproxy", "patroni3-haproxy.cfg");
@@ -90,16 +103,8 @@ fn patroni4_pgbouncer_points_at_primary_pg2() {
 #[test]
 fn golden_haproxy_configs_pass_haproxy_check() {
     for f in ["patroni3-haproxy.cfg", "patroni4-haproxy.cfg"] {
-        let dir = tempfile::tempdir().unwrap();
         let text = std::fs::read_to_string(root().join("tests/golden").join(f)).unwrap();
-        // The golden file names system paths; check it with a state file path that exists.
-        let text = text.replace(
-            "/var/lib/haproxy/server-state",
-            &dir.path().join("state").display().to_string(),
-        );
-        let cfg = dir.path().join("h.cfg");
-        std::fs::write(&cfg, text).unwrap();
-        let (ok, output) = Haproxy::check_config(&cfg);
+        let (ok, output) = haproxy_check(&text);
         assert!(ok, "{f}: {output}");
     }
 }
@@ -122,14 +127,7 @@ fn shipped_haproxy_template_survives_an_unresolvable_member_host() {
         .bytes;
     let text = String::from_utf8(out).unwrap();
     assert!(text.contains("server pg9 pg9.invalid:5432 "), "{text}");
-    let dir = tempfile::tempdir().unwrap();
-    let text = text.replace(
-        "/var/lib/haproxy/server-state",
-        &dir.path().join("state").display().to_string(),
-    );
-    let cfg = dir.path().join("h.cfg");
-    std::fs::write(&cfg, text).unwrap();
-    let (ok, output) = Haproxy::check_config(&cfg);
+    let (ok, output) = haproxy_check(&text);
     assert!(ok, "haproxy -c refuses the unresolvable member:\n{output}");
     assert!(output.contains("pg9.invalid"), "{output}");
 }
@@ -165,13 +163,6 @@ fn shipped_haproxy_template_with_the_hold_action_passes_haproxy_check() {
     // Only the write port holds: the read port has no hold rule.
     let replicas = text.split("listen replicas").nth(1).unwrap();
     assert!(!replicas.contains("haconfd_hold"), "{text}");
-    let dir = tempfile::tempdir().unwrap();
-    let text = text.replace(
-        "/var/lib/haproxy/server-state",
-        &dir.path().join("state").display().to_string(),
-    );
-    let cfg = dir.path().join("h.cfg");
-    std::fs::write(&cfg, text).unwrap();
-    let (ok, output) = Haproxy::check_config(&cfg);
+    let (ok, output) = haproxy_check(&text);
     assert!(ok, "haproxy -c refuses the hold action:\n{output}");
 }
