@@ -158,6 +158,9 @@ pub struct RunArgs {
     /// Disable the empty/shrink guard.
     #[arg(long)]
     pub force: bool,
+    /// Log what each hook would run (argv, environment, stdin) instead of running it.
+    #[arg(long)]
+    pub dry_run_hooks: bool,
 }
 
 /// `once` options.
@@ -212,6 +215,7 @@ impl Cli {
                 o.min_interval = r.min_interval;
                 o.listen = r.listen.clone();
                 o.force = r.force;
+                o.dry_run_hooks = r.dry_run_hooks;
             }
             Command::Once(a) => o.force = a.force,
             _ => {}

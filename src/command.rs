@@ -131,6 +131,17 @@ async fn read_all<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>) -> Vec<u8> {
 /// Runs `argv` with `timeout`. Standard input is closed. The command runs in a process group of
 /// its own, killed as a whole on timeout, when the caller gives up, or by [`kill_running`].
 pub async fn run(argv: &[String], timeout: Duration) -> Result<(), CommandError> {
+    run_with(argv, timeout, None, &[]).await.map(drop)
+}
+
+/// Like [`run`], with `stdin` written to the command's standard input (then closed) and `env`
+/// added to its environment. Returns what it printed (stderr, then stdout).
+pub async fn run_with(
+    argv: &[String],
+    timeout: Duration,
+    stdin: Option<&[u8]>,
+    env: &[(String, String)],
+) -> Result<String, CommandError> {
     let shown = display_argv(argv);
     let (prog, args) = argv.split_first().ok_or_else(|| CommandError::Spawn {
         argv: shown.clone(),
@@ -138,7 +149,12 @@ pub async fn run(argv: &[String], timeout: Duration) -> Result<(), CommandError>
     })?;
     let mut child = tokio::process::Command::new(prog)
         .args(args)
-        .stdin(Stdio::null())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -152,8 +168,20 @@ pub async fn run(argv: &[String], timeout: Duration) -> Result<(), CommandError>
     // still unreaped.
     let mut group = child.id().map(|pid| Group::register(pid as i32));
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let input = child.stdin.take();
+    let feed = async move {
+        if let (Some(mut pipe), Some(bytes)) = (input, stdin) {
+            use tokio::io::AsyncWriteExt;
+            // A command that does not read its input must not fail for it.
+            let _ = pipe.write_all(bytes).await;
+        }
+    };
     let finished = tokio::time::timeout(timeout, async {
-        tokio::join!(child.wait(), read_all(stdout), read_all(stderr))
+        let ((status, out, err), ()) = tokio::join!(
+            async { tokio::join!(child.wait(), read_all(stdout), read_all(stderr)) },
+            feed
+        );
+        (status, out, err)
     })
     .await;
     let (status, out, err) = match finished {
@@ -183,9 +211,6 @@ pub async fn run(argv: &[String], timeout: Duration) -> Result<(), CommandError>
     if let Some(g) = &mut group {
         g.reaped = true;
     }
-    if status.success() {
-        return Ok(());
-    }
     let mut text = String::from_utf8_lossy(&err).into_owned();
     let stdout = String::from_utf8_lossy(&out);
     if !stdout.trim().is_empty() {
@@ -193,6 +218,9 @@ pub async fn run(argv: &[String], timeout: Duration) -> Result<(), CommandError>
             text.push('\n');
         }
         text.push_str(&stdout);
+    }
+    if status.success() {
+        return Ok(text);
     }
     Err(CommandError::Failed {
         argv: shown,

@@ -59,6 +59,12 @@ pub struct RawConfig {
     /// The failover fast path.
     #[serde(default)]
     pub failover: crate::failover::FailoverConfig,
+    /// How event hooks run.
+    #[serde(default)]
+    pub hooks: crate::hooks::HooksConfig,
+    /// Event hooks, one per `[[hook]]`.
+    #[serde(default, rename = "hook")]
+    pub hook_list: Vec<crate::hooks::HookConfig>,
     /// Template variables shared by every template (`vars.*` in the context).
     #[serde(default)]
     pub vars: toml::Table,
@@ -339,6 +345,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     /// Sets `guard.force`.
     pub force: bool,
+    /// Hooks are logged, not run (`run --dry-run-hooks`).
+    pub dry_run_hooks: bool,
 }
 
 impl RawConfig {
@@ -391,6 +399,9 @@ impl RawConfig {
         if o.force {
             self.guard.force = true;
         }
+        if o.dry_run_hooks {
+            self.hooks.dry_run = true;
+        }
     }
 
     /// Resolves into [`Settings`]; relative template paths are taken from `base_dir`.
@@ -412,6 +423,24 @@ impl RawConfig {
             .map(|p| resolve_path(base_dir, &p).map_err(|m| invalid_path("guard.state_file", m)))
             .transpose()?;
         self.failover.validate().map_err(ConfigError::Invalid)?;
+        self.hooks.validate().map_err(ConfigError::Invalid)?;
+        let hooks = self
+            .hook_list
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| crate::hooks::Hook::resolve(h, i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ConfigError::Invalid)?;
+        if let Some(dup) = hooks
+            .iter()
+            .enumerate()
+            .find(|(i, h)| hooks[..*i].iter().any(|o| o.name == h.name))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "two [[hook]] entries are named {:?}; set distinct `name`s",
+                dup.1.name
+            )));
+        }
         let vars = table_to_json(self.vars);
         let mut targets = Vec::with_capacity(self.templates.len());
         for (i, t) in self.templates.into_iter().enumerate() {
@@ -437,6 +466,8 @@ impl RawConfig {
             log: self.log,
             http: self.http,
             failover: self.failover,
+            hooks_config: self.hooks,
+            hooks,
             targets,
         })
     }
@@ -457,6 +488,10 @@ pub struct Settings {
     pub http: HttpConfig,
     /// The failover fast path.
     pub failover: crate::failover::FailoverConfig,
+    /// How hooks run.
+    pub hooks_config: crate::hooks::HooksConfig,
+    /// Event hooks, in config order.
+    pub hooks: Vec<crate::hooks::Hook>,
     /// The outputs, in config order.
     pub targets: Vec<Target>,
 }

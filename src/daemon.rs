@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{self, ConfigError, Overrides, Settings};
+use crate::hooks::{HookEvent, Hooks};
 use crate::logging::{self, LogError, Logging};
 use crate::metrics::Metrics;
 use crate::pipeline::{Engine, PassError};
@@ -88,7 +89,13 @@ pub async fn run(
     ));
     let mut engine = engine;
     engine.attach_router(confirm_tx.clone(), metrics.failover_observers());
+    let hooks = Hooks::start(
+        settings.hooks_config.clone(),
+        settings.hooks.clone(),
+        metrics.hook_metrics(),
+    );
     let mut d = Daemon {
+        hooks,
         confirm_tx,
         config_path,
         overrides,
@@ -116,6 +123,8 @@ pub async fn run(
     // A pass the failover fast path waits for (a leader or switchover key changed, a new
     // leader confirmed): it skips `min_interval` and the no-op pause.
     let mut urgent = false;
+    // The reason of the failure spell `pass_failed` hooks were told about.
+    let mut failed_reason: Option<&'static str> = None;
 
     loop {
         let retry = async {
@@ -235,6 +244,21 @@ pub async fn run(
             st.record_pass(&result, &d.engine, elapsed);
         }
         d.metrics.record(&result, &d.engine.stats);
+        // After the pass, so that a hook never delays routing.
+        if let Some(c) = &d.engine.cluster {
+            d.hooks.events(c, &d.engine.stats.events);
+            match &result {
+                // Once per spell of failures (and again if the reason changes), not per retry.
+                Err(e) if !matches!(e, PassError::Render(RenderError::NoLeader { .. })) => {
+                    if failed_reason != Some(e.reason()) {
+                        d.hooks
+                            .event(HookEvent::pass_failed(c, e.reason(), &format!("{e:#}")));
+                    }
+                    failed_reason = Some(e.reason());
+                }
+                _ => failed_reason = None,
+            }
+        }
         let prefix = d.engine.settings().etcd.prefix();
         match &result {
             Ok(o) if o.is_noop() => {
@@ -298,6 +322,8 @@ pub async fn run(
 
 /// The state a reload may replace.
 struct Daemon {
+    /// Runs `[[hook]]` commands on the events of each pass, after it.
+    hooks: Hooks,
     confirm_tx: mpsc::UnboundedSender<crate::failover::Confirmed>,
     config_path: PathBuf,
     overrides: Overrides,
@@ -378,6 +404,14 @@ impl Daemon {
         }
         if let Some(h) = http {
             self.http = h; // dropping the old server closes its listener
+        }
+        if has("hooks") {
+            // The old dispatcher finishes the runs it holds; new events go to the new one.
+            self.hooks = Hooks::start(
+                new.hooks_config.clone(),
+                new.hooks.clone(),
+                self.metrics.hook_metrics(),
+            );
         }
         if let Some(filter) = log {
             if let Err(e) = self.logging.apply(new.log.format, filter) {
@@ -567,6 +601,10 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<String> {
     diff("http.listen", old.http.listen != new.http.listen);
     // Applied by the engine's new router, which keeps the state of a leader change under way.
     diff("failover", old.failover != new.failover);
+    diff(
+        "hooks",
+        old.hooks != new.hooks || old.hooks_config != new.hooks_config,
+    );
     let mut names: Vec<&str> = old
         .targets
         .iter()

@@ -19,6 +19,7 @@ pub mod events;
 pub mod failover;
 pub mod guard;
 pub mod haproxy;
+pub mod hooks;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -204,6 +204,14 @@ async fn render_cmd(settings: Settings, args: haconfd::cli::RenderArgs) -> u8 {
 }
 
 async fn check_cmd(settings: Settings, args: haconfd::cli::CheckArgs) -> u8 {
+    // Hooks run only when events come: a command that cannot run is found now, not at the
+    // failover that needed it.
+    for h in &settings.hooks {
+        if let Err(e) = h.check_runnable() {
+            return fail(exit::CONFIG, &e);
+        }
+    }
+    let hooks = settings.hooks.len();
     let (snap, mut engine) = match prepare(settings, args.snapshot.as_deref()).await {
         Ok(p) => p,
         Err(c) => return c,
@@ -220,8 +228,12 @@ async fn check_cmd(settings: Settings, args: haconfd::cli::CheckArgs) -> u8 {
     match engine.check_only(&snap, scratch.path()).await {
         Ok(names) => {
             println!(
-                "ok: config, templates and checks pass for {}",
-                names.join(", ")
+                "ok: config, templates and checks pass for {}{}",
+                names.join(", "),
+                match hooks {
+                    0 => String::new(),
+                    n => format!("; {n} hook command(s) found"),
+                }
             );
             exit::OK
         }

@@ -29,6 +29,7 @@ pub struct Metrics {
     apply_seconds: Histogram,
     switch_seconds: Family<Labels, Histogram>,
     drift: Gauge,
+    hooks: crate::hooks::HookMetrics,
 }
 
 impl Default for Metrics {
@@ -56,7 +57,13 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.001, 2.0, 16))
             }),
             drift: Gauge::default(),
+            hooks: crate::hooks::HookMetrics::default(),
         }
+    }
+
+    /// The hook counters, shared with the hook dispatcher.
+    pub fn hook_metrics(&self) -> crate::hooks::HookMetrics {
+        self.hooks.clone()
     }
 
     /// The failover fast path's histograms and drift gauge, shared with it.
@@ -144,6 +151,16 @@ impl Metrics {
             "failover_switch_seconds",
             "Per leader change: from the new leader key to HAProxy (runtime API) or PgBouncer (reloaded and resumed) sending writes to it, by consumer",
             self.switch_seconds.clone(),
+        );
+        r.register(
+            "hook_runs",
+            "Hook commands run, by hook and result (ok, failed, timeout)",
+            self.hooks.runs.clone(),
+        );
+        r.register(
+            "hook_dropped",
+            "Hook runs dropped from a full queue (the oldest waiting), by hook",
+            self.hooks.dropped.clone(),
         );
         r.register(
             "haproxy_primary_drift",

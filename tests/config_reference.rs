@@ -61,6 +61,14 @@ fn everything() -> RawConfig {
         }),
         vars,
     });
+    c.hook_list.push(haconfd::hooks::HookConfig {
+        name: Some("h".into()),
+        command: vec!["true".into()],
+        events: vec!["leader_changed".into()],
+        clusters: vec!["demo".into()],
+        timeout: Duration::from_secs(1),
+        debounce: Duration::from_secs(1),
+    });
     c
 }
 

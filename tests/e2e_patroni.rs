@@ -206,6 +206,22 @@ impl Stack {
         // With server state: the whole fast path (runtime-API moves, the hold action on the
         // write port, PgBouncer paused and resumed through its console). Without: health checks
         // and SIGHUP alone, as a baseline.
+        let hooks = format!(
+            r#"[hooks]
+concurrency = 8
+
+[[hook]]
+name = "record"
+command = ["tee", "-a", "{record}"]
+events = ["switchover_requested", "leader_lost", "leader_changed", "failover_completed"]
+
+[[hook]]
+name = "hang"
+command = ["sleep", "60"]
+timeout = "2s"
+"#,
+            record = self.hooks_file().display()
+        );
         let (server_state, hold, pgbouncer_admin, failover) = if self.server_state {
             (
                 format!(
@@ -240,6 +256,7 @@ retry_interval = "1s"
 
 [failover]
 {failover}
+{hooks}
 [vars]
 bind_address = "127.0.0.1"
 primary_port = {primary}
@@ -375,6 +392,20 @@ logfile = "{pgb}/pgbouncer.log"
 
     fn haproxy(&self) -> &Haproxy {
         self.haproxy.as_ref().expect("haproxy started")
+    }
+
+    /// What the recording hook received, one event per line.
+    fn hooks_file(&self) -> PathBuf {
+        self.dir.path().join("hooks.jsonl")
+    }
+
+    fn hook_events(&self, name: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.hooks_file())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["event"] == name)
+            .collect()
     }
 
     fn haconfd_log_text(&self) -> String {
@@ -1025,6 +1056,19 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
     drop(via_pgb);
     drop(via_haproxy);
     drop(nodes);
+    // The hooks saw the switchover once, with both leaders; a hanging hook changed nothing above.
+    assert!(
+        wait_until(Duration::from_secs(5), || !stack
+            .hook_events("failover_completed")
+            .is_empty()),
+        "no failover_completed hook run:\n{}",
+        stack.diag()
+    );
+    let done = stack.hook_events("failover_completed");
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(done[0]["old_leader"], first.as_str(), "{done:?}");
+    assert_eq!(done[0]["new_leader"], second.as_str(), "{done:?}");
+    assert_eq!(stack.hook_events("switchover_requested").len(), 1);
 
     // The old leader rejoins as a replica before the crash, so the cluster has two candidates.
     cluster
@@ -1077,6 +1121,20 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
         w.ok,
         w.failed
     );
+    assert!(
+        wait_until(Duration::from_secs(5), || stack
+            .hook_events("failover_completed")
+            .len()
+            >= 2),
+        "no failover_completed hook run after the crash:\n{}",
+        stack.diag()
+    );
+    let done = stack.hook_events("failover_completed");
+    assert_eq!(done.len(), 2, "{done:?}");
+    assert_eq!(done[1]["old_leader"], crashed.as_str(), "{done:?}");
+    assert_eq!(done[1]["new_leader"], third.as_str(), "{done:?}");
+    let lost = stack.hook_events("leader_lost");
+    assert_eq!(lost.len(), 2, "one per failover: {lost:?}");
     println!(
         "RESULT file_samples={samples} empty_or_serverless_samples={} took={:.1}s",
         bad.len(),

@@ -19,6 +19,7 @@ mod daemon;
 mod edge;
 mod events;
 mod guard;
+mod hooks;
 mod pass;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -483,6 +484,11 @@ impl Ws {
     /// `haconfd run` on this workspace's config, `flags` before `run`, `env` added to an
     /// environment cleared of `HACONFD_*` and `NOTIFY_SOCKET`, logging to `daemon.log` here.
     fn start_run(&self, flags: &[&str], env: &[(&str, &Path)]) -> Proc {
+        self.start_run_with(flags, &[], env)
+    }
+
+    /// [`Ws::start_run`] with `run_args` after `run`.
+    fn start_run_with(&self, flags: &[&str], run_args: &[&str], env: &[(&str, &Path)]) -> Proc {
         let mut cmd = Command::new(haconfd_bin());
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("HACONFD_") || k == "NOTIFY_SOCKET" {
@@ -492,7 +498,11 @@ impl Ws {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.arg("-c").arg(&self.cfg_path).args(flags).arg("run");
+        cmd.arg("-c")
+            .arg(&self.cfg_path)
+            .args(flags)
+            .arg("run")
+            .args(run_args);
         Proc::spawn_logged("haconfd run", cmd, &self.path("daemon.log"))
     }
 
