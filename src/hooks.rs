@@ -174,7 +174,7 @@ impl Hook {
     /// Whether `e` runs this hook.
     fn wants(&self, e: &HookEvent) -> bool {
         (self.events.is_empty() || self.events.iter().any(|x| x == e.event))
-            && (self.clusters.is_empty() || self.clusters.iter().any(|c| *c == e.scope))
+            && (self.clusters.is_empty() || self.clusters.contains(&e.scope))
     }
 
     /// For `check`: the command's program must be runnable (an executable path, or found in
@@ -382,7 +382,7 @@ pub struct HookMetrics {
 }
 
 enum Msg {
-    Event(HookEvent),
+    Event(Box<HookEvent>),
     Cluster(Arc<Cluster>),
 }
 
@@ -410,7 +410,7 @@ impl Hooks {
         let _ = tx.send(Msg::Cluster(Arc::clone(cluster)));
         for e in events {
             for h in HookEvent::from_cluster_event(e, cluster) {
-                let _ = tx.send(Msg::Event(h));
+                let _ = tx.send(Msg::Event(Box::new(h)));
             }
         }
     }
@@ -418,7 +418,7 @@ impl Hooks {
     /// Hands over one event made outside the cluster diff (`pass_failed`).
     pub fn event(&self, e: HookEvent) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Msg::Event(e));
+            let _ = tx.send(Msg::Event(Box::new(e)));
         }
     }
 }
@@ -471,7 +471,7 @@ async fn dispatch(
         let next = d.next_deadline();
         tokio::select! {
             msg = rx.recv(), if open => match msg {
-                Some(Msg::Event(e)) => d.accept(e),
+                Some(Msg::Event(e)) => d.accept(*e),
                 Some(Msg::Cluster(c)) => d.observe(c),
                 None => {
                     open = false;
