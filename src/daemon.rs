@@ -17,6 +17,7 @@ use crate::config::{self, ConfigError, Overrides, Settings};
 use crate::hooks::{HookEvent, Hooks};
 use crate::logging::{self, LogError, Logging};
 use crate::metrics::Metrics;
+use crate::pacer::{Outcome, Pacer};
 use crate::pipeline::{Engine, PassError};
 use crate::render::RenderError;
 use crate::source::{self, SourceState};
@@ -51,11 +52,6 @@ pub enum DaemonError {
         source: std::io::Error,
     },
 }
-
-/// How many times its own duration a no-op pass waits before the next pass (a 10 % duty cycle).
-const NO_OP_DUTY_FACTOR: u32 = 9;
-/// The longest such wait, whatever one pass took.
-const MAX_NO_OP_PAUSE: Duration = Duration::from_millis(100);
 
 /// Runs until a shutdown signal. Returns an error only if nothing could start.
 pub async fn run(
@@ -111,28 +107,22 @@ pub async fn run(
     // The generation of the snapshot the last pass ran on (not the snapshot itself: holding it
     // would make the source copy the whole scope on its next event, see `source::publish_changes`).
     let mut last_generation: Option<u64> = None;
-    let mut last_write: Option<Instant> = None;
-    let mut retry_at: Option<tokio::time::Instant> = None;
-    let mut pending = false;
+    let mut pacer = Pacer::new(settings.daemon.min_interval, settings.daemon.retry_interval);
     let mut leaderless = false;
-    // After a pass that wrote nothing (Patroni's heartbeats), the next waits 9× as long as that
-    // pass took (at most 100 ms): no-op passes then use at most a tenth of a core however fast
-    // events arrive (while one takes under 11 ms; 4.3 ms at 3,000 members), and a real change
-    // waits at most that long (about 40 ms at 3,000 members, well under 1 ms at 3).
-    let mut quiet_until: Option<Instant> = None;
-    // A pass the failover fast path waits for (a leader or switchover key changed, a new
-    // leader confirmed): it skips `min_interval` and the no-op pause.
-    let mut urgent = false;
     // The reason of the failure spell `pass_failed` hooks were told about.
     let mut failed_reason: Option<&'static str> = None;
 
     loop {
-        let retry = async {
-            match retry_at {
+        let due = pacer.due();
+        let wake = async {
+            match due {
                 Some(t) => tokio::time::sleep_until(t).await,
                 None => std::future::pending().await,
             }
         };
+        // Level-triggered: every branch updates the pacer (or the config); the pass runs when
+        // the pacer says it is due, and a change arriving during a coalescing wait (a leader
+        // key, say) is seen at once.
         let trigger = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
@@ -141,37 +131,36 @@ pub async fn run(
                 let state = d.source.rx.borrow_and_update().clone();
                 d.update_source_status(&state);
                 if state.connected {
-                    if state.snapshot.is_some() && last_generation != Some(state.generation) {
-                        pending = true;
+                    if let Some(snap) = state.snapshot.as_ref().filter(|_| last_generation != Some(state.generation)) {
+                        pacer.changed(d.engine.is_urgent(snap));
                     }
                 } else if let Some(e) = &state.last_error {
                     systemd.status(format!("etcd unreachable: {e}; last good files kept"));
                 }
-                None
+                continue;
             }
-            _ = hup.recv() => Some("SIGHUP"),
+            _ = hup.recv() => "SIGHUP",
             Some(why) = reload_rx.recv() => {
                 // Editors and ConfigMaps replace files in several steps: let them settle.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while reload_rx.try_recv().is_ok() {}
-                Some(why)
+                why
             }
-            _ = retry => { retry_at = None; pending = true; None }
             Some(c) = confirm_rx.recv() => {
                 tracing::debug!(leader = %c.leader, "confirmed: running a pass at once");
-                pending = true;
-                urgent = true;
-                None
+                pacer.changed(true);
+                continue;
             }
+            _ = wake => "",
         };
-        if let Some(why) = trigger {
+        if !trigger.is_empty() {
             // Watch anew before reading: a directory renamed over the old one is a new inode
             // the old watch never sees, and an edit made during the reload must still count.
             d.watcher = watch_templates(d.engine.settings(), reload_tx.clone());
-            if d.reload(why).await {
+            if d.reload(trigger).await {
                 // The snapshot in hand is from the old source: wait for the new one's list.
                 last_generation = None;
-                retry_at = None;
+                pacer.reset();
                 leaderless = false;
                 let s = d.engine.settings();
                 systemd.status(format!(
@@ -181,43 +170,14 @@ pub async fn run(
                 ));
             }
             d.watcher = watch_templates(d.engine.settings(), reload_tx.clone());
-            pending = last_generation.is_some();
-        }
-        if !pending {
+            let s = d.engine.settings();
+            pacer.set_intervals(s.daemon.min_interval, s.daemon.retry_interval);
+            if last_generation.is_some() {
+                pacer.changed(false);
+            }
             continue;
         }
-        // Leading edge: the first change after a quiet spell runs at once; after a pass that
-        // wrote, wait out `min_interval` and take whatever is newest then.
-        let min_interval = d.engine.settings().daemon.min_interval;
-        let urgent_now = std::mem::take(&mut urgent)
-            || d.source
-                .rx
-                .borrow()
-                .snapshot
-                .as_ref()
-                .is_some_and(|s| d.engine.is_urgent(s));
-        if urgent_now {
-            quiet_until = None;
-        } else if let Some(last) = last_write {
-            let wait = min_interval.saturating_sub(last.elapsed());
-            if !wait.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => break,
-                }
-            }
-        }
-        if let Some(wait) = quiet_until
-            .take()
-            .map(|t| t.saturating_duration_since(Instant::now()))
-        {
-            if !wait.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => break,
-                }
-            }
-        }
+        pacer.start();
         let state = d.source.rx.borrow_and_update().clone();
         d.update_source_status(&state);
         // A snapshot newer than the last pass's is complete even if the watch broke since
@@ -226,7 +186,6 @@ pub async fn run(
         let Some(snap) = state.snapshot.filter(|_| state.connected || fresh) else {
             continue;
         };
-        pending = false;
         last_generation = Some(state.generation);
         let started = Instant::now();
         let result = d.engine.pass(&snap, true).await;
@@ -234,11 +193,24 @@ pub async fn run(
         // A failed pass may still have written another consumer's files.
         let wrote =
             !d.engine.stats.outcome.is_noop() || matches!(result, Err(PassError::Reload { .. }));
-        if wrote {
-            last_write = Some(Instant::now());
-        } else {
-            quiet_until = Some(Instant::now() + (elapsed * NO_OP_DUTY_FACTOR).min(MAX_NO_OP_PAUSE));
-        }
+        // A leaderless spell ends with an etcd event (the leader key); any other failure, also
+        // in the same pass, needs the retry timer.
+        let retry = match &result {
+            Ok(_) => false,
+            Err(PassError::Render(RenderError::NoLeader { .. })) => {
+                !d.engine.stats.failed.iter().all(|(_, r)| *r == "no_leader")
+            }
+            Err(_) => true,
+        };
+        pacer.finished(
+            tokio::time::Instant::now(),
+            if wrote {
+                Outcome::Wrote
+            } else {
+                Outcome::NoOp { took: elapsed }
+            },
+            retry,
+        );
         {
             let mut st = d.status.lock().expect("status lock");
             st.record_pass(&result, &d.engine, elapsed);
@@ -263,11 +235,9 @@ pub async fn run(
         match &result {
             Ok(o) if o.is_noop() => {
                 tracing::debug!(revision = snap.revision, took = ?elapsed, "pass: nothing changed");
-                retry_at = None;
             }
             Ok(o) => {
                 tracing::info!(revision = snap.revision, written = ?o.written, reloaded = ?o.reloaded, took = ?elapsed, "pass applied");
-                retry_at = None;
             }
             Err(e @ PassError::Render(RenderError::NoLeader { .. })) => {
                 // Once per leaderless spell, not once per etcd event during it.
@@ -276,14 +246,6 @@ pub async fn run(
                 } else {
                     tracing::debug!(revision = snap.revision, "{e}");
                 }
-                // The leader key's arrival is an etcd event; another target's failure in the
-                // same pass still needs the retry timer.
-                let only_no_leader = d.engine.stats.failed.iter().all(|(_, r)| *r == "no_leader");
-                retry_at = if only_no_leader {
-                    None
-                } else {
-                    Some(tokio::time::Instant::now() + d.engine.settings().daemon.retry_interval)
-                };
             }
             Err(e) => {
                 tracing::error!(
@@ -291,8 +253,6 @@ pub async fn run(
                     reason = e.reason(),
                     "pass failed; last good files kept: {e:#}"
                 );
-                retry_at =
-                    Some(tokio::time::Instant::now() + d.engine.settings().daemon.retry_interval);
             }
         }
         leaderless = matches!(

@@ -24,6 +24,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod pacer;
 pub mod pgbouncer;
 pub mod pipeline;
 pub mod reload;
