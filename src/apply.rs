@@ -74,8 +74,45 @@ impl Drop for Staged {
     }
 }
 
+/// Whether `dest` exists, refusing anything but a regular file (through symlinks): opening a
+/// FIFO someone left at the destination would block the pass for good, and a directory or a
+/// device is no config file to replace.
+fn existing_file(dest: &Path) -> Result<bool, ApplyError> {
+    match std::fs::metadata(dest) {
+        Ok(m) if m.is_file() => Ok(true),
+        Ok(m) => {
+            use std::os::unix::fs::FileTypeExt;
+            let t = m.file_type();
+            let kind = if t.is_fifo() {
+                "a FIFO"
+            } else if t.is_dir() {
+                "a directory"
+            } else if t.is_socket() {
+                "a socket"
+            } else {
+                "a device"
+            };
+            Err(ApplyError::ReadDest {
+                path: dest.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{kind}, not a regular file; nothing was written"),
+                ),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(ApplyError::ReadDest {
+            path: dest.to_owned(),
+            source,
+        }),
+    }
+}
+
 /// What `dest` holds now; None when it does not exist.
 pub fn current(dest: &Path) -> Result<Option<Vec<u8>>, ApplyError> {
+    if !existing_file(dest)? {
+        return Ok(None);
+    }
     match std::fs::read(dest) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -94,6 +131,9 @@ pub fn holds(dest: &Path, bytes: &[u8]) -> Result<bool, ApplyError> {
         path: dest.to_owned(),
         source,
     };
+    if !existing_file(dest)? {
+        return Ok(false);
+    }
     let mut file = match File::open(dest) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),

@@ -350,7 +350,7 @@ impl Engine {
             if group.is_empty() {
                 continue;
             }
-            match swap_in(&settings.targets, &group, &rendered).await {
+            match swap_in(&settings, &group, &rendered).await {
                 Ok((c, r)) => {
                     changed.extend(c);
                     retired.extend(r);
@@ -420,7 +420,8 @@ impl Engine {
                             // read it.)
                             let old = changed.iter().find(|(c, _)| *c == i).map(|(_, o)| o);
                             if let (Some(Some(old)), true) = (old, refused_by_consumer(&source)) {
-                                restore(&settings.targets[i], old);
+                                let (s, old) = (Arc::clone(&settings), old.clone());
+                                blocking(move || restore(&s.targets[i], &old)).await;
                             }
                         }
                         failures.push((
@@ -449,11 +450,14 @@ impl Engine {
                 }
             }
         }
-        for r in retired {
-            if let Err(e) = r.finish() {
-                tracing::warn!(error = %e, "cannot fsync the directory after the swap");
+        blocking(move || {
+            for r in retired {
+                if let Err(e) = r.finish() {
+                    tracing::warn!(error = %e, "cannot fsync the directory after the swap");
+                }
             }
-        }
+        })
+        .await;
         // Bookkeeping after the reloads, off the latency path: between reloads, the state file
         // holds etcd's view, for cold starts. Not for a target reloaded just now: its new worker
         // may still be reading the merged file. Built again only when the target was rendered
@@ -468,7 +472,8 @@ impl Engine {
                 continue;
             }
             let content = server_state::build(ss, &String::from_utf8_lossy(&r.bytes), &cluster, "");
-            match server_state::write_if_changed(&ss.file, &content) {
+            let file = ss.file.clone();
+            match blocking(move || server_state::write_if_changed(&file, &content)).await {
                 Ok(_) => {
                     self.state_synced.insert(t.name.clone());
                 }
@@ -538,55 +543,78 @@ impl Engine {
     }
 }
 
+/// Runs file-system work (reads, fsync, rename, directory syncs) on the blocking pool, off the
+/// runtime's one thread: a slow disk must not stall the etcd keepalive, the fast path or
+/// `/healthz`.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// A changed target of one consumer: its index, its previous bytes, its staged file.
+type StagedGroup = (Vec<(usize, Option<Vec<u8>>)>, Vec<apply::Staged>);
+
 /// Stages, checks and swaps in the changed files of one consumer's targets (`group`), all or
 /// none. Returns each changed target with its previous bytes, and what the swaps retired; or the
-/// first failure with the index of the target it concerns.
+/// first failure with the index of the target it concerns. Reading, staging and swapping run on
+/// the blocking pool; the checks are commands, awaited here.
 async fn swap_in(
-    targets: &[Target],
+    settings: &Arc<Settings>,
     group: &[usize],
     rendered: &[Result<Arc<Rendered>, RenderError>],
 ) -> Result<(Vec<(usize, Option<Vec<u8>>)>, Vec<apply::Retired>), (usize, PassError)> {
-    let mut changed = Vec::new();
+    let mut wanted = Vec::with_capacity(group.len());
     for &i in group {
-        let t = &targets[i];
         let r = rendered[i].as_ref().map_err(|e| (i, e.clone().into()))?;
-        if apply::holds(&t.dest, &r.bytes).map_err(|e| (i, e.into()))? {
-            continue;
+        wanted.push((i, Arc::clone(r)));
+    }
+    let s = Arc::clone(settings);
+    // Stage everything before checking or swapping anything.
+    let (changed, staged): StagedGroup = blocking(move || {
+        let mut changed = Vec::new();
+        let mut staged = Vec::new();
+        for (i, r) in wanted {
+            let t = &s.targets[i];
+            if apply::holds(&t.dest, &r.bytes).map_err(|e| (i, e.into()))? {
+                continue;
+            }
+            let old = apply::current(&t.dest).map_err(|e| (i, e.into()))?;
+            staged.push(apply::stage(t, &r).map_err(|e| (i, e.into()))?);
+            changed.push((i, old));
         }
-        let old = apply::current(&t.dest).map_err(|e| (i, e.into()))?;
-        changed.push((i, r.as_ref(), old));
-    }
-    // Stage and check everything before swapping anything in.
-    let mut staged = Vec::with_capacity(changed.len());
-    for (i, r, _) in &changed {
-        staged.push(apply::stage(&targets[*i], r).map_err(|e| (*i, e.into()))?);
-    }
-    for ((i, _, _), s) in changed.iter().zip(&staged) {
-        apply::check(&targets[*i], s)
+        Ok::<_, (usize, PassError)>((changed, staged))
+    })
+    .await?;
+    let targets = &settings.targets;
+    for ((i, _), st) in changed.iter().zip(&staged) {
+        apply::check(&targets[*i], st)
             .await
             .map_err(|e| (*i, e.into()))?;
     }
-    let mut retired = Vec::with_capacity(staged.len());
-    for (k, s) in staged.into_iter().enumerate() {
-        match apply::commit(s) {
-            Ok(r) => retired.push(r),
-            Err(e) => {
-                // All or nothing within a consumer: the files of this group already swapped in
-                // go back, or a restart of the consumer would load half a new set, and nothing
-                // would be left due for a reload.
-                for (j, _, old) in &changed[..k] {
-                    if let Some(old) = old {
-                        restore(&targets[*j], old);
+    let s = Arc::clone(settings);
+    blocking(move || {
+        let mut retired = Vec::with_capacity(staged.len());
+        for (k, st) in staged.into_iter().enumerate() {
+            match apply::commit(st) {
+                Ok(r) => retired.push(r),
+                Err(e) => {
+                    // All or nothing within a consumer: the files of this group already swapped
+                    // in go back, or a restart of the consumer would load half a new set, and
+                    // nothing would be left due for a reload.
+                    for (j, old) in &changed[..k] {
+                        if let Some(old) = old {
+                            restore(&s.targets[*j], old);
+                        }
                     }
+                    return Err((changed[k].0, e.into()));
                 }
-                return Err((changed[k].0, e.into()));
             }
         }
-    }
-    Ok((
-        changed.into_iter().map(|(i, _, old)| (i, old)).collect(),
-        retired,
-    ))
+        Ok((changed, retired))
+    })
+    .await
 }
 
 /// Puts a target's known-good bytes back after its consumer refused the new ones.
@@ -718,7 +746,9 @@ async fn prepare_server_state(
         cluster,
         &live,
     );
-    server_state::swap_in(&ss.file, &content)
+    let file = ss.file.clone();
+    blocking(move || server_state::swap_in(&file, &content))
+        .await
         .map_err(|e| tracing::warn!(error = %e, "cannot write the server-state file before reload"))
         .ok()
 }

@@ -501,3 +501,19 @@ fn shipped_container_checks_keep_haproxys_reason() {
         }
     }
 }
+
+/// Something left a FIFO where pgbouncer.ini should be: reading it to compare would block the
+/// pass for good (and, with it, every later change). It is refused at once, naming the file.
+#[test]
+fn a_fifo_at_a_destination_is_refused_at_once_instead_of_blocking_the_pass() {
+    let ws = Ws::new("fifo");
+    std::fs::remove_file(&ws.pgb).unwrap();
+    nix::unistd::mkfifo(&ws.pgb, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    ws.add_valid_member();
+    let t0 = Instant::now();
+    ws.once(&["--no-reload"])
+        .expect(7, &["pgbouncer.ini", "a FIFO, not a regular file"]);
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    // The other consumer still followed the change.
+    assert!(read(&ws.hap).contains("server pg4 "), "{}", read(&ws.hap));
+}
