@@ -577,16 +577,18 @@ async fn swap_in(
         let mut staged = Vec::new();
         for (i, r) in wanted {
             let t = &s.targets[i];
-            if apply::holds(&t.dest, &r.bytes).map_err(|e| (i, e.into()))? {
+            let fail = |e: ApplyError| Box::new((i, PassError::from(e)));
+            if apply::holds(&t.dest, &r.bytes).map_err(fail)? {
                 continue;
             }
-            let old = apply::current(&t.dest).map_err(|e| (i, e.into()))?;
-            staged.push(apply::stage(t, &r).map_err(|e| (i, e.into()))?);
+            let old = apply::current(&t.dest).map_err(fail)?;
+            staged.push(apply::stage(t, &r).map_err(fail)?);
             changed.push((i, old));
         }
-        Ok::<_, (usize, PassError)>((changed, staged))
+        Ok::<_, Box<(usize, PassError)>>((changed, staged))
     })
-    .await?;
+    .await
+    .map_err(|b| *b)?;
     let targets = &settings.targets;
     for ((i, _), st) in changed.iter().zip(&staged) {
         apply::check(&targets[*i], st)
@@ -608,13 +610,14 @@ async fn swap_in(
                             restore(&s.targets[*j], old);
                         }
                     }
-                    return Err((changed[k].0, e.into()));
+                    return Err(Box::new((changed[k].0, PassError::from(e))));
                 }
             }
         }
         Ok((changed, retired))
     })
     .await
+    .map_err(|b| *b)
 }
 
 /// Puts a target's known-good bytes back after its consumer refused the new ones.
