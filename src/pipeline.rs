@@ -106,20 +106,13 @@ pub struct Engine {
     renderer: Renderer,
     /// The guard's memory of the views it accepted.
     memory: guard::Memory,
-    last_skipped: Vec<Skipped>,
+    /// What is kept about the cluster between passes.
+    state: ClusterState,
     /// Whether leftovers of earlier runs were swept (first writing pass; `render` and `check`
     /// never touch the destination directories).
     swept: bool,
-    /// The failover fast path: HAProxy moves, PgBouncer pauses, the confirmation gate.
-    router: Router,
-    /// The raw `leader` and `failover` values the last pass saw: a change is urgent.
-    routing_keys: (Option<Vec<u8>>, Option<Vec<u8>>),
-    /// Turns the previous pass's model and this one into [`PassStats::events`].
-    differ: Differ,
     /// Targets whose last reload failed: reloaded on the next pass even if unchanged.
     unreloaded: std::collections::BTreeSet<String>,
-    /// Members parsed by earlier passes: a heartbeat parses one member, not all.
-    parsed_members: MemberCache,
     /// Each target's last render and the cluster it was rendered from.
     renders: std::collections::HashMap<String, CachedRender>,
     /// Whether unchanged views reuse the last render (see [`Engine::set_reuse_renders`]).
@@ -133,23 +126,47 @@ pub struct Engine {
     pub cluster: Option<Arc<Cluster>>,
 }
 
+/// What haconfd keeps about one Patroni cluster from one pass to the next: the members already
+/// parsed, the keys it warned about, the previous model's events, and the failover fast path's
+/// state.
+struct ClusterState {
+    /// Members parsed by earlier passes: a heartbeat parses one member, not all.
+    parsed_members: MemberCache,
+    /// The keys skipped by the last model, logged again only when they change.
+    last_skipped: Vec<Skipped>,
+    /// Turns the previous pass's model and this one into [`PassStats::events`].
+    differ: Differ,
+    /// The failover fast path: HAProxy moves, PgBouncer pauses, the confirmation gate.
+    router: Router,
+    /// The raw `leader` and `failover` values the last pass saw: a change is urgent.
+    routing_keys: (Option<Vec<u8>>, Option<Vec<u8>>),
+}
+
+impl ClusterState {
+    fn new(settings: &Settings) -> ClusterState {
+        ClusterState {
+            parsed_members: MemberCache::default(),
+            last_skipped: Vec::new(),
+            differ: Differ::default(),
+            router: Router::new(&settings.failover, &settings.targets),
+            routing_keys: (None, None),
+        }
+    }
+}
+
 impl Engine {
     /// Compiles the templates of `settings`.
     pub fn new(settings: Arc<Settings>) -> Result<Self, RenderError> {
         let renderer = Renderer::load(&settings.targets)?;
         let memory = guard::Memory::load(&settings.guard);
-        let router = Router::new(&settings.failover, &settings.targets);
+        let state = ClusterState::new(&settings);
         Ok(Self {
             settings,
             renderer,
             memory,
-            last_skipped: Vec::new(),
+            state,
             unreloaded: Default::default(),
             swept: false,
-            router,
-            routing_keys: (None, None),
-            differ: Differ::default(),
-            parsed_members: MemberCache::default(),
             renders: Default::default(),
             reuse_renders: true,
             state_synced: Default::default(),
@@ -167,8 +184,8 @@ impl Engine {
     pub fn replace(&mut self, settings: Arc<Settings>) -> Result<(), RenderError> {
         self.renderer = Renderer::load(&settings.targets)?;
         let mut router = Router::new(&settings.failover, &settings.targets);
-        router.take_state_from(&mut self.router);
-        self.router = router;
+        router.take_state_from(&mut self.state.router);
+        self.state.router = router;
         self.settings = settings;
         self.swept = false;
         self.renders.clear();
@@ -182,12 +199,12 @@ impl Engine {
         notify: tokio::sync::mpsc::UnboundedSender<failover::Confirmed>,
         observers: failover::Observers,
     ) {
-        self.router.attach(notify, observers);
+        self.state.router.attach(notify, observers);
     }
 
     /// The last leader change as the fast path handled it, live.
     pub fn failover_timeline(&self) -> failover::TimelineView {
-        self.router.view()
+        self.state.router.view()
     }
 
     /// Whether `snap` changes the `leader` or `failover` key since the last pass: such a pass
@@ -196,28 +213,29 @@ impl Engine {
         let prefix = self.settings.etcd.prefix();
         let leader = snap.kvs.get(&format!("{prefix}leader"));
         let failover = snap.kvs.get(&format!("{prefix}failover"));
-        leader != self.routing_keys.0.as_ref() || failover != self.routing_keys.1.as_ref()
+        leader != self.state.routing_keys.0.as_ref()
+            || failover != self.state.routing_keys.1.as_ref()
     }
 
     /// Builds the model and logs skipped keys when the set of them changes (not on every
     /// heartbeat).
     pub fn model(&mut self, snap: &Snapshot) -> Cluster {
         if !self.reuse_renders {
-            self.parsed_members = MemberCache::default();
+            self.state.parsed_members = MemberCache::default();
         }
         let built = Cluster::build_with(
             snap,
             &self.settings.etcd.namespace,
             &self.settings.etcd.scope,
-            &mut self.parsed_members,
+            &mut self.state.parsed_members,
         );
-        if built.skipped != self.last_skipped {
+        if built.skipped != self.state.last_skipped {
             for s in &built.skipped {
                 // A key may carry newlines meant to forge log lines: escape it. The reason quotes
                 // every value it takes from etcd with `{:?}` already.
                 tracing::warn!(key = %s.key.escape_debug(), reason = %s.reason, "ignoring key");
             }
-            self.last_skipped = built.skipped;
+            self.state.last_skipped = built.skipped;
         }
         built.cluster
     }
@@ -304,23 +322,23 @@ impl Engine {
         let previous = self.cluster.replace(Arc::clone(&cluster));
         // Before the guard: a refused view (a failover's leaderless spell) still tells what
         // changed.
-        self.stats.events = self.differ.diff(previous.as_deref(), &cluster);
+        self.stats.events = self.state.differ.diff(previous.as_deref(), &cluster);
         for e in &self.stats.events {
             e.log();
         }
         let prefix = self.settings.etcd.prefix();
-        self.routing_keys = (
+        self.state.routing_keys = (
             snap.kvs.get(&format!("{prefix}leader")).cloned(),
             snap.kvs.get(&format!("{prefix}failover")).cloned(),
         );
         // Before the guard too: routing follows the leader key even while the files wait.
-        self.router.observe(&cluster, &self.stats.events);
-        self.router.confirm_now(&cluster).await;
+        self.state.router.observe(&cluster, &self.stats.events);
+        self.state.router.confirm_now(&cluster).await;
         self.memory.admit(&self.settings.guard, &cluster)?;
         let settings = Arc::clone(&self.settings);
         let rendered = self.render_targets(&settings.targets, &cluster);
         // PgBouncer-like targets point at a leader only once it takes writes.
-        let gate_open = self.router.gate_open(&cluster);
+        let gate_open = self.state.router.gate_open(&cluster);
         let awaiting: Vec<usize> = (0..settings.targets.len())
             .filter(|&i| !gate_open && settings.targets[i].require_leader)
             .collect();
@@ -446,7 +464,7 @@ impl Engine {
         if gate_open && cluster.leader().is_some() {
             for (t, r) in settings.targets.iter().zip(&live) {
                 if t.require_leader && r.is_some() {
-                    self.router.pgbouncer_settled(&t.name).await;
+                    self.state.router.pgbouncer_settled(&t.name).await;
                 }
             }
         }
