@@ -196,9 +196,12 @@ pub async fn run(
         // A leaderless spell ends with an etcd event (the leader key); any other failure, also
         // in the same pass, needs the retry timer.
         let retry = match &result {
-            Ok(_) => false,
+            // Targets held for a leader change: the confirmation runs a pass; if it never
+            // comes, the hold ends by failover.confirm_timeout and the retry applies them.
+            Ok(_) => !d.engine.stats.awaiting.is_empty(),
             Err(PassError::Render(RenderError::NoLeader { .. })) => {
-                !d.engine.stats.failed.iter().all(|(_, r)| *r == "no_leader")
+                !d.engine.stats.awaiting.is_empty()
+                    || !d.engine.stats.failed.iter().all(|(_, r)| *r == "no_leader")
             }
             Err(_) => true,
         };

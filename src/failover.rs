@@ -196,6 +196,8 @@ struct Shared {
     fenced: Option<String>,
     /// When the last switchover request was seen.
     switchover_at: Option<Instant>,
+    /// Since when a leader change is under way (a fence, or a candidate not yet confirmed).
+    changing_since: Option<Instant>,
     timeline: Option<Timeline>,
 }
 
@@ -331,6 +333,22 @@ impl Router {
             == Some(&leader.name)
     }
 
+    /// Whether HAProxy's reloads wait: while a leader change is under way (at most
+    /// `failover.confirm_timeout`). A new worker would take over the listeners, and the runtime
+    /// API reaches the new worker only: connections the old one holds (the hold action) would
+    /// never see the new primary come UP. The reload follows the confirmation, in the pass it
+    /// triggers, with the move in its server state.
+    pub fn defers_reloads(&self) -> bool {
+        self.cfg.enabled
+            && !self.routes.is_empty()
+            && self
+                .shared
+                .lock()
+                .expect("failover lock")
+                .changing_since
+                .is_some_and(|t| t.elapsed() < self.cfg.confirm_timeout)
+    }
+
     /// A live view of the last leader change, read when `/status` is served: the moves that
     /// finish after the pass (HAProxy's, in its task) show without waiting for another pass.
     pub fn view(&self) -> TimelineView {
@@ -384,6 +402,7 @@ impl Router {
             // A switchover that was requested and then cleared with the leader in place.
             if cluster.failover.is_none() && sh.fenced.as_deref() == Some(&m.name) {
                 sh.fenced = None;
+                sh.changing_since = None;
                 drop(sh);
                 tracing::info!(leader = %m.name, "switchover request cleared with the leader in place: undoing the drain");
                 self.send(Move::Unfence {
@@ -421,6 +440,7 @@ impl Router {
                 seen: Some(now),
             });
         }
+        sh.changing_since.get_or_insert(now);
         drop(sh);
         if is_primary_role(&m.role) {
             self.cancel_confirming();
@@ -527,6 +547,7 @@ impl Router {
         if first_fence {
             sh.fenced = Some(old.to_owned());
         }
+        sh.changing_since.get_or_insert_with(Instant::now);
         drop(sh);
         if first_fence {
             tracing::info!(old = %old, why, "fencing the old primary: no new connection goes to it");
@@ -616,6 +637,7 @@ impl Core {
         }
         tracing::info!(leader = %name, by, "the new primary takes writes");
         let unfence = sh.fenced.take();
+        sh.changing_since = None;
         let demote: Vec<String> = sh
             .moved
             .iter()
@@ -723,7 +745,14 @@ async fn drift_loop(
             };
             let live = server_state::live_primaries(&r.ss, &dump);
             if live != [leader.clone()] {
-                disagree.push(format!("{}: {:?}", r.target, live));
+                disagree.push(if live.is_empty() {
+                    format!(
+                        "{}: no primary server UP (the leader fails its checks)",
+                        r.target
+                    )
+                } else {
+                    format!("{}: {} UP", r.target, live.join(", "))
+                });
             }
         }
         if disagree.is_empty() {

@@ -363,109 +363,79 @@ impl Engine {
         // The replaced files are released after the reloads, off the latency path.
         let mut retired = Vec::new();
         let mut applied: Vec<Vec<usize>> = Vec::new();
-        for mut group in consumers(&settings.targets) {
+        let mut outcome = PassOutcome::default();
+        // Targets whose consumer did not take the new file (its reload failed).
+        let mut not_live: Vec<usize> = Vec::new();
+        let defer_haproxy = self.state.router.defers_reloads();
+        // Consumers that point at the leader alone (PgBouncer) first: after a leader change
+        // their clients wait (paused) for this pass, while HAProxy was moved already through its
+        // runtime API and its check and reload would only delay them. Config order otherwise.
+        let mut groups = consumers(&settings.targets);
+        groups.sort_by_key(|g| !g.iter().any(|&i| settings.targets[i].require_leader));
+        for mut group in groups {
             group.retain(|i| !awaiting.contains(i));
             if group.is_empty() {
                 continue;
             }
-            match swap_in(&settings, &group, &rendered).await {
-                Ok((c, r)) => {
-                    changed.extend(c);
-                    retired.extend(r);
-                    applied.push(group);
+            // A HAProxy the fast path moves keeps its file and worker until the new leader is
+            // confirmed (see `Router::defers_reloads`).
+            if defer_haproxy
+                && group
+                    .iter()
+                    .any(|&i| settings.targets[i].server_state.is_some())
+            {
+                for &i in &group {
+                    tracing::info!(target = %settings.targets[i].name, "leader change under way: this consumer is updated once the new primary is confirmed");
+                    self.stats.awaiting.push(settings.targets[i].name.clone());
                 }
-                Err(failure) => failures.push(failure),
+                continue;
             }
-        }
-        let mut outcome = PassOutcome {
-            written: changed
-                .iter()
-                .map(|(i, _)| settings.targets[*i].name.clone())
-                .collect(),
-            reloaded: Vec::new(),
-        };
-        for name in &outcome.written {
-            tracing::info!(target = %name, "file updated");
+            // Each consumer in turn: stage, check, swap, reload, and (PgBouncer) resume, before
+            // the next one's check runs.
+            let (c, r) = match swap_in(&settings, &group, &rendered).await {
+                Ok(done) => done,
+                Err(failure) => {
+                    failures.push(failure);
+                    continue;
+                }
+            };
+            for (i, _) in &c {
+                tracing::info!(target = %settings.targets[*i].name, "file updated");
+                outcome.written.push(settings.targets[*i].name.clone());
+            }
+            changed.extend(c);
+            retired.extend(r);
+            applied.push(group.clone());
+            if reload {
+                self.reload_group(
+                    &settings,
+                    &group,
+                    &rendered,
+                    &cluster,
+                    &changed,
+                    &mut retired,
+                    &mut outcome,
+                    &mut not_live,
+                    &mut failures,
+                )
+                .await;
+            }
+            // A PgBouncer now reading a file for the confirmed leader: resume it.
+            if gate_open && cluster.leader().is_some() {
+                for &i in &group {
+                    let t = &settings.targets[i];
+                    if t.require_leader && !not_live.contains(&i) && rendered[i].is_ok() {
+                        self.state.router.pgbouncer_settled(&t.name).await;
+                    }
+                }
+            }
         }
 
-        // Targets whose consumer did not take the new file (its reload failed): the runtime-API
-        // move must wait for a reload that succeeds.
-        let mut not_live: Vec<usize> = Vec::new();
-        if reload {
-            for group in &applied {
-                // Changed targets, and those whose last reload failed although their file is
-                // now up to date: a refused PID must not turn into "nothing changed" on the
-                // retry. One reload per consumer, however many of its files changed.
-                let due: Vec<usize> = group
-                    .iter()
-                    .copied()
-                    .filter(|i| {
-                        let t = &settings.targets[*i];
-                        t.reload.is_some() || t.pgbouncer_admin.is_some()
-                    })
-                    .filter(|i| {
-                        changed.iter().any(|(c, _)| c == i)
-                            || self.unreloaded.contains(&settings.targets[*i].name)
-                    })
-                    .collect();
-                let Some(&first) = due.first() else { continue };
-                for &i in &due {
-                    let t = &settings.targets[i];
-                    if let (Some(ss), Ok(r)) = (&t.server_state, &rendered[i]) {
-                        retired.extend(prepare_server_state(ss, r, &cluster).await);
-                    }
-                }
-                match reload_consumer(&settings.targets[first]).await {
-                    Ok(()) => {
-                        for &i in &due {
-                            let name = &settings.targets[i].name;
-                            tracing::info!(target = %name, "reloaded");
-                            self.unreloaded.remove(name);
-                            self.state_synced.remove(name);
-                            outcome.reloaded.push(name.clone());
-                        }
-                    }
-                    Err(source) => {
-                        let t = &settings.targets[first];
-                        tracing::error!(target = %t.name, error = %source, "reload failed");
-                        not_live.extend(due.iter().copied());
-                        for &i in &due {
-                            self.unreloaded.insert(settings.targets[i].name.clone());
-                            // HAProxy refused the new file and still runs the old one: put the
-                            // old one back, so that the file on disk is the known-good one a
-                            // restart would load. (When haconfd refused to signal — stale or
-                            // foreign PID — the new file stays: a consumer starting now must
-                            // read it.)
-                            let old = changed.iter().find(|(c, _)| *c == i).map(|(_, o)| o);
-                            if let (Some(Some(old)), true) = (old, refused_by_consumer(&source)) {
-                                let (s, old) = (Arc::clone(&settings), old.clone());
-                                blocking(move || restore(&s.targets[i], &old)).await;
-                            }
-                        }
-                        failures.push((
-                            first,
-                            PassError::Reload {
-                                target: t.name.clone(),
-                                source,
-                            },
-                        ));
-                    }
-                }
-            }
-        }
         // What each target's consumer reads now: its new render, where it was applied.
         let mut live: Vec<Option<&Rendered>> = vec![None; settings.targets.len()];
         for &i in applied.iter().flatten() {
             if !not_live.contains(&i) {
                 live[i] = rendered[i].as_deref().ok();
-            }
-        }
-        // PgBouncers now reading a file for the confirmed leader: resume them.
-        if gate_open && cluster.leader().is_some() {
-            for (t, r) in settings.targets.iter().zip(&live) {
-                if t.require_leader && r.is_some() {
-                    self.state.router.pgbouncer_settled(&t.name).await;
-                }
             }
         }
         blocking(move || {
@@ -743,6 +713,82 @@ fn consumer_ids(r: &Reload) -> Vec<String> {
             .collect(),
         Reload::MasterSocket { path, .. } => vec![format!("master socket {}", path.display())],
         Reload::Command { argv, .. } => vec![format!("command {argv:?}")],
+    }
+}
+
+impl Engine {
+    /// Reloads one consumer whose files were swapped in (or whose last reload failed): once,
+    /// however many of its files changed, with HAProxy's server state prepared first. A refused
+    /// reload puts HAProxy's known-good file back.
+    #[allow(clippy::too_many_arguments)]
+    async fn reload_group(
+        &mut self,
+        settings: &Arc<Settings>,
+        group: &[usize],
+        rendered: &[Result<Arc<Rendered>, RenderError>],
+        cluster: &Cluster,
+        changed: &[(usize, Option<Vec<u8>>)],
+        retired: &mut Vec<apply::Retired>,
+        outcome: &mut PassOutcome,
+        not_live: &mut Vec<usize>,
+        failures: &mut Vec<(usize, PassError)>,
+    ) {
+        // Changed targets, and those whose last reload failed although their file is now up to
+        // date: a refused PID must not turn into "nothing changed" on the retry.
+        let due: Vec<usize> = group
+            .iter()
+            .copied()
+            .filter(|i| {
+                let t = &settings.targets[*i];
+                t.reload.is_some() || t.pgbouncer_admin.is_some()
+            })
+            .filter(|i| {
+                changed.iter().any(|(c, _)| c == i)
+                    || self.unreloaded.contains(&settings.targets[*i].name)
+            })
+            .collect();
+        let Some(&first) = due.first() else { return };
+        for &i in &due {
+            let t = &settings.targets[i];
+            if let (Some(ss), Ok(r)) = (&t.server_state, &rendered[i]) {
+                retired.extend(prepare_server_state(ss, r, cluster).await);
+            }
+        }
+        match reload_consumer(&settings.targets[first]).await {
+            Ok(()) => {
+                for &i in &due {
+                    let name = &settings.targets[i].name;
+                    tracing::info!(target = %name, "reloaded");
+                    self.unreloaded.remove(name);
+                    self.state_synced.remove(name);
+                    outcome.reloaded.push(name.clone());
+                }
+            }
+            Err(source) => {
+                let t = &settings.targets[first];
+                tracing::error!(target = %t.name, error = %source, "reload failed");
+                not_live.extend(due.iter().copied());
+                for &i in &due {
+                    self.unreloaded.insert(settings.targets[i].name.clone());
+                    // HAProxy refused the new file and still runs the old one: put the old one
+                    // back, so that the file on disk is the known-good one a restart would load.
+                    // (When haconfd refused to signal — stale or foreign PID — the new file
+                    // stays: a consumer starting now must read it.)
+                    let old = changed.iter().find(|(c, _)| *c == i).map(|(_, o)| o);
+                    if let (Some(Some(old)), true) = (old, refused_by_consumer(&source)) {
+                        let (s, old) = (Arc::clone(settings), old.clone());
+                        blocking(move || restore(&s.targets[i], &old)).await;
+                    }
+                }
+                failures.push((
+                    first,
+                    PassError::Reload {
+                        target: t.name.clone(),
+                        source,
+                    },
+                ));
+            }
+        }
     }
 }
 

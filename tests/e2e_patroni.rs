@@ -1075,7 +1075,17 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
         .wait_healthy(patroni::READY_TIMEOUT)
         .unwrap_or_else(|e| panic!("cluster not healthy after switchover: {e:#}"));
 
-    // Crash of the new leader.
+    // Crash of the new leader, with the same probes.
+    let nodes: Vec<(String, u16, WriteProbe)> = cluster
+        .nodes()
+        .iter()
+        .map(|n| {
+            let p = WriteProbe::start(n.pg_port, Mode::Persistent, step, LOAD_MAX);
+            (n.name.clone(), n.pg_port, p)
+        })
+        .collect();
+    let via_haproxy = WriteProbe::start(stack.primary_port, Mode::Reconnect, step, LOAD_MAX);
+    let via_pgb = WriteProbe::start(pgb, Mode::Reconnect, step, LOAD_MAX);
     let cr_t0 = Instant::now();
     let crashed = cluster.crash_leader();
     assert_eq!(crashed, second);
@@ -1100,6 +1110,49 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
             "SHOW DATABASES after the crash: {row:?}"
         );
     }
+    std::thread::sleep(Duration::from_millis(500));
+    let node_log = nodes
+        .iter()
+        .find(|(n, _, _)| *n == third)
+        .map(|(_, _, p)| p.attempts())
+        .unwrap();
+    let own = switch::first_on(&node_log, third_port, cr_t0)
+        .unwrap_or_else(|| panic!("{third} never took a direct write after the crash"));
+    let hap = via_haproxy.attempts();
+    let pgb_new = via_pgb.attempts();
+    let hap_after = switch::ms_between(
+        own,
+        switch::first_on(&hap, third_port, cr_t0).expect("a write through HAProxy"),
+    );
+    let pgb_after = switch::ms_between(
+        own,
+        switch::first_on(&pgb_new, third_port, cr_t0).expect("a write through PgBouncer"),
+    );
+    println!(
+        "RESULT fast_path crash {crashed}->{third}: after the node's own first write, HAProxy +{hap_after:.0} ms, PgBouncer +{pgb_after:.0} ms; errors haproxy={:?} pgbouncer={:?}",
+        switch::errors_by_class(&hap, cr_t0),
+        switch::errors_by_class(&pgb_new, cr_t0),
+    );
+    for (what, log) in [("HAProxy", &hap), ("PgBouncer", &pgb_new)] {
+        assert_eq!(
+            switch::errors_by_class(log, cr_t0).get("read_only"),
+            None,
+            "{what} sent a write to a read-only node after the crash: {:?}",
+            switch::first_errors(log, cr_t0, 5)
+        );
+    }
+    // Generous bounds for a shared 2-core machine; the benchmark measures the real figures.
+    assert!(
+        hap_after < 1000.0 && pgb_after < 1000.0,
+        "after the crash, writes reached {third} through HAProxy {hap_after:.0} ms and PgBouncer {pgb_after:.0} ms after it took its own first write\n{}",
+        stack.diag()
+    );
+    if std::env::var_os("E2E_SHOW_LOG").is_some() {
+        println!("--- haconfd log:\n{}", stack.haconfd_events());
+    }
+    drop(via_pgb);
+    drop(via_haproxy);
+    drop(nodes);
     // The crashed member's keys expired with the leader key (one lease, one etcd revision):
     // haconfd must drop it from haproxy.cfg. Let the sampler see that file too.
     let gone = wait_until(Duration::from_secs(15), || {

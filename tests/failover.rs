@@ -17,6 +17,7 @@ use common::procs::{
 };
 
 struct Lb {
+    primary_port: u16,
     _dir: tempfile::TempDir,
     config: PathBuf,
     admin_sock: PathBuf,
@@ -33,11 +34,17 @@ fn member_key(prefix: &str, m: &FakeMember) -> String {
 /// Writes the config (without a reload action until HAProxy runs), renders once, starts HAProxy
 /// on the result, then `haconfd run` with `failover` settings `extra`.
 fn start(scope_prefix: &str, failover: &str) -> Lb {
+    start_with(scope_prefix, failover, "")
+}
+
+/// [`start`] with extra `[vars]` lines.
+fn start_with(scope_prefix: &str, failover: &str, vars: &str) -> Lb {
     let dir = temp_dir("failover");
     let d = dir.path().to_path_buf();
     let config = d.join("haconfd.toml");
     let admin_sock = d.join("admin.sock");
     let http_port = free_port();
+    let primary_port = free_port();
     let write = |reload: &str| {
         let text = format!(
             r#"[etcd]
@@ -57,6 +64,7 @@ replica_port = {r}
 stats_port = {s}
 stats_socket = "{admin}"
 check_inter = "60s"
+{vars}
 [[template]]
 name = "haproxy"
 src = "{root}/templates/haproxy.cfg.tera"
@@ -70,7 +78,7 @@ server_state = {{ stats_socket = "{admin}", file = "{d}/server-state" }}
                 .rsplit('/')
                 .next()
                 .unwrap(),
-            p = free_port(),
+            p = primary_port,
             r = free_port(),
             s = free_port(),
             admin = admin_sock.display(),
@@ -103,6 +111,7 @@ server_state = {{ stats_socket = "{admin}", file = "{d}/server-state" }}
         .args(["run", "--log-format", "json"]);
     let haconfd = Proc::spawn_logged("haconfd", cmd, &log);
     let lb = Lb {
+        primary_port,
         _dir: dir,
         config,
         admin_sock,
@@ -294,6 +303,13 @@ fn a_new_leader_takes_writes_in_haproxy_only_once_it_confirms_it_takes_them() {
     let before = lb.haproxy.reload_count();
     let pg3 = FakeMember::start("pg3", Role::Replica);
     etcd.put(&member_key(&prefix, &pg3), &pg3.member_json("replica"));
+    // As Patroni keeps them: the leader key and its member key on the leader's lease.
+    let lease = etcd.put_with_lease(&format!("{prefix}leader"), "pg1", 60);
+    etcd.put_on_lease(
+        &member_key(&prefix, &pg1),
+        &pg1.member_json("master"),
+        lease,
+    );
     assert!(
         wait_until(Duration::from_secs(10), || lb.haproxy.reload_count()
             > before),
@@ -429,4 +445,89 @@ fn haproxy_drifting_from_the_leader_is_reported_after_the_grace() {
     );
     lb.admin("set server primary/pg2 health down");
     lb.wait_drift(0);
+}
+
+/// A crash: the leader's lease expires, taking its leader key and its member key with it, so
+/// haproxy.cfg changes while the new leader is still promoting. A reload then would hand the
+/// listeners to a new worker while the old one keeps the connections the hold action is holding,
+/// and the runtime-API move reaches the new worker only: those clients would wait out the hold
+/// and be closed. The reload waits for the confirmation instead, and a held client is served by
+/// the new primary.
+#[test]
+fn a_crash_that_drops_members_reloads_haproxy_only_after_the_new_primary_is_confirmed() {
+    let etcd = Etcd::shared();
+    let (prefix, pg1, pg2) = two_members("crashhold");
+    let pg3 = FakeMember::start("pg3", Role::Replica);
+    etcd.put(&member_key(&prefix, &pg3), &pg3.member_json("replica"));
+    // As Patroni keeps them: the leader key and its member key on the leader's lease.
+    let lease = etcd.put_with_lease(&format!("{prefix}leader"), "pg1", 60);
+    etcd.put_on_lease(
+        &member_key(&prefix, &pg1),
+        &pg1.member_json("master"),
+        lease,
+    );
+    let hold = format!(
+        "hold_lua = \"{}/templates/hold.lua\"\nhold_max_ms = 8000",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let lb = start_with(&prefix, "", &hold);
+    assert!(
+        lb.wait_server("primary", "pg3", (DOWN, READY), Duration::from_secs(5)),
+        "{}",
+        lb.diag()
+    );
+    let reloads = lb.haproxy.reload_count();
+
+    // The lease of pg1 expires: its leader key and member key go in one revision; pg2 takes
+    // the leader key while still in recovery.
+    drop(pg1);
+    pg2.set_role(Role::Promoting);
+    etcd.revoke(lease);
+    assert!(
+        lb.wait_server("primary", "pg1", (UP, DRAIN), Duration::from_secs(2)),
+        "the lost leader was not fenced:\n{}",
+        lb.diag()
+    );
+    etcd.put(&format!("{prefix}leader"), "pg2");
+
+    // A client connects in the gap: no server takes writes, the hold action keeps it waiting.
+    let port = lb.primary_port;
+    let client = std::thread::spawn(move || -> std::io::Result<String> {
+        use std::io::{BufRead, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(8)))?;
+        s.write_all(b"hello\n")?;
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line)?;
+        Ok(line.trim().to_owned())
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        lb.haproxy.reload_count(),
+        reloads,
+        "HAProxy was reloaded before the new primary was confirmed:\n{}",
+        lb.diag()
+    );
+
+    pg2.set_role(Role::Primary);
+    let served = client.join().unwrap();
+    assert_eq!(
+        served.as_ref().ok().map(String::as_str),
+        Some("pg2"),
+        "the held client was not handed to the new primary: {served:?}\n{}",
+        lb.diag()
+    );
+    // The change waiting for the confirmation is applied after it: pg1 leaves the file, one
+    // reload, and pg2 stays the only primary.
+    assert!(
+        wait_until(Duration::from_secs(10), || lb.haproxy.reload_count()
+            > reloads),
+        "haproxy.cfg change never applied:\n{}",
+        lb.diag()
+    );
+    assert!(
+        lb.wait_server("primary", "pg2", (UP, READY), Duration::from_secs(3)),
+        "{}",
+        lb.diag()
+    );
 }
