@@ -314,7 +314,7 @@ impl Daemon {
     fn update_source_status(&self, state: &SourceState) {
         let mut st = self.status.lock().expect("status lock");
         st.etcd_connected = state.connected;
-        st.etcd_error = state.last_error.clone();
+        st.etcd_error = state.last_error.as_ref().map(|e| e.to_string());
         st.revision = state.snapshot.as_ref().map(|s| s.revision).unwrap_or(0);
         st.relists = state.relists;
     }
