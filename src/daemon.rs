@@ -518,6 +518,7 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<String> {
         }
     };
     let (a, b) = (&old.etcd, &new.etcd);
+    diff("etcd.api", a.api != b.api);
     diff("etcd.endpoints", a.endpoints != b.endpoints);
     diff("etcd.namespace", a.namespace != b.namespace);
     diff("etcd.scope", a.scope != b.scope);

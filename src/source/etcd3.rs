@@ -226,6 +226,7 @@ impl Store for Etcd3 {
     // etcd keeps v3 history until it is compacted: after an outage the watch resumes from the
     // held revision, and a compaction meanwhile cancels it with a re-list.
     const RELIST_AFTER_FAILURE: bool = false;
+    const EMPTY_HINT: &'static str = "if Patroni is configured with its `etcd:` section (the v2 API), its keys are in etcd's v2 store, which the v3 API does not show: set etcd.api = \"v2\"";
 
     async fn connect(cfg: &EtcdSettings) -> Result<Self, SourceError> {
         Ok(Etcd3 {

@@ -2,12 +2,15 @@
 //! on a `watch` channel.
 //!
 //! Each etcd protocol is one file behind [`Store`]: `etcd3` (the v3 gRPC API, Patroni's `etcd3:`
-//! section). A store lists the prefix at one revision and watches it from there. Everything else is here, once: one fallible session
+//! section) and `etcd2` (the v2 HTTP API, Patroni's `etcd:` section). A store lists the prefix at
+//! one revision and watches it from there. Everything else is here, once: one fallible session
 //! (connect, list, watch until something breaks) inside one retry loop with backoff; applying
 //! events to the snapshot, skipping those it already holds, so that nothing is lost or applied
 //! twice; re-lists when etcd's history no longer reaches back far enough; the periodic resync; the
-//! outage log; and what is published. Nothing downstream knows which store fed it.
+//! outage log; and what is published. `etcd.api` picks the store; nothing downstream knows which
+//! one fed it.
 
+mod etcd2;
 mod etcd3;
 
 use std::convert::Infallible;
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
-use crate::config::EtcdSettings;
+use crate::config::{EtcdApi, EtcdSettings};
 use crate::snapshot::Snapshot;
 
 /// Errors talking to etcd; each names the endpoints or prefix involved.
@@ -53,6 +56,14 @@ pub enum SourceError {
         /// Cause.
         source: std::io::Error,
     },
+    /// A TLS file was read but holds no usable certificate or key.
+    #[error("etcd TLS file {path}: {message}")]
+    TlsInvalid {
+        /// File.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// Listing the prefix failed.
     #[error("cannot list {prefix} from etcd at {endpoints}: {message}")]
     List {
@@ -72,6 +83,13 @@ pub enum SourceError {
         endpoints: String,
         /// Cause.
         message: String,
+    },
+    /// `etcd.api = "v2"`, but the endpoint does not serve the v2 API: etcd 3.4 and 3.5 serve it
+    /// only with `--enable-v2`, and etcd 3.6 removed it.
+    #[error("etcd at {endpoint} does not serve the v2 API (404 on /v2/keys): start etcd 3.4 or 3.5 with --enable-v2 (Patroni's `etcd:` section needs it too), or move Patroni to its `etcd3:` section and set etcd.api = \"v3\"")]
+    NoV2 {
+        /// The endpoint that answered 404.
+        endpoint: String,
     },
     /// etcd did not answer in time.
     #[error("etcd at {endpoints} did not answer within {timeout:?} ({what})")]
@@ -94,17 +112,21 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    /// Whether retrying cannot fix it: refused credentials or permissions, an unreadable TLS
-    /// file. One-shot modes report these at once instead of retrying until their deadline.
+    /// Whether retrying cannot fix it: refused credentials or permissions, an unusable TLS file,
+    /// an etcd without the configured API. One-shot modes report these at once instead of
+    /// retrying until their deadline.
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            SourceError::Denied { .. } | SourceError::TlsFile { .. }
+            SourceError::Denied { .. }
+                | SourceError::TlsFile { .. }
+                | SourceError::TlsInvalid { .. }
+                | SourceError::NoV2 { .. }
         )
     }
 }
 
-/// The largest single answer accepted from etcd (a list page, a watch response).
+/// The largest single answer accepted from etcd (a list page, a watch response, a v2 listing).
 /// tonic's default is 4 MiB, and a scope with large member keys exceeded it in one list answer; a
 /// watch catching up sends many revisions in one response. etcd itself caps a value at
 /// `--max-request-bytes` (1.5 MiB by default).
@@ -132,6 +154,8 @@ trait Store: Sized + Send {
     type Watch: WatchStream;
     /// After a failed session, list again instead of resuming the watch from the held revision.
     const RELIST_AFTER_FAILURE: bool;
+    /// What to check when the prefix is empty, for the log (the other API's keys are invisible).
+    const EMPTY_HINT: &'static str;
 
     /// A client for the settings' endpoints, TLS and credentials.
     fn connect(cfg: &EtcdSettings) -> impl Future<Output = Result<Self, SourceError>> + Send;
@@ -188,6 +212,8 @@ enum Change {
     Put(Vec<u8>),
     /// The key is gone.
     Delete,
+    /// The key and every key under `key/` are gone (a v2 directory).
+    DeleteTree,
 }
 
 /// Runs the source until `shutdown` flips to true, publishing on `tx`.
@@ -198,16 +224,28 @@ pub async fn run(
     tx: watch::Sender<SourceState>,
     shutdown: watch::Receiver<bool>,
 ) {
-    Runner::<etcd3::Etcd3>::new(cfg, resync_interval, max_backoff, tx)
-        .run(shutdown)
-        .await
+    match cfg.api {
+        EtcdApi::V3 => {
+            Runner::<etcd3::Etcd3>::new(cfg, resync_interval, max_backoff, tx)
+                .run(shutdown)
+                .await
+        }
+        EtcdApi::V2 => {
+            Runner::<etcd2::Etcd2>::new(cfg, resync_interval, max_backoff, tx)
+                .run(shutdown)
+                .await
+        }
+    }
 }
 
 /// Connects and lists once, retrying with backoff until `timeout` (for `once`, `check`, `render`).
 /// Refused credentials or permissions end it at once; otherwise the error at the deadline is the
 /// last real one seen, not only "no answer".
 pub async fn fetch_once(cfg: &EtcdSettings, timeout: Duration) -> Result<Snapshot, SourceError> {
-    fetch_with::<etcd3::Etcd3>(cfg, timeout).await
+    match cfg.api {
+        EtcdApi::V3 => fetch_with::<etcd3::Etcd3>(cfg, timeout).await,
+        EtcdApi::V2 => fetch_with::<etcd2::Etcd2>(cfg, timeout).await,
+    }
 }
 
 async fn fetch_with<S: Store>(
@@ -224,7 +262,12 @@ async fn fetch_with<S: Store>(
         };
         let left = deadline.saturating_duration_since(Instant::now());
         let err = match tokio::time::timeout(left, attempt).await {
-            Ok(Ok(s)) => return Ok(s),
+            Ok(Ok(s)) => {
+                if s.kvs.is_empty() {
+                    tracing::warn!(prefix = %cfg.prefix(), "no keys under the prefix: {}", S::EMPTY_HINT);
+                }
+                return Ok(s);
+            }
             Ok(Err(e)) if e.is_permanent() => return Err(e),
             Ok(Err(e)) => e,
             Err(_) => {
@@ -270,6 +313,7 @@ struct Runner<S> {
     /// Since when etcd has been failing, if it is.
     down_since: Option<Instant>,
     last_reminder: Instant,
+    warned_empty: bool,
 }
 
 impl<S: Store> Runner<S> {
@@ -290,6 +334,7 @@ impl<S: Store> Runner<S> {
             need_list: true,
             down_since: None,
             last_reminder: Instant::now(),
+            warned_empty: false,
         }
     }
 
@@ -325,6 +370,10 @@ impl<S: Store> Runner<S> {
                 let s = store.list().await?;
                 self.need_list = false;
                 tracing::info!(revision = s.revision, keys = s.kvs.len(), prefix = %self.prefix, "listed");
+                if s.kvs.is_empty() && !self.warned_empty {
+                    self.warned_empty = true;
+                    tracing::warn!(prefix = %self.prefix, "no keys under the prefix: {}", S::EMPTY_HINT);
+                }
                 self.snap = Some(s);
                 publish(&self.tx, self.snap.as_ref(), true);
             }
@@ -435,6 +484,21 @@ fn apply(
                 if current.kvs.contains_key(&ev.key) {
                     current.delete(&ev.key);
                     changes.push((ev.key, None));
+                }
+            }
+            Change::DeleteTree => {
+                let under = format!("{}/", ev.key.trim_end_matches('/'));
+                let gone: Vec<String> = current
+                    .kvs
+                    .range(under.clone()..)
+                    .map(|(k, _)| k)
+                    .take_while(|k| k.starts_with(&under))
+                    .chain(current.kvs.get_key_value(&ev.key).map(|(k, _)| k))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    current.delete(&key);
+                    changes.push((key, None));
                 }
             }
         }
@@ -553,11 +617,12 @@ mod tests {
     }
 
     #[test]
-    fn events_the_view_holds_are_skipped() {
+    fn events_the_view_holds_are_skipped_and_directories_delete_what_is_under_them() {
         let mut s = Snapshot::new();
-        for k in ["leader", "members/a"] {
+        for k in ["leader", "members/a", "members/b", "config"] {
             s.put(format!("/service/s/{k}"), b"x".to_vec());
         }
+        s.put("/service/s2/leader".into(), b"y".to_vec());
         s.revision = 10;
         let changes = apply(
             &mut s,
@@ -565,22 +630,38 @@ mod tests {
             vec![
                 // Already in the view (listed at 10).
                 ev(9, "/service/s/members/c", Change::Put(b"old".to_vec())),
-                ev(11, "/service/s/members/a", Change::Delete),
-                ev(12, "/service/s/members/c", Change::Put(b"new".to_vec())),
-                ev(13, "/service/s/nothing", Change::Delete),
+                ev(11, "/service/s/members", Change::DeleteTree),
+                // Not under the prefix: a v2 watch of the directory sees the directory itself.
+                ev(12, "/service/s", Change::Put(Vec::new())),
+                ev(13, "/service/s/members/c", Change::Put(b"new".to_vec())),
+                ev(14, "/service/s/nothing", Change::Delete),
             ],
         );
         assert_eq!(
             changes,
             vec![
                 ("/service/s/members/a".to_string(), None),
+                ("/service/s/members/b".to_string(), None),
                 ("/service/s/members/c".to_string(), Some(b"new".to_vec())),
             ]
         );
-        assert_eq!(s.revision, 13);
+        assert_eq!(s.revision, 14);
         assert_eq!(
             s.kvs.keys().collect::<Vec<_>>(),
-            ["/service/s/leader", "/service/s/members/c"]
+            [
+                "/service/s/config",
+                "/service/s/leader",
+                "/service/s/members/c",
+                "/service/s2/leader"
+            ]
         );
+        // The whole namespace deleted at once (v2: `rm -r /service`).
+        let changes = apply(
+            &mut s,
+            "/service/s/",
+            vec![ev(15, "/service", Change::DeleteTree)],
+        );
+        assert_eq!(changes.len(), 4);
+        assert!(s.kvs.is_empty());
     }
 }
