@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{LogFormat, Overrides, DEFAULT_CONFIG_PATH};
+use crate::config::{EtcdApi, LogFormat, Overrides, DEFAULT_CONFIG_PATH};
 
 /// Exit codes, the same for every mode.
 pub mod exit {
@@ -48,8 +48,8 @@ Exit codes:
   7  a file could not be written
   8  files were written but a reload failed
 
-Environment: HACONFD_CONFIG, HACONFD_ETCD_ENDPOINTS, HACONFD_NAMESPACE, HACONFD_SCOPE,
-HACONFD_ETCD_USERNAME, HACONFD_ETCD_PASSWORD, HACONFD_LOG_FORMAT, HACONFD_LOG_LEVEL.";
+Environment: HACONFD_CONFIG, HACONFD_ETCD_API, HACONFD_ETCD_ENDPOINTS, HACONFD_NAMESPACE,
+HACONFD_SCOPE, HACONFD_ETCD_USERNAME, HACONFD_ETCD_PASSWORD, HACONFD_LOG_FORMAT, HACONFD_LOG_LEVEL.";
 
 /// haconfd command line.
 #[derive(Debug, Parser)]
@@ -75,6 +75,10 @@ pub struct GlobalArgs {
     /// Configuration file (TOML).
     #[arg(short, long, global = true, env = "HACONFD_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
+    /// The etcd API Patroni writes to: v3 for its `etcd3:` section, v2 for `etcd:` (replaces
+    /// etcd.api).
+    #[arg(long, global = true, env = "HACONFD_ETCD_API", value_enum)]
+    pub etcd_api: Option<EtcdApi>,
     /// etcd endpoints, comma-separated (replaces etcd.endpoints).
     #[arg(
         long,
@@ -201,6 +205,7 @@ impl Cli {
     pub fn overrides(&self) -> Overrides {
         let g = &self.global;
         let mut o = Overrides {
+            etcd_api: g.etcd_api,
             endpoints: g.endpoints.clone(),
             namespace: g.namespace.clone(),
             scope: g.scope.clone(),

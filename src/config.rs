@@ -77,6 +77,8 @@ pub struct RawConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EtcdConfig {
+    /// Which etcd API Patroni writes to: `v3` for its `etcd3:` section, `v2` for `etcd:`.
+    pub api: EtcdApi,
     /// Client URLs, e.g. `http://127.0.0.1:2379`.
     pub endpoints: Vec<String>,
     /// Patroni's `namespace` (default `/service`).
@@ -108,6 +110,7 @@ pub struct EtcdConfig {
 impl Default for EtcdConfig {
     fn default() -> Self {
         Self {
+            api: EtcdApi::V3,
             endpoints: vec!["http://127.0.0.1:2379".into()],
             namespace: "/service".into(),
             scope: None,
@@ -121,6 +124,18 @@ impl Default for EtcdConfig {
             tls: None,
         }
     }
+}
+
+/// The etcd API haconfd reads Patroni's keys through. Each keeps its own keys: a v3 reader never
+/// sees what Patroni's `etcd:` (v2) section writes, nor the reverse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EtcdApi {
+    /// The v3 (gRPC) API: Patroni's `etcd3:` section.
+    #[default]
+    V3,
+    /// The v2 (HTTP/JSON) API: Patroni's `etcd:` section (etcd 3.4/3.5 with `--enable-v2`).
+    V2,
 }
 
 /// `[etcd.tls]`.
@@ -325,6 +340,8 @@ fn default_replica_backends() -> Vec<String> {
 /// Overrides from flags and `HACONFD_*` env vars (clap merges the two, flag first).
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
+    /// Replaces `etcd.api`.
+    pub etcd_api: Option<EtcdApi>,
     /// Replaces `etcd.endpoints`.
     pub endpoints: Option<Vec<String>>,
     /// Replaces `etcd.namespace`.
@@ -369,6 +386,9 @@ impl RawConfig {
 
     /// Applies flag/env overrides on top of the file.
     pub fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = o.etcd_api {
+            self.etcd.api = v;
+        }
         if let Some(v) = &o.endpoints {
             self.etcd.endpoints = v.clone();
         }
@@ -499,6 +519,8 @@ pub struct Settings {
 /// Resolved `[etcd]`.
 #[derive(Clone)]
 pub struct EtcdSettings {
+    /// The API Patroni's keys are read through.
+    pub api: EtcdApi,
     /// Client URLs.
     pub endpoints: Vec<String>,
     /// Normalised namespace: `/service` style (one leading `/`, no trailing or doubled `/`), or
@@ -533,6 +555,7 @@ impl fmt::Debug for EtcdSettings {
     // effective settings goes through.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EtcdSettings")
+            .field("api", &self.api)
             .field("endpoints", &self.endpoints)
             .field("namespace", &self.namespace)
             .field("scope", &self.scope)
@@ -717,6 +740,7 @@ fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigEr
         }
     }
     Ok(EtcdSettings {
+        api: e.api,
         endpoints,
         namespace,
         scope,

@@ -303,7 +303,7 @@ impl Daemon {
     fn update_source_status(&self, state: &SourceState) {
         let mut st = self.status.lock().expect("status lock");
         st.etcd_connected = state.connected;
-        st.etcd_error = state.last_error.clone();
+        st.etcd_error = state.last_error.as_ref().map(|e| e.to_string());
         st.revision = state.snapshot.as_ref().map(|s| s.revision).unwrap_or(0);
         st.relists = state.relists;
     }
@@ -515,6 +515,7 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<String> {
         }
     };
     let (a, b) = (&old.etcd, &new.etcd);
+    diff("etcd.api", a.api != b.api);
     diff("etcd.endpoints", a.endpoints != b.endpoints);
     diff("etcd.namespace", a.namespace != b.namespace);
     diff("etcd.scope", a.scope != b.scope);

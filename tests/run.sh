@@ -5,12 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(protobuf-compiler etcd-server etcd-client haproxy pgbouncer postgresql patroni)
+# python3-etcd: Patroni's `etcd:` (v2) section, for the v2 end-to-end test.
+packages=(protobuf-compiler etcd-server etcd-client haproxy pgbouncer postgresql patroni python3-etcd)
 need_install=0
 for bin in protoc etcd etcdctl haproxy pgbouncer patroni patronictl psql; do
     if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then need_install=1; fi
 done
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need_install=1
+python3 -c 'import etcd' 2>/dev/null || need_install=1
 if [ "$need_install" = 1 ]; then
     echo "== installing test dependencies: ${packages[*]}"
     sudo=""

@@ -131,10 +131,23 @@ impl MemberStatus {
     }
 }
 
+/// Which section of Patroni's config names etcd, and so which of etcd's APIs its keys go to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DcsSection {
+    /// `etcd3:`, the v3 API (the default here).
+    #[default]
+    Etcd3,
+    /// `etcd:`, the v2 API (python3-etcd; etcd started with `--enable-v2`). Its keys live in
+    /// etcd's v2 store: same paths, invisible to a v3 reader.
+    Etcd,
+}
+
 pub struct PatroniCluster {
     pub etcd_endpoint: String,
     pub scope: String,
     pub timing: Timing,
+    /// The etcd section each node's config has.
+    pub dcs: DcsSection,
     dir: Option<tempfile::TempDir>,
     nodes: Vec<Node>,
     children: Vec<Option<Child>>,
@@ -157,6 +170,17 @@ impl PatroniCluster {
         scope: &str,
         n: usize,
         timing: Timing,
+    ) -> PatroniCluster {
+        Self::start_with_dcs(etcd_endpoint, scope, n, timing, DcsSection::Etcd3)
+    }
+
+    /// [`PatroniCluster::start_with`] with the given etcd section (`etcd:` for the v2 API).
+    pub fn start_with_dcs(
+        etcd_endpoint: &str,
+        scope: &str,
+        n: usize,
+        timing: Timing,
+        dcs: DcsSection,
     ) -> PatroniCluster {
         assert!(n >= 1, "need at least one node");
         let t0 = Instant::now();
@@ -185,6 +209,7 @@ impl PatroniCluster {
             etcd_endpoint: etcd_endpoint.to_string(),
             scope: scope.to_string(),
             timing,
+            dcs,
             dir: Some(dir),
             nodes: Vec::new(),
             children: Vec::new(),
@@ -538,7 +563,11 @@ impl PatroniCluster {
             .filter(|h| !h.is_empty())
             .collect();
         let t = self.timing;
-        json!({
+        let section = match self.dcs {
+            DcsSection::Etcd3 => "etcd3",
+            DcsSection::Etcd => "etcd",
+        };
+        let mut cfg = json!({
             "scope": self.scope,
             "namespace": NAMESPACE,
             "name": n.name,
@@ -547,7 +576,6 @@ impl PatroniCluster {
                 "listen": format!("127.0.0.1:{}", n.api_port),
                 "connect_address": format!("127.0.0.1:{}", n.api_port),
             },
-            "etcd3": { "hosts": hosts },
             "bootstrap": {
                 "dcs": {
                     "ttl": t.ttl,
@@ -597,7 +625,9 @@ impl PatroniCluster {
                 ]
             },
             "tags": { "nofailover": false, "noloadbalance": false, "clonefrom": false, "nosync": false }
-        })
+        });
+        cfg[section] = json!({ "hosts": hosts });
+        cfg
     }
 
     fn spawn_patroni(&self, n: &Node) -> Result<Child> {

@@ -42,7 +42,7 @@ use nix::unistd::{Pid, User};
 
 /// What to run when a component is missing.
 pub const SETUP_HINT: &str = "install the test dependencies with `sudo apt-get install -y \
-protobuf-compiler etcd-server etcd-client haproxy pgbouncer postgresql patroni` (or run `bash .ci/run`)";
+protobuf-compiler etcd-server etcd-client haproxy pgbouncer postgresql patroni python3-etcd` (or run `bash .ci/run`)";
 
 /// Directories searched after `$PATH`.
 const EXTRA_BIN_DIRS: &[&str] = &[
@@ -627,6 +627,8 @@ pub struct Etcd {
     proc: Mutex<Option<Proc>>,
     /// `(cert, key, ca)` PEM paths when clients must use TLS with a client certificate.
     tls: Option<(String, String, String)>,
+    /// Serve the v2 API too (`--enable-v2`, etcd 3.4/3.5): Patroni's `etcd:` section.
+    v2: bool,
     paused: AtomicBool,
     rt: Mutex<Option<tokio::runtime::Runtime>>,
     handle: tokio::runtime::Handle,
@@ -723,6 +725,7 @@ impl Etcd {
             token,
             proc: Mutex::new(None),
             tls: None,
+            v2: false,
             paused: AtomicBool::new(false),
             rt: Mutex::new(Some(rt)),
             handle,
@@ -748,6 +751,9 @@ impl Etcd {
                 ca,
             ])
             .arg("--client-cert-auth");
+        }
+        if self.v2 {
+            cmd.arg("--enable-v2");
         }
         cmd.env_clear()
             .env("PATH", "/usr/bin:/bin")
@@ -1065,6 +1071,246 @@ impl Etcd {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// etcd's v2 API (Patroni's `etcd:` section): its own keys, invisible to the v3 helpers above
+// ---------------------------------------------------------------------------------------------
+
+/// One answer of the v2 API: status, `X-Etcd-Index`, and the JSON body.
+#[derive(Debug, Clone)]
+pub struct V2Answer {
+    pub status: u16,
+    pub index: Option<i64>,
+    pub body: serde_json::Value,
+}
+
+impl V2Answer {
+    /// The `modifiedIndex` of the answer's node (the index a write made).
+    pub fn modified_index(&self) -> i64 {
+        self.body["node"]["modifiedIndex"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no node.modifiedIndex in {self:?}"))
+    }
+}
+
+impl Etcd {
+    /// A fresh single-node etcd serving the v2 API too (`--enable-v2`), as Patroni's `etcd:`
+    /// section needs it.
+    pub fn start_v2() -> Etcd {
+        let (c, p) = (free_port(), free_port());
+        let initial = format!("default=http://127.0.0.1:{p}");
+        let mut e = Etcd::new_member("default".into(), c, p, initial, unique_name("etcd"));
+        e.v2 = true;
+        e.spawn_process();
+        assert!(
+            e.wait_healthy(Duration::from_secs(30)),
+            "etcd --enable-v2 not healthy:\n{}",
+            e.log()
+        );
+        e
+    }
+
+    /// [`Etcd::start_tls`] serving the v2 API too. The v2 helpers do not speak TLS: drive it
+    /// with `ETCDCTL_API=2 etcdctl`.
+    pub fn start_tls_v2(cert: &str, key: &str, ca: &str) -> Etcd {
+        let (c, p) = (free_port(), free_port());
+        let initial = format!("default=http://127.0.0.1:{p}");
+        let mut e = Etcd::new_member("default".into(), c, p, initial, unique_name("etcd"));
+        e.tls = Some((cert.into(), key.into(), ca.into()));
+        e.v2 = true;
+        e.spawn_process();
+        assert!(
+            wait_until(Duration::from_secs(30), || port_open(c)
+                && e.log().contains("serving client traffic")),
+            "TLS etcd did not come up:\n{}",
+            e.log()
+        );
+        e
+    }
+
+    /// One request to the v2 API (`/v2/...`) over plain HTTP/1.0, with a form body for writes and
+    /// optional basic auth. `Err` when etcd did not answer.
+    pub fn v2_request(
+        &self,
+        method: &str,
+        path: &str,
+        form: &[(&str, &str)],
+        auth: Option<(&str, &str)>,
+    ) -> Result<V2Answer, String> {
+        let body: String = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let kind = (!form.is_empty()).then_some("application/x-www-form-urlencoded");
+        self.v2_send(method, path, kind, &body, auth)
+    }
+
+    /// [`Etcd::v2_request`] with a JSON body (etcd's `/v2/auth` API).
+    pub fn v2_request_json(
+        &self,
+        method: &str,
+        path: &str,
+        json: &str,
+        auth: Option<(&str, &str)>,
+    ) -> Result<V2Answer, String> {
+        let kind = (!json.is_empty()).then_some("application/json");
+        self.v2_send(method, path, kind, json, auth)
+    }
+
+    fn v2_send(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &str,
+        auth: Option<(&str, &str)>,
+    ) -> Result<V2Answer, String> {
+        use base64::Engine as _;
+        let timeout = ETCD_OP_TIMEOUT;
+        let addr = ([127, 0, 0, 1], self.client_port).into();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(|e| format!("etcd v2 {method} {path}: connect: {e}"))?;
+        s.set_read_timeout(Some(timeout)).ok();
+        s.set_write_timeout(Some(timeout)).ok();
+        let mut req = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n");
+        if let Some((u, p)) = auth {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+            req.push_str(&format!("Authorization: Basic {b64}\r\n"));
+        }
+        if let Some(kind) = content_type {
+            req.push_str(&format!("Content-Type: {kind}\r\n"));
+        }
+        req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+        s.write_all(req.as_bytes())
+            .map_err(|e| format!("etcd v2 {method} {path}: {e}"))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)
+            .map_err(|e| format!("etcd v2 {method} {path}: {e}"))?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("etcd v2 {method} {path}: no status in {head:?}"))?;
+        let index = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-etcd-index")
+                .then(|| v.trim().parse().ok())
+                .flatten()
+        });
+        let body = serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.into()));
+        Ok(V2Answer {
+            status,
+            index,
+            body,
+        })
+    }
+
+    fn v2_ok(&self, method: &str, key: &str, form: &[(&str, &str)]) -> V2Answer {
+        let a = self
+            .v2_request(method, &format!("/v2/keys{key}"), form, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            (200..300).contains(&a.status),
+            "etcd v2 {method} {key}: {a:?}"
+        );
+        a
+    }
+
+    /// Sets a v2 key; returns the index of the write.
+    pub fn v2_put(&self, key: &str, value: &str) -> i64 {
+        self.v2_ok("PUT", key, &[("value", value)]).modified_index()
+    }
+
+    /// Sets a v2 key that expires after `ttl_secs` (as Patroni writes its leader and member keys).
+    pub fn v2_put_ttl(&self, key: &str, value: &str, ttl_secs: u32) -> i64 {
+        let ttl = ttl_secs.to_string();
+        self.v2_ok("PUT", key, &[("value", value), ("ttl", &ttl)])
+            .modified_index()
+    }
+
+    /// Deletes a v2 key; returns the index of the delete.
+    pub fn v2_delete(&self, key: &str) -> i64 {
+        self.v2_ok("DELETE", key, &[]).modified_index()
+    }
+
+    /// Deletes a v2 directory and everything under it (`patronictl remove`).
+    pub fn v2_delete_dir(&self, dir: &str) -> i64 {
+        self.v2_ok("DELETE", &format!("{dir}?recursive=true"), &[])
+            .modified_index()
+    }
+
+    /// A v2 key's value, or `None` when absent.
+    pub fn v2_get(&self, key: &str) -> Option<String> {
+        let a = self
+            .v2_request("GET", &format!("/v2/keys{key}"), &[], None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        match a.status {
+            200 => a.body["node"]["value"].as_str().map(String::from),
+            404 => None,
+            _ => panic!("etcd v2 GET {key}: {a:?}"),
+        }
+    }
+
+    /// The leaves under a v2 directory, sorted by key (empty when it does not exist).
+    pub fn v2_get_prefix(&self, dir: &str) -> Vec<(String, String)> {
+        fn walk(n: &serde_json::Value, out: &mut Vec<(String, String)>) {
+            if n["dir"].as_bool() == Some(true) {
+                for c in n["nodes"].as_array().into_iter().flatten() {
+                    walk(c, out);
+                }
+            } else if let (Some(k), Some(v)) = (n["key"].as_str(), n["value"].as_str()) {
+                out.push((k.to_owned(), v.to_owned()));
+            }
+        }
+        let a = self
+            .v2_request(
+                "GET",
+                &format!("/v2/keys{}?recursive=true", dir.trim_end_matches('/')),
+                &[],
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut out = Vec::new();
+        if a.status == 200 {
+            walk(&a.body["node"], &mut out);
+        }
+        out.sort();
+        out
+    }
+
+    /// The v2 store's current index (`X-Etcd-Index`).
+    pub fn v2_index(&self) -> i64 {
+        let a = self
+            .v2_request("GET", "/v2/keys/", &[], None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        a.index.unwrap_or_else(|| panic!("no X-Etcd-Index: {a:?}"))
+    }
+}
+
+impl EtcdCluster {
+    /// Sets a v2 key through the first member that answers.
+    pub fn v2_put(&self, key: &str, value: &str) -> i64 {
+        self.first_ok(|m| {
+            m.v2_request("PUT", &format!("/v2/keys{key}"), &[("value", value)], None)
+                .and_then(|a| match a.status {
+                    200..=299 => Ok(a.modified_index()),
+                    _ => Err(format!("{a:?}")),
+                })
+        })
+    }
+
+    /// Deletes a v2 key through the first member that answers.
+    pub fn v2_delete(&self, key: &str) -> i64 {
+        self.first_ok(|m| {
+            m.v2_request("DELETE", &format!("/v2/keys{key}"), &[], None)
+                .and_then(|a| match a.status {
+                    200..=299 => Ok(a.modified_index()),
+                    _ => Err(format!("{a:?}")),
+                })
+        })
+    }
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         if let Ok(mut g) = self.proc.lock() {
@@ -1087,6 +1333,15 @@ pub struct EtcdCluster {
 impl EtcdCluster {
     /// Starts `n` (usually 3) members at once and waits (60 s) until all are healthy.
     pub fn start(n: usize) -> EtcdCluster {
+        Self::start_members(n, false)
+    }
+
+    /// [`EtcdCluster::start`] with every member serving the v2 API too (`--enable-v2`).
+    pub fn start_v2(n: usize) -> EtcdCluster {
+        Self::start_members(n, true)
+    }
+
+    fn start_members(n: usize, v2: bool) -> EtcdCluster {
         assert!(n >= 1);
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial = ports
@@ -1100,7 +1355,9 @@ impl EtcdCluster {
             .iter()
             .enumerate()
             .map(|(i, &(c, p))| {
-                Etcd::new_member(format!("m{i}"), c, p, initial.clone(), token.clone())
+                let mut m = Etcd::new_member(format!("m{i}"), c, p, initial.clone(), token.clone());
+                m.v2 = v2;
+                m
             })
             .collect();
         for m in &members {
