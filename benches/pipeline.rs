@@ -1750,6 +1750,60 @@ fn fo_servers(sock: &Path) -> std::collections::BTreeMap<(String, String), (u8, 
         .collect()
 }
 
+/// What each of HAProxy's old workers (those still serving sessions after a reload) sees: the
+/// `primary` servers it has UP and how many sessions it holds, through the master CLI
+/// (`@!<pid> ...`). Empty when no old worker is left.
+fn fo_old_workers(h: &Haproxy) -> Vec<String> {
+    let Some(p) = h.try_show_proc() else {
+        return Vec::new();
+    };
+    let ask = |pid: i32, cmd: &str| {
+        procs::unix_cmd(
+            &h.master_socket(),
+            &format!("@!{pid} {cmd}"),
+            Duration::from_secs(2),
+        )
+        .unwrap_or_default()
+    };
+    p.old_workers
+        .iter()
+        .map(|w| {
+            let up: Vec<String> = ask(w.pid, "show servers state primary")
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.len() > 5 && f[5] == "2").then(|| f[3].to_string())
+                })
+                .collect();
+            let sessions = ask(w.pid, "show sess")
+                .lines()
+                .filter(|l| l.starts_with("0x"))
+                .count();
+            format!(
+                "old worker {} ({} reloads ago): primary servers UP {up:?}, {sessions} sessions \
+                 (the CLI's own included)",
+                w.pid, w.reloads
+            )
+        })
+        .collect()
+}
+
+/// haconfd's WARN and ERROR lines since `wall0_ms`: each distinct message once, with a count.
+fn fo_warnings(daemon: &Haconfd, wall0_ms: f64) -> Vec<String> {
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    for l in daemon.log.all.iter().filter(|l| l.ts_ms >= wall0_ms) {
+        if !(l.raw.contains("\"level\":\"WARN\"") || l.raw.contains("\"level\":\"ERROR\"")) {
+            continue;
+        }
+        match seen.iter_mut().find(|(m, _)| *m == l.message) {
+            Some((_, n)) => *n += 1,
+            None => seen.push((l.message.clone(), 1)),
+        }
+    }
+    seen.into_iter().map(|(m, n)| format!("{n}× {m}")).collect()
+}
+
 /// `SELECT inet_server_port(), pg_is_in_recovery()` on a new connection to 127.0.0.1:`port`
 /// (simple query protocol: PgBouncer in transaction mode), on its own thread.
 fn fo_route(port: u16) -> Result<(u16, bool), String> {
@@ -1805,6 +1859,11 @@ struct FoRun {
     /// followed, PgBouncer and HAProxy reloaded (first of each).
     marks: std::collections::BTreeMap<&'static str, f64>,
     window_ms: f64,
+    /// HAProxy's old workers 0.2 s after the new primary's own first write (see
+    /// [`fo_old_workers`]).
+    old_workers: Vec<String>,
+    /// haconfd's warnings and errors during the round.
+    warnings: Vec<String>,
     settled: bool,
     problems: Vec<String>,
     pgbouncer_fixup: bool,
@@ -1948,6 +2007,10 @@ fn failover_round(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // By then haconfd has moved HAProxy (it confirms within milliseconds of the node's own
+    // first write): does an old worker still hold connections it cannot hand over?
+    std::thread::sleep(Duration::from_millis(200));
+    let old_workers = fo_old_workers(stack.haproxy());
     let reach_deadline = own.unwrap_or_else(Instant::now) + FO_REACH_BOUND;
     let (mut via_haproxy, mut via_pgbouncer) = (None, None);
     for _ in 0..2000 {
@@ -1967,6 +2030,7 @@ fn failover_round(
     let logs = switch::stop_all(probes);
     switch::stop_all(nodes.into_iter().map(|(_, _, p)| p).collect());
     let marks = fo_marks(stack.daemon(), unix_ms(wall0));
+    let warnings = fo_warnings(stack.daemon(), unix_ms(wall0));
 
     let ms = |t: Option<Instant>| t.map(|t| switch::ms_between(t0, t));
     let own_from = own.unwrap_or(end);
@@ -2004,6 +2068,8 @@ fn failover_round(
             .collect(),
         marks,
         window_ms: switch::ms_between(t0, end),
+        old_workers,
+        warnings,
         settled: settled.ok,
         problems: settled.problems,
         pgbouncer_fixup: settled.pgbouncer_fixup,
@@ -2053,6 +2119,12 @@ fn fo_print_run(r: &FoRun) {
             println!("       first {what} errors: {errs:?}");
         }
     }
+    for w in &r.old_workers {
+        println!("       HAProxy 0.2 s after the node's own write: {w}");
+    }
+    if !r.warnings.is_empty() {
+        println!("       haconfd warned: {:?}", r.warnings);
+    }
 }
 
 fn fo_run_json(r: &FoRun) -> Value {
@@ -2083,6 +2155,8 @@ fn fo_run_json(r: &FoRun) -> Value {
         "attempts": r.attempts,
         "haconfd_log_ms": r.marks,
         "window_ms": r1(Some(r.window_ms)),
+        "haproxy_old_workers_after_own": r.old_workers,
+        "haconfd_warnings": r.warnings,
         "settled": r.settled,
         "problems": r.problems,
         "pgbouncer_sighup_by_bench_before": r.pgbouncer_fixup,
