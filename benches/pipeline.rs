@@ -1,9 +1,9 @@
 //! Benchmarks of haconfd against a real etcd, HAProxy and Patroni on loopback (docs/BENCHMARKS.md).
 //!
 //! `cargo bench --bench pipeline` runs every scenario; `cargo bench --bench pipeline -- NAME` runs
-//! one (`latency`, `burst`, `idle`, `reload-under-load`, `heartbeat`). Each scenario is bounded in count and
-//! time, prints a human-readable result line (`RESULT ...`) and a machine-readable JSON line
-//! (`{"bench":...}`), and stops every process it started, by PID.
+//! one (`latency`, `burst`, `idle`, `reload-under-load`, `heartbeat`, `failover`). Each scenario
+//! is bounded in count and time, prints a human-readable result line (`RESULT ...`) and a
+//! machine-readable JSON line (`{"bench":...}`), and stops every process it started, by PID.
 //!
 //! The haconfd under test is `$HACONFD_BIN` when set, else the binary cargo built for this bench
 //! (`CARGO_BIN_EXE_haconfd`: the bench profile inherits `release`, so it is
@@ -13,7 +13,17 @@
 //! `BENCH_IDLE_SECS` (default 60), `BENCH_RELOADS` (default 100 reloads per reload-under-load
 //! phase), `BENCH_VERIFY_RELOAD=1` (haconfd also verifies each reload on the master CLI; see
 //! [`verify_reload`]), `BENCH_HEARTBEAT_MEMBERS` (default `3,300,3000`) and
-//! `BENCH_HEARTBEAT_SECS` (default 2 s per variant, at most 200 events).
+//! `BENCH_HEARTBEAT_SECS` (default 2 s per variant, at most 200 events),
+//! `BENCH_FAILOVER_SWITCHOVERS` (default 5) and `BENCH_FAILOVER_CRASHES` (default 3) per
+//! variant, `BENCH_FAILOVER_MAX_SECS` (default 3600: no failover round starts after that), and
+//! `BENCH_PATRONI_VENV` (a virtualenv whose `bin/patroni` and `bin/patronictl` the failover
+//! scenario runs instead of Debian's; docs/BENCHMARKS.md says how to make one).
+//!
+//! `failover` times leader changes of a real 3-node Patroni cluster from the clients' side: a
+//! write probe on every node (when does the new primary itself first take a write), new
+//! connections through HAProxy's write port and through PgBouncer, and two persistent PgBouncer
+//! clients, with haconfd's fast path (`fast`) and with health checks and SIGHUP alone
+//! (`checks`), alternating round by round on the same cluster, HAProxy and PgBouncer.
 //!
 //! Latency is measured from just before the etcd put (client side, `SystemTime`) to the
 //! `timestamp` of haconfd's JSON log line `reloaded` for that pass; both clocks are this machine's
@@ -34,11 +44,19 @@ use serde_json::{json, Value};
 use common::patroni::{self, LoadStats, PatroniCluster, ReadLoad, WriteLoad};
 use common::procs::{
     self, free_port, run_with_timeout, temp_dir, unique_name, wait_until, Etcd, FakeMember,
-    Haproxy, Proc, Role,
+    Haproxy, Pgbouncer, Proc, Role,
 };
+use common::switch::{self, Mode, WriteProbe};
 
 /// The scenarios, in the order `cargo bench --bench pipeline` runs them.
-const SCENARIOS: &[&str] = &["latency", "burst", "idle", "reload-under-load", "heartbeat"];
+const SCENARIOS: &[&str] = &[
+    "latency",
+    "burst",
+    "idle",
+    "reload-under-load",
+    "heartbeat",
+    "failover",
+];
 
 /// confd's figures from the field measurements haconfd was designed against (not measured here:
 /// confd is not installable).
@@ -89,6 +107,7 @@ fn main() {
             "idle" => bench_idle(),
             "reload-under-load" => bench_reload_under_load(),
             "heartbeat" => bench_heartbeat(),
+            "failover" => bench_failover(),
             _ => unreachable!(),
         });
         println!(
@@ -480,7 +499,13 @@ struct Haconfd {
 impl Haconfd {
     /// Starts the daemon and waits (20 s) for its first listing of the scope, then `settle`.
     fn start(cfg: &Path, dir: &Path, settle: Duration) -> Haconfd {
-        let log_path = dir.join("haconfd.log");
+        Self::start_logged(cfg, &dir.join("haconfd.log"), settle)
+    }
+
+    /// Like [`Haconfd::start`], logging to `log_path` (a new file per daemon: the tail reads it
+    /// from the start).
+    fn start_logged(cfg: &Path, log_path: &Path, settle: Duration) -> Haconfd {
+        let log_path = log_path.to_path_buf();
         let proc = Proc::spawn_logged(
             "haconfd",
             haconfd_cmd(cfg, &["run", "--log-format", "json"]),
@@ -1318,5 +1343,1007 @@ fn heartbeat_variant(n: usize, mode: &str, reuse: bool, budget: Duration) {
         "renders_per_event": renders as f64 / events.max(1) as f64,
         "pass_wall_ms": summary_json(&w),
         "haproxy_cfg_bytes": bytes,
+    }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. failover
+// ---------------------------------------------------------------------------------------------
+
+/// Step of the write probes on the nodes and through HAProxy and PgBouncer.
+const FO_STEP: Duration = Duration::from_millis(5);
+/// Step of the two pooled (persistent) PgBouncer clients.
+const FO_POOLED_STEP: Duration = Duration::from_millis(10);
+/// How long after the new primary's own first write HAProxy and PgBouncer may take to bring a
+/// write to it before the run records that they never did.
+const FO_REACH_BOUND: Duration = Duration::from_secs(10);
+/// How long after the event the new primary may take to accept its own first write.
+const FO_OWN_BOUND: Duration = Duration::from_secs(20);
+/// The probes go on this long after the last first write, so that late errors count too.
+const FO_TAIL: Duration = Duration::from_secs(1);
+/// Upper bound of one probe's life (each round stops its probes long before).
+const FO_PROBE_MAX: Duration = Duration::from_secs(240);
+
+/// The two ways haconfd is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FoVariant {
+    /// `server_state`, `[failover] enabled = true`, the hold action, `pgbouncer_admin`.
+    Fast,
+    /// No server state, `[failover] enabled = false`, no hold, PgBouncer reloaded by SIGHUP:
+    /// HAProxy's health checks alone move the write port.
+    Checks,
+}
+
+impl FoVariant {
+    fn name(self) -> &'static str {
+        match self {
+            FoVariant::Fast => "fast",
+            FoVariant::Checks => "checks",
+        }
+    }
+}
+
+/// How the leader goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FoKind {
+    /// `patronictl switchover --force`.
+    Switchover,
+    /// SIGKILL of the leader's Patroni and postmaster: a replica takes over once the leader
+    /// key's lease (`ttl`) runs out.
+    Crash,
+}
+
+impl FoKind {
+    fn name(self) -> &'static str {
+        match self {
+            FoKind::Switchover => "switchover",
+            FoKind::Crash => "crash",
+        }
+    }
+}
+
+/// The variant of round `i`: ABBA order (fast, checks, checks, fast, ...), so that neither
+/// variant always comes first in a pair and haconfd is reconfigured every other round.
+fn fo_variant(i: usize) -> FoVariant {
+    if (i / 2) % 2 == (i % 2) {
+        FoVariant::Fast
+    } else {
+        FoVariant::Checks
+    }
+}
+
+/// One HAProxy and one PgBouncer in front of the cluster for the whole scenario, and the
+/// haconfd of the variant being measured: it is stopped and started again with the other
+/// variant's config when the variant changes, so that every round begins with a haconfd whose
+/// fast-path state is its own. Field order is drop order: haconfd goes first, so that it never
+/// signals a process being torn down.
+struct FoStack {
+    daemon: Option<Haconfd>,
+    haproxy: Option<Haproxy>,
+    pgbouncer: Option<Pgbouncer>,
+    variant: FoVariant,
+    endpoint: String,
+    scope: String,
+    primary_port: u16,
+    replica_port: u16,
+    stats_port: u16,
+    pgb_port: u16,
+    cfg: PathBuf,
+    haproxy_cfg: PathBuf,
+    state_file: PathBuf,
+    admin_sock: PathBuf,
+    pgb_ini: PathBuf,
+    pgb_dir: PathBuf,
+    tpl_dir: PathBuf,
+    daemons_started: usize,
+    // Last: the directory outlives the processes using it.
+    dir: tempfile::TempDir,
+}
+
+/// What [`FoStack::settle`] found before a round.
+struct FoSettled {
+    leader: String,
+    /// PgBouncer did not reach the leader and the bench SIGHUPed it (haconfd left it on an old
+    /// primary: with the placeholder console, a fast round's RELOAD does nothing).
+    pgbouncer_fixup: bool,
+    /// Everything agreed within the bounds.
+    ok: bool,
+    /// What did not, if anything.
+    problems: Vec<String>,
+}
+
+impl FoStack {
+    /// Lays out the directory (copies of the shipped templates, PgBouncer's run dir owned by
+    /// `postgres`), renders once, starts HAProxy and PgBouncer on the result, then haconfd.
+    fn start(cluster: &PatroniCluster, variant: FoVariant) -> FoStack {
+        procs::require_bin("pgbouncer");
+        let dir = temp_dir("bench-fo");
+        let d = dir.path().to_path_buf();
+        let tpl_dir = d.join("tpl");
+        std::fs::create_dir(&tpl_dir).expect("create the template dir");
+        // Copies: haconfd watches the templates' directory, and edits elsewhere in the
+        // repository must not reload anything mid-run.
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+        for t in ["haproxy.cfg.tera", "pgbouncer.ini.tera", "hold.lua"] {
+            std::fs::copy(shipped.join(t), tpl_dir.join(t))
+                .unwrap_or_else(|e| panic!("copy template {t}: {e}"));
+        }
+        let pgb_dir = d.join("pgb");
+        std::fs::create_dir(&pgb_dir).expect("create PgBouncer's dir");
+        std::fs::write(
+            pgb_dir.join("userlist.txt"),
+            "\"postgres\" \"\"\n\"pgbouncer\" \"\"\n",
+        )
+        .expect("write userlist.txt");
+        procs::give_to_postgres(&pgb_dir);
+        let mut s = FoStack {
+            daemon: None,
+            haproxy: None,
+            pgbouncer: None,
+            variant,
+            endpoint: cluster.etcd_endpoint.clone(),
+            scope: cluster.scope.clone(),
+            primary_port: free_port(),
+            replica_port: free_port(),
+            stats_port: free_port(),
+            pgb_port: free_port(),
+            cfg: d.join("haconfd.toml"),
+            haproxy_cfg: d.join("haproxy.cfg"),
+            state_file: d.join("server-state"),
+            admin_sock: d.join("admin.sock"),
+            pgb_ini: d.join("pgbouncer.ini"),
+            pgb_dir,
+            tpl_dir,
+            daemons_started: 0,
+            dir,
+        };
+        s.write_config();
+        render_once(&s.cfg);
+        s.haproxy = Some(Haproxy::start(&s.haproxy_cfg));
+        procs::give_to_postgres(&s.pgb_dir);
+        s.pgbouncer = Some(Pgbouncer::start(&s.pgb_ini));
+        s.start_daemon();
+        s
+    }
+
+    fn haproxy(&self) -> &Haproxy {
+        self.haproxy.as_ref().expect("HAProxy runs")
+    }
+
+    fn pgbouncer(&self) -> &Pgbouncer {
+        self.pgbouncer.as_ref().expect("PgBouncer runs")
+    }
+
+    fn daemon(&mut self) -> &mut Haconfd {
+        self.daemon.as_mut().expect("haconfd runs")
+    }
+
+    /// haconfd's config for the current variant (as tests/e2e_patroni.rs writes it).
+    fn config_text(&self) -> String {
+        let q = |p: &Path| format!("{:?}", p.display().to_string());
+        let fast = self.variant == FoVariant::Fast;
+        let haproxy_reload = match &self.haproxy {
+            Some(h) => format!(
+                "reload = {{ pidfile = {}, signal = \"SIGUSR2\", process = \"haproxy\"{} }}\n",
+                q(&h.pidfile()),
+                if verify_reload() {
+                    format!(", master_socket = {}", q(&h.master_socket()))
+                } else {
+                    String::new()
+                }
+            ),
+            None => String::new(),
+        };
+        let check: Vec<String> = haproxy_check().iter().map(|a| format!("{a:?}")).collect();
+        let mut s = format!(
+            "[etcd]\nendpoints = [{:?}]\nscope = {:?}\n\n\
+             [daemon]\nmin_interval = \"100ms\"\nretry_interval = \"1s\"\n\n\
+             [failover]\nenabled = {fast}\n\n\
+             [vars]\nbind_address = \"127.0.0.1\"\nprimary_port = {}\nreplica_port = {}\n\
+             stats_port = {}\nstats_socket = {}\nmaxconn = 1000\n",
+            self.endpoint,
+            self.scope,
+            self.primary_port,
+            self.replica_port,
+            self.stats_port,
+            q(&self.admin_sock),
+        );
+        if fast {
+            s += &format!("hold_lua = {}\n", q(&self.tpl_dir.join("hold.lua")));
+        }
+        s += &format!(
+            "\n[[template]]\nname = \"haproxy\"\nsrc = {}\ndest = {}\ncheck = [{}]\n{haproxy_reload}",
+            q(&self.tpl_dir.join("haproxy.cfg.tera")),
+            q(&self.haproxy_cfg),
+            check.join(", "),
+        );
+        if fast {
+            s += &format!(
+                "server_state = {{ stats_socket = {}, file = {} }}\n",
+                q(&self.admin_sock),
+                q(&self.state_file)
+            );
+        }
+        let pgb = |f: &str| q(&self.pgb_dir.join(f));
+        s += &format!(
+            "\n[[template]]\nname = \"pgbouncer\"\nsrc = {}\ndest = {}\nrequire_leader = true\n\
+             reload = {{ pidfile = {}, signal = \"SIGHUP\", process = \"pgbouncer\" }}\n",
+            q(&self.tpl_dir.join("pgbouncer.ini.tera")),
+            q(&self.pgb_ini),
+            pgb("pgbouncer.pid"),
+        );
+        if fast {
+            s += &format!(
+                "pgbouncer_admin = {{ host = {}, port = {}, user = \"pgbouncer\", \
+                 pause_timeout = \"15s\", connect_timeout = \"2s\" }}\n",
+                q(&self.pgb_dir),
+                self.pgb_port
+            );
+        }
+        s += &format!(
+            "\n[template.vars]\nlisten_addr = \"127.0.0.1\"\nlisten_port = {}\n\
+             unix_socket_dir = {}\nauth_type = \"trust\"\nauth_file = {}\n\
+             admin_users = \"pgbouncer\"\npool_mode = \"transaction\"\npidfile = {}\nlogfile = {}\n",
+            self.pgb_port,
+            q(&self.pgb_dir),
+            pgb("userlist.txt"),
+            pgb("pgbouncer.pid"),
+            pgb("pgbouncer.log"),
+        );
+        s
+    }
+
+    fn write_config(&self) {
+        let tmp = self.cfg.with_extension("toml.tmp");
+        std::fs::write(&tmp, self.config_text()).expect("write haconfd config");
+        std::fs::rename(&tmp, &self.cfg).expect("swap haconfd config");
+    }
+
+    /// Starts `haconfd run` on the current variant's config, with a log of its own.
+    fn start_daemon(&mut self) {
+        self.write_config();
+        self.daemons_started += 1;
+        let log = self.dir.path().join(format!(
+            "haconfd-{}-{}.log",
+            self.daemons_started,
+            self.variant.name()
+        ));
+        self.daemon = Some(Haconfd::start_logged(
+            &self.cfg,
+            &log,
+            Duration::from_millis(500),
+        ));
+    }
+
+    /// Runs `variant`'s haconfd: if another variant's runs, stops it, starts one with this
+    /// variant's config and waits (20 s) until HAProxy was reloaded on the variant's file.
+    fn use_variant(&mut self, variant: FoVariant) {
+        if self.variant == variant && self.daemon.is_some() {
+            return;
+        }
+        drop(self.daemon.take());
+        self.variant = variant;
+        let before = self.haproxy().reload_count();
+        self.start_daemon();
+        let want_hold = variant == FoVariant::Fast;
+        let ok = wait_until(Duration::from_secs(20), || {
+            std::fs::read_to_string(&self.haproxy_cfg)
+                .is_ok_and(|c| c.contains("lua-load") == want_hold)
+                && self
+                    .haproxy()
+                    .try_show_proc()
+                    .is_some_and(|p| p.reloads() > before && !p.workers.is_empty())
+        });
+        if !ok {
+            eprintln!(
+                "[failover] HAProxy was not reloaded on the {} file within 20 s; haconfd log tail:\n{}",
+                variant.name(),
+                tail(&self.daemon().log_text(), 20)
+            );
+        }
+    }
+
+    /// Waits (bounded) until the cluster is healthy, HAProxy's live servers agree with the
+    /// leader (it alone UP in `primary`, every other member UP in `replicas`, none drained or in
+    /// maintenance), and new connections through HAProxy's write port and PgBouncer reach it.
+    /// A PgBouncer left on another node is SIGHUPed by the bench (and reported).
+    fn settle(&self, cluster: &PatroniCluster) -> FoSettled {
+        if let Err(e) = cluster.wait_healthy(patroni::READY_TIMEOUT) {
+            cluster.dump_logs();
+            panic!("the cluster is not healthy before a round: {e:#}");
+        }
+        let leader = cluster
+            .wait_leader(None, patroni::SWITCH_TIMEOUT)
+            .unwrap_or_else(|e| panic!("no leader before a round: {e:#}"));
+        let leader_port = cluster.node(&leader).pg_port;
+        let names: Vec<String> = cluster
+            .nodes()
+            .iter()
+            .filter(|n| cluster.is_running(&n.name))
+            .map(|n| n.name.clone())
+            .collect();
+        let mut problems = Vec::new();
+        let mut last = String::new();
+        let agreed = wait_until(Duration::from_secs(30), || {
+            let cfg = std::fs::read_to_string(&self.haproxy_cfg).unwrap_or_default();
+            if !names.iter().all(|n| cfg.contains(&format!("server {n} "))) {
+                last = "haproxy.cfg does not list every member yet".into();
+                return false;
+            }
+            let live = fo_servers(&self.admin_sock);
+            last = format!("{live:?}");
+            !live.is_empty()
+                && names.iter().all(|n| {
+                    ["primary", "replicas"].iter().all(|b| {
+                        live.get(&(b.to_string(), n.clone()))
+                            .is_some_and(|&(op, admin)| {
+                                admin == 0 && (op == 2) == ((*b == "primary") == (*n == leader))
+                            })
+                    })
+                })
+        });
+        if !agreed {
+            problems.push(format!(
+                "HAProxy's live servers do not agree with leader {leader} after 30 s: {last}"
+            ));
+        }
+        let reaches = |port: u16, timeout: Duration| {
+            wait_until(timeout, || {
+                let hit = fo_route(port) == Ok((leader_port, false));
+                if !hit {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                hit
+            })
+        };
+        if !reaches(self.primary_port, Duration::from_secs(10)) {
+            problems.push(format!(
+                "writes through HAProxy do not reach {leader}: {:?}",
+                fo_route(self.primary_port)
+            ));
+        }
+        let mut pgbouncer_fixup = false;
+        if !reaches(self.pgb_port, Duration::from_secs(3)) {
+            pgbouncer_fixup = true;
+            eprintln!(
+                "[failover] PgBouncer does not reach the leader {leader} ({:?}): the bench SIGHUPs it",
+                fo_route(self.pgb_port)
+            );
+            self.pgbouncer().sighup();
+            if !reaches(self.pgb_port, Duration::from_secs(10)) {
+                problems.push(format!(
+                    "writes through PgBouncer do not reach {leader}: {:?}",
+                    fo_route(self.pgb_port)
+                ));
+            }
+        }
+        for p in &problems {
+            eprintln!("[failover] not settled: {p}");
+        }
+        // A quiet moment: no check or reload in flight when the round begins.
+        std::thread::sleep(Duration::from_secs(1));
+        FoSettled {
+            leader,
+            pgbouncer_fixup,
+            ok: problems.is_empty(),
+            problems,
+        }
+    }
+}
+
+/// `show servers state`: (backend, server) → (srv_op_state, srv_admin_state); empty when the
+/// socket does not answer.
+fn fo_servers(sock: &Path) -> std::collections::BTreeMap<(String, String), (u8, u32)> {
+    procs::unix_cmd(sock, "show servers state", Duration::from_secs(2))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 6).then(|| {
+                (
+                    (f[1].to_string(), f[3].to_string()),
+                    (f[5].parse().unwrap_or(255), f[6].parse().unwrap_or(255)),
+                )
+            })
+        })
+        .collect()
+}
+
+/// What each of HAProxy's old workers (those still serving sessions after a reload) sees: the
+/// `primary` servers it has UP and how many sessions it holds, through the master CLI
+/// (`@!<pid> ...`). Empty when no old worker is left.
+fn fo_old_workers(h: &Haproxy) -> Vec<String> {
+    let Some(p) = h.try_show_proc() else {
+        return Vec::new();
+    };
+    let ask = |pid: i32, cmd: &str| {
+        procs::unix_cmd(
+            &h.master_socket(),
+            &format!("@!{pid} {cmd}"),
+            Duration::from_secs(2),
+        )
+        .unwrap_or_default()
+    };
+    p.old_workers
+        .iter()
+        .map(|w| {
+            let up: Vec<String> = ask(w.pid, "show servers state primary")
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.len() > 5 && f[5] == "2").then(|| f[3].to_string())
+                })
+                .collect();
+            let sessions = ask(w.pid, "show sess")
+                .lines()
+                .filter(|l| l.starts_with("0x"))
+                .count();
+            format!(
+                "old worker {} ({} reloads ago): primary servers UP {up:?}, {sessions} sessions \
+                 (the CLI's own included)",
+                w.pid, w.reloads
+            )
+        })
+        .collect()
+}
+
+/// haconfd's WARN and ERROR lines since `wall0_ms`: each distinct message once, with a count.
+fn fo_warnings(daemon: &Haconfd, wall0_ms: f64) -> Vec<String> {
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    for l in daemon.log.all.iter().filter(|l| l.ts_ms >= wall0_ms) {
+        if !(l.raw.contains("\"level\":\"WARN\"") || l.raw.contains("\"level\":\"ERROR\"")) {
+            continue;
+        }
+        match seen.iter_mut().find(|(m, _)| *m == l.message) {
+            Some((_, n)) => *n += 1,
+            None => seen.push((l.message.clone(), 1)),
+        }
+    }
+    seen.into_iter().map(|(m, n)| format!("{n}× {m}")).collect()
+}
+
+/// `SELECT inet_server_port(), pg_is_in_recovery()` on a new connection to 127.0.0.1:`port`
+/// (simple query protocol: PgBouncer in transaction mode), on its own thread.
+fn fo_route(port: u16) -> Result<(u16, bool), String> {
+    std::thread::spawn(move || {
+        let mut c = patroni::connect(port).map_err(|e| format!("{e:#}"))?;
+        let msgs = c
+            .simple_query("SELECT inet_server_port(), pg_is_in_recovery()")
+            .map_err(|e| patroni::pg_err_text(&e))?;
+        let _ = c.close();
+        for m in msgs {
+            if let postgres::SimpleQueryMessage::Row(r) = m {
+                let p = r.get(0).and_then(|v| v.parse().ok()).ok_or("no port")?;
+                return Ok((p, r.get(1) == Some("t")));
+            }
+        }
+        Err("no row".to_string())
+    })
+    .join()
+    .unwrap_or_else(|_| Err("route thread panicked".into()))
+}
+
+type ErrorCounts = std::collections::BTreeMap<&'static str, u64>;
+
+/// The probes through HAProxy and PgBouncer whose errors a run counts.
+const FO_PROBES: [&str; 4] = ["haproxy", "pgbouncer", "pooled1", "pooled2"];
+
+/// What one leader change looked like from the clients' side.
+struct FoRun {
+    round: usize,
+    kind: FoKind,
+    variant: FoVariant,
+    old: String,
+    new: String,
+    /// When the harness saw the new leader writable (ms after the event).
+    harness_saw_ms: f64,
+    /// The new primary's own first accepted direct write, ms after the event.
+    own_ms: Option<f64>,
+    /// The first write through HAProxy's write port / PgBouncer that reached the new primary,
+    /// ms after the event.
+    haproxy_ms: Option<f64>,
+    pgbouncer_ms: Option<f64>,
+    /// Errors from the event to the end of the window, per probe (see [`FO_PROBES`]).
+    errors: Vec<ErrorCounts>,
+    /// Errors from the new primary's own first write to the end of the window.
+    errors_after_own: Vec<ErrorCounts>,
+    /// Errors in the half second before the event (there should be none).
+    errors_before: Vec<ErrorCounts>,
+    /// The first few error texts through HAProxy and PgBouncer (reconnecting probes).
+    sample_errors: Vec<(&'static str, Vec<String>)>,
+    /// Attempts per probe in the window (shows the probes' pace).
+    attempts: Vec<usize>,
+    /// haconfd's log, ms after the event: fenced, confirmed, HAProxy moved, PgBouncer
+    /// followed, PgBouncer and HAProxy reloaded (first of each).
+    marks: std::collections::BTreeMap<&'static str, f64>,
+    window_ms: f64,
+    /// HAProxy's old workers 0.2 s after the new primary's own first write (see
+    /// [`fo_old_workers`]).
+    old_workers: Vec<String>,
+    /// haconfd's warnings and errors during the round.
+    warnings: Vec<String>,
+    settled: bool,
+    problems: Vec<String>,
+    pgbouncer_fixup: bool,
+}
+
+impl FoRun {
+    fn after_own(&self, t: Option<f64>) -> Option<f64> {
+        Some(t? - self.own_ms?)
+    }
+    fn haproxy_after_own(&self) -> Option<f64> {
+        self.after_own(self.haproxy_ms)
+    }
+    fn pgbouncer_after_own(&self) -> Option<f64> {
+        self.after_own(self.pgbouncer_ms)
+    }
+    /// Errors of the pooled clients, both added up.
+    fn pooled(errors: &[ErrorCounts]) -> ErrorCounts {
+        fo_add(&errors[2], &errors[3])
+    }
+}
+
+fn fo_add(a: &ErrorCounts, b: &ErrorCounts) -> ErrorCounts {
+    let mut out = a.clone();
+    for (k, v) in b {
+        *out.entry(k).or_default() += v;
+    }
+    out
+}
+
+fn fo_fmt_errors(e: &ErrorCounts) -> String {
+    if e.is_empty() {
+        return "none".into();
+    }
+    e.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn fo_fmt_ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "never".into(), |v| format!("{v:+.0} ms"))
+}
+
+/// Errors of `attempts` in [from, to).
+fn fo_errors_between(attempts: &[switch::Attempt], from: Instant, to: Instant) -> ErrorCounts {
+    let mut out = ErrorCounts::new();
+    for a in attempts.iter().filter(|a| a.at >= from && a.at < to) {
+        if let Err(e) = &a.result {
+            *out.entry(switch::error_class(e)).or_default() += 1;
+        }
+    }
+    out
+}
+
+/// haconfd's fast-path and reload lines since `wall0_ms`, ms after it (the first of each).
+fn fo_marks(daemon: &mut Haconfd, wall0_ms: f64) -> std::collections::BTreeMap<&'static str, f64> {
+    daemon.log.poll();
+    let mut m = std::collections::BTreeMap::new();
+    for l in daemon.log.all.iter().filter(|l| l.ts_ms >= wall0_ms) {
+        let key = match l.message.as_str() {
+            "fencing the old primary: no new connection goes to it" => "fenced",
+            "the new primary takes writes" => "confirmed",
+            "HAProxy follows the new primary" => "haproxy_moved",
+            "PgBouncer follows the new primary" => "pgbouncer_followed",
+            "reloaded" if l.raw.contains("\"target\":\"pgbouncer\"") => "pgbouncer_reloaded",
+            "reloaded" if l.is_haproxy() => "haproxy_reloaded",
+            _ => continue,
+        };
+        m.entry(key).or_insert(l.ts_ms - wall0_ms);
+    }
+    m
+}
+
+/// One round: the variant's haconfd, a settled stack, probes everywhere, the event, then the
+/// first writes on the new primary (its own, through HAProxy, through PgBouncer), each bounded.
+/// A crashed member is started again (and streams) before returning.
+fn failover_round(
+    cluster: &mut PatroniCluster,
+    stack: &mut FoStack,
+    kind: FoKind,
+    variant: FoVariant,
+    round: usize,
+) -> FoRun {
+    stack.use_variant(variant);
+    let settled = stack.settle(cluster);
+    let nodes: Vec<(String, u16, WriteProbe)> = cluster
+        .nodes()
+        .iter()
+        .map(|n| {
+            let p = WriteProbe::start(n.pg_port, Mode::Sticky, FO_STEP, FO_PROBE_MAX);
+            (n.name.clone(), n.pg_port, p)
+        })
+        .collect();
+    let mut probes = vec![
+        WriteProbe::start(stack.primary_port, Mode::Reconnect, FO_STEP, FO_PROBE_MAX),
+        WriteProbe::start(stack.pgb_port, Mode::Reconnect, FO_STEP, FO_PROBE_MAX),
+    ];
+    for _ in 0..2 {
+        probes.push(WriteProbe::start(
+            stack.pgb_port,
+            Mode::Persistent,
+            FO_POOLED_STEP,
+            FO_PROBE_MAX,
+        ));
+    }
+    let probes_t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let wall0 = SystemTime::now();
+    let t0 = Instant::now();
+    let (old, new) = match kind {
+        FoKind::Switchover => {
+            let new = cluster.switchover(None);
+            (settled.leader.clone(), new)
+        }
+        FoKind::Crash => {
+            let old = cluster.crash_leader();
+            let new = cluster
+                .wait_leader(Some(&old), patroni::FAILOVER_TIMEOUT)
+                .unwrap_or_else(|e| {
+                    cluster.dump_logs();
+                    panic!("no new leader after crashing {old}: {e:#}")
+                });
+            (old, new)
+        }
+    };
+    let harness_saw = t0.elapsed();
+    let new_port = cluster.node(&new).pg_port;
+    let own_probe = &nodes
+        .iter()
+        .find(|(n, _, _)| *n == new)
+        .expect("a probe on the new leader")
+        .2;
+    // Bounded polls (every 20 ms) for the three first writes.
+    let own_deadline = Instant::now() + FO_OWN_BOUND;
+    let mut own = None;
+    for _ in 0..2000 {
+        own = switch::first_on(&own_probe.attempts(), new_port, t0);
+        if own.is_some() || Instant::now() >= own_deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // By then haconfd has moved HAProxy (it confirms within milliseconds of the node's own
+    // first write): does an old worker still hold connections it cannot hand over?
+    std::thread::sleep(Duration::from_millis(200));
+    let old_workers = fo_old_workers(stack.haproxy());
+    let reach_deadline = own.unwrap_or_else(Instant::now) + FO_REACH_BOUND;
+    let (mut via_haproxy, mut via_pgbouncer) = (None, None);
+    for _ in 0..2000 {
+        if via_haproxy.is_none() {
+            via_haproxy = switch::first_on(&probes[0].attempts(), new_port, t0);
+        }
+        if via_pgbouncer.is_none() {
+            via_pgbouncer = switch::first_on(&probes[1].attempts(), new_port, t0);
+        }
+        if (via_haproxy.is_some() && via_pgbouncer.is_some()) || Instant::now() >= reach_deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(FO_TAIL);
+    let end = Instant::now();
+    let logs = switch::stop_all(probes);
+    switch::stop_all(nodes.into_iter().map(|(_, _, p)| p).collect());
+    let marks = fo_marks(stack.daemon(), unix_ms(wall0));
+    let warnings = fo_warnings(stack.daemon(), unix_ms(wall0));
+
+    let ms = |t: Option<Instant>| t.map(|t| switch::ms_between(t0, t));
+    let own_from = own.unwrap_or(end);
+    let run = FoRun {
+        round,
+        kind,
+        variant,
+        old: old.clone(),
+        new,
+        harness_saw_ms: harness_saw.as_secs_f64() * 1000.0,
+        own_ms: ms(own),
+        haproxy_ms: ms(via_haproxy),
+        pgbouncer_ms: ms(via_pgbouncer),
+        errors: logs.iter().map(|l| fo_errors_between(l, t0, end)).collect(),
+        errors_after_own: logs
+            .iter()
+            .map(|l| fo_errors_between(l, own_from, end))
+            .collect(),
+        errors_before: logs
+            .iter()
+            .map(|l| fo_errors_between(l, probes_t0, t0))
+            .collect(),
+        sample_errors: vec![
+            (":5000", switch::first_errors(&logs[0], t0, 3)),
+            ("PgBouncer", switch::first_errors(&logs[1], t0, 3)),
+            (
+                ":5000 (after the node's own write)",
+                own.map(|o| switch::first_errors(&logs[0], o, 3))
+                    .unwrap_or_default(),
+            ),
+        ],
+        attempts: logs
+            .iter()
+            .map(|l| l.iter().filter(|a| a.at >= t0 && a.at < end).count())
+            .collect(),
+        marks,
+        window_ms: switch::ms_between(t0, end),
+        old_workers,
+        warnings,
+        settled: settled.ok,
+        problems: settled.problems,
+        pgbouncer_fixup: settled.pgbouncer_fixup,
+    };
+    if kind == FoKind::Crash {
+        cluster.restart_member(&old);
+    }
+    run
+}
+
+fn fo_print_run(r: &FoRun) {
+    println!(
+        "RESULT failover/{} {} round {}: {}->{}: own write {} after the event; through :5000 {} \
+         and PgBouncer {} after the node's own; errors :5000 [{}], PgBouncer [{}], pooled [{}]{}",
+        r.variant.name(),
+        r.kind.name(),
+        r.round,
+        r.old,
+        r.new,
+        fo_fmt_ms(r.own_ms),
+        fo_fmt_ms(r.haproxy_after_own()),
+        fo_fmt_ms(r.pgbouncer_after_own()),
+        fo_fmt_errors(&r.errors[0]),
+        fo_fmt_errors(&r.errors[1]),
+        fo_fmt_errors(&FoRun::pooled(&r.errors)),
+        if r.settled {
+            ""
+        } else {
+            " (NOT SETTLED before the event)"
+        }
+    );
+    let marks: Vec<String> = r.marks.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
+    println!(
+        "       haconfd (ms after the event): {}; harness saw the leader writable at {:.0} ms; \
+         window {:.0} ms; attempts {:?}",
+        if marks.is_empty() {
+            "nothing logged".into()
+        } else {
+            marks.join(", ")
+        },
+        r.harness_saw_ms,
+        r.window_ms,
+        r.attempts
+    );
+    for (what, errs) in &r.sample_errors {
+        if !errs.is_empty() {
+            println!("       first {what} errors: {errs:?}");
+        }
+    }
+    for w in &r.old_workers {
+        println!("       HAProxy 0.2 s after the node's own write: {w}");
+    }
+    if !r.warnings.is_empty() {
+        println!("       haconfd warned: {:?}", r.warnings);
+    }
+}
+
+fn fo_run_json(r: &FoRun) -> Value {
+    let per_probe = |e: &[ErrorCounts]| -> Value {
+        FO_PROBES
+            .iter()
+            .zip(e)
+            .map(|(p, c)| (p.to_string(), json!(c)))
+            .collect::<serde_json::Map<String, Value>>()
+            .into()
+    };
+    let r1 = |v: Option<f64>| v.map(|v| (v * 10.0).round() / 10.0);
+    json!({
+        "round": r.round,
+        "kind": r.kind.name(),
+        "variant": r.variant.name(),
+        "old": r.old,
+        "new": r.new,
+        "own_first_write_ms": r1(r.own_ms),
+        "haproxy_first_write_ms": r1(r.haproxy_ms),
+        "pgbouncer_first_write_ms": r1(r.pgbouncer_ms),
+        "haproxy_after_own_ms": r1(r.haproxy_after_own()),
+        "pgbouncer_after_own_ms": r1(r.pgbouncer_after_own()),
+        "harness_saw_leader_ms": r1(Some(r.harness_saw_ms)),
+        "errors": per_probe(&r.errors),
+        "errors_after_own": per_probe(&r.errors_after_own),
+        "errors_before_event": per_probe(&r.errors_before),
+        "attempts": r.attempts,
+        "haconfd_log_ms": r.marks,
+        "window_ms": r1(Some(r.window_ms)),
+        "haproxy_old_workers_after_own": r.old_workers,
+        "haconfd_warnings": r.warnings,
+        "settled": r.settled,
+        "problems": r.problems,
+        "pgbouncer_sighup_by_bench_before": r.pgbouncer_fixup,
+    })
+}
+
+/// p50/max over `v` (nearest rank), `None` when empty.
+fn fo_p50_max(v: &[f64]) -> (Option<f64>, Option<f64>) {
+    if v.is_empty() {
+        return (None, None);
+    }
+    let s = summarize(v);
+    (Some(s.p50), Some(s.max))
+}
+
+fn fo_summary(runs: &[&FoRun], variant: FoVariant, kind: FoKind) -> Value {
+    let hap: Vec<f64> = runs.iter().filter_map(|r| r.haproxy_after_own()).collect();
+    let pgb: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| r.pgbouncer_after_own())
+        .collect();
+    let own: Vec<f64> = runs.iter().filter_map(|r| r.own_ms).collect();
+    let sum = |f: &dyn Fn(&FoRun) -> ErrorCounts| {
+        runs.iter()
+            .fold(ErrorCounts::new(), |acc, r| fo_add(&acc, &f(r)))
+    };
+    let e_hap = sum(&|r| r.errors[0].clone());
+    let e_pgb = sum(&|r| r.errors[1].clone());
+    let e_pooled = sum(&|r| FoRun::pooled(&r.errors));
+    let (hp50, hmax) = fo_p50_max(&hap);
+    let (pp50, pmax) = fo_p50_max(&pgb);
+    let (op50, omax) = fo_p50_max(&own);
+    let read_only: u64 = [&e_hap, &e_pgb, &e_pooled]
+        .iter()
+        .map(|e| e.get("read_only").copied().unwrap_or(0))
+        .sum();
+    println!(
+        "RESULT failover/{} {} over {} runs: first write through :5000 after the node's own p50 \
+         {} max {} ({} never); through PgBouncer p50 {} max {} ({} never); own write after the \
+         event p50 {}; errors :5000 [{}], PgBouncer [{}], pooled [{}]",
+        variant.name(),
+        kind.name(),
+        runs.len(),
+        fo_fmt_ms(hp50),
+        fo_fmt_ms(hmax),
+        runs.len() - hap.len(),
+        fo_fmt_ms(pp50),
+        fo_fmt_ms(pmax),
+        runs.len() - pgb.len(),
+        fo_fmt_ms(op50),
+        fo_fmt_errors(&e_hap),
+        fo_fmt_errors(&e_pgb),
+        fo_fmt_errors(&e_pooled),
+    );
+    json!({
+        "runs": runs.len(),
+        "haproxy_after_own_ms": {"p50": hp50, "max": hmax, "never": runs.len() - hap.len()},
+        "pgbouncer_after_own_ms": {"p50": pp50, "max": pmax, "never": runs.len() - pgb.len()},
+        "own_first_write_after_event_ms": {"p50": op50, "max": omax},
+        "errors": {"haproxy": e_hap, "pgbouncer": e_pgb, "pooled": e_pooled},
+        "read_only_errors": read_only,
+    })
+}
+
+/// Switchovers and crash failovers, each measured with the fast path on and with health
+/// checks alone, on one Patroni cluster, one HAProxy and one PgBouncer (see docs/BENCHMARKS.md).
+fn bench_failover() {
+    let switchovers = env_usize("BENCH_FAILOVER_SWITCHOVERS", 5);
+    let crashes = env_usize("BENCH_FAILOVER_CRASHES", 3);
+    let max_secs = env_usize("BENCH_FAILOVER_MAX_SECS", 3600) as u64;
+    let binaries = patroni::Binaries::from_env();
+    let start = Instant::now();
+    let etcd = Etcd::shared();
+    let scope = unique_name("bench-fo");
+    // ttl 20 s is the shortest Patroni allows (4.x raises a smaller one to 20; 3.0.2 does not
+    // check): the harness's default timing.
+    let timing = patroni::Timing::default();
+    let mut cluster =
+        PatroniCluster::start_with_binaries(&etcd.endpoint(), &scope, 3, timing, binaries);
+    let version = cluster
+        .patroni_version()
+        .unwrap_or_else(|e| format!("unknown ({e:#})"));
+    println!(
+        "failover: {version} ({}), ttl {} s, loop_wait {} s, retry_timeout {} s; cluster up in \
+         {:.1} s; {switchovers} switchovers and {crashes} crashes per variant",
+        cluster.binaries.patroni.display(),
+        timing.ttl,
+        timing.loop_wait,
+        timing.retry_timeout,
+        cluster.startup.as_secs_f64()
+    );
+    cluster.create_probe_table();
+    let mut stack = FoStack::start(&cluster, fo_variant(0));
+    let plan: Vec<FoKind> = std::iter::repeat_n(FoKind::Switchover, 2 * switchovers)
+        .chain(std::iter::repeat_n(FoKind::Crash, 2 * crashes))
+        .collect();
+    let mut runs = Vec::with_capacity(plan.len());
+    let mut stopped_early = false;
+    for (round, &kind) in plan.iter().enumerate() {
+        if start.elapsed() > Duration::from_secs(max_secs) {
+            eprintln!(
+                "[failover] BENCH_FAILOVER_MAX_SECS={max_secs} reached: {} of {} rounds done",
+                round,
+                plan.len()
+            );
+            stopped_early = true;
+            break;
+        }
+        let t = Instant::now();
+        let run = failover_round(&mut cluster, &mut stack, kind, fo_variant(round), round);
+        fo_print_run(&run);
+        println!("       round took {:.1} s", t.elapsed().as_secs_f64());
+        runs.push(run);
+    }
+    drop(stack);
+    drop(cluster);
+
+    let mut summary = serde_json::Map::new();
+    for variant in [FoVariant::Fast, FoVariant::Checks] {
+        let mut per_kind = serde_json::Map::new();
+        for kind in [FoKind::Switchover, FoKind::Crash] {
+            let rs: Vec<&FoRun> = runs
+                .iter()
+                .filter(|r| r.variant == variant && r.kind == kind)
+                .collect();
+            if !rs.is_empty() {
+                per_kind.insert(kind.name().into(), fo_summary(&rs, variant, kind));
+            }
+        }
+        summary.insert(variant.name().into(), per_kind.into());
+    }
+    let read_only = |probes: std::ops::Range<usize>| -> u64 {
+        runs.iter()
+            .filter(|r| r.variant == FoVariant::Fast)
+            .flat_map(|r| r.errors[probes.clone()].iter())
+            .map(|e| e.get("read_only").copied().unwrap_or(0))
+            .sum()
+    };
+    let fast_read_only_haproxy = read_only(0..1);
+    let fast_read_only_pgbouncer = read_only(1..4);
+    let fast_switchover_haproxy_errors: u64 = runs
+        .iter()
+        .filter(|r| r.variant == FoVariant::Fast && r.kind == FoKind::Switchover)
+        .map(|r| r.errors[0].values().sum::<u64>())
+        .sum();
+    let fixups = runs.iter().filter(|r| r.pgbouncer_fixup).count();
+    let pgb_never_fast = runs
+        .iter()
+        .filter(|r| r.variant == FoVariant::Fast && r.pgbouncer_ms.is_none())
+        .count();
+    if pgb_never_fast > 0 {
+        println!(
+            "NOTE failover: in {pgb_never_fast} fast runs no write through PgBouncer reached the new \
+             primary within {} s of its own first write; the bench SIGHUPed PgBouncer before {fixups} \
+             rounds. With the placeholder admin console (src/pgbouncer.rs), haconfd's RELOAD does \
+             nothing: the fast variant's PgBouncer figures wait for the console.",
+            FO_REACH_BOUND.as_secs()
+        );
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "RESULT failover: {} rounds in {secs:.0} s; fast variant: read-only errors through :5000 \
+         {fast_read_only_haproxy} (expected 0), through PgBouncer {fast_read_only_pgbouncer} \
+         (expected 0 with a real admin console), errors through :5000 in switchovers \
+         {fast_switchover_haproxy_errors} (expected 0: held, not failed)",
+        runs.len()
+    );
+    print_json(json!({
+        "bench": "failover",
+        "patroni": version,
+        "patroni_bin": patroni::Binaries::from_env().patroni.display().to_string(),
+        "ttl": timing.ttl,
+        "loop_wait": timing.loop_wait,
+        "retry_timeout": timing.retry_timeout,
+        "switchovers_per_variant": switchovers,
+        "crashes_per_variant": crashes,
+        "order": "ABBA by round (fast, checks, checks, fast, ...); one cluster, one HAProxy, one PgBouncer; haconfd restarted with the variant's config when it changes",
+        "probe_step_ms": FO_STEP.as_millis() as u64,
+        "pooled_step_ms": FO_POOLED_STEP.as_millis() as u64,
+        "reach_bound_s": FO_REACH_BOUND.as_secs(),
+        "summary": summary,
+        "runs": runs.iter().map(fo_run_json).collect::<Vec<_>>(),
+        "fast_read_only_errors_haproxy": fast_read_only_haproxy,
+        "fast_read_only_errors_pgbouncer": fast_read_only_pgbouncer,
+        "fast_switchover_haproxy_errors": fast_switchover_haproxy_errors,
+        "pgbouncer_sighups_by_bench": fixups,
+        "stopped_early": stopped_early,
+        "seconds": secs,
     }));
 }

@@ -17,6 +17,13 @@
 //! old leader's keys stay in etcd for about `ttl` seconds (measured ~20 s with the default) before a
 //! replica takes over. A graceful stop or a switchover moves the leader key in well under a second.
 //! A `loop_wait` of 2 s means every member key is rewritten every ~2 s (heartbeat noise for watchers).
+//! Patroni 4.x (e.g. 4.1.5) does check them: a smaller `ttl` than 20, `loop_wait` than 1 or
+//! `retry_timeout` than 3 is raised to that minimum with a warning, so 20 s is the shortest lease.
+//!
+//! # Another Patroni
+//! [`PatroniCluster::start_with_binaries`] runs other `patroni`/`patronictl` binaries, e.g. the
+//! newest from PyPI in a virtualenv ([`Binaries::from_venv`]; [`Binaries::from_env`] reads
+//! `BENCH_PATRONI_VENV`, which only the benchmarks use).
 //!
 //! # Process lifetime
 //! Everything is killed by PID in `Drop`: SIGTERM to each Patroni (which stops its PostgreSQL),
@@ -60,6 +67,10 @@ use serde_json::{json, Value};
 pub const PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 pub const PATRONI_BIN: &str = "/usr/bin/patroni";
 pub const PATRONICTL_BIN: &str = "/usr/bin/patronictl";
+/// Opt-in for the benchmarks: a virtualenv holding another Patroni (e.g. the newest from PyPI),
+/// read by [`Binaries::from_env`]. Clusters started with [`PatroniCluster::start`] or
+/// [`PatroniCluster::start_with`] never look at it: they run [`PATRONI_BIN`] and [`PATRONICTL_BIN`].
+pub const PATRONI_VENV_ENV: &str = "BENCH_PATRONI_VENV";
 pub const NAMESPACE: &str = "/service";
 pub const SUPERUSER: &str = "postgres";
 pub const SUPERUSER_PASSWORD: &str = "postgres";
@@ -93,6 +104,61 @@ impl Default for Timing {
             loop_wait: 2,
             retry_timeout: 5,
         }
+    }
+}
+
+/// The `patroni` and `patronictl` a cluster runs. The default is Debian's ([`PATRONI_BIN`],
+/// [`PATRONICTL_BIN`]); [`PatroniCluster::start_with_binaries`] takes others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binaries {
+    pub patroni: PathBuf,
+    pub patronictl: PathBuf,
+}
+
+impl Default for Binaries {
+    fn default() -> Self {
+        Binaries {
+            patroni: PathBuf::from(PATRONI_BIN),
+            patronictl: PathBuf::from(PATRONICTL_BIN),
+        }
+    }
+}
+
+impl Binaries {
+    /// `<venv>/bin/patroni` and `<venv>/bin/patronictl`. The venv must be runnable by the
+    /// `postgres` user, so make it with a system Python (`/usr/bin/python3 -m venv DIR`), not
+    /// one under a home directory `postgres` cannot enter.
+    pub fn from_venv(venv: &Path) -> Binaries {
+        Binaries {
+            patroni: venv.join("bin/patroni"),
+            patronictl: venv.join("bin/patronictl"),
+        }
+    }
+
+    /// `$BENCH_PATRONI_VENV`'s binaries when that variable is set (and not empty), else the
+    /// default ones.
+    pub fn from_env() -> Binaries {
+        match std::env::var_os(PATRONI_VENV_ENV) {
+            Some(v) if !v.is_empty() => Self::from_venv(Path::new(&v)),
+            _ => Binaries::default(),
+        }
+    }
+
+    /// `patroni --version` (e.g. `patroni 3.0.2`), run as `uid`/`gid` with the clean
+    /// environment the cluster uses, bounded to 30 s.
+    pub fn version_as(&self, uid: Uid, gid: Gid) -> Result<String> {
+        let mut cmd = Command::new(&self.patroni);
+        cmd.arg("--version").uid(uid.as_raw()).gid(gid.as_raw());
+        clean_env(&mut cmd);
+        let (ok, out) = run_bounded(cmd, Duration::from_secs(30))?;
+        if !ok {
+            bail!(
+                "{} --version failed: {}",
+                self.patroni.display(),
+                out.trim()
+            );
+        }
+        Ok(out.trim().to_string())
     }
 }
 
@@ -157,6 +223,8 @@ pub struct PatroniCluster {
     guardian: Option<Child>,
     /// Time `start` took until every member was streaming.
     pub startup: Duration,
+    /// The `patroni` and `patronictl` this cluster runs.
+    pub binaries: Binaries,
 }
 
 impl PatroniCluster {
@@ -171,7 +239,14 @@ impl PatroniCluster {
         n: usize,
         timing: Timing,
     ) -> PatroniCluster {
-        Self::start_with_dcs(etcd_endpoint, scope, n, timing, DcsSection::Etcd3)
+        Self::start_full(
+            etcd_endpoint,
+            scope,
+            n,
+            timing,
+            DcsSection::Etcd3,
+            Binaries::default(),
+        )
     }
 
     /// [`PatroniCluster::start_with`] with the given etcd section (`etcd:` for the v2 API).
@@ -182,15 +257,39 @@ impl PatroniCluster {
         timing: Timing,
         dcs: DcsSection,
     ) -> PatroniCluster {
+        Self::start_full(etcd_endpoint, scope, n, timing, dcs, Binaries::default())
+    }
+
+    /// Like [`Self::start_with`], running `binaries` (e.g. [`Binaries::from_env`]) instead of
+    /// Debian's Patroni.
+    pub fn start_with_binaries(
+        etcd_endpoint: &str,
+        scope: &str,
+        n: usize,
+        timing: Timing,
+        binaries: Binaries,
+    ) -> PatroniCluster {
+        Self::start_full(etcd_endpoint, scope, n, timing, DcsSection::Etcd3, binaries)
+    }
+
+    fn start_full(
+        etcd_endpoint: &str,
+        scope: &str,
+        n: usize,
+        timing: Timing,
+        dcs: DcsSection,
+        binaries: Binaries,
+    ) -> PatroniCluster {
         assert!(n >= 1, "need at least one node");
         let t0 = Instant::now();
         let user = User::from_name("postgres")
             .expect("getpwnam(postgres)")
             .expect("no `postgres` user (apt-get install postgresql)");
-        for bin in [PATRONI_BIN, PATRONICTL_BIN] {
+        for bin in [&binaries.patroni, &binaries.patronictl] {
             assert!(
-                Path::new(bin).exists(),
-                "{bin} missing (apt-get install patroni)"
+                bin.exists(),
+                "{} missing (apt-get install patroni, or see {PATRONI_VENV_ENV} in docs/BENCHMARKS.md)",
+                bin.display()
             );
         }
         assert!(
@@ -218,6 +317,7 @@ impl PatroniCluster {
             gid: user.gid,
             guardian: None,
             startup: Duration::ZERO,
+            binaries,
         };
         for _ in 0..n {
             c.spawn_new_node();
@@ -239,6 +339,11 @@ impl PatroniCluster {
 
     pub fn dir(&self) -> &Path {
         self.dir.as_ref().expect("tempdir").path()
+    }
+
+    /// `patroni --version` of this cluster's binary, run as `postgres` (e.g. `patroni 3.0.2`).
+    pub fn patroni_version(&self) -> Result<String> {
+        self.binaries.version_as(self.uid, self.gid)
     }
 
     pub fn nodes(&self) -> &[Node] {
@@ -335,7 +440,7 @@ impl PatroniCluster {
             .wait_leader(None, SWITCH_TIMEOUT)
             .unwrap_or_else(|e| panic!("switchover: no leader: {e:#}"));
         let cfg = self.node(&old).config_path.clone();
-        let mut cmd = Command::new(PATRONICTL_BIN);
+        let mut cmd = Command::new(&self.binaries.patronictl);
         cmd.arg("-c")
             .arg(&cfg)
             .arg("switchover")
@@ -637,7 +742,7 @@ impl PatroniCluster {
             .open(&n.log_path)
             .with_context(|| format!("open {}", n.log_path.display()))?;
         let log2 = log.try_clone()?;
-        let mut cmd = Command::new(PATRONI_BIN);
+        let mut cmd = Command::new(&self.binaries.patroni);
         cmd.arg(&n.config_path)
             .current_dir(self.dir())
             .stdin(Stdio::null())
@@ -647,8 +752,13 @@ impl PatroniCluster {
             .gid(self.gid.as_raw());
         clean_env(&mut cmd);
         set_pdeathsig(&mut cmd, Signal::SIGTERM);
-        cmd.spawn()
-            .with_context(|| format!("spawn {PATRONI_BIN} {}", n.config_path.display()))
+        cmd.spawn().with_context(|| {
+            format!(
+                "spawn {} {}",
+                self.binaries.patroni.display(),
+                n.config_path.display()
+            )
+        })
     }
 
     /// A tiny `sh` that sleeps (bounded) and, when the test process dies (PDEATHSIG=SIGTERM),

@@ -48,6 +48,11 @@ pub enum Mode {
     Reconnect,
     /// One connection, kept while it works, replaced after an error (a pooled application).
     Persistent,
+    /// One connection, kept through errors the server sent (a write refused by a read-only
+    /// node leaves the session usable), replaced only when the connection itself failed. For a
+    /// probe on a node that refuses writes for a long time: it asks every step without opening
+    /// a new backend every step.
+    Sticky,
 }
 
 /// A write probe against 127.0.0.1:`port`.
@@ -101,7 +106,15 @@ impl WriteProbe {
                 }
                 .and_then(|mut c| {
                     let r = write_once(&mut c);
-                    if mode == Mode::Persistent && r.is_ok() {
+                    let keep = match mode {
+                        Mode::Reconnect => false,
+                        Mode::Persistent => r.is_ok(),
+                        Mode::Sticky => {
+                            !c.is_closed()
+                                && r.as_ref().err().is_none_or(|e| e.as_db_error().is_some())
+                        }
+                    };
+                    if keep {
                         conn = Some(c);
                     } else {
                         let _ = c.close();
@@ -158,6 +171,35 @@ impl Drop for WriteProbe {
     fn drop(&mut self) {
         self.halt();
     }
+}
+
+/// Stops every probe at once and waits for them together (5 s at most in all, however many
+/// hang in a query that a paused or dead server holds); returns each probe's attempts, in order.
+/// A probe still busy then is left to end by itself at its next step (it is told to stop).
+pub fn stop_all(probes: Vec<WriteProbe>) -> Vec<Vec<Attempt>> {
+    for p in &probes {
+        p.stop.store(true, Ordering::Relaxed);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for _ in 0..200 {
+        let busy = probes
+            .iter()
+            .any(|p| p.handle.as_ref().is_some_and(|h| !h.is_finished()));
+        if !busy || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    probes
+        .into_iter()
+        .map(|mut p| {
+            // One still busy is detached: it sees the stop flag when its call returns.
+            if let Some(h) = p.handle.take().filter(|h| h.is_finished()) {
+                let _ = h.join();
+            }
+            p.attempts()
+        })
+        .collect()
 }
 
 /// The first write after `from` that reached the server on `port`.
