@@ -161,6 +161,17 @@ impl Lb {
         http_get(self.http_port, "/metrics").expect("/metrics").1
     }
 
+    /// HAProxy's reload counter; retried while the master re-executes itself (its CLI resets
+    /// connections for that moment).
+    fn reloads(&self) -> u32 {
+        let mut n = None;
+        wait_until(Duration::from_secs(5), || {
+            n = self.haproxy.try_show_proc().map(|p| p.reloads());
+            n.is_some()
+        });
+        n.unwrap_or_else(|| panic!("no `show proc` answer:\n{}", self.diag()))
+    }
+
     fn admin(&self, cmd: &str) {
         unix_cmd(&self.admin_sock, cmd, Duration::from_secs(2))
             .unwrap_or_else(|e| panic!("{cmd}: {e}"));
@@ -300,7 +311,7 @@ fn a_new_leader_takes_writes_in_haproxy_only_once_it_confirms_it_takes_them() {
 
     // The next reload carries the same state: a member joins, HAProxy reloads, pg2 stays the
     // only primary.
-    let before = lb.haproxy.reload_count();
+    let before = lb.reloads();
     let pg3 = FakeMember::start("pg3", Role::Replica);
     etcd.put(&member_key(&prefix, &pg3), &pg3.member_json("replica"));
     // As Patroni keeps them: the leader key and its member key on the leader's lease.
@@ -311,8 +322,7 @@ fn a_new_leader_takes_writes_in_haproxy_only_once_it_confirms_it_takes_them() {
         lease,
     );
     assert!(
-        wait_until(Duration::from_secs(10), || lb.haproxy.reload_count()
-            > before),
+        wait_until(Duration::from_secs(10), || lb.reloads() > before),
         "no reload after pg3 joined:\n{}",
         lb.diag()
     );
@@ -476,7 +486,7 @@ fn a_crash_that_drops_members_reloads_haproxy_only_after_the_new_primary_is_conf
         "{}",
         lb.diag()
     );
-    let reloads = lb.haproxy.reload_count();
+    let reloads = lb.reloads();
 
     // The lease of pg1 expires: its leader key and member key go in one revision; pg2 takes
     // the leader key while still in recovery.
@@ -503,7 +513,7 @@ fn a_crash_that_drops_members_reloads_haproxy_only_after_the_new_primary_is_conf
     });
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(
-        lb.haproxy.reload_count(),
+        lb.reloads(),
         reloads,
         "HAProxy was reloaded before the new primary was confirmed:\n{}",
         lb.diag()
@@ -520,8 +530,7 @@ fn a_crash_that_drops_members_reloads_haproxy_only_after_the_new_primary_is_conf
     // The change waiting for the confirmation is applied after it: pg1 leaves the file, one
     // reload, and pg2 stays the only primary.
     assert!(
-        wait_until(Duration::from_secs(10), || lb.haproxy.reload_count()
-            > reloads),
+        wait_until(Duration::from_secs(10), || lb.reloads() > reloads),
         "haproxy.cfg change never applied:\n{}",
         lb.diag()
     );
