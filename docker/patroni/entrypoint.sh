@@ -36,6 +36,9 @@ bin_dir="${PG_BIN_DIR:-/usr/lib/postgresql/15/bin}"
 
 # A single-quoted YAML scalar: the only escape is '' for '.
 q() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/''/g")"; }
+# A pg_hba.conf name: double-quoted, the only escape is "" for ". (A YAML quote inside a pg_hba line
+# would reach pg_hba.conf as part of the name: the rule would then match no user.)
+hba_name() { printf '"%s"' "$(printf '%s' "$1" | sed 's/"/""/g')"; }
 
 umask 077
 cat >"$config" <<YAML
@@ -82,7 +85,7 @@ postgresql:
     unix_socket_directories: /var/run/postgresql
   pg_hba:
     - local all all trust
-    - host replication $(q "$replicator") 0.0.0.0/0 scram-sha-256
+    - $(q "host replication $(hba_name "$replicator") 0.0.0.0/0 scram-sha-256")
     - host all all 0.0.0.0/0 scram-sha-256
 tags:
   nofailover: false
