@@ -1112,7 +1112,11 @@ fn local_bases_keep_the_official_images_users_and_paths() {
     );
     let c = Compose::load();
     let mut used: Vec<String> = c.argv("etcd", None)[..1].to_vec();
-    used.extend(ylist(&c.service("etcd")["healthcheck"]["test"]).into_iter().nth(1));
+    used.extend(
+        ylist(&c.service("etcd")["healthcheck"]["test"])
+            .into_iter()
+            .nth(1),
+    );
     for path in used {
         assert!(
             etcd.runtime()
