@@ -936,32 +936,50 @@ fn sampling_readiness<T>(lbs: &[Lb], f: impl FnOnce() -> T) -> (T, Vec<(u32, u32
 }
 
 /// Starts a switchover from `from` and waits for Patroni to report a new running leader;
-/// (name, host) of the new leader.
+/// (name, host) of the new leader. Patroni itself may refuse or drop a switchover while one etcd
+/// member is unreachable (its own etcd client is then still timing out on that member): up to
+/// three attempts, 30 s each.
 fn switchover(
     from: &Container,
     ips: &[String],
     old: &str,
     logs: &dyn Fn() -> String,
 ) -> (String, String) {
-    from.exec_try(
-        &[
-            "patronictl",
-            "-c",
-            "/var/lib/postgresql/patroni.yml",
-            "switchover",
-            "--force",
-        ],
-        Duration::from_secs(90),
+    let mut said = Vec::new();
+    for _ in 0..3 {
+        let out = from.exec_try(
+            &[
+                "patronictl",
+                "-c",
+                "/var/lib/postgresql/patroni.yml",
+                "switchover",
+                "--force",
+            ],
+            Duration::from_secs(90),
+        );
+        said.push(out.unwrap_or_else(|e| e));
+        let new = poll(Duration::from_secs(30), Duration::from_millis(50), || {
+            ips.iter()
+                .filter_map(|ip| patroni_cluster(ip))
+                .filter_map(|c| leader_and_replicas(&c))
+                .map(|(l, _)| l)
+                .find(|l| l.0 != old)
+        });
+        if let Some(new) = new {
+            if said.len() > 1 {
+                println!(
+                    "MEASURE lb: the switchover from {old} took {} patronictl attempts",
+                    said.len()
+                );
+            }
+            return new;
+        }
+    }
+    panic!(
+        "no new leader after three switchovers from {old}; patronictl said:\n{}\n{}",
+        said.join("\n"),
+        logs()
     )
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
-    poll(Duration::from_secs(60), Duration::from_millis(50), || {
-        ips.iter()
-            .filter_map(|ip| patroni_cluster(ip))
-            .filter_map(|c| leader_and_replicas(&c))
-            .map(|(l, _)| l)
-            .find(|l| l.0 != old)
-    })
-    .unwrap_or_else(|| panic!("no new leader after the switchover from {old}\n{}", logs()))
 }
 
 /// Waits until every LB in `lbs` shows `leader` in /status and sends writes to `leader_ip`;
