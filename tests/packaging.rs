@@ -165,11 +165,21 @@ impl Dockerfile {
         }
         assert!(cur.trim().is_empty(), "{}: dangling `\\`", path.display());
         let mut stages: Vec<Stage> = Vec::new();
+        // ARGs before the first FROM: their defaults are what FROM lines name when no
+        // --build-arg is given (the official images; the tests pass local ones).
+        let mut global_args: BTreeMap<String, String> = BTreeMap::new();
         for l in logical {
             let (cmd, args) = l.split_once(char::is_whitespace).unwrap_or((&l, ""));
             let cmd = cmd.to_ascii_uppercase();
             let args = args.trim().to_string();
+            if cmd == "ARG" && stages.is_empty() {
+                let (name, default) = args.split_once('=').unwrap_or((&args, ""));
+                global_args.insert(name.trim().to_string(), default.trim().to_string());
+                continue;
+            }
             if cmd == "FROM" {
+                let args = substitute_args(&args, &global_args)
+                    .unwrap_or_else(|e| panic!("{}: FROM {args:?}: {e}", path.display()));
                 let w: Vec<&str> = args.split_whitespace().collect();
                 let name = match w.as_slice() {
                     [_, as_, name] if as_.eq_ignore_ascii_case("as") => Some(name.to_string()),
@@ -266,6 +276,33 @@ impl Dockerfile {
         argv.extend(self.runtime().exec_form("CMD").unwrap_or_default());
         argv
     }
+}
+
+/// `$NAME` and `${NAME}` in a FROM line, replaced by the global ARG's default.
+fn substitute_args(text: &str, args: &BTreeMap<String, String>) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let (name, tail) = if let Some(braced) = after.strip_prefix('{') {
+            let end = braced.find('}').ok_or("unclosed ${")?;
+            (&braced[..end], &braced[end + 1..])
+        } else {
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            (&after[..end], &after[end..])
+        };
+        let value = args
+            .get(name)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("${name} is no global ARG with a default"))?;
+        out.push_str(value);
+        rest = tail;
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 fn haconfd_dockerfile() -> Dockerfile {
@@ -693,6 +730,35 @@ struct Published {
     container: u16,
 }
 
+/// Compose's variable interpolation with nothing set in the environment: `${VAR:-default}` and
+/// `${VAR-default}` become the default. A bare `${VAR}` or `$VAR` is refused: the file must work
+/// as it is, with no variable set.
+fn compose_default(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("${") {
+        out.push_str(&rest[..at]);
+        let body = &rest[at + 2..];
+        let end = body
+            .find('}')
+            .unwrap_or_else(|| panic!("compose.yml: unclosed ${{ in {text:?}"));
+        let expr = &body[..end];
+        let default = expr
+            .split_once(":-")
+            .or_else(|| expr.split_once('-'))
+            .map(|(_, d)| d)
+            .unwrap_or_else(|| panic!("compose.yml: {expr:?} in {text:?} has no default"));
+        out.push_str(default);
+        rest = &body[end + 1..];
+    }
+    assert!(
+        !rest.contains('$'),
+        "compose.yml: {text:?}: only ${{VAR:-default}} is used"
+    );
+    out.push_str(rest);
+    out
+}
+
 impl Compose {
     fn load() -> Compose {
         let path = root().join("docker/compose.yml");
@@ -748,9 +814,15 @@ impl Compose {
             .collect()
     }
 
+    /// The image a service runs when no variable is set.
+    fn image(&self, service: &str) -> Option<String> {
+        self.service(service)["image"].as_str().map(compose_default)
+    }
+
     fn ports(&self, service: &str) -> Vec<Published> {
         ylist(&self.service(service)["ports"])
             .into_iter()
+            .map(|p| compose_default(&p))
             .map(|p| {
                 let parts: Vec<&str> = p.split('/').next().unwrap().split(':').collect();
                 let num = |s: &str| -> u16 { s.parse().unwrap_or_else(|_| panic!("port {p:?}")) };
@@ -876,7 +948,7 @@ fn dockerfile_builds_the_locked_release_binary_and_ships_the_templates() {
         .skip_while(|w| *w != "--bin")
         .nth(1)
     {
-        assert_eq!(b, bin, "cargo builds another binary");
+        assert_eq!(b.trim_end_matches(';'), bin, "cargo builds another binary");
     }
     let workdir = build
         .last("WORKDIR")
@@ -987,6 +1059,74 @@ fn dockerfile_builds_the_locked_release_binary_and_ships_the_templates() {
     Cli::command().debug_assert();
 }
 
+/// The local stand-ins of docker/local/ (what the container tests build where nothing can be
+/// pulled) keep what docker/Dockerfile, compose.yml and the manifest expect of the official
+/// images: the haproxy user's numbers, and etcd where compose.yml runs it. tests/containers.rs
+/// checks the built images themselves.
+#[test]
+fn local_bases_keep_the_official_images_users_and_paths() {
+    let df = haconfd_dockerfile();
+    let user = df.runtime().last("USER").unwrap().args.clone();
+    let (uid, gid) = user.split_once(':').unwrap_or((&user, &user));
+    let local = Dockerfile::load(
+        &root().join("docker/local/haproxy.Dockerfile"),
+        &root().join("docker/local"),
+    );
+    let run: String = local
+        .runtime()
+        .all("RUN")
+        .map(|i| i.args.clone())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let flag = |cmd: &str, flag: &str| -> Option<String> {
+        let at = run.find(cmd)?;
+        let w: Vec<&str> = run[at..].split_whitespace().collect();
+        let i = w.iter().position(|x| *x == flag)?;
+        w.get(i + 1).map(|v| v.trim_end_matches(';').to_string())
+    };
+    assert_eq!(
+        flag("groupmod", "--gid").as_deref(),
+        Some(gid),
+        "docker/local/haproxy.Dockerfile: the haproxy group is not gid {gid} (docker/Dockerfile's USER)"
+    );
+    assert_eq!(
+        flag("usermod", "--uid").as_deref(),
+        Some(uid),
+        "docker/local/haproxy.Dockerfile: the haproxy user is not uid {uid} (docker/Dockerfile's USER)"
+    );
+    assert_eq!(
+        local.runtime().last("USER").map(|u| u.args.as_str()),
+        Some("haproxy"),
+        "docker/local/haproxy.Dockerfile: the official image runs as haproxy"
+    );
+    assert_eq!(
+        local.runtime().last("STOPSIGNAL").map(|u| u.args.as_str()),
+        Some("SIGUSR1"),
+        "docker/local/haproxy.Dockerfile: the official image stops HAProxy with SIGUSR1"
+    );
+
+    // compose.yml runs /usr/local/bin/etcd and checks health with /usr/local/bin/etcdctl.
+    let etcd = Dockerfile::load(
+        &root().join("docker/local/etcd.Dockerfile"),
+        &root().join("docker/local"),
+    );
+    let c = Compose::load();
+    let mut used: Vec<String> = c.argv("etcd", None)[..1].to_vec();
+    used.extend(
+        ylist(&c.service("etcd")["healthcheck"]["test"])
+            .into_iter()
+            .nth(1),
+    );
+    for path in used {
+        assert!(
+            etcd.runtime()
+                .all("RUN")
+                .any(|i| i.args.contains(&format!(" {path};"))),
+            "docker/local/etcd.Dockerfile does not put {path} where compose.yml runs it"
+        );
+    }
+}
+
 #[test]
 fn compose_demo_agrees_with_the_binary_the_config_and_the_templates() {
     let c = Compose::load();
@@ -1022,9 +1162,16 @@ fn compose_demo_agrees_with_the_binary_the_config_and_the_templates() {
         "{origin}: the haproxy target is not checked with haproxy -c"
     );
     assert_eq!(
-        c.service(&hsvc)["image"].as_str(),
+        c.image(&hsvc).as_deref(),
         Some(df.runtime().base.as_str()),
         "the haproxy service's image differs from the one haconfd's image (and its `haproxy -c`) is built on"
+    );
+    // Also when the images are changed from the environment: haconfd's image is built on the one
+    // the haproxy service runs, named by the same expression.
+    assert_eq!(
+        c.service(&svc)["build"]["args"]["RUNTIME_BASE"].as_str(),
+        c.service(&hsvc)["image"].as_str(),
+        "{origin}: build.args.RUNTIME_BASE is not the haproxy service's image"
     );
 
     // Everything haconfd and HAProxy share is on one volume mounted at the same place in both.

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The whole test suite, as the README gives it and CI runs it: installs what the tests need on a
 # Debian 12 machine, then runs fmt, clippy and every test (unit, golden, integration against real
-# etcd/HAProxy/PgBouncer, end-to-end against a real Patroni cluster).
+# etcd/HAProxy/PgBouncer, end-to-end against a real Patroni cluster, and the images built here and run
+# in containers: tests/containers.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # python3-etcd: Patroni's `etcd:` (v2) section, for the v2 end-to-end test.
-packages=(protobuf-compiler etcd-server etcd-client haproxy pgbouncer postgresql patroni python3-etcd)
+# debootstrap: the container tests (tests/containers.rs) build their Debian 12 base image with it.
+packages=(protobuf-compiler etcd-server etcd-client haproxy pgbouncer postgresql patroni python3-etcd debootstrap)
+# Docker itself is part of the machine (engine and docker-compose); installed only where missing.
+command -v docker >/dev/null 2>&1 || packages+=(docker.io)
+command -v docker-compose >/dev/null 2>&1 || packages+=(docker-compose)
 need_install=0
-for bin in protoc etcd etcdctl haproxy pgbouncer patroni patronictl psql; do
+for bin in protoc etcd etcdctl haproxy pgbouncer patroni patronictl psql debootstrap docker docker-compose; do
     if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then need_install=1; fi
 done
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need_install=1
@@ -28,6 +33,15 @@ if [ "$need_install" = 1 ]; then
     fi
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"
     if [ "$made_policy" = 1 ]; then $sudo rm -f /usr/sbin/policy-rc.d; fi
+fi
+
+# The container tests need the Docker engine; start it if it is installed but not running.
+if ! docker version >/dev/null 2>&1; then
+    echo "== starting the Docker engine"
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo service docker start >/dev/null 2>&1 || $sudo systemctl start docker >/dev/null 2>&1 || true
+    for _ in $(seq 30); do docker version >/dev/null 2>&1 && break; sleep 1; done
 fi
 
 echo "== cargo fmt --check"

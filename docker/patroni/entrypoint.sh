@@ -17,6 +17,10 @@
 #                                    resolves server names when it loads a config, and the name of
 #                                    a stopped container no longer resolves, which would make
 #                                    every new haproxy.cfg fail `haproxy -c` until its key expires.
+#   CONNECT_CIDR                     instead of CONNECT_HOST, for a node on several networks: its
+#                                    address in this IPv4 network (e.g. 172.30.0.0/16). The default
+#                                    takes the first address `hostname -i` gives, whose order is the
+#                                    order of /etc/hosts, not of the networks.
 #   CONFIG_FILE                      where to write the YAML,
 #                                    default /var/lib/postgresql/patroni.yml
 set -eu
@@ -30,12 +34,29 @@ etcd_hosts="${PATRONI_ETCD3_HOSTS:-etcd:2379}"
 superuser="${PATRONI_SUPERUSER_USERNAME:-postgres}"
 replicator="${PATRONI_REPLICATION_USERNAME:-replicator}"
 config="${CONFIG_FILE:-/var/lib/postgresql/patroni.yml}"
-address="${CONNECT_HOST:-$(hostname -i | cut -d' ' -f1)}"
+# This node's IPv4 address in the network $1 (a.b.c.d/n), if it has one.
+address_in() {
+    hostname -I | tr ' ' '\n' | awk -v cidr="$1" '
+        function num(ip, o) { split(ip, o, "."); return ((o[1] * 256 + o[2]) * 256 + o[3]) * 256 + o[4] }
+        BEGIN { split(cidr, c, "/"); size = 2 ^ (32 - c[2]); net = num(c[1]); net -= net % size }
+        /^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$/ { n = num($0); if (n >= net && n < net + size) { print; exit } }'
+}
+if [ -n "${CONNECT_HOST:-}" ]; then
+    address="$CONNECT_HOST"
+elif [ -n "${CONNECT_CIDR:-}" ]; then
+    address=$(address_in "$CONNECT_CIDR")
+    [ -n "$address" ] || { echo "no address of this node is in CONNECT_CIDR=$CONNECT_CIDR: $(hostname -I)" >&2; exit 2; }
+else
+    address=$(hostname -i | cut -d' ' -f1)
+fi
 data_dir="${PGDATA:-/var/lib/postgresql/data}"
 bin_dir="${PG_BIN_DIR:-/usr/lib/postgresql/15/bin}"
 
 # A single-quoted YAML scalar: the only escape is '' for '.
 q() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/''/g")"; }
+# A pg_hba.conf name: double-quoted, the only escape is "" for ". (A YAML quote inside a pg_hba line
+# would reach pg_hba.conf as part of the name: the rule would then match no user.)
+hba_name() { printf '"%s"' "$(printf '%s' "$1" | sed 's/"/""/g')"; }
 
 umask 077
 cat >"$config" <<YAML
@@ -82,7 +103,7 @@ postgresql:
     unix_socket_directories: /var/run/postgresql
   pg_hba:
     - local all all trust
-    - host replication $(q "$replicator") 0.0.0.0/0 scram-sha-256
+    - $(q "host replication $(hba_name "$replicator") 0.0.0.0/0 scram-sha-256")
     - host all all 0.0.0.0/0 scram-sha-256
 tags:
   nofailover: false

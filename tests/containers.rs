@@ -1,0 +1,1352 @@
+//! The images built here and run for real: haconfd as HAProxy's sidecar in containers (with and
+//! without a shared PID namespace), the compose demo brought up with docker-compose, and several
+//! load-balancer hosts on their own addresses watching a three-member etcd cluster, cut off from
+//! it and from one of its members with `docker network disconnect` and `docker stop`.
+//!
+//! No image can be pulled here: the images are built on this machine from Debian 12's packages and
+//! the project's own Dockerfiles (tests/common/docker.rs: a debootstrapped base, cached by content
+//! hash across runs; haconfd's image gets the binary this test run built). The configs and command
+//! lines are the shipped ones (docker/haconfd.toml, docker/compose.yml, the manifest's ConfigMap
+//! and containers), read from the files, changed only where a test says so.
+//!
+//! The tests run one at a time (a process-wide lock): they share two cores, and they measure
+//! time. Every container and network gets a unique name and is removed when its guard drops.
+//! Numbers are printed as `MEASURE ...` lines (docs/LB-HOSTS.md and docs/BENCHMARKS.md quote them).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::docker::*;
+use common::procs::{free_port, temp_dir, unix_cmd, ShowProc};
+use serde_json::Value;
+use yaml_rust2::{Yaml, YamlLoader};
+
+/// The demo's superuser password (docker/compose.yml).
+const SUPERUSER_PASSWORD: &str = "demo-superuser";
+/// haconfd's http.listen port in docker/haconfd.toml and the manifest.
+const HTTP_PORT: u16 = 9187;
+/// The HAProxy uid of the official image, docker/Dockerfile's USER.
+const HAPROXY_UID: u32 = 99;
+
+// ---------------------------------------------------------------------------------------------
+// The shipped files
+// ---------------------------------------------------------------------------------------------
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+}
+
+fn yaml(rel: &str) -> Vec<Yaml> {
+    YamlLoader::load_from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn strings(y: &Yaml) -> Vec<String> {
+    y.as_vec()
+        .map(|v| v.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// The manifest's haconfd.toml (ConfigMap), HAProxy command and haconfd args.
+struct K8s {
+    config: String,
+    haproxy_command: Vec<String>,
+    haconfd_args: Vec<String>,
+    run_as_user: i64,
+}
+
+fn k8s() -> K8s {
+    let docs = yaml("docker/k8s/haconfd-sidecar.yaml");
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some(k))
+            .unwrap_or_else(|| panic!("the manifest has no {k}"))
+    };
+    let pod = &kind("Deployment")["spec"]["template"]["spec"];
+    let container = |name: &str| {
+        pod["containers"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"].as_str() == Some(name))
+            .unwrap()
+            .clone()
+    };
+    K8s {
+        config: kind("ConfigMap")["data"]["haconfd.toml"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        haproxy_command: strings(&container("haproxy")["command"]),
+        haconfd_args: strings(&container("haconfd")["args"]),
+        run_as_user: pod["securityContext"]["runAsUser"].as_i64().unwrap(),
+    }
+}
+
+/// docker/compose.yml's HAProxy entrypoint and haconfd command.
+fn compose_commands() -> (Vec<String>, Vec<String>) {
+    let doc = yaml("docker/compose.yml").remove(0);
+    (
+        strings(&doc["services"]["haproxy"]["entrypoint"]),
+        strings(&doc["services"]["haconfd"]["command"]),
+    )
+}
+
+/// The argv of a `/bin/sh -c SCRIPT` command as docker run arguments: `--entrypoint /bin/sh`
+/// goes before the image, `-c SCRIPT` after it.
+fn sh_script(cmd: &[String]) -> String {
+    assert!(
+        cmd.len() == 3 && cmd[0] == "/bin/sh" && cmd[1] == "-c",
+        "not a /bin/sh -c command: {cmd:?}"
+    );
+    cmd[2].clone()
+}
+
+/// A directory for a volume shared by HAProxy and haconfd, owned by the haproxy uid (a fresh named
+/// volume or an emptyDir with fsGroup 99 is the same). The host reaches the sockets in it.
+fn shared_dir(tag: &str) -> tempfile::TempDir {
+    let d = temp_dir(tag);
+    nix::unistd::chown(d.path(), Some(HAPROXY_UID.into()), Some(HAPROXY_UID.into())).unwrap();
+    d
+}
+
+/// A directory holding `haconfd.toml`, to mount at /etc/haconfd.
+fn config_dir(tag: &str, text: &str) -> tempfile::TempDir {
+    let d = temp_dir(tag);
+    let f = d.path().join("haconfd.toml");
+    std::fs::write(&f, text).unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    d
+}
+
+fn show_proc(dir: &Path) -> Option<ShowProc> {
+    unix_cmd(
+        &dir.join("master.sock"),
+        "show proc",
+        Duration::from_secs(2),
+    )
+    .ok()
+    .map(|s| ShowProc::parse(&s))
+    .filter(|p| p.master.is_some())
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    format!("{ip}:{port}").parse().unwrap()
+}
+
+fn readyz(at: SocketAddr) -> Option<u16> {
+    http_get_at(at, "/readyz", Duration::from_secs(1)).map(|r| r.0)
+}
+
+/// Seconds since the Unix epoch (comparable with `date +%s.%N` inside a container: one kernel).
+fn wall_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------------------------
+// etcd in containers
+// ---------------------------------------------------------------------------------------------
+
+/// An etcd member on `net`, reachable there as `name` (its alias), in a cluster of `members`.
+fn etcd_member(net: &Network, name: &str, members: &[&str]) -> Container {
+    let images = images();
+    let cluster: Vec<String> = members
+        .iter()
+        .map(|m| format!("{m}=http://{m}:2380"))
+        .collect();
+    let c = Container::create(
+        name,
+        &[
+            "--network",
+            &net.name,
+            "--network-alias",
+            name,
+            "--hostname",
+            name,
+            &images.etcd,
+            "/usr/local/bin/etcd",
+            &format!("--name={name}"),
+            "--data-dir=/var/lib/etcd/data",
+            "--listen-client-urls=http://0.0.0.0:2379",
+            &format!("--advertise-client-urls=http://{name}:2379"),
+            "--listen-peer-urls=http://0.0.0.0:2380",
+            &format!("--initial-advertise-peer-urls=http://{name}:2380"),
+            &format!("--initial-cluster={}", cluster.join(",")),
+            "--initial-cluster-state=new",
+            "--initial-cluster-token=haconfd-test",
+        ],
+    );
+    c.start();
+    c
+}
+
+fn wait_etcd_healthy(etcd: &Container, timeout: Duration) {
+    let ok = poll(timeout, Duration::from_millis(200), || {
+        etcdctl(etcd, &["endpoint", "health"]).ok()
+    });
+    assert!(
+        ok.is_some(),
+        "etcd {} not healthy within {timeout:?}:\n{}",
+        etcd.name,
+        etcd.logs(30)
+    );
+}
+
+fn put(etcd: &Container, key: &str, value: &str) {
+    etcdctl(etcd, &["put", key, value]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn get(etcd: &Container, key: &str) -> Option<String> {
+    etcdctl(etcd, &["get", "--print-value-only", key])
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. The images
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn images_are_built_here_with_the_official_images_users_paths_and_binaries() {
+    let _serial = serial();
+    let images = images();
+    println!(
+        "MEASURE images: {:.1} s building; per image (s, 0 = cached): {:?}",
+        images.build_seconds.values().sum::<f64>(),
+        images.build_seconds
+    );
+    let run = |image: &str, script: &str| -> String {
+        docker(&[
+            "run",
+            "--rm",
+            "--entrypoint",
+            "/bin/sh",
+            image,
+            "-c",
+            script,
+        ])
+        .trim()
+        .to_string()
+    };
+
+    // haconfd's image: uid 99 like HAProxy's, haconfd and haproxy -c in it, the templates where
+    // the configs name them, /var/lib/haproxy owned by 99 (what a fresh volume inherits).
+    let k = k8s();
+    let id = run(&images.haconfd, "id -u; id -g");
+    assert_eq!(
+        id,
+        format!("{HAPROXY_UID}\n{HAPROXY_UID}"),
+        "haconfd's image user"
+    );
+    assert_eq!(
+        k.run_as_user,
+        i64::from(HAPROXY_UID),
+        "the manifest's runAsUser is not the image's uid"
+    );
+    assert_eq!(
+        run(&images.haproxy, "id -u; id -g; id -un"),
+        format!("{HAPROXY_UID}\n{HAPROXY_UID}\nhaproxy"),
+        "the local HAProxy base's user"
+    );
+    for image in [&images.haconfd, &images.haproxy] {
+        assert_eq!(
+            run(image, "stat -c %u:%g /var/lib/haproxy"),
+            format!("{HAPROXY_UID}:{HAPROXY_UID}"),
+            "{image}: /var/lib/haproxy"
+        );
+    }
+    let version = |image: &str| run(image, "haproxy -v | head -n 1");
+    assert_eq!(
+        version(&images.haconfd),
+        version(&images.haproxy),
+        "haconfd's `haproxy -c` is not the serving HAProxy"
+    );
+    let out = run(
+        &images.haconfd,
+        "haconfd --version && ls /usr/share/haconfd/templates",
+    );
+    assert!(out.starts_with("haconfd "), "{out}");
+    for e in std::fs::read_dir(root().join("templates")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(out.lines().any(|l| l == name), "{name} not shipped: {out}");
+    }
+    // The image's default command is `haconfd run` on the default config: with none mounted it
+    // says so and exits non-zero (rather than starting with something else).
+    let out = docker_try(&["run", "--rm", &images.haconfd], Duration::from_secs(60));
+    let err = out.expect_err("haconfd started without a config");
+    assert!(err.contains("/etc/haconfd/haconfd.toml"), "{err}");
+
+    // etcd where compose.yml runs it; Patroni as postgres with the v3 client.
+    let out = run(
+        &images.etcd,
+        "/usr/local/bin/etcd --version | head -n 1; /usr/local/bin/etcdctl version | head -n 1",
+    );
+    assert!(out.contains("etcd Version: 3."), "{out}");
+    let out = run(
+        &images.patroni,
+        "id -un; patroni --version; python3 -c 'import etcd' && echo python-etcd",
+    );
+    assert!(
+        out.starts_with("postgres\npatroni 3.") && out.ends_with("python-etcd"),
+        "{out}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. The sidecar, for real
+// ---------------------------------------------------------------------------------------------
+
+/// What both sidecar wirings check: members in etcd, HAProxy up from haconfd's first file, then a
+/// member join rendered, checked, swapped in and reloaded exactly once.
+struct SidecarRun<'a> {
+    origin: &'a str,
+    etcd: &'a Container,
+    dir: &'a Path,
+    http: SocketAddr,
+    logs: &'a dyn Fn() -> String,
+}
+
+impl SidecarRun<'_> {
+    fn prefix(&self) -> &'static str {
+        "/service/demo"
+    }
+
+    fn members_up(&self) {
+        let p = self.prefix();
+        put(
+            self.etcd,
+            &format!("{p}/members/pg1"),
+            &fake_member("192.0.2.11", "master"),
+        );
+        put(
+            self.etcd,
+            &format!("{p}/members/pg2"),
+            &fake_member("192.0.2.12", "replica"),
+        );
+        put(self.etcd, &format!("{p}/leader"), "pg1");
+        let up = poll(Duration::from_secs(60), Duration::from_millis(100), || {
+            show_proc(self.dir).filter(|p| !p.workers.is_empty())
+        });
+        assert!(
+            up.is_some(),
+            "{}: HAProxy did not come up from haconfd's first haproxy.cfg\n{}",
+            self.origin,
+            (self.logs)()
+        );
+        let ready = poll(Duration::from_secs(30), Duration::from_millis(100), || {
+            (readyz(self.http) == Some(200)).then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "{}: /readyz never answered 200: {:?}\n{}",
+            self.origin,
+            http_get_at(self.http, "/readyz", Duration::from_secs(2)),
+            (self.logs)()
+        );
+    }
+
+    /// pg3 joins: one reload, the file has it, no failed reload.
+    fn member_joins(&self, name: &str, ip: &str) {
+        let before = show_proc(self.dir).unwrap();
+        let t = Instant::now();
+        put(
+            self.etcd,
+            &format!("{}/members/{name}", self.prefix()),
+            &fake_member(ip, "replica"),
+        );
+        let cfg = self.dir.join("haproxy.cfg");
+        let after = poll(Duration::from_secs(20), Duration::from_millis(20), || {
+            let has =
+                std::fs::read_to_string(&cfg).is_ok_and(|c| c.contains(&format!("server {name} ")));
+            show_proc(self.dir).filter(|p| has && p.reloads() > before.reloads())
+        });
+        let after = after.unwrap_or_else(|| {
+            panic!(
+                "{}: HAProxy was not reloaded with {name}: {:?}\n{}",
+                self.origin,
+                show_proc(self.dir),
+                (self.logs)()
+            )
+        });
+        println!(
+            "MEASURE {}: member join → HAProxy reloaded in {} s",
+            self.origin,
+            secs(t.elapsed())
+        );
+        // Settle, then count: exactly one reload for one join, none failed, a new worker.
+        std::thread::sleep(Duration::from_millis(1500));
+        let settled = show_proc(self.dir).unwrap();
+        assert_eq!(
+            settled.reloads(),
+            before.reloads() + 1,
+            "{}: one member join, {} reloads\n{}",
+            self.origin,
+            settled.reloads() - before.reloads(),
+            (self.logs)()
+        );
+        assert_eq!(settled.failed, 0, "{}: a reload failed", self.origin);
+        assert_ne!(
+            settled.workers.iter().map(|w| w.pid).collect::<Vec<_>>(),
+            before.workers.iter().map(|w| w.pid).collect::<Vec<_>>(),
+            "{}: the worker was not replaced",
+            self.origin
+        );
+        assert_eq!(after.failed, 0);
+        let st = status_at(self.http).unwrap();
+        assert_eq!(
+            st["last_pass_ok"],
+            Value::Bool(true),
+            "{}: {st:#}",
+            self.origin
+        );
+    }
+}
+
+/// HAProxy in one container, haconfd in another that shares its PID namespace and the volume:
+/// the manifest's config (reload by SIGUSR2 to the master PID from HAProxy's pidfile, verified
+/// as `haproxy` in /proc and confirmed on the master socket) and HAProxy command line, under the
+/// manifest's security context (uid 99, read-only root, no capabilities, no privilege
+/// escalation). A pidfile naming a process outside the shared namespace is refused and nothing is
+/// signalled; the right PID back, the pending reload goes through.
+#[test]
+fn sidecar_sharing_the_pid_namespace_reloads_by_signal_and_refuses_a_foreign_pid() {
+    let _serial = serial();
+    let images = images();
+    let k = k8s();
+    let net = Network::create("pidns");
+    let etcd = etcd_member(&net, "etcd", &["etcd"]);
+    wait_etcd_healthy(&etcd, Duration::from_secs(60));
+    let dir = shared_dir("sidecar-pidns");
+    let cfg = config_dir("sidecar-pidns-cfg", &k.config);
+    let vol = format!("{}:/var/lib/haproxy", dir.path().display());
+    let etc = format!("{}:/etc/haconfd:ro", cfg.path().display());
+    let user = format!("{HAPROXY_UID}:{HAPROXY_UID}");
+    let locked_down = [
+        "--user",
+        &user,
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+    ];
+
+    // HAProxy under an init process, as in a pod, where the pause container is PID 1: haconfd
+    // refuses PID 1 from a pidfile (on a host that is init), so the master must not be it.
+    let mut args = vec!["--network", &net.name, "--init", "-v", &vol];
+    args.extend_from_slice(&locked_down);
+    let script = sh_script(&k.haproxy_command);
+    args.extend(["--entrypoint", "/bin/sh", &images.haproxy, "-c", &script]);
+    let haproxy = Container::run("haproxy", &args);
+    let pid_ns = format!("container:{}", haproxy.name);
+    let mut args = vec![
+        "--network",
+        &net.name,
+        "--pid",
+        &pid_ns,
+        "--tmpfs",
+        "/tmp",
+        "-v",
+        &vol,
+        "-v",
+        &etc,
+    ];
+    args.extend_from_slice(&locked_down);
+    args.push(&images.haconfd);
+    args.extend(k.haconfd_args.iter().map(String::as_str));
+    let haconfd = Container::run("haconfd", &args);
+    let http = addr(&haconfd.ip(&net), HTTP_PORT);
+    let logs = || {
+        format!(
+            "haconfd:\n{}\nhaproxy:\n{}",
+            haconfd.logs(40),
+            haproxy.logs(20)
+        )
+    };
+    let run = SidecarRun {
+        origin: "shared PID namespace",
+        etcd: &etcd,
+        dir: dir.path(),
+        http,
+        logs: &logs,
+    };
+    run.members_up();
+
+    // haconfd sees HAProxy's processes, and the pidfile names the master among them.
+    let pidfile = dir.path().join("haproxy.pid");
+    let master_pid = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .to_string();
+    let comm = haconfd.exec(&["cat", &format!("/proc/{master_pid}/comm")]);
+    assert_eq!(comm.trim(), "haproxy", "{}", logs());
+    run.member_joins("pg3", "192.0.2.13");
+
+    // A pidfile naming a process of another PID namespace: the etcd container's, by its host PID.
+    // In haconfd's namespace that number is no process (or another one): refused, not signalled.
+    let foreign = etcd.host_pid();
+    std::fs::write(&pidfile, format!("{foreign}\n")).unwrap();
+    let before = show_proc(dir.path()).unwrap();
+    let failed_before = status_at(http).unwrap()["failed_passes"].as_u64().unwrap();
+    put(
+        &etcd,
+        "/service/demo/members/pg4",
+        &fake_member("192.0.2.14", "replica"),
+    );
+    let refused = poll(Duration::from_secs(20), Duration::from_millis(50), || {
+        status_at(http).filter(|st| st["failed_passes"].as_u64().unwrap() > failed_before)
+    })
+    .unwrap_or_else(|| panic!("the foreign PID was not refused\n{}", logs()));
+    let err = refused["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        err.contains(&foreign.to_string())
+            && (err.contains("nothing was signalled") || err.contains("refusing to signal")),
+        "the refusal does not name the PID and say nothing was signalled: {err}"
+    );
+    println!("MEASURE shared PID namespace: foreign pidfile refused: {err}");
+    std::thread::sleep(Duration::from_secs(1));
+    let after = show_proc(dir.path()).unwrap();
+    assert_eq!(
+        after.reloads(),
+        before.reloads(),
+        "HAProxy was reloaded although the pidfile named another process"
+    );
+    assert_eq!(
+        after.master.as_ref().map(|m| m.pid),
+        before.master.as_ref().map(|m| m.pid)
+    );
+
+    // The right PID back: the retry (daemon.retry_interval) reloads with pg4, once.
+    std::fs::write(&pidfile, format!("{master_pid}\n")).unwrap();
+    let done = poll(Duration::from_secs(20), Duration::from_millis(50), || {
+        show_proc(dir.path()).filter(|p| p.reloads() > before.reloads())
+    });
+    assert!(
+        done.is_some(),
+        "no reload after the pidfile was fixed\n{}",
+        logs()
+    );
+    let ok = poll(Duration::from_secs(10), Duration::from_millis(50), || {
+        status_at(http).filter(|st| st["last_pass_ok"] == Value::Bool(true))
+    });
+    assert!(ok.is_some(), "{}", logs());
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        show_proc(dir.path()).unwrap().reloads(),
+        before.reloads() + 1
+    );
+    assert!(haproxy.is_running() && haconfd.is_running(), "{}", logs());
+}
+
+/// The compose wiring: HAProxy and haconfd in their own PID and network namespaces, sharing only
+/// the volume; haconfd reloads through the master socket on it (docker/haconfd.toml as shipped,
+/// HAProxy's command line from docker/compose.yml).
+#[test]
+fn sidecar_without_a_shared_pid_namespace_reloads_through_the_master_socket() {
+    let _serial = serial();
+    let images = images();
+    let (haproxy_cmd, haconfd_cmd) = compose_commands();
+    let net = Network::create("mastersock");
+    let etcd = etcd_member(&net, "etcd", &["etcd"]);
+    wait_etcd_healthy(&etcd, Duration::from_secs(60));
+    let dir = shared_dir("sidecar-sock");
+    let cfg = config_dir("sidecar-sock-cfg", &read("docker/haconfd.toml"));
+    let vol = format!("{}:/var/lib/haproxy", dir.path().display());
+    let etc = format!(
+        "{}:/etc/haconfd/haconfd.toml:ro",
+        cfg.path().join("haconfd.toml").display()
+    );
+    let user = format!("{HAPROXY_UID}:{HAPROXY_UID}");
+    let script = sh_script(&haproxy_cmd);
+    let haproxy = Container::run(
+        "haproxy",
+        &[
+            "--network",
+            &net.name,
+            "--user",
+            &user,
+            "-v",
+            &vol,
+            "--entrypoint",
+            "/bin/sh",
+            &images.haproxy,
+            "-c",
+            &script,
+        ],
+    );
+    let mut args = vec![
+        "--network",
+        &net.name,
+        "-v",
+        &vol,
+        "-v",
+        &etc,
+        &images.haconfd,
+    ];
+    args.extend(haconfd_cmd.iter().map(String::as_str));
+    let haconfd = Container::run("haconfd", &args);
+    let http = addr(&haconfd.ip(&net), HTTP_PORT);
+    let logs = || {
+        format!(
+            "haconfd:\n{}\nhaproxy:\n{}",
+            haconfd.logs(40),
+            haproxy.logs(20)
+        )
+    };
+    let run = SidecarRun {
+        origin: "master socket",
+        etcd: &etcd,
+        dir: dir.path(),
+        http,
+        logs: &logs,
+    };
+    run.members_up();
+    // No HAProxy process is visible to haconfd: only the socket on the volume connects them.
+    let comms = haconfd.exec(&["sh", "-c", "cat /proc/[0-9]*/comm"]);
+    assert!(!comms.contains("haproxy"), "haconfd sees HAProxy: {comms}");
+    run.member_joins("pg3", "192.0.2.13");
+    assert!(haproxy.is_running() && haconfd.is_running(), "{}", logs());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Patroni in containers
+// ---------------------------------------------------------------------------------------------
+
+/// Patroni's REST `/cluster` of the node at `ip`, if it answers.
+fn patroni_cluster(ip: &str) -> Option<Value> {
+    let (code, body) = http_get_at(addr(ip, 8008), "/cluster", Duration::from_secs(2))?;
+    (code == 200).then(|| serde_json::from_str(&body).ok())?
+}
+
+/// (leader name, leader host) and the names of running replicas, from `/cluster`.
+fn leader_and_replicas(cluster: &Value) -> Option<((String, String), Vec<String>)> {
+    let members = cluster["members"].as_array()?;
+    let leader = members
+        .iter()
+        .find(|m| m["role"] == "leader" && m["state"] == "running")?;
+    let replicas = members
+        .iter()
+        .filter(|m| {
+            m["role"] == "replica"
+                && (m["state"] == "streaming" || m["state"] == "running")
+                && m["lag"].as_u64().is_some()
+        })
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .collect();
+    Some((
+        (
+            leader["name"].as_str()?.to_string(),
+            leader["host"].as_str()?.to_string(),
+        ),
+        replicas,
+    ))
+}
+
+/// Waits until some node reports a running leader and `replicas` replicas with a known lag.
+fn wait_cluster(ips: &[String], replicas: usize, timeout: Duration) -> Option<(String, String)> {
+    poll(timeout, Duration::from_millis(500), || {
+        ips.iter()
+            .filter_map(|ip| patroni_cluster(ip))
+            .filter_map(|c| leader_and_replicas(&c))
+            .find(|(_, r)| r.len() >= replicas)
+            .map(|(l, _)| l)
+    })
+}
+
+/// A write through `ip:port`: the server's address and whether it is a replica, or the error.
+/// The insert fails on a replica, so Ok means the write was taken.
+fn write_through(ip: &str, port: u16) -> Result<String, String> {
+    psql(
+        ip,
+        port,
+        SUPERUSER_PASSWORD,
+        "insert into lb_probe default values returning host(inet_server_addr())",
+        Duration::from_secs(3),
+    )
+}
+
+fn create_probe_table(ip: &str, port: u16) {
+    let r = poll(Duration::from_secs(30), Duration::from_millis(500), || {
+        psql(
+            ip,
+            port,
+            SUPERUSER_PASSWORD,
+            "create table if not exists lb_probe (id bigserial primary key, at timestamptz default now())",
+            Duration::from_secs(3),
+        )
+        .ok()
+    });
+    assert!(
+        r.is_some(),
+        "cannot create the probe table through {ip}:{port}"
+    );
+}
+
+/// Waits until writes through `ip:port` land on `leader_ip`; how long that took.
+fn wait_writes_reach(ip: &str, port: u16, leader_ip: &str, timeout: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    poll(timeout, Duration::from_millis(50), || {
+        (write_through(ip, port).ok().as_deref() == Some(leader_ip)).then_some(())
+    })
+    .map(|_| t.elapsed())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2c. The compose demo
+// ---------------------------------------------------------------------------------------------
+
+/// docker/compose.yml as shipped, with the local images and free host ports named through its
+/// variables: etcd, three Patroni nodes, HAProxy and haconfd come up; a write through the
+/// published write port reaches the leader and reads go to a replica; a switchover is followed;
+/// `down -v` leaves nothing of the project.
+#[test]
+fn compose_demo_comes_up_follows_a_switchover_and_is_torn_down() {
+    let _serial = serial();
+    let images = images();
+    let (primary, replica, stats, http) = (free_port(), free_port(), free_port(), free_port());
+    let mut compose = Compose::new(
+        &root().join("docker/compose.yml"),
+        &[
+            ("ETCD_IMAGE", images.etcd.clone()),
+            ("HAPROXY_IMAGE", images.haproxy.clone()),
+            ("PATRONI_IMAGE", images.patroni.clone()),
+            ("HACONFD_IMAGE", images.haconfd.clone()),
+            ("DEMO_PRIMARY_PORT", primary.to_string()),
+            ("DEMO_REPLICA_PORT", replica.to_string()),
+            ("DEMO_STATS_PORT", stats.to_string()),
+            ("DEMO_HTTP_PORT", http.to_string()),
+        ],
+    );
+    let t = Instant::now();
+    compose
+        .run(&["up", "-d", "--no-build"], Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let logs = |c: &Compose| c.logs(&[], 30);
+    let etcd = Container::existing(&compose.container("etcd"));
+    let leader_ip = || -> Option<(String, String)> {
+        let name = get(&etcd, "/service/demo/leader")?;
+        let member: Value =
+            serde_json::from_str(&get(&etcd, &format!("/service/demo/members/{name}"))?).ok()?;
+        let host = url::Url::parse(member["conn_url"].as_str()?)
+            .ok()?
+            .host_str()?
+            .to_string();
+        Some((name, host))
+    };
+
+    // Up: a write through the published write port lands on the leader.
+    let first = poll(Duration::from_secs(180), Duration::from_millis(500), || {
+        let (name, ip) = leader_ip()?;
+        let got = psql(
+            "127.0.0.1",
+            primary,
+            SUPERUSER_PASSWORD,
+            "select host(inet_server_addr()), pg_is_in_recovery()",
+            Duration::from_secs(3),
+        )
+        .ok()?;
+        (got == format!("{ip}|f")).then_some((name, ip))
+    })
+    .unwrap_or_else(|| panic!("no write path to the leader\n{}", logs(&compose)));
+    println!(
+        "MEASURE compose: up to writes reaching the leader through the published port: {} s",
+        secs(t.elapsed())
+    );
+    create_probe_table("127.0.0.1", primary);
+    assert_eq!(
+        write_through("127.0.0.1", primary).as_deref(),
+        Ok(first.1.as_str()),
+        "{}",
+        logs(&compose)
+    );
+    // Reads: a replica, once one streams.
+    let read = poll(Duration::from_secs(120), Duration::from_millis(500), || {
+        psql(
+            "127.0.0.1",
+            replica,
+            SUPERUSER_PASSWORD,
+            "select pg_is_in_recovery(), (select count(*) from lb_probe)",
+            Duration::from_secs(3),
+        )
+        .ok()
+        .filter(|r| r.starts_with("t|"))
+    });
+    assert!(
+        read.is_some(),
+        "no replica behind the read port\n{}",
+        logs(&compose)
+    );
+    let (code, _) = http_get_at(addr("127.0.0.1", http), "/readyz", Duration::from_secs(2))
+        .unwrap_or_else(|| panic!("haconfd's published port does not answer"));
+    assert_eq!(code, 200, "{}", logs(&compose));
+
+    // A switchover, as the compose file's header shows it.
+    let t = Instant::now();
+    compose
+        .run(
+            &[
+                "exec",
+                "-T",
+                "patroni1",
+                "patronictl",
+                "-c",
+                "/var/lib/postgresql/patroni.yml",
+                "switchover",
+                "--force",
+            ],
+            Duration::from_secs(90),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&compose)));
+    let second = poll(Duration::from_secs(60), Duration::from_millis(200), || {
+        leader_ip().filter(|l| l.0 != first.0)
+    })
+    .unwrap_or_else(|| panic!("the leader did not change\n{}", logs(&compose)));
+    let took = wait_writes_reach("127.0.0.1", primary, &second.1, Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("writes do not reach the new leader\n{}", logs(&compose)));
+    println!(
+        "MEASURE compose: switchover {} → {}: writes on the new leader {} s after patronictl was started ({} s after the new leader key was seen)",
+        first.0,
+        second.0,
+        secs(t.elapsed()),
+        secs(took)
+    );
+    // Nothing written before was lost, and haconfd saw the change.
+    let n = psql(
+        "127.0.0.1",
+        primary,
+        SUPERUSER_PASSWORD,
+        "select count(*) from lb_probe",
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    assert!(n.parse::<u64>().unwrap() >= 2, "rows: {n}");
+    let st = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        status_at(addr("127.0.0.1", http))
+            .filter(|st| st["cluster"]["leader_name"].as_str() == Some(second.0.as_str()))
+    })
+    .unwrap_or_else(|| panic!("haconfd did not see the new leader\n{}", logs(&compose)));
+    assert!(st["leader_changes"].as_u64().unwrap() >= 1, "{st:#}");
+
+    // Down: nothing of the project is left.
+    let t = Instant::now();
+    compose.down().unwrap_or_else(|e| panic!("{e}"));
+    let left = compose.leftovers();
+    assert!(left.is_empty(), "left after `down -v`: {left:?}");
+    println!("MEASURE compose: down -v in {} s", secs(t.elapsed()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Several load-balancer hosts
+// ---------------------------------------------------------------------------------------------
+
+/// One load-balancer host: HAProxy and haconfd in one network namespace (HAProxy's container
+/// owns it, haconfd joins it, as in a pod), on the `app` network with clients and PostgreSQL, and
+/// on the `dcs` network with etcd. Cutting it off from etcd is `docker network disconnect dcs`.
+struct Lb {
+    name: String,
+    // Fields drop in this order: haconfd leaves HAProxy's namespace before it goes.
+    haconfd: Container,
+    haproxy: Container,
+    ip: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Lb {
+    fn http(&self) -> SocketAddr {
+        addr(&self.ip, HTTP_PORT)
+    }
+
+    fn status(&self) -> Option<Value> {
+        status_at(self.http())
+    }
+
+    fn leader(&self) -> Option<String> {
+        self.status()?["cluster"]["leader_name"]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    fn failed_passes(&self) -> u64 {
+        self.status()
+            .and_then(|s| s["failed_passes"].as_u64())
+            .unwrap_or_else(|| panic!("{}: no /status", self.name))
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "{} haconfd:\n{}\n{} haproxy:\n{}",
+            self.name,
+            self.haconfd.logs(40),
+            self.name,
+            self.haproxy.logs(15)
+        )
+    }
+}
+
+/// Samples every LB's /readyz every 100 ms while `f` runs; returns f's value and, per LB, the
+/// samples that were not 200 and the samples taken.
+fn sampling_readiness<T>(lbs: &[Lb], f: impl FnOnce() -> T) -> (T, Vec<(u32, u32)>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    let addrs: Vec<SocketAddr> = lbs.iter().map(Lb::http).collect();
+    // Stops the sampler also when `f` panics (the scope waits for it).
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|s| {
+        let _stop = Stop(&stop);
+        let sampler = s.spawn(|| {
+            let mut counts = vec![(0u32, 0u32); addrs.len()];
+            // Bounded: at most 10 minutes of samples.
+            for _ in 0..6000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                for (i, a) in addrs.iter().enumerate() {
+                    if readyz(*a) != Some(200) {
+                        counts[i].0 += 1;
+                    }
+                    counts[i].1 += 1;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            counts
+        });
+        let v = f();
+        drop(_stop);
+        (v, sampler.join().unwrap())
+    })
+}
+
+/// Starts a switchover from `from` and waits for Patroni to report a new running leader;
+/// (name, host) of the new leader. Patroni itself may refuse or drop a switchover while one etcd
+/// member is unreachable (its own etcd client is then still timing out on that member): up to
+/// three attempts, 30 s each.
+fn switchover(
+    from: &Container,
+    ips: &[String],
+    old: &str,
+    logs: &dyn Fn() -> String,
+) -> (String, String) {
+    let mut said = Vec::new();
+    for _ in 0..3 {
+        let out = from.exec_try(
+            &[
+                "patronictl",
+                "-c",
+                "/var/lib/postgresql/patroni.yml",
+                "switchover",
+                "--force",
+            ],
+            Duration::from_secs(90),
+        );
+        said.push(out.unwrap_or_else(|e| e));
+        let new = poll(Duration::from_secs(30), Duration::from_millis(50), || {
+            ips.iter()
+                .filter_map(|ip| patroni_cluster(ip))
+                .filter_map(|c| leader_and_replicas(&c))
+                .map(|(l, _)| l)
+                .find(|l| l.0 != old)
+        });
+        if let Some(new) = new {
+            if said.len() > 1 {
+                println!(
+                    "MEASURE lb: the switchover from {old} took {} patronictl attempts",
+                    said.len()
+                );
+            }
+            return new;
+        }
+    }
+    panic!(
+        "no new leader after three switchovers from {old}; patronictl said:\n{}\n{}",
+        said.join("\n"),
+        logs()
+    )
+}
+
+/// Waits until every LB in `lbs` shows `leader` in /status and sends writes to `leader_ip`;
+/// per LB, the fast path's own figure (ms from the leader key to HAProxy moved, /status
+/// last_failover.haproxy_after_ms) and the time from `since` to writes reaching the leader.
+fn all_follow(lbs: &[&Lb], leader: &str, leader_ip: &str, since: Instant) -> Vec<(f64, Duration)> {
+    lbs.iter()
+        .map(|lb| {
+            let st = poll(Duration::from_secs(30), Duration::from_millis(20), || {
+                lb.status().filter(|st| {
+                    st["cluster"]["leader_name"].as_str() == Some(leader)
+                        && st["last_failover"]["new"].as_str() == Some(leader)
+                })
+            })
+            .unwrap_or_else(|| panic!("{} did not follow {leader}\n{}", lb.name, lb.logs()));
+            wait_writes_reach(&lb.ip, 5000, leader_ip, Duration::from_secs(30)).unwrap_or_else(
+                || {
+                    panic!(
+                        "writes through {} do not reach {leader}\n{}",
+                        lb.name,
+                        lb.logs()
+                    )
+                },
+            );
+            (
+                st["last_failover"]["haproxy_after_ms"]
+                    .as_f64()
+                    .unwrap_or(-1.0),
+                since.elapsed(),
+            )
+        })
+        .collect()
+}
+
+/// Three load-balancer hosts (HAProxy + haconfd each, own addresses), one three-member etcd
+/// cluster, three Patroni nodes, all in containers; the haconfd config is docker/haconfd.toml with
+/// the three etcd members and the fast path's hold.lua.
+/// - A load balancer cut off from etcd keeps routing with its last good config, says it is not
+///   ready, and catches up within 1 s of being reconnected, including a switchover made while it
+///   was cut off; the other two follow that switchover with the fast path meanwhile.
+/// - One etcd member stopped, then another one cut off: no pass fails on any load balancer, and a
+///   switchover in each case is followed by all three.
+#[test]
+fn lb_hosts_keep_routing_cut_off_from_etcd_catch_up_and_lose_no_pass_to_an_etcd_member() {
+    let _serial = serial();
+    let images = images();
+    let dcs = Network::create("dcs");
+    let app = Network::create("app");
+    let t_up = Instant::now();
+
+    let names = ["etcd1", "etcd2", "etcd3"];
+    let etcds: Vec<Container> = names.iter().map(|n| etcd_member(&dcs, n, &names)).collect();
+    for e in &etcds {
+        wait_etcd_healthy(e, Duration::from_secs(60));
+    }
+
+    // Patroni: on `app` and on `dcs` (for etcd); it advertises its address on `app` (CONNECT_CIDR),
+    // the network the load balancers keep when they are cut off from etcd.
+    let hosts = names.map(|n| format!("{n}:2379")).join(",");
+    let env = [
+        "PATRONI_SCOPE=demo".to_string(),
+        "PATRONI_NAMESPACE=/service".into(),
+        format!("PATRONI_ETCD3_HOSTS={hosts}"),
+        "PATRONI_SUPERUSER_USERNAME=postgres".into(),
+        format!("PATRONI_SUPERUSER_PASSWORD={SUPERUSER_PASSWORD}"),
+        "PATRONI_REPLICATION_USERNAME=replicator".into(),
+        "PATRONI_REPLICATION_PASSWORD=demo-replicator".into(),
+        format!("CONNECT_CIDR={}", app.subnet()),
+    ];
+    let pgs: Vec<Container> = (1..=3)
+        .map(|i| {
+            let name = format!("pg{i}");
+            let mut args = vec!["--network", &app.name, "--hostname", &name];
+            for e in &env {
+                args.extend(["-e", e.as_str()]);
+            }
+            args.push(&images.patroni);
+            let c = Container::create(&name, &args);
+            c.connect(&dcs, None);
+            c.start();
+            c
+        })
+        .collect();
+    let pg_ips: Vec<String> = pgs.iter().map(|c| c.ip(&app)).collect();
+    let pg_logs = || {
+        pgs.iter()
+            .map(|c| format!("{}:\n{}", c.name, c.logs(15)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (mut leader, mut leader_ip) = wait_cluster(&pg_ips, 2, Duration::from_secs(240))
+        .unwrap_or_else(|| panic!("no Patroni leader with two replicas\n{}", pg_logs()));
+    for pg in &pgs {
+        let name = pg.name.rsplit('-').next().unwrap();
+        let member = poll(Duration::from_secs(30), Duration::from_millis(200), || {
+            get(&etcds[2], &format!("/service/demo/members/{name}"))
+        })
+        .unwrap_or_else(|| panic!("no member key for {name}"));
+        let member: Value = serde_json::from_str(&member).unwrap();
+        let host = url::Url::parse(member["conn_url"].as_str().unwrap())
+            .unwrap()
+            .host_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            app.contains(&host),
+            "{name} advertises {host}, not its address on the app network"
+        );
+    }
+
+    // The load balancers.
+    let mut cfg: toml::Table = toml::from_str(&read("docker/haconfd.toml")).unwrap();
+    cfg["etcd"]["endpoints"] = toml::Value::Array(
+        names
+            .iter()
+            .map(|n| toml::Value::String(format!("http://{n}:2379")))
+            .collect(),
+    );
+    let hold = "/usr/share/haconfd/templates/hold.lua";
+    cfg["vars"]
+        .as_table_mut()
+        .unwrap()
+        .insert("hold_lua".into(), hold.into());
+    // A quicker reconnection than the default 500 ms: after an outage the first watch attempt
+    // fails on the stale connect error of the outage, so the catch-up takes up to two backoff
+    // steps (docs/LB-HOSTS.md).
+    cfg["daemon"]
+        .as_table_mut()
+        .unwrap()
+        .insert("max_backoff".into(), "250ms".into());
+    let cfg_text = toml::to_string(&cfg).unwrap();
+    let cfg_dir = config_dir("lb-cfg", &cfg_text);
+    let etc = format!("{}:/etc/haconfd:ro", cfg_dir.path().display());
+    let hold_mount = format!("{}:{hold}:ro", root().join("templates/hold.lua").display());
+    let (haproxy_cmd, haconfd_cmd) = compose_commands();
+    let script = sh_script(&haproxy_cmd);
+    let user = format!("{HAPROXY_UID}:{HAPROXY_UID}");
+    let lbs: Vec<Lb> = (1..=3)
+        .map(|i| {
+            let dir = shared_dir(&format!("lb{i}"));
+            let vol = format!("{}:/var/lib/haproxy", dir.path().display());
+            let haproxy = Container::create(
+                &format!("lb{i}-haproxy"),
+                &[
+                    "--network",
+                    &app.name,
+                    "--user",
+                    &user,
+                    "-v",
+                    &vol,
+                    "-v",
+                    &hold_mount,
+                    "--entrypoint",
+                    "/bin/sh",
+                    &images.haproxy,
+                    "-c",
+                    &script,
+                ],
+            );
+            haproxy.connect(&dcs, None);
+            haproxy.start();
+            let netns = format!("container:{}", haproxy.name);
+            let mut args = vec!["--network", &netns, "-v", &vol, "-v", &etc, &images.haconfd];
+            args.extend(haconfd_cmd.iter().map(String::as_str));
+            let haconfd = Container::run(&format!("lb{i}-haconfd"), &args);
+            let ip = haproxy.ip(&app);
+            Lb {
+                name: format!("lb{i}"),
+                haconfd,
+                haproxy,
+                ip,
+                _dir: dir,
+            }
+        })
+        .collect();
+    for lb in &lbs {
+        let ok = poll(Duration::from_secs(60), Duration::from_millis(100), || {
+            (readyz(lb.http()) == Some(200)).then_some(())
+        });
+        assert!(ok.is_some(), "{} never ready\n{}", lb.name, lb.logs());
+    }
+    create_probe_table(&lbs[0].ip, 5000);
+    for lb in &lbs {
+        wait_writes_reach(&lb.ip, 5000, &leader_ip, Duration::from_secs(30)).unwrap_or_else(|| {
+            panic!(
+                "writes through {} do not reach {leader}\n{}",
+                lb.name,
+                lb.logs()
+            )
+        });
+    }
+    println!(
+        "MEASURE lb: 3 etcd + 3 Patroni + 3 LBs up, writes through every LB on the leader: {} s",
+        secs(t_up.elapsed())
+    );
+    let rendered: Vec<String> = lbs
+        .iter()
+        .map(|lb| std::fs::read_to_string(lb._dir.path().join("haproxy.cfg")).unwrap())
+        .collect();
+    assert!(
+        rendered.iter().all(|r| r == &rendered[0]),
+        "the LBs rendered different files from one etcd"
+    );
+
+    // --- A. LB1 cut off from etcd ------------------------------------------------------------
+    let lb1 = &lbs[0];
+    let t_cut = Instant::now();
+    lb1.haproxy.disconnect(&dcs);
+    let unready = poll(Duration::from_secs(30), Duration::from_millis(20), || {
+        (readyz(lb1.http()) == Some(503)).then(|| t_cut.elapsed())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "lb1 cut off from etcd still says it is ready\n{}",
+            lb1.logs()
+        )
+    });
+    let why = http_get_at(lb1.http(), "/readyz", Duration::from_secs(2))
+        .unwrap()
+        .1;
+    assert!(why.contains("etcd"), "{why}");
+    assert_eq!(
+        write_through(&lb1.ip, 5000).as_deref(),
+        Ok(leader_ip.as_str()),
+        "lb1 stopped routing writes when cut off from etcd"
+    );
+    println!(
+        "MEASURE lb: lb1 cut off from etcd: /readyz 503 after {} s ({}); writes through it still reach the leader",
+        secs(unready),
+        why.trim()
+    );
+
+    // A switchover while it is cut off: the others follow with the fast path; lb1 follows by
+    // HAProxy's health checks alone, its haconfd still showing the old leader.
+    let old = leader.clone();
+    let t_sw = Instant::now();
+    (leader, leader_ip) = switchover(&pgs[0], &pg_ips, &old, &pg_logs);
+    let t_key = t_sw.elapsed();
+    let followed = all_follow(&[&lbs[1], &lbs[2]], &leader, &leader_ip, t_sw);
+    let lb1_checks = wait_writes_reach(&lb1.ip, 5000, &leader_ip, Duration::from_secs(60))
+        .map(|_| t_sw.elapsed())
+        .unwrap_or_else(|| {
+            panic!(
+                "lb1, cut off, never routed writes to {leader}\n{}",
+                lb1.logs()
+            )
+        });
+    assert_eq!(lb1.leader().as_deref(), Some(old.as_str()));
+    assert_eq!(readyz(lb1.http()), Some(503));
+    println!(
+        "MEASURE lb: switchover {old} → {leader} while lb1 is cut off: new leader seen by Patroni {} s after patronictl started; lb2, lb3 (fast path, ms from leader key to HAProxy moved; s to writes on the new leader): {:?}; lb1 (health checks only): writes on the new leader after {} s",
+        secs(t_key),
+        followed
+            .iter()
+            .map(|(ms, d)| format!("{ms:.0} ms, {} s", secs(*d)))
+            .collect::<Vec<_>>(),
+        secs(lb1_checks)
+    );
+
+    // Reconnected: lb1 catches up within 1 s of being back on the network. Docker's own part is
+    // timed apart: `docker network connect` returns before the new interface carries traffic
+    // (its name service and first connections take a few hundred ms more), so a probe inside
+    // lb1's namespace marks the moment a TCP connection to an etcd member first succeeds.
+    let t_cmd = Instant::now();
+    let wall_cmd = wall_now();
+    lb1.haproxy.connect(&dcs, None);
+    let connect_cmd = t_cmd.elapsed();
+    let (probe, (caught, ready_again)) = std::thread::scope(|s| {
+        let probe = s.spawn(|| {
+            lb1.haproxy
+                .exec_try(
+                    &[
+                        "bash",
+                        "-c",
+                        "for i in $(seq 2000); do for h in etcd1 etcd2 etcd3; do \
+                         if (exec 3<>/dev/tcp/$h/2379) 2>/dev/null; then date +%s.%N; exit 0; fi; \
+                         done; sleep 0.005; done; exit 1",
+                    ],
+                    Duration::from_secs(30),
+                )
+                .ok()
+                .and_then(|t| t.trim().parse::<f64>().ok())
+        });
+        let caught = poll(Duration::from_secs(20), Duration::from_millis(5), || {
+            lb1.status()
+                .filter(|st| {
+                    st["etcd_connected"] == Value::Bool(true)
+                        && st["cluster"]["leader_name"].as_str() == Some(leader.as_str())
+                })
+                .map(|_| wall_now())
+        })
+        .unwrap_or_else(|| panic!("lb1 did not catch up after reconnecting\n{}", lb1.logs()));
+        let ready_again = poll(Duration::from_secs(20), Duration::from_millis(5), || {
+            (readyz(lb1.http()) == Some(200)).then(wall_now)
+        })
+        .unwrap_or_else(|| panic!("lb1 not ready after reconnecting\n{}", lb1.logs()));
+        (probe.join().unwrap(), (caught, ready_again))
+    });
+    let net_up = probe.unwrap_or_else(|| panic!("lb1 never reached etcd again\n{}", lb1.logs()));
+    let since_net = ready_again.max(caught) - net_up;
+    println!(
+        "MEASURE lb: lb1 reconnected: `docker network connect` took {} s; the first TCP connection from lb1 to etcd succeeded {:.2} s after the command started; haconfd showed {leader} {:.2} s and answered /readyz 200 {:.2} s after that connection ({:.2} s after the command started)",
+        secs(connect_cmd),
+        net_up - wall_cmd,
+        caught - net_up,
+        ready_again - net_up,
+        ready_again - wall_cmd
+    );
+    assert!(
+        since_net <= 1.0,
+        "lb1 took {since_net:.2} s after etcd was reachable again to catch up\n{}",
+        lb1.logs()
+    );
+    wait_writes_reach(&lb1.ip, 5000, &leader_ip, Duration::from_secs(10)).unwrap();
+
+    // --- B. One etcd member stopped, then one cut off ------------------------------------------
+    let lb_refs: Vec<&Lb> = lbs.iter().collect();
+    for (case, member) in [("stopped", 0usize), ("cut off", 1)] {
+        let failed: Vec<u64> = lbs.iter().map(Lb::failed_passes).collect();
+        let e = &etcds[member];
+        let ((), readiness) = sampling_readiness(&lbs, || {
+            if member == 0 {
+                e.stop(10);
+            } else {
+                e.disconnect(&dcs);
+            }
+            // Let the clients notice, then switch over while the member is gone.
+            std::thread::sleep(Duration::from_secs(2));
+            let old = leader.clone();
+            let t_sw = Instant::now();
+            let from = pgs.iter().position(|p| p.name.ends_with(&old)).unwrap_or(0);
+            (leader, leader_ip) = switchover(&pgs[(from + 1) % 3], &pg_ips, &old, &pg_logs);
+            let followed = all_follow(&lb_refs, &leader, &leader_ip, t_sw);
+            println!(
+                "MEASURE lb: {} {case}: switchover {old} → {leader} followed by lb1-3 (ms leader key → HAProxy moved; s to writes on the new leader): {:?}",
+                names[member],
+                followed
+                    .iter()
+                    .map(|(ms, d)| format!("{ms:.0} ms, {} s", secs(*d)))
+                    .collect::<Vec<_>>()
+            );
+        });
+        let after: Vec<u64> = lbs.iter().map(Lb::failed_passes).collect();
+        println!(
+            "MEASURE lb: {} {case}: failed passes per LB {failed:?} → {after:?}; /readyz not 200 in {:?} of 100-ms samples",
+            names[member],
+            readiness
+        );
+        assert_eq!(
+            after,
+            failed,
+            "{} {case}: passes failed on the load balancers\n{}",
+            names[member],
+            lbs.iter().map(Lb::logs).collect::<Vec<_>>().join("\n")
+        );
+        if member == 0 {
+            e.start();
+        } else {
+            e.connect(&dcs, Some(names[member]));
+        }
+        wait_etcd_healthy(e, Duration::from_secs(60));
+    }
+    for lb in &lbs {
+        assert!(
+            lb.haproxy.is_running() && lb.haconfd.is_running(),
+            "{}",
+            lb.logs()
+        );
+    }
+}
