@@ -678,6 +678,16 @@ fn target_consumer_ids(t: &Target) -> Vec<String> {
     ids
 }
 
+/// Whether the consumer a reload acts on is not there at all: its pidfile or master socket does
+/// not exist (it has not started, or it stopped and cleaned up).
+fn consumer_absent(t: &Target) -> bool {
+    match &t.reload {
+        Some(Reload::Signal { pidfile, .. }) => !pidfile.exists(),
+        Some(Reload::MasterSocket { path, .. }) => !path.exists(),
+        _ => false,
+    }
+}
+
 /// Reloads the consumer of `t`: through PgBouncer's admin console when one is configured
 /// (falling back to the `reload` action if the console fails), else by its `reload` action.
 async fn reload_consumer(t: &Target) -> Result<(), ReloadError> {
@@ -763,6 +773,18 @@ impl Engine {
                     self.state_synced.remove(name);
                     outcome.reloaded.push(name.clone());
                 }
+            }
+            // A cold start: the consumer has not started yet (no pidfile, no master socket) and
+            // these files did not exist before this pass. It reads them when it starts; nothing
+            // to reload, nothing failed (a sidecar whose HAProxy waits for haconfd's first file).
+            Err(source)
+                if consumer_absent(&settings.targets[first])
+                    && due
+                        .iter()
+                        .all(|i| changed.iter().any(|(c, old)| c == i && old.is_none())) =>
+            {
+                let t = &settings.targets[first];
+                tracing::info!(target = %t.name, reason = %source, "first file written; its consumer is not running yet and reads it when it starts");
             }
             Err(source) => {
                 let t = &settings.targets[first];

@@ -95,10 +95,13 @@ pub fn read_pidfile(path: &Path) -> Result<i32, ReloadError> {
         path: path.to_owned(),
         source,
     })?;
-    // HAProxy's pidfile holds one PID per line (only the master's in master-worker mode).
+    // HAProxy's pidfile holds one PID per line (only the master's in master-worker mode). PID 1
+    // is a PID like any other here: a sidecar sharing haproxy's PID namespace (`--pid
+    // container:haproxy`, no init) sees HAProxy's master as PID 1. It is signalled only if it
+    // is the expected process, as every PID is ([`verify_process`]).
     let first = text.lines().next().unwrap_or("").trim();
     match first.parse::<i32>() {
-        Ok(pid) if pid > 1 => Ok(pid),
+        Ok(pid) if pid > 0 => Ok(pid),
         _ => Err(ReloadError::PidfileContent {
             path: path.to_owned(),
             content: text.chars().take(40).collect(),

@@ -1103,13 +1103,6 @@ fn lb_hosts_keep_routing_cut_off_from_etcd_catch_up_and_lose_no_pass_to_an_etcd_
         .as_table_mut()
         .unwrap()
         .insert("hold_lua".into(), hold.into());
-    // A quicker reconnection than the default 500 ms: after an outage the first watch attempt
-    // fails on the stale connect error of the outage, so the catch-up takes up to two backoff
-    // steps (docs/LB-HOSTS.md).
-    cfg["daemon"]
-        .as_table_mut()
-        .unwrap()
-        .insert("max_backoff".into(), "250ms".into());
     let cfg_text = toml::to_string(&cfg).unwrap();
     let cfg_dir = config_dir("lb-cfg", &cfg_text);
     let etc = format!("{}:/etc/haconfd:ro", cfg_dir.path().display());

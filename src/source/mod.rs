@@ -437,6 +437,10 @@ impl<S: Store> Runner<S> {
         if S::RELIST_AFTER_FAILURE {
             self.need_list = true;
         }
+        // The next session connects afresh: a client kept from before the failure can fail once
+        // more on its own cached state (a name that did not resolve while the network was cut),
+        // which costs one more backoff step after etcd is back.
+        self.store = None;
         match self.down_since {
             None => {
                 self.down_since = Some(Instant::now());

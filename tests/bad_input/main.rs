@@ -1210,6 +1210,34 @@ fn missing_pidfile_exits_8_after_updating_the_file_and_signals_nothing() {
     );
 }
 
+/// A sidecar's first pass: HAProxy waits for haconfd's first file, so there is no pidfile or
+/// master socket yet. Writing the first file with its consumer not started is no failure: the
+/// consumer reads it when it starts. (With a file already in place, a missing pidfile is one:
+/// `missing_pidfile_exits_8_after_updating_the_file_and_signals_nothing`.)
+#[test]
+fn first_file_for_a_consumer_not_started_yet_is_no_failed_reload() {
+    let mut ws = Ws::new("coldstart");
+    std::fs::remove_file(&ws.hap).unwrap();
+    std::fs::remove_file(&ws.pgb).unwrap();
+    let hap_pidfile = ws.path("not-started-haproxy.pid");
+    let pgb_pidfile = ws.path("not-started-pgbouncer.pid");
+    ws.reconfigure(|c| {
+        c.hap_reload = signal_reload(&hap_pidfile, "SIGUSR2", "haproxy");
+        c.pgb_reload = signal_reload(&pgb_pidfile, "SIGHUP", "pgbouncer");
+    });
+    let run = ws.once(&[]);
+    run.expect(0, &[]);
+    assert!(
+        run.logged(
+            "first file written; its consumer is not running yet and reads it when it starts"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert!(read(&ws.hap).contains("server pg1 "), "{}", read(&ws.hap));
+    assert!(read(&ws.pgb).contains("port=5441"), "{}", read(&ws.pgb));
+}
+
 #[test]
 fn empty_pidfile_exits_8_naming_it() {
     let ws = Ws::new("pidempty");
@@ -1219,6 +1247,23 @@ fn empty_pidfile_exits_8_naming_it() {
         &pidfile,
         "sleep",
         &["holds \"\", not a PID", "nothing was signalled"],
+    );
+}
+
+/// PID 1 is HAProxy's master for a sidecar sharing its PID namespace without an init: it is
+/// checked like any other PID, and signalled only if it is the expected process. Here PID 1 is
+/// this machine's init, not `sleep`: refused by name, not as "not a PID".
+#[test]
+fn pidfile_naming_pid_1_is_verified_like_any_pid_and_refused_when_it_is_another_program() {
+    let ws = Ws::new("pidone");
+    let pidfile = ws.path("one.pid");
+    std::fs::write(&pidfile, "1\n").unwrap();
+    let init = std::fs::read_to_string("/proc/1/comm").unwrap();
+    assert_ne!(init.trim(), "sleep");
+    ws.assert_reload_refused(
+        &pidfile,
+        "sleep",
+        &["PID 1 from", "not \"sleep\"; refusing to signal it"],
     );
 }
 
