@@ -913,6 +913,59 @@ fn first_start_and_member_join_lose_no_writes() {
     );
 }
 
+/// Write probes for a leader change: one on each node's own port (when does the new primary
+/// itself first take a write), new connections through HAProxy's write port and through PgBouncer.
+struct Probes {
+    nodes: Vec<(String, WriteProbe)>,
+    via_haproxy: WriteProbe,
+    via_pgb: WriteProbe,
+}
+
+impl Probes {
+    fn start(cluster: &PatroniCluster, stack: &Stack) -> Probes {
+        let step = Duration::from_millis(5);
+        Probes {
+            nodes: cluster
+                .nodes()
+                .iter()
+                .map(|n| {
+                    let p = WriteProbe::start(n.pg_port, Mode::Persistent, step, LOAD_MAX);
+                    (n.name.clone(), p)
+                })
+                .collect(),
+            via_haproxy: WriteProbe::start(stack.primary_port, Mode::Reconnect, step, LOAD_MAX),
+            via_pgb: WriteProbe::start(stack.pgb_port, Mode::Reconnect, step, LOAD_MAX),
+        }
+    }
+
+    /// Milliseconds from `node`'s own first write after `t0` to the first write through HAProxy
+    /// and through PgBouncer that reached it, with the two probes' attempts.
+    fn after(
+        &self,
+        node: &str,
+        port: u16,
+        t0: Instant,
+    ) -> (f64, f64, Vec<switch::Attempt>, Vec<switch::Attempt>) {
+        let own_log = self
+            .nodes
+            .iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, p)| p.attempts())
+            .unwrap_or_else(|| panic!("no probe on {node}"));
+        let own = switch::first_on(&own_log, port, t0)
+            .unwrap_or_else(|| panic!("{node} never took a direct write"));
+        let hap = self.via_haproxy.attempts();
+        let pgb = self.via_pgb.attempts();
+        let first = |log: &[switch::Attempt], what: &str| {
+            switch::first_on(log, port, t0)
+                .unwrap_or_else(|| panic!("no write through {what} reached {node}"))
+        };
+        let hap_after = switch::ms_between(own, first(&hap, "HAProxy"));
+        let pgb_after = switch::ms_between(own, first(&pgb, "PgBouncer"));
+        (hap_after, pgb_after, hap, pgb)
+    }
+}
+
 #[test]
 fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
     let _g = serial();
@@ -932,17 +985,7 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
     let writes = WriteLoad::start(stack.primary_port, LOAD_MAX);
     // When each node itself first takes a write, and when writes through HAProxy and PgBouncer
     // first reach it: new connections through both, and two persistent PgBouncer clients.
-    let step = Duration::from_millis(5);
-    let nodes: Vec<(String, u16, WriteProbe)> = cluster
-        .nodes()
-        .iter()
-        .map(|n| {
-            let p = WriteProbe::start(n.pg_port, Mode::Persistent, step, LOAD_MAX);
-            (n.name.clone(), n.pg_port, p)
-        })
-        .collect();
-    let via_haproxy = WriteProbe::start(stack.primary_port, Mode::Reconnect, step, LOAD_MAX);
-    let via_pgb = WriteProbe::start(pgb, Mode::Reconnect, step, LOAD_MAX);
+    let probes = Probes::start(&cluster, &stack);
     let pooled: Vec<WriteProbe> = (0..2)
         .map(|_| WriteProbe::start(pgb, Mode::Persistent, Duration::from_millis(10), LOAD_MAX))
         .collect();
@@ -987,21 +1030,8 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
         w_sw.failed
     );
     std::thread::sleep(Duration::from_millis(500));
-    let node_log = nodes
-        .iter()
-        .find(|(n, _, _)| *n == second)
-        .map(|(_, _, p)| p.attempts())
-        .unwrap();
-    let own = switch::first_on(&node_log, second_port, sw_t0)
-        .unwrap_or_else(|| panic!("{second} never took a direct write after the switchover"));
-    let hap = via_haproxy.attempts();
-    let pgb_new = via_pgb.attempts();
-    let hap_first = switch::first_on(&hap, second_port, sw_t0).expect("a write through HAProxy");
-    let pgb_first =
-        switch::first_on(&pgb_new, second_port, sw_t0).expect("a write through PgBouncer");
+    let (hap_after, pgb_after, hap, pgb_new) = probes.after(&second, second_port, sw_t0);
     let pooled_logs: Vec<_> = pooled.iter().map(|p| p.attempts()).collect();
-    let hap_after = switch::ms_between(own, hap_first);
-    let pgb_after = switch::ms_between(own, pgb_first);
     println!(
         "RESULT fast_path switchover {first}->{second}: after the node's own first write, HAProxy +{hap_after:.0} ms, PgBouncer +{pgb_after:.0} ms; errors haproxy={:?} pgbouncer={:?} pooled={:?}",
         switch::errors_by_class(&hap, sw_t0),
@@ -1053,9 +1083,7 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
         stack.diag()
     );
     drop(pooled);
-    drop(via_pgb);
-    drop(via_haproxy);
-    drop(nodes);
+    drop(probes);
     // The hooks saw the switchover once, with both leaders; a hanging hook changed nothing above.
     assert!(
         wait_until(Duration::from_secs(5), || !stack
@@ -1076,16 +1104,7 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
         .unwrap_or_else(|e| panic!("cluster not healthy after switchover: {e:#}"));
 
     // Crash of the new leader, with the same probes.
-    let nodes: Vec<(String, u16, WriteProbe)> = cluster
-        .nodes()
-        .iter()
-        .map(|n| {
-            let p = WriteProbe::start(n.pg_port, Mode::Persistent, step, LOAD_MAX);
-            (n.name.clone(), n.pg_port, p)
-        })
-        .collect();
-    let via_haproxy = WriteProbe::start(stack.primary_port, Mode::Reconnect, step, LOAD_MAX);
-    let via_pgb = WriteProbe::start(pgb, Mode::Reconnect, step, LOAD_MAX);
+    let probes = Probes::start(&cluster, &stack);
     let cr_t0 = Instant::now();
     let crashed = cluster.crash_leader();
     assert_eq!(crashed, second);
@@ -1111,23 +1130,7 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
         );
     }
     std::thread::sleep(Duration::from_millis(500));
-    let node_log = nodes
-        .iter()
-        .find(|(n, _, _)| *n == third)
-        .map(|(_, _, p)| p.attempts())
-        .unwrap();
-    let own = switch::first_on(&node_log, third_port, cr_t0)
-        .unwrap_or_else(|| panic!("{third} never took a direct write after the crash"));
-    let hap = via_haproxy.attempts();
-    let pgb_new = via_pgb.attempts();
-    let hap_after = switch::ms_between(
-        own,
-        switch::first_on(&hap, third_port, cr_t0).expect("a write through HAProxy"),
-    );
-    let pgb_after = switch::ms_between(
-        own,
-        switch::first_on(&pgb_new, third_port, cr_t0).expect("a write through PgBouncer"),
-    );
+    let (hap_after, pgb_after, hap, pgb_new) = probes.after(&third, third_port, cr_t0);
     println!(
         "RESULT fast_path crash {crashed}->{third}: after the node's own first write, HAProxy +{hap_after:.0} ms, PgBouncer +{pgb_after:.0} ms; errors haproxy={:?} pgbouncer={:?}",
         switch::errors_by_class(&hap, cr_t0),
@@ -1150,9 +1153,7 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
     if std::env::var_os("E2E_SHOW_LOG").is_some() {
         println!("--- haconfd log:\n{}", stack.haconfd_events());
     }
-    drop(via_pgb);
-    drop(via_haproxy);
-    drop(nodes);
+    drop(probes);
     // The crashed member's keys expired with the leader key (one lease, one etcd revision):
     // haconfd must drop it from haproxy.cfg. Let the sampler see that file too.
     let gone = wait_until(Duration::from_secs(15), || {

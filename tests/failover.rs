@@ -172,6 +172,21 @@ impl Lb {
         n.unwrap_or_else(|| panic!("no `show proc` answer:\n{}", self.diag()))
     }
 
+    /// `primary` (within 3 s) UP and ready in the write backend, `other` DOWN there.
+    fn assert_only_primary(&self, primary: &str, other: &str) {
+        assert!(
+            self.wait_server("primary", primary, (UP, READY), Duration::from_secs(3)),
+            "{primary} not UP in the write backend:\n{}",
+            self.diag()
+        );
+        assert_eq!(
+            self.server("primary", other).map(|s| s.0),
+            Some(DOWN),
+            "{other} not DOWN in the write backend:\n{}",
+            self.diag()
+        );
+    }
+
     fn admin(&self, cmd: &str) {
         unix_cmd(&self.admin_sock, cmd, Duration::from_secs(2))
             .unwrap_or_else(|e| panic!("{cmd}: {e}"));
@@ -326,17 +341,7 @@ fn a_new_leader_takes_writes_in_haproxy_only_once_it_confirms_it_takes_them() {
         "no reload after pg3 joined:\n{}",
         lb.diag()
     );
-    assert!(
-        lb.wait_server("primary", "pg2", (UP, READY), Duration::from_secs(3)),
-        "{}",
-        lb.diag()
-    );
-    assert_eq!(
-        lb.server("primary", "pg1").map(|s| s.0),
-        Some(DOWN),
-        "{}",
-        lb.diag()
-    );
+    lb.assert_only_primary("pg2", "pg1");
     assert_eq!(
         lb.server("primary", "pg3").map(|s| s.0),
         Some(DOWN),
@@ -402,17 +407,7 @@ fn two_members_claiming_primary_resolve_by_the_leader_key_and_a_flapping_store_m
     pg2.set_role(Role::Primary);
     etcd.put(&member_key(&prefix, &pg2), &pg2.member_json("primary"));
     etcd.put(&format!("{prefix}leader"), "pg2");
-    assert!(
-        lb.wait_server("primary", "pg2", (UP, READY), Duration::from_secs(2)),
-        "{}",
-        lb.diag()
-    );
-    assert_eq!(
-        lb.server("primary", "pg1").map(|s| s.0),
-        Some(DOWN),
-        "{}",
-        lb.diag()
-    );
+    lb.assert_only_primary("pg2", "pg1");
     let settled = lb.moves();
     // The store flaps: pg1's member key says primary, replica, primary ...; pg2's is rewritten.
     for i in 0..6 {
