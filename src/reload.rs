@@ -258,11 +258,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.pid");
         assert!(matches!(read_pidfile(&p), Err(ReloadError::Pidfile { .. })));
-        for bad in ["", "abc", "-5", "1", "12 34x"] {
+        for bad in ["", "abc", "-5", "0", "12 34x"] {
             std::fs::write(&p, bad).unwrap();
             let err = read_pidfile(&p).unwrap_err();
             assert!(err.to_string().contains("x.pid"), "{bad:?}: {err}");
         }
+        // PID 1 is read like any PID; whether it may be signalled is `verify_process`'s call.
+        std::fs::write(&p, "1\n").unwrap();
+        assert_eq!(read_pidfile(&p).unwrap(), 1);
         std::fs::write(&p, "1234\n5678\n").unwrap();
         assert_eq!(read_pidfile(&p).unwrap(), 1234);
     }
