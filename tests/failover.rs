@@ -329,13 +329,6 @@ fn a_new_leader_takes_writes_in_haproxy_only_once_it_confirms_it_takes_them() {
     let before = lb.reloads();
     let pg3 = FakeMember::start("pg3", Role::Replica);
     etcd.put(&member_key(&prefix, &pg3), &pg3.member_json("replica"));
-    // As Patroni keeps them: the leader key and its member key on the leader's lease.
-    let lease = etcd.put_with_lease(&format!("{prefix}leader"), "pg1", 60);
-    etcd.put_on_lease(
-        &member_key(&prefix, &pg1),
-        &pg1.member_json("master"),
-        lease,
-    );
     assert!(
         wait_until(Duration::from_secs(10), || lb.reloads() > before),
         "no reload after pg3 joined:\n{}",
