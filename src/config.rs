@@ -2,6 +2,7 @@
 //! `HACONFD_*` env vars and flags, then resolved into [`Settings`] (paths made absolute, durations,
 //! modes, owners and reload forms validated). Precedence, in one place: flag > env > file > default.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -68,6 +69,10 @@ pub struct RawConfig {
     /// Template variables shared by every template (`vars.*` in the context).
     #[serde(default)]
     pub vars: toml::Table,
+    /// Per-cluster settings, one `[clusters.<scope>]` table per cluster (`settings` in the
+    /// context): listen ports, PgBouncer database names, anything a template reads.
+    #[serde(default)]
+    pub clusters: BTreeMap<String, toml::Table>,
     /// One entry per rendered output.
     #[serde(default, rename = "template")]
     pub templates: Vec<TemplateConfig>,
@@ -83,8 +88,13 @@ pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     /// Patroni's `namespace` (default `/service`).
     pub namespace: String,
-    /// Patroni's `scope` (the cluster name). Required.
+    /// Patroni's `scope` (the cluster name): one cluster. Exactly one of `scope`, `scopes` and
+    /// `discover` is set.
     pub scope: Option<String>,
+    /// Several clusters, by scope.
+    pub scopes: Vec<String>,
+    /// Every cluster found under the namespace, as it appears.
+    pub discover: bool,
     /// Timeout of one connection attempt.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -114,6 +124,8 @@ impl Default for EtcdConfig {
             endpoints: vec!["http://127.0.0.1:2379".into()],
             namespace: "/service".into(),
             scope: None,
+            scopes: Vec::new(),
+            discover: false,
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(5),
@@ -329,6 +341,23 @@ pub struct ServerStateConfig {
     pub replica_backends: Vec<String>,
 }
 
+impl ServerStateConfig {
+    /// The settings for one cluster's backends: `{scope}` in their names replaced.
+    pub fn for_scope(&self, scope: &str) -> ServerStateConfig {
+        let fill = |names: &[String]| {
+            names
+                .iter()
+                .map(|b| b.replace(SCOPE_PLACEHOLDER, scope))
+                .collect()
+        };
+        ServerStateConfig {
+            primary_backends: fill(&self.primary_backends),
+            replica_backends: fill(&self.replica_backends),
+            ..self.clone()
+        }
+    }
+}
+
 fn default_primary_backends() -> Vec<String> {
     vec!["primary".into()]
 }
@@ -396,7 +425,10 @@ impl RawConfig {
             self.etcd.namespace = v.clone();
         }
         if let Some(v) = &o.scope {
+            // The flag names one cluster: it replaces a list or discovery too.
             self.etcd.scope = Some(v.clone());
+            self.etcd.scopes.clear();
+            self.etcd.discover = false;
         }
         if let Some(v) = &o.username {
             self.etcd.username = Some(v.clone());
@@ -479,6 +511,8 @@ impl RawConfig {
             ));
         }
         check_written_files(&targets, guard.state_file.as_deref())?;
+        let clusters = resolve_clusters(self.clusters)?;
+        check_cluster_targets(&etcd, &targets)?;
         Ok(Settings {
             etcd,
             daemon: self.daemon,
@@ -488,6 +522,7 @@ impl RawConfig {
             failover: self.failover,
             hooks_config: self.hooks,
             hooks,
+            clusters,
             targets,
         })
     }
@@ -512,8 +547,96 @@ pub struct Settings {
     pub hooks_config: crate::hooks::HooksConfig,
     /// Event hooks, in config order.
     pub hooks: Vec<crate::hooks::Hook>,
+    /// Per-cluster settings, by scope (`[clusters.<scope>]`).
+    pub clusters: BTreeMap<String, ClusterSettings>,
     /// The outputs, in config order.
     pub targets: Vec<Target>,
+}
+
+/// Resolved `[clusters.<scope>]`: what templates see as the cluster's `settings`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterSettings {
+    /// The whole table, for templates.
+    pub vars: serde_json::Map<String, serde_json::Value>,
+    /// `databases`: PgBouncer's database names for this cluster; the failover fast path pauses
+    /// only these when this cluster's leader changes.
+    pub databases: Vec<String>,
+}
+
+/// The placeholder a per-cluster `dest` (one file per cluster) holds.
+pub const SCOPE_PLACEHOLDER: &str = "{scope}";
+
+/// Resolves `[clusters.*]`: scope names valid, `databases` a list of names, and every `port` or
+/// `*_port` value a port that no other cluster (or other key) uses.
+fn resolve_clusters(
+    raw: BTreeMap<String, toml::Table>,
+) -> Result<BTreeMap<String, ClusterSettings>, ConfigError> {
+    let mut out = BTreeMap::new();
+    let mut ports: BTreeMap<i64, String> = BTreeMap::new();
+    for (scope, table) in raw {
+        let key = |k: &str| format!("clusters.{scope}.{k}");
+        crate::model::validate_name(&scope)
+            .map_err(|m| ConfigError::Invalid(format!("[clusters.{scope:?}]: scope {m}")))?;
+        let mut databases = Vec::new();
+        for (k, v) in &table {
+            if k == "port" || k.ends_with("_port") {
+                let port = v
+                    .as_integer()
+                    .filter(|p| (1..=65535).contains(p))
+                    .ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "{} = {v} is not a port (an integer from 1 to 65535)",
+                            key(k)
+                        ))
+                    })?;
+                if let Some(other) = ports.insert(port, key(k)) {
+                    return Err(ConfigError::Invalid(format!(
+                        "{} and {other} are both port {port}: each cluster needs its own ports",
+                        key(k)
+                    )));
+                }
+            }
+            if k == "databases" {
+                let list = v.as_array().ok_or_else(|| {
+                    ConfigError::Invalid(format!("{} must be a list of names", key(k)))
+                })?;
+                for d in list {
+                    let name = d
+                        .as_str()
+                        .filter(|n| {
+                            !n.is_empty()
+                                && n.len() <= 63
+                                && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                        })
+                        .ok_or_else(|| {
+                            ConfigError::Invalid(format!(
+                                "{}: {d} is not a database name (letters, digits, _)",
+                                key(k)
+                            ))
+                        })?;
+                    databases.push(name.to_owned());
+                }
+            }
+        }
+        out.insert(
+            scope,
+            ClusterSettings {
+                vars: table_to_json(table),
+                databases,
+            },
+        );
+    }
+    for (i, (scope, c)) in out.iter().enumerate() {
+        for d in &c.databases {
+            if let Some((other, _)) = out.iter().take(i).find(|(_, o)| o.databases.contains(d)) {
+                return Err(ConfigError::Invalid(format!(
+                    "clusters.{scope}.databases and clusters.{other}.databases both name {d:?}: \
+                     a PgBouncer database points at one cluster"
+                )));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Resolved `[etcd]`.
@@ -526,8 +649,8 @@ pub struct EtcdSettings {
     /// Normalised namespace: `/service` style (one leading `/`, no trailing or doubled `/`), or
     /// empty for the root (`"/"` or `""`), so that `<namespace>/<scope>/` is the path Patroni uses.
     pub namespace: String,
-    /// Patroni scope.
-    pub scope: String,
+    /// Which clusters are followed.
+    pub clusters: Clusters,
     /// Connection timeout.
     pub connect_timeout: Duration,
     /// Request timeout.
@@ -542,11 +665,42 @@ pub struct EtcdSettings {
     pub tls: Option<TlsConfig>,
 }
 
+/// The clusters a haconfd follows under the namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Clusters {
+    /// `etcd.scope`: one cluster; templates see its flat context.
+    One(String),
+    /// `etcd.scopes`: these clusters, sorted.
+    List(Vec<String>),
+    /// `etcd.discover`: every cluster under the namespace, found from the keys.
+    Discover,
+}
+
 impl EtcdSettings {
-    /// The key prefix Patroni writes under: `<namespace>/<scope>/`, e.g. `/service/demo/`, or
-    /// `/demo/` with the root namespace.
+    /// The key prefix read from etcd: `<namespace>/<scope>/` for one cluster (e.g.
+    /// `/service/demo/`, or `/demo/` with the root namespace), `<namespace>/` for several.
     pub fn prefix(&self) -> String {
-        format!("{}/{}/", self.namespace, self.scope)
+        match &self.clusters {
+            Clusters::One(scope) => format!("{}/{scope}/", self.namespace),
+            _ => format!("{}/", self.namespace),
+        }
+    }
+
+    /// The scope when one cluster is followed.
+    pub fn single_scope(&self) -> Option<&str> {
+        match &self.clusters {
+            Clusters::One(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// How the clusters are chosen, for logs: the scope, the list, or `*` for discovery.
+    pub fn describe_clusters(&self) -> String {
+        match &self.clusters {
+            Clusters::One(s) => s.clone(),
+            Clusters::List(l) => l.join(","),
+            Clusters::Discover => "*".into(),
+        }
     }
 }
 
@@ -558,7 +712,7 @@ impl fmt::Debug for EtcdSettings {
             .field("api", &self.api)
             .field("endpoints", &self.endpoints)
             .field("namespace", &self.namespace)
-            .field("scope", &self.scope)
+            .field("clusters", &self.clusters)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("keepalive_interval", &self.keepalive_interval)
@@ -598,6 +752,9 @@ pub struct Target {
     pub pgbouncer_admin: Option<crate::pgbouncer::Admin>,
     /// Merged variables (global, then per-template).
     pub vars: serde_json::Map<String, serde_json::Value>,
+    /// `dest` holds `{scope}`: one file per cluster, each rendered with that cluster's flat
+    /// context.
+    pub per_cluster: bool,
 }
 
 impl Target {
@@ -617,6 +774,7 @@ impl Target {
             server_state: None,
             pgbouncer_admin: None,
             vars: serde_json::Map::new(),
+            per_cluster: false,
         }
     }
 }
@@ -654,17 +812,52 @@ pub enum Reload {
 }
 
 fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigError> {
-    let scope = e.scope.filter(|s| !s.is_empty()).ok_or_else(|| {
-        ConfigError::Invalid(
-            "etcd.scope is not set (Patroni's `scope`; set it in [etcd], HACONFD_SCOPE or --scope)"
-                .into(),
-        )
-    })?;
-    if scope.contains('/') || scope.chars().any(char::is_whitespace) {
-        return Err(ConfigError::Invalid(format!(
-            "etcd.scope {scope:?} must not contain '/' or spaces"
-        )));
-    }
+    let check_scope = |key: &str, scope: &str| {
+        if scope.contains('/') || scope.chars().any(char::is_whitespace) {
+            return Err(ConfigError::Invalid(format!(
+                "{key} {scope:?} must not contain '/' or spaces"
+            )));
+        }
+        crate::model::validate_name(scope)
+            .map_err(|m| ConfigError::Invalid(format!("{key} {scope:?}: {m}")))
+    };
+    let scope = e.scope.filter(|s| !s.is_empty());
+    let clusters = match (scope, e.scopes.is_empty(), e.discover) {
+        (Some(scope), true, false) => {
+            check_scope("etcd.scope", &scope)?;
+            Clusters::One(scope)
+        }
+        (None, false, false) => {
+            let mut scopes = e.scopes;
+            for s in &scopes {
+                check_scope("etcd.scopes entry", s)?;
+            }
+            scopes.sort();
+            if let Some(w) = scopes.windows(2).find(|w| w[0] == w[1]) {
+                return Err(ConfigError::Invalid(format!(
+                    "etcd.scopes names {:?} twice",
+                    w[0]
+                )));
+            }
+            Clusters::List(scopes)
+        }
+        (None, true, true) => Clusters::Discover,
+        (None, true, false) => {
+            return Err(ConfigError::Invalid(
+                "etcd.scope is not set (Patroni's `scope`; set it in [etcd], HACONFD_SCOPE or --scope; \
+                 or etcd.scopes = [...] for several clusters, or etcd.discover = true for every \
+                 cluster under the namespace)"
+                    .into(),
+            ))
+        }
+        _ => {
+            return Err(ConfigError::Invalid(
+                "set one of etcd.scope (one cluster), etcd.scopes (a list) and etcd.discover \
+                 (every cluster under the namespace), not several"
+                    .into(),
+            ))
+        }
+    };
     let endpoints: Vec<String> = e
         .endpoints
         .iter()
@@ -743,7 +936,7 @@ fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigEr
         api: e.api,
         endpoints,
         namespace,
-        scope,
+        clusters,
         connect_timeout: e.connect_timeout,
         request_timeout: e.request_timeout,
         keepalive_interval: e.keepalive_interval,
@@ -795,6 +988,15 @@ fn resolve_template(
     }
     positive("check_timeout", t.check_timeout).map_err(ctx)?;
     let dest = resolve_path(base_dir, &t.dest).map_err(|m| ctx(format!("dest: {m}")))?;
+    if let Some(parent) = dest.parent() {
+        if parent.to_string_lossy().contains(SCOPE_PLACEHOLDER) {
+            return Err(ctx(format!(
+                "dest {}: {SCOPE_PLACEHOLDER} may only be in the file name (one file per cluster \
+                 in one directory)",
+                dest.display()
+            )));
+        }
+    }
     let mode = t
         .mode
         .as_deref()
@@ -850,6 +1052,7 @@ fn resolve_template(
     let mut vars = global_vars.clone();
     vars.extend(table_to_json(t.vars));
     Ok(Target {
+        per_cluster: dest.to_string_lossy().contains(SCOPE_PLACEHOLDER),
         src: resolve_path(base_dir, &t.src).map_err(|m| ctx(format!("src: {m}")))?,
         dest,
         check: t.check,
@@ -997,6 +1200,35 @@ fn normalize_namespace(ns: &str) -> String {
         .filter(|part| !part.is_empty())
         .map(|part| format!("/{part}"))
         .collect()
+}
+
+/// Refuses what cannot work with several clusters: a server-state file per cluster (HAProxy
+/// has one), and fast-path backends that would be shared by every cluster.
+fn check_cluster_targets(etcd: &EtcdSettings, targets: &[Target]) -> Result<(), ConfigError> {
+    for t in targets {
+        let Some(ss) = &t.server_state else { continue };
+        if t.per_cluster {
+            return Err(ConfigError::Invalid(format!(
+                "template {:?}: server_state cannot be set on a per-cluster dest ({}): HAProxy \
+                 has one server-state file; set it on the template of the main haproxy.cfg",
+                t.name,
+                t.dest.display()
+            )));
+        }
+        if etcd.single_scope().is_none() {
+            for b in ss.primary_backends.iter().chain(&ss.replica_backends) {
+                if !b.contains(SCOPE_PLACEHOLDER) {
+                    return Err(ConfigError::Invalid(format!(
+                        "template {:?}: server_state backend {b:?} has no {SCOPE_PLACEHOLDER}: \
+                         with several clusters each has its own backends (e.g. \
+                         primary_backends = [\"{SCOPE_PLACEHOLDER}_primary\"])",
+                        t.name
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Refuses two settings that write one file (two targets would overwrite each other's output),
@@ -1414,7 +1646,7 @@ reload = { command = ["bin/reload", "arg"] }
             assert_eq!(s.etcd.prefix(), want, "namespace {ns:?}");
             // The model builds its prefix as `{namespace}/{scope}/`: it must agree.
             assert_eq!(
-                format!("{}/{}/", s.etcd.namespace, s.etcd.scope),
+                format!("{}/{}/", s.etcd.namespace, s.etcd.single_scope().unwrap()),
                 want,
                 "namespace {ns:?}"
             );

@@ -107,6 +107,8 @@ pub async fn run(
     // The generation of the snapshot the last pass ran on (not the snapshot itself: holding it
     // would make the source copy the whole scope on its next event, see `source::publish_changes`).
     let mut last_generation: Option<u64> = None;
+    // The source's count of `leader`/`failover` changes at the last pass: a change is urgent.
+    let mut last_routing: Option<u64> = None;
     let mut pacer = Pacer::new(settings.daemon.min_interval, settings.daemon.retry_interval);
     let mut leaderless = false;
     // The reason of the failure spell `pass_failed` hooks were told about.
@@ -131,8 +133,8 @@ pub async fn run(
                 let state = d.source.rx.borrow_and_update().clone();
                 d.update_source_status(&state);
                 if state.connected {
-                    if let Some(snap) = state.snapshot.as_ref().filter(|_| last_generation != Some(state.generation)) {
-                        pacer.changed(d.engine.is_urgent(snap));
+                    if state.snapshot.is_some() && last_generation != Some(state.generation) {
+                        pacer.changed(last_routing != Some(state.routing));
                     }
                 } else if let Some(e) = &state.last_error {
                     systemd.status(format!("etcd unreachable: {e}; last good files kept"));
@@ -160,6 +162,7 @@ pub async fn run(
             if d.reload(trigger).await {
                 // The snapshot in hand is from the old source: wait for the new one's list.
                 last_generation = None;
+                last_routing = None;
                 pacer.reset();
                 leaderless = false;
                 let s = d.engine.settings();
@@ -187,6 +190,7 @@ pub async fn run(
             continue;
         };
         last_generation = Some(state.generation);
+        last_routing = Some(state.routing);
         let started = Instant::now();
         let result = d.engine.pass(&snap, true).await;
         let elapsed = started.elapsed();
@@ -220,8 +224,10 @@ pub async fn run(
         }
         d.metrics.record(&result, &d.engine.stats);
         // After the pass, so that a hook never delays routing.
+        for r in &d.engine.reports {
+            d.hooks.events(&r.model, &r.events);
+        }
         if let Some(c) = &d.engine.cluster {
-            d.hooks.events(c, &d.engine.stats.events);
             match &result {
                 // Once per spell of failures (and again if the reason changes), not per retry.
                 Err(e) if !matches!(e, PassError::Render(RenderError::NoLeader { .. })) => {
@@ -518,7 +524,7 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<String> {
     diff("etcd.api", a.api != b.api);
     diff("etcd.endpoints", a.endpoints != b.endpoints);
     diff("etcd.namespace", a.namespace != b.namespace);
-    diff("etcd.scope", a.scope != b.scope);
+    diff("etcd.scope", a.clusters != b.clusters);
     diff(
         "etcd.connect_timeout",
         a.connect_timeout != b.connect_timeout,

@@ -241,22 +241,49 @@ impl Router {
     /// The fast path for `targets`: every target with `server_state` is a HAProxy to move, every
     /// target with `pgbouncer_admin` a PgBouncer to pause.
     pub fn new(cfg: &FailoverConfig, targets: &[Target]) -> Router {
+        Router::for_cluster(cfg, targets, None)
+    }
+
+    /// The fast path of one cluster among several behind the same HAProxy and PgBouncer:
+    /// HAProxy moves act on its own backends (`{scope}` in the backend names replaced), and
+    /// PgBouncer pauses on its own `databases` only, so that the other clusters' clients never
+    /// wait. A Citus group has no fast path (its servers share backends with the other groups):
+    /// the health checks route it.
+    pub fn for_cluster(
+        cfg: &FailoverConfig,
+        targets: &[Target],
+        cluster: Option<(
+            &crate::model::ClusterId,
+            Option<&crate::config::ClusterSettings>,
+        )>,
+    ) -> Router {
+        let citus = cluster.is_some_and(|(id, _)| id.group.is_some());
         let routes = targets
             .iter()
+            .filter(|_| !citus)
             .filter_map(|t| {
                 t.server_state.as_ref().map(|ss| Route {
                     target: t.name.clone(),
-                    ss: ss.clone(),
+                    ss: match cluster {
+                        Some((id, _)) => ss.for_scope(&id.scope),
+                        None => ss.clone(),
+                    },
                     dest: t.dest.clone(),
                 })
             })
             .collect();
         let pauses = targets
             .iter()
-            .filter_map(|t| {
-                t.pgbouncer_admin
-                    .as_ref()
-                    .map(|a| (t.name.clone(), Pause::new(a.clone())))
+            .filter(|_| !citus)
+            .filter_map(|t| t.pgbouncer_admin.as_ref().map(|a| (t, a)))
+            .flat_map(|(t, a)| match cluster {
+                None => vec![(t.name.clone(), Pause::new(a.clone()))],
+                Some((_, settings)) => settings
+                    .map(|s| s.databases.as_slice())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|db| (t.name.clone(), Pause::new(a.for_database(db))))
+                    .collect(),
             })
             .collect();
         Router {
@@ -291,6 +318,11 @@ impl Router {
         }
     }
 
+    /// Whether [`Router::attach`] connected it to the daemon.
+    pub fn is_attached(&self) -> bool {
+        self.notify.is_some()
+    }
+
     /// Carries the state over to a router built for new settings (SIGHUP), so that a reload in
     /// the middle of a leader change neither repeats nor forgets a move.
     pub fn take_state_from(&mut self, old: &mut Router) {
@@ -300,11 +332,11 @@ impl Router {
         }
         // The same PgBouncer keeps its pause (and its deadline) across the reload.
         for (name, p) in &mut self.pauses {
-            if let Some((_, kept)) = old
-                .pauses
-                .iter()
-                .find(|(n, o)| n == name && o.admin().config() == p.admin().config())
-            {
+            if let Some((_, kept)) = old.pauses.iter().find(|(n, o)| {
+                n == name
+                    && o.admin().config() == p.admin().config()
+                    && o.admin().database() == p.admin().database()
+            }) {
                 *p = kept.clone();
             }
         }
@@ -583,20 +615,20 @@ impl Router {
         if !self.cfg.enabled || self.shared.lock().expect("failover lock").fenced.is_some() {
             return;
         }
-        let Some((_, p)) = self
+        // One pause per PgBouncer, or one per database of this cluster.
+        let mut ok = true;
+        for (_, p) in self
             .pauses
             .iter()
-            .find(|(n, _)| n == target)
-            .filter(|(_, p)| p.is_active())
-        else {
-            self.record_pgbouncer();
-            return;
-        };
-        match p.end("new primary confirmed").await {
-            Ok(_) => self.record_pgbouncer(),
-            Err(e) => {
+            .filter(|(n, p)| n == target && p.is_active())
+        {
+            if let Err(e) = p.end("new primary confirmed").await {
+                ok = false;
                 tracing::warn!(target = %target, error = %e, "cannot resume PgBouncer; its pause deadline will")
             }
+        }
+        if ok {
+            self.record_pgbouncer();
         }
     }
 

@@ -110,12 +110,17 @@ pub fn check(
 struct Entry {
     namespace: String,
     scope: String,
+    /// The Citus group, for a group of a Citus cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group: Option<u64>,
     members: Vec<String>,
 }
 
 impl Entry {
     fn is_of(&self, cluster: &Cluster) -> bool {
-        self.namespace == cluster.namespace && self.scope == cluster.scope
+        self.namespace == cluster.namespace
+            && self.scope == cluster.scope
+            && self.group == cluster.group
     }
 }
 
@@ -188,6 +193,7 @@ impl Memory {
                 self.entries.push(Entry {
                     namespace: cluster.namespace.clone(),
                     scope: cluster.scope.clone(),
+                    group: cluster.group,
                     members: names,
                 });
             }
@@ -196,6 +202,41 @@ impl Memory {
             self.save(path, cluster);
         }
         Ok(())
+    }
+
+    /// Whether the guard accepted a view with members for `cluster` before (in this process or,
+    /// through `guard.state_file`, an earlier one): its files hold a section for it.
+    pub fn knows(&self, cluster: &Cluster) -> bool {
+        self.members_of(cluster).is_some_and(|m| !m.is_empty())
+    }
+
+    /// The clusters remembered under `namespace` (scope and Citus group), for finding again the
+    /// clusters an emptied store no longer shows.
+    pub fn remembered(&self, namespace: &str) -> Vec<(String, Option<u64>)> {
+        self.entries
+            .iter()
+            .filter(|e| e.namespace == namespace && !e.members.is_empty())
+            .map(|e| (e.scope.clone(), e.group))
+            .collect()
+    }
+
+    /// Forgets a cluster that is gone (its empty view was accepted, with `--force`).
+    pub fn forget(&mut self, cfg: &GuardConfig, cluster: &Cluster) {
+        let before = self.entries.len();
+        self.entries.retain(|e| !e.is_of(cluster));
+        if self.entries.len() == before {
+            return;
+        }
+        if let Some(path) = cfg.state_file.as_deref() {
+            let mut state = StateFile {
+                clusters: read_state(path).unwrap_or_default(),
+            };
+            state.clusters.retain(|e| !e.is_of(cluster));
+            let json = serde_json::to_string(&state).unwrap_or_default();
+            if let Err(e) = crate::apply::write_atomic(path, json.as_bytes(), 0o644) {
+                tracing::warn!(file = %path.display(), error = %e, "cannot save the guard's memory (guard.state_file)");
+            }
+        }
     }
 
     /// Writes this cluster's entry to `path`, keeping the entries other processes wrote there
@@ -211,9 +252,9 @@ impl Memory {
         };
         state.clusters.retain(|e| !e.is_of(cluster));
         state.clusters.push(ours);
-        state
-            .clusters
-            .sort_by(|a, b| (&a.namespace, &a.scope).cmp(&(&b.namespace, &b.scope)));
+        state.clusters.sort_by(|a, b| {
+            (&a.namespace, &a.scope, a.group).cmp(&(&b.namespace, &b.scope, b.group))
+        });
         let json = serde_json::to_string(&state).unwrap_or_default();
         if let Err(e) = crate::apply::write_atomic(path, json.as_bytes(), 0o644) {
             tracing::warn!(file = %path.display(), error = %e, "cannot save the guard's memory (guard.state_file); it is kept in memory and saved again at the next change of members");

@@ -11,7 +11,7 @@ use haconfd::cli::{exit, Cli, Command};
 use haconfd::config::{self, Settings};
 use haconfd::logging::Logging;
 use haconfd::pipeline::{Engine, PassError};
-use haconfd::render::{self, RenderError};
+use haconfd::render::RenderError;
 use haconfd::snapshot::Snapshot;
 use haconfd::source;
 use haconfd::status::Status;
@@ -160,28 +160,14 @@ async fn render_cmd(settings: Settings, args: haconfd::cli::RenderArgs) -> u8 {
     };
     let mut out = std::io::stdout().lock();
     if args.context {
-        let cluster = engine.model(&snap);
-        let targets: Vec<_> = engine
-            .settings()
-            .targets
-            .iter()
-            .filter(|t| args.template.as_deref().is_none_or(|n| n == t.name))
-            .collect();
-        if targets.is_empty() {
-            let name = args.template.unwrap_or_default();
-            return fail(exit::CONFIG, &RenderError::UnknownTarget(name).to_string());
-        }
-        let json = if targets.len() == 1 {
-            serde_json::to_string_pretty(&render::context(&cluster, targets[0]))
+        let mut contexts = match engine.contexts(&snap, args.template.as_deref()) {
+            Ok(c) => c,
+            Err(e) => return fail(exit::CONFIG, &e.to_string()),
+        };
+        let json = if contexts.len() == 1 {
+            serde_json::to_string_pretty(&contexts.remove(0).1)
         } else {
-            let map: serde_json::Map<String, serde_json::Value> = targets
-                .iter()
-                .map(|t| {
-                    let v = serde_json::to_value(render::context(&cluster, t))
-                        .unwrap_or(serde_json::Value::Null);
-                    (t.name.clone(), v)
-                })
-                .collect();
+            let map: serde_json::Map<String, serde_json::Value> = contexts.into_iter().collect();
             serde_json::to_string_pretty(&map)
         };
         let _ = writeln!(out, "{}", json.unwrap_or_default());

@@ -17,6 +17,9 @@ pub struct Cluster {
     pub namespace: String,
     /// Patroni's scope.
     pub scope: String,
+    /// The Citus group (0 is the coordinator) when the scope keeps Patroni's keys one level
+    /// down, per group; None for an ordinary cluster.
+    pub group: Option<u64>,
     /// The leader's name, when the `leader` key names a valid member.
     pub leader_name: Option<String>,
     /// Valid members, sorted by name.
@@ -115,30 +118,35 @@ impl Cluster {
     /// Builds the cluster under `<namespace>/<scope>/`. Never fails: bad keys are skipped and
     /// reported, stray keys ignored. The result does not depend on key order.
     pub fn build(snapshot: &Snapshot, namespace: &str, scope: &str) -> Built {
-        Self::build_with(snapshot, namespace, scope, &mut MemberCache::default())
+        Self::build_with(
+            snapshot,
+            namespace,
+            &ClusterId::plain(scope),
+            &mut MemberCache::default(),
+        )
     }
 
-    /// [`Cluster::build`], parsing again only the member values that changed since `cache`
-    /// last saw them. The result is the same as without a cache.
+    /// The Patroni cluster (or Citus group) `id` under `namespace`, parsing again only the
+    /// member values that changed since `cache` last saw them. The result is the same as
+    /// without a cache.
     pub fn build_with(
         snapshot: &Snapshot,
         namespace: &str,
-        scope: &str,
+        id: &ClusterId,
         cache: &mut MemberCache,
     ) -> Built {
-        let prefix = format!("{namespace}/{scope}/");
+        let scope = id.scope.as_str();
+        let prefix = id.prefix(namespace);
         let mut skipped = Vec::new();
         let mut parsed: Vec<(String, Result<Member, String>)> = Vec::new();
         let mut seen = std::collections::HashMap::with_capacity(cache.parsed.len());
-        let mut groups = std::collections::BTreeSet::new();
         for (key, value) in snapshot.kvs.range(prefix.clone()..) {
             let Some(rest) = key.strip_prefix(&prefix) else {
                 break;
             };
+            // Anything else below the prefix (config, status, a Citus group's keys when this is
+            // the scope of a Citus cluster) is not a member.
             let Some(name) = rest.strip_prefix("members/") else {
-                if let Some(group) = citus_group(rest) {
-                    groups.insert(group);
-                }
                 continue;
             };
             if let Err(reason) = validate_name(name) {
@@ -230,14 +238,12 @@ impl Cluster {
                 _ => None,
             };
         }
-        if !groups.is_empty() {
-            skipped.push(citus_hint(namespace, scope, &groups));
-        }
         skipped.sort_by(|a, b| a.key.cmp(&b.key));
         Built {
             cluster: Cluster {
                 namespace: namespace.to_owned(),
                 scope: scope.to_owned(),
+                group: id.group,
                 leader_name,
                 members,
                 failover,
@@ -247,34 +253,142 @@ impl Cluster {
     }
 }
 
-/// The group number when `rest` (a key below the scope) is a Patroni key of a Citus group:
-/// `<group>/leader` or `<group>/members/<name>`.
-fn citus_group(rest: &str) -> Option<u64> {
-    let (group, key) = rest.split_once('/')?;
-    let patroni = key == "leader" || key.starts_with("members/");
-    match group.parse() {
-        Ok(n) if patroni && group.bytes().all(|b| b.is_ascii_digit()) => Some(n),
-        _ => None,
+/// Which Patroni cluster (or Citus group) a model is of: Patroni's keys live under
+/// `<namespace>/<scope>/`, or `<namespace>/<scope>/<group>/` for a Citus group.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterId {
+    /// Patroni's scope.
+    pub scope: String,
+    /// The Citus group, None for an ordinary cluster.
+    pub group: Option<u64>,
+}
+
+impl ClusterId {
+    /// An ordinary cluster.
+    pub fn plain(scope: &str) -> ClusterId {
+        ClusterId {
+            scope: scope.to_owned(),
+            group: None,
+        }
+    }
+
+    /// The prefix Patroni writes this cluster's keys under.
+    pub fn prefix(&self, namespace: &str) -> String {
+        match self.group {
+            None => format!("{namespace}/{}/", self.scope),
+            Some(g) => format!("{namespace}/{}/{g}/", self.scope),
+        }
     }
 }
 
-/// Patroni's Citus mode keeps each group's `leader` and `members/` one level down
-/// (`<scope>/0/` is the coordinator, `1/`.. the workers), where the scope itself shows no member:
-/// say so, and how to follow one group, rather than leave only "0 valid members".
-fn citus_hint(namespace: &str, scope: &str, groups: &std::collections::BTreeSet<u64>) -> Skipped {
-    let dirs: Vec<String> = groups
-        .iter()
-        .map(|g| format!("{namespace}/{scope}/{g}/"))
-        .collect();
-    let first = groups.iter().next().copied().unwrap_or(0);
-    Skipped {
-        key: format!("{namespace}/{scope}/{first}/"),
-        reason: format!(
-            "Citus groups found under {}; haconfd follows one Patroni group: to follow group {first}, \
-             set etcd.namespace = {:?} and etcd.scope = \"{first}\"",
-            dirs.join(", "),
-            format!("{namespace}/{scope}"),
-        ),
+impl std::fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.group {
+            None => f.write_str(&self.scope),
+            Some(g) => write!(f, "{}/{g}", self.scope),
+        }
+    }
+}
+
+/// What the keys of one scope show: an ordinary cluster, or the Citus groups found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Layout {
+    /// Whether Patroni keys of an ordinary cluster (`leader`, `members/`) are there.
+    pub plain: bool,
+    /// Citus groups with a `leader` or `members/` key (`<group>/leader`).
+    pub groups: std::collections::BTreeSet<u64>,
+}
+
+impl Layout {
+    /// Whether the scope is a Citus cluster: groups and no ordinary member or leader key.
+    pub fn is_citus(&self) -> bool {
+        !self.groups.is_empty() && !self.plain
+    }
+
+    /// The clusters to model for `scope`: its groups for Citus, else the scope itself (also
+    /// when no key is there: an emptied store is the guard's to judge).
+    pub fn ids(&self, scope: &str) -> Vec<ClusterId> {
+        if self.is_citus() {
+            self.groups
+                .iter()
+                .map(|&g| ClusterId {
+                    scope: scope.to_owned(),
+                    group: Some(g),
+                })
+                .collect()
+        } else {
+            vec![ClusterId::plain(scope)]
+        }
+    }
+}
+
+/// The scopes under `namespace` holding Patroni keys, each with its layout. With `only`, just
+/// those scopes are looked at (each one present in the result, with an empty layout when it
+/// has no key). Keys whose scope is not a valid name are left out.
+pub fn layouts(
+    snapshot: &Snapshot,
+    namespace: &str,
+    only: Option<&[String]>,
+) -> BTreeMap<String, Layout> {
+    let mut out = BTreeMap::new();
+    if let Some(scopes) = only {
+        for scope in scopes {
+            let prefix = format!("{namespace}/{scope}/");
+            let mut layout = Layout::default();
+            for (key, _) in snapshot.kvs.range(prefix.clone()..) {
+                let Some(rest) = key.strip_prefix(&prefix) else {
+                    break;
+                };
+                note_key(&mut layout, rest);
+            }
+            out.insert(scope.clone(), layout);
+        }
+        return out;
+    }
+    let root = format!("{namespace}/");
+    for (key, _) in snapshot.kvs.range(root.clone()..) {
+        let Some(rest) = key.strip_prefix(&root) else {
+            break;
+        };
+        let Some((scope, below)) = rest.split_once('/') else {
+            continue;
+        };
+        if validate_name(scope).is_err() {
+            continue;
+        }
+        let mut layout = Layout::default();
+        if note_key(&mut layout, below) {
+            let entry: &mut Layout = out.entry(scope.to_owned()).or_default();
+            entry.plain |= layout.plain;
+            entry.groups.extend(layout.groups);
+        }
+    }
+    out
+}
+
+/// Records what key `rest` (below a scope) says of the layout; true when it is a Patroni
+/// leader or member key.
+fn note_key(layout: &mut Layout, rest: &str) -> bool {
+    if rest == "leader" || rest.starts_with("members/") {
+        layout.plain = true;
+        return true;
+    }
+    let Some((group, key)) = rest.split_once('/') else {
+        return false;
+    };
+    if !(key == "leader" || key.starts_with("members/"))
+        || group.is_empty()
+        || group.len() > 9
+        || !group.bytes().all(|b| b.is_ascii_digit())
+    {
+        return false;
+    }
+    match group.parse() {
+        Ok(g) => {
+            layout.groups.insert(g);
+            true
+        }
+        Err(_) => false,
     }
 }
 
@@ -288,6 +402,7 @@ impl Cluster {
         let Cluster {
             namespace,
             scope,
+            group,
             leader_name,
             members,
             // Not in the render context: a switchover request alone renders nothing.
@@ -295,6 +410,7 @@ impl Cluster {
         } = self;
         namespace == &other.namespace
             && scope == &other.scope
+            && group == &other.group
             && leader_name == &other.leader_name
             && members.len() == other.members.len()
             && members
@@ -740,32 +856,48 @@ mod tests {
     }
 
     #[test]
-    fn citus_groups_are_named_with_how_to_follow_one() {
+    fn citus_groups_are_modelled_one_cluster_per_group() {
         let mut s = Snapshot::new();
-        for g in ["0", "1", "10"] {
-            s.put(format!("/service/demo/{g}/leader"), b"pg1".to_vec());
+        for (g, leader) in [("0", "pg1"), ("1", "pg1"), ("10", "pg2")] {
+            s.put(
+                format!("/service/demo/{g}/leader"),
+                leader.as_bytes().to_vec(),
+            );
             s.put(
                 format!("/service/demo/{g}/members/pg1"),
                 PG1.as_bytes().to_vec(),
             );
+            s.put(
+                format!("/service/demo/{g}/members/pg2"),
+                PG2.as_bytes().to_vec(),
+            );
         }
         s.put("/service/demo/2024/notpatroni".into(), b"x".to_vec());
-        let b = Cluster::build(&s, "/service", "demo");
-        assert!(b.cluster.members.is_empty());
-        assert_eq!(b.skipped.len(), 1, "{:?}", b.skipped);
-        let hint = b.skipped[0].to_string();
-        assert!(
-            hint.contains(
-                "Citus groups found under /service/demo/0/, /service/demo/1/, /service/demo/10/;"
-            ),
-            "{hint}"
+        s.put("/service/plain/members/pg1".into(), PG1.as_bytes().to_vec());
+        s.put(
+            "/service/bad scope/members/pg1".into(),
+            PG1.as_bytes().to_vec(),
         );
-        assert!(
-            hint.contains("etcd.namespace = \"/service/demo\" and etcd.scope = \"0\""),
-            "{hint}"
+        let found = layouts(&s, "/service", None);
+        assert_eq!(found.keys().collect::<Vec<_>>(), ["demo", "plain"]);
+        let demo = &found["demo"];
+        assert!(demo.is_citus());
+        let ids = demo.ids("demo");
+        assert_eq!(
+            ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["demo/0", "demo/1", "demo/10"]
         );
-        let plain = Cluster::build(&snap(&[("members/pg1", PG1)]), "/service", "demo");
-        assert!(plain.skipped.is_empty());
+        let g10 = Cluster::build_with(&s, "/service", &ids[2], &mut MemberCache::default());
+        assert_eq!(g10.cluster.group, Some(10));
+        assert_eq!(g10.cluster.leader_name.as_deref(), Some("pg2"));
+        assert_eq!(g10.cluster.members.len(), 2);
+        assert!(g10.skipped.is_empty(), "{:?}", g10.skipped);
+        assert!(!found["plain"].is_citus());
+        assert_eq!(found["plain"].ids("plain"), [ClusterId::plain("plain")]);
+        // A listed scope with no key at all is still there, for the guard to judge.
+        let listed = layouts(&s, "/service", Some(&["gone".to_owned()]));
+        assert_eq!(listed["gone"], Layout::default());
+        assert_eq!(listed["gone"].ids("gone"), [ClusterId::plain("gone")]);
     }
 
     #[test]
@@ -833,7 +965,7 @@ mod tests {
             ]),
         ];
         for s in steps {
-            let cached = Cluster::build_with(&s, "/service", "demo", &mut cache);
+            let cached = Cluster::build_with(&s, "/service", &ClusterId::plain("demo"), &mut cache);
             let fresh = Cluster::build(&s, "/service", "demo");
             assert_eq!(cached.cluster, fresh.cluster);
             assert_eq!(cached.skipped, fresh.skipped);

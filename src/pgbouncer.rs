@@ -357,6 +357,9 @@ impl Conn {
 pub struct Admin {
     cfg: Arc<AdminConfig>,
     console: Arc<str>,
+    /// The one database `PAUSE`, `RESUME` and `RECONNECT` act on (one cluster's, when a
+    /// PgBouncer fronts several); None: every database.
+    database: Option<Arc<str>>,
 }
 
 impl Admin {
@@ -366,6 +369,30 @@ impl Admin {
         Admin {
             cfg: Arc::new(cfg),
             console: console.into(),
+            database: None,
+        }
+    }
+
+    /// The same console, with `PAUSE`, `RESUME` and `RECONNECT` for `database` only (a name
+    /// validated by the config: letters, digits and `_`).
+    pub fn for_database(&self, database: &str) -> Admin {
+        Admin {
+            cfg: Arc::clone(&self.cfg),
+            console: format!("{} (database {database})", self.console).into(),
+            database: Some(database.into()),
+        }
+    }
+
+    /// The database this console's pauses act on, if one.
+    pub fn database(&self) -> Option<&str> {
+        self.database.as_deref()
+    }
+
+    /// `verb`, for this console's database when it has one.
+    fn scoped(&self, verb: &str) -> String {
+        match &self.database {
+            Some(db) => format!("{verb} {db}"),
+            None => verb.to_owned(),
         }
     }
 
@@ -551,7 +578,7 @@ impl Admin {
 
     async fn resume_on(&self, conn: &mut Conn) -> Result<bool, AdminError> {
         match self
-            .run(conn, "RESUME", Some(self.cfg.connect_timeout))
+            .run(conn, &self.scoped("RESUME"), Some(self.cfg.connect_timeout))
             .await
         {
             Ok(_) => Ok(true),
@@ -563,7 +590,7 @@ impl Admin {
     /// `RECONNECT`: every server connection is closed once released, so new server connections
     /// go to the address in the current ini (PgBouncer 1.15 and later).
     pub async fn reconnect(&self) -> Result<(), AdminError> {
-        self.one("RECONNECT").await.map(drop)
+        self.one(&self.scoped("RECONNECT")).await.map(drop)
     }
 
     /// `PAUSE`, waiting for the answer (bounded by `pause_timeout`; on timeout the pause is left
@@ -577,7 +604,7 @@ impl Admin {
     }
 
     async fn pause_on(&self, conn: &mut Conn, limit: Option<Duration>) -> Result<bool, AdminError> {
-        match self.run(conn, "PAUSE", limit).await {
+        match self.run(conn, &self.scoped("PAUSE"), limit).await {
             Ok(_) => Ok(true),
             Err(AdminError::Refused { message, .. }) if message.contains("already") => Ok(false),
             Err(e) => Err(e),
@@ -782,7 +809,11 @@ async fn finish(
             // The pool modes were not known yet: RECONNECT as session pools need it (harmless
             // for the others: server connections are replaced once released).
             admin
-                .run(&mut conn, "RECONNECT", Some(admin.cfg.connect_timeout))
+                .run(
+                    &mut conn,
+                    &admin.scoped("RECONNECT"),
+                    Some(admin.cfg.connect_timeout),
+                )
                 .await?;
             info!(console, why, began = %active.why, "PgBouncer switch ended before PAUSE was sent: RECONNECT sent");
         } else {

@@ -7,13 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::apply::{self, ApplyError};
-use crate::config::{Reload, Settings, Target};
+use std::path::PathBuf;
+
+use crate::config::{ClusterSettings, Clusters, Reload, Settings, Target};
 use crate::events::{ClusterEvent, Differ};
 use crate::failover::{self, Router};
 use crate::guard::{self, GuardError};
-use crate::model::{Cluster, MemberCache, Skipped};
+use crate::model::{self, Cluster, ClusterId, MemberCache, Skipped};
 use crate::reload::{self, ReloadError};
-use crate::render::{RenderError, Rendered, Renderer};
+use crate::render::{RenderError, Rendered, Renderer, ScopeView, View};
 use crate::server_state;
 use crate::snapshot::Snapshot;
 
@@ -91,13 +93,34 @@ pub struct PassStats {
     /// `require_leader` targets kept as they are because the leader key's holder is not yet
     /// confirmed to take writes (the failover fast path; a pass follows the confirmation).
     pub awaiting: Vec<String>,
+    /// Clusters with no leader now whose sections in `require_leader` templates keep their
+    /// last leader (several clusters).
+    pub leaderless: Vec<String>,
 }
 
 /// A target's last render, kept to skip the next one when nothing its template sees changed.
 #[derive(Debug, Clone)]
 struct CachedRender {
-    view: Arc<Cluster>,
+    /// Every model the render saw, in the order of its view.
+    view: Vec<Arc<Cluster>>,
     rendered: Arc<Rendered>,
+}
+
+/// One cluster (or Citus group) as the last pass left it, for status, metrics and hooks.
+#[derive(Debug, Clone)]
+pub struct ClusterReport {
+    /// Which cluster.
+    pub id: ClusterId,
+    /// What etcd shows, accepted or not.
+    pub model: Arc<Cluster>,
+    /// Events of the last pass.
+    pub events: Vec<ClusterEvent>,
+    /// Why the guard refused the last view (the files keep the cluster's last good section).
+    pub refused: Option<String>,
+    /// Whether `[clusters.<scope>]` is configured (always true with `etcd.scope`).
+    pub configured: bool,
+    /// The cluster's last leader change, as its fast path handled it.
+    pub failover: failover::TimelineView,
 }
 
 /// The pass runner, holding compiled templates and what was last applied.
@@ -106,8 +129,8 @@ pub struct Engine {
     renderer: Renderer,
     /// The guard's memory of the views it accepted.
     memory: guard::Memory,
-    /// What is kept about the cluster between passes.
-    state: ClusterState,
+    /// What is kept about each cluster (each Citus group) between passes.
+    clusters: std::collections::BTreeMap<ClusterId, ClusterState>,
     /// Whether leftovers of earlier runs were swept (first writing pass; `render` and `check`
     /// never touch the destination directories).
     swept: bool,
@@ -121,14 +144,21 @@ pub struct Engine {
     state_synced: std::collections::BTreeSet<String>,
     /// Timings of the last pass.
     pub stats: PassStats,
-    /// The model the last pass saw, accepted or refused: what etcd shows, for status and
-    /// metrics.
+    /// The model the last pass saw of the first cluster (the one cluster of `etcd.scope`),
+    /// accepted or refused: what etcd shows, for status and metrics.
     pub cluster: Option<Arc<Cluster>>,
+    /// Every cluster the last pass saw.
+    pub reports: Vec<ClusterReport>,
+    /// Where the fast path reports confirmations, for routers of clusters found later.
+    attach: Option<(
+        tokio::sync::mpsc::UnboundedSender<failover::Confirmed>,
+        failover::Observers,
+    )>,
 }
 
-/// What haconfd keeps about one Patroni cluster from one pass to the next: the members already
-/// parsed, the keys it warned about, the previous model's events, and the failover fast path's
-/// state.
+/// What haconfd keeps about one Patroni cluster (or Citus group) from one pass to the next: the
+/// members already parsed, the keys it warned about, the previous model's events, the failover
+/// fast path's state, and the views that the files hold.
 struct ClusterState {
     /// Members parsed by earlier passes: a heartbeat parses one member, not all.
     parsed_members: MemberCache,
@@ -138,20 +168,48 @@ struct ClusterState {
     differ: Differ,
     /// The failover fast path: HAProxy moves, PgBouncer pauses, the confirmation gate.
     router: Router,
-    /// The raw `leader` and `failover` values the last pass saw: a change is urgent.
-    routing_keys: (Option<Vec<u8>>, Option<Vec<u8>>),
+    /// The model the last pass saw.
+    seen: Option<Arc<Cluster>>,
+    /// The last view the guard accepted: what this cluster's section is rendered from.
+    accepted: Option<Arc<Cluster>>,
+    /// The last accepted view with a leader confirmed to take writes: what `require_leader`
+    /// targets render this cluster from when several clusters are followed.
+    led: Option<Arc<Cluster>>,
+    /// Why the guard refused the last view.
+    refused: Option<GuardError>,
 }
 
 impl ClusterState {
-    fn new(settings: &Settings) -> ClusterState {
+    fn new(settings: &Settings, id: &ClusterId) -> ClusterState {
+        let router = match settings.etcd.single_scope() {
+            Some(_) if id.group.is_none() => Router::new(&settings.failover, &settings.targets),
+            _ => Router::for_cluster(
+                &settings.failover,
+                &settings.targets,
+                Some((id, settings.clusters.get(&id.scope))),
+            ),
+        };
         ClusterState {
             parsed_members: MemberCache::default(),
             last_skipped: Vec::new(),
             differ: Differ::default(),
-            router: Router::new(&settings.failover, &settings.targets),
-            routing_keys: (None, None),
+            router,
+            seen: None,
+            accepted: None,
+            led: None,
+            refused: None,
         }
     }
+}
+
+/// One target as a pass applies it: a `[[template]]`, or one cluster's file of a per-cluster
+/// template, with what it renders.
+struct Planned {
+    target: Target,
+    /// The scope of a per-cluster file.
+    scope: Option<String>,
+    /// The `[[template]]` it comes from (the fast path knows PgBouncer by that name).
+    base: String,
 }
 
 impl Engine {
@@ -159,12 +217,11 @@ impl Engine {
     pub fn new(settings: Arc<Settings>) -> Result<Self, RenderError> {
         let renderer = Renderer::load(&settings.targets)?;
         let memory = guard::Memory::load(&settings.guard);
-        let state = ClusterState::new(&settings);
         Ok(Self {
             settings,
             renderer,
             memory,
-            state,
+            clusters: Default::default(),
             unreloaded: Default::default(),
             swept: false,
             renders: Default::default(),
@@ -172,6 +229,8 @@ impl Engine {
             state_synced: Default::default(),
             stats: PassStats::default(),
             cluster: None,
+            reports: Vec::new(),
+            attach: None,
         })
     }
 
@@ -183,9 +242,11 @@ impl Engine {
     /// Swaps in new settings and templates (hot reload), keeping what was last applied.
     pub fn replace(&mut self, settings: Arc<Settings>) -> Result<(), RenderError> {
         self.renderer = Renderer::load(&settings.targets)?;
-        let mut router = Router::new(&settings.failover, &settings.targets);
-        router.take_state_from(&mut self.state.router);
-        self.state.router = router;
+        for (id, st) in &mut self.clusters {
+            let mut fresh = ClusterState::new(&settings, id);
+            fresh.router.take_state_from(&mut st.router);
+            st.router = fresh.router;
+        }
         self.settings = settings;
         self.swept = false;
         self.renders.clear();
@@ -193,51 +254,119 @@ impl Engine {
         Ok(())
     }
 
-    /// Connects the failover fast path to the daemon (see [`Router::attach`]).
+    /// Connects the failover fast path to the daemon (see [`Router::attach`]); clusters found
+    /// later are attached as they appear.
     pub fn attach_router(
         &mut self,
         notify: tokio::sync::mpsc::UnboundedSender<failover::Confirmed>,
         observers: failover::Observers,
     ) {
-        self.state.router.attach(notify, observers);
-    }
-
-    /// The last leader change as the fast path handled it, live.
-    pub fn failover_timeline(&self) -> failover::TimelineView {
-        self.state.router.view()
-    }
-
-    /// Whether `snap` changes the `leader` or `failover` key since the last pass: such a pass
-    /// runs at once, not after `min_interval`.
-    pub fn is_urgent(&self, snap: &Snapshot) -> bool {
-        let prefix = self.settings.etcd.prefix();
-        let leader = snap.kvs.get(&format!("{prefix}leader"));
-        let failover = snap.kvs.get(&format!("{prefix}failover"));
-        leader != self.state.routing_keys.0.as_ref()
-            || failover != self.state.routing_keys.1.as_ref()
-    }
-
-    /// Builds the model and logs skipped keys when the set of them changes (not on every
-    /// heartbeat).
-    pub fn model(&mut self, snap: &Snapshot) -> Cluster {
-        if !self.reuse_renders {
-            self.state.parsed_members = MemberCache::default();
+        self.attach = Some((notify.clone(), observers.clone()));
+        for st in self.clusters.values_mut() {
+            st.router.attach(notify.clone(), observers.clone());
         }
-        let built = Cluster::build_with(
-            snap,
-            &self.settings.etcd.namespace,
-            &self.settings.etcd.scope,
-            &mut self.state.parsed_members,
-        );
-        if built.skipped != self.state.last_skipped {
+    }
+
+    /// The last leader change as the fast path handled it, live: the first cluster's (the one
+    /// cluster of `etcd.scope`).
+    pub fn failover_timeline(&self) -> failover::TimelineView {
+        self.clusters
+            .values()
+            .next()
+            .map(|st| st.router.view())
+            .unwrap_or_default()
+    }
+
+    /// The clusters to model this pass: those the config names (or every one under the
+    /// namespace), each ordinary cluster once and a Citus cluster once per group; with the ones
+    /// known from earlier passes or the guard's memory that the store no longer shows, for the
+    /// guard to judge.
+    fn cluster_ids(&self, snap: &Snapshot) -> Vec<ClusterId> {
+        let ns = &self.settings.etcd.namespace;
+        let found = match &self.settings.etcd.clusters {
+            Clusters::One(scope) => model::layouts(snap, ns, Some(std::slice::from_ref(scope))),
+            Clusters::List(scopes) => model::layouts(snap, ns, Some(scopes)),
+            Clusters::Discover => model::layouts(snap, ns, None),
+        };
+        let mut ids: std::collections::BTreeSet<ClusterId> = std::collections::BTreeSet::new();
+        for (scope, layout) in &found {
+            let known: Vec<&ClusterId> =
+                self.clusters.keys().filter(|k| k.scope == *scope).collect();
+            if layout == &model::Layout::default() && !known.is_empty() {
+                ids.extend(known.into_iter().cloned());
+                continue;
+            }
+            let now = layout.ids(scope);
+            // A Citus group that went away stays, for the guard to judge.
+            let citus = now.iter().any(|i| i.group.is_some());
+            ids.extend(
+                known
+                    .into_iter()
+                    .filter(|k| k.group.is_some() == citus)
+                    .cloned(),
+            );
+            ids.extend(now);
+        }
+        if matches!(self.settings.etcd.clusters, Clusters::Discover) {
+            // Clusters whose keys are all gone: still followed until the guard lets them go.
+            for id in self.clusters.keys() {
+                if !found.contains_key(&id.scope) {
+                    ids.insert(id.clone());
+                }
+            }
+            for (scope, group) in self.memory.remembered(ns) {
+                if !found.contains_key(&scope) {
+                    ids.insert(ClusterId { scope, group });
+                }
+            }
+        }
+        ids.into_iter().collect()
+    }
+
+    /// Builds one cluster's model and logs skipped keys when the set of them changes (not on
+    /// every heartbeat).
+    fn model_of(&mut self, snap: &Snapshot, id: &ClusterId) -> Cluster {
+        let settings = Arc::clone(&self.settings);
+        let reuse = self.reuse_renders;
+        let st = self
+            .clusters
+            .entry(id.clone())
+            .or_insert_with(|| ClusterState::new(&settings, id));
+        if !reuse {
+            st.parsed_members = MemberCache::default();
+        }
+        let built = Cluster::build_with(snap, &settings.etcd.namespace, id, &mut st.parsed_members);
+        if built.skipped != st.last_skipped {
             for s in &built.skipped {
                 // A key may carry newlines meant to forge log lines: escape it. The reason quotes
                 // every value it takes from etcd with `{:?}` already.
                 tracing::warn!(key = %s.key.escape_debug(), reason = %s.reason, "ignoring key");
             }
-            self.state.last_skipped = built.skipped;
+            st.last_skipped = built.skipped;
         }
         built.cluster
+    }
+
+    /// Builds the model of the first cluster (the one of `etcd.scope`), for `render --context`.
+    pub fn model(&mut self, snap: &Snapshot) -> Cluster {
+        let ids = self.cluster_ids(snap);
+        match ids.first() {
+            Some(id) => self.model_of(snap, id),
+            None => Cluster::build(snap, &self.settings.etcd.namespace, "").cluster,
+        }
+    }
+
+    /// Every cluster's model, unguarded, grouped by scope: for `render` and `check`.
+    fn models(&mut self, snap: &Snapshot) -> Vec<(String, Vec<Arc<Cluster>>)> {
+        let mut out: Vec<(String, Vec<Arc<Cluster>>)> = Vec::new();
+        for id in self.cluster_ids(snap) {
+            let c = Arc::new(self.model_of(snap, &id));
+            match out.last_mut() {
+                Some((scope, groups)) if *scope == id.scope => groups.push(c),
+                _ => out.push((id.scope.clone(), vec![c])),
+            }
+        }
+        out
     }
 
     /// Renders the selected targets (all when `only` is None) without the guard: for `render`.
@@ -246,12 +375,82 @@ impl Engine {
         snap: &Snapshot,
         only: Option<&str>,
     ) -> Result<Vec<Rendered>, RenderError> {
-        let cluster = self.model(snap);
-        let targets = select(&self.settings.targets, only)?;
-        targets
-            .iter()
-            .map(|t| self.renderer.render(t, &cluster))
+        let models = self.models(snap);
+        select(&self.settings.targets, only)?;
+        let settings = Arc::clone(&self.settings);
+        let plan = plan(&settings, &models, &models, &[]);
+        plan.iter()
+            .filter(|(p, _)| only.is_none_or(|n| n == p.base))
+            .map(|(p, view)| self.render_planned(p, view))
             .collect()
+    }
+
+    /// The context each selected target (all when `only` is None) would be rendered with, as
+    /// JSON, by target name: for `render --context`.
+    pub fn contexts(
+        &mut self,
+        snap: &Snapshot,
+        only: Option<&str>,
+    ) -> Result<Vec<(String, serde_json::Value)>, RenderError> {
+        let models = self.models(snap);
+        select(&self.settings.targets, only)?;
+        let settings = Arc::clone(&self.settings);
+        let plan = plan(&settings, &models, &models, &[]);
+        Ok(plan
+            .iter()
+            .filter(|(p, _)| only.is_none_or(|n| n == p.base))
+            .map(|(p, view)| {
+                let json = self.with_view(p, view, |v| {
+                    serde_json::to_value(crate::render::context(v, &p.target))
+                        .unwrap_or(serde_json::Value::Null)
+                });
+                (p.target.name.clone(), json)
+            })
+            .collect())
+    }
+
+    /// Renders one planned target from its view.
+    fn render_planned(&self, p: &Planned, view: &ViewOf) -> Result<Rendered, RenderError> {
+        self.with_view(p, view, |v| self.renderer.render_view(&p.target, v))
+    }
+
+    /// Calls `f` with the render view of one planned target.
+    fn with_view<R>(&self, p: &Planned, view: &ViewOf, f: impl FnOnce(&View<'_>) -> R) -> R {
+        let settings = &self.settings;
+        let scopes: Vec<ScopeView<'_>> = view
+            .clusters
+            .iter()
+            .map(|(scope, groups)| ScopeView {
+                scope,
+                groups,
+                settings: settings.clusters.get(scope.as_str()),
+            })
+            .collect();
+        let flat = match (&p.scope, settings.etcd.single_scope()) {
+            (Some(s), _) => scopes.iter().find(|v| v.scope == s.as_str()).copied(),
+            (None, Some(s)) => scopes
+                .iter()
+                .find(|v| v.scope == s)
+                .copied()
+                .or(Some(ScopeView {
+                    scope: s,
+                    groups: &[],
+                    settings: None,
+                })),
+            (None, None) => None,
+        };
+        let flat = flat.map(|mut f| {
+            if settings.etcd.single_scope().is_some() {
+                // One cluster: the flat context is as it always was, configured or not.
+                f.settings = f.settings.or(Some(&NO_CLUSTER_SETTINGS));
+            }
+            f
+        });
+        f(&View {
+            namespace: &settings.etcd.namespace,
+            clusters: &scopes,
+            flat,
+        })
     }
 
     /// Renders, stages into `scratch` and runs every check without touching any destination: for
@@ -262,101 +461,217 @@ impl Engine {
         snap: &Snapshot,
         scratch: &std::path::Path,
     ) -> Result<Vec<String>, PassError> {
-        let cluster = self.model(snap);
-        guard::check(&self.settings.guard, &cluster, None)?;
+        let models = self.models(snap);
+        let mut refused = None;
+        for (_, groups) in &models {
+            for c in groups {
+                if let Err(e) = guard::check(&self.settings.guard, c, None) {
+                    refused.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = refused {
+            return Err(e.into());
+        }
+        let settings = Arc::clone(&self.settings);
+        let plan = plan(&settings, &models, &models, &[]);
         let mut names = Vec::new();
         let mut failures = Vec::new();
-        for (i, t) in self.settings.targets.iter().enumerate() {
-            match self
-                .check_one(t, &cluster, &scratch.join(i.to_string()))
-                .await
-            {
-                Ok(()) => names.push(t.name.clone()),
+        for (i, (p, view)) in plan.iter().enumerate() {
+            let r = self.render_planned(p, view);
+            match check_one(&p.target, r, &scratch.join(i.to_string())).await {
+                Ok(()) => names.push(p.target.name.clone()),
                 Err(e) => failures.push((i, e)),
             }
         }
-        first_failure(&self.settings.targets, failures).map_or(Ok(names), Err)
-    }
-
-    async fn check_one(
-        &self,
-        t: &Target,
-        cluster: &Cluster,
-        dir: &std::path::Path,
-    ) -> Result<(), PassError> {
-        let r = self.renderer.render(t, cluster)?;
-        let mut copy = t.clone();
-        // The staged file is named as beside the real destination, so a check's own output
-        // (`parsing [.haproxy.cfg.haconfd-…:12]`) reads as it does in `once` and `run`.
-        let file_name = t.dest.file_name().unwrap_or(t.name.as_ref());
-        copy.dest = dir.join(file_name);
-        copy.owner = None;
-        copy.group = None;
-        std::fs::create_dir_all(dir).map_err(|source| ApplyError::Stage {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let staged = apply::stage(&copy, &r)?;
-        apply::check(&copy, &staged).await.map_err(|e| match e {
-            ApplyError::Check { target, source, .. } => ApplyError::Check {
-                target,
-                dest: t.dest.clone(),
-                source,
-            },
-            other => other,
-        })?;
-        Ok(())
+        let targets: Vec<Target> = plan.into_iter().map(|(p, _)| p.target).collect();
+        first_failure(&targets, failures).map_or(Ok(names), Err)
     }
 
     /// One full pass. `reload` false writes files but signals nothing.
     ///
-    /// Targets are applied per consumer (see [`consumers`]): the targets of one consumer are
-    /// staged, checked, swapped in and reloaded together, all or nothing, and a consumer whose
-    /// target does not render or is refused by its check keeps its last good files without
-    /// holding the others back. The pass fails if any consumer failed: the error is the first
-    /// failure in config order, the others are logged, and [`PassStats`] tells what was applied.
+    /// Every cluster is modelled and judged by the guard on its own: a refused or leaderless
+    /// cluster keeps its last good section while the others update. Targets are applied per
+    /// consumer (see [`consumers`]): the targets of one consumer are staged, checked, swapped in
+    /// and reloaded together, all or nothing, and once however many of its files or clusters
+    /// changed; a consumer whose target does not render or is refused by its check keeps its
+    /// last good files without holding the others back. The pass fails if any cluster was
+    /// refused or any consumer failed: the error is the first failure, the others are logged,
+    /// and [`PassStats`] tells what was applied.
     pub async fn pass(&mut self, snap: &Snapshot, reload: bool) -> Result<PassOutcome, PassError> {
         let started = Instant::now();
         self.stats = PassStats::default();
-        let cluster = Arc::new(self.model(snap));
-        let previous = self.cluster.replace(Arc::clone(&cluster));
-        // Before the guard: a refused view (a failover's leaderless spell) still tells what
-        // changed.
-        self.stats.events = self.state.differ.diff(previous.as_deref(), &cluster);
-        for e in &self.stats.events {
-            e.log();
-        }
-        let prefix = self.settings.etcd.prefix();
-        self.state.routing_keys = (
-            snap.kvs.get(&format!("{prefix}leader")).cloned(),
-            snap.kvs.get(&format!("{prefix}failover")).cloned(),
-        );
-        // Before the guard too: routing follows the leader key even while the files wait.
-        self.state.router.observe(&cluster, &self.stats.events);
-        self.state.router.confirm_now(&cluster).await;
-        self.memory.admit(&self.settings.guard, &cluster)?;
         let settings = Arc::clone(&self.settings);
-        let rendered = self.render_targets(&settings.targets, &cluster);
+        let single = settings.etcd.single_scope().is_some();
+        let ids = self.cluster_ids(snap);
+        // Clusters no longer followed (the config changed): forgotten.
+        self.clusters.retain(|id, _| ids.binary_search(id).is_ok());
+        let mut refusals: Vec<GuardError> = Vec::new();
+        let mut accepted_now = 0;
+        let mut gone: Vec<ClusterId> = Vec::new();
+        let mut reports = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let model = Arc::new(self.model_of(snap, id));
+            let st = self.clusters.get_mut(id).expect("modelled above");
+            if let Some((n, o)) = &self.attach {
+                if !st.router.is_attached() {
+                    st.router.attach(n.clone(), o.clone());
+                }
+            }
+            let previous = st.seen.replace(Arc::clone(&model));
+            // Before the guard: a refused view (a failover's leaderless spell) still tells what
+            // changed.
+            let events = st.differ.diff(previous.as_deref(), &model);
+            for e in &events {
+                if single {
+                    e.log();
+                } else {
+                    let _scope = tracing::info_span!("cluster", scope = %id).entered();
+                    e.log();
+                }
+            }
+            // Before the guard too: routing follows the leader key even while the files wait.
+            st.router.observe(&model, &events);
+            st.router.confirm_now(&model).await;
+            match self.memory.admit(&settings.guard, &model) {
+                Ok(()) => {
+                    accepted_now += 1;
+                    st.refused = None;
+                    let had_members = st.accepted.as_ref().is_some_and(|a| !a.members.is_empty());
+                    st.accepted = Some(Arc::clone(&model));
+                    if model.leader().is_some() && st.router.gate_open(&model) {
+                        st.led = Some(Arc::clone(&model));
+                    }
+                    // Discovered clusters come and go with their keys; an emptied one goes only
+                    // when the guard lets it (`--force`, or a `min_members` of 0).
+                    if model.members.is_empty()
+                        && had_members
+                        && matches!(settings.etcd.clusters, Clusters::Discover)
+                    {
+                        gone.push(id.clone());
+                    }
+                }
+                Err(e) => {
+                    if !single {
+                        tracing::warn!(cluster = %id, "{e}");
+                    }
+                    st.refused = Some(e.clone());
+                    refusals.push(e);
+                }
+            }
+            self.stats.events.extend(events.iter().cloned());
+            reports.push(ClusterReport {
+                id: id.clone(),
+                model,
+                events,
+                refused: st.refused.as_ref().map(ToString::to_string),
+                configured: single || settings.clusters.contains_key(&id.scope),
+                failover: st.router.view(),
+            });
+        }
+        for id in &gone {
+            if let Some(st) = self.clusters.remove(id) {
+                if let Some(c) = &st.seen {
+                    self.memory.forget(&settings.guard, c);
+                }
+                tracing::warn!(cluster = %id, "cluster gone from the store and its empty view accepted: its section is removed");
+            }
+        }
+        self.cluster = reports.first().map(|r| Arc::clone(&r.model));
+        self.reports = reports;
+        if accepted_now == 0 && !refusals.is_empty() {
+            // Nothing new to render: every cluster keeps its last good files.
+            return Err(refusals.swap_remove(0).into());
+        }
+
+        // What each target renders: every cluster's accepted view, or for `require_leader`
+        // targets (several clusters) its last view with a confirmed leader.
+        let mut all: Vec<(String, Vec<Arc<Cluster>>)> = Vec::new();
+        let mut led: Vec<(String, Vec<Arc<Cluster>>)> = Vec::new();
+        let mut held: Vec<String> = Vec::new();
+        let mut gates_closed = false;
+        for (id, st) in &self.clusters {
+            let push = |list: &mut Vec<(String, Vec<Arc<Cluster>>)>, c: &Arc<Cluster>| match list
+                .last_mut()
+            {
+                Some((scope, groups)) if *scope == id.scope => groups.push(Arc::clone(c)),
+                _ => list.push((id.scope.clone(), vec![Arc::clone(c)])),
+            };
+            match &st.accepted {
+                Some(a) => push(&mut all, a),
+                // Refused at first sight, but the files hold a section for it (the guard's
+                // memory says so): templates over every cluster wait rather than drop it.
+                None => {
+                    if st.seen.as_ref().is_some_and(|c| self.memory.knows(c)) {
+                        held.push(id.to_string());
+                    }
+                }
+            }
+            if let Some(l) = &st.led {
+                push(&mut led, l);
+            }
+            let seen = st.seen.as_deref();
+            if let Some(c) = seen.filter(|c| c.leader().is_some()) {
+                gates_closed |= !st.router.gate_open(c);
+            }
+            if !single && seen.is_some_and(|c| c.leader().is_none()) && st.led.is_some() {
+                self.stats.leaderless.push(id.to_string());
+            }
+        }
+        let plan = plan(&settings, &all, &led, &held);
+        for (p, _) in plan.iter().filter(|(p, _)| p.target.require_leader) {
+            if !single && !self.stats.leaderless.is_empty() {
+                tracing::info!(target = %p.target.name, clusters = ?self.stats.leaderless, "no leader in these clusters: their sections keep their last leader");
+            }
+        }
         // PgBouncer-like targets point at a leader only once it takes writes.
-        let gate_open = self.state.router.gate_open(&cluster);
-        let awaiting: Vec<usize> = (0..settings.targets.len())
-            .filter(|&i| !gate_open && settings.targets[i].require_leader)
+        let gate_open = !single || !gates_closed;
+        let awaiting: Vec<usize> = (0..plan.len())
+            .filter(|&i| !gate_open && plan[i].0.target.require_leader)
             .collect();
         for &i in &awaiting {
-            let t = &settings.targets[i];
-            tracing::info!(target = %t.name, leader = ?cluster.leader_name, "the new leader does not take writes yet: this target keeps pointing where it did");
+            let t = &plan[i].0.target;
+            tracing::info!(target = %t.name, leader = ?self.cluster.as_ref().and_then(|c| c.leader_name.clone()), "the new leader does not take writes yet: this target keeps pointing where it did");
             self.stats.awaiting.push(t.name.clone());
         }
+        if !single && gates_closed {
+            for (p, _) in plan.iter().filter(|(p, _)| p.target.require_leader) {
+                self.stats.awaiting.push(p.target.name.clone());
+            }
+        }
+        let rendered = self.render_targets(&plan);
+        let targets: Arc<Vec<Target>> =
+            Arc::new(plan.iter().map(|(p, _)| p.target.clone()).collect());
         self.stats.render = started.elapsed();
         let apply_start = Instant::now();
 
         if !self.swept {
             self.swept = true;
-            for t in &settings.targets {
+            for t in targets.iter() {
                 apply::sweep_leftovers(&t.dest);
             }
         }
         let mut failures: Vec<(usize, PassError)> = Vec::new();
+        // Templates over every cluster held back for a cluster the guard refused at first
+        // sight: they would drop its section.
+        for (i, (p, _)) in plan.iter().enumerate() {
+            if p.scope.is_none() && !single && !held.is_empty() {
+                failures.push((
+                    i,
+                    refusals.first().cloned().map_or_else(
+                        || {
+                            PassError::Render(RenderError::Render {
+                                target: p.target.name.clone(),
+                                path: p.target.src.clone(),
+                                report: format!("clusters {held:?} were refused by the guard"),
+                            })
+                        },
+                        PassError::from,
+                    ),
+                ));
+            }
+        }
+        let held_back: Vec<usize> = failures.iter().map(|(i, _)| *i).collect();
         // Each changed target with what its file held before: the known-good bytes to put back
         // if its consumer refuses the new ones.
         let mut changed: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
@@ -366,33 +681,38 @@ impl Engine {
         let mut outcome = PassOutcome::default();
         // Targets whose consumer did not take the new file (its reload failed).
         let mut not_live: Vec<usize> = Vec::new();
-        let defer_haproxy = self.state.router.defers_reloads();
+        let defer_haproxy = self.clusters.values().any(|st| st.router.defers_reloads());
+        // What HAProxy's server state is built from: each ordinary cluster's accepted view.
+        let ss_views: Vec<Arc<Cluster>> = all
+            .iter()
+            .flat_map(|(_, g)| g.iter().filter(|c| c.group.is_none()).cloned())
+            .collect();
         // Consumers that point at the leader alone (PgBouncer) first: after a leader change
         // their clients wait (paused) for this pass, while HAProxy was moved already through its
         // runtime API and its check and reload would only delay them. Config order otherwise.
-        let mut groups = consumers(&settings.targets);
-        groups.sort_by_key(|g| !g.iter().any(|&i| settings.targets[i].require_leader));
+        let mut groups = consumers(&targets);
+        groups.sort_by_key(|g| !g.iter().any(|&i| targets[i].require_leader));
         for mut group in groups {
             group.retain(|i| !awaiting.contains(i));
+            if group.iter().any(|i| held_back.contains(i)) {
+                // All or nothing within a consumer.
+                continue;
+            }
             if group.is_empty() {
                 continue;
             }
             // A HAProxy the fast path moves keeps its file and worker until the new leader is
             // confirmed (see `Router::defers_reloads`).
-            if defer_haproxy
-                && group
-                    .iter()
-                    .any(|&i| settings.targets[i].server_state.is_some())
-            {
+            if defer_haproxy && group.iter().any(|&i| targets[i].server_state.is_some()) {
                 for &i in &group {
-                    tracing::info!(target = %settings.targets[i].name, "leader change under way: this consumer is updated once the new primary is confirmed");
-                    self.stats.awaiting.push(settings.targets[i].name.clone());
+                    tracing::info!(target = %targets[i].name, "leader change under way: this consumer is updated once the new primary is confirmed");
+                    self.stats.awaiting.push(targets[i].name.clone());
                 }
                 continue;
             }
             // Each consumer in turn: stage, check, swap, reload, and (PgBouncer) resume, before
             // the next one's check runs.
-            let (c, r) = match swap_in(&settings, &group, &rendered).await {
+            let (c, r) = match swap_in(&targets, &group, &rendered).await {
                 Ok(done) => done,
                 Err(failure) => {
                     failures.push(failure);
@@ -400,18 +720,18 @@ impl Engine {
                 }
             };
             for (i, _) in &c {
-                tracing::info!(target = %settings.targets[*i].name, "file updated");
-                outcome.written.push(settings.targets[*i].name.clone());
+                tracing::info!(target = %targets[*i].name, "file updated");
+                outcome.written.push(targets[*i].name.clone());
             }
             changed.extend(c);
             retired.extend(r);
             applied.push(group.clone());
             if reload {
                 self.reload_group(
-                    &settings,
+                    &targets,
                     &group,
                     &rendered,
-                    &cluster,
+                    &ss_views,
                     &changed,
                     &mut retired,
                     &mut outcome,
@@ -421,18 +741,24 @@ impl Engine {
                 .await;
             }
             // A PgBouncer now reading a file for the confirmed leader: resume it.
-            if gate_open && cluster.leader().is_some() {
-                for &i in &group {
-                    let t = &settings.targets[i];
-                    if t.require_leader && !not_live.contains(&i) && rendered[i].is_ok() {
-                        self.state.router.pgbouncer_settled(&t.name).await;
+            for &i in &group {
+                let t = &targets[i];
+                if !(t.require_leader && !not_live.contains(&i) && rendered[i].is_ok()) {
+                    continue;
+                }
+                for st in self.clusters.values() {
+                    let Some(c) = st.seen.as_deref() else {
+                        continue;
+                    };
+                    if c.leader().is_some() && st.router.gate_open(c) {
+                        st.router.pgbouncer_settled(&plan[i].0.base).await;
                     }
                 }
             }
         }
 
         // What each target's consumer reads now: its new render, where it was applied.
-        let mut live: Vec<Option<&Rendered>> = vec![None; settings.targets.len()];
+        let mut live: Vec<Option<&Rendered>> = vec![None; targets.len()];
         for &i in applied.iter().flatten() {
             if !not_live.contains(&i) {
                 live[i] = rendered[i].as_deref().ok();
@@ -450,7 +776,7 @@ impl Engine {
         // holds etcd's view, for cold starts. Not for a target reloaded just now: its new worker
         // may still be reading the merged file. Built again only when the target was rendered
         // again: the state depends on nothing a heartbeat changes.
-        for (t, r) in settings.targets.iter().zip(&live) {
+        for (t, r) in targets.iter().zip(&live) {
             let (Some(ss), Some(r)) = (&t.server_state, r) else {
                 continue;
             };
@@ -459,7 +785,7 @@ impl Engine {
             {
                 continue;
             }
-            let content = server_state::build(ss, &String::from_utf8_lossy(&r.bytes), &cluster, "");
+            let content = build_server_state(&settings, ss, r, &ss_views, "");
             let file = ss.file.clone();
             match blocking(move || server_state::write_if_changed(&file, &content)).await {
                 Ok(_) => {
@@ -474,40 +800,62 @@ impl Engine {
         self.stats.apply = apply_start.elapsed();
         self.stats.failed = failures
             .iter()
-            .map(|(i, e)| (settings.targets[*i].name.clone(), e.reason()))
+            .map(|(i, e)| (targets[*i].name.clone(), e.reason()))
             .collect();
+        for id in self
+            .clusters
+            .iter()
+            .filter(|(_, st)| st.refused.is_some())
+            .map(|(id, _)| id)
+        {
+            self.stats.failed.push((format!("cluster {id}"), "guard"));
+        }
         self.stats.outcome = outcome.clone();
-        first_failure(&settings.targets, failures).map_or(Ok(outcome), Err)
+        match first_failure(&targets, failures) {
+            Some(e) => Err(e),
+            None if !refusals.is_empty() => Err(refusals.swap_remove(0).into()),
+            None => Ok(outcome),
+        }
     }
 
-    /// Renders every target, or reuses its last render when nothing its template can see has
-    /// changed since (see [`Cluster::same_for_templates`] and [`Renderer::reads_wal`]):
+    /// Renders every planned target, or reuses its last render when nothing its template can
+    /// see has changed since (see [`Cluster::same_for_templates`] and [`Renderer::reads_wal`]):
     /// rendering thousands of members costs tens of milliseconds, comparing them a fraction of
     /// one, and most etcd events are heartbeats. Sound because a render depends on the context
-    /// alone (no clock or random functions are registered), and the context on the cluster and
+    /// alone (no clock or random functions are registered), and the context on the clusters and
     /// the settings, which [`Engine::replace`] resets the cache with.
     fn render_targets(
         &mut self,
-        targets: &[Target],
-        cluster: &Arc<Cluster>,
+        plan: &[(Planned, ViewOf)],
     ) -> Vec<Result<Arc<Rendered>, RenderError>> {
-        let mut out = Vec::with_capacity(targets.len());
-        for t in targets {
+        let mut out = Vec::with_capacity(plan.len());
+        for (p, view) in plan {
+            let t = &p.target;
             let reads_wal = self.renderer.reads_wal(t);
+            let models: Vec<Arc<Cluster>> = view
+                .clusters
+                .iter()
+                .flat_map(|(_, g)| g.iter().cloned())
+                .collect();
             if let Some(c) = self.renders.get(&t.name).filter(|_| self.reuse_renders) {
-                if c.view.same_for_templates(cluster, reads_wal) {
+                if c.view.len() == models.len()
+                    && c.view
+                        .iter()
+                        .zip(&models)
+                        .all(|(a, b)| Arc::ptr_eq(a, b) || a.same_for_templates(b, reads_wal))
+                {
                     out.push(Ok(Arc::clone(&c.rendered)));
                     continue;
                 }
             }
             self.stats.rendered.push(t.name.clone());
-            let result = self.renderer.render(t, cluster).map(Arc::new);
+            let result = self.render_planned(p, view).map(Arc::new);
             match &result {
                 Ok(r) => {
                     self.renders.insert(
                         t.name.clone(),
                         CachedRender {
-                            view: Arc::clone(cluster),
+                            view: models,
                             rendered: Arc::clone(r),
                         },
                     );
@@ -531,6 +879,140 @@ impl Engine {
     }
 }
 
+/// Settings of a cluster that has no `[clusters.<scope>]` table, with `etcd.scope`.
+static NO_CLUSTER_SETTINGS: std::sync::LazyLock<ClusterSettings> =
+    std::sync::LazyLock::new(ClusterSettings::default);
+
+/// The clusters one target renders: by scope, each with its models (one, or one per Citus
+/// group).
+#[derive(Debug, Clone)]
+struct ViewOf {
+    clusters: Vec<(String, Vec<Arc<Cluster>>)>,
+}
+
+/// Expands the `[[template]]`s into what a pass applies: a per-cluster template once per
+/// cluster in its view (its `dest` naming the scope), the others once. `all` is every cluster's
+/// accepted view, `led` the views with a leader (for `require_leader` templates over several
+/// clusters); `held` the clusters whose section must not be dropped.
+fn plan(
+    settings: &Settings,
+    all: &[(String, Vec<Arc<Cluster>>)],
+    led: &[(String, Vec<Arc<Cluster>>)],
+    held: &[String],
+) -> Vec<(Planned, ViewOf)> {
+    let single = settings.etcd.single_scope();
+    let mut out = Vec::new();
+    for t in &settings.targets {
+        let source = if t.require_leader && single.is_none() {
+            led
+        } else {
+            all
+        };
+        let view = ViewOf {
+            clusters: source.to_vec(),
+        };
+        if !t.per_cluster {
+            out.push((
+                Planned {
+                    target: t.clone(),
+                    scope: None,
+                    base: t.name.clone(),
+                },
+                view,
+            ));
+            continue;
+        }
+        let scopes: Vec<&str> = match single {
+            Some(s) => vec![s],
+            None => source
+                .iter()
+                .map(|(s, _)| s.as_str())
+                .filter(|s| {
+                    !held
+                        .iter()
+                        .any(|h| h == s || h.starts_with(&format!("{s}/")))
+                })
+                // A cluster with no `[clusters.<scope>]` gets no file of its own: it has no
+                // settings (ports, databases) to render with.
+                .filter(|s| settings.clusters.contains_key(*s))
+                .collect(),
+        };
+        for scope in scopes {
+            let mut instance = t.clone();
+            instance.dest = PathBuf::from(
+                t.dest
+                    .to_string_lossy()
+                    .replace(crate::config::SCOPE_PLACEHOLDER, scope),
+            );
+            if single.is_none() {
+                instance.name = format!("{}:{scope}", t.name);
+            }
+            out.push((
+                Planned {
+                    target: instance,
+                    scope: Some(scope.to_owned()),
+                    base: t.name.clone(),
+                },
+                view.clone(),
+            ));
+        }
+    }
+    out
+}
+
+/// Renders, stages into `dir` and checks one target for `check`. Errors name the target's real
+/// destination, not the scratch copy.
+async fn check_one(
+    t: &Target,
+    r: Result<Rendered, RenderError>,
+    dir: &std::path::Path,
+) -> Result<(), PassError> {
+    let r = r?;
+    let mut copy = t.clone();
+    // The staged file is named as beside the real destination, so a check's own output
+    // (`parsing [.haproxy.cfg.haconfd-…:12]`) reads as it does in `once` and `run`.
+    let file_name = t.dest.file_name().unwrap_or(t.name.as_ref());
+    copy.dest = dir.join(file_name);
+    copy.owner = None;
+    copy.group = None;
+    std::fs::create_dir_all(dir).map_err(|source| ApplyError::Stage {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let staged = apply::stage(&copy, &r)?;
+    apply::check(&copy, &staged).await.map_err(|e| match e {
+        ApplyError::Check { target, source, .. } => ApplyError::Check {
+            target,
+            dest: t.dest.clone(),
+            source,
+        },
+        other => other,
+    })?;
+    Ok(())
+}
+
+/// The server-state file's content for one HAProxy target: with `etcd.scope` from the one
+/// cluster, else from every ordinary cluster with its own backends.
+fn build_server_state(
+    settings: &Settings,
+    ss: &crate::config::ServerStateConfig,
+    rendered: &Rendered,
+    clusters: &[Arc<Cluster>],
+    live: &str,
+) -> String {
+    let text = String::from_utf8_lossy(&rendered.bytes);
+    if settings.etcd.single_scope().is_some() {
+        let pairs: Vec<(&crate::config::ServerStateConfig, &Cluster)> =
+            clusters.iter().map(|c| (ss, &**c)).collect();
+        return server_state::build_many(&pairs, &text, live);
+    }
+    let per: Vec<crate::config::ServerStateConfig> =
+        clusters.iter().map(|c| ss.for_scope(&c.scope)).collect();
+    let pairs: Vec<(&crate::config::ServerStateConfig, &Cluster)> =
+        per.iter().zip(clusters).map(|(s, c)| (s, &**c)).collect();
+    server_state::build_many(&pairs, &text, live)
+}
+
 /// Runs file-system work (reads, fsync, rename, directory syncs) on the blocking pool, off the
 /// runtime's one thread: a slow disk must not stall the etcd keepalive, the fast path or
 /// `/healthz`.
@@ -549,7 +1031,7 @@ type StagedGroup = (Vec<(usize, Option<Vec<u8>>)>, Vec<apply::Staged>);
 /// first failure with the index of the target it concerns. Reading, staging and swapping run on
 /// the blocking pool; the checks are commands, awaited here.
 async fn swap_in(
-    settings: &Arc<Settings>,
+    targets: &Arc<Vec<Target>>,
     group: &[usize],
     rendered: &[Result<Arc<Rendered>, RenderError>],
 ) -> Result<(Vec<(usize, Option<Vec<u8>>)>, Vec<apply::Retired>), (usize, PassError)> {
@@ -558,13 +1040,13 @@ async fn swap_in(
         let r = rendered[i].as_ref().map_err(|e| (i, e.clone().into()))?;
         wanted.push((i, Arc::clone(r)));
     }
-    let s = Arc::clone(settings);
+    let s = Arc::clone(targets);
     // Stage everything before checking or swapping anything.
     let (changed, staged): StagedGroup = blocking(move || {
         let mut changed = Vec::new();
         let mut staged = Vec::new();
         for (i, r) in wanted {
-            let t = &s.targets[i];
+            let t = &s[i];
             let fail = |e: ApplyError| Box::new((i, PassError::from(e)));
             if apply::holds(&t.dest, &r.bytes).map_err(fail)? {
                 continue;
@@ -577,13 +1059,12 @@ async fn swap_in(
     })
     .await
     .map_err(|b| *b)?;
-    let targets = &settings.targets;
     for ((i, _), st) in changed.iter().zip(&staged) {
         apply::check(&targets[*i], st)
             .await
             .map_err(|e| (*i, e.into()))?;
     }
-    let s = Arc::clone(settings);
+    let s = Arc::clone(targets);
     blocking(move || {
         let mut retired = Vec::with_capacity(staged.len());
         for (k, st) in staged.into_iter().enumerate() {
@@ -595,7 +1076,7 @@ async fn swap_in(
                     // nothing would be left due for a reload.
                     for (j, old) in &changed[..k] {
                         if let Some(old) = old {
-                            restore(&s.targets[*j], old);
+                            restore(&s[*j], old);
                         }
                     }
                     return Err(Box::new((changed[k].0, PassError::from(e))));
@@ -733,10 +1214,10 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     async fn reload_group(
         &mut self,
-        settings: &Arc<Settings>,
+        targets: &Arc<Vec<Target>>,
         group: &[usize],
         rendered: &[Result<Arc<Rendered>, RenderError>],
-        cluster: &Cluster,
+        clusters: &[Arc<Cluster>],
         changed: &[(usize, Option<Vec<u8>>)],
         retired: &mut Vec<apply::Retired>,
         outcome: &mut PassOutcome,
@@ -749,25 +1230,25 @@ impl Engine {
             .iter()
             .copied()
             .filter(|i| {
-                let t = &settings.targets[*i];
+                let t = &targets[*i];
                 t.reload.is_some() || t.pgbouncer_admin.is_some()
             })
             .filter(|i| {
-                changed.iter().any(|(c, _)| c == i)
-                    || self.unreloaded.contains(&settings.targets[*i].name)
+                changed.iter().any(|(c, _)| c == i) || self.unreloaded.contains(&targets[*i].name)
             })
             .collect();
         let Some(&first) = due.first() else { return };
+        let settings = Arc::clone(&self.settings);
         for &i in &due {
-            let t = &settings.targets[i];
+            let t = &targets[i];
             if let (Some(ss), Ok(r)) = (&t.server_state, &rendered[i]) {
-                retired.extend(prepare_server_state(ss, r, cluster).await);
+                retired.extend(prepare_server_state(&settings, ss, r, clusters).await);
             }
         }
-        match reload_consumer(&settings.targets[first]).await {
+        match reload_consumer(&targets[first]).await {
             Ok(()) => {
                 for &i in &due {
-                    let name = &settings.targets[i].name;
+                    let name = &targets[i].name;
                     tracing::info!(target = %name, "reloaded");
                     self.unreloaded.remove(name);
                     self.state_synced.remove(name);
@@ -778,28 +1259,28 @@ impl Engine {
             // these files did not exist before this pass. It reads them when it starts; nothing
             // to reload, nothing failed (a sidecar whose HAProxy waits for haconfd's first file).
             Err(source)
-                if consumer_absent(&settings.targets[first])
+                if consumer_absent(&targets[first])
                     && due
                         .iter()
                         .all(|i| changed.iter().any(|(c, old)| c == i && old.is_none())) =>
             {
-                let t = &settings.targets[first];
+                let t = &targets[first];
                 tracing::info!(target = %t.name, reason = %source, "first file written; its consumer is not running yet and reads it when it starts");
             }
             Err(source) => {
-                let t = &settings.targets[first];
+                let t = &targets[first];
                 tracing::error!(target = %t.name, error = %source, "reload failed");
                 not_live.extend(due.iter().copied());
                 for &i in &due {
-                    self.unreloaded.insert(settings.targets[i].name.clone());
+                    self.unreloaded.insert(targets[i].name.clone());
                     // HAProxy refused the new file and still runs the old one: put the old one
                     // back, so that the file on disk is the known-good one a restart would load.
                     // (When haconfd refused to signal — stale or foreign PID — the new file
                     // stays: a consumer starting now must read it.)
                     let old = changed.iter().find(|(c, _)| *c == i).map(|(_, o)| o);
                     if let (Some(Some(old)), true) = (old, refused_by_consumer(&source)) {
-                        let (s, old) = (Arc::clone(settings), old.clone());
-                        blocking(move || restore(&s.targets[i], &old)).await;
+                        let (s, old) = (Arc::clone(targets), old.clone());
+                        blocking(move || restore(&s[i], &old)).await;
                     }
                 }
                 failures.push((
@@ -818,9 +1299,10 @@ impl Engine {
 /// will load. Failure to reach HAProxy falls back to etcd's view alone. The replaced file is
 /// released after the reload.
 async fn prepare_server_state(
+    settings: &Settings,
     ss: &crate::config::ServerStateConfig,
     rendered: &Rendered,
-    cluster: &Cluster,
+    clusters: &[Arc<Cluster>],
 ) -> Option<apply::Retired> {
     let live = match server_state::dump(&ss.stats_socket, Duration::from_secs(2)).await {
         Some(live) => live,
@@ -829,12 +1311,7 @@ async fn prepare_server_state(
             String::new()
         }
     };
-    let content = server_state::build(
-        ss,
-        &String::from_utf8_lossy(&rendered.bytes),
-        cluster,
-        &live,
-    );
+    let content = build_server_state(settings, ss, rendered, clusters, &live);
     let file = ss.file.clone();
     blocking(move || server_state::swap_in(&file, &content))
         .await

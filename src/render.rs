@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use tera::{Kwargs, State, Tera, TeraResult, Value};
 
-use crate::config::Target;
+use crate::config::{ClusterSettings, Target};
 use crate::model::{Cluster, Member};
 
 /// One target's rendered bytes.
@@ -56,13 +56,85 @@ pub enum RenderError {
     UnknownTarget(String),
 }
 
+/// One cluster as the render sees it: an ordinary Patroni cluster (one model, group None) or a
+/// Citus cluster (one model per group, sorted by group), and its `[clusters.<scope>]` settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ScopeView<'a> {
+    /// Patroni's scope.
+    pub scope: &'a str,
+    /// The models: one, or one per Citus group.
+    pub groups: &'a [std::sync::Arc<Cluster>],
+    /// `[clusters.<scope>]`, when configured.
+    pub settings: Option<&'a ClusterSettings>,
+}
+
+impl<'a> ScopeView<'a> {
+    /// The model of an ordinary cluster, or the coordinator (group 0, else the lowest group) of a
+    /// Citus cluster.
+    pub fn main(&self) -> Option<&'a Cluster> {
+        self.groups.first().map(|c| &**c)
+    }
+
+    /// Whether the scope is a Citus cluster.
+    pub fn is_citus(&self) -> bool {
+        self.groups.iter().any(|g| g.group.is_some())
+    }
+}
+
+/// What one render covers: every cluster (the `clusters` list), and the one cluster a flat
+/// context is built from (`etcd.scope`, or a per-cluster `dest`).
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    /// Patroni's namespace.
+    pub namespace: &'a str,
+    /// Every cluster, sorted by scope.
+    pub clusters: &'a [ScopeView<'a>],
+    /// The cluster of the flat context, when the target renders one.
+    pub flat: Option<ScopeView<'a>>,
+}
+
 /// The context every template sees. Field by field in the README.
 #[derive(Debug, Serialize)]
 pub struct Context<'a> {
     /// Patroni namespace.
     pub namespace: &'a str,
+    /// The flat context of one cluster (`scope`, `leader`, `members`, ...), when the target
+    /// renders one.
+    #[serde(flatten)]
+    pub flat: Option<ClusterContext<'a>>,
+    /// Every cluster, sorted by scope.
+    pub clusters: Vec<ClusterContext<'a>>,
+    /// Config variables (global `[vars]` merged with the template's `vars`).
+    pub vars: &'a serde_json::Map<String, serde_json::Value>,
+    /// The target being rendered.
+    pub target: TargetInfo<'a>,
+    /// haconfd itself.
+    pub haconfd: HaconfdInfo,
+}
+
+/// One cluster in the context: an element of `clusters`, and the flat context.
+#[derive(Debug, Serialize)]
+pub struct ClusterContext<'a> {
     /// Patroni scope.
     pub scope: &'a str,
+    /// Whether `[clusters.<scope>]` is configured.
+    pub configured: bool,
+    /// `[clusters.<scope>]`, or an empty table.
+    pub settings: &'a serde_json::Map<String, serde_json::Value>,
+    /// Whether the cluster is a Citus cluster (`groups` lists them).
+    pub citus: bool,
+    /// The leader member, or null (for Citus: the coordinator's).
+    #[serde(flatten)]
+    pub main: GroupContext<'a>,
+    /// Citus groups, sorted by number; empty for an ordinary cluster.
+    pub groups: Vec<GroupContext<'a>>,
+}
+
+/// One Patroni cluster or Citus group: its leader and members.
+#[derive(Debug, Serialize)]
+pub struct GroupContext<'a> {
+    /// The Citus group number, null for an ordinary cluster.
+    pub group: Option<u64>,
     /// The leader member, or null.
     pub leader: Option<&'a Member>,
     /// The leader's name, or null.
@@ -71,12 +143,6 @@ pub struct Context<'a> {
     pub members: &'a [Member],
     /// Members other than the leader, sorted by name.
     pub replicas: Vec<&'a Member>,
-    /// Config variables (global `[vars]` merged with the template's `vars`).
-    pub vars: &'a serde_json::Map<String, serde_json::Value>,
-    /// The target being rendered.
-    pub target: TargetInfo<'a>,
-    /// haconfd itself.
-    pub haconfd: HaconfdInfo,
 }
 
 /// `target.*` in the context.
@@ -97,15 +163,51 @@ pub struct HaconfdInfo {
     pub version: &'static str,
 }
 
+static NO_SETTINGS: std::sync::LazyLock<serde_json::Map<String, serde_json::Value>> =
+    std::sync::LazyLock::new(serde_json::Map::new);
+static NO_MEMBERS: [Member; 0] = [];
+
+fn group_context(c: Option<&Cluster>) -> GroupContext<'_> {
+    match c {
+        Some(c) => GroupContext {
+            group: c.group,
+            leader: c.leader(),
+            leader_name: c.leader_name.as_deref(),
+            members: &c.members,
+            replicas: c.members.iter().filter(|m| !m.is_leader).collect(),
+        },
+        None => GroupContext {
+            group: None,
+            leader: None,
+            leader_name: None,
+            members: &NO_MEMBERS,
+            replicas: Vec::new(),
+        },
+    }
+}
+
+fn cluster_context<'a>(v: &ScopeView<'a>) -> ClusterContext<'a> {
+    let citus = v.is_citus();
+    ClusterContext {
+        scope: v.scope,
+        configured: v.settings.is_some(),
+        settings: v.settings.map_or(&*NO_SETTINGS, |s| &s.vars),
+        citus,
+        main: group_context(v.main()),
+        groups: if citus {
+            v.groups.iter().map(|g| group_context(Some(g))).collect()
+        } else {
+            Vec::new()
+        },
+    }
+}
+
 /// Builds the context for one target.
-pub fn context<'a>(cluster: &'a Cluster, target: &'a Target) -> Context<'a> {
+pub fn context<'a>(view: &View<'a>, target: &'a Target) -> Context<'a> {
     Context {
-        namespace: &cluster.namespace,
-        scope: &cluster.scope,
-        leader: cluster.leader(),
-        leader_name: cluster.leader_name.as_deref(),
-        members: &cluster.members,
-        replicas: cluster.members.iter().filter(|m| !m.is_leader).collect(),
+        namespace: view.namespace,
+        flat: view.flat.as_ref().map(cluster_context),
+        clusters: view.clusters.iter().map(cluster_context).collect(),
         vars: &target.vars,
         target: TargetInfo {
             name: &target.name,
@@ -119,6 +221,27 @@ pub fn context<'a>(cluster: &'a Cluster, target: &'a Target) -> Context<'a> {
             version: env!("CARGO_PKG_VERSION"),
         },
     }
+}
+
+/// Renders one cluster with the flat context, as a single-cluster haconfd does: for `render`,
+/// `check` and tests.
+pub fn one_cluster<R>(
+    cluster: &Cluster,
+    settings: Option<&ClusterSettings>,
+    f: impl FnOnce(&View<'_>) -> R,
+) -> R {
+    let groups = [std::sync::Arc::new(cluster.clone())];
+    let scope = ScopeView {
+        scope: &cluster.scope,
+        groups: &groups,
+        settings,
+    };
+    let list = [scope];
+    f(&View {
+        namespace: &cluster.namespace,
+        clusters: &list,
+        flat: Some(scope),
+    })
 }
 
 /// Compiled templates for a set of targets.
@@ -169,16 +292,27 @@ impl Renderer {
             .contains(target.src.display().to_string().as_str())
     }
 
-    /// Renders one target.
+    /// Renders one target for one cluster, with the flat context.
     pub fn render(&self, target: &Target, cluster: &Cluster) -> Result<Rendered, RenderError> {
-        if target.require_leader && cluster.leader().is_none() {
-            return Err(RenderError::NoLeader {
-                target: target.name.clone(),
-                scope: cluster.scope.clone(),
-                dest: target.dest.clone(),
-            });
+        one_cluster(cluster, None, |view| self.render_view(target, view))
+    }
+
+    /// Renders one target for `view`. A `require_leader` target with a flat context refuses a
+    /// cluster (or a Citus group) with no leader; over several clusters, the pipeline chose each
+    /// cluster's view already.
+    pub fn render_view(&self, target: &Target, view: &View<'_>) -> Result<Rendered, RenderError> {
+        if let Some(flat) = view.flat.filter(|_| target.require_leader) {
+            let leaderless =
+                flat.groups.is_empty() || flat.groups.iter().any(|g| g.leader().is_none());
+            if leaderless {
+                return Err(RenderError::NoLeader {
+                    target: target.name.clone(),
+                    scope: flat.scope.to_owned(),
+                    dest: target.dest.clone(),
+                });
+            }
         }
-        let ctx = tera::Context::from_serialize(&context(cluster, target)).map_err(|e| {
+        let ctx = tera::Context::from_serialize(&context(view, target)).map_err(|e| {
             RenderError::Render {
                 target: target.name.clone(),
                 path: target.src.clone(),

@@ -160,13 +160,25 @@ pub fn build(
     cluster: &Cluster,
     live_dump: &str,
 ) -> String {
+    build_many(&[(cfg, cluster)], rendered_cfg, live_dump)
+}
+
+/// [`build`] for a HAProxy fronting several clusters: each cluster with the settings naming its
+/// own backends (see [`ServerStateConfig::for_scope`]).
+pub fn build_many(
+    clusters: &[(&ServerStateConfig, &Cluster)],
+    rendered_cfg: &str,
+    live_dump: &str,
+) -> String {
     let mut live: BTreeMap<(String, String), StateLine> = BTreeMap::new();
     for line in live_dump.lines().filter_map(StateLine::parse) {
         live.insert((line.backend().to_owned(), line.server().to_owned()), line);
     }
     let mut out = format!("{VERSION}\n{HEADER}\n");
     for s in config_servers(rendered_cfg) {
-        let allowed = permitted(cfg, cluster, &s.backend, &s.name);
+        let allowed = clusters
+            .iter()
+            .find_map(|(cfg, cluster)| permitted(cfg, cluster, &s.backend, &s.name));
         let saved = live
             .remove(&(s.backend.clone(), s.name.clone()))
             // A saved line with another address or port would override the new config.

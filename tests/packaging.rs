@@ -1366,7 +1366,7 @@ fn compose_etcd_and_patroni_match_the_watched_prefix() {
         );
         assert_eq!(
             y["scope"].as_str(),
-            Some(etcd.scope.as_str()),
+            etcd.single_scope(),
             "compose {name}: scope"
         );
         assert_eq!(

@@ -813,7 +813,7 @@ mod tests {
             api: crate::config::EtcdApi::V2,
             endpoints: vec!["http://[::1]:2379".into(), "https://etcd.example".into()],
             namespace: "/ns é".into(),
-            scope: "my%scope?".into(),
+            clusters: crate::config::Clusters::One("my%scope?".into()),
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(1),

@@ -146,6 +146,9 @@ pub struct SourceState {
     /// Bumped each time the published snapshot changes: the same generation is the same view.
     /// (The snapshot may change in place, behind the same `Arc`, when no pass holds it.)
     pub generation: u64,
+    /// Bumped by every change of a `leader` or `failover` key (and every whole new listing):
+    /// such a change is urgent, its pass runs without waiting for `min_interval`.
+    pub routing: u64,
 }
 
 /// One protocol's access to etcd: connect, list the prefix at one revision, watch after one.
@@ -525,6 +528,7 @@ fn publish(tx: &watch::Sender<SourceState>, snap: Option<&Snapshot>, connected: 
             if !same {
                 s.snapshot = Some(Arc::new(snap.clone()));
                 s.generation += 1;
+                s.routing += 1;
             }
         }
         s.connected = connected;
@@ -544,6 +548,9 @@ fn publish_changes(
     current: &Snapshot,
 ) {
     tx.send_modify(|s| {
+        if changes.iter().any(|(key, _)| is_routing_key(key)) {
+            s.routing += 1;
+        }
         match s.snapshot.as_mut() {
             Some(published) => {
                 let p = Arc::make_mut(published);
@@ -565,6 +572,11 @@ fn publish_changes(
         s.connected = true;
         s.last_error = None;
     });
+}
+
+/// Whether `key` is a cluster's (or Citus group's) `leader` or `failover` key: who takes writes.
+fn is_routing_key(key: &str) -> bool {
+    key.ends_with("/leader") || key.ends_with("/failover")
 }
 
 /// Sleeps, returning true if shutdown was requested meanwhile.

@@ -224,43 +224,39 @@ fn check_mode_errors_name_the_destination_not_the_scratch_copy() {
     ws.assert_nothing_signalled();
 }
 
-/// Class: messages. Patroni's Citus mode keeps each group one level down; a scope with only
-/// groups must say so, and how to follow one, not only "0 valid member(s)".
+/// Class: layouts. Patroni's Citus mode keeps each group one level down; a scope with only
+/// groups is followed as a Citus cluster (its coordinator in the flat context), not refused as
+/// "0 valid member(s)" with the last good files frozen.
 #[test]
-fn citus_layout_is_named_with_how_to_follow_one_group() {
+fn a_citus_layout_is_followed_through_its_coordinator_group() {
     let ws = Ws::new("citus");
-    let before = ws.files();
     for name in ["pg1", "pg2", "pg3"] {
         ws.delete(&format!("members/{name}"));
     }
     ws.delete("leader");
-    for group in ["0", "1"] {
+    for (group, port) in [("0", 5441), ("1", 5451)] {
         ws.put(&format!("{group}/leader"), "pg1");
         ws.put(
             &format!("{group}/members/pg1"),
-            &member(5441, "master").to_string(),
+            &member(port, "master").to_string(),
         );
     }
     let run = ws.once(&[]);
-    run.expect(4, &["0 valid member(s)"]);
-    let hint = run
-        .warning_for(&ws.key("0/"))
-        .unwrap_or_else(|| panic!("no hint about Citus groups:\n{}", run.stderr));
-    for needle in [
-        format!(
-            "Citus groups found under {}, {}",
-            ws.key("0/"),
-            ws.key("1/")
-        ),
-        format!(
-            "etcd.namespace = \"/service/{}\" and etcd.scope = \"0\"",
-            ws.scope
-        ),
-    ] {
-        assert!(hint.contains(&needle), "hint lacks {needle:?}: {hint}");
-    }
-    ws.assert_unchanged(&before);
-    ws.assert_nothing_signalled();
+    run.expect(0, &[]);
+    assert!(
+        !run.stderr.contains("0 valid member(s)"),
+        "a Citus layout was refused as empty:\n{}",
+        run.stderr
+    );
+    let hap = read(&ws.hap);
+    assert!(
+        hap.contains(":5441"),
+        "the coordinator is not routed:\n{hap}"
+    );
+    assert!(
+        !hap.contains(":5451"),
+        "a worker group leaked into the coordinator's flat context:\n{hap}"
+    );
 }
 
 /// Class: one consumer's files are all or nothing, also when the swap itself fails half-way.
