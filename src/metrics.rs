@@ -11,6 +11,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use std::sync::Arc;
+
+use crate::model::Cluster;
 use crate::pipeline::{PassError, PassOutcome, PassStats};
 use crate::status::Status;
 
@@ -206,28 +209,72 @@ impl Metrics {
         let by_role: Family<Labels, Gauge> = Family::default();
         let leader: Family<Labels, Gauge> = Family::default();
         let lag: Family<Labels, Gauge> = Family::default();
-        if let Some(c) = &status.cluster {
+        let has_leader: Family<Labels, Gauge> = Family::default();
+        let configured: Family<Labels, Gauge> = Family::default();
+        let refused: Family<Labels, Gauge> = Family::default();
+        // One cluster: the series as they always were. Several: each carries its cluster.
+        let clusters: Vec<(Labels, &Arc<Cluster>)> = if status.multi {
+            status
+                .clusters
+                .iter()
+                .filter_map(|c| {
+                    let mut labels = vec![("scope".to_owned(), c.scope.clone())];
+                    if let Some(g) = c.group {
+                        labels.push(("group".to_owned(), g.to_string()));
+                    }
+                    configured.get_or_create(&labels).set(c.configured as i64);
+                    refused
+                        .get_or_create(&labels)
+                        .set(c.refused.is_some() as i64);
+                    c.model.as_ref().map(|m| (labels, m))
+                })
+                .collect()
+        } else {
+            status.cluster.iter().map(|c| (Vec::new(), c)).collect()
+        };
+        for (labels, c) in &clusters {
+            let with = |more: &[(&str, &str)]| -> Labels {
+                let mut l = labels.clone();
+                l.extend(more.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+                l
+            };
             for m in &c.members {
                 by_role
-                    .get_or_create(&vec![
-                        ("role".to_owned(), m.role.clone()),
-                        ("state".to_owned(), m.state.clone()),
-                    ])
+                    .get_or_create(&with(&[("role", &m.role), ("state", &m.state)]))
                     .inc();
                 if let Some(l) = m.lag {
-                    lag.get_or_create(&vec![("member".to_owned(), m.name.clone())])
+                    lag.get_or_create(&with(&[("member", &m.name)]))
                         .set(i64::try_from(l).unwrap_or(i64::MAX));
                 }
             }
             if let Some(name) = &c.leader_name {
-                leader
-                    .get_or_create(&vec![("name".to_owned(), name.clone())])
-                    .set(1);
+                leader.get_or_create(&with(&[("name", name)])).set(1);
+            }
+            if status.multi {
+                has_leader
+                    .get_or_create(labels)
+                    .set(c.leader_name.is_some() as i64);
             }
         }
         r.register("cluster_members", "Members by role and state", by_role);
         r.register("cluster_leader", "1 for the current leader's name", leader);
-        if let Some(c) = &status.cluster {
+        if status.multi {
+            r.register(
+                "cluster_has_leader",
+                "1 when etcd shows a valid leader, 0 while the cluster has none",
+                has_leader,
+            );
+            r.register(
+                "cluster_configured",
+                "1 when the cluster has a [clusters.<scope>] table; 0: followed but given no port or file",
+                configured,
+            );
+            r.register(
+                "cluster_refused",
+                "1 while the guard refuses the cluster's view (its last good section stays)",
+                refused,
+            );
+        } else if let Some(c) = &status.cluster {
             // An alert needs a series that is there while the leader is not.
             r.register(
                 "cluster_has_leader",

@@ -177,6 +177,8 @@ struct ClusterState {
     led: Option<Arc<Cluster>>,
     /// Why the guard refused the last view.
     refused: Option<GuardError>,
+    /// Whether its appearance was logged (several clusters).
+    announced: bool,
 }
 
 impl ClusterState {
@@ -198,6 +200,7 @@ impl ClusterState {
             accepted: None,
             led: None,
             refused: None,
+            announced: false,
         }
     }
 }
@@ -518,6 +521,15 @@ impl Engine {
                     st.router.attach(n.clone(), o.clone());
                 }
             }
+            let configured = single || settings.clusters.contains_key(&id.scope);
+            if !single && !st.announced {
+                st.announced = true;
+                if configured {
+                    tracing::info!(cluster = %id, members = model.members.len(), leader = ?model.leader_name, "following cluster");
+                } else {
+                    tracing::warn!(cluster = %id, members = model.members.len(), "following cluster with no [clusters.{}] table: it is in every template's `clusters` list with configured = false, and gets no port or file of its own", id.scope);
+                }
+            }
             let previous = st.seen.replace(Arc::clone(&model));
             // Before the guard: a refused view (a failover's leaderless spell) still tells what
             // changed.
@@ -565,7 +577,7 @@ impl Engine {
                 model,
                 events,
                 refused: st.refused.as_ref().map(ToString::to_string),
-                configured: single || settings.clusters.contains_key(&id.scope),
+                configured,
                 failover: st.router.view(),
             });
         }

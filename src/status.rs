@@ -61,6 +61,35 @@ pub struct Status {
     pub last_failover: crate::failover::TimelineView,
     /// `require_leader` targets waiting for the leader to confirm it takes writes.
     pub awaiting_confirmation: Vec<String>,
+    /// Whether several clusters are followed (`etcd.scopes`, `etcd.discover`): `clusters` lists
+    /// them, and metrics carry a `scope` label.
+    pub multi: bool,
+    /// Every cluster (each Citus group) the last pass saw.
+    pub clusters: Vec<ClusterStatus>,
+}
+
+/// One cluster (or Citus group) in `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    /// Patroni's scope.
+    pub scope: String,
+    /// The Citus group, for a group of a Citus cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<u64>,
+    /// Whether `[clusters.<scope>]` is configured: an unconfigured cluster is followed and shown
+    /// but gets no port or file of its own.
+    pub configured: bool,
+    /// Why the guard refused its last view (its files keep the last good section), if it did.
+    pub refused: Option<String>,
+    /// The leader etcd shows, if any.
+    pub leader: Option<String>,
+    /// Valid members etcd shows.
+    pub members: usize,
+    /// Its last leader change as the fast path handled it.
+    pub last_failover: crate::failover::TimelineView,
+    /// The model, for metrics.
+    #[serde(skip)]
+    pub model: Option<Arc<Cluster>>,
 }
 
 /// How many cluster events `/status` keeps.
@@ -71,6 +100,9 @@ pub const EVENTS_KEPT: usize = 20;
 pub struct TimedEvent {
     /// Unix time in seconds, with milliseconds.
     pub at: f64,
+    /// The cluster (`scope` or `scope/group`) when several are followed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
     /// The event, its fields flattened next to `at`.
     #[serde(flatten)]
     pub event: ClusterEvent,
@@ -125,15 +157,40 @@ impl Status {
                 }
             }
         }
-        if let Some(c) = &engine.cluster {
+        self.multi = engine.settings().etcd.single_scope().is_none();
+        if self.multi {
+            for r in &engine.reports {
+                self.observe_in(&r.model, &r.events, Some(r.id.to_string()));
+            }
+            self.cluster = engine.cluster.clone();
+        } else if let Some(c) = &engine.cluster {
             self.observe(c, &engine.stats.events);
         }
+        self.clusters = engine
+            .reports
+            .iter()
+            .map(|r| ClusterStatus {
+                scope: r.id.scope.clone(),
+                group: r.id.group,
+                configured: r.configured,
+                refused: r.refused.clone(),
+                leader: r.model.leader_name.clone(),
+                members: r.model.members.len(),
+                last_failover: r.failover.clone(),
+                model: Some(Arc::clone(&r.model)),
+            })
+            .collect();
         self.last_failover = engine.failover_timeline();
         self.awaiting_confirmation = engine.stats.awaiting.clone();
     }
 
     /// Takes `cluster` as the current view and records the events that led to it.
     fn observe(&mut self, cluster: &Arc<Cluster>, events: &[ClusterEvent]) {
+        self.observe_in(cluster, events, None);
+    }
+
+    /// [`Status::observe`], the events marked with their cluster when several are followed.
+    fn observe_in(&mut self, cluster: &Arc<Cluster>, events: &[ClusterEvent], id: Option<String>) {
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| (d.as_millis() as f64) / 1000.0);
@@ -146,6 +203,7 @@ impl Status {
             }
             self.events.push_back(TimedEvent {
                 at,
+                cluster: id.clone(),
                 event: e.clone(),
             });
         }
