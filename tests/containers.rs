@@ -1098,6 +1098,13 @@ fn lb_hosts_keep_routing_cut_off_from_etcd_catch_up_and_lose_no_pass_to_an_etcd_
             .map(|n| toml::Value::String(format!("http://{n}:2379")))
             .collect(),
     );
+    // A connection attempt made while the host is cut off hangs until etcd.connect_timeout (its
+    // SYN is dropped, not refused), so catching up after the cut takes up to connect_timeout +
+    // daemon.max_backoff: 1 s here, as docs/LB-HOSTS.md advises for load-balancer hosts.
+    cfg["etcd"]
+        .as_table_mut()
+        .unwrap()
+        .insert("connect_timeout".into(), "1s".into());
     let hold = "/usr/share/haconfd/templates/hold.lua";
     cfg["vars"]
         .as_table_mut()
@@ -1232,7 +1239,8 @@ fn lb_hosts_keep_routing_cut_off_from_etcd_catch_up_and_lose_no_pass_to_an_etcd_
         secs(lb1_checks)
     );
 
-    // Reconnected: lb1 catches up within 1 s of being back on the network. Docker's own part is
+    // Reconnected: lb1 catches up within etcd.connect_timeout (1 s, the attempt in flight when the
+    // network came back) + daemon.max_backoff (0.5 s) + 0.5 s of margin. Docker's own part is
     // timed apart: `docker network connect` returns before the new interface carries traffic
     // (its name service and first connections take a few hundred ms more), so a probe inside
     // lb1's namespace marks the moment a TCP connection to an etcd member first succeeds.
@@ -1282,7 +1290,7 @@ fn lb_hosts_keep_routing_cut_off_from_etcd_catch_up_and_lose_no_pass_to_an_etcd_
         ready_again - wall_cmd
     );
     assert!(
-        since_net <= 1.0,
+        since_net <= 2.0,
         "lb1 took {since_net:.2} s after etcd was reachable again to catch up\n{}",
         lb1.logs()
     );
