@@ -213,6 +213,8 @@ struct Planned {
     scope: Option<String>,
     /// The `[[template]]` it comes from (the fast path knows PgBouncer by that name).
     base: String,
+    /// The file of a cluster that is gone: removed (its consumer reloaded), not rendered.
+    remove: bool,
 }
 
 impl Engine {
@@ -630,7 +632,35 @@ impl Engine {
                 self.stats.leaderless.push(id.to_string());
             }
         }
-        let plan = plan(&settings, &all, &led, &held);
+        let mut plan = plan(&settings, &all, &led, &held);
+        // The per-cluster files of clusters that are gone (the guard accepted their empty view):
+        // removed, their consumers reloaded.
+        for scope in gone
+            .iter()
+            .map(|id| id.scope.as_str())
+            .filter(|s| !all.iter().any(|(a, _)| a == s))
+        {
+            for t in settings.targets.iter().filter(|t| t.per_cluster) {
+                let mut target = t.clone();
+                target.dest = PathBuf::from(
+                    t.dest
+                        .to_string_lossy()
+                        .replace(crate::config::SCOPE_PLACEHOLDER, scope),
+                );
+                target.name = format!("{}:{scope}", t.name);
+                plan.push((
+                    Planned {
+                        target,
+                        scope: Some(scope.to_owned()),
+                        base: t.name.clone(),
+                        remove: true,
+                    },
+                    ViewOf {
+                        clusters: Vec::new(),
+                    },
+                ));
+            }
+        }
         for (p, _) in plan.iter().filter(|(p, _)| p.target.require_leader) {
             if !single && !self.stats.leaderless.is_empty() {
                 tracing::info!(target = %p.target.name, clusters = ?self.stats.leaderless, "no leader in these clusters: their sections keep their last leader");
@@ -652,6 +682,13 @@ impl Engine {
             }
         }
         let rendered = self.render_targets(&plan);
+        let removals: Arc<Vec<usize>> = Arc::new(
+            plan.iter()
+                .enumerate()
+                .filter(|(_, (p, _))| p.remove)
+                .map(|(i, _)| i)
+                .collect(),
+        );
         let targets: Arc<Vec<Target>> =
             Arc::new(plan.iter().map(|(p, _)| p.target.clone()).collect());
         self.stats.render = started.elapsed();
@@ -724,7 +761,7 @@ impl Engine {
             }
             // Each consumer in turn: stage, check, swap, reload, and (PgBouncer) resume, before
             // the next one's check runs.
-            let (c, r) = match swap_in(&targets, &group, &rendered).await {
+            let (c, r) = match swap_in(&targets, &group, &rendered, &removals).await {
                 Ok(done) => done,
                 Err(failure) => {
                     failures.push(failure);
@@ -732,7 +769,11 @@ impl Engine {
                 }
             };
             for (i, _) in &c {
-                tracing::info!(target = %targets[*i].name, "file updated");
+                if removals.contains(i) {
+                    tracing::warn!(target = %targets[*i].name, dest = %targets[*i].dest.display(), "file of a cluster that is gone removed");
+                } else {
+                    tracing::info!(target = %targets[*i].name, "file updated");
+                }
                 outcome.written.push(targets[*i].name.clone());
             }
             changed.extend(c);
@@ -843,6 +884,13 @@ impl Engine {
         let mut out = Vec::with_capacity(plan.len());
         for (p, view) in plan {
             let t = &p.target;
+            if p.remove {
+                out.push(Ok(Arc::new(Rendered {
+                    name: t.name.clone(),
+                    bytes: Vec::new(),
+                })));
+                continue;
+            }
             let reads_wal = self.renderer.reads_wal(t);
             let models: Vec<Arc<Cluster>> = view
                 .clusters
@@ -929,6 +977,7 @@ fn plan(
                     target: t.clone(),
                     scope: None,
                     base: t.name.clone(),
+                    remove: false,
                 },
                 view,
             ));
@@ -964,6 +1013,7 @@ fn plan(
                     target: instance,
                     scope: Some(scope.to_owned()),
                     base: t.name.clone(),
+                    remove: false,
                 },
                 view.clone(),
             ));
@@ -1036,7 +1086,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 /// A changed target of one consumer: its index, its previous bytes, its staged file.
-type StagedGroup = (Vec<(usize, Option<Vec<u8>>)>, Vec<apply::Staged>);
+type StagedGroup = (
+    Vec<(usize, Option<Vec<u8>>)>,
+    Vec<apply::Staged>,
+    Vec<(usize, Vec<u8>)>,
+);
 
 /// Stages, checks and swaps in the changed files of one consumer's targets (`group`), all or
 /// none. Returns each changed target with its previous bytes, and what the swaps retired; or the
@@ -1046,6 +1100,7 @@ async fn swap_in(
     targets: &Arc<Vec<Target>>,
     group: &[usize],
     rendered: &[Result<Arc<Rendered>, RenderError>],
+    removals: &Arc<Vec<usize>>,
 ) -> Result<(Vec<(usize, Option<Vec<u8>>)>, Vec<apply::Retired>), (usize, PassError)> {
     let mut wanted = Vec::with_capacity(group.len());
     for &i in group {
@@ -1053,13 +1108,21 @@ async fn swap_in(
         wanted.push((i, Arc::clone(r)));
     }
     let s = Arc::clone(targets);
+    let rm = Arc::clone(removals);
     // Stage everything before checking or swapping anything.
-    let (changed, staged): StagedGroup = blocking(move || {
+    let (changed, staged, removed): StagedGroup = blocking(move || {
         let mut changed = Vec::new();
         let mut staged = Vec::new();
+        let mut removed = Vec::new();
         for (i, r) in wanted {
             let t = &s[i];
             let fail = |e: ApplyError| Box::new((i, PassError::from(e)));
+            if rm.contains(&i) {
+                if let Some(old) = apply::current(&t.dest).map_err(fail)? {
+                    removed.push((i, old));
+                }
+                continue;
+            }
             if apply::holds(&t.dest, &r.bytes).map_err(fail)? {
                 continue;
             }
@@ -1067,7 +1130,7 @@ async fn swap_in(
             staged.push(apply::stage(t, &r).map_err(fail)?);
             changed.push((i, old));
         }
-        Ok::<_, Box<(usize, PassError)>>((changed, staged))
+        Ok::<_, Box<(usize, PassError)>>((changed, staged, removed))
     })
     .await
     .map_err(|b| *b)?;
@@ -1078,6 +1141,7 @@ async fn swap_in(
     }
     let s = Arc::clone(targets);
     blocking(move || {
+        let mut changed = changed;
         let mut retired = Vec::with_capacity(staged.len());
         for (k, st) in staged.into_iter().enumerate() {
             match apply::commit(st) {
@@ -1094,6 +1158,27 @@ async fn swap_in(
                     return Err(Box::new((changed[k].0, PassError::from(e))));
                 }
             }
+        }
+        // Then the files of clusters that are gone; one that cannot be removed puts the group
+        // back as it was.
+        for (k, (i, old)) in removed.iter().enumerate() {
+            if let Err(source) = std::fs::remove_file(&s[*i].dest) {
+                for (j, old) in changed
+                    .iter()
+                    .map(|(j, o)| (j, o.as_ref()))
+                    .chain(removed[..k].iter().map(|(j, o)| (j, Some(o))))
+                {
+                    if let Some(old) = old {
+                        restore(&s[*j], old);
+                    }
+                }
+                let e = ApplyError::Commit {
+                    dest: s[*i].dest.clone(),
+                    source,
+                };
+                return Err(Box::new((*i, PassError::from(e))));
+            }
+            changed.push((*i, Some(old.clone())));
         }
         Ok((changed, retired))
     })
@@ -1392,5 +1477,267 @@ mod tests {
             consumers(&targets),
             vec![vec![0, 3, 4], vec![1], vec![2], vec![5]]
         );
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    //! Several clusters through [`Engine::pass`] with plain files (no consumer to reload): each
+    //! cluster judged on its own, per-cluster files, sections kept.
+    use super::*;
+    use crate::config::RawConfig;
+    use std::path::Path;
+
+    const ALL: &str = "{% for c in clusters %}{{ c.scope }} configured={{ c.configured }} \
+        leader={{ c.leader_name | default(value=\"none\") }} members={% for m in c.members %}{{ m.name }},{% endfor %}\n{% endfor %}";
+    const ONE: &str = "{{ scope }} port={{ settings.port }} leader={{ leader_name }}\n";
+
+    fn member(port: u16, role: &str) -> Vec<u8> {
+        format!(
+            r#"{{"conn_url":"postgres://127.0.0.1:{port}/postgres","api_url":"http://127.0.0.1:{}/patroni","role":"{role}","state":"running"}}"#,
+            port + 1000
+        )
+        .into_bytes()
+    }
+
+    struct Rig {
+        dir: tempfile::TempDir,
+        engine: Engine,
+        snap: Snapshot,
+    }
+
+    impl Rig {
+        fn new(extra: &str) -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("all.tera"), ALL).unwrap();
+            std::fs::write(dir.path().join("one.tera"), ONE).unwrap();
+            std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+            let text = format!(
+                r#"
+[etcd]
+discover = true
+[clusters.a]
+port = 5000
+[clusters.b]
+port = 5010
+[[template]]
+name = "all"
+src = "all.tera"
+dest = "all.txt"
+[[template]]
+name = "leaders"
+src = "all.tera"
+dest = "leaders.txt"
+require_leader = true
+[[template]]
+name = "one"
+src = "one.tera"
+dest = "conf.d/{{scope}}.txt"
+{extra}
+"#
+            );
+            let settings = RawConfig::parse(&text, Path::new("t.toml"))
+                .unwrap()
+                .resolve(dir.path())
+                .unwrap();
+            let engine = Engine::new(Arc::new(settings)).unwrap();
+            Rig {
+                dir,
+                engine,
+                snap: Snapshot::new(),
+            }
+        }
+
+        fn put(&mut self, key: &str, value: &[u8]) {
+            self.snap.put(format!("/service/{key}"), value.to_vec());
+        }
+
+        fn delete(&mut self, key: &str) {
+            self.snap.delete(&format!("/service/{key}"));
+        }
+
+        fn cluster(&mut self, scope: &str, port: u16, leader: Option<&str>) {
+            for (i, name) in ["pg1", "pg2"].iter().enumerate() {
+                // The leader's member key says primary: the fast path confirms it by that.
+                let role = if leader == Some(*name) {
+                    "primary"
+                } else {
+                    "replica"
+                };
+                self.put(
+                    &format!("{scope}/members/{name}"),
+                    &member(port + i as u16, role),
+                );
+            }
+            if let Some(l) = leader {
+                self.put(&format!("{scope}/leader"), l.as_bytes());
+            }
+        }
+
+        async fn pass(&mut self) -> Result<PassOutcome, PassError> {
+            let snap = self.snap.clone();
+            self.engine.pass(&snap, false).await
+        }
+
+        fn read(&self, rel: &str) -> Option<String> {
+            std::fs::read_to_string(self.dir.path().join(rel)).ok()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_emptied_cluster_keeps_its_section_while_another_updates_in_the_same_pass() {
+        let mut rig = Rig::new("");
+        rig.cluster("a", 5432, Some("pg1"));
+        rig.cluster("b", 6432, Some("pg1"));
+        rig.pass().await.unwrap();
+        assert_eq!(
+            rig.read("all.txt").unwrap(),
+            "a configured=true leader=pg1 members=pg1,pg2,\nb configured=true leader=pg1 members=pg1,pg2,\n"
+        );
+        // a's store empties while b gains a member: b's change goes in, a's section stays.
+        for k in ["a/leader", "a/members/pg1", "a/members/pg2"] {
+            rig.delete(k);
+        }
+        rig.put("b/members/pg3", &member(6434, "replica"));
+        let err = rig.pass().await.unwrap_err();
+        assert!(matches!(err, PassError::Guard(_)), "{err}");
+        assert!(err.to_string().contains("\"a\""), "{err}");
+        assert_eq!(
+            rig.read("all.txt").unwrap(),
+            "a configured=true leader=pg1 members=pg1,pg2,\nb configured=true leader=pg1 members=pg1,pg2,pg3,\n"
+        );
+        assert_eq!(
+            rig.read("conf.d/a.txt").unwrap(),
+            "a port=5000 leader=pg1\n"
+        );
+        assert!(rig.engine.stats.outcome.written.contains(&"all".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_leaderless_cluster_keeps_its_last_leader_in_require_leader_files_only() {
+        let mut rig = Rig::new("");
+        rig.cluster("a", 5432, Some("pg1"));
+        rig.cluster("b", 6432, Some("pg1"));
+        rig.pass().await.unwrap();
+        rig.delete("a/leader");
+        rig.put("b/leader", b"pg2");
+        rig.put("b/members/pg1", &member(6432, "replica"));
+        rig.put("b/members/pg2", &member(6433, "primary"));
+        rig.pass().await.unwrap();
+        assert_eq!(
+            rig.read("leaders.txt").unwrap(),
+            "a configured=true leader=pg1 members=pg1,pg2,\nb configured=true leader=pg2 members=pg1,pg2,\n",
+            "a keeps its last leader, b follows its new one"
+        );
+        assert_eq!(
+            rig.read("all.txt").unwrap(),
+            "a configured=true leader= members=pg1,pg2,\nb configured=true leader=pg2 members=pg1,pg2,\n",
+            "a template without require_leader shows what etcd shows"
+        );
+        assert_eq!(rig.engine.stats.leaderless, ["a"]);
+    }
+
+    #[tokio::test]
+    async fn per_cluster_files_come_with_a_configured_cluster_and_go_only_through_the_guard() {
+        let mut rig = Rig::new("");
+        rig.cluster("a", 5432, Some("pg1"));
+        rig.cluster("zz", 7432, Some("pg1"));
+        rig.pass().await.unwrap();
+        assert_eq!(
+            rig.read("conf.d/a.txt").unwrap(),
+            "a port=5000 leader=pg1\n"
+        );
+        assert_eq!(
+            rig.read("conf.d/zz.txt"),
+            None,
+            "an unconfigured cluster gets no file"
+        );
+        assert!(rig.read("all.txt").unwrap().contains("zz configured=false"));
+        // b appears: its file comes in the next pass.
+        rig.cluster("b", 6432, Some("pg2"));
+        rig.pass().await.unwrap();
+        assert_eq!(
+            rig.read("conf.d/b.txt").unwrap(),
+            "b port=5010 leader=pg2\n"
+        );
+        // b's keys all go: refused, its file and section stay.
+        for k in ["b/leader", "b/members/pg1", "b/members/pg2"] {
+            rig.delete(k);
+        }
+        assert!(rig.pass().await.is_err());
+        assert_eq!(
+            rig.read("conf.d/b.txt").unwrap(),
+            "b port=5010 leader=pg2\n"
+        );
+        assert!(rig
+            .read("all.txt")
+            .unwrap()
+            .contains("b configured=true leader=pg2"));
+    }
+
+    #[tokio::test]
+    async fn a_gone_cluster_accepted_by_the_guard_loses_its_file_and_section() {
+        let mut rig = Rig::new("[guard]\nforce = true\n");
+        rig.cluster("a", 5432, Some("pg1"));
+        rig.cluster("b", 6432, Some("pg1"));
+        rig.pass().await.unwrap();
+        assert!(rig.read("conf.d/b.txt").is_some());
+        for k in ["b/leader", "b/members/pg1", "b/members/pg2"] {
+            rig.delete(k);
+        }
+        rig.pass().await.unwrap();
+        assert_eq!(
+            rig.read("conf.d/b.txt"),
+            None,
+            "the gone cluster's file is removed"
+        );
+        assert_eq!(
+            rig.read("all.txt").unwrap(),
+            "a configured=true leader=pg1 members=pg1,pg2,\n"
+        );
+        assert_eq!(
+            rig.read("conf.d/a.txt").unwrap(),
+            "a port=5000 leader=pg1\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn citus_groups_render_under_one_cluster() {
+        let mut rig = Rig::new("");
+        for g in ["0", "1", "2"] {
+            rig.cluster(
+                &format!("a/{g}"),
+                5432,
+                Some(if g == "1" { "pg2" } else { "pg1" }),
+            );
+        }
+        rig.pass().await.unwrap();
+        assert_eq!(
+            rig.read("all.txt").unwrap(),
+            "a configured=true leader=pg1 members=pg1,pg2,\n",
+            "the coordinator is the cluster's own leader and members"
+        );
+        let ctx = rig
+            .engine
+            .contexts(&rig.snap.clone(), Some("all"))
+            .unwrap()
+            .remove(0)
+            .1;
+        let groups: Vec<(u64, String)> = ctx["clusters"][0]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| {
+                (
+                    g["group"].as_u64().unwrap(),
+                    g["leader_name"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            groups,
+            [(0, "pg1".into()), (1, "pg2".into()), (2, "pg1".into())]
+        );
+        assert_eq!(ctx["clusters"][0]["citus"], true);
     }
 }
