@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::config::{ConfigBuilder, Template};
+use common::config::{write_list_config, ConfigBuilder};
 use common::procs::{
     free_port, haconfd_bin, http_get, require_bin, temp_dir, unique_name, wait_until, Etcd,
     EtcdCluster, Proc,
@@ -41,28 +41,7 @@ impl Daemon {
     ) -> Daemon {
         let dir = temp_dir("faults");
         let http_port = free_port();
-        std::fs::write(
-            dir.path().join("list.tera"),
-            "leader={{ leader_name }}\n{% for m in members %}{{ m.name }} {{ m.address }}\n{% endfor %}",
-        )
-        .unwrap();
-        let builder = ConfigBuilder::new()
-            .endpoints(endpoints)
-            .scope(scope)
-            .etcd("keepalive_interval", "2s")
-            .etcd("keepalive_timeout", "2s")
-            .etcd("request_timeout", "2s")
-            .etcd("connect_timeout", "1s");
-        let config = extra(builder)
-            .daemon("min_interval", "20ms")
-            .daemon("once_timeout", "2s")
-            .http_listen(format!("127.0.0.1:{http_port}"))
-            .template(Template::new(
-                "list",
-                "list.tera",
-                dir.path().join("out.txt"),
-            ))
-            .write_in(dir.path());
+        let config = write_list_config(dir.path(), endpoints, scope, http_port, extra);
         Daemon {
             dir,
             config,

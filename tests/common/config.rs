@@ -59,29 +59,16 @@ impl TomlValue for Raw {
     }
 }
 
-impl TomlValue for str {
-    fn toml(&self) -> String {
-        toml_str(self)
-    }
+macro_rules! toml_string {
+    ($($t:ty),*) => {$(
+        impl TomlValue for $t {
+            fn toml(&self) -> String {
+                toml_str(self)
+            }
+        }
+    )*};
 }
-
-impl TomlValue for String {
-    fn toml(&self) -> String {
-        toml_str(self)
-    }
-}
-
-impl TomlValue for Path {
-    fn toml(&self) -> String {
-        toml_str(self)
-    }
-}
-
-impl TomlValue for PathBuf {
-    fn toml(&self) -> String {
-        toml_str(self)
-    }
-}
+toml_string!(str, String, Path, PathBuf);
 
 impl TomlValue for bool {
     fn toml(&self) -> String {
@@ -226,6 +213,14 @@ impl Template {
 
     pub fn reload(self, reload: Reload) -> Template {
         self.set("reload", reload)
+    }
+
+    /// [`Template::reload`] when there is one (none: the file is written, nothing reloaded).
+    pub fn reload_if(self, reload: Option<Reload>) -> Template {
+        match reload {
+            Some(r) => self.reload(r),
+            None => self,
+        }
     }
 
     pub fn require_leader(self, yes: bool) -> Template {
@@ -484,4 +479,60 @@ impl ConfigBuilder {
         std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
         path.to_path_buf()
     }
+}
+
+/// The golden tests' config: scope `demo`, the templates in `templates` (the shipped ones) for
+/// `haproxy` (with server state) and `pgbouncer` (leader required), no etcd endpoints.
+pub fn golden_config(
+    templates: &Path,
+    stats_socket: &Path,
+    state_file: &Path,
+    haproxy_cfg: &Path,
+    pgbouncer_ini: &Path,
+) -> ConfigBuilder {
+    ConfigBuilder::new()
+        .scope("demo")
+        .var("stats_socket", stats_socket)
+        .template(
+            Template::new("haproxy", templates.join("haproxy.cfg.tera"), haproxy_cfg)
+                .server_state(stats_socket, state_file),
+        )
+        .template(
+            Template::new(
+                "pgbouncer",
+                templates.join("pgbouncer.ini.tera"),
+                pgbouncer_ini,
+            )
+            .require_leader(true),
+        )
+}
+
+/// The etcd tests' daemon: writes `dir/list.tera` (the leader, then one line per member) and
+/// `dir/haconfd.toml` rendering it into `dir/out.txt`, with short etcd timeouts, passes 20 ms
+/// apart and `[http]` on `http_port`; `extra` adds settings (`api`, credentials, `[etcd.tls]`).
+pub fn write_list_config(
+    dir: &Path,
+    endpoints: &[String],
+    scope: &str,
+    http_port: u16,
+    extra: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+) -> PathBuf {
+    std::fs::write(
+        dir.join("list.tera"),
+        "leader={{ leader_name }}\n{% for m in members %}{{ m.name }} {{ m.address }}\n{% endfor %}",
+    )
+    .unwrap();
+    let builder = ConfigBuilder::new()
+        .endpoints(endpoints)
+        .scope(scope)
+        .etcd("keepalive_interval", "2s")
+        .etcd("keepalive_timeout", "2s")
+        .etcd("request_timeout", "2s")
+        .etcd("connect_timeout", "1s");
+    extra(builder)
+        .daemon("min_interval", "20ms")
+        .daemon("once_timeout", "2s")
+        .http_listen(format!("127.0.0.1:{http_port}"))
+        .template(Template::new("list", "list.tera", dir.join("out.txt")))
+        .write_in(dir)
 }
