@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::config::{ConfigBuilder, Hook, Reload, Template};
 use common::patroni::{self, LoadStats, PatroniCluster, ReadLoad, WriteLoad};
 use common::procs::{
     free_port, give_to_postgres, haconfd_bin, port_open, require_bin, run_with_timeout, temp_dir,
@@ -194,118 +195,80 @@ impl Stack {
 
     /// (Re)writes haconfd.toml atomically from the current fields.
     fn write_config(&self) {
-        let haproxy_bin = require_bin("haproxy");
-        let reload_haproxy = match &self.haproxy {
-            Some(h) => format!(
-                "reload = {{ pidfile = \"{}\", signal = \"SIGUSR2\", process = \"haproxy\", master_socket = \"{}\", timeout = \"10s\" }}\n",
-                h.pidfile().display(),
-                h.master_socket().display()
-            ),
-            None => String::new(),
-        };
-        // With server state: the whole fast path (runtime-API moves, the hold action on the
-        // write port, PgBouncer paused and resumed through its console). Without: health checks
-        // and SIGHUP alone, as a baseline.
-        let hooks = format!(
-            r#"[hooks]
-concurrency = 8
-
-[[hook]]
-name = "record"
-command = ["tee", "-a", "{record}"]
-events = ["switchover_requested", "leader_lost", "leader_changed", "failover_completed"]
-
-[[hook]]
-name = "hang"
-command = ["sleep", "60"]
-timeout = "2s"
-"#,
-            record = self.hooks_file().display()
-        );
-        let (server_state, hold, pgbouncer_admin, failover) = if self.server_state {
-            (
-                format!(
-                    "server_state = {{ stats_socket = \"{}\", file = \"{}\" }}\n",
-                    self.admin_sock.display(),
-                    self.state_file.display()
-                ),
-                format!("hold_lua = \"{}/hold.lua\"\n", self.tpl_dir.display()),
-                format!(
-                    "pgbouncer_admin = {{ host = \"{}\", port = {}, user = \"pgbouncer\", pause_timeout = \"15s\" }}\n",
-                    self.pgb_dir.display(),
-                    self.pgb_port
-                ),
-                "enabled = true\n",
+        let haproxy_bin = require_bin("haproxy").display().to_string();
+        let mut haproxy = Template::new(
+            "haproxy",
+            self.tpl_dir.join("haproxy.cfg.tera"),
+            &self.haproxy_cfg,
+        )
+        .check([haproxy_bin.as_str(), "-c", "-f", "{{staged}}"]);
+        if let Some(h) = &self.haproxy {
+            haproxy = haproxy.reload(
+                Reload::signal(h.pidfile(), "SIGUSR2", "haproxy")
+                    .verify_on(h.master_socket())
+                    .timeout("10s"),
+            );
+        }
+        let mut pgbouncer = Template::new(
+            "pgbouncer",
+            self.tpl_dir.join("pgbouncer.ini.tera"),
+            &self.pgb_ini,
+        )
+        .require_leader(true)
+        .reload(Reload::signal(
+            self.pgb_dir.join("pgbouncer.pid"),
+            "SIGHUP",
+            "pgbouncer",
+        ));
+        let mut b = ConfigBuilder::new()
+            .endpoint(&self.endpoint)
+            .scope(&self.scope)
+            .daemon("min_interval", "100ms")
+            .daemon("retry_interval", "1s")
+            // With server state: the whole fast path (runtime-API moves, the hold action on
+            // the write port, PgBouncer paused and resumed through its console). Without:
+            // health checks and SIGHUP alone, as a baseline.
+            .failover("enabled", self.server_state)
+            .hooks("concurrency", 8)
+            .hook(
+                Hook::new(
+                    "record",
+                    ["tee", "-a", &self.hooks_file().display().to_string()],
+                )
+                .events([
+                    "switchover_requested",
+                    "leader_lost",
+                    "leader_changed",
+                    "failover_completed",
+                ]),
             )
-        } else {
-            (
-                String::new(),
-                String::new(),
-                String::new(),
-                "enabled = false\n",
-            )
-        };
-        let text = format!(
-            r#"[etcd]
-endpoints = ["{endpoint}"]
-scope = "{scope}"
-
-[daemon]
-min_interval = "100ms"
-retry_interval = "1s"
-
-[failover]
-{failover}
-{hooks}
-[vars]
-bind_address = "127.0.0.1"
-primary_port = {primary}
-replica_port = {replica}
-stats_port = {stats}
-stats_socket = "{admin}"
-maxconn = {maxconn}
-{hold}
-[[template]]
-name = "haproxy"
-src = "{tpl}/haproxy.cfg.tera"
-dest = "{haproxy_cfg}"
-check = ["{haproxy_bin}", "-c", "-f", "{{{{staged}}}}"]
-{reload_haproxy}{server_state}
-[[template]]
-name = "pgbouncer"
-src = "{tpl}/pgbouncer.ini.tera"
-dest = "{pgb_ini}"
-require_leader = true
-reload = {{ pidfile = "{pgb}/pgbouncer.pid", signal = "SIGHUP", process = "pgbouncer" }}
-{pgbouncer_admin}
-[template.vars]
-listen_addr = "127.0.0.1"
-listen_port = {pgb_port}
-unix_socket_dir = "{pgb}"
-auth_type = "trust"
-auth_file = "{pgb}/userlist.txt"
-admin_users = "pgbouncer"
-pool_mode = "transaction"
-pidfile = "{pgb}/pgbouncer.pid"
-logfile = "{pgb}/pgbouncer.log"
-"#,
-            endpoint = self.endpoint,
-            scope = self.scope,
-            primary = self.primary_port,
-            replica = self.replica_port,
-            stats = self.stats_port,
-            admin = self.admin_sock.display(),
-            maxconn = self.maxconn,
-            tpl = self.tpl_dir.display(),
-            haproxy_cfg = self.haproxy_cfg.display(),
-            haproxy_bin = haproxy_bin.display(),
-            pgb_ini = self.pgb_ini.display(),
-            pgb = self.pgb_dir.display(),
-            pgb_port = self.pgb_port,
-        );
-        let tmp = self.config.with_extension("toml.tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &self.config).unwrap();
+            .hook(Hook::new("hang", ["sleep", "60"]).timeout("2s"))
+            .var("bind_address", "127.0.0.1")
+            .var("primary_port", self.primary_port)
+            .var("replica_port", self.replica_port)
+            .var("stats_port", self.stats_port)
+            .var("stats_socket", &self.admin_sock)
+            .var("maxconn", self.maxconn);
+        if self.server_state {
+            haproxy = haproxy.server_state(&self.admin_sock, &self.state_file);
+            b = b.var("hold_lua", self.tpl_dir.join("hold.lua"));
+            pgbouncer =
+                pgbouncer.pgbouncer_admin(&self.pgb_dir, self.pgb_port, "pgbouncer", Some("15s"));
+        }
+        let pgb = |f: &str| self.pgb_dir.join(f);
+        pgbouncer = pgbouncer
+            .var("listen_addr", "127.0.0.1")
+            .var("listen_port", self.pgb_port)
+            .var("unix_socket_dir", &self.pgb_dir)
+            .var("auth_type", "trust")
+            .var("auth_file", pgb("userlist.txt"))
+            .var("admin_users", "pgbouncer")
+            .var("pool_mode", "transaction")
+            .var("pidfile", pgb("pgbouncer.pid"))
+            .var("logfile", pgb("pgbouncer.log"));
+        b.template(haproxy)
+            .template(pgbouncer)
+            .write_atomic(&self.config);
     }
 
     /// `haconfd once --no-reload`: the first render of both files (and of the state file) from

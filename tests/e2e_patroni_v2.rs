@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::config::{ConfigBuilder, Template};
 use common::patroni::{self, DcsSection, PatroniCluster, Timing};
 use common::procs::{
     free_port, haconfd_bin, http_get, require_bin, run_with_timeout, temp_dir, wait_until,
@@ -41,51 +42,31 @@ impl Haconfd {
         )
         .unwrap();
         let http_port = free_port();
-        let config = d.join("haconfd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"[etcd]
-api = "v2"
-endpoints = ["{endpoint}"]
-scope = "{scope}"
-keepalive_interval = "2s"
-request_timeout = "2s"
-connect_timeout = "1s"
-
-[daemon]
-min_interval = "100ms"
-retry_interval = "1s"
-
-[http]
-listen = "127.0.0.1:{http_port}"
-
-[vars]
-bind_address = "127.0.0.1"
-primary_port = {primary}
-replica_port = {replica}
-stats_port = {stats}
-stats_socket = "{d}/admin.sock"
-
-[[template]]
-name = "haproxy"
-src = "haproxy.cfg.tera"
-dest = "{d}/haproxy.cfg"
-check = ["{haproxy}", "-c", "-f", "{{{{staged}}}}"]
-
-[[template]]
-name = "list"
-src = "list.tera"
-dest = "{d}/list.txt"
-"#,
-                primary = free_port(),
-                replica = free_port(),
-                stats = free_port(),
-                d = d.display(),
-                haproxy = require_bin("haproxy").display(),
-            ),
-        )
-        .unwrap();
+        let config = ConfigBuilder::new()
+            .api("v2")
+            .endpoint(endpoint)
+            .scope(scope)
+            .etcd("keepalive_interval", "2s")
+            .etcd("request_timeout", "2s")
+            .etcd("connect_timeout", "1s")
+            .daemon("min_interval", "100ms")
+            .daemon("retry_interval", "1s")
+            .http_listen(format!("127.0.0.1:{http_port}"))
+            .var("bind_address", "127.0.0.1")
+            .var("primary_port", free_port())
+            .var("replica_port", free_port())
+            .var("stats_port", free_port())
+            .var("stats_socket", d.join("admin.sock"))
+            .template(
+                Template::new("haproxy", "haproxy.cfg.tera", d.join("haproxy.cfg")).check([
+                    require_bin("haproxy").display().to_string().as_str(),
+                    "-c",
+                    "-f",
+                    "{{staged}}",
+                ]),
+            )
+            .template(Template::new("list", "list.tera", d.join("list.txt")))
+            .write_in(d);
         Haconfd {
             dir,
             config,

@@ -10,6 +10,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::config::{write_list_config, ConfigBuilder};
 use common::procs::{
     free_port, haconfd_bin, http_get, require_bin, temp_dir, unique_name, wait_until, Etcd,
     EtcdCluster, Proc,
@@ -30,46 +31,22 @@ struct Daemon {
 }
 
 impl Daemon {
-    /// A config rendering the leader and one line per member into `out.txt`; `api` is the
-    /// `etcd.api` line (or empty for the default).
-    fn new(endpoints: &[String], scope: &str, api: &str, extra: &str) -> Daemon {
+    /// A config rendering the leader and one line per member into `out.txt`, on etcd's default
+    /// API.
+    fn new(endpoints: &[String], scope: &str) -> Daemon {
+        Daemon::with(endpoints, scope, |b| b)
+    }
+
+    /// [`Daemon::new`] with more `[etcd]` settings (`api`, credentials, `[etcd.tls]`) from
+    /// `extra`.
+    fn with(
+        endpoints: &[String],
+        scope: &str,
+        extra: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    ) -> Daemon {
         let dir = temp_dir("etcd-v2");
         let http_port = free_port();
-        std::fs::write(
-            dir.path().join("list.tera"),
-            "leader={{ leader_name }}\n{% for m in members %}{{ m.name }} {{ m.address }}\n{% endfor %}",
-        )
-        .unwrap();
-        let config = dir.path().join("haconfd.toml");
-        let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[etcd]
-{api}
-endpoints = [{eps}]
-scope = "{scope}"
-keepalive_interval = "2s"
-keepalive_timeout = "2s"
-request_timeout = "2s"
-connect_timeout = "1s"
-{extra}
-[daemon]
-min_interval = "20ms"
-once_timeout = "2s"
-[http]
-listen = "127.0.0.1:{http_port}"
-[[template]]
-name = "list"
-src = "list.tera"
-dest = "{dest}"
-"#,
-                eps = eps.join(", "),
-                dest = dir.path().join("out.txt").display(),
-            ),
-        )
-        .unwrap();
+        let config = write_list_config(dir.path(), endpoints, scope, http_port, extra);
         Daemon {
             dir,
             config,
@@ -78,7 +55,7 @@ dest = "{dest}"
     }
 
     fn v2(endpoints: &[String], scope: &str) -> Daemon {
-        Daemon::new(endpoints, scope, "api = \"v2\"", "")
+        Daemon::with(endpoints, scope, |b| b.api("v2"))
     }
 
     fn run(&self) -> Proc {
@@ -213,7 +190,7 @@ fn run_follows_v2_keys_puts_deletes_expiry_and_directories_and_its_latency_match
     );
     let scope3 = unique_name("v3run");
     seed(|k, v| etcd.put(k, v), &scope3, 3);
-    let d3 = Daemon::new(&[etcd.endpoint()], &scope3, "", "");
+    let d3 = Daemon::new(&[etcd.endpoint()], &scope3);
     let p3 = d3.run_ready(Duration::from_secs(10));
     let v3 = change_latencies(
         &d3,
@@ -262,7 +239,7 @@ fn the_setting_comes_from_the_file_haconfd_etcd_api_or_etcd_api_and_the_wrong_on
     assert!(d.out().contains("pg2 127.0.0.1:15442"), "{}", d.out());
 
     // Not in the file (v3 by default): the environment, and the flag above it.
-    let d = Daemon::new(&[etcd.endpoint()], &scope, "", "");
+    let d = Daemon::new(&[etcd.endpoint()], &scope);
     let out = d.oneshot(&["render"], &[("HACONFD_ETCD_API", "v2")]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("leader=pg1\n"));
@@ -558,19 +535,19 @@ fn tls_with_client_certificates() {
         ]);
     }
     ctl(&["set", &format!("/service/{scope}/leader"), "pg1"]);
-    let tls = |ca: &str, key: &str| {
-        format!(
-            "[etcd.tls]\n{ca}cert = \"{}\"\nkey = \"{key}\"\n",
-            c("client.pem"),
-        )
+    // v2 over TLS, trusting the CA or not, with a client key file.
+    let tls = |with_ca: bool, key: String| {
+        move |b: ConfigBuilder| {
+            let b = b.api("v2");
+            let b = if with_ca {
+                b.etcd_tls("ca", c("ca.pem"))
+            } else {
+                b
+            };
+            b.etcd_tls("cert", c("client.pem")).etcd_tls("key", key)
+        }
     };
-    let with_ca = format!("ca = \"{}\"\n", c("ca.pem"));
-    let d = Daemon::new(
-        &[etcd.endpoint()],
-        &scope,
-        "api = \"v2\"",
-        &tls(&with_ca, &c("client-key.pem")),
-    );
+    let d = Daemon::with(&[etcd.endpoint()], &scope, tls(true, c("client-key.pem")));
     let ok = d.oneshot(&["once"], &[]);
     assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
     assert!(d.out().contains("pg1 127.0.0.1:15441"), "{}", d.out());
@@ -589,23 +566,13 @@ fn tls_with_client_certificates() {
 
     // Without the CA the server is not trusted: exit 3, nothing written.
     let before = d.out();
-    let d2 = Daemon::new(
-        &[etcd.endpoint()],
-        &scope,
-        "api = \"v2\"",
-        &tls("", &c("client-key.pem")),
-    );
+    let d2 = Daemon::with(&[etcd.endpoint()], &scope, tls(false, c("client-key.pem")));
     let out = d2.oneshot(&["once"], &[]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("certificate"), "{}", stderr(&out));
     assert_eq!(d.out(), before);
     // A key file that holds no key is a clear error at once.
-    let d3 = Daemon::new(
-        &[etcd.endpoint()],
-        &scope,
-        "api = \"v2\"",
-        &tls(&with_ca, &c("ca.pem")),
-    );
+    let d3 = Daemon::with(&[etcd.endpoint()], &scope, tls(true, c("ca.pem")));
     let t0 = Instant::now();
     let out = d3.oneshot(&["once"], &[]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
@@ -661,12 +628,9 @@ fn basic_auth_reads_with_the_password_and_refusals_are_clear_at_once() {
         r#"{"role":"guest","revoke":{"kv":{"read":["/*"],"write":["/*"]}}}"#,
     );
 
-    let d = Daemon::new(
-        &[etcd.endpoint()],
-        &scope,
-        "api = \"v2\"",
-        "username = \"haconfd\"",
-    );
+    let d = Daemon::with(&[etcd.endpoint()], &scope, |b| {
+        b.api("v2").etcd("username", "haconfd")
+    });
     let once = |password: &str| {
         d.oneshot(
             &["--log-level", "debug", "once"],

@@ -7,10 +7,11 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::config::{ConfigBuilder, Reload, Template};
 use common::procs::{
     free_port, haconfd_bin, http_get, temp_dir, unique_name, unix_cmd, wait_until, Etcd,
     FakeMember, Haproxy, Proc, Role,
@@ -32,62 +33,56 @@ fn member_key(prefix: &str, m: &FakeMember) -> String {
 }
 
 /// Writes the config (without a reload action until HAProxy runs), renders once, starts HAProxy
-/// on the result, then `haconfd run` with `failover` settings `extra`.
-fn start(scope_prefix: &str, failover: &str) -> Lb {
-    start_with(scope_prefix, failover, "")
+/// on the result, then `haconfd run` with `[failover]` settings `failover`.
+fn start(scope_prefix: &str, failover: &[(&str, &str)]) -> Lb {
+    start_with(scope_prefix, |mut b| {
+        for (k, v) in failover {
+            b = b.failover(k, v);
+        }
+        b
+    })
 }
 
-/// [`start`] with extra `[vars]` lines.
-fn start_with(scope_prefix: &str, failover: &str, vars: &str) -> Lb {
+/// [`start`] with more settings (`[vars]`) from `extra`.
+fn start_with(scope_prefix: &str, extra: impl Fn(ConfigBuilder) -> ConfigBuilder) -> Lb {
     let dir = temp_dir("failover");
     let d = dir.path().to_path_buf();
     let config = d.join("haconfd.toml");
     let admin_sock = d.join("admin.sock");
     let http_port = free_port();
     let primary_port = free_port();
-    let write = |reload: &str| {
-        let text = format!(
-            r#"[etcd]
-endpoints = ["{endpoint}"]
-scope = "{scope}"
-[daemon]
-min_interval = "100ms"
-retry_interval = "1s"
-[failover]
-{failover}
-[http]
-listen = "127.0.0.1:{http_port}"
-[vars]
-bind_address = "127.0.0.1"
-primary_port = {p}
-replica_port = {r}
-stats_port = {s}
-stats_socket = "{admin}"
-check_inter = "60s"
-{vars}
-[[template]]
-name = "haproxy"
-src = "{root}/templates/haproxy.cfg.tera"
-dest = "{d}/haproxy.cfg"
-server_state = {{ stats_socket = "{admin}", file = "{d}/server-state" }}
-{reload}
-"#,
-            endpoint = Etcd::shared().endpoint(),
-            scope = scope_prefix
-                .trim_end_matches('/')
-                .rsplit('/')
-                .next()
-                .unwrap(),
-            p = primary_port,
-            r = free_port(),
-            s = free_port(),
-            admin = admin_sock.display(),
-            root = env!("CARGO_MANIFEST_DIR"),
-            d = d.display(),
-        );
-        std::fs::write(&config, text).unwrap();
+    let write = |reload: Option<Reload>| {
+        let b = ConfigBuilder::new()
+            .endpoint(Etcd::shared().endpoint())
+            .scope(
+                scope_prefix
+                    .trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .unwrap(),
+            )
+            .daemon("min_interval", "100ms")
+            .daemon("retry_interval", "1s")
+            .with_table("failover")
+            .http_listen(format!("127.0.0.1:{http_port}"))
+            .var("bind_address", "127.0.0.1")
+            .var("primary_port", primary_port)
+            // Fresh ports on every write, as this fixture always had: the config with the
+            // reload action also moves the replica and stats listeners.
+            .var("replica_port", free_port())
+            .var("stats_port", free_port())
+            .var("stats_socket", &admin_sock)
+            .var("check_inter", "60s");
+        let t = Template::new(
+            "haproxy",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/haproxy.cfg.tera"),
+            d.join("haproxy.cfg"),
+        )
+        .server_state(&admin_sock, d.join("server-state"))
+        .reload_if(reload);
+        extra(b).template(t).write(&config);
     };
-    write("");
+    write(None);
     let out = Command::new(haconfd_bin())
         .arg("-c")
         .arg(&config)
@@ -100,9 +95,8 @@ server_state = {{ stats_socket = "{admin}", file = "{d}/server-state" }}
         String::from_utf8_lossy(&out.stderr)
     );
     let haproxy = Haproxy::start(&d.join("haproxy.cfg"));
-    write(&format!(
-        "reload = {{ master_socket = \"{}\", timeout = \"10s\" }}",
-        haproxy.master_socket().display()
+    write(Some(
+        Reload::master_socket(haproxy.master_socket()).timeout("10s"),
     ));
     let log = d.join("haconfd.log");
     let mut cmd = Command::new(haconfd_bin());
@@ -253,7 +247,7 @@ fn two_members(tag: &str) -> (String, FakeMember, FakeMember) {
 fn a_new_leader_takes_writes_in_haproxy_only_once_it_confirms_it_takes_them() {
     let etcd = Etcd::shared();
     let (prefix, pg1, pg2) = two_members("fastpath");
-    let lb = start(&prefix, "confirm_interval = \"10ms\"");
+    let lb = start(&prefix, &[("confirm_interval", "10ms")]);
     assert_eq!(
         lb.server("primary", "pg1"),
         Some((UP, READY)),
@@ -349,7 +343,7 @@ fn a_candidate_that_never_takes_writes_is_never_forced_up() {
     let (prefix, _pg1, pg2) = two_members("neverup");
     let lb = start(
         &prefix,
-        "confirm_interval = \"20ms\"\nconfirm_timeout = \"1s\"",
+        &[("confirm_interval", "20ms"), ("confirm_timeout", "1s")],
     );
     pg2.set_role(Role::Promoting);
     etcd.put(&format!("{prefix}leader"), "pg2");
@@ -372,7 +366,7 @@ fn a_candidate_that_never_takes_writes_is_never_forced_up() {
 fn a_cancelled_switchover_undoes_the_drain() {
     let etcd = Etcd::shared();
     let (prefix, _pg1, _pg2) = two_members("cancel");
-    let lb = start(&prefix, "");
+    let lb = start(&prefix, &[]);
     etcd.put(
         &format!("{prefix}failover"),
         r#"{"leader":"pg1","member":"pg2"}"#,
@@ -395,7 +389,7 @@ fn a_cancelled_switchover_undoes_the_drain() {
 fn two_members_claiming_primary_resolve_by_the_leader_key_and_a_flapping_store_moves_once() {
     let etcd = Etcd::shared();
     let (prefix, pg1, pg2) = two_members("twoprim");
-    let lb = start(&prefix, "");
+    let lb = start(&prefix, &[]);
     // pg2 takes the leader key in one step; both member keys say primary for a while.
     pg2.set_role(Role::Primary);
     etcd.put(&member_key(&prefix, &pg2), &pg2.member_json("primary"));
@@ -430,7 +424,7 @@ fn haproxy_drifting_from_the_leader_is_reported_after_the_grace() {
     let (prefix, _pg1, _pg2) = two_members("drift");
     let lb = start(
         &prefix,
-        "drift_interval = \"100ms\"\ndrift_grace = \"500ms\"",
+        &[("drift_interval", "100ms"), ("drift_grace", "500ms")],
     );
     // An operator (or anything else) sets a replica UP in the write backend.
     lb.admin("set server primary/pg2 health up");
@@ -464,11 +458,10 @@ fn a_crash_that_drops_members_reloads_haproxy_only_after_the_new_primary_is_conf
         &pg1.member_json("master"),
         lease,
     );
-    let hold = format!(
-        "hold_lua = \"{}/templates/hold.lua\"\nhold_max_ms = 8000",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let lb = start_with(&prefix, "", &hold);
+    let hold_lua = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/hold.lua");
+    let lb = start_with(&prefix, |b| {
+        b.var("hold_lua", &hold_lua).var("hold_max_ms", 8000)
+    });
     assert!(
         lb.wait_server("primary", "pg3", (DOWN, READY), Duration::from_secs(5)),
         "{}",

@@ -8,6 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::config::{write_list_config, ConfigBuilder};
 use common::procs::{
     free_port, haconfd_bin, http_get, require_bin, temp_dir, unique_name, wait_until, Etcd,
     EtcdCluster, Proc,
@@ -28,43 +29,19 @@ struct Daemon {
 
 impl Daemon {
     /// A config rendering one line per member into `out.txt`.
-    fn new(endpoints: &[String], scope: &str, extra: &str) -> Daemon {
+    fn new(endpoints: &[String], scope: &str) -> Daemon {
+        Daemon::with(endpoints, scope, |b| b)
+    }
+
+    /// [`Daemon::new`] with more settings (credentials, `[etcd.tls]`) from `extra`.
+    fn with(
+        endpoints: &[String],
+        scope: &str,
+        extra: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    ) -> Daemon {
         let dir = temp_dir("faults");
         let http_port = free_port();
-        std::fs::write(
-            dir.path().join("list.tera"),
-            "leader={{ leader_name }}\n{% for m in members %}{{ m.name }} {{ m.address }}\n{% endfor %}",
-        )
-        .unwrap();
-        let config = dir.path().join("haconfd.toml");
-        let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[etcd]
-endpoints = [{eps}]
-scope = "{scope}"
-keepalive_interval = "2s"
-keepalive_timeout = "2s"
-request_timeout = "2s"
-connect_timeout = "1s"
-{extra}
-[daemon]
-min_interval = "20ms"
-once_timeout = "2s"
-[http]
-listen = "127.0.0.1:{http_port}"
-[[template]]
-name = "list"
-src = "list.tera"
-dest = "{dest}"
-"#,
-                eps = eps.join(", "),
-                dest = dir.path().join("out.txt").display(),
-            ),
-        )
-        .unwrap();
+        let config = write_list_config(dir.path(), endpoints, scope, http_port, extra);
         Daemon {
             dir,
             config,
@@ -116,7 +93,7 @@ fn sixty_second_outage_keeps_files_and_catches_up_with_writes_made_meanwhile() {
     let scope = unique_name("outage60");
     seed(|k, v| cluster.put(k, v), &scope, 3);
     // haconfd talks to member 0 only; a second client keeps writing through member 1.
-    let d = Daemon::new(&[cluster.member(0).endpoint()], &scope, "");
+    let d = Daemon::new(&[cluster.member(0).endpoint()], &scope);
     let p = d.run_ready(Duration::from_secs(10));
     let before = d.out();
 
@@ -162,7 +139,7 @@ fn hung_etcd_is_detected_by_keepalive_and_treated_as_an_outage() {
     let etcd = Etcd::start();
     let scope = unique_name("hung");
     seed(|k, v| etcd.put(k, v), &scope, 2);
-    let d = Daemon::new(&[etcd.endpoint()], &scope, "");
+    let d = Daemon::new(&[etcd.endpoint()], &scope);
     let p = d.run_ready(Duration::from_secs(10));
     let before = d.out();
 
@@ -190,7 +167,7 @@ fn one_dead_endpoint_of_three_fails_no_pass() {
     let scope = unique_name("deadep");
     seed(|k, v| cluster.put(k, v), &scope, 3);
     cluster.member(2).stop();
-    let d = Daemon::new(&cluster.endpoints(), &scope, "");
+    let d = Daemon::new(&cluster.endpoints(), &scope);
     let p = d.run_ready(Duration::from_secs(15));
     for i in 0..20u16 {
         let port = 16000 + i;
@@ -213,7 +190,7 @@ fn compaction_past_the_watch_revision_relists_without_losing_state() {
     let cluster = EtcdCluster::start(3);
     let scope = unique_name("compact");
     seed(|k, v| cluster.put(k, v), &scope, 3);
-    let d = Daemon::new(&[cluster.member(0).endpoint()], &scope, "");
+    let d = Daemon::new(&[cluster.member(0).endpoint()], &scope);
     let p = d.run_ready(Duration::from_secs(10));
 
     cluster.member(0).stop();
@@ -242,7 +219,7 @@ fn run_waits_for_etcd_at_start_and_once_fails_within_its_timeout() {
     let port = free_port();
     let endpoint = format!("http://127.0.0.1:{port}");
     let scope = unique_name("late");
-    let d = Daemon::new(std::slice::from_ref(&endpoint), &scope, "");
+    let d = Daemon::new(std::slice::from_ref(&endpoint), &scope);
 
     let t0 = Instant::now();
     let out = std::process::Command::new(haconfd_bin())
@@ -309,12 +286,6 @@ fn tls_with_client_certificates_and_user_password_auth() {
     let c = |n: &str| certs.path().join(n).display().to_string();
     let etcd = Etcd::start_tls(&c("server.pem"), &c("server-key.pem"), &c("ca.pem"));
     let scope = unique_name("tls");
-    let tls = format!(
-        "[etcd.tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        c("ca.pem"),
-        c("client.pem"),
-        c("client-key.pem")
-    );
     // Enable auth through etcdctl over TLS, then seed as root.
     let ctl = |args: &[&str]| {
         let out = std::process::Command::new("etcdctl")
@@ -351,11 +322,12 @@ fn tls_with_client_certificates_and_user_password_auth() {
     }
 
     let endpoint = etcd.endpoint();
-    let d = Daemon::new(
-        std::slice::from_ref(&endpoint),
-        &scope,
-        &format!("username = \"haconfd\"\n{tls}"),
-    );
+    let d = Daemon::with(std::slice::from_ref(&endpoint), &scope, |b| {
+        b.etcd("username", "haconfd")
+            .etcd_tls("ca", c("ca.pem"))
+            .etcd_tls("cert", c("client.pem"))
+            .etcd_tls("key", c("client-key.pem"))
+    });
     let once = |password: &str| {
         std::process::Command::new(haconfd_bin())
             .arg("-c")

@@ -11,6 +11,7 @@ use haconfd::config::{RawConfig, Settings};
 use haconfd::pipeline::Engine;
 use haconfd::snapshot::Snapshot;
 
+use common::config::golden_config;
 use common::procs::Haproxy;
 
 fn root() -> PathBuf {
@@ -18,23 +19,15 @@ fn root() -> PathBuf {
 }
 
 fn settings() -> Settings {
-    let text = r#"
-[etcd]
-scope = "demo"
-[vars]
-stats_socket = "/run/haproxy/admin.sock"
-[[template]]
-name = "haproxy"
-src = "templates/haproxy.cfg.tera"
-dest = "/etc/haproxy/haproxy.cfg"
-server_state = { stats_socket = "/run/haproxy/admin.sock", file = "/var/lib/haproxy/server-state" }
-[[template]]
-name = "pgbouncer"
-src = "templates/pgbouncer.ini.tera"
-dest = "/etc/pgbouncer/pgbouncer.ini"
-require_leader = true
-"#;
-    RawConfig::parse(text, Path::new("golden.toml"))
+    let text = golden_config(
+        Path::new("templates"),
+        Path::new("/run/haproxy/admin.sock"),
+        Path::new("/var/lib/haproxy/server-state"),
+        Path::new("/etc/haproxy/haproxy.cfg"),
+        Path::new("/etc/pgbouncer/pgbouncer.ini"),
+    )
+    .to_toml();
+    RawConfig::parse(&text, Path::new("golden.toml"))
         .unwrap()
         .resolve(&root())
         .unwrap()

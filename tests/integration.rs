@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime};
 
+use common::config::{golden_config, ConfigBuilder, Reload, Template};
 use common::procs::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -28,27 +29,6 @@ fn template_path(name: &str) -> String {
         .join(name)
         .display()
         .to_string()
-}
-
-/// A TOML basic string literal for `s`.
-fn q(s: impl AsRef<str>) -> String {
-    toml_str(s.as_ref())
-}
-
-fn toml_str(s: &str) -> String {
-    serde_json::to_string(s).unwrap()
-}
-
-/// A TOML array of strings.
-fn toml_array(items: &[&str]) -> String {
-    format!(
-        "[{}]",
-        items
-            .iter()
-            .map(|s| toml_str(s))
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
 }
 
 fn read(path: &Path) -> String {
@@ -200,87 +180,80 @@ impl World {
         self.pgb_dir().join("pgbouncer.log")
     }
 
-    /// The `[[template]]` block for haproxy.cfg; `check` and `reload` are TOML values ("" for
-    /// no reload).
-    fn haproxy_block(&self, check: &str, reload: &str) -> String {
-        let reload = if reload.is_empty() {
-            String::new()
-        } else {
-            format!("reload = {reload}\n")
-        };
-        format!(
-            "[[template]]\nname = \"haproxy\"\nsrc = {}\ndest = {}\ncheck = {check}\n{reload}\
-             server_state = {{ stats_socket = {}, file = {} }}\n",
-            q(template_path("haproxy.cfg.tera")),
-            q(self.haproxy_cfg().display().to_string()),
-            q(self.admin_sock().display().to_string()),
-            q(self.server_state().display().to_string()),
+    /// The haproxy.cfg target with `check` (an argv) and `reload` (none: no reload).
+    fn haproxy_block<S: AsRef<str>>(&self, check: &[S], reload: Option<Reload>) -> Template {
+        Template::new(
+            "haproxy",
+            template_path("haproxy.cfg.tera"),
+            self.haproxy_cfg(),
         )
+        .check(check)
+        .reload_if(reload)
+        .server_state(self.admin_sock(), self.server_state())
     }
 
     /// The real check: `haproxy -c -f {{staged}}`.
-    fn haproxy_check() -> String {
-        toml_array(&["haproxy", "-c", "-f", "{{staged}}"])
+    fn haproxy_check() -> [&'static str; 4] {
+        ["haproxy", "-c", "-f", "{{staged}}"]
     }
 
     /// Reload of the harness' HAProxy master: SIGUSR2 to the verified pidfile PID, outcome
     /// verified on the master socket.
-    fn haproxy_reload(h: &Haproxy) -> String {
-        format!(
-            "{{ pidfile = {}, signal = \"SIGUSR2\", process = \"haproxy\", master_socket = {} }}",
-            q(h.pidfile().display().to_string()),
-            q(h.master_socket().display().to_string())
-        )
+    fn haproxy_reload(h: &Haproxy) -> Reload {
+        Reload::signal(h.pidfile(), "SIGUSR2", "haproxy").verify_on(h.master_socket())
     }
 
-    fn pgbouncer_block(&self, reload: &str) -> String {
-        let reload = if reload.is_empty() {
-            String::new()
-        } else {
-            format!("reload = {reload}\n")
-        };
+    fn pgbouncer_block(&self, reload: Option<Reload>) -> Template {
+        let t = Template::new(
+            "pgbouncer",
+            template_path("pgbouncer.ini.tera"),
+            self.pgbouncer_ini(),
+        )
+        .require_leader(true)
+        .reload_if(reload);
         let d = self.pgb_dir();
-        format!(
-            "[[template]]\nname = \"pgbouncer\"\nsrc = {}\ndest = {}\nrequire_leader = true\n{reload}\
-             [template.vars]\nlisten_addr = \"127.0.0.1\"\nlisten_port = {}\nunix_socket_dir = {}\n\
-             auth_type = \"trust\"\nauth_file = {}\nadmin_users = \"pgbouncer\"\npidfile = {}\n\
-             logfile = {}\n",
-            q(template_path("pgbouncer.ini.tera")),
-            q(self.pgbouncer_ini().display().to_string()),
-            self.pgb_port,
-            q(d.display().to_string()),
-            q(d.join("userlist.txt").display().to_string()),
-            q(d.join("pgbouncer.pid").display().to_string()),
-            q(self.pgbouncer_log().display().to_string()),
-        )
+        t.var("listen_addr", "127.0.0.1")
+            .var("listen_port", self.pgb_port)
+            .var("unix_socket_dir", &d)
+            .var("auth_type", "trust")
+            .var("auth_file", d.join("userlist.txt"))
+            .var("admin_users", "pgbouncer")
+            .var("pidfile", d.join("pgbouncer.pid"))
+            .var("logfile", self.pgbouncer_log())
     }
 
-    fn pgbouncer_reload(&self) -> String {
-        format!(
-            "{{ pidfile = {}, signal = \"SIGHUP\", process = \"pgbouncer\" }}",
-            q(self.pgb_dir().join("pgbouncer.pid").display().to_string())
-        )
+    fn pgbouncer_reload(&self) -> Reload {
+        Reload::signal(self.pgb_dir().join("pgbouncer.pid"), "SIGHUP", "pgbouncer")
     }
 
-    /// Writes `haconfd.toml` with this world's etcd, scope and HAProxy vars, `daemon` lines and
-    /// the given template blocks; returns its path.
-    fn write_config(&self, daemon: &str, blocks: &[String]) -> PathBuf {
-        let text = format!(
-            "[etcd]\nendpoints = [{}]\nscope = {}\n\n[daemon]\n{daemon}\n\n[vars]\n\
-             bind_address = \"127.0.0.1\"\nprimary_port = {}\nreplica_port = {}\nstats_port = {}\n\
-             stats_socket = {}\ncheck_inter = \"300ms\"\ncheck_rise = 1\ncheck_fall = 1\n\
-             hard_stop_after = \"5s\"\n\n{}",
-            q(&self.endpoint),
-            q(&self.scope),
-            self.primary_port,
-            self.replica_port,
-            self.stats_port,
-            q(self.admin_sock().display().to_string()),
-            blocks.join("\n"),
-        );
-        let path = self.path("haconfd.toml");
-        write(&path, &text);
-        path
+    /// This world's etcd and scope.
+    fn config(&self) -> ConfigBuilder {
+        ConfigBuilder::new()
+            .endpoint(&self.endpoint)
+            .scope(&self.scope)
+    }
+
+    /// Writes `haconfd.toml` with this world's etcd, scope and HAProxy vars, `daemon` settings
+    /// and the given targets; returns its path.
+    fn write_config(&self, daemon: &[(&str, &str)], blocks: &[Template]) -> PathBuf {
+        let mut b = self.config().with_table("daemon");
+        for (k, v) in daemon {
+            b = b.daemon(k, v);
+        }
+        b = b
+            .var("bind_address", "127.0.0.1")
+            .var("primary_port", self.primary_port)
+            .var("replica_port", self.replica_port)
+            .var("stats_port", self.stats_port)
+            .var("stats_socket", self.admin_sock())
+            .var("check_inter", "300ms")
+            .var("check_rise", 1)
+            .var("check_fall", 1)
+            .var("hard_stop_after", "5s");
+        for t in blocks {
+            b = b.template(t.clone());
+        }
+        b.write(self.path("haconfd.toml"))
     }
 
     /// `haconfd -c <cfg> <args>`, bounded to 30 s.
@@ -437,12 +410,12 @@ fn adding_a_member_lists_it_reloads_haproxy_once_and_routes_to_it() {
     w.put_member(&a.name, &a.member_json("master"));
     w.put_leader(&a.name);
 
-    let daemon_cfg = "min_interval = \"300ms\"\nretry_interval = \"1s\"";
-    let blocks = [w.haproxy_block(&World::haproxy_check(), "")];
+    let daemon_cfg: &[(&str, &str)] = &[("min_interval", "300ms"), ("retry_interval", "1s")];
+    let blocks = [w.haproxy_block(&World::haproxy_check(), None)];
     let cfg = w.write_config(daemon_cfg, &blocks);
     w.once_ok(&cfg, &["--no-reload"]);
     let h = start_haproxy(&w);
-    let blocks = [w.haproxy_block(&World::haproxy_check(), &World::haproxy_reload(&h))];
+    let blocks = [w.haproxy_block(&World::haproxy_check(), Some(World::haproxy_reload(&h)))];
     let cfg = w.write_config(daemon_cfg, &blocks);
     let d = Daemon::start(&cfg);
 
@@ -540,8 +513,8 @@ fn leader_change_repoints_pgbouncer_and_reloads_it() {
     w.put_member(&b.name, &b.member_json("replica"));
     w.put_leader(&a.name);
 
-    let daemon_cfg = "min_interval = \"300ms\"\nretry_interval = \"1s\"";
-    let cfg = w.write_config(daemon_cfg, &[w.pgbouncer_block("")]);
+    let daemon_cfg: &[(&str, &str)] = &[("min_interval", "300ms"), ("retry_interval", "1s")];
+    let cfg = w.write_config(daemon_cfg, &[w.pgbouncer_block(None)]);
     w.once_ok(&cfg, &["--no-reload"]);
     let ini = read(&w.pgbouncer_ini());
     assert!(
@@ -549,7 +522,7 @@ fn leader_change_repoints_pgbouncer_and_reloads_it() {
         "{ini}"
     );
     let p = Pgbouncer::start(&w.pgbouncer_ini());
-    let cfg = w.write_config(daemon_cfg, &[w.pgbouncer_block(&w.pgbouncer_reload())]);
+    let cfg = w.write_config(daemon_cfg, &[w.pgbouncer_block(Some(w.pgbouncer_reload()))]);
     let d = Daemon::start(&cfg);
 
     // Before: a new database goes to the leader.
@@ -619,12 +592,12 @@ fn heartbeat_rewrites_of_member_keys_write_nothing_and_reload_nothing() {
     }
     w.put_leader(&members[0].name);
 
-    let daemon_cfg = "min_interval = \"100ms\"\nretry_interval = \"1s\"";
+    let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "1s")];
     let cfg = w.write_config(
         daemon_cfg,
         &[
-            w.haproxy_block(&World::haproxy_check(), ""),
-            w.pgbouncer_block(""),
+            w.haproxy_block(&World::haproxy_check(), None),
+            w.pgbouncer_block(None),
         ],
     );
     w.once_ok(&cfg, &["--no-reload"]);
@@ -633,8 +606,8 @@ fn heartbeat_rewrites_of_member_keys_write_nothing_and_reload_nothing() {
     let cfg = w.write_config(
         daemon_cfg,
         &[
-            w.haproxy_block(&World::haproxy_check(), &World::haproxy_reload(&h)),
-            w.pgbouncer_block(&w.pgbouncer_reload()),
+            w.haproxy_block(&World::haproxy_check(), Some(World::haproxy_reload(&h))),
+            w.pgbouncer_block(Some(w.pgbouncer_reload())),
         ],
     );
     let d = Daemon::start(&cfg);
@@ -704,14 +677,14 @@ fn failing_check_keeps_the_old_file_sends_no_signal_and_logs_its_stderr() {
     let script = "if grep -q 'server doomed ' \"$1\"; then \
                   printf 'boom: refusing member doomed\\n  second line, verbatim\\n' >&2; exit 1; fi; \
                   exec haproxy -c -f \"$1\"";
-    let check = toml_array(&["sh", "-c", script, "check", "{{staged}}"]);
-    let daemon_cfg = "min_interval = \"100ms\"\nretry_interval = \"500ms\"";
-    let cfg = w.write_config(daemon_cfg, &[w.haproxy_block(&check, "")]);
+    let check = ["sh", "-c", script, "check", "{{staged}}"];
+    let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "500ms")];
+    let cfg = w.write_config(daemon_cfg, &[w.haproxy_block(&check, None)]);
     w.once_ok(&cfg, &["--no-reload"]);
     let h = start_haproxy(&w);
     let cfg = w.write_config(
         daemon_cfg,
-        &[w.haproxy_block(&check, &World::haproxy_reload(&h))],
+        &[w.haproxy_block(&check, Some(World::haproxy_reload(&h)))],
     );
     let d = Daemon::start(&cfg);
 
@@ -777,13 +750,10 @@ fn pidfile_of_another_process_is_refused_in_once_and_run() {
     let pidfile = w.path("haproxy.pid");
     write(&pidfile, &format!("{spid}\n"));
     // SIGUSR2's default action kills `sleep`: a wrongly sent signal would show.
-    let reload = format!(
-        "{{ pidfile = {}, signal = \"SIGUSR2\", process = \"haproxy\" }}",
-        q(pidfile.display().to_string())
-    );
+    let reload = Reload::signal(&pidfile, "SIGUSR2", "haproxy");
     let cfg = w.write_config(
-        "min_interval = \"100ms\"\nretry_interval = \"300ms\"",
-        &[w.haproxy_block(&World::haproxy_check(), &reload)],
+        &[("min_interval", "100ms"), ("retry_interval", "300ms")],
+        &[w.haproxy_block(&World::haproxy_check(), Some(reload))],
     );
 
     // once: the file is written, the reload refused, exit 8.
@@ -832,21 +802,21 @@ fn refused_reload_is_retried_once_the_pidfile_is_fixed() {
     w.put_member(&a.name, &a.member_json("master"));
     w.put_leader(&a.name);
 
-    let daemon_cfg = "min_interval = \"100ms\"\nretry_interval = \"300ms\"";
-    let cfg = w.write_config(daemon_cfg, &[w.haproxy_block(&World::haproxy_check(), "")]);
+    let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "300ms")];
+    let cfg = w.write_config(
+        daemon_cfg,
+        &[w.haproxy_block(&World::haproxy_check(), None)],
+    );
     w.once_ok(&cfg, &["--no-reload"]);
     let h = start_haproxy(&w);
     let sleeper = Proc::spawn("sleep", command("sleep", &["300"]));
     let pidfile = w.path("haproxy.pid");
     write(&pidfile, &format!("{}\n", sleeper.pid()));
     // Signal only (no master socket), to keep this about the retry.
-    let reload = format!(
-        "{{ pidfile = {}, signal = \"SIGUSR2\", process = \"haproxy\" }}",
-        q(pidfile.display().to_string())
-    );
+    let reload = Reload::signal(&pidfile, "SIGUSR2", "haproxy");
     let cfg = w.write_config(
         daemon_cfg,
-        &[w.haproxy_block(&World::haproxy_check(), &reload)],
+        &[w.haproxy_block(&World::haproxy_check(), Some(reload))],
     );
     let d = Daemon::start(&cfg);
     let before = h.reload_count();
@@ -890,10 +860,10 @@ fn once_exit_codes_applied_up_to_date_unreachable_guard_no_leader_bad_config() {
     w.put_member(&b.name, &b.member_json("replica"));
     w.put_leader(&a.name);
     let blocks = [
-        w.haproxy_block(&World::haproxy_check(), ""),
-        w.pgbouncer_block(""),
+        w.haproxy_block(&World::haproxy_check(), None),
+        w.pgbouncer_block(None),
     ];
-    let cfg = w.write_config("once_timeout = \"1s\"", &blocks);
+    let cfg = w.write_config(&[("once_timeout", "1s")], &blocks);
 
     // 0: applied.
     let out = w.once_ok(&cfg, &[]);
@@ -958,8 +928,8 @@ fn once_exit_codes_applied_up_to_date_unreachable_guard_no_leader_bad_config() {
     let closed = free_port();
     let w3 = World::with_endpoint("once3", format!("http://127.0.0.1:{closed}"));
     let cfg3 = w3.write_config(
-        "once_timeout = \"1s\"",
-        &[w3.haproxy_block(&World::haproxy_check(), "")],
+        &[("once_timeout", "1s")],
+        &[w3.haproxy_block(&World::haproxy_check(), None)],
     );
     let started = Instant::now();
     let out = w3.haconfd(&cfg3, &["once"]);
@@ -977,15 +947,10 @@ fn once_exit_codes_applied_up_to_date_unreachable_guard_no_leader_bad_config() {
     assert!(!w3.haproxy_cfg().exists());
 
     // 2: a bad config (unknown key) names the file and the line.
-    let bad = w.path("bad.toml");
-    write(
-        &bad,
-        &format!(
-            "[etcd]\nendpoints = [{}]\nscope = {}\n\n[daemon]\nmin_intervall = \"1s\"\n",
-            q(&w.endpoint),
-            q(&w.scope)
-        ),
-    );
+    let bad = w
+        .config()
+        .daemon("min_intervall", "1s")
+        .write(w.path("bad.toml"));
     let out = haconfd_cmd(&bad, &["once"]);
     let err = stderr_of(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
@@ -1006,21 +971,14 @@ fn render_snapshot_prints_to_stdout_writes_nothing_and_reports_errors() {
     // The golden tests' settings, with this test's paths for the socket and state file.
     let admin = w.path("run/admin.sock");
     let state = w.path("lib/server-state");
-    let text = format!(
-        "[etcd]\nscope = \"demo\"\n[vars]\nstats_socket = {}\n\
-         [[template]]\nname = \"haproxy\"\nsrc = {}\ndest = {}\n\
-         server_state = {{ stats_socket = {}, file = {} }}\n\
-         [[template]]\nname = \"pgbouncer\"\nsrc = {}\ndest = {}\nrequire_leader = true\n",
-        q(admin.display().to_string()),
-        q(template_path("haproxy.cfg.tera")),
-        q(w.haproxy_cfg().display().to_string()),
-        q(admin.display().to_string()),
-        q(state.display().to_string()),
-        q(template_path("pgbouncer.ini.tera")),
-        q(w.pgbouncer_ini().display().to_string()),
-    );
-    let cfg = w.path("haconfd.toml");
-    write(&cfg, &text);
+    let cfg = golden_config(
+        &manifest_dir().join("templates"),
+        &admin,
+        &state,
+        &w.haproxy_cfg(),
+        &w.pgbouncer_ini(),
+    )
+    .write(w.path("haconfd.toml"));
     let golden = |name: &str| {
         read(&manifest_dir().join("tests/golden").join(name))
             .replace("/run/haproxy/admin.sock", &admin.display().to_string())
@@ -1161,13 +1119,16 @@ fn burst_of_30_changes_gives_at_most_3_reloads_and_the_final_state() {
     w.put_member(&a.name, &a.member_json("master"));
     w.put_leader(&a.name);
 
-    let daemon_cfg = "min_interval = \"500ms\"\nretry_interval = \"1s\"";
-    let cfg = w.write_config(daemon_cfg, &[w.haproxy_block(&World::haproxy_check(), "")]);
+    let daemon_cfg: &[(&str, &str)] = &[("min_interval", "500ms"), ("retry_interval", "1s")];
+    let cfg = w.write_config(
+        daemon_cfg,
+        &[w.haproxy_block(&World::haproxy_check(), None)],
+    );
     w.once_ok(&cfg, &["--no-reload"]);
     let h = start_haproxy(&w);
     let cfg = w.write_config(
         daemon_cfg,
-        &[w.haproxy_block(&World::haproxy_check(), &World::haproxy_reload(&h))],
+        &[w.haproxy_block(&World::haproxy_check(), Some(World::haproxy_reload(&h)))],
     );
     let d = Daemon::start(&cfg);
     let before = h.reload_count();

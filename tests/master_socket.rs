@@ -7,6 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::config::{ConfigBuilder, Reload, Template};
 use common::procs::{
     free_port, haconfd_bin, tcp_banner, temp_dir, unique_name, wait_until, Etcd, FakeMember,
     Haproxy, Role,
@@ -19,36 +20,29 @@ struct Stack {
     haproxy: Option<Haproxy>,
 }
 
-fn stack(etcd: &Etcd, scope: &str, reload: &str) -> Stack {
+/// `reload` gets the temp dir's path (haconfd is pointed at the harness' HAProxy later).
+fn stack(etcd: &Etcd, scope: &str, reload: impl FnOnce(&Path) -> Reload) -> Stack {
     let dir = temp_dir("msock");
+    let d = dir.path();
     let primary_port = free_port();
-    let config = dir.path().join("haconfd.toml");
-    let text = format!(
-        r#"
-[etcd]
-endpoints = ["{endpoint}"]
-scope = "{scope}"
-[vars]
-bind_address = "127.0.0.1"
-primary_port = {primary_port}
-replica_port = {replica_port}
-stats_port = {stats_port}
-stats_socket = "{d}/admin.sock"
-maxconn = 1000
-[[template]]
-name = "haproxy"
-src = "{root}/templates/haproxy.cfg.tera"
-dest = "{d}/haproxy.cfg"
-reload = {reload}
-"#,
-        endpoint = etcd.endpoint(),
-        replica_port = free_port(),
-        stats_port = free_port(),
-        d = dir.path().display(),
-        root = env!("CARGO_MANIFEST_DIR"),
-        reload = reload.replace("DIR", &dir.path().display().to_string()),
-    );
-    std::fs::write(&config, text).unwrap();
+    let config = ConfigBuilder::new()
+        .endpoint(etcd.endpoint())
+        .scope(scope)
+        .var("bind_address", "127.0.0.1")
+        .var("primary_port", primary_port)
+        .var("replica_port", free_port())
+        .var("stats_port", free_port())
+        .var("stats_socket", d.join("admin.sock"))
+        .var("maxconn", 1000)
+        .template(
+            Template::new(
+                "haproxy",
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/haproxy.cfg.tera"),
+                d.join("haproxy.cfg"),
+            )
+            .reload(reload(d)),
+        )
+        .write_in(d);
     Stack {
         dir,
         config,
@@ -77,7 +71,7 @@ fn set_maxconn(config: &Path, value: &str) {
     .unwrap();
 }
 
-fn failed_reload_is_reported_and_the_good_file_restored(reload: &str) {
+fn failed_reload_is_reported_and_the_good_file_restored(reload: impl FnOnce(&Path) -> Reload) {
     let etcd = Etcd::shared();
     let scope = unique_name("msock");
     let pg1 = FakeMember::start("pg1", Role::Primary);
@@ -167,14 +161,16 @@ fn failed_reload_is_reported_and_the_good_file_restored(reload: &str) {
 
 #[test]
 fn master_socket_reload_detects_a_refused_config_and_restores_the_last_good_file() {
-    failed_reload_is_reported_and_the_good_file_restored(
-        r#"{ master_socket = "DIR/master.sock", timeout = "10s" }"#,
-    );
+    failed_reload_is_reported_and_the_good_file_restored(|d| {
+        Reload::master_socket(d.join("master.sock")).timeout("10s")
+    });
 }
 
 #[test]
 fn signal_reload_verified_through_the_master_socket_detects_a_refused_config() {
-    failed_reload_is_reported_and_the_good_file_restored(
-        r#"{ pidfile = "DIR/haproxy.pid", signal = "SIGUSR2", process = "haproxy", master_socket = "DIR/master.sock", timeout = "10s" }"#,
-    );
+    failed_reload_is_reported_and_the_good_file_restored(|d| {
+        Reload::signal(d.join("haproxy.pid"), "SIGUSR2", "haproxy")
+            .verify_on(d.join("master.sock"))
+            .timeout("10s")
+    });
 }

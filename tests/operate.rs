@@ -8,6 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::config::{ConfigBuilder, Template};
 use common::procs::{
     free_port, haconfd_bin, http_get, temp_dir, unique_name, wait_until, Etcd, Proc,
 };
@@ -38,7 +39,12 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(etcd: &Etcd, scope: &str, extra: &str) -> Setup {
+    fn new(etcd: &Etcd, scope: &str) -> Setup {
+        Setup::with(etcd, scope, |t| t)
+    }
+
+    /// [`Setup::new`] with more settings of the `list` template from `template`.
+    fn with(etcd: &Etcd, scope: &str, template: impl FnOnce(Template) -> Template) -> Setup {
         let dir = temp_dir("operate");
         let http_port = free_port();
         let tpl = dir.path().join("tpl");
@@ -48,30 +54,21 @@ impl Setup {
             "{% for m in members %}{{ m.name }} {{ m.address }}{% if m.is_leader %} leader{% endif %}\n{% endfor %}",
         )
         .unwrap();
-        let config = dir.path().join("haconfd.toml");
-        let text = format!(
-            r#"
-[etcd]
-endpoints = ["{endpoint}"]
-scope = "{scope}"
-keepalive_interval = "1s"
-keepalive_timeout = "1s"
-[daemon]
-min_interval = "50ms"
-max_backoff = "1s"
-retry_interval = "1s"
-[http]
-listen = "127.0.0.1:{http_port}"
-{extra}
-[[template]]
-name = "list"
-src = "tpl/list.tera"
-dest = "{dest}"
-"#,
-            endpoint = etcd.endpoint(),
-            dest = dir.path().join("out.txt").display(),
-        );
-        std::fs::write(&config, text).unwrap();
+        let config = ConfigBuilder::new()
+            .endpoint(etcd.endpoint())
+            .scope(scope)
+            .etcd("keepalive_interval", "1s")
+            .etcd("keepalive_timeout", "1s")
+            .daemon("min_interval", "50ms")
+            .daemon("max_backoff", "1s")
+            .daemon("retry_interval", "1s")
+            .http_listen(format!("127.0.0.1:{http_port}"))
+            .template(template(Template::new(
+                "list",
+                "tpl/list.tera",
+                dir.path().join("out.txt"),
+            )))
+            .write_in(dir.path());
         Setup {
             dir,
             config,
@@ -113,7 +110,7 @@ fn http_endpoints_report_health_readiness_metrics_and_status() {
     let etcd = Etcd::shared();
     let scope = unique_name("http");
     seed(etcd, &scope);
-    let s = Setup::new(etcd, &scope, "");
+    let s = Setup::new(etcd, &scope);
     let p = s.start();
     assert!(
         wait_until(Duration::from_secs(10), || s.get("/readyz").0 == 200),
@@ -159,7 +156,7 @@ fn etcd_outage_marks_not_ready_keeps_files_and_catches_up() {
     let etcd = Etcd::start();
     let scope = unique_name("outage");
     seed(&etcd, &scope);
-    let s = Setup::new(&etcd, &scope, "");
+    let s = Setup::new(&etcd, &scope);
     let p = s.start();
     assert!(
         wait_until(Duration::from_secs(10), || s.get("/readyz").0 == 200),
@@ -209,7 +206,7 @@ fn sighup_applies_a_good_config_and_refuses_a_bad_one() {
     let etcd = Etcd::shared();
     let scope = unique_name("hup");
     seed(etcd, &scope);
-    let s = Setup::new(etcd, &scope, "");
+    let s = Setup::new(etcd, &scope);
     let p = s.start();
     let good = std::fs::read_to_string(&s.config).unwrap();
 
@@ -253,7 +250,7 @@ fn template_replaced_by_rename_is_picked_up_and_a_broken_one_refused() {
     let etcd = Etcd::shared();
     let scope = unique_name("notify");
     seed(etcd, &scope);
-    let s = Setup::new(etcd, &scope, "");
+    let s = Setup::new(etcd, &scope);
     let p = s.start();
 
     // As an editor or a ConfigMap does: write aside, rename over.
@@ -290,7 +287,7 @@ fn sigterm_stops_gracefully_and_a_second_signal_exits_at_once() {
     let etcd = Etcd::shared();
     let scope = unique_name("term");
     seed(etcd, &scope);
-    let s = Setup::new(etcd, &scope, "");
+    let s = Setup::new(etcd, &scope);
     let p = s.start();
     p.signal(Signal::SIGTERM).unwrap();
     let status = p
@@ -300,13 +297,10 @@ fn sigterm_stops_gracefully_and_a_second_signal_exits_at_once() {
     assert!(p.log().contains("stopped"), "{}", p.log());
 
     // With a check that hangs, the first SIGTERM waits for the pass; the second exits at once.
-    let s2 = Setup::new(etcd, &scope, "");
-    let text = std::fs::read_to_string(&s2.config).unwrap().replace(
-        "dest =",
-        "check = [\"sh\", \"-c\", \"exec sleep 30\", \"check\", \"{{staged}}\"]\n\
-         check_timeout = \"60s\"\ndest =",
-    );
-    std::fs::write(&s2.config, text).unwrap();
+    let s2 = Setup::with(etcd, &scope, |t| {
+        t.check(["sh", "-c", "exec sleep 30", "check", "{{staged}}"])
+            .set("check_timeout", "60s")
+    });
     let mut cmd = std::process::Command::new(haconfd_bin());
     cmd.arg("-c").arg(&s2.config).arg("run");
     let p2 = Proc::spawn_logged("haconfd", cmd, &s2.dir.path().join("haconfd.log"));

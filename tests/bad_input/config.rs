@@ -135,31 +135,29 @@ fn one_destination_spelled_two_ways_exits_2_naming_both_templates() {
 
 #[test]
 fn root_namespace_finds_the_keys_patroni_writes_under_slash_scope() {
-    let ws = Ws::new("cfgrootns");
+    let mut ws = Ws::new("cfgrootns");
     // Patroni with namespace "/" or "" collapses the slashes and writes /<scope>/...
-    let root = |rel: &str| format!("/{}/{rel}", ws.scope);
+    let scope = ws.scope.clone();
+    let root = |rel: &str| format!("/{scope}/{rel}");
     Etcd::shared().put(&root("members/pg9"), &member(5449, "master").to_string());
     Etcd::shared().put(&root("leader"), "pg9");
     let renders_pg9 = |run: Run, how: &str| {
         run.expect(0, &[]);
         assert!(
             run.stdout.contains("host=127.0.0.1 port=5449"),
-            "{how} did not find /{}/leader:\n{}\n{}",
-            ws.scope,
+            "{how} did not find /{scope}/leader:\n{}\n{}",
             run.stdout,
             run.stderr
         );
     };
     for ns in ["/", ""] {
-        write_edited(&ws, |t| {
-            t.replacen("scope = ", &format!("namespace = {}\nscope = ", q(ns)), 1)
-        });
+        ws.reconfigure(|c| c.namespace = Some(ns.into()));
         renders_pg9(
             ws.run(&["render", "--template", "pgbouncer"]),
             &format!("namespace = {ns:?}"),
         );
     }
-    ws.write_config();
+    ws.reconfigure(|c| c.namespace = None);
     renders_pg9(
         ws.run(&["--namespace", "/", "render", "--template", "pgbouncer"]),
         "--namespace /",

@@ -247,23 +247,14 @@ fn auth_ws(tag: &str, user: Option<&str>, extra: &str) -> (Ws, String) {
     std::fs::remove_file(&ws.pgb).unwrap();
     let a = AuthEtcd::get();
     let scope = a.scope(tag);
-    let user_line = user
-        .map(|u| format!("username = {}\n", q(u)))
-        .unwrap_or_default();
     ws.reconfigure(|c| {
         c.endpoint = a.etcd.endpoint();
         c.scope = scope.clone();
+        c.username = user.map(String::from);
         c.hap_reload = NOOP_RELOAD.into();
         c.pgb_reload = NOOP_RELOAD.into();
         c.daemon_extra = extra.into();
     });
-    // `username` belongs in [etcd], right after `scope`.
-    let text = read(&ws.cfg_path).replacen(
-        &format!("scope = {}\n", q(&scope)),
-        &format!("scope = {}\n{user_line}", q(&scope)),
-        1,
-    );
-    std::fs::write(&ws.cfg_path, text).unwrap();
     (ws, scope)
 }
 

@@ -29,6 +29,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::config::{toml_str as q, ConfigBuilder, Raw, Reload, Template};
 use common::procs::*;
 use haconfd::pipeline::{Engine, PassError};
 
@@ -42,25 +43,9 @@ fn shipped(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A TOML basic string for `s` (JSON string syntax is valid TOML here).
-fn q(s: impl AsRef<std::ffi::OsStr>) -> String {
-    serde_json::to_string(&s.as_ref().to_string_lossy()).unwrap()
-}
-
-/// A TOML array of strings.
-fn arr<S: AsRef<str>>(items: &[S]) -> String {
-    let parts: Vec<String> = items.iter().map(|s| q(s.as_ref())).collect();
-    format!("[{}]", parts.join(", "))
-}
-
 /// `reload = { pidfile, signal, process }` as an inline table.
 fn signal_reload(pidfile: &Path, signal: &str, process: &str) -> String {
-    format!(
-        "{{ pidfile = {}, signal = {}, process = {} }}",
-        q(pidfile),
-        q(signal),
-        q(process)
-    )
+    Reload::signal(pidfile, signal, process).text()
 }
 
 /// Member JSON as Patroni 3 writes it, for a member nobody serves (config-only tests).
@@ -286,7 +271,11 @@ fn require_root() {
 #[derive(Clone)]
 struct Cfg {
     endpoint: String,
+    /// `etcd.namespace`, before `scope` (none: haconfd's default).
+    namespace: Option<String>,
     scope: String,
+    /// `etcd.username`, after `scope`.
+    username: Option<String>,
     daemon_extra: String,
     guard: String,
     hap_src: PathBuf,
@@ -303,55 +292,36 @@ struct Cfg {
 
 impl Cfg {
     fn text(&self) -> String {
-        format!(
-            r#"[etcd]
-endpoints = [{endpoint}]
-scope = {scope}
-
-[daemon]
-min_interval = "100ms"
-once_timeout = "5s"
-{daemon_extra}
-[guard]
-{guard}
-[vars]
-bind_address = "127.0.0.1"
-primary_port = 15000
-replica_port = 15001
-stats_port = 15002
-stats_socket = {stats_socket}
-
-[[template]]
-name = "haproxy"
-src = {hap_src}
-dest = {hap_dest}
-check = {hap_check}
-{hap_extra}
-reload = {hap_reload}
-
-[[template]]
-name = "pgbouncer"
-src = {pgb_src}
-dest = {pgb_dest}
-require_leader = true
-reload = {pgb_reload}
-vars = {{ {pgb_vars} }}
-"#,
-            endpoint = q(&self.endpoint),
-            scope = q(&self.scope),
-            daemon_extra = self.daemon_extra,
-            guard = self.guard,
-            stats_socket = q(&self.stats_socket),
-            hap_src = q(&self.hap_src),
-            hap_dest = q(&self.hap_dest),
-            hap_check = arr(&self.hap_check),
-            hap_extra = self.hap_extra,
-            hap_reload = self.hap_reload,
-            pgb_src = q(&self.pgb_src),
-            pgb_dest = q(&self.pgb_dest),
-            pgb_reload = self.pgb_reload,
-            pgb_vars = self.pgb_vars,
-        )
+        let mut b = ConfigBuilder::new().endpoint(&self.endpoint);
+        if let Some(ns) = &self.namespace {
+            b = b.namespace(ns);
+        }
+        b = b.scope(&self.scope);
+        if let Some(u) = &self.username {
+            b = b.etcd("username", u);
+        }
+        b.daemon("min_interval", "100ms")
+            .daemon("once_timeout", "5s")
+            .raw_in("daemon", &self.daemon_extra)
+            .raw_in("guard", &self.guard)
+            .var("bind_address", "127.0.0.1")
+            .var("primary_port", 15000)
+            .var("replica_port", 15001)
+            .var("stats_port", 15002)
+            .var("stats_socket", &self.stats_socket)
+            .template(
+                Template::new("haproxy", &self.hap_src, &self.hap_dest)
+                    .check(&self.hap_check)
+                    .raw(&self.hap_extra)
+                    .set("reload", Raw(self.hap_reload.clone())),
+            )
+            .template(
+                Template::new("pgbouncer", &self.pgb_src, &self.pgb_dest)
+                    .require_leader(true)
+                    .set("reload", Raw(self.pgb_reload.clone()))
+                    .set("vars", Raw(format!("{{ {} }}", self.pgb_vars))),
+            )
+            .to_toml()
     }
 }
 
@@ -388,7 +358,9 @@ impl Ws {
         std::fs::write(&pgb_pidfile, format!("{}\n", pgb_sleep.pid())).unwrap();
         let cfg = Cfg {
             endpoint: Etcd::shared().endpoint(),
+            namespace: None,
             scope: scope.clone(),
+            username: None,
             daemon_extra: String::new(),
             guard: String::new(),
             hap_src: shipped("haproxy.cfg.tera"),
@@ -1608,15 +1580,17 @@ fn once_force_overrides_the_guard() {
 
 /// A config with one pgbouncer target (shipped template) writing `dest`, reloading by `reload`.
 fn pgbouncer_only_config(scope: &str, dest: &Path, reload: &str, vars: &str) -> String {
-    format!(
-        "[etcd]\nendpoints = [{}]\nscope = {}\n[daemon]\nonce_timeout = \"5s\"\n\n\
-         [[template]]\nname = \"pgbouncer\"\nsrc = {}\ndest = {}\nrequire_leader = true\n\
-         reload = {reload}\nvars = {{ {vars} }}\n",
-        q(Etcd::shared().endpoint()),
-        q(scope),
-        q(shipped("pgbouncer.ini.tera")),
-        q(dest),
-    )
+    ConfigBuilder::new()
+        .endpoint(Etcd::shared().endpoint())
+        .scope(scope)
+        .daemon("once_timeout", "5s")
+        .template(
+            Template::new("pgbouncer", shipped("pgbouncer.ini.tera"), dest)
+                .require_leader(true)
+                .set("reload", Raw(reload.to_string()))
+                .set("vars", Raw(format!("{{ {vars} }}"))),
+        )
+        .to_toml()
 }
 
 fn put_two_member_cluster(scope: &str) {

@@ -1,6 +1,7 @@
 //! Shared harness for the integration tests: real etcd, HAProxy, PgBouncer and Patroni on loopback.
 #![allow(dead_code)]
 
+pub mod config;
 pub mod docker;
 pub mod patroni;
 pub mod procs;
