@@ -146,7 +146,11 @@ fn documented_keys() -> BTreeSet<String> {
             if key.is_empty() || key == "key" {
                 continue;
             }
-            if key.contains('.') || table.is_empty() {
+            if table.starts_with("clusters.") {
+                // `[clusters.<scope>]` is free-form, like `[vars]`: its rows document the keys
+                // haconfd checks, the struct knows the table only.
+                keys.insert("clusters".to_owned());
+            } else if key.contains('.') || table.is_empty() {
                 keys.insert(key.to_owned());
             } else {
                 keys.insert(format!("{table}.{key}"));

@@ -239,3 +239,82 @@ fn invalid_http_listen_exits_2_in_check_and_run_naming_it() {
     ws.assert_unchanged(&before);
     ws.assert_nothing_signalled();
 }
+
+/// Class: several clusters. Settings that would put two clusters on one port or one PgBouncer
+/// database, mix the ways of naming clusters, share the fast path's backends between clusters or
+/// scatter per-cluster files across directories are refused at load, naming the keys, and
+/// nothing is written or signalled.
+#[test]
+fn cluster_settings_that_would_clash_exit_2_naming_the_keys() {
+    let ws = Ws::new("cfgclusters");
+    let before = ws.files();
+    let scope_line = format!("scope = {}", q(&ws.scope));
+    let cases: Vec<(&str, Box<dyn Fn(String) -> String>, Vec<String>)> = vec![
+        (
+            "two clusters on one port",
+            Box::new(|t: String| {
+                t + "\n[clusters.a]\nprimary_port = 5000\n[clusters.b]\nreplica_port = 5000\n"
+            }),
+            vec!["clusters.b.replica_port and clusters.a.primary_port are both port 5000".into()],
+        ),
+        (
+            "one database in two clusters",
+            Box::new(|t: String| {
+                t + "\n[clusters.a]\ndatabases = [\"app\"]\n[clusters.b]\ndatabases = [\"app\"]\n"
+            }),
+            vec!["clusters.b.databases and clusters.a.databases both name \"app\"".into()],
+        ),
+        (
+            "scope and scopes",
+            Box::new(move |t: String| {
+                t.replacen(
+                    &scope_line,
+                    &format!("{scope_line}\nscopes = [\"a\", \"b\"]"),
+                    1,
+                )
+            }),
+            vec![
+                "set one of etcd.scope (one cluster), etcd.scopes (a list) and etcd.discover"
+                    .into(),
+            ],
+        ),
+    ];
+    for (what, edit, needles) in cases {
+        write_edited(&ws, edit);
+        let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+        let run = ws.run(&["check"]);
+        assert_eq!(run.code, 2, "{what}: {}", run.stderr);
+        run.expect(2, &needles);
+        ws.once(&[]).expect(2, &needles);
+    }
+    // With several clusters, the fast path's backends must name `{scope}`.
+    let mut ws = ws;
+    ws.reconfigure(|c| {
+        c.hap_extra =
+            "server_state = { stats_socket = \"admin.sock\", file = \"server-state\" }".into();
+    });
+    let scope_line = format!("scope = {}", q(&ws.scope));
+    write_edited(&ws, |t| {
+        t.replacen(&scope_line, "scopes = [\"a\", \"b\"]", 1)
+    });
+    let needles = [
+        "template \"haproxy\": server_state backend \"primary\" has no {scope}",
+        "primary_backends = [\"{scope}_primary\"]",
+    ];
+    ws.run(&["check"]).expect(2, &needles);
+    ws.once(&[]).expect(2, &needles);
+    // A per-cluster file's `{scope}` belongs in the file name, one directory for them all.
+    ws.reconfigure(|c| {
+        c.hap_extra = String::new();
+        c.hap_dest = "{scope}/haproxy.cfg".into();
+    });
+    ws.run(&["check"]).expect(
+        2,
+        &[
+            "template \"haproxy\": dest",
+            "{scope} may only be in the file name",
+        ],
+    );
+    ws.assert_unchanged(&before);
+    ws.assert_nothing_signalled();
+}
