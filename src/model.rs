@@ -165,6 +165,8 @@ impl Cluster {
         }
         // Only keys present now are kept: a departed member's entry goes with it.
         cache.parsed = seen;
+        cache.leader = snapshot.kvs.get(&format!("{prefix}leader")).cloned();
+        cache.failover = snapshot.kvs.get(&format!("{prefix}failover")).cloned();
 
         let leader_key = format!("{prefix}leader");
         let leader_name = match snapshot.kvs.get(&leader_key) {
@@ -346,6 +348,8 @@ pub fn layouts(
         return out;
     }
     let root = format!("{namespace}/");
+    // Keys come sorted, so one scope's keys come together: its name is checked and copied once.
+    let mut current: Option<(&str, bool, Layout)> = None;
     for (key, _) in snapshot.kvs.range(root.clone()..) {
         let Some(rest) = key.strip_prefix(&root) else {
             break;
@@ -353,14 +357,30 @@ pub fn layouts(
         let Some((scope, below)) = rest.split_once('/') else {
             continue;
         };
-        if validate_name(scope).is_err() {
-            continue;
+        match &mut current {
+            Some((s, valid, layout)) if *s == scope => {
+                if *valid {
+                    note_key(layout, below);
+                }
+            }
+            _ => {
+                if let Some((s, true, layout)) = current.take() {
+                    if layout != Layout::default() {
+                        out.insert(s.to_owned(), layout);
+                    }
+                }
+                let mut layout = Layout::default();
+                let valid = validate_name(scope).is_ok();
+                if valid {
+                    note_key(&mut layout, below);
+                }
+                current = Some((scope, valid, layout));
+            }
         }
-        let mut layout = Layout::default();
-        if note_key(&mut layout, below) {
-            let entry: &mut Layout = out.entry(scope.to_owned()).or_default();
-            entry.plain |= layout.plain;
-            entry.groups.extend(layout.groups);
+    }
+    if let Some((s, true, layout)) = current {
+        if layout != Layout::default() {
+            out.insert(s.to_owned(), layout);
         }
     }
     out
@@ -393,6 +413,32 @@ fn note_key(layout: &mut Layout, rest: &str) -> bool {
 }
 
 impl Cluster {
+    /// Whether `snapshot` holds exactly the keys this model was built from: the same member
+    /// values (as `cache` saw them when it was built), the same `leader` and `failover` values.
+    /// Then the model can be kept as it is: with thousands of clusters, most passes change one.
+    pub fn built_from(&self, snapshot: &Snapshot, id: &ClusterId, cache: &MemberCache) -> bool {
+        let prefix = id.prefix(&self.namespace);
+        let mut members = 0;
+        for (key, value) in snapshot.kvs.range(prefix.clone()..) {
+            let Some(rest) = key.strip_prefix(&prefix) else {
+                break;
+            };
+            if rest.starts_with("members/") {
+                members += 1;
+                match cache.parsed.get(key) {
+                    Some((v, _)) if v == value => {}
+                    _ => return false,
+                }
+            }
+        }
+        if members != cache.parsed.len() {
+            return false;
+        }
+        let raw = |k: &str| snapshot.kvs.get(&format!("{prefix}{k}"));
+        raw("leader").map(Vec::as_slice) == cache.leader.as_deref()
+            && raw("failover").map(Vec::as_slice) == cache.failover.as_deref()
+    }
+
     /// Whether a template sees the same context in `self` and `other`. With `with_wal` false,
     /// the WAL position and lag are left out: Patroni rewrites every member key every
     /// `loop_wait` because they move, and a template that never reads them must not be rendered
@@ -534,6 +580,10 @@ struct RawMember {
 #[derive(Debug, Default)]
 pub struct MemberCache {
     parsed: std::collections::HashMap<String, (Vec<u8>, Result<Member, String>)>,
+    /// The `leader` value of the last build.
+    leader: Option<Vec<u8>>,
+    /// The `failover` value of the last build.
+    failover: Option<Vec<u8>>,
 }
 
 impl Member {

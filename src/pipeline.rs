@@ -170,6 +170,8 @@ struct ClusterState {
     router: Router,
     /// The model the last pass saw.
     seen: Option<Arc<Cluster>>,
+    /// The model `parsed_members` was last built into: kept while nothing of it changes.
+    built: Option<Arc<Cluster>>,
     /// The last view the guard accepted: what this cluster's section is rendered from.
     accepted: Option<Arc<Cluster>>,
     /// The last accepted view with a leader confirmed to take writes: what `require_leader`
@@ -197,6 +199,7 @@ impl ClusterState {
             differ: Differ::default(),
             router,
             seen: None,
+            built: None,
             accepted: None,
             led: None,
             refused: None,
@@ -330,7 +333,7 @@ impl Engine {
 
     /// Builds one cluster's model and logs skipped keys when the set of them changes (not on
     /// every heartbeat).
-    fn model_of(&mut self, snap: &Snapshot, id: &ClusterId) -> Cluster {
+    fn model_of(&mut self, snap: &Snapshot, id: &ClusterId) -> Arc<Cluster> {
         let settings = Arc::clone(&self.settings);
         let reuse = self.reuse_renders;
         let st = self
@@ -339,6 +342,15 @@ impl Engine {
             .or_insert_with(|| ClusterState::new(&settings, id));
         if !reuse {
             st.parsed_members = MemberCache::default();
+            st.built = None;
+        }
+        // Nothing of this cluster changed (most clusters, in most passes): the same model.
+        if let Some(b) = st
+            .built
+            .as_ref()
+            .filter(|b| b.built_from(snap, id, &st.parsed_members))
+        {
+            return Arc::clone(b);
         }
         let built = Cluster::build_with(snap, &settings.etcd.namespace, id, &mut st.parsed_members);
         if built.skipped != st.last_skipped {
@@ -349,14 +361,16 @@ impl Engine {
             }
             st.last_skipped = built.skipped;
         }
-        built.cluster
+        let model = Arc::new(built.cluster);
+        st.built = Some(Arc::clone(&model));
+        model
     }
 
     /// Builds the model of the first cluster (the one of `etcd.scope`), for `render --context`.
     pub fn model(&mut self, snap: &Snapshot) -> Cluster {
         let ids = self.cluster_ids(snap);
         match ids.first() {
-            Some(id) => self.model_of(snap, id),
+            Some(id) => (*self.model_of(snap, id)).clone(),
             None => Cluster::build(snap, &self.settings.etcd.namespace, "").cluster,
         }
     }
@@ -365,7 +379,7 @@ impl Engine {
     fn models(&mut self, snap: &Snapshot) -> Vec<(String, Vec<Arc<Cluster>>)> {
         let mut out: Vec<(String, Vec<Arc<Cluster>>)> = Vec::new();
         for id in self.cluster_ids(snap) {
-            let c = Arc::new(self.model_of(snap, &id));
+            let c = self.model_of(snap, &id);
             match out.last_mut() {
                 Some((scope, groups)) if *scope == id.scope => groups.push(c),
                 _ => out.push((id.scope.clone(), vec![c])),
@@ -516,7 +530,7 @@ impl Engine {
         let mut gone: Vec<ClusterId> = Vec::new();
         let mut reports = Vec::with_capacity(ids.len());
         for id in &ids {
-            let model = Arc::new(self.model_of(snap, id));
+            let model = self.model_of(snap, id);
             let st = self.clusters.get_mut(id).expect("modelled above");
             if let Some((n, o)) = &self.attach {
                 if !st.router.is_attached() {
@@ -533,9 +547,14 @@ impl Engine {
                 }
             }
             let previous = st.seen.replace(Arc::clone(&model));
+            let unchanged = previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, &model));
             // Before the guard: a refused view (a failover's leaderless spell) still tells what
             // changed.
-            let events = st.differ.diff(previous.as_deref(), &model);
+            let events = if unchanged {
+                Vec::new()
+            } else {
+                st.differ.diff(previous.as_deref(), &model)
+            };
             for e in &events {
                 if single {
                     e.log();
@@ -545,7 +564,10 @@ impl Engine {
                 }
             }
             // Before the guard too: routing follows the leader key even while the files wait.
-            st.router.observe(&model, &events);
+            // (The same model again was observed already.)
+            if !unchanged {
+                st.router.observe(&model, &events);
+            }
             st.router.confirm_now(&model).await;
             match self.memory.admit(&settings.guard, &model) {
                 Ok(()) => {
