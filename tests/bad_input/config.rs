@@ -249,7 +249,8 @@ fn cluster_settings_that_would_clash_exit_2_naming_the_keys() {
     let ws = Ws::new("cfgclusters");
     let before = ws.files();
     let scope_line = format!("scope = {}", q(&ws.scope));
-    let cases: Vec<(&str, Box<dyn Fn(String) -> String>, Vec<String>)> = vec![
+    type Edit = Box<dyn Fn(String) -> String>;
+    let cases: Vec<(&str, Edit, Vec<String>)> = vec![
         (
             "two clusters on one port",
             Box::new(|t: String| {
