@@ -227,7 +227,15 @@ pub async fn run(
         for r in &d.engine.reports {
             d.hooks.events(&r.model, &r.events);
         }
-        if let Some(c) = &d.engine.cluster {
+        // `pass_failed` names the cluster the guard refused, else the first one.
+        let failed_cluster = d
+            .engine
+            .reports
+            .iter()
+            .find(|r| r.refused.is_some())
+            .map(|r| &r.model)
+            .or(d.engine.cluster.as_ref());
+        if let Some(c) = failed_cluster {
             match &result {
                 // Once per spell of failures (and again if the reason changes), not per retry.
                 Err(e) if !matches!(e, PassError::Render(RenderError::NoLeader { .. })) => {
