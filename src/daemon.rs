@@ -346,7 +346,13 @@ impl Daemon {
     }
 
     async fn try_reload(&mut self, why: &str) -> Result<bool, DaemonError> {
-        let new = Arc::new(config::load_settings(&self.config_path, &self.overrides)?);
+        // Reading the files and resolving user and group names (NSS may ask LDAP) run on the
+        // blocking pool: a slow look-up must not stall the etcd keepalive or the fast path.
+        let (path, overrides) = (self.config_path.clone(), self.overrides.clone());
+        let loaded = tokio::task::spawn_blocking(move || config::load_settings(&path, &overrides))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let new = Arc::new(loaded?);
         let old = Arc::clone(self.engine.settings());
         let mut changed = changed_settings(&old, &new);
         // Certificates are rotated in place, under the same paths: compare what they hold.
