@@ -538,7 +538,17 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<String> {
     diff("etcd.api", a.api != b.api);
     diff("etcd.endpoints", a.endpoints != b.endpoints);
     diff("etcd.namespace", a.namespace != b.namespace);
-    diff("etcd.scope", a.clusters != b.clusters);
+    // Another single cluster, or one cluster ↔ several: the guard's memory says nothing of it.
+    let one = |s: &crate::config::EtcdSettings| s.single_scope().map(str::to_owned);
+    diff(
+        "etcd.scope",
+        one(a) != one(b) && (one(a).is_some() || one(b).is_some()),
+    );
+    // Another list of clusters (or discovery): each cluster keeps its own state.
+    diff(
+        "etcd.scopes",
+        a.clusters != b.clusters && one(a).is_none() && one(b).is_none(),
+    );
     diff(
         "etcd.connect_timeout",
         a.connect_timeout != b.connect_timeout,
@@ -583,6 +593,7 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<String> {
     diff("log.format", old.log.format != new.log.format);
     diff("log.level", old.log.level != new.log.level);
     diff("http.listen", old.http.listen != new.http.listen);
+    diff("clusters", old.clusters != new.clusters);
     // Applied by the engine's new router, which keeps the state of a leader change under way.
     diff("failover", old.failover != new.failover);
     diff(
