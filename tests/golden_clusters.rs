@@ -1,0 +1,378 @@
+//! Golden render tests of the shipped many-cluster templates (`haproxy-clusters.cfg.tera`,
+//! `pgbouncer-clusters.ini.tera`, `haproxy-citus.cfg.tera`) against one etcd dump holding three
+//! ordinary Patroni clusters and one Citus cluster (tests/fixtures/clusters-kv.json), compared
+//! byte for byte with files in tests/golden/. Regenerate with
+//! `UPDATE_GOLDEN=1 cargo test --test golden_clusters` and review the diff.
+//!
+//! The fixture: `alpha` (Patroni 4.1.5, primary alpha-2 of three), `beta` (Patroni 3.0.2,
+//! `master` beta-1 of two), `gamma` (Patroni 4.1.5, two replicas, no leader key) and `citus`
+//! (Patroni 4.1.5 in Citus mode: groups 0, 1 and 2, each a primary and a replica).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use haconfd::config::{RawConfig, Settings};
+use haconfd::pipeline::Engine;
+use haconfd::snapshot::Snapshot;
+
+use common::procs::{Haproxy, Pgbouncer};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `[clusters.*]` for alpha, gamma and citus; beta is found by discovery but has no table.
+const CLUSTERS: &str = r#"
+[clusters.alpha]
+primary_port = 5000
+replica_port = 5001
+databases = ["app"]
+
+[clusters.gamma]
+primary_port = 5010
+replica_port = 5011
+databases = ["billing", "ledger"]
+
+[clusters.citus]
+coordinator_port = 5020
+workers_port = 5021
+databases = ["citus"]
+"#;
+
+const TEMPLATES: &str = r#"
+[[template]]
+name = "haproxy"
+src = "templates/haproxy-clusters.cfg.tera"
+dest = "/etc/haproxy/haproxy.cfg"
+server_state = { stats_socket = "/run/haproxy/admin.sock", file = "/var/lib/haproxy/server-state", primary_backends = ["{scope}_primary"], replica_backends = ["{scope}_replicas"] }
+
+[[template]]
+name = "citus"
+src = "templates/haproxy-citus.cfg.tera"
+dest = "/etc/haproxy-citus/haproxy.cfg"
+vars = { stats_socket = "/run/haproxy-citus/admin.sock", stats_port = 7001 }
+server_state = { stats_socket = "/run/haproxy-citus/admin.sock", file = "/var/lib/haproxy/citus-server-state", primary_backends = ["{scope}_coordinator"], replica_backends = [] }
+
+[[template]]
+name = "pgbouncer"
+src = "templates/pgbouncer-clusters.ini.tera"
+dest = "/etc/pgbouncer/pgbouncer.ini"
+require_leader = true
+"#;
+
+fn settings(etcd: &str, clusters: &str) -> Settings {
+    let text = format!(
+        "[etcd]\n{etcd}\n[vars]\nstats_socket = \"/run/haproxy/admin.sock\"\n{clusters}{TEMPLATES}"
+    );
+    RawConfig::parse(&text, Path::new("golden-clusters.toml"))
+        .unwrap()
+        .resolve(&root())
+        .unwrap()
+}
+
+fn discover() -> Settings {
+    settings("discover = true", CLUSTERS)
+}
+
+fn snapshot() -> Snapshot {
+    Snapshot::from_file(&root().join("tests/fixtures/clusters-kv.json")).unwrap()
+}
+
+fn render(settings: Settings, target: &str) -> String {
+    let mut engine = Engine::new(Arc::new(settings)).unwrap();
+    let mut out = engine.render(&snapshot(), Some(target)).unwrap();
+    assert_eq!(out.len(), 1, "{target}: one file for every cluster");
+    String::from_utf8(out.remove(0).bytes).unwrap()
+}
+
+fn golden(target: &str, expected: &str) {
+    let out = render(discover(), target);
+    let path = root().join("tests/golden").join(expected);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &out).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(
+        out,
+        want,
+        "clusters-kv.json → {target} differs from {}",
+        path.display()
+    );
+}
+
+fn read_golden(name: &str) -> String {
+    std::fs::read_to_string(root().join("tests/golden").join(name)).unwrap()
+}
+
+/// `haproxy -c` on a rendered config; the state files are checked in a directory that exists.
+fn haproxy_check(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = text.replace("/var/lib/haproxy/", &format!("{}/", dir.path().display()));
+    let cfg = dir.path().join("h.cfg");
+    std::fs::write(&cfg, text).unwrap();
+    Haproxy::check_config(&cfg)
+}
+
+/// The `listen` sections of a rendered haproxy.cfg: name → (bind line, server lines).
+fn listeners(text: &str) -> Vec<(String, String, Vec<String>)> {
+    let mut out: Vec<(String, String, Vec<String>)> = Vec::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("listen ") {
+            out.push((name.to_string(), String::new(), Vec::new()));
+        } else if let Some(last) = out.last_mut() {
+            if let Some(bind) = t.strip_prefix("bind ") {
+                last.1 = bind.to_string();
+            } else if t.starts_with("server ") {
+                last.2
+                    .push(t.split_whitespace().nth(1).unwrap().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn clusters_haproxy_gives_each_configured_cluster_its_two_listeners() {
+    golden("haproxy", "clusters-haproxy.cfg");
+    let text = read_golden("clusters-haproxy.cfg");
+    let l = listeners(&text);
+    let names: Vec<&str> = l.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "stats",
+            "alpha_primary",
+            "alpha_replicas",
+            "gamma_primary",
+            "gamma_replicas"
+        ],
+        "{text}"
+    );
+    let alpha = ["alpha-1", "alpha-2", "alpha-3"];
+    let gamma = ["gamma-1", "gamma-2"];
+    for (name, bind, servers) in &l[1..] {
+        let (port, members): (&str, &[&str]) = match name.as_str() {
+            "alpha_primary" => ("*:5000", &alpha),
+            "alpha_replicas" => ("*:5001", &alpha),
+            "gamma_primary" => ("*:5010", &gamma),
+            _ => ("*:5011", &gamma),
+        };
+        assert_eq!(bind, port, "{name}");
+        assert_eq!(servers, members, "{name}");
+    }
+    // beta has no [clusters.beta]: it is named, and given no port; citus has no primary_port.
+    assert!(
+        text.contains("# cluster \"beta\": skipped, no [clusters.beta]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# cluster \"citus\": skipped, [clusters.citus] has no primary_port"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("beta-1") && !text.contains("coord1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn clusters_pgbouncer_points_each_database_at_its_clusters_leader() {
+    golden("pgbouncer", "clusters-pgbouncer.ini");
+    let text = read_golden("clusters-pgbouncer.ini");
+    assert!(
+        text.contains("\napp = host=10.0.1.12 port=5432 dbname=app\n"),
+        "alpha's primary is alpha-2:\n{text}"
+    );
+    assert!(
+        text.contains("\ncitus = host=172.27.0.4 port=5432 dbname=citus\n"),
+        "citus's coordinator primary is coord1:\n{text}"
+    );
+    // gamma has no leader: its databases are left out, not pointed anywhere.
+    assert!(
+        !text.contains("billing =") && !text.contains("ledger ="),
+        "{text}"
+    );
+    assert!(text.contains("; cluster \"gamma\" has no leader"), "{text}");
+    assert!(!text.contains("10.0.2."), "beta is not configured:\n{text}");
+}
+
+#[test]
+fn citus_haproxy_routes_the_coordinator_and_every_workers_primary() {
+    golden("citus", "clusters-citus.cfg");
+    let text = read_golden("clusters-citus.cfg");
+    let l = listeners(&text);
+    let names: Vec<&str> = l.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["stats", "citus_coordinator", "citus_workers"],
+        "{text}"
+    );
+    assert_eq!(l[0].1, "*:7001", "the template's own stats port");
+    assert_eq!(l[1].1, "*:5020");
+    assert_eq!(l[1].2, ["coord1", "coord2"]);
+    assert_eq!(l[2].1, "*:5021");
+    assert_eq!(l[2].2, ["work1-1", "work1-2", "work2-1", "work2-2"]);
+    // Both listeners send traffic only to a group's primary, as Patroni's template does.
+    assert_eq!(text.matches("option httpchk HEAD /primary").count(), 2);
+    assert!(!text.contains("/replica"), "{text}");
+    assert!(
+        text.contains("stats socket /run/haproxy-citus/admin.sock"),
+        "{text}"
+    );
+}
+
+/// `scopes = [...]` follows exactly those clusters: the Citus cluster is not in `clusters` at
+/// all, and beta (Patroni 3.0.2, role `master`), configured here, gets its listeners and its
+/// databases.
+#[test]
+fn a_scope_list_renders_only_the_listed_clusters() {
+    let clusters = format!(
+        "{CLUSTERS}\n[clusters.beta]\nprimary_port = 5030\nreplica_port = 5031\ndatabases = [\"reports\"]\n"
+    );
+    let s = || settings(r#"scopes = ["gamma", "alpha", "beta"]"#, &clusters);
+    let haproxy = render(s(), "haproxy");
+    let names: Vec<String> = listeners(&haproxy).into_iter().map(|l| l.0).collect();
+    assert_eq!(
+        names,
+        [
+            "stats",
+            "alpha_primary",
+            "alpha_replicas",
+            "beta_primary",
+            "beta_replicas",
+            "gamma_primary",
+            "gamma_replicas"
+        ],
+        "{haproxy}"
+    );
+    assert!(!haproxy.contains("citus"), "{haproxy}");
+    let (ok, output) = haproxy_check(&haproxy);
+    assert!(ok, "{output}");
+
+    let pgbouncer = render(s(), "pgbouncer");
+    assert!(
+        pgbouncer.contains("\nreports = host=10.0.2.11 port=5432 dbname=reports\n"),
+        "beta's leader is beta-1 (role master):\n{pgbouncer}"
+    );
+    assert!(!pgbouncer.contains("citus"), "{pgbouncer}");
+
+    let citus = render(s(), "citus");
+    assert_eq!(
+        listeners(&citus).len(),
+        1,
+        "no Citus cluster listed: only the stats listener:\n{citus}"
+    );
+}
+
+#[test]
+fn golden_clusters_haproxy_configs_pass_haproxy_check() {
+    for f in ["clusters-haproxy.cfg", "clusters-citus.cfg"] {
+        let (ok, output) = haproxy_check(&read_golden(f));
+        assert!(ok, "{f}: {output}");
+    }
+}
+
+/// With `hold_lua` set, each cluster's primary (and the Citus coordinator) holds new
+/// connections, naming its own backend; the replica and worker ports do not hold.
+#[test]
+fn clusters_templates_with_the_hold_action_pass_haproxy_check() {
+    let lua = root().join("templates/hold.lua");
+    for (target, holds, free) in [
+        (
+            "haproxy",
+            &["alpha_primary", "gamma_primary"][..],
+            &["alpha_replicas", "gamma_replicas"][..],
+        ),
+        ("citus", &["citus_coordinator"][..], &["citus_workers"][..]),
+    ] {
+        let mut s = discover();
+        let t = s.targets.iter_mut().find(|t| t.name == target).unwrap();
+        t.vars
+            .insert("hold_lua".into(), lua.display().to_string().into());
+        t.vars.insert("hold_max_ms".into(), 5000.into());
+        let text = render(s, target);
+        assert!(
+            text.contains(&format!("lua-load {}", lua.display())),
+            "{text}"
+        );
+        for backend in holds {
+            let section = text.split(&format!("listen {backend}\n")).nth(1).unwrap();
+            let section = section.split("\nlisten ").next().unwrap();
+            assert!(
+                section.contains(&format!(
+                    "tcp-request content lua.haconfd_hold {backend} 5000 10"
+                )),
+                "{text}"
+            );
+            assert!(
+                section.contains("tcp-request inspect-delay 6000ms"),
+                "{text}"
+            );
+        }
+        for backend in free {
+            let section = text.split(&format!("listen {backend}\n")).nth(1).unwrap();
+            let section = section.split("\nlisten ").next().unwrap();
+            assert!(!section.contains("haconfd_hold"), "{text}");
+        }
+        let (ok, output) = haproxy_check(&text);
+        assert!(ok, "{target} with the hold action:\n{output}");
+    }
+}
+
+/// A Citus cluster alone may take its ports from `vars` instead of `[clusters.citus]`.
+#[test]
+fn citus_ports_may_come_from_vars_for_a_single_citus_cluster() {
+    let mut s = settings(
+        r#"scopes = ["alpha", "citus"]"#,
+        "[clusters.alpha]\nprimary_port = 5000\n[clusters.citus]\ndatabases = [\"citus\"]\n",
+    );
+    let t = s.targets.iter_mut().find(|t| t.name == "citus").unwrap();
+    t.vars.insert("coordinator_port".into(), 6000.into());
+    t.vars.insert("workers_port".into(), 6001.into());
+    let text = render(s, "citus");
+    let binds: Vec<String> = listeners(&text).into_iter().map(|l| l.1).collect();
+    assert_eq!(binds, ["*:7001", "*:6000", "*:6001"], "{text}");
+}
+
+/// The golden ini's `[databases]` as PgBouncer reads it: every entry parses, and points where
+/// the golden file says.
+#[test]
+fn golden_clusters_pgbouncer_databases_load_in_pgbouncer() {
+    let text = read_golden("clusters-pgbouncer.ini");
+    let databases = text
+        .split("[databases]\n")
+        .nth(1)
+        .and_then(|s| s.split("\n[pgbouncer]").next())
+        .unwrap();
+    let pgb = Pgbouncer::start_with(databases);
+    let dbs = pgb.show_databases();
+    for (db, host, port) in [
+        ("app", "10.0.1.12", "5432"),
+        ("citus", "172.27.0.4", "5432"),
+    ] {
+        let row = dbs
+            .get(db)
+            .unwrap_or_else(|| panic!("{db} not in SHOW DATABASES: {dbs:?}"));
+        assert_eq!(row.get("host").map(String::as_str), Some(host), "{row:?}");
+        assert_eq!(row.get("port").map(String::as_str), Some(port), "{row:?}");
+        assert_eq!(row.get("database").map(String::as_str), Some(db), "{row:?}");
+    }
+    assert!(!dbs.contains_key("billing") && !dbs.contains_key("ledger"));
+}
+
+/// A template that names a member's WAL fields (or anything reaching them) is rendered again on
+/// every Patroni heartbeat; the shipped ones must not, comments included.
+#[test]
+fn shipped_clusters_templates_do_not_read_wal_positions() {
+    for f in [
+        "haproxy-clusters.cfg.tera",
+        "pgbouncer-clusters.ini.tera",
+        "haproxy-citus.cfg.tera",
+    ] {
+        let text = std::fs::read_to_string(root().join("templates").join(f)).unwrap();
+        assert!(!haconfd::render::reads_wal(&text), "{f}");
+    }
+}
