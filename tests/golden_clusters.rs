@@ -17,6 +17,7 @@ use haconfd::config::{RawConfig, Settings};
 use haconfd::pipeline::Engine;
 use haconfd::snapshot::Snapshot;
 
+use common::config::{ConfigBuilder, Raw, Template};
 use common::procs::{Haproxy, Pgbouncer};
 
 fn root() -> PathBuf {
@@ -24,56 +25,68 @@ fn root() -> PathBuf {
 }
 
 /// `[clusters.*]` for alpha, gamma and citus; beta is found by discovery but has no table.
-const CLUSTERS: &str = r#"
-[clusters.alpha]
-primary_port = 5000
-replica_port = 5001
-databases = ["app"]
+fn clusters(b: ConfigBuilder) -> ConfigBuilder {
+    b.set("clusters.alpha", "primary_port", 5000)
+        .set("clusters.alpha", "replica_port", 5001)
+        .set("clusters.alpha", "databases", ["app"])
+        .set("clusters.gamma", "primary_port", 5010)
+        .set("clusters.gamma", "replica_port", 5011)
+        .set("clusters.gamma", "databases", ["billing", "ledger"])
+        .set("clusters.citus", "coordinator_port", 5020)
+        .set("clusters.citus", "workers_port", 5021)
+        .set("clusters.citus", "databases", ["citus"])
+}
 
-[clusters.gamma]
-primary_port = 5010
-replica_port = 5011
-databases = ["billing", "ledger"]
+/// The three shipped templates: one haproxy.cfg for the ordinary clusters, another HAProxy's
+/// for the Citus clusters (its own stats socket, stats port and state file), one pgbouncer.ini.
+fn templates(b: ConfigBuilder) -> ConfigBuilder {
+    b.var("stats_socket", "/run/haproxy/admin.sock")
+        .template(
+            Template::new(
+                "haproxy",
+                "templates/haproxy-clusters.cfg.tera",
+                "/etc/haproxy/haproxy.cfg",
+            )
+            .set(
+                "server_state",
+                Raw(r#"{ stats_socket = "/run/haproxy/admin.sock", file = "/var/lib/haproxy/server-state", primary_backends = ["{scope}_primary"], replica_backends = ["{scope}_replicas"] }"#.into()),
+            ),
+        )
+        .template(
+            Template::new(
+                "citus",
+                "templates/haproxy-citus.cfg.tera",
+                "/etc/haproxy-citus/haproxy.cfg",
+            )
+            .set(
+                "server_state",
+                Raw(r#"{ stats_socket = "/run/haproxy-citus/admin.sock", file = "/var/lib/haproxy/citus-server-state", primary_backends = ["{scope}_coordinator"], replica_backends = [] }"#.into()),
+            )
+            .var("stats_socket", "/run/haproxy-citus/admin.sock")
+            .var("stats_port", 7001),
+        )
+        .template(
+            Template::new(
+                "pgbouncer",
+                "templates/pgbouncer-clusters.ini.tera",
+                "/etc/pgbouncer/pgbouncer.ini",
+            )
+            .require_leader(true),
+        )
+}
 
-[clusters.citus]
-coordinator_port = 5020
-workers_port = 5021
-databases = ["citus"]
-"#;
-
-const TEMPLATES: &str = r#"
-[[template]]
-name = "haproxy"
-src = "templates/haproxy-clusters.cfg.tera"
-dest = "/etc/haproxy/haproxy.cfg"
-server_state = { stats_socket = "/run/haproxy/admin.sock", file = "/var/lib/haproxy/server-state", primary_backends = ["{scope}_primary"], replica_backends = ["{scope}_replicas"] }
-
-[[template]]
-name = "citus"
-src = "templates/haproxy-citus.cfg.tera"
-dest = "/etc/haproxy-citus/haproxy.cfg"
-vars = { stats_socket = "/run/haproxy-citus/admin.sock", stats_port = 7001 }
-server_state = { stats_socket = "/run/haproxy-citus/admin.sock", file = "/var/lib/haproxy/citus-server-state", primary_backends = ["{scope}_coordinator"], replica_backends = [] }
-
-[[template]]
-name = "pgbouncer"
-src = "templates/pgbouncer-clusters.ini.tera"
-dest = "/etc/pgbouncer/pgbouncer.ini"
-require_leader = true
-"#;
-
-fn settings(etcd: &str, clusters: &str) -> Settings {
-    let text = format!(
-        "[etcd]\n{etcd}\n[vars]\nstats_socket = \"/run/haproxy/admin.sock\"\n{clusters}{TEMPLATES}"
-    );
-    RawConfig::parse(&text, Path::new("golden-clusters.toml"))
+fn resolve(b: ConfigBuilder) -> Settings {
+    RawConfig::parse(&b.to_toml(), Path::new("golden-clusters.toml"))
         .unwrap()
         .resolve(&root())
         .unwrap()
 }
 
+/// `[etcd] discover = true`: every scope of the dump.
 fn discover() -> Settings {
-    settings("discover = true", CLUSTERS)
+    resolve(templates(clusters(
+        ConfigBuilder::new().etcd("discover", true),
+    )))
 }
 
 fn snapshot() -> Snapshot {
@@ -229,10 +242,14 @@ fn citus_haproxy_routes_the_coordinator_and_every_workers_primary() {
 /// databases.
 #[test]
 fn a_scope_list_renders_only_the_listed_clusters() {
-    let clusters = format!(
-        "{CLUSTERS}\n[clusters.beta]\nprimary_port = 5030\nreplica_port = 5031\ndatabases = [\"reports\"]\n"
-    );
-    let s = || settings(r#"scopes = ["gamma", "alpha", "beta"]"#, &clusters);
+    let s = || {
+        let b = ConfigBuilder::new().etcd("scopes", ["gamma", "alpha", "beta"]);
+        let b = clusters(b)
+            .set("clusters.beta", "primary_port", 5030)
+            .set("clusters.beta", "replica_port", 5031)
+            .set("clusters.beta", "databases", ["reports"]);
+        resolve(templates(b))
+    };
     let haproxy = render(s(), "haproxy");
     let names: Vec<String> = listeners(&haproxy).into_iter().map(|l| l.0).collect();
     assert_eq!(
@@ -325,10 +342,11 @@ fn clusters_templates_with_the_hold_action_pass_haproxy_check() {
 /// A Citus cluster alone may take its ports from `vars` instead of `[clusters.citus]`.
 #[test]
 fn citus_ports_may_come_from_vars_for_a_single_citus_cluster() {
-    let mut s = settings(
-        r#"scopes = ["alpha", "citus"]"#,
-        "[clusters.alpha]\nprimary_port = 5000\n[clusters.citus]\ndatabases = [\"citus\"]\n",
-    );
+    let b = ConfigBuilder::new()
+        .etcd("scopes", ["alpha", "citus"])
+        .set("clusters.alpha", "primary_port", 5000)
+        .set("clusters.citus", "databases", ["citus"]);
+    let mut s = resolve(templates(b));
     let t = s.targets.iter_mut().find(|t| t.name == "citus").unwrap();
     t.vars.insert("coordinator_port".into(), 6000.into());
     t.vars.insert("workers_port".into(), 6001.into());
