@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -94,8 +95,12 @@ fn snapshot() -> Snapshot {
 }
 
 fn render(settings: Settings, target: &str) -> String {
+    render_from(settings, &snapshot(), target)
+}
+
+fn render_from(settings: Settings, snap: &Snapshot, target: &str) -> String {
     let mut engine = Engine::new(Arc::new(settings)).unwrap();
-    let mut out = engine.render(&snapshot(), Some(target)).unwrap();
+    let mut out = engine.render(snap, Some(target)).unwrap();
     assert_eq!(out.len(), 1, "{target}: one file for every cluster");
     String::from_utf8(out.remove(0).bytes).unwrap()
 }
@@ -337,6 +342,49 @@ fn clusters_templates_with_the_hold_action_pass_haproxy_check() {
         let (ok, output) = haproxy_check(&text);
         assert!(ok, "{target} with the hold action:\n{output}");
     }
+}
+
+/// Without its coordinator in the view (group 0's keys gone, or refused at first sight) a Citus
+/// cluster's `leader` and `members` are another group's: the core takes the lowest group. The
+/// shipped templates take the coordinator from `groups`, so the cluster's databases and its
+/// primary listener are left out rather than pointed at a worker.
+#[test]
+fn a_citus_cluster_without_its_coordinator_is_never_routed_to_a_worker() {
+    let text = std::fs::read_to_string(root().join("tests/fixtures/clusters-kv.json")).unwrap();
+    let kv: BTreeMap<String, String> = serde_json::from_str(&text).unwrap();
+    let kv: BTreeMap<String, String> = kv
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("/service/citus/0/"))
+        .collect();
+    let snap = Snapshot::from_json_bytes(&serde_json::to_vec(&kv).unwrap()).unwrap();
+    let s = || {
+        let b = clusters(ConfigBuilder::new().etcd("discover", true))
+            .set("clusters.citus", "primary_port", 5022)
+            .set("clusters.citus", "replica_port", 5023);
+        resolve(templates(b))
+    };
+
+    let pgbouncer = render_from(s(), &snap, "pgbouncer");
+    assert!(
+        pgbouncer.contains("; cluster \"citus\" has no coordinator leader: citus left out\n"),
+        "{pgbouncer}"
+    );
+    assert!(!pgbouncer.contains("citus = "), "{pgbouncer}");
+
+    let haproxy = render_from(s(), &snap, "haproxy");
+    assert!(
+        haproxy.contains("# Citus cluster \"citus\": skipped, no coordinator (group 0)"),
+        "{haproxy}"
+    );
+    assert!(!haproxy.contains("work1-1"), "{haproxy}");
+
+    let citus = render_from(s(), &snap, "citus");
+    let l = listeners(&citus);
+    assert_eq!(l[1].0, "citus_coordinator");
+    assert!(l[1].2.is_empty(), "no coordinator, no server:\n{citus}");
+    assert_eq!(l[2].2, ["work1-1", "work1-2", "work2-1", "work2-2"]);
+    let (ok, output) = haproxy_check(&citus);
+    assert!(ok, "{output}");
 }
 
 /// A Citus cluster alone may take its ports from `vars` instead of `[clusters.citus]`.
