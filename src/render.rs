@@ -69,10 +69,13 @@ pub struct ScopeView<'a> {
 }
 
 impl<'a> ScopeView<'a> {
-    /// The model of an ordinary cluster, or the coordinator (group 0, else the lowest group) of a
-    /// Citus cluster.
+    /// The model of an ordinary cluster, or the coordinator (group 0) of a Citus cluster; None
+    /// for a Citus cluster whose coordinator is not in the view (a worker is never taken for it).
     pub fn main(&self) -> Option<&'a Cluster> {
-        self.groups.first().map(|c| &**c)
+        self.groups
+            .iter()
+            .find(|c| c.group.is_none() || c.group == Some(0))
+            .map(|c| &**c)
     }
 
     /// Whether the scope is a Citus cluster.
@@ -508,6 +511,30 @@ mod tests {
         ] {
             assert!(!reads_wal(t), "{t}");
         }
+    }
+
+    #[test]
+    fn a_citus_cluster_without_its_coordinator_has_no_leader_of_a_worker() {
+        let workers: Vec<std::sync::Arc<Cluster>> = [1, 2]
+            .into_iter()
+            .map(|g| {
+                let mut c = cluster();
+                c.group = Some(g);
+                std::sync::Arc::new(c)
+            })
+            .collect();
+        let v = ScopeView {
+            scope: "citus",
+            groups: &workers,
+            settings: None,
+        };
+        assert!(
+            v.main().is_none(),
+            "a worker group was taken for the coordinator"
+        );
+        let ctx = cluster_context(&v);
+        assert!(ctx.main.leader.is_none() && ctx.main.members.is_empty());
+        assert_eq!(ctx.groups.len(), 2);
     }
 
     #[test]
