@@ -9,8 +9,8 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::command::{self, CommandError};
-use crate::config::Target;
 use crate::render::Rendered;
+use crate::target::Target;
 
 /// Placeholder in check argvs replaced by the staged file's path.
 pub const STAGED_PLACEHOLDER: &str = "{{staged}}";

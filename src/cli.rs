@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{EtcdApi, LogFormat, Overrides, DEFAULT_CONFIG_PATH};
+use crate::config::{Overrides, DEFAULT_CONFIG_PATH};
+use crate::logging::LogFormat;
+use crate::source::EtcdApi;
 
 /// Exit codes, the same for every mode.
 pub mod exit {

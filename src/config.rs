@@ -3,13 +3,18 @@
 //! modes, owners and reload forms validated). Precedence, in one place: flag > env > file > default.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::apply::STAGED_PLACEHOLDER;
+use crate::guard::GuardConfig;
+use crate::logging::LogFormat;
+use crate::reload::Reload;
+use crate::server_state::ServerStateConfig;
+use crate::source::{Clusters, EtcdApi, EtcdSettings, TlsConfig};
+use crate::target::{default_command_timeout, ClusterSettings, Target, SCOPE_PLACEHOLDER};
 
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/haconfd/haconfd.toml";
@@ -138,32 +143,6 @@ impl Default for EtcdConfig {
     }
 }
 
-/// The etcd API haconfd reads Patroni's keys through. Each keeps its own keys: a v3 reader never
-/// sees what Patroni's `etcd:` (v2) section writes, nor the reverse.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum EtcdApi {
-    /// The v3 (gRPC) API: Patroni's `etcd3:` section.
-    #[default]
-    V3,
-    /// The v2 (HTTP/JSON) API: Patroni's `etcd:` section (etcd 3.4/3.5 with `--enable-v2`).
-    V2,
-}
-
-/// `[etcd.tls]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// CA bundle (PEM) that signed etcd's server certificate.
-    pub ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS.
-    pub cert: Option<PathBuf>,
-    /// Client key (PEM) for mutual TLS.
-    pub key: Option<PathBuf>,
-    /// Server name to verify, when it differs from the endpoint's host.
-    pub domain: Option<String>,
-}
-
 /// `[daemon]`: timing of passes.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -196,44 +175,6 @@ impl Default for DaemonConfig {
             retry_interval: Duration::from_secs(5),
         }
     }
-}
-
-/// `[guard]`: refuse renders from an empty or suddenly shrunken store.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GuardConfig {
-    /// Fewer valid members than this and the pass is refused.
-    pub min_members: usize,
-    /// Refuse a leaderless view that lost more than this fraction of the members of the last
-    /// view the guard accepted (see `guard.rs` for the whole rule).
-    pub max_removed_fraction: f64,
-    /// Disable both guards.
-    pub force: bool,
-    /// Where the member names of the last accepted view are kept, per namespace and scope, so
-    /// that the shrink guard also holds for `once` and across restarts. Unset: in memory only.
-    pub state_file: Option<PathBuf>,
-}
-
-impl Default for GuardConfig {
-    fn default() -> Self {
-        Self {
-            min_members: 1,
-            max_removed_fraction: 0.5,
-            force: false,
-            state_file: None,
-        }
-    }
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// `[log]`.
@@ -302,10 +243,6 @@ pub struct TemplateConfig {
     pub vars: toml::Table,
 }
 
-fn default_command_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-
 /// `reload = {...}`: exactly one of `pidfile`, `master_socket` or `command`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -323,47 +260,6 @@ pub struct ReloadConfig {
     /// Time limit of the command or of the master-socket reload.
     #[serde(default, with = "humantime_serde::option")]
     pub timeout: Option<Duration>,
-}
-
-/// `server_state = {...}`: HAProxy's `server-state-file` kept right across reloads.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerStateConfig {
-    /// The admin stats socket (`stats socket ... level admin`).
-    pub stats_socket: PathBuf,
-    /// The file named by `server-state-file` in the global section.
-    pub file: PathBuf,
-    /// Backends that must route to the leader only.
-    #[serde(default = "default_primary_backends")]
-    pub primary_backends: Vec<String>,
-    /// Backends that must route to replicas only.
-    #[serde(default = "default_replica_backends")]
-    pub replica_backends: Vec<String>,
-}
-
-impl ServerStateConfig {
-    /// The settings for one cluster's backends: `{scope}` in their names replaced.
-    pub fn for_scope(&self, scope: &str) -> ServerStateConfig {
-        let fill = |names: &[String]| {
-            names
-                .iter()
-                .map(|b| b.replace(SCOPE_PLACEHOLDER, scope))
-                .collect()
-        };
-        ServerStateConfig {
-            primary_backends: fill(&self.primary_backends),
-            replica_backends: fill(&self.replica_backends),
-            ..self.clone()
-        }
-    }
-}
-
-fn default_primary_backends() -> Vec<String> {
-    vec!["primary".into()]
-}
-
-fn default_replica_backends() -> Vec<String> {
-    vec!["replicas".into()]
 }
 
 /// Overrides from flags and `HACONFD_*` env vars (clap merges the two, flag first).
@@ -553,19 +449,6 @@ pub struct Settings {
     pub targets: Vec<Target>,
 }
 
-/// Resolved `[clusters.<scope>]`: what templates see as the cluster's `settings`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ClusterSettings {
-    /// The whole table, for templates.
-    pub vars: serde_json::Map<String, serde_json::Value>,
-    /// `databases`: PgBouncer's database names for this cluster; the failover fast path pauses
-    /// only these when this cluster's leader changes.
-    pub databases: Vec<String>,
-}
-
-/// The placeholder a per-cluster `dest` (one file per cluster) holds.
-pub const SCOPE_PLACEHOLDER: &str = "{scope}";
-
 /// Resolves `[clusters.*]`: scope names valid, `databases` a list of names, and every `port` or
 /// `*_port` value a port that no other cluster (or other key) uses.
 fn resolve_clusters(
@@ -637,178 +520,6 @@ fn resolve_clusters(
         }
     }
     Ok(out)
-}
-
-/// Resolved `[etcd]`.
-#[derive(Clone)]
-pub struct EtcdSettings {
-    /// The API Patroni's keys are read through.
-    pub api: EtcdApi,
-    /// Client URLs.
-    pub endpoints: Vec<String>,
-    /// Normalised namespace: `/service` style (one leading `/`, no trailing or doubled `/`), or
-    /// empty for the root (`"/"` or `""`), so that `<namespace>/<scope>/` is the path Patroni uses.
-    pub namespace: String,
-    /// Which clusters are followed.
-    pub clusters: Clusters,
-    /// Connection timeout.
-    pub connect_timeout: Duration,
-    /// Request timeout.
-    pub request_timeout: Duration,
-    /// Keepalive interval.
-    pub keepalive_interval: Duration,
-    /// Keepalive timeout.
-    pub keepalive_timeout: Duration,
-    /// `(user, password)` when auth is on.
-    pub auth: Option<(String, String)>,
-    /// TLS files when TLS is on.
-    pub tls: Option<TlsConfig>,
-}
-
-/// The clusters a haconfd follows under the namespace.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Clusters {
-    /// `etcd.scope`: one cluster; templates see its flat context.
-    One(String),
-    /// `etcd.scopes`: these clusters, sorted.
-    List(Vec<String>),
-    /// `etcd.discover`: every cluster under the namespace, found from the keys.
-    Discover,
-}
-
-impl EtcdSettings {
-    /// The key prefix read from etcd: `<namespace>/<scope>/` for one cluster (e.g.
-    /// `/service/demo/`, or `/demo/` with the root namespace), `<namespace>/` for several.
-    pub fn prefix(&self) -> String {
-        match &self.clusters {
-            Clusters::One(scope) => format!("{}/{scope}/", self.namespace),
-            _ => format!("{}/", self.namespace),
-        }
-    }
-
-    /// The scope when one cluster is followed.
-    pub fn single_scope(&self) -> Option<&str> {
-        match &self.clusters {
-            Clusters::One(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    /// How the clusters are chosen, for logs: the scope, the list, or `*` for discovery.
-    pub fn describe_clusters(&self) -> String {
-        match &self.clusters {
-            Clusters::One(s) => s.clone(),
-            Clusters::List(l) => l.join(","),
-            Clusters::Discover => "*".into(),
-        }
-    }
-}
-
-impl fmt::Debug for EtcdSettings {
-    // Secrets never reach a log line: the password is masked here, where every log of the
-    // effective settings goes through.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EtcdSettings")
-            .field("api", &self.api)
-            .field("endpoints", &self.endpoints)
-            .field("namespace", &self.namespace)
-            .field("clusters", &self.clusters)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("request_timeout", &self.request_timeout)
-            .field("keepalive_interval", &self.keepalive_interval)
-            .field("keepalive_timeout", &self.keepalive_timeout)
-            .field("auth", &self.auth.as_ref().map(|(u, _)| (u, "********")))
-            .field("tls", &self.tls)
-            .finish()
-    }
-}
-
-/// Resolved `[[template]]`.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// Name in logs, metrics and `--template`.
-    pub name: String,
-    /// Absolute template path.
-    pub src: PathBuf,
-    /// Destination file.
-    pub dest: PathBuf,
-    /// Check argv (may be empty: no check).
-    pub check: Vec<String>,
-    /// Check time limit.
-    pub check_timeout: Duration,
-    /// File mode to set, if configured.
-    pub mode: Option<u32>,
-    /// Owner to set, if configured.
-    pub owner: Option<u32>,
-    /// Group to set, if configured.
-    pub group: Option<u32>,
-    /// Reload action.
-    pub reload: Option<Reload>,
-    /// Refuse to render with no leader.
-    pub require_leader: bool,
-    /// HAProxy server-state handling.
-    pub server_state: Option<ServerStateConfig>,
-    /// PgBouncer's admin console.
-    pub pgbouncer_admin: Option<crate::pgbouncer::Admin>,
-    /// Merged variables (global, then per-template).
-    pub vars: serde_json::Map<String, serde_json::Value>,
-    /// `dest` holds `{scope}`: one file per cluster, each rendered with that cluster's flat
-    /// context.
-    pub per_cluster: bool,
-}
-
-impl Target {
-    /// A target with defaults and no check, reload or variables: a starting point for tests.
-    pub fn bare(name: &str, src: &Path, dest: &Path) -> Self {
-        Target {
-            name: name.to_owned(),
-            src: src.to_owned(),
-            dest: dest.to_owned(),
-            check: Vec::new(),
-            check_timeout: default_command_timeout(),
-            mode: None,
-            owner: None,
-            group: None,
-            reload: None,
-            require_leader: false,
-            server_state: None,
-            pgbouncer_admin: None,
-            vars: serde_json::Map::new(),
-            per_cluster: false,
-        }
-    }
-}
-
-/// A resolved reload action.
-#[derive(Debug, Clone)]
-pub enum Reload {
-    /// Signal the verified PID from a pidfile.
-    Signal {
-        /// Pidfile path.
-        pidfile: PathBuf,
-        /// Signal to send.
-        signal: nix::sys::signal::Signal,
-        /// Expected process name.
-        process: String,
-        /// Optional HAProxy master socket to verify the reload's outcome.
-        master_socket: Option<PathBuf>,
-        /// How long to wait for the verification.
-        timeout: Duration,
-    },
-    /// `reload` through HAProxy's master CLI, verified with `show proc`.
-    MasterSocket {
-        /// Master CLI socket.
-        path: PathBuf,
-        /// How long to wait for the new worker.
-        timeout: Duration,
-    },
-    /// Run an argv with a time limit.
-    Command {
-        /// The argv.
-        argv: Vec<String>,
-        /// Time limit.
-        timeout: Duration,
-    },
 }
 
 fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigError> {

@@ -565,8 +565,8 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<String> {
         "etcd.keepalive_timeout",
         a.keepalive_timeout != b.keepalive_timeout,
     );
-    let user = |e: &config::EtcdSettings| e.auth.as_ref().map(|(u, _)| u.clone());
-    let password = |e: &config::EtcdSettings| e.auth.as_ref().map(|(_, p)| p.clone());
+    let user = |e: &crate::source::EtcdSettings| e.auth.as_ref().map(|(u, _)| u.clone());
+    let password = |e: &crate::source::EtcdSettings| e.auth.as_ref().map(|(_, p)| p.clone());
     diff("etcd.username", user(a) != user(b));
     diff("etcd.password", password(a) != password(b));
     diff("etcd.tls", format!("{:?}", a.tls) != format!("{:?}", b.tls));

@@ -18,12 +18,12 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::config::Target;
 use crate::confirm;
 use crate::events::ClusterEvent;
 use crate::model::{Cluster, Member};
 use crate::pgbouncer::Pause;
 use crate::server_state::{self, Move};
+use crate::target::Target;
 
 /// `[failover]`: the fast path's settings.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -178,7 +178,7 @@ pub struct Confirmed {
 #[derive(Debug, Clone)]
 struct Route {
     target: String,
-    ss: crate::config::ServerStateConfig,
+    ss: crate::server_state::ServerStateConfig,
     dest: PathBuf,
 }
 
@@ -254,7 +254,7 @@ impl Router {
         targets: &[Target],
         cluster: Option<(
             &crate::model::ClusterId,
-            Option<&crate::config::ClusterSettings>,
+            Option<&crate::target::ClusterSettings>,
         )>,
     ) -> Router {
         let citus = cluster.is_some_and(|(id, _)| id.group.is_some());

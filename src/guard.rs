@@ -28,8 +28,34 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::GuardConfig;
 use crate::model::Cluster;
+
+/// `[guard]`: refuse renders from an empty or suddenly shrunken store.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// Fewer valid members than this and the pass is refused.
+    pub min_members: usize,
+    /// Refuse a leaderless view that lost more than this fraction of the members of the last
+    /// view the guard accepted (see `guard.rs` for the whole rule).
+    pub max_removed_fraction: f64,
+    /// Disable both guards.
+    pub force: bool,
+    /// Where the member names of the last accepted view are kept, per namespace and scope, so
+    /// that the shrink guard also holds for `once` and across restarts. Unset: in memory only.
+    pub state_file: Option<PathBuf>,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            min_members: 1,
+            max_removed_fraction: 0.5,
+            force: false,
+            state_file: None,
+        }
+    }
+}
 
 /// Why a pass was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -33,3 +33,4 @@ pub mod server_state;
 pub mod snapshot;
 pub mod source;
 pub mod status;
+pub mod target;

@@ -9,15 +9,17 @@ use std::time::{Duration, Instant};
 use crate::apply::{self, ApplyError};
 use std::path::PathBuf;
 
-use crate::config::{ClusterSettings, Clusters, Reload, Settings, Target};
+use crate::config::Settings;
 use crate::events::{ClusterEvent, Differ};
 use crate::failover::{self, Router};
 use crate::guard::{self, GuardError};
 use crate::model::{self, Cluster, ClusterId, MemberCache, Skipped};
-use crate::reload::{self, ReloadError};
+use crate::reload::{self, Reload, ReloadError};
 use crate::render::{RenderError, Rendered, Renderer, ScopeView, View};
 use crate::server_state;
 use crate::snapshot::Snapshot;
+use crate::source::Clusters;
+use crate::target::{ClusterSettings, Target};
 
 /// Why a pass failed: the first failure in config order. Every variant leaves the failed
 /// target's last good file in place; other consumers' targets may have been applied (see
@@ -667,7 +669,7 @@ impl Engine {
                 target.dest = PathBuf::from(
                     t.dest
                         .to_string_lossy()
-                        .replace(crate::config::SCOPE_PLACEHOLDER, scope),
+                        .replace(crate::target::SCOPE_PLACEHOLDER, scope),
                 );
                 target.name = format!("{}:{scope}", t.name);
                 plan.push((
@@ -1025,7 +1027,7 @@ fn plan(
             instance.dest = PathBuf::from(
                 t.dest
                     .to_string_lossy()
-                    .replace(crate::config::SCOPE_PLACEHOLDER, scope),
+                    .replace(crate::target::SCOPE_PLACEHOLDER, scope),
             );
             if single.is_none() {
                 instance.name = format!("{}:{scope}", t.name);
@@ -1079,20 +1081,20 @@ async fn check_one(
 /// cluster, else from every ordinary cluster with its own backends.
 fn build_server_state(
     settings: &Settings,
-    ss: &crate::config::ServerStateConfig,
+    ss: &server_state::ServerStateConfig,
     rendered: &Rendered,
     clusters: &[Arc<Cluster>],
     live: &str,
 ) -> String {
     let text = String::from_utf8_lossy(&rendered.bytes);
     if settings.etcd.single_scope().is_some() {
-        let pairs: Vec<(&crate::config::ServerStateConfig, &Cluster)> =
+        let pairs: Vec<(&server_state::ServerStateConfig, &Cluster)> =
             clusters.iter().map(|c| (ss, &**c)).collect();
         return server_state::build_many(&pairs, &text, live);
     }
-    let per: Vec<crate::config::ServerStateConfig> =
+    let per: Vec<server_state::ServerStateConfig> =
         clusters.iter().map(|c| ss.for_scope(&c.scope)).collect();
-    let pairs: Vec<(&crate::config::ServerStateConfig, &Cluster)> =
+    let pairs: Vec<(&server_state::ServerStateConfig, &Cluster)> =
         per.iter().zip(clusters).map(|(s, c)| (s, &**c)).collect();
     server_state::build_many(&pairs, &text, live)
 }
@@ -1419,7 +1421,7 @@ impl Engine {
 /// released after the reload.
 async fn prepare_server_state(
     settings: &Settings,
-    ss: &crate::config::ServerStateConfig,
+    ss: &server_state::ServerStateConfig,
     rendered: &Rendered,
     clusters: &[Arc<Cluster>],
 ) -> Option<apply::Retired> {

@@ -10,8 +10,39 @@ use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
 use crate::command::{self, CommandError};
-use crate::config::Reload;
 use crate::haproxy::{self, ProcInfo};
+
+/// A resolved reload action.
+#[derive(Debug, Clone)]
+pub enum Reload {
+    /// Signal the verified PID from a pidfile.
+    Signal {
+        /// Pidfile path.
+        pidfile: PathBuf,
+        /// Signal to send.
+        signal: nix::sys::signal::Signal,
+        /// Expected process name.
+        process: String,
+        /// Optional HAProxy master socket to verify the reload's outcome.
+        master_socket: Option<PathBuf>,
+        /// How long to wait for the verification.
+        timeout: Duration,
+    },
+    /// `reload` through HAProxy's master CLI, verified with `show proc`.
+    MasterSocket {
+        /// Master CLI socket.
+        path: PathBuf,
+        /// How long to wait for the new worker.
+        timeout: Duration,
+    },
+    /// Run an argv with a time limit.
+    Command {
+        /// The argv.
+        argv: Vec<String>,
+        /// Time limit.
+        timeout: Duration,
+    },
+}
 
 /// Errors of the reload stage; each names the pidfile, PID, socket or command involved.
 #[derive(Debug, thiserror::Error)]

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use serde::Serialize;
 use tera::{Kwargs, State, Tera, TeraResult, Value};
 
-use crate::config::{ClusterSettings, Target};
 use crate::model::{Cluster, Member};
+use crate::target::{ClusterSettings, Target};
 
 /// One target's rendered bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]

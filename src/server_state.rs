@@ -9,12 +9,55 @@
 //! UP, and their checks confirm them.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::apply::{ApplyError, Retired};
-use crate::config::ServerStateConfig;
 use crate::model::Cluster;
+use crate::target::SCOPE_PLACEHOLDER;
+
+/// `server_state = {...}`: HAProxy's `server-state-file` kept right across reloads.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerStateConfig {
+    /// The admin stats socket (`stats socket ... level admin`).
+    pub stats_socket: PathBuf,
+    /// The file named by `server-state-file` in the global section.
+    pub file: PathBuf,
+    /// Backends that must route to the leader only.
+    #[serde(default = "default_primary_backends")]
+    pub primary_backends: Vec<String>,
+    /// Backends that must route to replicas only.
+    #[serde(default = "default_replica_backends")]
+    pub replica_backends: Vec<String>,
+}
+
+impl ServerStateConfig {
+    /// The settings for one cluster's backends: `{scope}` in their names replaced.
+    pub fn for_scope(&self, scope: &str) -> ServerStateConfig {
+        let fill = |names: &[String]| {
+            names
+                .iter()
+                .map(|b| b.replace(SCOPE_PLACEHOLDER, scope))
+                .collect()
+        };
+        ServerStateConfig {
+            primary_backends: fill(&self.primary_backends),
+            replica_backends: fill(&self.replica_backends),
+            ..self.clone()
+        }
+    }
+}
+
+fn default_primary_backends() -> Vec<String> {
+    vec!["primary".into()]
+}
+
+fn default_replica_backends() -> Vec<String> {
+    vec!["replicas".into()]
+}
 
 /// Version line HAProxy expects at the top of the file.
 const VERSION: &str = "1";

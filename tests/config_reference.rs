@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use haconfd::config::{RawConfig, ReloadConfig, ServerStateConfig, TemplateConfig, TlsConfig};
+use haconfd::config::{RawConfig, ReloadConfig, TemplateConfig};
+use haconfd::server_state::ServerStateConfig;
+use haconfd::source::TlsConfig;
 
 /// A config with every optional field set, so that serializing it shows every key.
 fn everything() -> RawConfig {

@@ -21,9 +21,11 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
 use haconfd::cli::{Cli, Command as Mode};
-use haconfd::config::{RawConfig, Reload, Settings, Target};
+use haconfd::config::{RawConfig, Settings};
 use haconfd::pipeline::Engine;
+use haconfd::reload::Reload;
 use haconfd::snapshot::Snapshot;
+use haconfd::target::Target;
 use yaml_rust2::{Yaml, YamlLoader};
 
 use common::procs::*;

@@ -36,8 +36,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Batch, Change, Event, SourceError, Store, WatchStream, MAX_ANSWER};
-use crate::config::EtcdSettings;
 use crate::snapshot::Snapshot;
+use crate::source::EtcdSettings;
 
 /// Where a v2 client finds the system's trust roots when `etcd.tls.ca` is not set (Debian's
 /// `ca-certificates`).
@@ -810,10 +810,10 @@ mod tests {
     #[test]
     fn the_prefix_is_a_percent_encoded_v2_path() {
         let settings = EtcdSettings {
-            api: crate::config::EtcdApi::V2,
+            api: crate::source::EtcdApi::V2,
             endpoints: vec!["http://[::1]:2379".into(), "https://etcd.example".into()],
             namespace: "/ns é".into(),
-            clusters: crate::config::Clusters::One("my%scope?".into()),
+            clusters: crate::source::Clusters::One("my%scope?".into()),
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(1),

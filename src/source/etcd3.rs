@@ -12,8 +12,8 @@ use etcd_client::{
 };
 
 use super::{Batch, Change, Event, SourceError, Store, WatchStream, MAX_ANSWER};
-use crate::config::EtcdSettings;
 use crate::snapshot::Snapshot;
+use crate::source::EtcdSettings;
 
 /// etcd's words for an error, without tonic's metadata dump, and a hint when the words alone do
 /// not say what to do.

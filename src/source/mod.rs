@@ -14,15 +14,127 @@ mod etcd2;
 mod etcd3;
 
 use std::convert::Infallible;
+use std::fmt;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
-use crate::config::{EtcdApi, EtcdSettings};
 use crate::snapshot::Snapshot;
+
+/// The etcd API haconfd reads Patroni's keys through. Each keeps its own keys: a v3 reader never
+/// sees what Patroni's `etcd:` (v2) section writes, nor the reverse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EtcdApi {
+    /// The v3 (gRPC) API: Patroni's `etcd3:` section.
+    #[default]
+    V3,
+    /// The v2 (HTTP/JSON) API: Patroni's `etcd:` section (etcd 3.4/3.5 with `--enable-v2`).
+    V2,
+}
+
+/// `[etcd.tls]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA bundle (PEM) that signed etcd's server certificate.
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    pub key: Option<PathBuf>,
+    /// Server name to verify, when it differs from the endpoint's host.
+    pub domain: Option<String>,
+}
+
+/// Resolved `[etcd]`.
+#[derive(Clone)]
+pub struct EtcdSettings {
+    /// The API Patroni's keys are read through.
+    pub api: EtcdApi,
+    /// Client URLs.
+    pub endpoints: Vec<String>,
+    /// Normalised namespace: `/service` style (one leading `/`, no trailing or doubled `/`), or
+    /// empty for the root (`"/"` or `""`), so that `<namespace>/<scope>/` is the path Patroni uses.
+    pub namespace: String,
+    /// Which clusters are followed.
+    pub clusters: Clusters,
+    /// Connection timeout.
+    pub connect_timeout: Duration,
+    /// Request timeout.
+    pub request_timeout: Duration,
+    /// Keepalive interval.
+    pub keepalive_interval: Duration,
+    /// Keepalive timeout.
+    pub keepalive_timeout: Duration,
+    /// `(user, password)` when auth is on.
+    pub auth: Option<(String, String)>,
+    /// TLS files when TLS is on.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The clusters a haconfd follows under the namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Clusters {
+    /// `etcd.scope`: one cluster; templates see its flat context.
+    One(String),
+    /// `etcd.scopes`: these clusters, sorted.
+    List(Vec<String>),
+    /// `etcd.discover`: every cluster under the namespace, found from the keys.
+    Discover,
+}
+
+impl EtcdSettings {
+    /// The key prefix read from etcd: `<namespace>/<scope>/` for one cluster (e.g.
+    /// `/service/demo/`, or `/demo/` with the root namespace), `<namespace>/` for several.
+    pub fn prefix(&self) -> String {
+        match &self.clusters {
+            Clusters::One(scope) => format!("{}/{scope}/", self.namespace),
+            _ => format!("{}/", self.namespace),
+        }
+    }
+
+    /// The scope when one cluster is followed.
+    pub fn single_scope(&self) -> Option<&str> {
+        match &self.clusters {
+            Clusters::One(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// How the clusters are chosen, for logs: the scope, the list, or `*` for discovery.
+    pub fn describe_clusters(&self) -> String {
+        match &self.clusters {
+            Clusters::One(s) => s.clone(),
+            Clusters::List(l) => l.join(","),
+            Clusters::Discover => "*".into(),
+        }
+    }
+}
+
+impl fmt::Debug for EtcdSettings {
+    // Secrets never reach a log line: the password is masked here, where every log of the
+    // effective settings goes through.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdSettings")
+            .field("api", &self.api)
+            .field("endpoints", &self.endpoints)
+            .field("namespace", &self.namespace)
+            .field("clusters", &self.clusters)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("keepalive_timeout", &self.keepalive_timeout)
+            .field("auth", &self.auth.as_ref().map(|(u, _)| (u, "********")))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
 
 /// Errors talking to etcd; each names the endpoints or prefix involved.
 #[derive(Debug, thiserror::Error)]

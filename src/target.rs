@@ -1,0 +1,83 @@
+//! What one rendered output is: a resolved `[[template]]` ([`Target`]: its template, its
+//! destination, how it is checked and how its consumer is reloaded) and the per-cluster settings
+//! ([`ClusterSettings`]) its template sees. Render, apply, failover and the pipeline all read it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::reload::Reload;
+use crate::server_state::ServerStateConfig;
+
+/// Resolved `[clusters.<scope>]`: what templates see as the cluster's `settings`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterSettings {
+    /// The whole table, for templates.
+    pub vars: serde_json::Map<String, serde_json::Value>,
+    /// `databases`: PgBouncer's database names for this cluster; the failover fast path pauses
+    /// only these when this cluster's leader changes.
+    pub databases: Vec<String>,
+}
+
+/// The placeholder a per-cluster `dest` (one file per cluster) holds.
+pub const SCOPE_PLACEHOLDER: &str = "{scope}";
+
+/// Resolved `[[template]]`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Name in logs, metrics and `--template`.
+    pub name: String,
+    /// Absolute template path.
+    pub src: PathBuf,
+    /// Destination file.
+    pub dest: PathBuf,
+    /// Check argv (may be empty: no check).
+    pub check: Vec<String>,
+    /// Check time limit.
+    pub check_timeout: Duration,
+    /// File mode to set, if configured.
+    pub mode: Option<u32>,
+    /// Owner to set, if configured.
+    pub owner: Option<u32>,
+    /// Group to set, if configured.
+    pub group: Option<u32>,
+    /// Reload action.
+    pub reload: Option<Reload>,
+    /// Refuse to render with no leader.
+    pub require_leader: bool,
+    /// HAProxy server-state handling.
+    pub server_state: Option<ServerStateConfig>,
+    /// PgBouncer's admin console.
+    pub pgbouncer_admin: Option<crate::pgbouncer::Admin>,
+    /// Merged variables (global, then per-template).
+    pub vars: serde_json::Map<String, serde_json::Value>,
+    /// `dest` holds `{scope}`: one file per cluster, each rendered with that cluster's flat
+    /// context.
+    pub per_cluster: bool,
+}
+
+impl Target {
+    /// A target with defaults and no check, reload or variables: a starting point for tests.
+    pub fn bare(name: &str, src: &Path, dest: &Path) -> Self {
+        Target {
+            name: name.to_owned(),
+            src: src.to_owned(),
+            dest: dest.to_owned(),
+            check: Vec::new(),
+            check_timeout: default_command_timeout(),
+            mode: None,
+            owner: None,
+            group: None,
+            reload: None,
+            require_leader: false,
+            server_state: None,
+            pgbouncer_admin: None,
+            vars: serde_json::Map::new(),
+            per_cluster: false,
+        }
+    }
+}
+
+/// The time limit of a check command or a reload when the configuration sets none.
+pub(crate) fn default_command_timeout() -> Duration {
+    Duration::from_secs(10)
+}
