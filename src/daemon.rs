@@ -539,7 +539,7 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<String> {
     diff("etcd.endpoints", a.endpoints != b.endpoints);
     diff("etcd.namespace", a.namespace != b.namespace);
     // Another single cluster, or one cluster ↔ several: the guard's memory says nothing of it.
-    let one = |s: &crate::config::EtcdSettings| s.single_scope().map(str::to_owned);
+    let one = |s: &crate::source::EtcdSettings| s.single_scope().map(str::to_owned);
     diff(
         "etcd.scope",
         one(a) != one(b) && (one(a).is_some() || one(b).is_some()),
