@@ -2,10 +2,21 @@
 //! Tera templates, checks each staged file, swaps it in atomically and reloads its consumer by a
 //! verified signal, HAProxy's master socket or a command.
 //!
-//! The stages, each its own module, hand owned values down the pipe:
-//! [`source`] (etcd snapshot + watch) → [`model`] (validated Patroni cluster) → [`render`] (bytes
-//! per target) → [`apply`] (check, atomic write) → [`reload`] (verified PID, master socket).
-//! [`pipeline`] runs one pass through them; [`daemon`] runs passes as events arrive.
+//! The stages, each its own module owning its settings type, hand owned values down the pipe:
+//! - [`source`] (`EtcdSettings`; one file per etcd protocol): a snapshot of Patroni's keys and a
+//!   watch;
+//! - [`model`] and [`events`]: validated Patroni clusters (one per scope, one per Citus group)
+//!   and what changed in each;
+//! - [`guard`] (`GuardConfig`): each cluster's view accepted or refused;
+//! - [`render`]: bytes per [`target`], from every cluster's accepted view;
+//! - [`apply`]: staged, checked, swapped in atomically;
+//! - [`reload`] (`Reload`), [`server_state`] (`ServerStateConfig`), [`pgbouncer`]: the consumer
+//!   told, by a verified signal, the master socket or the admin console;
+//! - [`failover`] and [`confirm`]: the fast path that moves routing ahead of the files.
+//!
+//! [`pipeline`] runs one pass through them and keeps each cluster's state between passes;
+//! [`pacer`] times the passes and [`daemon`] runs them as events arrive; [`config`] parses and
+//! resolves the file into each stage's settings.
 #![warn(missing_docs)]
 
 pub mod apply;
