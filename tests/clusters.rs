@@ -9,7 +9,9 @@
 //!
 //! The templates are the test's own (written into each test's temp dir): the primary listener
 //! names the leader alone and has no health check, so a banner read through a port tells where
-//! HAProxy routes it without waiting for checks. Every test has its own namespace on the
+//! HAProxy routes it without waiting for checks. One test renders the same store through the
+//! shipped `haproxy-clusters.cfg.tera`, `haproxy-citus.cfg.tera` and
+//! `pgbouncer-clusters.ini.tera` and checks the files with `haproxy -c`. Every test has its own namespace on the
 //! binary's shared etcd, its own temp dir, ports and processes.
 
 mod common;
@@ -1014,4 +1016,131 @@ fn a_citus_cluster_routes_its_coordinator_and_every_worker_groups_primary() {
     wait_banner(rig.citus_ports[0], "citus0w2", Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("{e}\n{}", rig.diag()));
     assert_eq!(rig.pgb_port_of("alpha_db"), Some(rig.port_of("alpha1")));
+}
+
+#[test]
+fn the_shipped_templates_give_every_configured_cluster_and_citus_group_its_listeners_and_pass_haproxy_check(
+) {
+    let mut rig = Rig::new("clu-shipped", &["alpha", "beta", "gamma"], true, false);
+    populate(&mut rig, true);
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+    let (cp, wp) = (free_port(), free_port());
+    let haproxy_bin = toml_str(require_bin("haproxy").display().to_string());
+    let p = |rel: &str| toml_str(rig.path(rel).display().to_string());
+    let s = |name: &str| toml_str(shipped.join(name).display().to_string());
+    let mut t = format!(
+        "[etcd]\nendpoints = [{}]\nnamespace = {}\ndiscover = true\n\n\
+         [vars]\nbind_address = \"127.0.0.1\"\nstats_port = {}\nstats_socket = {}\n\n",
+        toml_str(rig.etcd().endpoint()),
+        toml_str(&rig.ns),
+        free_port(),
+        p("admin.sock"),
+    );
+    for (scope, ports) in &rig.ports {
+        t.push_str(&format!(
+            "[clusters.{scope}]\nprimary_port = {}\nreplica_port = {}\ndatabases = [\"{scope}_db\"]\n\n",
+            ports.primary, ports.replica
+        ));
+    }
+    t.push_str(&format!(
+        "[clusters.citus]\ncoordinator_port = {cp}\nworkers_port = {wp}\ndatabases = [\"citus_db\"]\n\n"
+    ));
+    for (name, src, dest) in [
+        ("haproxy", "haproxy-clusters.cfg.tera", "haproxy.cfg"),
+        ("citus", "haproxy-citus.cfg.tera", "citus.cfg"),
+    ] {
+        t.push_str(&format!(
+            "[[template]]\nname = \"{name}\"\nsrc = {}\ndest = {}\n\
+             check = [{haproxy_bin}, \"-c\", \"-f\", \"{{{{staged}}}}\"]\n\n",
+            s(src),
+            p(dest)
+        ));
+    }
+    t.push_str(&format!(
+        "[[template]]\nname = \"pgbouncer\"\nsrc = {}\ndest = {}\nrequire_leader = true\n",
+        s("pgbouncer-clusters.ini.tera"),
+        p("pgbouncer.ini")
+    ));
+    std::fs::write(rig.path("shipped.toml"), t).unwrap();
+    let out = run_with_timeout(
+        Command::new(haconfd_bin())
+            .arg("-c")
+            .arg(rig.path("shipped.toml"))
+            .args(["once", "--no-reload"]),
+        Duration::from_secs(30),
+    )
+    .expect("haconfd once");
+    assert!(
+        out.status.success(),
+        "haconfd once with the shipped templates failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = read(&rig.path("haproxy.cfg"));
+    let mut have = listeners(&cfg);
+    have.sort();
+    let mut want: Vec<String> = ["alpha", "beta", "gamma"]
+        .iter()
+        .flat_map(|s| [format!("{s}_primary"), format!("{s}_replicas")])
+        .collect();
+    want.push("stats".into());
+    want.sort();
+    assert_eq!(
+        have, want,
+        "haproxy.cfg from haproxy-clusters.cfg.tera:\n{cfg}"
+    );
+    for s in ["alpha", "beta", "gamma"] {
+        assert_eq!(
+            servers_of(&cfg, &format!("{s}_primary")),
+            [format!("{s}1"), format!("{s}2")],
+            "{cfg}"
+        );
+        assert!(
+            cfg.contains(&format!("bind 127.0.0.1:{}", rig.ports[s].primary)),
+            "{cfg}"
+        );
+    }
+    assert!(
+        !cfg.lines().any(|l| l.starts_with("listen stray")),
+        "the unconfigured cluster got a listener:\n{cfg}"
+    );
+    let (ok, out) = Haproxy::check_config(&rig.path("haproxy.cfg"));
+    assert!(ok, "haproxy -c: {out}\n{cfg}");
+    // The Citus template: the coordinator (group 0) and the workers of groups 1 and 2.
+    let citus = read(&rig.path("citus.cfg"));
+    assert_eq!(
+        servers_of(&citus, "citus_coordinator"),
+        ["citus0w1", "citus0w2"],
+        "{citus}"
+    );
+    assert_eq!(
+        servers_of(&citus, "citus_workers"),
+        ["citus1w1", "citus1w2", "citus2w1", "citus2w2"],
+        "{citus}"
+    );
+    for g in 0..3 {
+        assert!(
+            citus.contains(&format!("# group {g}, leader citus{g}w1")),
+            "group {g}'s primary is not named:\n{citus}"
+        );
+    }
+    let (ok, out) = Haproxy::check_config(&rig.path("citus.cfg"));
+    assert!(ok, "haproxy -c on citus.cfg: {out}\n{citus}");
+    let ini = read(&rig.path("pgbouncer.ini"));
+    for (db, leader) in [
+        ("alpha_db", "alpha1"),
+        ("beta_db", "beta1"),
+        ("gamma_db", "gamma1"),
+        ("citus_db", "citus0w1"),
+    ] {
+        assert!(
+            ini.contains(&format!(
+                "{db} = host=127.0.0.1 port={} dbname={db}",
+                rig.port_of(leader)
+            )),
+            "{db} not on {leader}:\n{ini}"
+        );
+    }
+    assert!(!ini.contains("stray_db"), "{ini}");
 }
