@@ -64,13 +64,13 @@ pub struct WriteProbe {
 
 const WRITE: &str = "INSERT INTO haconfd_probe(v) VALUES (1) RETURNING inet_server_port()";
 
-fn config(port: u16) -> postgres::Config {
+fn config(port: u16, db: &str) -> postgres::Config {
     let mut c = postgres::Config::new();
     c.host("127.0.0.1")
         .port(port)
         .user(SUPERUSER)
         .password(SUPERUSER_PASSWORD)
-        .dbname("postgres")
+        .dbname(db)
         .application_name("haconfd-switch-probe")
         .connect_timeout(Duration::from_secs(2));
     c
@@ -89,12 +89,24 @@ fn write_once(c: &mut postgres::Client) -> Result<u16, postgres::Error> {
 impl WriteProbe {
     /// Starts writing every `pause` until stopped or `max` has passed.
     pub fn start(port: u16, mode: Mode, pause: Duration, max: Duration) -> WriteProbe {
+        Self::start_on_db(port, "postgres", mode, pause, max)
+    }
+
+    /// [`WriteProbe::start`] on database `db` (a PgBouncer database of one of several clusters).
+    pub fn start_on_db(
+        port: u16,
+        db: &str,
+        mode: Mode,
+        pause: Duration,
+        max: Duration,
+    ) -> WriteProbe {
+        let db = db.to_string();
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
         let (s2, l2) = (stop.clone(), log.clone());
         let handle = std::thread::spawn(move || {
             let start = Instant::now();
-            let cfg = config(port);
+            let cfg = config(port, &db);
             let mut conn: Option<postgres::Client> = None;
             for _ in 0..MAX_ITERATIONS {
                 if s2.load(Ordering::Relaxed) || start.elapsed() >= max {
