@@ -590,11 +590,18 @@ impl Engine {
                     }
                 }
                 Err(e) => {
-                    if !single {
+                    // Logged when the refusal starts or changes, not on every heartbeat.
+                    if !single && st.refused.as_ref() != Some(&e) {
                         tracing::warn!(cluster = %id, "{e}");
                     }
                     st.refused = Some(e.clone());
-                    refusals.push(e);
+                    // A cluster never accepted and not remembered (listed before it exists, or
+                    // found while it bootstraps) has no section in any file: nothing is kept
+                    // back for it, so the pass does not fail for it. /status shows it.
+                    let has_section = st.accepted.is_some() || self.memory.knows(&model) || single;
+                    if has_section {
+                        refusals.push(e);
+                    }
                 }
             }
             self.stats.events.extend(events.iter().cloned());
@@ -879,10 +886,16 @@ impl Engine {
             .iter()
             .map(|(i, e)| (targets[*i].name.clone(), e.reason()))
             .collect();
+        let memory = &self.memory;
         for id in self
             .clusters
             .iter()
-            .filter(|(_, st)| st.refused.is_some())
+            .filter(|(_, st)| {
+                st.refused.is_some()
+                    && (st.accepted.is_some()
+                        || single
+                        || st.seen.as_ref().is_some_and(|c| memory.knows(c)))
+            })
             .map(|(id, _)| id)
         {
             self.stats.failed.push((format!("cluster {id}"), "guard"));
@@ -1532,6 +1545,10 @@ mod cluster_tests {
 
     impl Rig {
         fn new(extra: &str) -> Rig {
+            Rig::with("discover = true", extra)
+        }
+
+        fn with(etcd: &str, extra: &str) -> Rig {
             let dir = tempfile::tempdir().unwrap();
             std::fs::write(dir.path().join("all.tera"), ALL).unwrap();
             std::fs::write(dir.path().join("one.tera"), ONE).unwrap();
@@ -1539,7 +1556,7 @@ mod cluster_tests {
             let text = format!(
                 r#"
 [etcd]
-discover = true
+{etcd}
 [clusters.a]
 port = 5000
 [clusters.b]
@@ -1722,6 +1739,30 @@ dest = "conf.d/{{scope}}.txt"
         assert_eq!(
             rig.read("conf.d/a.txt").unwrap(),
             "a port=5000 leader=pg1\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listed_cluster_not_in_the_store_yet_fails_no_pass_and_comes_when_it_appears() {
+        let mut rig = Rig::with("scopes = [\"a\", \"b\"]", "");
+        rig.cluster("a", 5432, Some("pg1"));
+        rig.pass().await.unwrap();
+        assert_eq!(
+            rig.read("all.txt").unwrap(),
+            "a configured=true leader=pg1 members=pg1,pg2,\n"
+        );
+        let b = rig
+            .engine
+            .reports
+            .iter()
+            .find(|r| r.id.scope == "b")
+            .unwrap();
+        assert!(b.refused.as_deref().unwrap().contains("0 valid member(s)"));
+        rig.cluster("b", 6432, Some("pg1"));
+        rig.pass().await.unwrap();
+        assert_eq!(
+            rig.read("conf.d/b.txt").unwrap(),
+            "b port=5010 leader=pg1\n"
         );
     }
 
