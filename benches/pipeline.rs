@@ -1,7 +1,8 @@
 //! Benchmarks of haconfd against a real etcd, HAProxy and Patroni on loopback (docs/BENCHMARKS.md).
 //!
 //! `cargo bench --bench pipeline` runs every scenario; `cargo bench --bench pipeline -- NAME` runs
-//! one (`latency`, `burst`, `idle`, `reload-under-load`, `heartbeat`, `failover`). Each scenario
+//! one (`latency`, `burst`, `idle`, `reload-under-load`, `heartbeat`, `failover`, `clusters`).
+//! Each scenario
 //! is bounded in count and time, prints a human-readable result line (`RESULT ...`) and a
 //! machine-readable JSON line (`{"bench":...}`), and stops every process it started, by PID.
 //!
@@ -17,7 +18,18 @@
 //! `BENCH_FAILOVER_SWITCHOVERS` (default 5) and `BENCH_FAILOVER_CRASHES` (default 3) per
 //! variant, `BENCH_FAILOVER_MAX_SECS` (default 3600: no failover round starts after that), and
 //! `BENCH_PATRONI_VENV` (a virtualenv whose `bin/patroni` and `bin/patronictl` the failover
-//! scenario runs instead of Debian's; docs/BENCHMARKS.md says how to make one).
+//! scenario runs instead of Debian's; docs/BENCHMARKS.md says how to make one), and for
+//! `clusters`: `BENCH_CLUSTERS` (default 1000, at most 5000), `BENCH_CLUSTERS_SECS` (default 60 s
+//! of heartbeats measured per variant) and `BENCH_CLUSTERS_CHANGES` (default 20 leader changes
+//! per variant).
+//!
+//! `clusters` follows many Patroni clusters with one haconfd (`etcd.discover`, a `[clusters.*]`
+//! table per cluster, one haproxy and one pgbouncer template over every cluster), on an etcd of
+//! its own, side by side with the one-cluster baseline (`etcd.scope`, same templates): start →
+//! first applied pass (without and with `haproxy -c` and PgBouncer's `RELOAD`), the daemon's CPU
+//! and RSS while every member key is rewritten once per 10 s (Patroni's heartbeat), and leader
+//! changes under that load timed to PgBouncer's reload, with the other clusters' lines
+//! byte-compared.
 //!
 //! `failover` times leader changes of a real 3-node Patroni cluster from the clients' side: a
 //! write probe on every node (when does the new primary itself first take a write), new
@@ -56,6 +68,7 @@ const SCENARIOS: &[&str] = &[
     "reload-under-load",
     "heartbeat",
     "failover",
+    "clusters",
 ];
 
 /// confd's figures from the field measurements haconfd was designed against (not measured here:
@@ -108,6 +121,7 @@ fn main() {
             "reload-under-load" => bench_reload_under_load(),
             "heartbeat" => bench_heartbeat(),
             "failover" => bench_failover(),
+            "clusters" => bench_clusters(),
             _ => unreachable!(),
         });
         println!(
@@ -2346,4 +2360,827 @@ fn bench_failover() {
         "stopped_early": stopped_early,
         "seconds": secs,
     }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. clusters
+// ---------------------------------------------------------------------------------------------
+
+/// The bench's own haproxy template over every cluster (templates/haproxy-clusters.cfg.tera is
+/// not on main yet): per configured cluster, the routing of the shipped one-cluster template,
+/// `<scope>_primary` and `<scope>_replicas` with every member, on the cluster's ports. Nothing in
+/// it depends on the leader or on WAL positions: a heartbeat or a leader change leaves it alone.
+const CL_HAPROXY_TEMPLATE: &str = r#"# bench template: every configured cluster, its members in both listeners
+global
+    maxconn 1000
+    stats timeout 30s
+
+defaults
+    mode tcp
+    retries 2
+    timeout client 30m
+    timeout connect 4s
+    timeout server 30m
+    timeout check 5s
+{% for c in clusters %}{% if c.configured %}
+listen {{ c.scope }}_primary
+    bind 127.0.0.1:{{ c.settings.primary_port }}
+    option httpchk HEAD /primary
+    http-check expect status 200
+    default-server inter 1s fall 2 rise 2 on-marked-down shutdown-sessions
+{%- for m in c.members %}
+    server {{ m.name }} {{ m.address }} maxconn 100 check port {{ m.api_port }}
+{%- endfor %}
+
+listen {{ c.scope }}_replicas
+    bind 127.0.0.1:{{ c.settings.replica_port }}
+    option httpchk HEAD /replica
+    http-check expect status 200
+    default-server inter 1s fall 2 rise 2 on-marked-down shutdown-sessions
+{%- for m in c.members %}
+    server {{ m.name }} {{ m.address }} maxconn 100 check port {{ m.api_port }}
+{%- endfor %}
+{% endif %}{% endfor %}"#;
+
+/// The `[databases]` part of the bench's pgbouncer template over every cluster: one line per
+/// database of each configured cluster with a leader, pointing at it. The `[pgbouncer]` section
+/// of the PgBouncer under test follows it verbatim.
+const CL_PGBOUNCER_DATABASES: &str = r#"; bench template: each cluster's databases at its leader
+[databases]
+{% for c in clusters -%}
+{% if c.configured and c.leader -%}
+{% for db in c.settings.databases -%}
+{{ db }} = host={{ c.leader.host }} port={{ c.leader.port }} dbname={{ db }}
+{% endfor -%}
+{% endif -%}
+{% endfor %}
+"#;
+
+/// Patroni's member keys are rewritten every `loop_wait` (10 s by default).
+const CL_LOOP_WAIT: Duration = Duration::from_secs(10);
+const CL_MEMBERS: usize = 3;
+
+/// One variant of the `clusters` scenario: `n` clusters of three members under `ns`, followed
+/// with `etcd.discover` (or `etcd.scope` for the one-cluster baseline).
+struct ClLayout {
+    name: &'static str,
+    ns: String,
+    scopes: Vec<String>,
+    /// `etcd.scope` (the one-cluster baseline) instead of `etcd.discover`.
+    single: bool,
+}
+
+impl ClLayout {
+    fn new(name: &'static str, ns: &str, prefix: char, n: usize, single: bool) -> ClLayout {
+        ClLayout {
+            name,
+            ns: ns.to_string(),
+            scopes: (0..n).map(|c| format!("{prefix}{c:04}")).collect(),
+            single,
+        }
+    }
+
+    fn n(&self) -> usize {
+        self.scopes.len()
+    }
+
+    fn primary_port(c: usize) -> u16 {
+        10_000 + 2 * c as u16
+    }
+
+    fn member_port(c: usize, i: usize) -> u16 {
+        20_000 + (CL_MEMBERS * c + i) as u16
+    }
+
+    fn api_port(c: usize, i: usize) -> u16 {
+        35_000 + (CL_MEMBERS * c + i) as u16
+    }
+
+    fn member_key(&self, c: usize, i: usize) -> String {
+        format!("{}/{}/members/m{}", self.ns, self.scopes[c], i + 1)
+    }
+
+    fn leader_key(&self, c: usize) -> String {
+        format!("{}/{}/leader", self.ns, self.scopes[c])
+    }
+
+    fn member_value(c: usize, i: usize, leader: usize, xlog: u64) -> String {
+        let role = if i == leader { "master" } else { "replica" };
+        member_json(Self::member_port(c, i), Self::api_port(c, i), role, xlog)
+    }
+
+    /// Every cluster's leader key (m1) and member keys.
+    fn load(&self, etcd: &Etcd) {
+        for c in 0..self.n() {
+            for i in 0..CL_MEMBERS {
+                etcd.put(
+                    &self.member_key(c, i),
+                    &Self::member_value(c, i, 0, 50_331_816),
+                );
+            }
+            etcd.put(&self.leader_key(c), "m1");
+        }
+    }
+
+    /// The pgbouncer.ini line of cluster `c` with member `i` leading.
+    fn db_line(&self, c: usize, i: usize) -> String {
+        let db = format!("db_{}", self.scopes[c]);
+        format!(
+            "{db} = host=127.0.0.1 port={} dbname={db}",
+            Self::member_port(c, i)
+        )
+    }
+
+    /// haconfd's config: `check` runs `haproxy -c`, `admin` reloads PgBouncer through its
+    /// console (socket dir, port).
+    #[allow(clippy::too_many_arguments)]
+    fn toml(
+        &self,
+        endpoint: &str,
+        http_port: u16,
+        htpl: &Path,
+        hdest: &Path,
+        check: bool,
+        ptpl: &Path,
+        pdest: &Path,
+        admin: Option<(&Path, u16)>,
+    ) -> String {
+        let q = |p: &Path| format!("{:?}", p.display().to_string());
+        let mut s = format!(
+            "[etcd]\nendpoints = [{endpoint:?}]\nnamespace = {:?}\n",
+            self.ns
+        );
+        if self.single {
+            s += &format!("scope = {:?}\n", self.scopes[0]);
+        } else {
+            s += "discover = true\n";
+        }
+        s += &format!("\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n");
+        for (c, scope) in self.scopes.iter().enumerate() {
+            s += &format!(
+                "[clusters.{scope}]\nprimary_port = {}\nreplica_port = {}\ndatabases = [\"db_{scope}\"]\n",
+                Self::primary_port(c),
+                Self::primary_port(c) + 1
+            );
+        }
+        s += &format!(
+            "\n[[template]]\nname = \"haproxy\"\nsrc = {}\ndest = {}\n",
+            q(htpl),
+            q(hdest)
+        );
+        if check {
+            let check: Vec<String> = haproxy_check().iter().map(|a| format!("{a:?}")).collect();
+            s += &format!("check = [{}]\n", check.join(", "));
+        }
+        s += &format!(
+            "\n[[template]]\nname = \"pgbouncer\"\nsrc = {}\ndest = {}\nrequire_leader = true\n",
+            q(ptpl),
+            q(pdest)
+        );
+        if let Some((dir, port)) = admin {
+            s += &format!(
+                "pgbouncer_admin = {{ host = {}, port = {port}, user = \"pgbouncer\" }}\n",
+                q(dir)
+            );
+        }
+        s
+    }
+}
+
+/// A haconfd's first pass after its spawn.
+#[derive(Debug, Clone, Default)]
+struct ClStart {
+    /// Spawn → `listed` (the etcd list), ms.
+    listed_ms: f64,
+    /// Spawn → `pass applied`, ms.
+    applied_ms: f64,
+    /// The pass's own `took`, ms.
+    took_ms: f64,
+    /// `/metrics` after the first pass: render (model + render) and apply (stage, check, swap,
+    /// reload) seconds, summed over the passes so far (`passes`).
+    render_ms: f64,
+    apply_ms: f64,
+    passes: f64,
+}
+
+/// A value of haconfd's `/metrics` text (the sum over every series whose name and labels start
+/// with `prefix`).
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+fn metrics_text(port: u16) -> String {
+    procs::http_get(port, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+}
+
+/// Spawns `haconfd run` on `cfg` and waits (bounded) for its first `pass applied`.
+fn cl_spawn(cfg: &Path, log_path: &Path, http_port: u16) -> (Haconfd, ClStart) {
+    let t0 = unix_ms(SystemTime::now());
+    let proc = Proc::spawn_logged(
+        "haconfd",
+        haconfd_cmd(cfg, &["run", "--log-format", "json"]),
+        log_path,
+    );
+    let mut log = LogTail::new(log_path);
+    let seen = log.wait_for(Duration::from_secs(120), |l| l.message == "pass applied");
+    let Some(seen) = seen else {
+        panic!(
+            "haconfd applied no pass within 120 s; log tail:\n{}",
+            tail(&std::fs::read_to_string(log_path).unwrap_or_default(), 40)
+        );
+    };
+    let listed = seen.iter().find(|l| l.message == "listed");
+    let applied = seen
+        .iter()
+        .find(|l| l.message == "pass applied")
+        .expect("seen");
+    let m = metrics_text(http_port);
+    let start = ClStart {
+        listed_ms: listed.map_or(f64::NAN, |l| l.ts_ms - t0),
+        applied_ms: applied.ts_ms - t0,
+        took_ms: applied.took_ms.unwrap_or(f64::NAN),
+        render_ms: metric(&m, "haconfd_render_duration_seconds_sum") * 1000.0,
+        apply_ms: metric(&m, "haconfd_apply_duration_seconds_sum") * 1000.0,
+        passes: metric(&m, "haconfd_render_duration_seconds_count"),
+    };
+    (Haconfd { proc, log }, start)
+}
+
+/// One leader change as the bench timed it, ms after the leader key's put.
+#[derive(Debug, Clone)]
+struct ClChange {
+    scope: String,
+    /// haconfd's `file updated` (pgbouncer).
+    file_log_ms: f64,
+    /// The bench first read the new line in pgbouncer.ini (polled every 2 ms).
+    file_seen_ms: f64,
+    /// haconfd's `reloaded` (pgbouncer): PgBouncer answered `RELOAD` on its console.
+    reloaded_ms: f64,
+    /// PgBouncer's `SHOW DATABASES` gave the new port afterwards.
+    pgbouncer_has_it: bool,
+    /// Lines of pgbouncer.ini other than this cluster's that changed (must be 0).
+    other_lines_changed: usize,
+    /// The `took` of the pass that wrote the new line (haconfd's `pass applied`).
+    pass_took_ms: f64,
+    /// Renders of the haproxy template between just before the change and its reload (from
+    /// `/metrics`, read outside the timed part): its output does not depend on the leader.
+    haproxy_renders: f64,
+}
+
+/// What one variant measured.
+struct ClResult {
+    name: &'static str,
+    clusters: usize,
+    start_nocheck: ClStart,
+    start_check: ClStart,
+    haproxy_c_ms: f64,
+    haproxy_cfg_bytes: u64,
+    pgbouncer_ini_bytes: u64,
+    window_s: f64,
+    events: usize,
+    late_events: usize,
+    cpu_s: f64,
+    sched_s: f64,
+    rss_start: f64,
+    rss_max: f64,
+    rss_mean: f64,
+    hwm: f64,
+    passes_in_window: f64,
+    renders_in_window: f64,
+    writes_in_window: usize,
+    changes: Vec<ClChange>,
+}
+
+fn bench_clusters() {
+    let n = env_usize("BENCH_CLUSTERS", 1000).min(5000);
+    let secs = env_usize("BENCH_CLUSTERS_SECS", 60);
+    let changes = env_usize("BENCH_CLUSTERS_CHANGES", 20);
+    // A fresh etcd of its own: `discover` follows every scope under the namespace, and the
+    // shared one holds the other scenarios' clusters.
+    let etcd = Etcd::start();
+    let dir = temp_dir("bench-clusters");
+    let htpl = dir.path().join("haproxy-clusters.cfg.tera");
+    std::fs::write(&htpl, CL_HAPROXY_TEMPLATE).expect("write the haproxy template");
+    let base = ClLayout::new("one-cluster", "/baseline", 'b', 1, true);
+    let many = ClLayout::new("many", "/service", 'c', n, false);
+    let r1 = cl_variant(&etcd, dir.path(), &htpl, &base, secs, changes);
+    let rn = cl_variant(&etcd, dir.path(), &htpl, &many, secs, changes);
+    cl_report(&[&r1, &rn]);
+    drop(etcd);
+}
+
+fn cl_variant(
+    etcd: &Etcd,
+    root: &Path,
+    htpl: &Path,
+    layout: &ClLayout,
+    secs: usize,
+    changes: usize,
+) -> ClResult {
+    let n = layout.n();
+    let dir = root.join(layout.name);
+    std::fs::create_dir_all(dir.join("nocheck")).expect("mkdir");
+    let t = Instant::now();
+    layout.load(etcd);
+    println!(
+        "{}: {n} clusters × {CL_MEMBERS} members loaded into etcd in {:.1}s",
+        layout.name,
+        t.elapsed().as_secs_f64()
+    );
+
+    // PgBouncer with no databases yet; haconfd's first pass writes them and reloads it.
+    let pgb = Pgbouncer::start_with("");
+    let ini = pgb.owned_ini().expect("owned ini");
+    let ptpl = dir.join("pgbouncer-clusters.ini.tera");
+    std::fs::write(
+        &ptpl,
+        format!("{CL_PGBOUNCER_DATABASES}\n{}", ini.pgbouncer_section()),
+    )
+    .expect("write the pgbouncer template");
+
+    // 2a. Start → first pass with nothing to check or reload: list, model, render, write.
+    let http = free_port();
+    let cfg = dir.join("nocheck/haconfd.toml");
+    std::fs::write(
+        &cfg,
+        layout.toml(
+            &etcd.endpoint(),
+            http,
+            htpl,
+            &dir.join("nocheck/haproxy.cfg"),
+            false,
+            &ptpl,
+            &dir.join("nocheck/pgbouncer.ini"),
+            None,
+        ),
+    )
+    .expect("write config");
+    let (d, start_nocheck) = cl_spawn(&cfg, &dir.join("nocheck/haconfd.log"), http);
+    drop(d);
+
+    // 2b. The daemon under test: `haproxy -c` on its file, PgBouncer reloaded on its console.
+    let http = free_port();
+    let cfg = dir.join("haconfd.toml");
+    let hdest = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        layout.toml(
+            &etcd.endpoint(),
+            http,
+            htpl,
+            &hdest,
+            true,
+            &ptpl,
+            &ini.path,
+            Some((ini.dir(), ini.port)),
+        ),
+    )
+    .expect("write config");
+    let (mut daemon, start_check) = cl_spawn(&cfg, &dir.join("haconfd.log"), http);
+    let pid = daemon.pid();
+    let pgb_reloaded =
+        |l: &LogLine| l.message == "reloaded" && l.raw.contains("\"target\":\"pgbouncer\"");
+    assert!(
+        daemon.log.all.iter().any(pgb_reloaded)
+            || daemon
+                .log
+                .wait_for(Duration::from_secs(30), pgb_reloaded)
+                .is_some(),
+        "the first pass did not reload PgBouncer; log tail:\n{}",
+        tail(&daemon.log_text(), 30)
+    );
+    let dbs = pgb.show_databases();
+    let want = layout.db_line(n - 1, 0);
+    let last_db = format!("db_{}", layout.scopes[n - 1]);
+    assert!(
+        dbs.contains_key(&last_db),
+        "PgBouncer does not list {last_db} after the first pass ({} databases); want {want:?}",
+        dbs.len()
+    );
+    // The check alone, as haconfd runs it, on the file it wrote (median of 3).
+    let mut checks: Vec<f64> = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            let (ok, out) = Haproxy::check_config(&hdest);
+            assert!(ok, "haproxy -c refuses the rendered file: {out}");
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    checks.sort_by(|a, b| a.total_cmp(b));
+    let haproxy_c_ms = checks[1];
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let (haproxy_cfg_bytes, pgbouncer_ini_bytes) = (size(&hdest), size(&ini.path));
+    println!(
+        "{}: start → first applied pass {:.0} ms without the check, {:.0} ms with `haproxy -c` \
+         and PgBouncer's RELOAD; haproxy -c alone {haproxy_c_ms:.0} ms; haproxy.cfg \
+         {haproxy_cfg_bytes} B, pgbouncer.ini {pgbouncer_ini_bytes} B; {} databases in PgBouncer",
+        layout.name,
+        start_nocheck.applied_ms,
+        start_check.applied_ms,
+        dbs.len()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    daemon.log.poll();
+
+    // 1 and 3: every member key rewritten once per loop_wait, spread evenly, from a thread; the
+    // CPU window first, then the leader changes under the same load.
+    let keys = n * CL_MEMBERS;
+    let period = CL_LOOP_WAIT / keys as u32;
+    let leaders = std::sync::Mutex::new(vec![0usize; n]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let window = Duration::from_secs(secs as u64);
+    // Bounded: the window, plus the changes (at most 12 s each), plus slack.
+    let max_load = window + Duration::from_secs(12 * changes as u64 + 30);
+    let pgb_ref = &pgb;
+    let (result, events, late) = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            let t0 = Instant::now();
+            let (mut events, mut late) = (0usize, 0usize);
+            for k in 0..usize::MAX {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) || t0.elapsed() > max_load {
+                    break;
+                }
+                let at = period * k as u32;
+                match at.checked_sub(t0.elapsed()) {
+                    Some(rest) => std::thread::sleep(rest),
+                    None if t0.elapsed() - at > Duration::from_millis(100) => late += 1,
+                    None => {}
+                }
+                let (c, i) = ((k % keys) / CL_MEMBERS, k % CL_MEMBERS);
+                let xlog = 50_331_816 + 4096 * (k / keys + 1) as u64;
+                let leaders = leaders.lock().unwrap();
+                etcd.put(
+                    &layout.member_key(c, i),
+                    &ClLayout::member_value(c, i, leaders[c], xlog),
+                );
+                events += 1;
+            }
+            (events, late)
+        });
+
+        let m0 = metrics_text(http);
+        let rss_start = status_mb(pid, "VmRSS").unwrap_or(f64::NAN);
+        let writes0 = daemon.log.count("pass applied");
+        let cpu0 = cpu_seconds(pid);
+        let sched0 = schedstat_seconds(pid);
+        let t0 = Instant::now();
+        let mut samples = Vec::new();
+        for s in 1..=secs {
+            if let Some(rest) = Duration::from_secs(s as u64).checked_sub(t0.elapsed()) {
+                std::thread::sleep(rest);
+            }
+            match status_mb(pid, "VmRSS") {
+                Some(mb) => samples.push(mb),
+                None => panic!("haconfd (pid {pid}) is gone; log:\n{}", daemon.log_text()),
+            }
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(pid) - cpu0;
+        let sched = schedstat_seconds(pid) - sched0;
+        let hwm = status_mb(pid, "VmHWM").unwrap_or(f64::NAN);
+        let m1 = metrics_text(http);
+        daemon.log.poll();
+        let writes = daemon.log.count("pass applied") - writes0;
+        let passes = metric(&m1, "haconfd_passes_total") - metric(&m0, "haconfd_passes_total");
+        let renders = metric(&m1, "haconfd_renders_total") - metric(&m0, "haconfd_renders_total");
+        println!(
+            "{}: {wall:.1}s window: CPU {:.2} % of a core, RSS max {:.2} MB, VmHWM {hwm:.2} MB, \
+             {passes} passes, {renders} renders",
+            layout.name,
+            cpu / wall * 100.0,
+            samples.iter().copied().fold(f64::MIN, f64::max)
+        );
+
+        let mut done = Vec::new();
+        for r in 0..changes {
+            // Clusters spread over the range; with one cluster, the same one every time.
+            let c = (r * 7919 + 13) % n;
+            done.push(cl_change(
+                etcd,
+                http,
+                layout,
+                &leaders,
+                &mut daemon,
+                pgb_ref,
+                &ini.path,
+                c,
+            ));
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (events, late) = load.join().expect("load thread");
+        let max = samples.iter().copied().fold(f64::MIN, f64::max);
+        let mean = samples.iter().sum::<f64>() / samples.len().max(1) as f64;
+        (
+            ClResult {
+                name: layout.name,
+                clusters: n,
+                start_nocheck: start_nocheck.clone(),
+                start_check: start_check.clone(),
+                haproxy_c_ms,
+                haproxy_cfg_bytes,
+                pgbouncer_ini_bytes,
+                window_s: wall,
+                events: 0,
+                late_events: 0,
+                cpu_s: cpu,
+                sched_s: sched,
+                rss_start,
+                rss_max: max,
+                rss_mean: mean,
+                hwm,
+                passes_in_window: passes,
+                renders_in_window: renders,
+                writes_in_window: writes,
+                changes: done,
+            },
+            events,
+            late,
+        )
+    });
+    drop(daemon);
+    drop(pgb);
+    ClResult {
+        events,
+        late_events: late,
+        ..result
+    }
+}
+
+/// Moves cluster `c`'s leader to the next member as Patroni's switchover ends: the old
+/// leader's member key says replica, the new one's says master, then the leader key names it.
+/// Times from that last put to the new line in pgbouncer.ini and PgBouncer's reload.
+#[allow(clippy::too_many_arguments)]
+fn cl_change(
+    etcd: &Etcd,
+    http: u16,
+    layout: &ClLayout,
+    leaders: &std::sync::Mutex<Vec<usize>>,
+    daemon: &mut Haconfd,
+    pgb: &Pgbouncer,
+    ini: &Path,
+    c: usize,
+) -> ClChange {
+    daemon.log.poll();
+    let haproxy_renders0 = metric(
+        &metrics_text(http),
+        "haconfd_renders_total{target=\"haproxy\"}",
+    );
+    let before = std::fs::read_to_string(ini).unwrap_or_default();
+    let t0;
+    let new;
+    {
+        let mut l = leaders.lock().unwrap();
+        let old = l[c];
+        new = (old + 1) % CL_MEMBERS;
+        etcd.put(
+            &layout.member_key(c, old),
+            &ClLayout::member_value(c, old, new, 50_331_816),
+        );
+        etcd.put(
+            &layout.member_key(c, new),
+            &ClLayout::member_value(c, new, new, 50_331_816),
+        );
+        t0 = unix_ms(SystemTime::now());
+        etcd.put(&layout.leader_key(c), &format!("m{}", new + 1));
+        l[c] = new;
+    }
+    let want = layout.db_line(c, new);
+    let mut file_seen_ms = f64::NAN;
+    let (mut file_log_ms, mut reloaded_ms) = (f64::NAN, f64::NAN);
+    let mut pass_took_ms = f64::NAN;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = String::new();
+    while Instant::now() < deadline && (file_seen_ms.is_nan() || reloaded_ms.is_nan()) {
+        if file_seen_ms.is_nan() {
+            let now = unix_ms(SystemTime::now());
+            let text = std::fs::read_to_string(ini).unwrap_or_default();
+            if text.lines().any(|l| l == want) {
+                file_seen_ms = now - t0;
+                after = text;
+            }
+        }
+        for l in daemon.log.poll() {
+            if l.ts_ms >= t0 && l.message == "pass applied" && pass_took_ms.is_nan() {
+                pass_took_ms = l.took_ms.unwrap_or(f64::NAN);
+            }
+            if l.ts_ms < t0 || !l.raw.contains("\"target\":\"pgbouncer\"") {
+                continue;
+            }
+            if l.message == "file updated" && file_log_ms.is_nan() {
+                file_log_ms = l.ts_ms - t0;
+            }
+            if l.message == "reloaded" && reloaded_ms.is_nan() {
+                reloaded_ms = l.ts_ms - t0;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // The `pass applied` line follows the reload.
+    let until = Instant::now() + Duration::from_secs(2);
+    while pass_took_ms.is_nan() && Instant::now() < until {
+        for l in daemon.log.poll() {
+            if l.ts_ms >= t0 && l.message == "pass applied" && pass_took_ms.is_nan() {
+                pass_took_ms = l.took_ms.unwrap_or(f64::NAN);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let haproxy_renders = metric(
+        &metrics_text(http),
+        "haconfd_renders_total{target=\"haproxy\"}",
+    ) - haproxy_renders0;
+    let db = format!("db_{}", layout.scopes[c]);
+    let port = ClLayout::member_port(c, new).to_string();
+    let pgbouncer_has_it = pgb
+        .show_databases()
+        .get(&db)
+        .is_some_and(|r| r.get("port") == Some(&port));
+    let own = |l: &str| l.starts_with(&format!("{db} = "));
+    let old_lines: Vec<&str> = before.lines().filter(|l| !own(l)).collect();
+    let new_lines: Vec<&str> = after.lines().filter(|l| !own(l)).collect();
+    let other_lines_changed = if after.is_empty() {
+        usize::MAX
+    } else {
+        old_lines
+            .iter()
+            .zip(&new_lines)
+            .filter(|(a, b)| a != b)
+            .count()
+            + old_lines.len().abs_diff(new_lines.len())
+    };
+    let ch = ClChange {
+        scope: layout.scopes[c].clone(),
+        file_log_ms,
+        file_seen_ms,
+        reloaded_ms,
+        pgbouncer_has_it,
+        other_lines_changed,
+        pass_took_ms,
+        haproxy_renders,
+    };
+    println!(
+        "{}: leader of {} → m{}: file updated +{:.1} ms (haconfd's log), seen +{:.1} ms, \
+         PgBouncer reloaded +{:.1} ms (pass took {:.1} ms, haproxy renders {}); PgBouncer has \
+         it: {}; other lines changed: {}",
+        layout.name,
+        ch.scope,
+        new + 1,
+        ch.file_log_ms,
+        ch.file_seen_ms,
+        ch.reloaded_ms,
+        ch.pass_took_ms,
+        ch.haproxy_renders,
+        ch.pgbouncer_has_it,
+        ch.other_lines_changed
+    );
+    ch
+}
+
+fn cl_report(results: &[&ClResult]) {
+    println!(
+        "\nRESULT clusters (targets: CPU ≤ 5 % of a core and RSS ≤ 40 MB with 1,000 clusters, \
+         one-cluster RSS ≤ 8 MB, start → first pass ≤ 1 s, leader change → PgBouncer reloaded ≤ 50 ms):"
+    );
+    for r in results {
+        let reload: Vec<f64> = r
+            .changes
+            .iter()
+            .map(|c| c.reloaded_ms)
+            .filter(|v| v.is_finite())
+            .collect();
+        let seen: Vec<f64> = r
+            .changes
+            .iter()
+            .map(|c| c.file_seen_ms)
+            .filter(|v| v.is_finite())
+            .collect();
+        let file_log: Vec<f64> = r
+            .changes
+            .iter()
+            .map(|c| c.file_log_ms)
+            .filter(|v| v.is_finite())
+            .collect();
+        let took: Vec<f64> = r
+            .changes
+            .iter()
+            .map(|c| c.pass_took_ms)
+            .filter(|v| v.is_finite())
+            .collect();
+        let tk = summarize(&took);
+        let hr: f64 = r.changes.iter().map(|c| c.haproxy_renders).sum();
+        let (rl, sn, fl) = (summarize(&reload), summarize(&seen), summarize(&file_log));
+        let cpu_pct = r.cpu_s / r.window_s * 100.0;
+        let rate = r.clusters as f64 * CL_MEMBERS as f64 / CL_LOOP_WAIT.as_secs_f64();
+        let missed = r.changes.len() - reload.len();
+        let pgb_ok = r.changes.iter().filter(|c| c.pgbouncer_has_it).count();
+        let untouched = r
+            .changes
+            .iter()
+            .filter(|c| c.other_lines_changed == 0)
+            .count();
+        println!(
+            "RESULT clusters {}: {} clusters × {CL_MEMBERS}; heartbeats {rate:.1}/s ({} events, \
+             {} late > 100 ms) over {:.1} s: CPU {:.2} s = {cpu_pct:.2} % of one core \
+             (schedstat {:.2} %), {} passes ({} renders, {} that wrote); RSS start {:.2} MB, \
+             max {:.2} MB, mean {:.2} MB, VmHWM {:.2} MB",
+            r.name,
+            r.clusters,
+            r.events,
+            r.late_events,
+            r.window_s,
+            r.cpu_s,
+            r.sched_s / r.window_s * 100.0,
+            r.passes_in_window,
+            r.renders_in_window,
+            r.writes_in_window,
+            r.rss_start,
+            r.rss_max,
+            r.rss_mean,
+            r.hwm
+        );
+        println!(
+            "RESULT clusters {}: start → first applied pass: {:.0} ms without a check (listed \
+             at {:.0} ms, pass took {:.0} ms: render {:.0} ms, apply {:.0} ms), {:.0} ms with \
+             `haproxy -c` and PgBouncer's RELOAD (listed at {:.0} ms, pass took {:.0} ms: render \
+             {:.0} ms, apply {:.0} ms); `haproxy -c` alone {:.0} ms; haproxy.cfg {} B, \
+             pgbouncer.ini {} B",
+            r.name,
+            r.start_nocheck.applied_ms,
+            r.start_nocheck.listed_ms,
+            r.start_nocheck.took_ms,
+            r.start_nocheck.render_ms,
+            r.start_nocheck.apply_ms,
+            r.start_check.applied_ms,
+            r.start_check.listed_ms,
+            r.start_check.took_ms,
+            r.start_check.render_ms,
+            r.start_check.apply_ms,
+            r.haproxy_c_ms,
+            r.haproxy_cfg_bytes,
+            r.pgbouncer_ini_bytes
+        );
+        println!(
+            "RESULT clusters {}: {} leader changes: PgBouncer reloaded p50 {:.1} ms max {:.1} ms \
+             ({missed} never); file updated (haconfd's log) p50 {:.1} max {:.1} ms; new line \
+             seen in the file p50 {:.1} max {:.1} ms; PgBouncer's SHOW DATABASES had the new \
+             port {pgb_ok}/{}; other lines untouched {untouched}/{}; the change's pass took p50 \
+             {:.1} max {:.1} ms; haproxy template rendered {hr} times in the changes",
+            r.name,
+            r.changes.len(),
+            rl.p50,
+            rl.max,
+            fl.p50,
+            fl.max,
+            sn.p50,
+            sn.max,
+            r.changes.len(),
+            r.changes.len(),
+            tk.p50,
+            tk.max
+        );
+        let start = |s: &ClStart| {
+            json!({"applied_ms": s.applied_ms, "listed_ms": s.listed_ms, "took_ms": s.took_ms,
+                   "render_ms": s.render_ms, "apply_ms": s.apply_ms, "passes": s.passes})
+        };
+        print_json(json!({
+            "bench": "clusters",
+            "variant": r.name,
+            "clusters": r.clusters,
+            "heartbeat_events_per_s": rate,
+            "events": r.events,
+            "late_events": r.late_events,
+            "window_s": r.window_s,
+            "cpu_s": r.cpu_s,
+            "cpu_percent": cpu_pct,
+            "schedstat_cpu_percent": r.sched_s / r.window_s * 100.0,
+            "passes": r.passes_in_window,
+            "renders": r.renders_in_window,
+            "passes_that_wrote": r.writes_in_window,
+            "rss_start_mb": r.rss_start,
+            "rss_max_mb": r.rss_max,
+            "rss_mean_mb": r.rss_mean,
+            "vmhwm_mb": r.hwm,
+            "start_nocheck": start(&r.start_nocheck),
+            "start_check": start(&r.start_check),
+            "haproxy_c_ms": r.haproxy_c_ms,
+            "haproxy_cfg_bytes": r.haproxy_cfg_bytes,
+            "pgbouncer_ini_bytes": r.pgbouncer_ini_bytes,
+            "change_reloaded_ms": summary_json(&rl),
+            "change_file_log_ms": summary_json(&fl),
+            "change_file_seen_ms": summary_json(&sn),
+            "change_pass_took_ms": summary_json(&tk),
+            "change_haproxy_renders": hr,
+            "changes": r.changes.iter().map(|c| json!({
+                "scope": c.scope, "file_log_ms": c.file_log_ms, "file_seen_ms": c.file_seen_ms,
+                "reloaded_ms": c.reloaded_ms, "pgbouncer_has_it": c.pgbouncer_has_it,
+                "pass_took_ms": c.pass_took_ms, "haproxy_renders": c.haproxy_renders,
+                "other_lines_changed": c.other_lines_changed})).collect::<Vec<_>>(),
+        }));
+    }
 }
