@@ -157,14 +157,33 @@ struct StateFile {
     clusters: Vec<Entry>,
 }
 
+/// The member names last accepted, by namespace, scope and Citus group: looked up by borrowed
+/// names, once per cluster and pass (thousands of clusters).
+type Entries = std::collections::HashMap<
+    String,
+    std::collections::HashMap<String, std::collections::BTreeMap<Option<u64>, Vec<String>>>,
+>;
+
 /// The guard's memory: per cluster, the members of the last view it accepted, kept in
 /// `guard.state_file` when one is set so that `once` runs and restarts share it.
 #[derive(Debug, Default)]
 pub struct Memory {
     /// Every cluster known, this process's own included.
-    entries: Vec<Entry>,
+    entries: Entries,
     /// The file this process last wrote its entry to (a SIGHUP may name another one).
     saved_to: Option<PathBuf>,
+}
+
+fn index(list: Vec<Entry>) -> Entries {
+    let mut out = Entries::new();
+    for e in list {
+        out.entry(e.namespace)
+            .or_default()
+            .entry(e.scope)
+            .or_default()
+            .insert(e.group, e.members);
+    }
+    out
 }
 
 impl Memory {
@@ -175,7 +194,7 @@ impl Memory {
         };
         match read_state(path) {
             Some(entries) => Memory {
-                entries,
+                entries: index(entries),
                 saved_to: Some(path.to_owned()),
             },
             None => Memory::default(),
@@ -185,45 +204,41 @@ impl Memory {
     /// The member names last accepted for `cluster`'s namespace and scope.
     pub fn members_of(&self, cluster: &Cluster) -> Option<&[String]> {
         self.entries
-            .iter()
-            .find(|e| e.is_of(cluster))
-            .map(|e| e.members.as_slice())
+            .get(cluster.namespace.as_str())?
+            .get(cluster.scope.as_str())?
+            .get(&cluster.group)
+            .map(Vec::as_slice)
     }
 
     /// Checks `cluster` against the guard and, when it passes, remembers it as the last accepted
     /// view (saved to `guard.state_file` when its members changed).
     pub fn admit(&mut self, cfg: &GuardConfig, cluster: &Cluster) -> Result<(), GuardError> {
-        check(cfg, cluster, self.members_of(cluster))?;
+        let last = self.members_of(cluster);
+        check(cfg, cluster, last)?;
         // Compared without copying: heartbeats admit the same names again and again.
-        let same = self
-            .members_of(cluster)
-            .is_some_and(|l| l.iter().eq(cluster.members.iter().map(|m| &m.name)));
+        let same = last.is_some_and(|l| l.iter().eq(cluster.members.iter().map(|m| &m.name)));
+        let known = last.is_some();
         let file_current = self.saved_to.as_deref() == cfg.state_file.as_deref();
         if same && file_current {
             return Ok(());
         }
         let names: Vec<String> = cluster.members.iter().map(|m| m.name.clone()).collect();
-        match self.entries.iter_mut().find(|e| e.is_of(cluster)) {
-            Some(e) => e.members = names,
-            None => {
-                if !self.entries.is_empty() {
-                    // Another haconfd sharing the file, or a scope changed by SIGHUP: the other
-                    // clusters' members are kept, never compared with this one.
-                    tracing::info!(
-                        namespace = %cluster.namespace,
-                        scope = %cluster.scope,
-                        others = self.entries.len(),
-                        "the guard starts remembering this cluster; memory of other clusters is kept apart"
-                    );
-                }
-                self.entries.push(Entry {
-                    namespace: cluster.namespace.clone(),
-                    scope: cluster.scope.clone(),
-                    group: cluster.group,
-                    members: names,
-                });
-            }
+        if !known {
+            // Another haconfd sharing the file, or a scope changed by SIGHUP: the other
+            // clusters' members are kept, never compared with this one.
+            tracing::debug!(
+                namespace = %cluster.namespace,
+                scope = %cluster.scope,
+                group = ?cluster.group,
+                "the guard starts remembering this cluster; memory of other clusters is kept apart"
+            );
         }
+        self.entries
+            .entry(cluster.namespace.clone())
+            .or_default()
+            .entry(cluster.scope.clone())
+            .or_default()
+            .insert(cluster.group, names);
         if let Some(path) = cfg.state_file.as_deref() {
             self.save(path, cluster);
         }
@@ -236,21 +251,33 @@ impl Memory {
         self.members_of(cluster).is_some_and(|m| !m.is_empty())
     }
 
-    /// The clusters remembered under `namespace` (scope and Citus group), for finding again the
-    /// clusters an emptied store no longer shows.
-    pub fn remembered(&self, namespace: &str) -> Vec<(String, Option<u64>)> {
+    /// The clusters remembered under `namespace` (scope and Citus group) with members, for
+    /// finding again the clusters an emptied store no longer shows.
+    pub fn remembered<'a>(
+        &'a self,
+        namespace: &str,
+    ) -> impl Iterator<Item = (&'a str, Option<u64>)> + 'a {
         self.entries
-            .iter()
-            .filter(|e| e.namespace == namespace && !e.members.is_empty())
-            .map(|e| (e.scope.clone(), e.group))
-            .collect()
+            .get(namespace)
+            .into_iter()
+            .flat_map(|scopes| scopes.iter())
+            .flat_map(|(scope, groups)| {
+                groups
+                    .iter()
+                    .filter(|(_, m)| !m.is_empty())
+                    .map(move |(g, _)| (scope.as_str(), *g))
+            })
     }
 
     /// Forgets a cluster that is gone (its empty view was accepted, with `--force`).
     pub fn forget(&mut self, cfg: &GuardConfig, cluster: &Cluster) {
-        let before = self.entries.len();
-        self.entries.retain(|e| !e.is_of(cluster));
-        if self.entries.len() == before {
+        let removed = self
+            .entries
+            .get_mut(cluster.namespace.as_str())
+            .and_then(|s| s.get_mut(cluster.scope.as_str()))
+            .and_then(|g| g.remove(&cluster.group))
+            .is_some();
+        if !removed {
             return;
         }
         if let Some(path) = cfg.state_file.as_deref() {
@@ -270,8 +297,14 @@ impl Memory {
     /// change, so a lost update needs two such changes within the same milliseconds, and costs
     /// no more than one instance's memory being one view older).
     fn save(&mut self, path: &Path, cluster: &Cluster) {
-        let Some(ours) = self.entries.iter().find(|e| e.is_of(cluster)).cloned() else {
+        let Some(members) = self.members_of(cluster) else {
             return;
+        };
+        let ours = Entry {
+            namespace: cluster.namespace.clone(),
+            scope: cluster.scope.clone(),
+            group: cluster.group,
+            members: members.to_vec(),
         };
         let mut state = StateFile {
             clusters: read_state(path).unwrap_or_default(),
