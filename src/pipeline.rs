@@ -300,8 +300,13 @@ impl Engine {
         };
         let mut ids: std::collections::BTreeSet<ClusterId> = std::collections::BTreeSet::new();
         for (scope, layout) in &found {
-            let known: Vec<&ClusterId> =
-                self.clusters.keys().filter(|k| k.scope == *scope).collect();
+            // This scope's clusters from earlier passes: one ordered range of the map.
+            let known: Vec<&ClusterId> = self
+                .clusters
+                .range(ClusterId::plain(scope)..)
+                .map(|(k, _)| k)
+                .take_while(|k| k.scope == *scope)
+                .collect();
             if layout == &model::Layout::default() && !known.is_empty() {
                 ids.extend(known.into_iter().cloned());
                 continue;
@@ -325,8 +330,11 @@ impl Engine {
                 }
             }
             for (scope, group) in self.memory.remembered(ns) {
-                if !found.contains_key(&scope) {
-                    ids.insert(ClusterId { scope, group });
+                if !found.contains_key(scope) {
+                    ids.insert(ClusterId {
+                        scope: scope.to_owned(),
+                        group,
+                    });
                 }
             }
         }
@@ -712,7 +720,10 @@ impl Engine {
                 self.stats.awaiting.push(p.target.name.clone());
             }
         }
-        let rendered = self.render_targets(&plan);
+        // Rendered per consumer, as its turn comes: PgBouncer's small file does not wait for a
+        // HAProxy file of a thousand clusters to render.
+        let mut rendered: Vec<Rendering> = vec![None; plan.len()];
+        let mut render_time = Duration::ZERO;
         let removals: Arc<Vec<usize>> = Arc::new(
             plan.iter()
                 .enumerate()
@@ -792,6 +803,9 @@ impl Engine {
             }
             // Each consumer in turn: stage, check, swap, reload, and (PgBouncer) resume, before
             // the next one's check runs.
+            let t0 = Instant::now();
+            self.render_targets(&plan, &group, &mut rendered);
+            render_time += t0.elapsed();
             let (c, r) = match swap_in(&targets, &group, &rendered, &removals).await {
                 Ok(done) => done,
                 Err(failure) => {
@@ -827,7 +841,8 @@ impl Engine {
             // A PgBouncer now reading a file for the confirmed leader: resume it.
             for &i in &group {
                 let t = &targets[i];
-                if !(t.require_leader && !not_live.contains(&i) && rendered[i].is_ok()) {
+                let ok = rendered[i].as_ref().is_some_and(|r| r.is_ok());
+                if !(t.require_leader && !not_live.contains(&i) && ok) {
                     continue;
                 }
                 for st in self.clusters.values() {
@@ -845,7 +860,7 @@ impl Engine {
         let mut live: Vec<Option<&Rendered>> = vec![None; targets.len()];
         for &i in applied.iter().flatten() {
             if !not_live.contains(&i) {
-                live[i] = rendered[i].as_deref().ok();
+                live[i] = rendered[i].as_ref().and_then(|r| r.as_deref().ok());
             }
         }
         blocking(move || {
@@ -881,7 +896,8 @@ impl Engine {
                 }
             }
         }
-        self.stats.apply = apply_start.elapsed();
+        self.stats.render += render_time;
+        self.stats.apply = apply_start.elapsed().saturating_sub(render_time);
         self.stats.failed = failures
             .iter()
             .map(|(i, e)| (targets[*i].name.clone(), e.reason()))
@@ -917,12 +933,17 @@ impl Engine {
     fn render_targets(
         &mut self,
         plan: &[(Planned, ViewOf)],
-    ) -> Vec<Result<Arc<Rendered>, RenderError>> {
-        let mut out = Vec::with_capacity(plan.len());
-        for (p, view) in plan {
+        which: &[usize],
+        out: &mut [Rendering],
+    ) {
+        for &i in which {
+            if out[i].is_some() {
+                continue;
+            }
+            let (p, view) = &plan[i];
             let t = &p.target;
             if p.remove {
-                out.push(Ok(Arc::new(Rendered {
+                out[i] = Some(Ok(Arc::new(Rendered {
                     name: t.name.clone(),
                     bytes: Vec::new(),
                 })));
@@ -941,7 +962,7 @@ impl Engine {
                         .zip(&models)
                         .all(|(a, b)| Arc::ptr_eq(a, b) || a.same_for_templates(b, reads_wal))
                 {
-                    out.push(Ok(Arc::clone(&c.rendered)));
+                    out[i] = Some(Ok(Arc::clone(&c.rendered)));
                     continue;
                 }
             }
@@ -961,9 +982,8 @@ impl Engine {
                     self.renders.remove(&t.name);
                 }
             }
-            out.push(result);
+            out[i] = Some(result);
         }
-        out
     }
 
     /// Whether a pass may reuse what did not change: members parsed from the same values, and a
@@ -975,6 +995,9 @@ impl Engine {
         self.renders.clear();
     }
 }
+
+/// A planned target's render, once its consumer's turn came (None before).
+type Rendering = Option<Result<Arc<Rendered>, RenderError>>;
 
 /// Settings of a cluster that has no `[clusters.<scope>]` table, with `etcd.scope`.
 static NO_CLUSTER_SETTINGS: std::sync::LazyLock<ClusterSettings> =
@@ -1136,12 +1159,16 @@ type StagedGroup = (
 async fn swap_in(
     targets: &Arc<Vec<Target>>,
     group: &[usize],
-    rendered: &[Result<Arc<Rendered>, RenderError>],
+    rendered: &[Rendering],
     removals: &Arc<Vec<usize>>,
 ) -> Result<(Vec<(usize, Option<Vec<u8>>)>, Vec<apply::Retired>), (usize, PassError)> {
     let mut wanted = Vec::with_capacity(group.len());
     for &i in group {
-        let r = rendered[i].as_ref().map_err(|e| (i, e.clone().into()))?;
+        let r = rendered[i]
+            .as_ref()
+            .expect("rendered before its consumer's turn")
+            .as_ref()
+            .map_err(|e| (i, e.clone().into()))?;
         wanted.push((i, Arc::clone(r)));
     }
     let s = Arc::clone(targets);
@@ -1350,7 +1377,7 @@ impl Engine {
         &mut self,
         targets: &Arc<Vec<Target>>,
         group: &[usize],
-        rendered: &[Result<Arc<Rendered>, RenderError>],
+        rendered: &[Rendering],
         clusters: &[Arc<Cluster>],
         changed: &[(usize, Option<Vec<u8>>)],
         retired: &mut Vec<apply::Retired>,
@@ -1375,7 +1402,7 @@ impl Engine {
         let settings = Arc::clone(&self.settings);
         for &i in &due {
             let t = &targets[i];
-            if let (Some(ss), Ok(r)) = (&t.server_state, &rendered[i]) {
+            if let (Some(ss), Some(Ok(r))) = (&t.server_state, &rendered[i]) {
                 retired.extend(prepare_server_state(&settings, ss, r, clusters).await);
             }
         }
