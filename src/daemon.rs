@@ -192,7 +192,8 @@ pub async fn run(
         last_generation = Some(state.generation);
         last_routing = Some(state.routing);
         let started = Instant::now();
-        let result = d.engine.pass(&snap, true).await;
+        let revision = snap.revision;
+        let result = d.engine.pass_shared(snap, true).await;
         let elapsed = started.elapsed();
         // A failed pass may still have written another consumer's files.
         let wrote =
@@ -251,22 +252,22 @@ pub async fn run(
         let prefix = d.engine.settings().etcd.prefix();
         match &result {
             Ok(o) if o.is_noop() => {
-                tracing::debug!(revision = snap.revision, took = ?elapsed, "pass: nothing changed");
+                tracing::debug!(revision = revision, took = ?elapsed, "pass: nothing changed");
             }
             Ok(o) => {
-                tracing::info!(revision = snap.revision, written = ?o.written, reloaded = ?o.reloaded, took = ?elapsed, "pass applied");
+                tracing::info!(revision = revision, written = ?o.written, reloaded = ?o.reloaded, took = ?elapsed, "pass applied");
             }
             Err(e @ PassError::Render(RenderError::NoLeader { .. })) => {
                 // Once per leaderless spell, not once per etcd event during it.
                 if !leaderless {
-                    tracing::warn!(revision = snap.revision, "{e}");
+                    tracing::warn!(revision = revision, "{e}");
                 } else {
-                    tracing::debug!(revision = snap.revision, "{e}");
+                    tracing::debug!(revision = revision, "{e}");
                 }
             }
             Err(e) => {
                 tracing::error!(
-                    revision = snap.revision,
+                    revision = revision,
                     reason = e.reason(),
                     "pass failed; last good files kept: {e:#}"
                 );

@@ -528,6 +528,27 @@ impl Engine {
     /// refused or any consumer failed: the error is the first failure, the others are logged,
     /// and [`PassStats`] tells what was applied.
     pub async fn pass(&mut self, snap: &Snapshot, reload: bool) -> Result<PassOutcome, PassError> {
+        let seen = self.observe(snap).await?;
+        self.apply(seen, reload).await
+    }
+
+    /// [`Engine::pass`] on the source's shared snapshot, let go of once every cluster is
+    /// modelled: the source applies etcd's events to it in place while no pass holds it, and
+    /// a pass holding it across its awaits (checks, reloads) would make the source copy the
+    /// whole store (a thousand clusters: megabytes) at every event meanwhile.
+    pub async fn pass_shared(
+        &mut self,
+        snap: Arc<Snapshot>,
+        reload: bool,
+    ) -> Result<PassOutcome, PassError> {
+        let seen = self.observe(&snap).await?;
+        drop(snap);
+        self.apply(seen, reload).await
+    }
+
+    /// The first half of a pass: every cluster modelled, diffed, shown to the fast path and
+    /// judged by the guard.
+    async fn observe(&mut self, snap: &Snapshot) -> Result<Observed, PassError> {
         let started = Instant::now();
         self.stats = PassStats::default();
         let settings = Arc::clone(&self.settings);
@@ -636,6 +657,23 @@ impl Engine {
             // Nothing new to render: every cluster keeps its last good files.
             return Err(refusals.swap_remove(0).into());
         }
+        Ok(Observed {
+            started,
+            refusals,
+            gone,
+        })
+    }
+
+    /// The second half of a pass: what each target renders, then each consumer's files staged,
+    /// checked, swapped in and reloaded.
+    async fn apply(&mut self, seen: Observed, reload: bool) -> Result<PassOutcome, PassError> {
+        let Observed {
+            started,
+            mut refusals,
+            gone,
+        } = seen;
+        let settings = Arc::clone(&self.settings);
+        let single = settings.etcd.single_scope().is_some();
 
         // What each target renders: every cluster's accepted view, or for `require_leader`
         // targets (several clusters) its last view with a confirmed leader.
@@ -695,7 +733,7 @@ impl Engine {
                         remove: true,
                     },
                     ViewOf {
-                        clusters: Vec::new(),
+                        clusters: Arc::default(),
                     },
                 ));
             }
@@ -996,6 +1034,15 @@ impl Engine {
     }
 }
 
+/// What the first half of a pass leaves to the second.
+struct Observed {
+    started: Instant,
+    /// The guard's refusals that fail the pass.
+    refusals: Vec<GuardError>,
+    /// Clusters whose empty view the guard accepted: their files go.
+    gone: Vec<ClusterId>,
+}
+
 /// A planned target's render, once its consumer's turn came (None before).
 type Rendering = Option<Result<Arc<Rendered>, RenderError>>;
 
@@ -1007,7 +1054,8 @@ static NO_CLUSTER_SETTINGS: std::sync::LazyLock<ClusterSettings> =
 /// group).
 #[derive(Debug, Clone)]
 struct ViewOf {
-    clusters: Vec<(String, Vec<Arc<Cluster>>)>,
+    /// Shared by every target that sees the same clusters: not copied per target.
+    clusters: Arc<Vec<(String, Vec<Arc<Cluster>>)>>,
 }
 
 /// Expands the `[[template]]`s into what a pass applies: a per-cluster template once per
@@ -1021,15 +1069,16 @@ fn plan(
     held: &[String],
 ) -> Vec<(Planned, ViewOf)> {
     let single = settings.etcd.single_scope();
+    let (all_view, led_view) = (Arc::new(all.to_vec()), Arc::new(led.to_vec()));
     let mut out = Vec::new();
     for t in &settings.targets {
         let source = if t.require_leader && single.is_none() {
-            led
+            &led_view
         } else {
-            all
+            &all_view
         };
         let view = ViewOf {
-            clusters: source.to_vec(),
+            clusters: Arc::clone(source),
         };
         if !t.per_cluster {
             out.push((
