@@ -1,8 +1,9 @@
 //! When the daemon runs its next pass: the coalescing and retry timing, apart from the loop that
 //! waits for it. A change runs at once after a quiet spell (leading edge); after a pass that
 //! wrote, the next waits out `daemon.min_interval`, taking whatever is newest then; after a pass
-//! that wrote nothing (a Patroni heartbeat) the next waits 9× as long as that pass took, at most
-//! 100 ms, so that no-op passes use at most a tenth of a core however fast events arrive; a
+//! that wrote nothing (a Patroni heartbeat) the next waits 24× as long as that pass took, at most
+//! 250 ms, so that no-op passes use at most a twenty-fifth of a core however fast events arrive
+//! (a thousand clusters: 300 heartbeats a second, passes of about 9 ms); a
 //! failed pass is retried after `daemon.retry_interval`. An urgent change (the `leader` or
 //! `failover` key, a confirmed new leader) skips both waits: the failover fast path must not sit
 //! behind a coalescing delay.
@@ -12,9 +13,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// How many times its own duration a no-op pass waits before the next pass.
-pub const NO_OP_DUTY_FACTOR: u32 = 9;
+pub const NO_OP_DUTY_FACTOR: u32 = 24;
 /// The longest such wait, whatever one pass took.
-pub const MAX_NO_OP_PAUSE: Duration = Duration::from_millis(100);
+pub const MAX_NO_OP_PAUSE: Duration = Duration::from_millis(250);
 
 /// The pass timing state.
 #[derive(Debug, Clone)]
@@ -171,16 +172,16 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn no_op_passes_keep_a_tenth_of_a_core_at_most_100ms_apart() {
+    async fn no_op_passes_keep_a_twenty_fifth_of_a_core_at_most_250ms_apart() {
         let mut p = Pacer::new(MIN, RETRY);
         let t0 = Instant::now();
         p.changed(false);
         p.start();
         p.finished(t0, Outcome::NoOp { took: ms(4) }, false);
         p.changed(false);
-        assert_eq!(p.due(), Some(t0 + ms(36)));
+        assert_eq!(p.due(), Some(t0 + ms(96)));
         p.start();
-        p.finished(t0, Outcome::NoOp { took: ms(50) }, false);
+        p.finished(t0, Outcome::NoOp { took: ms(20) }, false);
         p.changed(false);
         assert_eq!(p.due(), Some(t0 + MAX_NO_OP_PAUSE));
         // A write since lifts the no-op pause; min_interval applies instead.
@@ -201,9 +202,9 @@ mod tests {
         assert!(p.retrying());
         // A change comes first: it runs (after the no-op pause), and the retry is in it.
         p.changed(false);
-        assert_eq!(p.due(), Some(t0 + ms(9)));
+        assert_eq!(p.due(), Some(t0 + ms(1) * NO_OP_DUTY_FACTOR));
         p.start();
-        p.finished(t0 + ms(9), Outcome::Wrote, false);
+        p.finished(t0 + ms(1) * NO_OP_DUTY_FACTOR, Outcome::Wrote, false);
         assert_eq!(p.due(), None);
         // A reload of the source forgets a pending retry.
         p.changed(false);
