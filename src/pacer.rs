@@ -1,9 +1,9 @@
 //! When the daemon runs its next pass: the coalescing and retry timing, apart from the loop that
 //! waits for it. A change runs at once after a quiet spell (leading edge); after a pass that
 //! wrote, the next waits out `daemon.min_interval`, taking whatever is newest then; after a pass
-//! that wrote nothing (a Patroni heartbeat) the next waits 24× as long as that pass took, at most
-//! 250 ms, so that no-op passes use at most a twenty-fifth of a core however fast events arrive
-//! (a thousand clusters: 300 heartbeats a second, passes of about 9 ms); a
+//! that wrote nothing (a Patroni heartbeat) the next waits 29× as long as that pass took, at most
+//! 400 ms, so that no-op passes use at most a thirtieth of a core however fast events arrive (a
+//! thousand clusters: 300 heartbeats a second, passes of about 10 ms); a
 //! failed pass is retried after `daemon.retry_interval`. An urgent change (the `leader` or
 //! `failover` key, a confirmed new leader) skips both waits: the failover fast path must not sit
 //! behind a coalescing delay.
@@ -13,9 +13,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// How many times its own duration a no-op pass waits before the next pass.
-pub const NO_OP_DUTY_FACTOR: u32 = 24;
+pub const NO_OP_DUTY_FACTOR: u32 = 29;
 /// The longest such wait, whatever one pass took.
-pub const MAX_NO_OP_PAUSE: Duration = Duration::from_millis(250);
+pub const MAX_NO_OP_PAUSE: Duration = Duration::from_millis(400);
 
 /// The pass timing state.
 #[derive(Debug, Clone)]
@@ -172,14 +172,14 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn no_op_passes_keep_a_twenty_fifth_of_a_core_at_most_250ms_apart() {
+    async fn no_op_passes_keep_a_thirtieth_of_a_core_at_most_400ms_apart() {
         let mut p = Pacer::new(MIN, RETRY);
         let t0 = Instant::now();
         p.changed(false);
         p.start();
         p.finished(t0, Outcome::NoOp { took: ms(4) }, false);
         p.changed(false);
-        assert_eq!(p.due(), Some(t0 + ms(96)));
+        assert_eq!(p.due(), Some(t0 + ms(116)));
         p.start();
         p.finished(t0, Outcome::NoOp { took: ms(20) }, false);
         p.changed(false);
