@@ -48,9 +48,13 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    // One thread is plenty for a watcher that runs a pass at a time, and keeps idle RSS low.
+    // One thread is plenty for a watcher that runs a pass at a time, and keeps idle RSS low. The
+    // blocking pool (file I/O of a pass, config loads, name look-ups) keeps at most two threads,
+    // let go after a second idle: each thread costs its stack and a malloc arena while it lives.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(2)
+        .thread_keep_alive(std::time::Duration::from_secs(1))
         .build()
     {
         Ok(r) => r,
