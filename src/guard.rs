@@ -84,6 +84,13 @@ pub enum GuardError {
         /// The configured fraction.
         fraction: f64,
     },
+    /// Several clusters are followed and none has a view to render: an emptied store or a wrong
+    /// namespace, which would empty every file.
+    #[error("etcd shows no cluster with a valid view under {prefix} (etcd.scopes / etcd.discover); keeping the last good files (override with --force or guard.force)")]
+    NoCluster {
+        /// The prefix read.
+        prefix: String,
+    },
 }
 
 /// Checks `cluster` against the guard's rule (see the module docs), given the member names of

@@ -657,6 +657,17 @@ impl Engine {
             // Nothing new to render: every cluster keeps its last good files.
             return Err(refusals.swap_remove(0).into());
         }
+        // Several clusters and not one with a view to render (none found, or every one refused
+        // at first sight): rendering would write files with no cluster in them.
+        if !single
+            && !settings.guard.force
+            && self.clusters.values().all(|st| st.accepted.is_none())
+        {
+            return Err(GuardError::NoCluster {
+                prefix: settings.etcd.prefix(),
+            }
+            .into());
+        }
         Ok(Observed {
             started,
             refusals,
@@ -1840,6 +1851,25 @@ dest = "conf.d/{{scope}}.txt"
             rig.read("conf.d/b.txt").unwrap(),
             "b port=5010 leader=pg1\n"
         );
+    }
+
+    #[tokio::test]
+    async fn no_cluster_at_all_under_the_namespace_writes_no_empty_file() {
+        let mut rig = Rig::new("");
+        // An emptied store or a wrong namespace: nothing found.
+        let err = rig.pass().await.unwrap_err();
+        assert!(err.to_string().contains("etcd shows no cluster"), "{err}");
+        assert_eq!(rig.read("all.txt"), None);
+        // Only a bootstrapping cluster (a leader key, no member yet): still nothing to render.
+        rig.put("a/leader", b"pg1");
+        assert!(rig.pass().await.is_err());
+        assert_eq!(rig.read("all.txt"), None);
+        rig.cluster("a", 5432, Some("pg1"));
+        rig.pass().await.unwrap();
+        assert!(rig
+            .read("all.txt")
+            .unwrap()
+            .starts_with("a configured=true"));
     }
 
     #[tokio::test]
