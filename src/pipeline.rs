@@ -946,6 +946,15 @@ impl Engine {
             }
         }
         self.stats.render += render_time;
+        // Rendered as each consumer's turn came; listed in config order.
+        let order: std::collections::HashMap<&str, usize> = plan
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| (p.target.name.as_str(), i))
+            .collect();
+        self.stats
+            .rendered
+            .sort_by_key(|n| order.get(n.as_str()).copied());
         self.stats.apply = apply_start.elapsed().saturating_sub(render_time);
         self.stats.failed = failures
             .iter()
