@@ -22,8 +22,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::procs::{
-    free_port, give_to_postgres, haconfd_bin, http_get, require_bin, run_with_timeout, tcp_banner,
-    temp_dir, unique_name, wait_until, Etcd, Haproxy, Pgbouncer, Proc, TcpBackend,
+    free_port, give_to_postgres, haconfd_bin, haconfd_once_no_reload, http_get, require_bin,
+    run_with_timeout, tcp_banner, temp_dir, unique_name, wait_until, Etcd, Haproxy, Pgbouncer,
+    Proc, TcpBackend,
 };
 use etcd_client::{DeleteOptions, Txn, TxnOp};
 use nix::sys::signal::Signal;
@@ -470,21 +471,7 @@ impl Rig {
     /// `haconfd run` with the reload actions; waits for its first pass.
     fn start(&mut self) {
         self.write_config("");
-        let out = run_with_timeout(
-            Command::new(haconfd_bin())
-                .arg("-c")
-                .arg(self.path("haconfd.toml"))
-                .args(["once", "--no-reload"]),
-            Duration::from_secs(30),
-        )
-        .expect("haconfd once");
-        assert!(
-            out.status.success(),
-            "haconfd once --no-reload failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        haconfd_once_no_reload(&self.path("haconfd.toml"));
         self.haproxy = Some(if self.per_cluster {
             let confd = self.path("conf.d").display().to_string();
             Haproxy::try_start(&self.path("main.cfg"), &["-f", &confd])
@@ -1062,21 +1049,7 @@ fn the_shipped_templates_give_every_configured_cluster_and_citus_group_its_liste
         p("pgbouncer.ini")
     ));
     std::fs::write(rig.path("shipped.toml"), t).unwrap();
-    let out = run_with_timeout(
-        Command::new(haconfd_bin())
-            .arg("-c")
-            .arg(rig.path("shipped.toml"))
-            .args(["once", "--no-reload"]),
-        Duration::from_secs(30),
-    )
-    .expect("haconfd once");
-    assert!(
-        out.status.success(),
-        "haconfd once with the shipped templates failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    haconfd_once_no_reload(&rig.path("shipped.toml"));
     let cfg = read(&rig.path("haproxy.cfg"));
     let mut have = listeners(&cfg);
     have.sort();

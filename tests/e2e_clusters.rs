@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use common::patroni::{self, PatroniCluster};
 use common::procs::{
-    free_port, give_to_postgres, haconfd_bin, require_bin, run_with_timeout, temp_dir, wait_until,
-    Etcd, Haproxy, Pgbouncer, Proc,
+    free_port, give_to_postgres, haconfd_bin, haconfd_once_no_reload, require_bin, temp_dir,
+    wait_until, Etcd, Haproxy, Pgbouncer, Proc,
 };
 use common::switch::{self, Mode, WriteProbe};
 
@@ -301,21 +301,7 @@ impl Stack {
     /// First render, HAProxy, PgBouncer, then `haconfd run`; waits for its first pass.
     fn start(&mut self) {
         self.write_config();
-        let out = run_with_timeout(
-            Command::new(haconfd_bin())
-                .arg("-c")
-                .arg(self.path("haconfd.toml"))
-                .args(["once", "--no-reload"]),
-            Duration::from_secs(30),
-        )
-        .expect("haconfd once");
-        assert!(
-            out.status.success(),
-            "haconfd once --no-reload failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        haconfd_once_no_reload(&self.path("haconfd.toml"));
         self.haproxy = Some(Haproxy::start(&self.path("haproxy.cfg")));
         give_to_postgres(&self.path("pgb"));
         self.pgbouncer = Some(Pgbouncer::start(&self.path("pgb/pgbouncer.ini")));

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use common::config::{ConfigBuilder, Hook, Reload, Template};
 use common::patroni::{self, LoadStats, PatroniCluster, ReadLoad, WriteLoad};
 use common::procs::{
-    free_port, give_to_postgres, haconfd_bin, port_open, require_bin, run_with_timeout, temp_dir,
-    wait_until, Etcd, Haproxy, Pgbouncer, Proc,
+    free_port, give_to_postgres, haconfd_bin, haconfd_once_no_reload, port_open, require_bin,
+    temp_dir, wait_until, Etcd, Haproxy, Pgbouncer, Proc,
 };
 use common::switch::{self, Mode, WriteProbe};
 use nix::sys::signal::Signal;
@@ -274,21 +274,7 @@ impl Stack {
     /// `haconfd once --no-reload`: the first render of both files (and of the state file) from
     /// etcd's view, before anything consumes them.
     fn first_render(&self) {
-        let out = run_with_timeout(
-            Command::new(haconfd_bin())
-                .arg("-c")
-                .arg(&self.config)
-                .args(["once", "--no-reload"]),
-            Duration::from_secs(30),
-        )
-        .expect("run haconfd once");
-        assert!(
-            out.status.success(),
-            "haconfd once --no-reload failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        haconfd_once_no_reload(&self.config);
         let cfg = std::fs::read_to_string(&self.haproxy_cfg).expect("haproxy.cfg rendered");
         assert_eq!(
             cfg.contains("server-state-file"),

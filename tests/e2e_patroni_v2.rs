@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::config::{ConfigBuilder, Template};
 use common::patroni::{self, DcsSection, PatroniCluster, Timing};
 use common::procs::{
-    free_port, haconfd_bin, http_get, require_bin, run_with_timeout, temp_dir, wait_until,
+    free_port, haconfd_bin, haconfd_once_no_reload, http_get, require_bin, temp_dir, wait_until,
     EtcdCluster, Proc,
 };
 use nix::sys::signal::Signal;
@@ -76,20 +76,7 @@ impl Haconfd {
     }
 
     fn once(&self) {
-        let out = run_with_timeout(
-            Command::new(haconfd_bin())
-                .arg("-c")
-                .arg(&self.config)
-                .args(["once", "--no-reload"]),
-            Duration::from_secs(30),
-        )
-        .expect("haconfd once");
-        assert!(
-            out.status.success(),
-            "haconfd once failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        haconfd_once_no_reload(&self.config);
     }
 
     fn run(&mut self) {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::config::{ConfigBuilder, Reload, Template};
 use common::procs::{
-    free_port, haconfd_bin, http_get, temp_dir, unique_name, unix_cmd, wait_until, Etcd,
-    FakeMember, Haproxy, Proc, Role,
+    free_port, haconfd_bin, haconfd_once_no_reload, http_get, temp_dir, unique_name, unix_cmd,
+    wait_until, Etcd, FakeMember, Haproxy, Proc, Role,
 };
 
 struct Lb {
@@ -83,17 +83,7 @@ fn start_with(scope_prefix: &str, extra: impl Fn(ConfigBuilder) -> ConfigBuilder
         extra(b).template(t).write(&config);
     };
     write(None);
-    let out = Command::new(haconfd_bin())
-        .arg("-c")
-        .arg(&config)
-        .args(["once", "--no-reload"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "once --no-reload: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    haconfd_once_no_reload(&config);
     let haproxy = Haproxy::start(&d.join("haproxy.cfg"));
     write(Some(
         Reload::master_socket(haproxy.master_socket()).timeout("10s"),

@@ -170,6 +170,27 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
+/// `haconfd -c <cfg> once --no-reload` (the first files, before their consumers start), bounded
+/// to 30 s; panics with its output when it fails.
+pub fn haconfd_once_no_reload(cfg: &Path) {
+    let out = run_with_timeout(
+        Command::new(haconfd_bin())
+            .arg("-c")
+            .arg(cfg)
+            .args(["once", "--no-reload"]),
+        Duration::from_secs(30),
+    )
+    .expect("haconfd once");
+    assert!(
+        out.status.success(),
+        "haconfd once --no-reload -c {} failed ({}):\n{}{}",
+        cfg.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs a command to completion, killing it (by PID) after `timeout`. Stdout/stderr are captured.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> io::Result<Output> {
     cmd.stdin(Stdio::null())
