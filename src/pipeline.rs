@@ -793,22 +793,15 @@ impl Engine {
         }
         let mut failures: Vec<(usize, PassError)> = Vec::new();
         // Templates over every cluster held back for a cluster the guard refused at first
-        // sight: they would drop its section.
-        for (i, (p, _)) in plan.iter().enumerate() {
-            if p.scope.is_none() && !single && !held.is_empty() {
-                failures.push((
-                    i,
-                    refusals.first().cloned().map_or_else(
-                        || {
-                            PassError::Render(RenderError::Render {
-                                target: p.target.name.clone(),
-                                path: p.target.src.clone(),
-                                report: format!("clusters {held:?} were refused by the guard"),
-                            })
-                        },
-                        PassError::from,
-                    ),
-                ));
+        // sight: they would drop its section. (A held cluster is one the guard remembers, so its
+        // refusal is among those that fail the pass.)
+        if let (false, Some(e)) = (single || held.is_empty(), refusals.first()) {
+            for (i, _) in plan
+                .iter()
+                .enumerate()
+                .filter(|(_, (p, _))| p.scope.is_none())
+            {
+                failures.push((i, e.clone().into()));
             }
         }
         let held_back: Vec<usize> = failures.iter().map(|(i, _)| *i).collect();
@@ -1879,6 +1872,35 @@ dest = "conf.d/{{scope}}.txt"
             .read("all.txt")
             .unwrap()
             .starts_with("a configured=true"));
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_a_remembered_cluster_whose_keys_are_gone_keeps_its_section() {
+        let mut rig = Rig::new("[guard]\nstate_file = \"members.json\"\n");
+        rig.cluster("a", 5432, Some("pg1"));
+        rig.cluster("b", 6432, Some("pg1"));
+        rig.pass().await.unwrap();
+        let both = rig.read("all.txt").unwrap();
+        // haconfd restarts (a new engine, the guard's memory from its file) while b's keys are
+        // gone and a changes.
+        let settings = Arc::clone(rig.engine.settings());
+        rig.engine = Engine::new(settings).unwrap();
+        for k in ["b/leader", "b/members/pg1", "b/members/pg2"] {
+            rig.delete(k);
+        }
+        rig.put("a/leader", b"pg2");
+        let err = rig.pass().await.unwrap_err();
+        assert!(err.to_string().contains("\"b\""), "{err}");
+        assert_eq!(
+            rig.read("all.txt").unwrap(),
+            both,
+            "b's section was dropped"
+        );
+        assert_eq!(
+            rig.read("conf.d/a.txt").unwrap(),
+            "a port=5000 leader=pg2\n",
+            "a's own file follows a"
+        );
     }
 
     #[tokio::test]
