@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::procs::{
     free_port, give_to_postgres, haconfd_bin, haconfd_once_no_reload, http_get, require_bin,
-    run_with_timeout, tcp_banner, temp_dir, unique_name, wait_until, Etcd, Haproxy, Pgbouncer,
+    run_with_timeout, temp_dir, unique_name, wait_banner, wait_until, Etcd, Haproxy, Pgbouncer,
     Proc, TcpBackend,
 };
 use etcd_client::{DeleteOptions, Txn, TxnOp};
@@ -188,25 +188,6 @@ fn member_json(port: u16, role: &str) -> String {
         "timeline": 1
     })
     .to_string()
-}
-
-/// Polls the banner read through 127.0.0.1:`port` until it is `want` (bounded).
-fn wait_banner(port: u16, want: &str, timeout: Duration) -> Result<(), String> {
-    let mut last = String::new();
-    let ok = wait_until(timeout, || {
-        last = match tcp_banner(port, Duration::from_millis(500)) {
-            Ok(b) => b,
-            Err(e) => format!("error: {e}"),
-        };
-        last == want
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "port {port}: wanted banner {want:?}, last {last:?}"
-        ))
-    }
 }
 
 // ------------------------------------------------------------------------------------ the rig

@@ -379,25 +379,6 @@ fn start_haproxy(w: &World) -> Haproxy {
     h
 }
 
-/// Polls a TCP banner through HAProxy until it equals `want` (bounded).
-fn wait_banner(port: u16, want: &str, timeout: Duration) -> Result<(), String> {
-    let mut last = String::new();
-    let ok = wait_until(timeout, || {
-        last = match tcp_banner(port, Duration::from_millis(500)) {
-            Ok(b) => b,
-            Err(e) => format!("error: {e}"),
-        };
-        last == want
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "port {port}: wanted banner {want:?}, last {last:?}"
-        ))
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. A member joins
 // ---------------------------------------------------------------------------------------------

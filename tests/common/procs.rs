@@ -273,6 +273,26 @@ pub fn tcp_banner(port: u16, timeout: Duration) -> io::Result<String> {
     Ok(line.trim().to_string())
 }
 
+/// Polls the banner read through 127.0.0.1:`port` (HAProxy in front of a fake member) until it
+/// is `want`, bounded by `timeout`; the error names the port and the last banner read.
+pub fn wait_banner(port: u16, want: &str, timeout: Duration) -> Result<(), String> {
+    let mut last = String::new();
+    let ok = wait_until(timeout, || {
+        last = match tcp_banner(port, Duration::from_millis(500)) {
+            Ok(b) => b,
+            Err(e) => format!("error: {e}"),
+        };
+        last == want
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "port {port}: wanted banner {want:?}, last {last:?}"
+        ))
+    }
+}
+
 /// Sends one command on a unix stream socket (HAProxy master CLI or stats socket), half-closes
 /// the write side (without it the master CLI keeps the connection open), and reads to EOF.
 /// Bounded: connect retries for up to 2 s, reads time out after `timeout`.
