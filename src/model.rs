@@ -22,6 +22,10 @@ pub struct Cluster {
     pub group: Option<u64>,
     /// The leader's name, when the `leader` key names a valid member.
     pub leader_name: Option<String>,
+    /// The name the `leader` key holds (a valid name), whether or not its member key is there
+    /// and usable: a leader whose key is present is never fenced. Not in the render context.
+    #[serde(skip)]
+    pub leader_key: Option<String>,
     /// Valid members, sorted by name.
     pub members: Vec<Member>,
     /// A pending switchover or failover from Patroni's `failover` key; None when the key is
@@ -92,6 +96,8 @@ pub struct Skipped {
     pub key: String,
     /// Why it was skipped.
     pub reason: String,
+    /// A member key whose member is kept, only this field of it dropped.
+    pub member_kept: bool,
 }
 
 impl std::fmt::Display for Skipped {
@@ -138,7 +144,7 @@ impl Cluster {
         let scope = id.scope.as_str();
         let prefix = id.prefix(namespace);
         let mut skipped = Vec::new();
-        let mut parsed: Vec<(String, Result<Member, String>)> = Vec::new();
+        let mut parsed: Vec<(String, ParsedMember)> = Vec::new();
         let mut seen = std::collections::HashMap::with_capacity(cache.parsed.len());
         for (key, value) in snapshot.kvs.range(prefix.clone()..) {
             let Some(rest) = key.strip_prefix(&prefix) else {
@@ -153,6 +159,7 @@ impl Cluster {
                 skipped.push(Skipped {
                     key: key.clone(),
                     reason: format!("member name refused: {reason}"),
+                    member_kept: false,
                 });
                 continue;
             }
@@ -178,6 +185,7 @@ impl Cluster {
                         skipped.push(Skipped {
                             key: leader_key.clone(),
                             reason: format!("leader name refused: {reason}"),
+                            member_kept: false,
                         });
                         None
                     }
@@ -186,6 +194,7 @@ impl Cluster {
                     skipped.push(Skipped {
                         key: leader_key.clone(),
                         reason: "leader value is not UTF-8".into(),
+                        member_kept: false,
                     });
                     None
                 }
@@ -200,6 +209,7 @@ impl Cluster {
                 skipped.push(Skipped {
                     key: failover_key,
                     reason: format!("failover value refused: {reason}"),
+                    member_kept: false,
                 });
                 None
             }
@@ -208,14 +218,24 @@ impl Cluster {
         let mut members = Vec::with_capacity(parsed.len());
         for (key, member) in parsed {
             match member {
-                Ok(mut m) => {
+                Ok((mut m, notes)) => {
                     m.is_leader = leader_name.as_deref() == Some(m.name.as_str());
                     members.push(m);
+                    skipped.extend(notes.into_iter().map(|reason| Skipped {
+                        key: key.clone(),
+                        reason,
+                        member_kept: true,
+                    }));
                 }
-                Err(reason) => skipped.push(Skipped { key, reason }),
+                Err(reason) => skipped.push(Skipped {
+                    key,
+                    reason,
+                    member_kept: false,
+                }),
             }
         }
 
+        let key_holder = leader_name.clone();
         let leader_name = match leader_name {
             Some(l) if members.iter().any(|m| m.name == l) => Some(l),
             Some(l) => {
@@ -224,6 +244,7 @@ impl Cluster {
                     reason: format!(
                         "leader {l:?} is not a valid member; treating the cluster as leaderless"
                     ),
+                    member_kept: false,
                 });
                 None
             }
@@ -246,6 +267,7 @@ impl Cluster {
                 namespace: namespace.to_owned(),
                 scope: scope.to_owned(),
                 group: id.group,
+                leader_key: key_holder,
                 leader_name,
                 members,
                 failover,
@@ -453,6 +475,7 @@ impl Cluster {
             members,
             // Not in the render context: a switchover request alone renders nothing.
             failover: _,
+            leader_key: _,
         } = self;
         namespace == &other.namespace
             && scope == &other.scope
@@ -552,15 +575,18 @@ impl Failover {
     }
 }
 
-/// Member JSON as Patroni writes it; unknown fields are ignored.
+/// Member JSON as Patroni writes it; unknown fields are ignored. Every field is read as any JSON
+/// value: a field of an unexpected type is dropped (with a note), never the member with it.
 #[derive(Debug, serde::Deserialize)]
 struct RawMember {
-    conn_url: Option<String>,
-    api_url: Option<String>,
     #[serde(default)]
-    state: Option<String>,
+    conn_url: Option<serde_json::Value>,
     #[serde(default)]
-    role: Option<String>,
+    api_url: Option<serde_json::Value>,
+    #[serde(default)]
+    state: Option<serde_json::Value>,
+    #[serde(default)]
+    role: Option<serde_json::Value>,
     #[serde(default)]
     version: Option<serde_json::Value>,
     #[serde(default)]
@@ -575,11 +601,14 @@ struct RawMember {
     pending_restart: Option<serde_json::Value>,
 }
 
+/// A parsed member, with the notes on the fields that were dropped from it.
+type ParsedMember = Result<(Member, Vec<String>), String>;
+
 /// Members parsed from earlier snapshots, by key, with the value each was parsed from. Patroni
 /// rewrites one member key per heartbeat: with this, one member is parsed again, not thousands.
 #[derive(Debug, Default)]
 pub struct MemberCache {
-    parsed: std::collections::HashMap<String, (Vec<u8>, Result<Member, String>)>,
+    parsed: std::collections::HashMap<String, (Vec<u8>, ParsedMember)>,
     /// The `leader` value of the last build.
     leader: Option<Vec<u8>>,
     /// The `failover` value of the last build.
@@ -588,43 +617,96 @@ pub struct MemberCache {
 
 impl Member {
     /// Parses and validates one member value; `is_leader` and `lag` are set by the caller,
-    /// which knows the leader.
-    fn parse(name: &str, value: &[u8]) -> Result<Self, String> {
+    /// which knows the leader. Only the two fields a server line cannot do without refuse the
+    /// member: `conn_url` (where PostgreSQL listens) and `api_url` (where its checks go). Any
+    /// other field that does not parse or validate is dropped, with a note naming it: Patroni
+    /// accepts any tag value, and one odd value must not take a member (let alone the leader)
+    /// out of the routing.
+    fn parse(name: &str, value: &[u8]) -> ParsedMember {
         let raw = serde_json::from_slice::<RawMember>(value)
             .map_err(|e| format!("member JSON does not parse: {e}"))?;
-        Self::from_raw(name.to_owned(), raw, false)
+        Self::from_raw(name.to_owned(), raw)
     }
 
-    fn from_raw(name: String, raw: RawMember, is_leader: bool) -> Result<Self, String> {
-        let conn_url = raw.conn_url.ok_or("missing conn_url")?;
+    fn from_raw(name: String, raw: RawMember) -> ParsedMember {
+        let text = |field: &str, v: Option<serde_json::Value>| -> Result<String, String> {
+            match v {
+                Some(serde_json::Value::String(s)) => Ok(s),
+                None | Some(serde_json::Value::Null) => Err(format!("missing {field}")),
+                Some(other) => Err(format!("{field} must be a string, not {other}")),
+            }
+        };
+        let conn_url = text("conn_url", raw.conn_url)?;
         let (_, host, port) = parse_endpoint(&conn_url, Some(5432))
             .map_err(|e| format!("conn_url {conn_url:?}: {e}"))?;
-        let api_url = raw.api_url.ok_or("missing api_url")?;
+        let api_url = text("api_url", raw.api_url)?;
         let (api_scheme, api_host, api_port) =
             parse_endpoint(&api_url, None).map_err(|e| format!("api_url {api_url:?}: {e}"))?;
         if !matches!(api_scheme.as_str(), "http" | "https") {
             return Err(format!("api_url {api_url:?}: scheme must be http or https"));
         }
-        let role = raw.role.unwrap_or_else(|| "unknown".into());
-        validate_word(&role, false).map_err(|e| format!("role {role:?}: {e}"))?;
-        let state = raw.state.unwrap_or_else(|| "unknown".into());
-        validate_word(&state, true).map_err(|e| format!("state {state:?}: {e}"))?;
-        let tags = validate_tags(raw.tags)?;
+        let mut notes = Vec::new();
+        let mut word = |field: &str, v: Option<serde_json::Value>, spaces: bool| match v {
+            None | Some(serde_json::Value::Null) => "unknown".to_owned(),
+            Some(serde_json::Value::String(w)) => match validate_word(&w, spaces) {
+                Ok(()) => w,
+                Err(e) => {
+                    notes.push(format!("field {field} dropped: {w:?} {e}"));
+                    "unknown".to_owned()
+                }
+            },
+            Some(other) => {
+                notes.push(format!("field {field} dropped: {other} is not a string"));
+                "unknown".to_owned()
+            }
+        };
+        let role = word("role", raw.role, false);
+        let state = word("state", raw.state, true);
+        let tags = validate_tags(raw.tags, &mut notes);
         let flag = |k: &str| {
             tags.get(k)
                 .and_then(serde_json::Value::as_bool)
                 .unwrap_or(false)
         };
         let version = match raw.version {
-            Some(serde_json::Value::String(v)) => {
-                validate_version(&v).map_err(|e| format!("version {v:?}: {e}"))?;
-                Some(v)
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(v)) => match validate_version(&v) {
+                Ok(()) => Some(v),
+                Err(e) => {
+                    notes.push(format!("field version dropped: {v:?} {e}"));
+                    None
+                }
+            },
+            Some(other) => {
+                notes.push(format!("field version dropped: {other} is not a string"));
+                None
             }
-            _ => None,
         };
+        let mut number = |field: &str, v: Option<serde_json::Value>| {
+            let n = as_u64(v.as_ref());
+            if n.is_none() && v.as_ref().is_some_and(|v| !v.is_null()) {
+                notes.push(format!(
+                    "field {field} dropped: {} is not a non-negative integer",
+                    v.unwrap_or_default()
+                ));
+            }
+            n
+        };
+        let timeline = number("timeline", raw.timeline);
         // Prefer replay_lsn (4.1+, what a reader sees) over xlog_location.
-        let xlog_location = as_u64(raw.replay_lsn.as_ref()).or(as_u64(raw.xlog_location.as_ref()));
-        Ok(Member {
+        let replay_lsn = number("replay_lsn", raw.replay_lsn);
+        let xlog_location = replay_lsn.or(number("xlog_location", raw.xlog_location));
+        let pending_restart = match raw.pending_restart {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(b)) => b,
+            Some(other) => {
+                notes.push(format!(
+                    "field pending_restart dropped: {other} is not true or false"
+                ));
+                false
+            }
+        };
+        let member = Member {
             address: join_host_port(&host, port),
             nofailover: flag("nofailover"),
             noloadbalance: flag("noloadbalance"),
@@ -637,18 +719,15 @@ impl Member {
             api_port,
             role,
             state,
-            is_leader,
+            is_leader: false,
             tags,
-            timeline: as_u64(raw.timeline.as_ref()),
+            timeline,
             xlog_location,
             lag: None,
             version,
-            pending_restart: raw
-                .pending_restart
-                .as_ref()
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(false),
-        })
+            pending_restart,
+        };
+        Ok((member, notes))
     }
 }
 
@@ -767,16 +846,24 @@ fn validate_version(v: &str) -> Result<(), String> {
     }
 }
 
-/// Tag values a template can reach: booleans, numbers and safe strings. A tag key or string that
-/// could smuggle text into a config refuses the whole member: a partly-trusted member is worse
-/// than a skipped one, because the operator sees the warning either way.
+/// Tag values a template can reach: booleans, numbers and safe strings. A tag whose name or
+/// value could smuggle text into a config is dropped, with a note naming it; the other tags and
+/// the member stay: a partly-known member routes as it should, while a skipped leader would be
+/// fenced and dropped from every file.
 fn validate_tags(
     tags: Option<serde_json::Value>,
-) -> Result<BTreeMap<String, serde_json::Value>, String> {
+    notes: &mut Vec<String>,
+) -> BTreeMap<String, serde_json::Value> {
     let obj = match tags {
-        None | Some(serde_json::Value::Null) => return Ok(BTreeMap::new()),
+        None | Some(serde_json::Value::Null) => return BTreeMap::new(),
         Some(serde_json::Value::Object(o)) => o,
-        Some(_) => return Err("tags must be a JSON object".into()),
+        Some(other) => {
+            notes.push(format!(
+                "field tags dropped: {} is not a JSON object",
+                truncated(&other.to_string())
+            ));
+            return BTreeMap::new();
+        }
     };
     let mut out = BTreeMap::new();
     for (k, v) in obj {
@@ -785,29 +872,42 @@ fn validate_tags(
             && k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
             && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !key_ok {
-            return Err(format!(
-                "tag name {k:?} refused: use letters, digits and '_'"
+            notes.push(format!(
+                "tag {:?} dropped: tag names are letters, digits and '_'",
+                truncated(&k)
             ));
+            continue;
         }
         let ok = match &v {
             serde_json::Value::Bool(_) | serde_json::Value::Number(_) | serde_json::Value::Null => {
                 true
             }
-            serde_json::Value::String(s) => {
-                s.len() <= 253
-                    && s.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
-            }
+            serde_json::Value::String(s) => s.len() <= 253 && s.chars().all(safe_tag_char),
             _ => false,
         };
         if !ok {
-            return Err(format!(
-                "tag {k:?} value {v} refused: tags may be booleans, numbers or strings of letters, digits, '.', '_', '-', ':'"
+            notes.push(format!(
+                "field tags.{k} dropped: value {} is not a boolean, a number or a string of letters, digits, '.', '_', '-', ':', '/'",
+                truncated(&v.to_string())
             ));
+            continue;
         }
         out.insert(k, v);
     }
-    Ok(out)
+    out
+}
+
+/// Characters a tag string may hold: none that ends a config word or line.
+fn safe_tag_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/')
+}
+
+/// At most 80 characters of `s` for a log line (a hostile value may be megabytes).
+fn truncated(s: &str) -> String {
+    match s.char_indices().nth(80) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -877,6 +977,170 @@ mod tests {
         );
         assert_eq!(b.cluster.leader_name, None);
         assert!(b.skipped[0].key.ends_with("/leader"), "{:?}", b.skipped);
+    }
+
+    #[test]
+    fn an_odd_tag_value_drops_the_tag_never_the_member_nor_the_leader() {
+        let leader = PG1.replace(
+            r#""timeline":1"#,
+            r#""timeline":1,"tags":{"zone":"eu-west/1a","owner":"team db","nofailover":false}"#,
+        );
+        let b = Cluster::build(
+            &snap(&[("leader", "pg1"), ("members/pg1", &leader)]),
+            "/service",
+            "demo",
+        );
+        let c = &b.cluster;
+        assert_eq!(c.leader_name.as_deref(), Some("pg1"));
+        let m = c.leader().expect("the leader stays");
+        assert_eq!(m.tags.get("zone"), Some(&serde_json::json!("eu-west/1a")));
+        assert_eq!(m.tags.get("owner"), None);
+        assert_eq!(b.skipped.len(), 1, "{:?}", b.skipped);
+        assert!(b.skipped[0].member_kept);
+        assert_eq!(b.skipped[0].key, "/service/demo/members/pg1");
+        assert!(
+            b.skipped[0].reason.contains("tags.owner") && b.skipped[0].reason.contains("team db"),
+            "{:?}",
+            b.skipped
+        );
+    }
+
+    #[test]
+    fn every_member_field_but_the_addresses_is_dropped_alone() {
+        for (field, value) in [
+            ("role", serde_json::json!("Primary Node")),
+            ("role", serde_json::json!(7)),
+            (
+                "state",
+                serde_json::json!("running\nserver evil 1.2.3.4:5432"),
+            ),
+            ("version", serde_json::json!("3.0.2 beta")),
+            ("version", serde_json::json!({"major": 3})),
+            ("timeline", serde_json::json!("one")),
+            ("xlog_location", serde_json::json!(-5)),
+            ("pending_restart", serde_json::json!("yes")),
+            ("tags", serde_json::json!(["a", "b"])),
+            (
+                "tags",
+                serde_json::json!({"bad key": 1, "x": {"nested": true}}),
+            ),
+        ] {
+            let mut m: serde_json::Value = serde_json::from_str(PG2).unwrap();
+            m[field] = value.clone();
+            let b = Cluster::build(
+                &snap(&[("members/pg2", &m.to_string())]),
+                "/service",
+                "demo",
+            );
+            assert_eq!(
+                b.cluster.members.len(),
+                1,
+                "{field} = {value}: {:?}",
+                b.skipped
+            );
+            assert!(
+                !b.skipped.is_empty() && b.skipped.iter().all(|s| s.member_kept),
+                "{field} = {value}: {:?}",
+                b.skipped
+            );
+            let named = field.split('.').next().unwrap();
+            assert!(
+                b.skipped
+                    .iter()
+                    .any(|s| s.reason.contains(named) || s.reason.contains("tag ")),
+                "{field} = {value}: {:?}",
+                b.skipped
+            );
+        }
+        // Without an address there is no server line: those refuse the member.
+        for field in ["conn_url", "api_url"] {
+            let mut m: serde_json::Value = serde_json::from_str(PG2).unwrap();
+            m[field] = serde_json::json!(42);
+            let b = Cluster::build(
+                &snap(&[("members/pg2", &m.to_string())]),
+                "/service",
+                "demo",
+            );
+            assert!(b.cluster.members.is_empty(), "{field}");
+            assert!(!b.skipped[0].member_kept);
+            assert!(b.skipped[0].reason.contains(field), "{:?}", b.skipped);
+        }
+    }
+
+    #[test]
+    fn the_leader_key_is_kept_when_its_member_key_is_unusable() {
+        let b = Cluster::build(
+            &snap(&[("leader", "pg1"), ("members/pg1", "{not json")]),
+            "/service",
+            "demo",
+        );
+        assert_eq!(b.cluster.leader_name, None);
+        assert_eq!(b.cluster.leader_key.as_deref(), Some("pg1"));
+    }
+
+    /// Any JSON value: scalars, strings of any characters, and nested arrays and objects.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(serde_json::Value::from),
+            ".{0,40}".prop_map(serde_json::Value::from),
+            "[a-z_/ .:-]{0,20}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(".{0,10}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Whatever Patroni (or anyone) writes in the tags and the other optional fields of
+        /// the leader's key, it stays the leader, and every value kept is safe config text.
+        #[test]
+        fn odd_member_fields_never_cost_the_member_and_never_reach_a_file_unchecked(
+            tags in proptest::collection::btree_map(".{0,12}", any_json(), 0..8),
+            role in any_json(),
+            state in any_json(),
+            version in any_json(),
+            timeline in any_json(),
+            xlog in any_json(),
+            pending in any_json(),
+        ) {
+            let mut m: serde_json::Value = serde_json::from_str(PG1).unwrap();
+            m["tags"] = serde_json::Value::Object(tags.into_iter().collect());
+            m["role"] = role;
+            m["state"] = state;
+            m["version"] = version;
+            m["timeline"] = timeline;
+            m["xlog_location"] = xlog;
+            m["pending_restart"] = pending;
+            let b = Cluster::build(
+                &snap(&[("leader", "pg1"), ("members/pg1", &m.to_string())]),
+                "/service",
+                "demo",
+            );
+            proptest::prop_assert_eq!(b.cluster.leader_name.as_deref(), Some("pg1"));
+            proptest::prop_assert!(b.skipped.iter().all(|s| s.member_kept), "{:?}", b.skipped);
+            let leader = b.cluster.leader().unwrap();
+            let safe = |t: &str| !t.chars().any(|c| c.is_whitespace() && c != ' ' || c.is_control());
+            proptest::prop_assert!(safe(&leader.role) && !leader.role.contains(' '));
+            proptest::prop_assert!(safe(&leader.state));
+            proptest::prop_assert!(leader.version.as_deref().is_none_or(|v| safe(v) && !v.contains(' ')));
+            for (k, v) in &leader.tags {
+                proptest::prop_assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                if let serde_json::Value::String(s) = v {
+                    proptest::prop_assert!(s.chars().all(safe_tag_char), "{:?}", s);
+                }
+                proptest::prop_assert!(!v.is_object() && !v.is_array());
+            }
+        }
     }
 
     #[test]

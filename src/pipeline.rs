@@ -367,7 +367,11 @@ impl Engine {
             for s in &built.skipped {
                 // A key may carry newlines meant to forge log lines: escape it. The reason quotes
                 // every value it takes from etcd with `{:?}` already.
-                tracing::warn!(key = %s.key.escape_debug(), reason = %s.reason, "ignoring key");
+                if s.member_kept {
+                    tracing::warn!(key = %s.key.escape_debug(), reason = %s.reason, "ignoring a field of a member key (the member is kept)");
+                } else {
+                    tracing::warn!(key = %s.key.escape_debug(), reason = %s.reason, "ignoring key");
+                }
             }
             st.last_skipped = built.skipped;
         }

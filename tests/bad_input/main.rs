@@ -552,6 +552,44 @@ impl Ws {
         ws.assert_nothing_signalled();
     }
 
+    /// A member key with one field that is odd or hostile: `once` keeps the member (it joins
+    /// the files) with that field dropped, warns naming the key and the field, and no text of the
+    /// field reaches a file.
+    fn assert_field_dropped(tag: &str, value: &str, reason_needles: &[&str]) {
+        let ws = Ws::new(tag);
+        ws.put("members/pg4", value);
+        let run = ws.once(&[]);
+        run.expect(0, &[]);
+        let key = ws.key("members/pg4");
+        let reason = run
+            .logs()
+            .into_iter()
+            .find_map(|v| {
+                (v["level"] == "WARN"
+                    && v["message"] == "ignoring a field of a member key (the member is kept)"
+                    && v["key"] == key.as_str())
+                .then(|| v["reason"].as_str().unwrap_or_default().to_owned())
+            })
+            .unwrap_or_else(|| panic!("no warning naming {key:?}\nstderr:\n{}", run.stderr));
+        for n in reason_needles {
+            assert!(
+                reason.contains(n),
+                "reason for {key:?} lacks {n:?}: {reason}"
+            );
+        }
+        assert!(
+            run.warning_for(&key).is_none(),
+            "the member itself was refused:\n{}",
+            run.stderr
+        );
+        assert!(
+            read(&ws.hap).contains("server pg4 127.0.0.1:5460 "),
+            "the member with a dropped field is not routed:\n{}",
+            read(&ws.hap)
+        );
+        ws.assert_no_evil();
+    }
+
     /// The haproxy target's reload points at `pidfile` (expecting `process`); a valid member
     /// joins; `once` must write haproxy.cfg, refuse the reload with exit 8 naming `needles`,
     /// keep pgbouncer.ini, and signal nothing.
@@ -733,12 +771,11 @@ fn member_host_with_raw_newline_is_refused_naming_its_key() {
 }
 
 #[test]
-fn member_tag_value_with_newline_is_refused_naming_its_key() {
-    Ws::assert_refused_key(
+fn member_tag_value_with_newline_drops_the_tag_naming_its_key_and_field() {
+    Ws::assert_field_dropped(
         "injtag",
-        "members/pg4",
         &member_with("tags", serde_json::json!({"x": "a\nserver evil"})),
-        &["tag \"x\" value", "refused"],
+        &["tags.x", "a\\nserver evil"],
     );
 }
 
@@ -766,22 +803,28 @@ fn member_api_url_with_percent_encoded_newline_is_refused_naming_its_key() {
 }
 
 #[test]
-fn member_state_with_a_directive_is_refused_naming_its_key() {
-    Ws::assert_refused_key(
+fn member_state_with_a_directive_drops_the_state_naming_its_key() {
+    Ws::assert_field_dropped(
         "injstate",
-        "members/pg4",
         &member_with("state", "running\n    server evil 1.2.3.4:5432".into()),
-        &["state \"running\\n", "must be lowercase letters"],
+        &[
+            "field state dropped",
+            "\"running\\n",
+            "must be lowercase letters",
+        ],
     );
 }
 
 #[test]
-fn member_role_with_a_directive_is_refused_naming_its_key() {
-    Ws::assert_refused_key(
+fn member_role_with_a_directive_drops_the_role_naming_its_key() {
+    Ws::assert_field_dropped(
         "injrole",
-        "members/pg4",
         &member_with("role", "replica\nserver evil 1.2.3.4:5432".into()),
-        &["role \"replica\\n", "must be lowercase letters"],
+        &[
+            "field role dropped",
+            "\"replica\\n",
+            "must be lowercase letters",
+        ],
     );
 }
 
