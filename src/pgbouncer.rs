@@ -587,6 +587,49 @@ impl Admin {
         }
     }
 
+    /// Resumes what an earlier run of haconfd left paused (killed between its `PAUSE` and its
+    /// `RESUME`): with `databases` None (one cluster: haconfd pauses the whole pooler) a global
+    /// `RESUME`, else `RESUME <db>` for each of `databases` that `SHOW DATABASES` shows paused.
+    /// Returns what was resumed (`*` for the whole pooler); nothing when nothing was paused.
+    /// haconfd owns the pauses of the databases it manages: a pause an operator set on them by
+    /// hand is lifted too (documented).
+    pub async fn resume_left_paused(
+        &self,
+        databases: Option<&[String]>,
+    ) -> Result<Vec<String>, AdminError> {
+        let mut conn = self.connect().await?;
+        let limit = Some(self.cfg.connect_timeout);
+        let Some(dbs) = databases else {
+            return match self.run(&mut conn, "RESUME", limit).await {
+                Ok(_) => Ok(vec!["*".to_owned()]),
+                Err(AdminError::Refused { message, .. }) if message.contains("not paused") => {
+                    Ok(Vec::new())
+                }
+                Err(e) => Err(e),
+            };
+        };
+        let rows = self.run(&mut conn, "SHOW DATABASES", limit).await?;
+        let paused: Vec<String> = rows
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            })
+            .filter(|r| r.try_get("paused").ok().flatten() == Some("1"))
+            .filter_map(|r| r.try_get("name").ok().flatten().map(str::to_owned))
+            .filter(|n| dbs.contains(n))
+            .collect();
+        let mut resumed = Vec::new();
+        for db in paused {
+            match self.run(&mut conn, &format!("RESUME {db}"), limit).await {
+                Ok(_) => resumed.push(db),
+                Err(AdminError::Refused { message, .. }) if message.contains("not paused") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(resumed)
+    }
+
     /// `RECONNECT`: every server connection is closed once released, so new server connections
     /// go to the address in the current ini (PgBouncer 1.15 and later).
     pub async fn reconnect(&self) -> Result<(), AdminError> {
@@ -641,6 +684,9 @@ struct Active {
     deadline_task: Option<JoinHandle<()>>,
 }
 
+/// Told the result of each `PAUSE` and `RESUME` (`ok` or `failed`), for metrics.
+pub type MoveObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
+
 /// The pause under way, and how many ends of earlier ones are still sending their `RESUME`.
 #[derive(Default)]
 struct State {
@@ -655,6 +701,7 @@ struct Inner {
     /// Held by whoever ends a pause for the whole `RESUME` / `RECONNECT`, and by a starting pause
     /// until it sends `PAUSE`: a new `PAUSE` never races the `RESUME` of the previous one.
     transition: Arc<tokio::sync::Mutex<()>>,
+    observer: Mutex<Option<MoveObserver>>,
 }
 
 /// Who ends a pause, for the logs.
@@ -688,6 +735,17 @@ impl fmt::Debug for Pause {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count(&self, result: &'static str) {
+        let observer = self
+            .observer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(f) = observer {
+            f(result);
+        }
     }
 
     /// Sets the stage of pause `gen` if it is still the current one.
@@ -733,6 +791,7 @@ impl Inner {
         let _ending = Ending(self);
         let deadline_task = active.deadline_task.take();
         let result = finish(&self.admin, &mut active, why, by).await;
+        self.count(if result.is_ok() { "ok" } else { "failed" });
         match &result {
             Ok(_) => {
                 if by != Ender::Deadline {
@@ -892,6 +951,7 @@ async fn run_pause(inner: Weak<Inner>, admin: Admin, gen: u64) {
             let waited = sent.elapsed();
             if let Some(i) = inner.upgrade() {
                 i.set_stage(gen, Stage::Paused { sent });
+                i.count("ok");
             }
             info!(
                 console = admin.console(),
@@ -918,6 +978,7 @@ async fn pause_failed(
 ) {
     if let Some(i) = inner.upgrade() {
         i.set_stage(gen, Stage::Failed { sent });
+        i.count("failed");
     }
     warn!(console = admin.console(), error = %e, "PgBouncer PAUSE failed; sending RESUME in case it took effect");
     match admin.resume().await {
@@ -953,14 +1014,50 @@ async fn run_deadline(inner: Weak<Inner>, admin: Admin, gen: u64, after: Duratio
                 error!(
                     console = admin.console(),
                     error = %e,
-                    "RESUME at pause_timeout failed {TRIES} times: PgBouncer may still be paused \
-                     (the next switch sends RESUME again; by hand: RESUME on its admin console)",
+                    "RESUME at pause_timeout failed {TRIES} times: PgBouncer may still be paused; \
+                     haconfd keeps sending RESUME every {}s until it answers (by hand: RESUME on \
+                     its admin console)",
+                    OWED_RETRY.as_secs(),
                 );
                 if let Some(i) = inner.upgrade() {
                     let mut st = i.lock();
                     if st.current.as_ref().is_some_and(|a| a.gen == gen) {
                         st.current = None;
                     }
+                }
+                return resume_owed(inner, admin, gen).await;
+            }
+        }
+    }
+}
+
+/// How often a `RESUME` that failed at the deadline is tried again.
+const OWED_RETRY: Duration = Duration::from_secs(5);
+
+/// A `RESUME` still owed after the deadline's tries failed (PgBouncer's console unreachable
+/// for a while): tried every [`OWED_RETRY`] until it answers, unless a newer pause took over
+/// (its own end resumes) or the pause's owner is gone.
+async fn resume_owed(inner: Weak<Inner>, admin: Admin, gen: u64) {
+    for attempt in 1u64.. {
+        tokio::time::sleep(OWED_RETRY).await;
+        let Some(i) = inner.upgrade() else { return };
+        let _transition = i.transition.lock().await;
+        if i.gens.load(Ordering::Relaxed) != gen || i.lock().current.is_some() {
+            return;
+        }
+        match admin.resume().await {
+            Ok(was_paused) => {
+                i.count("ok");
+                info!(
+                    console = admin.console(),
+                    was_paused, attempt, "the RESUME owed since pause_timeout answered"
+                );
+                return;
+            }
+            Err(e) => {
+                i.count("failed");
+                if attempt % 12 == 0 {
+                    error!(console = admin.console(), error = %e, attempt, "RESUME still fails: PgBouncer may still be paused");
                 }
             }
         }
@@ -976,8 +1073,18 @@ impl Pause {
                 state: Mutex::new(State::default()),
                 gens: AtomicU64::new(0),
                 transition: Arc::new(tokio::sync::Mutex::new(())),
+                observer: Mutex::new(None),
             }),
         }
+    }
+
+    /// Reports the result of each `PAUSE` and `RESUME` of this pause (and its clones) to `f`.
+    pub fn set_observer(&self, f: MoveObserver) {
+        *self
+            .inner
+            .observer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
 
     /// The console this pause drives.
