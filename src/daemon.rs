@@ -293,10 +293,26 @@ pub async fn run(
         systemd.ready();
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    // Undo what the fast path holds (a drain, a PgBouncer pause) before exiting: nothing else
+    // would. A second signal exits at once; the next start repairs what is left.
+    if tokio::time::timeout(SHUTDOWN_UNDO, d.engine.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            "the fast path's moves were not all undone within {}s: the next start repairs them",
+            SHUTDOWN_UNDO.as_secs()
+        );
+    }
     drop(d);
     tracing::info!("stopped");
     Ok(())
 }
+
+/// The longest a graceful stop spends undoing the fast path's moves (well inside systemd's
+/// `TimeoutStopSec`, 30 s in the shipped unit): a RESUME and a few runtime-API commands take
+/// milliseconds; an unreachable console is bounded by its `connect_timeout`.
+const SHUTDOWN_UNDO: Duration = Duration::from_secs(5);
 
 /// The state a reload may replace.
 struct Daemon {

@@ -215,6 +215,9 @@ async fn check_cmd(settings: Settings, args: haconfd::cli::CheckArgs) -> u8 {
             )
         }
     };
+    if let Err(e) = check_stats_sockets(engine.settings()).await {
+        return fail(exit::CONFIG, &e);
+    }
     match engine.check_only(&snap, scratch.path()).await {
         Ok(names) => {
             println!(
@@ -229,4 +232,40 @@ async fn check_cmd(settings: Settings, args: haconfd::cli::CheckArgs) -> u8 {
         }
         Err(e) => fail(pass_code(&e), &format!("{e:#}")),
     }
+}
+
+/// The fast path moves HAProxy through each `server_state.stats_socket`: a socket HAProxy
+/// serves below `level admin` refuses every move (`Permission denied`). One that does not
+/// answer now (HAProxy not started yet) is noted, not refused.
+async fn check_stats_sockets(settings: &Settings) -> Result<(), String> {
+    if !settings.failover.enabled {
+        return Ok(());
+    }
+    for t in &settings.targets {
+        let Some(ss) = &t.server_state else { continue };
+        let socket = ss.stats_socket.display();
+        match haconfd::server_state::socket_level(
+            &ss.stats_socket,
+            std::time::Duration::from_secs(2),
+        )
+        .await
+        {
+            Some(level) if level == "admin" => {}
+            Some(level) => {
+                return Err(format!(
+                    "template {:?}: HAProxy's stats socket {socket} (server_state.stats_socket) \
+                     is at level {level:?}: the failover fast path's moves need `level admin` \
+                     (`stats socket {socket} mode 660 level admin` in haproxy.cfg), or set \
+                     [failover] enabled = false",
+                    t.name
+                ))
+            }
+            None => eprintln!(
+                "haconfd: note: template {:?}: HAProxy's stats socket {socket} does not answer \
+                 now; its level (the fast path needs `level admin`) is not checked",
+                t.name
+            ),
+        }
+    }
+    Ok(())
 }

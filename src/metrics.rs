@@ -31,6 +31,8 @@ pub struct Metrics {
     render_seconds: Histogram,
     apply_seconds: Histogram,
     switch_seconds: Family<Labels, Histogram>,
+    moves: Family<Labels, Counter>,
+    fences_expired: Counter,
     drift: Gauge,
     hooks: crate::hooks::HookMetrics,
 }
@@ -59,6 +61,8 @@ impl Metrics {
             switch_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 16))
             }),
+            moves: Family::default(),
+            fences_expired: Counter::default(),
             drift: Gauge::default(),
             hooks: crate::hooks::HookMetrics::default(),
         }
@@ -80,6 +84,8 @@ impl Metrics {
             haproxy: Some(consumer("haproxy")),
             pgbouncer: Some(consumer("pgbouncer")),
             drift: Some(self.drift.clone()),
+            moves: Some(self.moves.clone()),
+            fences_expired: Some(self.fences_expired.clone()),
         }
     }
 
@@ -154,6 +160,16 @@ impl Metrics {
             "failover_switch_seconds",
             "Per leader change: from the new leader key to HAProxy (runtime API) or PgBouncer (reloaded and resumed) sending writes to it, by consumer",
             self.switch_seconds.clone(),
+        );
+        r.register(
+            "failover_moves",
+            "Moves of the failover fast path on a consumer (HAProxy runtime-API moves; PgBouncer PAUSE and RESUME), by consumer and result (ok, refused, unreachable, failed)",
+            self.moves.clone(),
+        );
+        r.register(
+            "failover_fences_expired",
+            "Fences (drains of the old primary) lifted by their bound rather than by the end of a leader change: a switchover request nobody acted on within failover.fence_timeout, or no new leader confirmed within failover.confirm_timeout",
+            self.fences_expired.clone(),
         );
         r.register(
             "hook_runs",

@@ -151,6 +151,9 @@ pub struct Engine {
     pub cluster: Option<Arc<Cluster>>,
     /// Every cluster the last pass saw.
     pub reports: Vec<ClusterReport>,
+    /// Whether the PgBouncer pauses an earlier run left were looked for (the first pass of
+    /// the daemon).
+    repaired: bool,
     /// Where the fast path reports confirmations, for routers of clusters found later.
     attach: Option<(
         tokio::sync::mpsc::UnboundedSender<failover::Confirmed>,
@@ -240,6 +243,7 @@ impl Engine {
             stats: PassStats::default(),
             cluster: None,
             reports: Vec::new(),
+            repaired: false,
             attach: None,
         })
     }
@@ -550,10 +554,58 @@ impl Engine {
         self.apply(seen, reload).await
     }
 
+    /// Undoes what the fast path holds on HAProxy and PgBouncer (fences, pauses), for a
+    /// graceful stop; the caller bounds it.
+    pub async fn shutdown(&mut self) {
+        for st in self.clusters.values_mut() {
+            st.router.shutdown().await;
+        }
+    }
+
+    /// Before the daemon's first pass: resumes the PgBouncer pauses an earlier run left (killed
+    /// between `PAUSE` and `RESUME`), on every PgBouncer the fast path pauses: the whole pooler
+    /// with one cluster, the databases of the configured clusters with several.
+    async fn resume_left_paused(&mut self) {
+        if self.repaired || self.attach.is_none() || !self.settings.failover.enabled {
+            return;
+        }
+        self.repaired = true;
+        let databases: Option<Vec<String>> = match self.settings.etcd.single_scope() {
+            Some(_) => None,
+            None => Some(
+                self.settings
+                    .clusters
+                    .values()
+                    .flat_map(|c| c.databases.iter().cloned())
+                    .collect(),
+            ),
+        };
+        let mut seen = Vec::new();
+        for t in &self.settings.targets {
+            let Some(admin) = &t.pgbouncer_admin else {
+                continue;
+            };
+            if seen.contains(&admin.config()) {
+                continue;
+            }
+            seen.push(admin.config());
+            match admin.resume_left_paused(databases.as_deref()).await {
+                Ok(r) if r.is_empty() => {}
+                Ok(r) => {
+                    tracing::warn!(target = %t.name, console = admin.console(), resumed = ?r, "PgBouncer was left paused (by an earlier run stopped mid-switch, or by hand): resumed")
+                }
+                Err(e) => {
+                    tracing::warn!(target = %t.name, error = %e, "cannot ask PgBouncer whether it was left paused")
+                }
+            }
+        }
+    }
+
     /// The first half of a pass: every cluster modelled, diffed, shown to the fast path and
     /// judged by the guard.
     async fn observe(&mut self, snap: &Snapshot) -> Result<Observed, PassError> {
         let started = Instant::now();
+        self.resume_left_paused().await;
         self.stats = PassStats::default();
         let settings = Arc::clone(&self.settings);
         let single = settings.etcd.single_scope().is_some();

@@ -59,6 +59,9 @@ pub struct Status {
     /// The last leader change as the failover fast path handled it (milliseconds after the new
     /// leader key: confirmed, HAProxy switched, PgBouncer switched).
     pub last_failover: crate::failover::TimelineView,
+    /// What the fast path holds on the consumers now (the first cluster's): fences in force,
+    /// moves refused.
+    pub fast_path: FastPathView,
     /// `require_leader` targets waiting for the leader to confirm it takes writes.
     pub awaiting_confirmation: Vec<String>,
     /// Whether several clusters are followed (`etcd.scopes`, `etcd.discover`): `clusters` lists
@@ -87,9 +90,21 @@ pub struct ClusterStatus {
     pub members: usize,
     /// Its last leader change as the fast path handled it.
     pub last_failover: crate::failover::TimelineView,
+    /// What its fast path holds on the consumers now.
+    pub fast_path: FastPathView,
     /// The model, for metrics.
     #[serde(skip)]
     pub model: Option<Arc<Cluster>>,
+}
+
+/// The fences and refused moves of a cluster's fast path, read when `/status` is served.
+#[derive(Debug, Clone, Default)]
+pub struct FastPathView(crate::failover::TimelineView);
+
+impl Serialize for FastPathView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.fast_path().serialize(s)
+    }
 }
 
 /// How many cluster events `/status` keeps.
@@ -177,10 +192,12 @@ impl Status {
                 leader: r.model.leader_name.clone(),
                 members: r.model.members.len(),
                 last_failover: r.failover.clone(),
+                fast_path: FastPathView(r.failover.clone()),
                 model: Some(Arc::clone(&r.model)),
             })
             .collect();
         self.last_failover = engine.failover_timeline();
+        self.fast_path = FastPathView(self.last_failover.clone());
         self.awaiting_confirmation = engine.stats.awaiting.clone();
     }
 
