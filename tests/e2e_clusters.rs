@@ -469,8 +469,13 @@ fn a_switchover_in_one_cluster_moves_only_its_routing_and_a_later_cluster_gets_l
     let own = switch::first_on(&a_own, a_second_port, sw)
         .unwrap_or_else(|| panic!("{a_second} never took a direct write"));
     let first = |log: &[switch::Attempt], what: &str| {
-        switch::first_on(log, a_second_port, sw)
-            .unwrap_or_else(|| panic!("no write to ca through {what} reached {a_second}"))
+        switch::first_on(log, a_second_port, sw).unwrap_or_else(|| {
+            panic!(
+                "no write to ca through {what} reached {a_second}; its first errors: {:?}\n{}",
+                switch::first_errors(log, sw, 5),
+                stack.diag()
+            )
+        })
     };
     let hap_after = switch::ms_between(own, first(&a_hap, "HAProxy"));
     let pgb_after = switch::ms_between(own, first(&a_pgb, "PgBouncer"));

@@ -86,9 +86,12 @@ pub fn command(bin: &str, args: &[&str]) -> Command {
     c
 }
 
-/// The daemon under test (only compiles inside integration tests).
+/// The daemon under test (only compiles inside integration tests): this build's, or the one
+/// `HACONFD_TEST_BIN` names (to show that a new test fails on an earlier build).
 pub fn haconfd_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_haconfd"))
+    std::env::var_os("HACONFD_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_haconfd")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2395,6 +2398,13 @@ pub struct Postgres {
 impl Postgres {
     /// `initdb` (about half a second) and start; waits (30 s) until `SELECT 1` answers.
     pub fn start() -> Postgres {
+        Self::start_on(&["127.0.0.1"])
+    }
+
+    /// [`Postgres::start`] listening on each of `addrs` (loopback addresses: one server can
+    /// stand for several members, told apart by `inet_server_addr()`), 127.0.0.1 first.
+    pub fn start_on(addrs: &[&str]) -> Postgres {
+        let listen = format!("listen_addresses={}", addrs.join(","));
         let dir = temp_dir("postgres");
         let data = dir.path().join("data");
         let sock = dir.path().join("sock");
@@ -2445,7 +2455,7 @@ impl Postgres {
             "-p",
             &port.to_string(),
             "-c",
-            "listen_addresses=127.0.0.1",
+            &listen,
             "-c",
             "fsync=off",
             "-c",
