@@ -293,7 +293,7 @@ impl Memory {
             };
             state.clusters.retain(|e| !e.is_of(cluster));
             let json = serde_json::to_string(&state).unwrap_or_default();
-            if let Err(e) = crate::apply::write_atomic(path, json.as_bytes(), 0o644) {
+            if let Err(e) = crate::files::write_atomic(path, json.as_bytes(), 0o644) {
                 tracing::warn!(file = %path.display(), error = %e, "cannot save the guard's memory (guard.state_file)");
             }
         }
@@ -322,7 +322,7 @@ impl Memory {
             (&a.namespace, &a.scope, a.group).cmp(&(&b.namespace, &b.scope, b.group))
         });
         let json = serde_json::to_string(&state).unwrap_or_default();
-        if let Err(e) = crate::apply::write_atomic(path, json.as_bytes(), 0o644) {
+        if let Err(e) = crate::files::write_atomic(path, json.as_bytes(), 0o644) {
             tracing::warn!(file = %path.display(), error = %e, "cannot save the guard's memory (guard.state_file); it is kept in memory and saved again at the next change of members");
         }
         // Also after a failure: an unwritable file is retried at the next change of members, not

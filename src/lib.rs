@@ -28,6 +28,7 @@ pub mod confirm;
 pub mod daemon;
 pub mod events;
 pub mod failover;
+pub mod files;
 pub mod guard;
 pub mod haproxy;
 pub mod hooks;

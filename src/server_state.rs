@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::apply::{ApplyError, Retired};
+use crate::files::{ApplyError, Retired};
 use crate::model::Cluster;
 use crate::target::SCOPE_PLACEHOLDER;
 
@@ -559,7 +559,7 @@ pub async fn dump(stats_socket: &Path, timeout: Duration) -> Option<String> {
 /// next start or reload, and haconfd rewrites it on every pass, so only visibility matters. The
 /// returned [`Retired`] releases the replaced file; finish it after the reload.
 pub fn swap_in(path: &Path, content: &str) -> Result<Retired, ApplyError> {
-    let staged = crate::apply::stage_bytes(
+    let staged = crate::files::stage_bytes(
         path,
         "server-state",
         content.as_bytes(),
@@ -567,7 +567,7 @@ pub fn swap_in(path: &Path, content: &str) -> Result<Retired, ApplyError> {
         (None, None),
         false,
     )?;
-    crate::apply::commit(staged)
+    crate::files::commit(staged)
 }
 
 /// Writes the file if its content differs; returns whether it wrote.
