@@ -9,10 +9,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::apply::STAGED_PLACEHOLDER;
+use crate::consumers::haproxy::server_state::ServerStateConfig;
+use crate::consumers::reload::Reload;
+use crate::consumers::Consumer;
 use crate::guard::GuardConfig;
 use crate::logging::LogFormat;
-use crate::reload::Reload;
-use crate::server_state::ServerStateConfig;
 use crate::source::{Clusters, EtcdApi, EtcdSettings, TlsConfig};
 use crate::target::{default_command_timeout, ClusterSettings, Target, SCOPE_PLACEHOLDER};
 
@@ -237,7 +238,7 @@ pub struct TemplateConfig {
     pub server_state: Option<ServerStateConfig>,
     /// PgBouncer's admin console: reload through `RELOAD`, and PAUSE/RESUME around a leader
     /// change (the `reload` action, if any, is the fallback when the console cannot be reached).
-    pub pgbouncer_admin: Option<crate::pgbouncer::AdminConfig>,
+    pub pgbouncer_admin: Option<crate::consumers::pgbouncer::AdminConfig>,
     /// Variables for this template only; they override the global `[vars]`.
     #[serde(default)]
     pub vars: toml::Table,
@@ -756,10 +757,22 @@ fn resolve_template(
         .map(|mut a| {
             a.validate()?;
             a.resolve_paths(base_dir);
-            Ok::<_, String>(crate::pgbouncer::Admin::new(a))
+            Ok::<_, String>(crate::consumers::pgbouncer::Admin::new(a))
         })
         .transpose()
         .map_err(&ctx)?;
+    let consumer = match (server_state, pgbouncer_admin) {
+        (Some(ss), None) => Consumer::Haproxy(ss),
+        (None, Some(a)) => Consumer::Pgbouncer(a),
+        (None, None) => Consumer::Plain,
+        (Some(_), Some(_)) => {
+            return Err(ctx(
+                "server_state (a HAProxy) and pgbouncer_admin (a PgBouncer) are both set: one \
+                 program reads a template's file; give each its own [[template]]"
+                    .to_string(),
+            ))
+        }
+    };
     let mut vars = global_vars.clone();
     vars.extend(table_to_json(t.vars));
     Ok(Target {
@@ -773,8 +786,7 @@ fn resolve_template(
         group,
         reload,
         require_leader: t.require_leader,
-        server_state,
-        pgbouncer_admin,
+        consumer,
         vars,
         name,
     })
@@ -917,7 +929,7 @@ fn normalize_namespace(ns: &str) -> String {
 /// has one), and fast-path backends that would be shared by every cluster.
 fn check_cluster_targets(etcd: &EtcdSettings, targets: &[Target]) -> Result<(), ConfigError> {
     for t in targets {
-        let Some(ss) = &t.server_state else { continue };
+        let Some(ss) = t.server_state() else { continue };
         if t.per_cluster {
             return Err(ConfigError::Invalid(format!(
                 "template {:?}: server_state cannot be set on a per-cluster dest ({}): HAProxy \
@@ -949,7 +961,7 @@ fn check_written_files(targets: &[Target], state_file: Option<&Path>) -> Result<
     let mut written: Vec<(String, &Path)> = Vec::new();
     for t in targets {
         written.push((format!("template {:?} dest", t.name), &t.dest));
-        if let Some(ss) = &t.server_state {
+        if let Some(ss) = t.server_state() {
             written.push((format!("template {:?} server_state.file", t.name), &ss.file));
         }
     }
@@ -1233,7 +1245,7 @@ reload = { command = ["bin/reload", "arg"] }
             }
             other => panic!("{other:?}"),
         }
-        let ss = hap.server_state.as_ref().unwrap();
+        let ss = hap.server_state().unwrap();
         assert_eq!(ss.stats_socket, d.join("run/admin.sock"));
         assert_eq!(ss.file, d.join("state/server-state"));
         assert_eq!(s.targets[1].dest, d.join("out/pgbouncer.ini"));

@@ -17,7 +17,7 @@
 //! - at start, and whenever HAProxy is reachable again after it was not, HAProxy is repaired to
 //!   etcd's view ([`Move::Repair`]): drains no fence accounts for are lifted, and the leader,
 //!   once its REST API confirms it, is UP in the primary backends; PgBouncer pauses left behind
-//!   are resumed before the first pass (see [`crate::pgbouncer::Admin::resume_left_paused`]).
+//!   are resumed before the first pass (see [`crate::consumers::pgbouncer::Admin::resume_left_paused`]).
 //!
 //! The state lives behind one mutex shared by the pass (which sees the events), the
 //! confirmation task (which sees the candidate answer), the watchdog (which lifts fences at
@@ -35,10 +35,10 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::confirm;
+use crate::consumers::haproxy::runtime::{self, Move};
+use crate::consumers::pgbouncer::Pause;
 use crate::events::ClusterEvent;
 use crate::model::{Cluster, Member};
-use crate::pgbouncer::Pause;
-use crate::server_state::{self, Move};
 use crate::target::Target;
 
 /// `[failover]`: the fast path's settings.
@@ -274,7 +274,7 @@ pub struct Confirmed {
 #[derive(Debug, Clone)]
 struct Route {
     target: String,
-    ss: crate::server_state::ServerStateConfig,
+    ss: crate::consumers::haproxy::server_state::ServerStateConfig,
 }
 
 /// Why a server is fenced; each has its own bound.
@@ -414,7 +414,7 @@ impl Router {
             .iter()
             .filter(|_| !citus)
             .filter_map(|t| {
-                t.server_state.as_ref().map(|ss| Route {
+                t.server_state().map(|ss| Route {
                     target: t.name.clone(),
                     ss: match cluster {
                         Some((id, _)) => ss.for_scope(&id.scope),
@@ -426,7 +426,7 @@ impl Router {
         let pauses = targets
             .iter()
             .filter(|_| !citus)
-            .filter_map(|t| t.pgbouncer_admin.as_ref().map(|a| (t, a)))
+            .filter_map(|t| t.pgbouncer_admin().map(|a| (t, a)))
             .flat_map(|(t, a)| match cluster {
                 None => vec![(t.name.clone(), Pause::new(a.clone()))],
                 Some((_, settings)) => settings
@@ -1033,7 +1033,7 @@ enum Moved {
     /// Every command answered as carried out (or none was needed).
     Done(Vec<String>),
     /// HAProxy answered some commands with an error.
-    Refused(Vec<server_state::Refused>),
+    Refused(Vec<runtime::Refused>),
     /// The socket could not be reached.
     Unreachable(std::io::Error),
 }
@@ -1042,9 +1042,9 @@ enum Moved {
 /// one connection), then each command on its own connection, each answer checked.
 async fn move_one(r: &Route, mv: &Move, fenced: &BTreeSet<String>) -> Moved {
     const LIMIT: Duration = Duration::from_secs(2);
-    let dump = match crate::haproxy::cli(
+    let dump = match crate::consumers::haproxy::cli(
         &r.ss.stats_socket,
-        &server_state::dump_command(&r.ss),
+        &runtime::dump_command(&r.ss),
         LIMIT,
     )
     .await
@@ -1052,8 +1052,8 @@ async fn move_one(r: &Route, mv: &Move, fenced: &BTreeSet<String>) -> Moved {
         Ok(d) => d,
         Err(e) => return Moved::Unreachable(e),
     };
-    let live = server_state::parse_live(&dump);
-    let cmds = server_state::move_commands(&r.ss, &live, mv, fenced);
+    let live = runtime::parse_live(&dump);
+    let cmds = runtime::move_commands(&r.ss, &live, mv, fenced);
     if let Move::Fence { old } = mv {
         let maint = live
             .iter()
@@ -1065,7 +1065,7 @@ async fn move_one(r: &Route, mv: &Move, fenced: &BTreeSet<String>) -> Moved {
     if cmds.is_empty() {
         return Moved::Done(cmds);
     }
-    match server_state::apply_commands(&r.ss.stats_socket, &cmds, LIMIT).await {
+    match runtime::apply_commands(&r.ss.stats_socket, &cmds, LIMIT).await {
         Ok(refused) if refused.is_empty() => Moved::Done(cmds),
         Ok(refused) => Moved::Refused(refused),
         Err(e) => Moved::Unreachable(e),
@@ -1241,8 +1241,7 @@ async fn drift_loop(
         let mut disagree = Vec::new();
         let mut repair = false;
         for (i, r) in routes.iter().enumerate() {
-            let Some(dump) = server_state::dump(&r.ss.stats_socket, Duration::from_secs(2)).await
-            else {
+            let Some(dump) = runtime::dump(&r.ss.stats_socket, Duration::from_secs(2)).await else {
                 unreachable[i] = true;
                 continue;
             };
@@ -1250,7 +1249,7 @@ async fn drift_loop(
                 tracing::info!(target = %r.target, "HAProxy's runtime API answers again: repairing it to etcd's view");
                 repair = true;
             }
-            let live = server_state::parse_live(&dump);
+            let live = runtime::parse_live(&dump);
             // Read after the dump: a fence decided meanwhile is in the set already.
             let fenced: BTreeMap<String, Fence> = lock(&shared)
                 .fences
@@ -1268,7 +1267,7 @@ async fn drift_loop(
                 repair = true;
             }
             let Some(leader) = &leader else { continue };
-            let primaries = server_state::live_primaries(&r.ss, &dump);
+            let primaries = runtime::live_primaries(&r.ss, &dump);
             if primaries != [leader.clone()] {
                 let fence = fenced
                     .get(leader)

@@ -242,9 +242,9 @@ async fn check_stats_sockets(settings: &Settings) -> Result<(), String> {
         return Ok(());
     }
     for t in &settings.targets {
-        let Some(ss) = &t.server_state else { continue };
+        let Some(ss) = t.server_state() else { continue };
         let socket = ss.stats_socket.display();
-        match haconfd::server_state::socket_level(
+        match haconfd::consumers::haproxy::runtime::socket_level(
             &ss.stats_socket,
             std::time::Duration::from_secs(2),
         )

@@ -10,13 +10,13 @@ use crate::apply::{self, ApplyError};
 use std::path::PathBuf;
 
 use crate::config::Settings;
+use crate::consumers::haproxy::server_state;
+use crate::consumers::reload::ReloadError;
 use crate::events::{ClusterEvent, Differ};
 use crate::failover::{self, Router};
 use crate::guard::{self, GuardError};
 use crate::model::{self, Cluster, ClusterId, MemberCache, Skipped};
-use crate::reload::{self, Reload, ReloadError};
 use crate::render::{RenderError, Rendered, Renderer, ScopeView, View};
-use crate::server_state;
 use crate::snapshot::Snapshot;
 use crate::source::Clusters;
 use crate::target::{ClusterSettings, Target};
@@ -582,7 +582,7 @@ impl Engine {
         };
         let mut seen = Vec::new();
         for t in &self.settings.targets {
-            let Some(admin) = &t.pgbouncer_admin else {
+            let Some(admin) = t.pgbouncer_admin() else {
                 continue;
             };
             if seen.contains(&admin.config()) {
@@ -892,7 +892,7 @@ impl Engine {
             }
             // A HAProxy the fast path moves keeps its file and worker until the new leader is
             // confirmed (see `Router::defers_reloads`).
-            if defer_haproxy && group.iter().any(|&i| targets[i].server_state.is_some()) {
+            if defer_haproxy && group.iter().any(|&i| targets[i].server_state().is_some()) {
                 for &i in &group {
                     tracing::info!(target = %targets[i].name, "leader change under way: this consumer is updated once the new primary is confirmed");
                     self.stats.awaiting.push(targets[i].name.clone());
@@ -974,7 +974,7 @@ impl Engine {
         // may still be reading the merged file. Built again only when the target was rendered
         // again: the state depends on nothing a heartbeat changes.
         for (t, r) in targets.iter().zip(&live) {
-            let (Some(ss), Some(r)) = (&t.server_state, r) else {
+            let (Some(ss), Some(r)) = (t.server_state(), r) else {
                 continue;
             };
             if outcome.reloaded.contains(&t.name)
@@ -1431,59 +1431,7 @@ pub fn consumers(targets: &[Target]) -> Vec<Vec<usize>> {
 
 /// What identifies the process a reload acts on.
 fn target_consumer_ids(t: &Target) -> Vec<String> {
-    let mut ids = t.reload.as_ref().map(consumer_ids).unwrap_or_default();
-    if let Some(a) = &t.pgbouncer_admin {
-        ids.push(format!("pgbouncer console {}", a.config().address()));
-    }
-    ids
-}
-
-/// Whether the consumer a reload acts on is not there at all: its pidfile or master socket does
-/// not exist (it has not started, or it stopped and cleaned up).
-fn consumer_absent(t: &Target) -> bool {
-    match &t.reload {
-        Some(Reload::Signal { pidfile, .. }) => !pidfile.exists(),
-        Some(Reload::MasterSocket { path, .. }) => !path.exists(),
-        _ => false,
-    }
-}
-
-/// Reloads the consumer of `t`: through PgBouncer's admin console when one is configured
-/// (falling back to the `reload` action if the console fails), else by its `reload` action.
-async fn reload_consumer(t: &Target) -> Result<(), ReloadError> {
-    if let Some(admin) = &t.pgbouncer_admin {
-        match admin.reload().await {
-            Ok(()) => return Ok(()),
-            Err(e) => match &t.reload {
-                Some(_) => {
-                    tracing::warn!(target = %t.name, error = %e, "PgBouncer's console did not take RELOAD; using the reload action")
-                }
-                None => return Err(ReloadError::Console(e.to_string())),
-            },
-        }
-    }
-    match &t.reload {
-        Some(action) => reload::reload(action).await,
-        None => Ok(()),
-    }
-}
-
-fn consumer_ids(r: &Reload) -> Vec<String> {
-    match r {
-        Reload::Signal {
-            pidfile,
-            master_socket,
-            ..
-        } => std::iter::once(format!("pidfile {}", pidfile.display()))
-            .chain(
-                master_socket
-                    .iter()
-                    .map(|m| format!("master socket {}", m.display())),
-            )
-            .collect(),
-        Reload::MasterSocket { path, .. } => vec![format!("master socket {}", path.display())],
-        Reload::Command { argv, .. } => vec![format!("command {argv:?}")],
-    }
+    t.consumer.ids(t.reload.as_ref())
 }
 
 impl Engine {
@@ -1510,7 +1458,7 @@ impl Engine {
             .copied()
             .filter(|i| {
                 let t = &targets[*i];
-                t.reload.is_some() || t.pgbouncer_admin.is_some()
+                t.consumer.is_told(t.reload.as_ref())
             })
             .filter(|i| {
                 changed.iter().any(|(c, _)| c == i) || self.unreloaded.contains(&targets[*i].name)
@@ -1520,11 +1468,15 @@ impl Engine {
         let settings = Arc::clone(&self.settings);
         for &i in &due {
             let t = &targets[i];
-            if let (Some(ss), Some(Ok(r))) = (&t.server_state, &rendered[i]) {
+            if let (Some(ss), Some(Ok(r))) = (t.server_state(), &rendered[i]) {
                 retired.extend(prepare_server_state(&settings, ss, r, clusters).await);
             }
         }
-        match reload_consumer(&targets[first]).await {
+        match targets[first]
+            .consumer
+            .reload(&targets[first].name, targets[first].reload.as_ref())
+            .await
+        {
             Ok(()) => {
                 for &i in &due {
                     let name = &targets[i].name;
@@ -1538,7 +1490,7 @@ impl Engine {
             // these files did not exist before this pass. It reads them when it starts; nothing
             // to reload, nothing failed (a sidecar whose HAProxy waits for haconfd's first file).
             Err(source)
-                if consumer_absent(&targets[first])
+                if crate::consumers::absent(targets[first].reload.as_ref())
                     && due
                         .iter()
                         .all(|i| changed.iter().any(|(c, old)| c == i && old.is_none())) =>
@@ -1557,7 +1509,9 @@ impl Engine {
                     // (When haconfd refused to signal — stale or foreign PID — the new file
                     // stays: a consumer starting now must read it.)
                     let old = changed.iter().find(|(c, _)| *c == i).map(|(_, o)| o);
-                    if let (Some(Some(old)), true) = (old, refused_by_consumer(&source)) {
+                    if let (Some(Some(old)), true) =
+                        (old, crate::consumers::refused_new_file(&source))
+                    {
                         let (s, old) = (Arc::clone(targets), old.clone());
                         blocking(move || restore(&s[i], &old)).await;
                     }
@@ -1583,7 +1537,12 @@ async fn prepare_server_state(
     rendered: &Rendered,
     clusters: &[Arc<Cluster>],
 ) -> Option<apply::Retired> {
-    let live = match server_state::dump(&ss.stats_socket, Duration::from_secs(2)).await {
+    let live = match crate::consumers::haproxy::runtime::dump(
+        &ss.stats_socket,
+        Duration::from_secs(2),
+    )
+    .await
+    {
         Some(live) => live,
         None => {
             tracing::warn!(socket = %ss.stats_socket.display(), "cannot read `show servers state`; the state file carries etcd's view only");
@@ -1596,12 +1555,6 @@ async fn prepare_server_state(
         .await
         .map_err(|e| tracing::warn!(error = %e, "cannot write the server-state file before reload"))
         .ok()
-}
-
-/// Whether the consumer itself rejected the new file (HAProxy's failed reload), as opposed to
-/// haconfd refusing to signal: only then is the file on disk known not to be in use.
-fn refused_by_consumer(e: &ReloadError) -> bool {
-    matches!(e, ReloadError::ReloadFailed { .. })
 }
 
 fn select<'a>(targets: &'a [Target], only: Option<&str>) -> Result<Vec<&'a Target>, RenderError> {
@@ -1618,6 +1571,7 @@ fn select<'a>(targets: &'a [Target], only: Option<&str>) -> Result<Vec<&'a Targe
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consumers::reload::Reload;
     use std::path::{Path, PathBuf};
 
     fn target(name: &str, reload: Option<Reload>) -> Target {

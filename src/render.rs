@@ -215,10 +215,7 @@ pub fn context<'a>(view: &View<'a>, target: &'a Target) -> Context<'a> {
         target: TargetInfo {
             name: &target.name,
             dest: target.dest.display().to_string(),
-            server_state_file: target
-                .server_state
-                .as_ref()
-                .map(|s| s.file.display().to_string()),
+            server_state_file: target.server_state().map(|s| s.file.display().to_string()),
         },
         haconfd: HaconfdInfo {
             version: env!("CARGO_PKG_VERSION"),

@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::reload::Reload;
-use crate::server_state::ServerStateConfig;
+use crate::consumers::haproxy::server_state::ServerStateConfig;
+use crate::consumers::reload::Reload;
+use crate::consumers::Consumer;
 
 /// Resolved `[clusters.<scope>]`: what templates see as the cluster's `settings`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -44,10 +45,9 @@ pub struct Target {
     pub reload: Option<Reload>,
     /// Refuse to render with no leader.
     pub require_leader: bool,
-    /// HAProxy server-state handling.
-    pub server_state: Option<ServerStateConfig>,
-    /// PgBouncer's admin console.
-    pub pgbouncer_admin: Option<crate::pgbouncer::Admin>,
+    /// Which program reads the file: HAProxy with server state, PgBouncer with its console, or
+    /// another told by `reload` only.
+    pub consumer: Consumer,
     /// Merged variables (global, then per-template).
     pub vars: serde_json::Map<String, serde_json::Value>,
     /// `dest` holds `{scope}`: one file per cluster, each rendered with that cluster's flat
@@ -69,11 +69,22 @@ impl Target {
             group: None,
             reload: None,
             require_leader: false,
-            server_state: None,
-            pgbouncer_admin: None,
+            consumer: Consumer::Plain,
             vars: serde_json::Map::new(),
             per_cluster: false,
         }
+    }
+}
+
+impl Target {
+    /// HAProxy's server-state settings, when a HAProxy with server state reads this target.
+    pub fn server_state(&self) -> Option<&ServerStateConfig> {
+        self.consumer.server_state()
+    }
+
+    /// PgBouncer's console, when a PgBouncer with `pgbouncer_admin` reads this target.
+    pub fn pgbouncer_admin(&self) -> Option<&crate::consumers::pgbouncer::Admin> {
+        self.consumer.pgbouncer()
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use haconfd::config::{RawConfig, ReloadConfig, TemplateConfig};
-use haconfd::server_state::ServerStateConfig;
+use haconfd::consumers::haproxy::server_state::ServerStateConfig;
 use haconfd::source::TlsConfig;
 
 /// A config with every optional field set, so that serializing it shows every key.
@@ -52,7 +52,7 @@ fn everything() -> RawConfig {
             primary_backends: vec![],
             replica_backends: vec![],
         }),
-        pgbouncer_admin: Some(haconfd::pgbouncer::AdminConfig {
+        pgbouncer_admin: Some(haconfd::consumers::pgbouncer::AdminConfig {
             host: "/run/postgresql".into(),
             port: 6432,
             user: "pgbouncer".into(),

@@ -22,8 +22,8 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser};
 use haconfd::cli::{Cli, Command as Mode};
 use haconfd::config::{RawConfig, Settings};
+use haconfd::consumers::reload::Reload;
 use haconfd::pipeline::Engine;
-use haconfd::reload::Reload;
 use haconfd::snapshot::Snapshot;
 use haconfd::target::Target;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -374,7 +374,7 @@ impl Loaded {
             .targets
             .iter()
             .find(|t| {
-                t.server_state.is_some()
+                t.server_state().is_some()
                     || t.check
                         .first()
                         .is_some_and(|c| Path::new(c).file_name().unwrap() == "haproxy")
@@ -411,7 +411,7 @@ impl Loaded {
     /// Every file or socket haconfd touches for a target: dest, server state, reload paths.
     fn paths(t: &Target) -> Vec<PathBuf> {
         let mut v = vec![t.dest.clone()];
-        if let Some(ss) = &t.server_state {
+        if let Some(ss) = t.server_state() {
             v.push(ss.file.clone());
             v.push(ss.stats_socket.clone());
         }
@@ -658,7 +658,7 @@ fn assert_haproxy_matches(h: &HaproxyCmd, cfg: &Loaded, origin: &str) {
             "{origin}: HAProxy's -S vs reload.master_socket"
         );
     }
-    if let Some(ss) = &t.server_state {
+    if let Some(ss) = t.server_state() {
         let stats = t
             .vars
             .get("stats_socket")
@@ -1843,8 +1843,7 @@ fn systemd_units_agree_with_the_binary_the_sample_config_and_each_other() {
     for t in &cfg.settings.targets {
         let mut dirs = vec![t.dest.parent().unwrap().to_path_buf()];
         dirs.extend(
-            t.server_state
-                .as_ref()
+            t.server_state()
                 .map(|s| s.file.parent().unwrap().to_path_buf()),
         );
         for d in dirs {
@@ -1939,7 +1938,7 @@ fn systemd_units_agree_with_the_binary_the_sample_config_and_each_other() {
         .map(|d| Path::new("/run").join(d))
         .collect();
     let mut sockets: Vec<PathBuf> = t
-        .server_state
+        .server_state()
         .iter()
         .map(|s| s.stats_socket.clone())
         .collect();

@@ -1,4 +1,4 @@
-//! `haconfd::pgbouncer` against a real PgBouncer (1.18 on Debian 12) and real PostgreSQL servers
+//! `haconfd::consumers::pgbouncer` against a real PgBouncer (1.18 on Debian 12) and real PostgreSQL servers
 //! on loopback: the bounded pause of the failover fast path (PAUSE, RELOAD onto another server,
 //! RESUME), its deadline, session pool mode (no pause, RECONNECT), a PAUSE stuck behind an open
 //! transaction, and the errors of a wrong password or an unreachable console.
@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::procs::*;
-use haconfd::pgbouncer::{Admin, AdminConfig, AdminError, Pause, PoolMode};
+use haconfd::consumers::pgbouncer::{Admin, AdminConfig, AdminError, Pause, PoolMode};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers

@@ -10,7 +10,7 @@ use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
 use crate::command::{self, CommandError};
-use crate::haproxy::{self, ProcInfo};
+use crate::consumers::haproxy::{self, ProcInfo};
 
 /// A resolved reload action.
 #[derive(Debug, Clone)]

@@ -1,5 +1,9 @@
-//! Talks to HAProxy's sockets: one command per connection on the master CLI (`show proc`,
-//! `reload`) or the admin stats socket (`show servers state`), and parses the answers.
+//! HAProxy: its sockets ([`cli`]: one request per connection on the master CLI or the admin
+//! stats socket, with `show proc` and `reload` answers parsed), its server state carried across
+//! reloads ([`server_state`]) and the runtime-API moves of the failover fast path ([`runtime`]).
+
+pub mod runtime;
+pub mod server_state;
 
 use std::path::Path;
 use std::time::Duration;

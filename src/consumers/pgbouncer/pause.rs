@@ -1,0 +1,565 @@
+//! A bounded pause of one PgBouncer for a failover switch ([`Pause`]): `PAUSE` in the
+//! background, `RESUME` (or `RECONNECT` in session pool mode) at the end of the switch, and a
+//! deadline that resumes it whatever happens; a `RESUME` that fails then is owed and sent again
+//! until it answers.
+//!
+//! ```text
+//! pause.begin("leader changed")     // PAUSE in the background: new transactions wait
+//! … render pgbouncer.ini …
+//! admin.reload().await?             // RELOAD: the new [databases] address
+//! pause.end("switched").await?      // RESUME (session pool mode: RECONNECT)
+//! ```
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use super::{Admin, AdminError};
+
+/// Where one pause stands.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// Connecting and asking for the pool modes; `PAUSE` not sent.
+    Checking,
+    /// `PAUSE` sent, not answered yet (transactions still running).
+    Pausing { sent: Instant },
+    /// `PAUSE` answered: no server connection is in use.
+    Paused { sent: Instant },
+    /// A pool runs in session mode: not paused; the switch ends with `RECONNECT`.
+    Session,
+    /// `PAUSE` failed (logged); ending still sends `RESUME` in case it took effect.
+    Failed { sent: Option<Instant> },
+}
+
+/// One pause, from [`Pause::begin`] to its end.
+struct Active {
+    gen: u64,
+    why: String,
+    began: Instant,
+    stage: Stage,
+    pause_task: Option<JoinHandle<()>>,
+    deadline_task: Option<JoinHandle<()>>,
+}
+
+/// Told the result of each `PAUSE` and `RESUME` (`ok` or `failed`), for metrics.
+pub type MoveObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
+
+/// The pause under way, and how many ends of earlier ones are still sending their `RESUME`.
+#[derive(Default)]
+struct State {
+    current: Option<Active>,
+    ending: usize,
+}
+
+struct Inner {
+    admin: Admin,
+    state: Mutex<State>,
+    gens: AtomicU64,
+    /// Held by whoever ends a pause for the whole `RESUME` / `RECONNECT`, and by a starting pause
+    /// until it sends `PAUSE`: a new `PAUSE` never races the `RESUME` of the previous one.
+    transition: Arc<tokio::sync::Mutex<()>>,
+    observer: Mutex<Option<MoveObserver>>,
+}
+
+/// Who ends a pause, for the logs.
+#[derive(Clone, Copy, PartialEq)]
+enum Ender {
+    Caller,
+    Deadline,
+    Dropped,
+}
+
+/// A bounded pause of one PgBouncer for a failover switch: [`Pause::begin`] starts `PAUSE` in
+/// the background and returns at once; [`Pause::end`] (after the caller's `RELOAD`) sends
+/// `RESUME`, or `RECONNECT` when a pool runs in session mode. Whatever happens, PgBouncer is
+/// resumed within `pause_timeout` of `begin` by a deadline task, and dropping the last handle
+/// resumes it too. Clones share the pause. `begin` and dropping need a tokio runtime.
+#[derive(Clone)]
+pub struct Pause {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Pause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let stage = self.inner.lock().current.as_ref().map(|a| a.stage);
+        f.debug_struct("Pause")
+            .field("console", &self.inner.admin.console())
+            .field("stage", &stage)
+            .finish()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count(&self, result: &'static str) {
+        let observer = self
+            .observer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(f) = observer {
+            f(result);
+        }
+    }
+
+    /// Sets the stage of pause `gen` if it is still the current one.
+    fn set_stage(&self, gen: u64, stage: Stage) -> bool {
+        match self.lock().current.as_mut() {
+            Some(a) if a.gen == gen => {
+                a.stage = stage;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends the current pause (or only pause `gen`): aborts a pending `PAUSE` (closing its
+    /// connection), then `RESUME` / `RECONNECT` on a fresh connection. On failure the pause is
+    /// put back so that the deadline tries again.
+    async fn end(
+        &self,
+        why: &str,
+        gen: Option<u64>,
+        by: Ender,
+    ) -> Result<Option<Duration>, AdminError> {
+        // First close a pending PAUSE (its task holds `transition` until it has sent PAUSE).
+        if let Some(a) = self.lock().current.as_ref() {
+            if gen.is_none_or(|g| g == a.gen) {
+                if let Some(t) = &a.pause_task {
+                    t.abort();
+                }
+            }
+        }
+        // Then wait for an end in flight: if its RESUME fails, it puts the pause back for us.
+        let _transition = self.transition.lock().await;
+        let mut active = {
+            let mut st = self.lock();
+            match st.current.as_ref() {
+                Some(a) if gen.is_none_or(|g| g == a.gen) => {
+                    st.ending += 1;
+                    st.current.take().expect("checked")
+                }
+                _ => return Ok(None),
+            }
+        };
+        let _ending = Ending(self);
+        let deadline_task = active.deadline_task.take();
+        let result = finish(&self.admin, &mut active, why, by).await;
+        self.count(if result.is_ok() { "ok" } else { "failed" });
+        match &result {
+            Ok(_) => {
+                if by != Ender::Deadline {
+                    if let Some(t) = deadline_task {
+                        t.abort();
+                    }
+                }
+            }
+            Err(_) => {
+                let mut st = self.lock();
+                if st.current.is_none() {
+                    active.deadline_task = deadline_task;
+                    st.current = Some(active);
+                }
+            }
+        }
+        result
+    }
+}
+
+/// Counts an end in flight (so that [`Pause::is_active`] stays true until its `RESUME` has
+/// answered), also when it is dropped half-way.
+struct Ending<'a>(&'a Inner);
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.ending = st.ending.saturating_sub(1);
+    }
+}
+
+/// `RESUME` (or `RECONNECT` for session pools) for `active`, after making sure its `PAUSE`
+/// connection is closed.
+async fn finish(
+    admin: &Admin,
+    active: &mut Active,
+    why: &str,
+    by: Ender,
+) -> Result<Option<Duration>, AdminError> {
+    if let Some(t) = active.pause_task.take() {
+        t.abort();
+        // Returns once the task is dropped, and with it the socket of a pending PAUSE.
+        let _ = tokio::time::timeout(admin.cfg.connect_timeout, t).await;
+    }
+    let console = admin.console();
+    let begun = humantime::format_duration(round_ms(active.began.elapsed()));
+    let (sent, answered) = match active.stage {
+        Stage::Session => {
+            admin.reconnect().await?;
+            if by == Ender::Caller {
+                info!(
+                    console,
+                    why, began = %active.why,
+                    "PgBouncer was not paused (session pool mode): RECONNECT sent {begun} after the switch began, so new server connections go to the new address",
+                );
+            } else {
+                warn!(
+                    console,
+                    why, began = %active.why,
+                    "PgBouncer was not paused (session pool mode): RECONNECT sent {begun} after the switch began, which did not end in time",
+                );
+            }
+            return Ok(None);
+        }
+        Stage::Checking => (None, false),
+        Stage::Pausing { sent } => (Some(sent), false),
+        Stage::Paused { sent } => (Some(sent), true),
+        Stage::Failed { sent } => (sent, false),
+    };
+    let mut conn = admin.connect().await?;
+    let resumed = admin.resume_on(&mut conn).await?;
+    if !resumed {
+        if matches!(active.stage, Stage::Checking) {
+            // The pool modes were not known yet: RECONNECT as session pools need it (harmless
+            // for the others: server connections are replaced once released).
+            admin
+                .run(
+                    &mut conn,
+                    &admin.scoped("RECONNECT"),
+                    Some(admin.cfg.connect_timeout),
+                )
+                .await?;
+            info!(console, why, began = %active.why, "PgBouncer switch ended before PAUSE was sent: RECONNECT sent");
+        } else {
+            info!(console, why, began = %active.why, "PgBouncer was not paused at the end of the switch (RESUME: not paused)");
+        }
+        return Ok(None);
+    }
+    let paused = sent.unwrap_or(active.began).elapsed();
+    let paused_text = humantime::format_duration(round_ms(paused));
+    let paused_ms = paused.as_millis() as u64;
+    match by {
+        Ender::Caller if answered => info!(
+            console, why, began = %active.why, paused_ms,
+            "PgBouncer resumed after {paused_text} paused",
+        ),
+        Ender::Caller => info!(
+            console, why, began = %active.why, paused_ms,
+            "PgBouncer resumed after {paused_text}; its PAUSE had not answered yet (transactions were still running)",
+        ),
+        Ender::Deadline => warn!(
+            console, began = %active.why, paused_ms,
+            "PgBouncer resumed at pause_timeout ({}) after {paused_text} paused: the switch did not end in time{}",
+            humantime::format_duration(admin.cfg.pause_timeout),
+            if answered { "" } else { " (its PAUSE never answered: transactions were still running)" },
+        ),
+        Ender::Dropped => warn!(
+            console, began = %active.why, paused_ms,
+            "PgBouncer resumed after {paused_text} paused: the pause was dropped without being ended",
+        ),
+    }
+    Ok(Some(paused))
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
+
+/// The background half of [`Pause::begin`]: pool modes, then `PAUSE` and its answer.
+async fn run_pause(inner: Weak<Inner>, admin: Admin, gen: u64) {
+    let Some(transition) = inner.upgrade().map(|i| i.transition.clone()) else {
+        return;
+    };
+    let ordering = transition.lock().await;
+    let mut conn = match admin.connect().await {
+        Ok(c) => c,
+        Err(e) => return pause_failed(&inner, &admin, gen, None, e).await,
+    };
+    match admin.session_pools_on(&mut conn).await {
+        Err(e) => return pause_failed(&inner, &admin, gen, None, e).await,
+        Ok(Some(pools)) => {
+            if let Some(i) = inner.upgrade() {
+                i.set_stage(gen, Stage::Session);
+            }
+            info!(
+                console = admin.console(),
+                "PgBouncer not paused: {pools}, and PAUSE would wait for those clients to \
+                 disconnect; the switch ends with RECONNECT instead",
+            );
+            return;
+        }
+        Ok(None) => {}
+    }
+    let sent = Instant::now();
+    match inner.upgrade() {
+        Some(i) if i.set_stage(gen, Stage::Pausing { sent }) => {}
+        _ => return,
+    }
+    info!(
+        console = admin.console(),
+        "PgBouncer: PAUSE sent (new transactions wait; it answers once running ones have finished)"
+    );
+    drop(ordering);
+    // Unbounded here: the deadline task ends it.
+    match admin.pause_on(&mut conn, None).await {
+        Ok(fresh) => {
+            let waited = sent.elapsed();
+            if let Some(i) = inner.upgrade() {
+                i.set_stage(gen, Stage::Paused { sent });
+                i.count("ok");
+            }
+            info!(
+                console = admin.console(),
+                waited_ms = waited.as_millis() as u64,
+                "PgBouncer paused: PAUSE answered after {}{}",
+                humantime::format_duration(round_ms(waited)),
+                if fresh {
+                    ""
+                } else {
+                    " (it was already paused)"
+                },
+            );
+        }
+        Err(e) => pause_failed(&inner, &admin, gen, Some(sent), e).await,
+    }
+}
+
+async fn pause_failed(
+    inner: &Weak<Inner>,
+    admin: &Admin,
+    gen: u64,
+    sent: Option<Instant>,
+    e: AdminError,
+) {
+    if let Some(i) = inner.upgrade() {
+        i.set_stage(gen, Stage::Failed { sent });
+        i.count("failed");
+    }
+    warn!(console = admin.console(), error = %e, "PgBouncer PAUSE failed; sending RESUME in case it took effect");
+    match admin.resume().await {
+        Ok(true) => info!(
+            console = admin.console(),
+            "PgBouncer resumed after its failed PAUSE"
+        ),
+        Ok(false) => {}
+        Err(e) => {
+            warn!(console = admin.console(), error = %e, "RESUME after a failed PAUSE failed too; the switch's end or the deadline tries again")
+        }
+    }
+}
+
+/// Resumes pause `gen` at its deadline unless it has ended; retries a failed `RESUME` a few
+/// times, `connect_timeout` apart.
+async fn run_deadline(inner: Weak<Inner>, admin: Admin, gen: u64, after: Duration) {
+    tokio::time::sleep(after).await;
+    const TRIES: u32 = 3;
+    for attempt in 1..=TRIES {
+        let result = match inner.upgrade() {
+            Some(i) => i.end("pause_timeout", Some(gen), Ender::Deadline).await,
+            // Every handle was dropped where no runtime could take the RESUME: do it here.
+            None => admin.resume().await.map(|_| None),
+        };
+        match result {
+            Ok(_) => return,
+            Err(e) if attempt < TRIES => {
+                warn!(console = admin.console(), error = %e, attempt, "RESUME at pause_timeout failed; trying again");
+                tokio::time::sleep(admin.cfg.connect_timeout).await;
+            }
+            Err(e) => {
+                error!(
+                    console = admin.console(),
+                    error = %e,
+                    "RESUME at pause_timeout failed {TRIES} times: PgBouncer may still be paused; \
+                     haconfd keeps sending RESUME every {}s until it answers (by hand: RESUME on \
+                     its admin console)",
+                    OWED_RETRY.as_secs(),
+                );
+                if let Some(i) = inner.upgrade() {
+                    let mut st = i.lock();
+                    if st.current.as_ref().is_some_and(|a| a.gen == gen) {
+                        st.current = None;
+                    }
+                }
+                return resume_owed(inner, admin, gen).await;
+            }
+        }
+    }
+}
+
+/// How often a `RESUME` that failed at the deadline is tried again.
+const OWED_RETRY: Duration = Duration::from_secs(5);
+
+/// A `RESUME` still owed after the deadline's tries failed (PgBouncer's console unreachable
+/// for a while): tried every [`OWED_RETRY`] until it answers, unless a newer pause took over
+/// (its own end resumes) or the pause's owner is gone.
+async fn resume_owed(inner: Weak<Inner>, admin: Admin, gen: u64) {
+    for attempt in 1u64.. {
+        tokio::time::sleep(OWED_RETRY).await;
+        let Some(i) = inner.upgrade() else { return };
+        let _transition = i.transition.lock().await;
+        if i.gens.load(Ordering::Relaxed) != gen || i.lock().current.is_some() {
+            return;
+        }
+        match admin.resume().await {
+            Ok(was_paused) => {
+                i.count("ok");
+                info!(
+                    console = admin.console(),
+                    was_paused, attempt, "the RESUME owed since pause_timeout answered"
+                );
+                return;
+            }
+            Err(e) => {
+                i.count("failed");
+                if attempt % 12 == 0 {
+                    error!(console = admin.console(), error = %e, attempt, "RESUME still fails: PgBouncer may still be paused");
+                }
+            }
+        }
+    }
+}
+
+impl Pause {
+    /// A pause controller for the PgBouncer behind `admin`.
+    pub fn new(admin: Admin) -> Pause {
+        Pause {
+            inner: Arc::new(Inner {
+                admin,
+                state: Mutex::new(State::default()),
+                gens: AtomicU64::new(0),
+                transition: Arc::new(tokio::sync::Mutex::new(())),
+                observer: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Reports the result of each `PAUSE` and `RESUME` of this pause (and its clones) to `f`.
+    pub fn set_observer(&self, f: MoveObserver) {
+        *self
+            .inner
+            .observer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
+    /// The console this pause drives.
+    pub fn admin(&self) -> &Admin {
+        &self.inner.admin
+    }
+
+    /// Starts `PAUSE` in a spawned task unless already paused or pausing; returns at once
+    /// (never blocks the caller). When a pool runs in session mode it does not pause (`PAUSE`
+    /// would wait for clients to disconnect): it records that the switch must end with
+    /// `RECONNECT` instead, and logs that at info. A deadline task resumes after
+    /// `pause_timeout` whatever happens (logged at warn with how long it was paused).
+    /// Must be called within a tokio runtime.
+    pub fn begin(&self, why: &str) {
+        let mut st = self.inner.lock();
+        if let Some(a) = st.current.as_ref() {
+            debug!(
+                console = self.inner.admin.console(),
+                why,
+                began = %a.why,
+                "PgBouncer pause already under way"
+            );
+            return;
+        }
+        let gen = self.inner.gens.fetch_add(1, Ordering::Relaxed) + 1;
+        let admin = self.inner.admin.clone();
+        info!(
+            console = admin.console(),
+            why,
+            pause_timeout = %humantime::format_duration(admin.cfg.pause_timeout),
+            "PgBouncer: pausing for a switch"
+        );
+        let weak = Arc::downgrade(&self.inner);
+        let pause_task = tokio::spawn(run_pause(weak.clone(), admin.clone(), gen));
+        let after = admin.cfg.pause_timeout;
+        let deadline_task = tokio::spawn(run_deadline(weak, admin, gen, after));
+        st.current = Some(Active {
+            gen,
+            why: why.to_string(),
+            began: Instant::now(),
+            stage: Stage::Checking,
+            pause_task: Some(pause_task),
+            deadline_task: Some(deadline_task),
+        });
+    }
+
+    /// Ends the pause: `RESUME` (or `RECONNECT` in session pool mode, after the caller's
+    /// `RELOAD`). Idempotent; a pending `PAUSE` that has not answered yet is ended too (its
+    /// connection is closed, then `RESUME` on a fresh one). Returns how long PgBouncer was
+    /// paused (from `PAUSE` sent to `RESUME` answered), `None` if it was not. On error the
+    /// deadline still tries again. The work runs in its own task: dropping this future (a
+    /// caller's timeout) does not stop the `RESUME`.
+    pub async fn end(&self, why: &str) -> Result<Option<Duration>, AdminError> {
+        let inner = self.inner.clone();
+        let why = why.to_string();
+        match tokio::spawn(async move { inner.end(&why, None, Ender::Caller).await }).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(AdminError::Failed {
+                console: self.inner.admin.console().to_string(),
+                command: "RESUME".to_string(),
+                detail: format!("the task ending the pause was cancelled: {e}"),
+            }),
+        }
+    }
+
+    /// True from [`Pause::begin`] until the pause has ended (by [`Pause::end`] or the deadline)
+    /// and its `RESUME` / `RECONNECT` has answered.
+    pub fn is_active(&self) -> bool {
+        let st = self.inner.lock();
+        st.current.is_some() || st.ending > 0
+    }
+
+    /// True once PgBouncer has answered this pause's `PAUSE`: no server connection is in use.
+    pub fn is_paused(&self) -> bool {
+        matches!(
+            self.inner.lock().current.as_ref().map(|a| a.stage),
+            Some(Stage::Paused { .. })
+        )
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let Some(mut active) = self
+            .state
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .take()
+        else {
+            return;
+        };
+        if let Some(t) = &active.pause_task {
+            t.abort();
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                if let Some(t) = active.deadline_task.take() {
+                    t.abort();
+                }
+                let admin = self.admin.clone();
+                let transition = self.transition.clone();
+                rt.spawn(async move {
+                    let _transition = transition.lock().await;
+                    if let Err(e) = finish(&admin, &mut active, "dropped", Ender::Dropped).await {
+                        warn!(console = admin.console(), error = %e, "RESUME of a dropped pause failed: PgBouncer may still be paused");
+                    }
+                });
+            }
+            Err(_) => warn!(
+                console = self.admin.console(),
+                "PgBouncer pause dropped outside a tokio runtime: its deadline task resumes it"
+            ),
+        }
+    }
+}
