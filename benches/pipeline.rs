@@ -1334,7 +1334,7 @@ fn heartbeat_variant(n: usize, mode: &str, reuse: bool, budget: Duration) {
             .expect("a heartbeat pass");
         wall.push(t.elapsed().as_secs_f64() * 1000.0);
         assert!(outcome.is_noop(), "a heartbeat changed a file: {outcome:?}");
-        renders += engine.stats.rendered.len();
+        renders += engine.last_stats().rendered.len();
     }
     let cpu_ms = (process_cpu_seconds() - cpu0) * 1000.0;
     let per_event = cpu_ms / events.max(1) as f64;

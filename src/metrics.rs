@@ -14,7 +14,7 @@ use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
 use crate::model::Cluster;
-use crate::pipeline::{PassError, PassOutcome, PassStats};
+use crate::pipeline::PassReport;
 use crate::status::Status;
 
 type Labels = Vec<(String, String)>;
@@ -90,7 +90,8 @@ impl Metrics {
     }
 
     /// Records one pass.
-    pub fn record(&self, result: &Result<PassOutcome, PassError>, stats: &PassStats) {
+    pub fn record(&self, report: &PassReport) {
+        let (result, stats) = (&report.result, &report.stats);
         let label = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
         let ok = result.is_ok();
         self.passes

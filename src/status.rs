@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::events::ClusterEvent;
 use crate::model::Cluster;
-use crate::pipeline::{Engine, PassError, PassOutcome, PassStats};
+use crate::pipeline::{PassError, PassOutcome, PassReport, PassStats};
 
 /// Shared daemon state.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -135,21 +135,16 @@ pub struct TargetStatus {
 }
 
 impl Status {
-    /// Records a pass's result.
-    pub fn record_pass(
-        &mut self,
-        result: &Result<PassOutcome, PassError>,
-        engine: &Engine,
-        took: Duration,
-    ) {
+    /// Records a pass's report.
+    pub fn record_pass(&mut self, report: &PassReport, took: Duration) {
         self.passes += 1;
         self.last_pass_seconds = took.as_secs_f64();
-        for t in &engine.settings().targets {
-            self.targets.entry(t.name.clone()).or_default();
+        for t in &report.targets {
+            self.targets.entry(t.clone()).or_default();
         }
         // What was written and reloaded counts also when another consumer's target failed.
-        self.count(&engine.stats.outcome);
-        match result {
+        self.count(&report.stats.outcome);
+        match &report.result {
             Ok(_) => {
                 self.last_pass_ok = Some(true);
                 self.last_error = None;
@@ -161,7 +156,7 @@ impl Status {
                 self.last_pass_ok = Some(false);
                 self.last_error = Some(format!("{e:#}"));
                 self.last_error_reason = Some(e.reason().to_owned());
-                for (target, reason) in failures(e, &engine.stats) {
+                for (target, reason) in failures(e, &report.stats) {
                     *self
                         .targets
                         .entry(target)
@@ -172,17 +167,17 @@ impl Status {
                 }
             }
         }
-        self.multi = engine.settings().etcd.single_scope().is_none();
+        self.multi = report.multi;
         if self.multi {
-            for r in &engine.reports {
+            for r in &report.clusters {
                 self.observe_in(&r.model, &r.events, Some(r.id.to_string()));
             }
-            self.cluster = engine.cluster.clone();
-        } else if let Some(c) = &engine.cluster {
-            self.observe(c, &engine.stats.events);
+            self.cluster = report.first_cluster().cloned();
+        } else if let Some(c) = report.first_cluster() {
+            self.observe(c, &report.stats.events);
         }
-        self.clusters = engine
-            .reports
+        self.clusters = report
+            .clusters
             .iter()
             .map(|r| ClusterStatus {
                 scope: r.id.scope.clone(),
@@ -196,9 +191,9 @@ impl Status {
                 model: Some(Arc::clone(&r.model)),
             })
             .collect();
-        self.last_failover = engine.failover_timeline();
+        self.last_failover = report.timeline();
         self.fast_path = FastPathView(self.last_failover.clone());
-        self.awaiting_confirmation = engine.stats.awaiting.clone();
+        self.awaiting_confirmation = report.stats.awaiting.clone();
     }
 
     /// Takes `cluster` as the current view and records the events that led to it.

@@ -127,7 +127,8 @@ fn heartbeat_that_changes_nothing_a_template_reads_costs_no_render() {
     let (rt, mut engine) = engine_after_first_pass(&ws);
     let all = ["haproxy", "pgbouncer", "lag"].map(String::from).to_vec();
     assert_eq!(
-        engine.stats.rendered, all,
+        engine.last_stats().rendered,
+        all,
         "the first pass renders everything"
     );
 
@@ -138,7 +139,7 @@ fn heartbeat_that_changes_nothing_a_template_reads_costs_no_render() {
     let snap = fetch(&rt, &engine);
     let outcome = rt.block_on(engine.pass(&snap, false)).unwrap();
     assert_eq!(
-        engine.stats.rendered,
+        engine.last_stats().rendered,
         vec!["lag".to_string()],
         "a heartbeat rendered a template that does not read the WAL position"
     );
@@ -153,9 +154,9 @@ fn heartbeat_that_changes_nothing_a_template_reads_costs_no_render() {
     let snap = fetch(&rt, &engine);
     let outcome = rt.block_on(engine.pass(&snap, false)).unwrap();
     assert!(
-        engine.stats.rendered.is_empty(),
+        engine.last_stats().rendered.is_empty(),
         "{:?}",
-        engine.stats.rendered
+        engine.last_stats().rendered
     );
     assert!(outcome.is_noop());
 
@@ -165,14 +166,14 @@ fn heartbeat_that_changes_nothing_a_template_reads_costs_no_render() {
     ws.put("leader", "pg2");
     let snap = fetch(&rt, &engine);
     rt.block_on(engine.pass(&snap, false)).unwrap();
-    assert_eq!(engine.stats.rendered, all);
+    assert_eq!(engine.last_stats().rendered, all);
     assert!(read(&ws.pgb).contains("host=127.0.0.1 port=5442"));
 
     // A file edited behind haconfd's back is still put right by the next pass, render or not.
     std::fs::write(&ws.hap, "edited by hand\n").unwrap();
     let snap = fetch(&rt, &engine);
     let outcome = rt.block_on(engine.pass(&snap, false)).unwrap();
-    assert!(engine.stats.rendered.is_empty());
+    assert!(engine.last_stats().rendered.is_empty());
     assert_eq!(outcome.written, vec!["haproxy".to_string()]);
     assert!(read(&ws.hap).contains("server pg2 127.0.0.1:5442 "));
 }

@@ -90,6 +90,7 @@ pub fn command(bin: &str, args: &[&str]) -> Command {
 /// `HACONFD_TEST_BIN` names (to show that a new test fails on an earlier build).
 pub fn haconfd_bin() -> PathBuf {
     std::env::var_os("HACONFD_TEST_BIN")
+        .filter(|b| !b.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_haconfd")))
 }

@@ -10,6 +10,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -291,6 +293,54 @@ pub fn write_if_changed(path: &Path, content: &str) -> Result<bool, ApplyError> 
     }
     swap_in(path, content)?.finish()?;
     Ok(true)
+}
+
+/// The state file's content for one HAProxy: from the one cluster, or, `per_scope`, from every
+/// ordinary cluster with its own backends (`{scope}` in the backend names).
+pub fn for_clusters(
+    ss: &ServerStateConfig,
+    per_scope: bool,
+    rendered: &[u8],
+    clusters: &[Arc<Cluster>],
+    live: &str,
+) -> String {
+    let text = String::from_utf8_lossy(rendered);
+    let per: Vec<ServerStateConfig> = clusters
+        .iter()
+        .map(|c| match per_scope {
+            false => ss.clone(),
+            true => ss.for_scope(&c.scope),
+        })
+        .collect();
+    let pairs: Vec<(&ServerStateConfig, &Cluster)> =
+        per.iter().zip(clusters).map(|(s, c)| (s, &**c)).collect();
+    build_many(&pairs, &text, live)
+}
+
+/// Dumps the live state, merges it with etcd's view and swaps in the file HAProxy's new worker
+/// will load. Failure to reach HAProxy falls back to etcd's view alone. The replaced file is
+/// released after the reload.
+pub async fn prepare(
+    ss: &ServerStateConfig,
+    per_scope: bool,
+    rendered: &[u8],
+    clusters: &[Arc<Cluster>],
+) -> Option<Retired> {
+    let live = match super::runtime::dump(&ss.stats_socket, Duration::from_secs(2)).await {
+        Some(live) => live,
+        None => {
+            tracing::warn!(socket = %ss.stats_socket.display(), "cannot read `show servers state`; the state file carries etcd's view only");
+            String::new()
+        }
+    };
+    let content = for_clusters(ss, per_scope, rendered, clusters, &live);
+    let file = ss.file.clone();
+    let swapped = tokio::task::spawn_blocking(move || swap_in(&file, &content))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    swapped
+        .map_err(|e| tracing::warn!(error = %e, "cannot write the server-state file before reload"))
+        .ok()
 }
 
 #[cfg(test)]

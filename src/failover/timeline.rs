@@ -1,0 +1,166 @@
+//! What the fast path shows and counts: the last leader change's timeline ([`Timeline`], read
+//! live through [`TimelineView`]), the fences in force and the moves refused ([`FastPath`]), and
+//! the metrics it feeds ([`Observers`]).
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use serde::Serialize;
+
+use super::{lock, Shared};
+
+/// One leader change as the fast path handled it, for `/status`: times in milliseconds after
+/// the pass that saw the new leader key.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timeline {
+    /// The leader before.
+    pub old: Option<String>,
+    /// The new leader.
+    pub new: String,
+    /// When the new leader key was seen (Unix seconds).
+    pub leader_key_at: f64,
+    /// How long before the leader key the switchover was requested, if it was.
+    pub switchover_requested_ms_before: Option<f64>,
+    /// When the candidate was confirmed to take writes.
+    pub confirmed_after_ms: Option<f64>,
+    /// What confirmed it: `rest` (its `/primary` answer) or `member key` (its role).
+    pub confirmed_by: Option<&'static str>,
+    /// When HAProxy's runtime API took the move (every command answered as carried out).
+    pub haproxy_after_ms: Option<f64>,
+    /// When PgBouncer was re-pointed (reloaded on the new file, resumed).
+    pub pgbouncer_after_ms: Option<f64>,
+    #[serde(skip)]
+    pub(super) seen: Option<Instant>,
+}
+
+impl Timeline {
+    /// The timeline of a change to `new`, whose leader key the pass at `now` saw.
+    pub(super) fn begin(sh: &Shared, new: &str, now: Instant) -> Timeline {
+        Timeline {
+            old: sh.moved.clone().filter(|o| *o != new),
+            new: new.to_owned(),
+            leader_key_at: super::unix_now(),
+            switchover_requested_ms_before: sh
+                .switchover_at
+                .map(|s| now.saturating_duration_since(s).as_secs_f64() * 1000.0),
+            confirmed_after_ms: None,
+            confirmed_by: None,
+            haproxy_after_ms: None,
+            pgbouncer_after_ms: None,
+            seen: Some(now),
+        }
+    }
+
+    pub(super) fn ms_since_key(&self, t: Instant) -> Option<f64> {
+        self.seen
+            .map(|s| t.saturating_duration_since(s).as_secs_f64() * 1000.0)
+    }
+}
+
+/// The last leader change, serialized as it is when read (see [`Router::view`]).
+#[derive(Clone, Default)]
+pub struct TimelineView(pub(super) Option<Arc<Mutex<Shared>>>);
+
+impl TimelineView {
+    /// The timeline now.
+    pub fn get(&self) -> Option<Timeline> {
+        self.0.as_ref().and_then(|s| lock(s).timeline.clone())
+    }
+
+    /// The fences in force now, and the last move a consumer refused.
+    pub fn fast_path(&self) -> FastPath {
+        let Some(shared) = &self.0 else {
+            return FastPath::default();
+        };
+        let sh = lock(shared);
+        let now = Instant::now();
+        FastPath {
+            fences: sh
+                .fences
+                .iter()
+                .map(|(server, f)| FenceView {
+                    server: server.clone(),
+                    why: f.why.text(),
+                    since: f.since_unix,
+                    for_s: round3(now.saturating_duration_since(f.since).as_secs_f64()),
+                    lifted_in_s: round3(f.until.saturating_duration_since(now).as_secs_f64()),
+                })
+                .collect(),
+            moves_refused: sh.moves_refused,
+            last_refused: sh.last_refused.clone(),
+        }
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+impl std::fmt::Debug for TimelineView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
+impl Serialize for TimelineView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.get().serialize(s)
+    }
+}
+
+/// What the fast path holds on the consumers now, for `/status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FastPath {
+    /// Servers haconfd has drained in the primary backends, and why.
+    pub fences: Vec<FenceView>,
+    /// Runtime-API moves HAProxy refused or could not be sent since start.
+    pub moves_refused: u64,
+    /// The last of them.
+    pub last_refused: Option<String>,
+}
+
+/// One fence in force.
+#[derive(Debug, Clone, Serialize)]
+pub struct FenceView {
+    /// The drained server.
+    pub server: String,
+    /// Why: `switchover requested`, `leader lost`, `leader key moved`.
+    pub why: &'static str,
+    /// When it began (Unix seconds).
+    pub since: f64,
+    /// Seconds it has lasted.
+    pub for_s: f64,
+    /// Seconds until its bound lifts it, unless the change ends first.
+    pub lifted_in_s: f64,
+}
+
+/// What the fast path observes into `/metrics`: histograms and counters shared with
+/// [`crate::metrics`].
+#[derive(Clone, Default)]
+pub struct Observers {
+    /// Leader key → HAProxy switched, seconds.
+    pub haproxy: Option<prometheus_client::metrics::histogram::Histogram>,
+    /// Leader key → PgBouncer switched, seconds.
+    pub pgbouncer: Option<prometheus_client::metrics::histogram::Histogram>,
+    /// 1 while HAProxy's live primaries disagree with etcd's leader past the grace.
+    pub drift: Option<prometheus_client::metrics::gauge::Gauge>,
+    /// Moves by consumer and result (`ok`, `refused`, `unreachable`, `failed`).
+    pub moves: Option<Family<Vec<(String, String)>, Counter>>,
+    /// Fences lifted by their bound, not by the end of a change.
+    pub fences_expired: Option<Counter>,
+}
+
+impl Observers {
+    /// Counts one move of `consumer` with `result`.
+    pub fn count_move(&self, consumer: &str, result: &str) {
+        if let Some(f) = &self.moves {
+            f.get_or_create(&vec![
+                ("consumer".to_owned(), consumer.to_owned()),
+                ("result".to_owned(), result.to_owned()),
+            ])
+            .inc();
+        }
+    }
+}

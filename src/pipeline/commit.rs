@@ -1,0 +1,409 @@
+//! The fourth stage of a pass: per consumer, its changed files staged, checked and swapped in,
+//! all or none, then the consumer told once however many of its files changed (HAProxy's
+//! server state prepared first). A consumer whose file does not render, is refused by its check
+//! or cannot be swapped keeps its last good files and does not hold the others back; a consumer
+//! that refuses its new file gets its known-good file back.
+
+use std::collections::BTreeSet;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::observe::Observed;
+use super::plan::{Plan, Views};
+use super::render::Rendering;
+use super::report::{PassError, PassOutcome, PassStats};
+use super::swap::{first_failure, restore, swap_in};
+use super::Setup;
+use crate::apply;
+use crate::consumers::haproxy::server_state;
+use crate::files::Retired;
+use crate::guard::GuardError;
+use crate::model::Cluster;
+use crate::target::Target;
+
+/// What is kept about the consumers from one pass to the next.
+#[derive(Default)]
+pub(super) struct Consumers {
+    /// Whether leftovers of earlier runs were swept (first writing pass; `render` and `check`
+    /// never touch the destination directories).
+    swept: bool,
+    /// Targets whose last reload failed: reloaded on the next pass even if unchanged.
+    unreloaded: BTreeSet<String>,
+    /// Targets whose server-state file holds etcd's view of their current render.
+    state_synced: BTreeSet<String>,
+}
+
+impl Consumers {
+    /// At the first pass that may write: removes what an earlier run left beside each file.
+    pub(super) fn sweep_once(&mut self, plan: &Plan) {
+        if !self.swept {
+            self.swept = true;
+            for t in plan.targets.iter() {
+                apply::sweep_leftovers(&t.dest);
+            }
+        }
+    }
+}
+
+/// Groups targets by the consumer that reads them: indices into `targets`, in config order.
+/// Targets whose reload acts on the same process (one pidfile, master socket, command or
+/// console) are one consumer: that process reads their files together, so they are checked,
+/// swapped and reloaded together, all or nothing, and reloaded once. Every other target stands
+/// alone — a target with no reload too, since nothing says who reads it — so that a failure of
+/// one does not keep the others from following the cluster.
+pub fn consumers(targets: &[Target]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(Vec<String>, Vec<usize>)> = Vec::new();
+    for (i, t) in targets.iter().enumerate() {
+        let mut merged = (t.consumer.ids(t.reload.as_ref()), vec![i]);
+        // Merge every group sharing an identifier (a signal verified on a master socket and a
+        // master-socket reload of that socket are the same HAProxy).
+        let mut k = 0;
+        while k < groups.len() {
+            if groups[k].0.iter().any(|id| merged.0.contains(id)) {
+                let (ids, members) = groups.remove(k);
+                merged.0.extend(ids);
+                merged.1.extend(members);
+            } else {
+                k += 1;
+            }
+        }
+        merged.1.sort_unstable();
+        groups.push(merged);
+    }
+    let mut out: Vec<Vec<usize>> = groups.into_iter().map(|(_, m)| m).collect();
+    out.sort_by_key(|m| m[0]);
+    out
+}
+
+/// One pass's commit: what it rendered, changed, retired and reloaded, and what failed.
+pub(super) struct Run<'p> {
+    plan: &'p Plan,
+    /// Each planned target's render, once its consumer's turn came.
+    pub(super) rendered: Vec<Rendering>,
+    pub(super) render_time: Duration,
+    started: Instant,
+    failures: Vec<(usize, PassError)>,
+    /// Each changed target with what its file held before: the known-good bytes to put back if
+    /// its consumer refuses the new ones.
+    changed: Vec<(usize, Option<Vec<u8>>)>,
+    /// The replaced files, released after the reloads, off the latency path.
+    retired: Vec<Retired>,
+    applied: Vec<Vec<usize>>,
+    outcome: PassOutcome,
+    /// Targets whose consumer did not take the new file (its reload failed).
+    not_live: Vec<usize>,
+    /// What HAProxy's server state is built from: each ordinary cluster's accepted view.
+    ss_views: Vec<Arc<Cluster>>,
+}
+
+impl<'p> Run<'p> {
+    pub(super) fn new(plan: &'p Plan, seen: &Observed, views: &Views) -> Run<'p> {
+        let failures = match seen.refusals.first() {
+            Some(e) => plan
+                .held_back
+                .iter()
+                .map(|&i| (i, PassError::from(e.clone())))
+                .collect(),
+            None => Vec::new(),
+        };
+        Run {
+            plan,
+            rendered: vec![None; plan.items.len()],
+            render_time: Duration::ZERO,
+            started: Instant::now(),
+            failures,
+            changed: Vec::new(),
+            retired: Vec::new(),
+            applied: Vec::new(),
+            outcome: PassOutcome::default(),
+            not_live: Vec::new(),
+            ss_views: views
+                .all
+                .iter()
+                .flat_map(|(_, g)| g.iter().filter(|c| c.group.is_none()).cloned())
+                .collect(),
+        }
+    }
+
+    fn targets(&self) -> &'p Arc<Vec<Target>> {
+        &self.plan.targets
+    }
+
+    /// Whether the pass takes this consumer now. Not when one of its targets is held back (all
+    /// or nothing within a consumer), nor a HAProxy the fast path moves while a leader change
+    /// is under way: it keeps its file and worker until the new leader is confirmed (see
+    /// [`crate::failover::Router::defers_reloads`]).
+    pub(super) fn admits(
+        &self,
+        group: &[usize],
+        defer_haproxy: bool,
+        stats: &mut PassStats,
+    ) -> bool {
+        if group.iter().any(|i| self.plan.held_back.contains(i)) {
+            return false;
+        }
+        let targets = self.targets();
+        if defer_haproxy && group.iter().any(|&i| targets[i].server_state().is_some()) {
+            for &i in group {
+                tracing::info!(target = %targets[i].name, "leader change under way: this consumer is updated once the new primary is confirmed");
+                stats.awaiting.push(targets[i].name.clone());
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Stages, checks and swaps in the consumer's changed files, all or none. False when it
+    /// failed (the failure is recorded; nothing of the group was swapped).
+    pub(super) async fn swap(&mut self, group: &[usize]) -> bool {
+        let targets = Arc::clone(self.targets());
+        let removals = Arc::clone(&self.plan.removals);
+        let (changed, retired) = match swap_in(&targets, group, &self.rendered, &removals).await {
+            Ok(done) => done,
+            Err(failure) => {
+                self.failures.push(failure);
+                return false;
+            }
+        };
+        for (i, _) in &changed {
+            let t = &targets[*i];
+            if removals.contains(i) {
+                tracing::warn!(target = %t.name, dest = %t.dest.display(), "file of a cluster that is gone removed");
+            } else {
+                tracing::info!(target = %t.name, "file updated");
+            }
+            self.outcome.written.push(t.name.clone());
+        }
+        self.changed.extend(changed);
+        self.retired.extend(retired);
+        self.applied.push(group.to_vec());
+        true
+    }
+
+    /// The `[[template]]`s of the consumer's PgBouncer files now live for the confirmed leader:
+    /// their pauses may end.
+    pub(super) fn settled_pgbouncers(&self, group: &[usize]) -> Vec<String> {
+        let mut bases: Vec<String> = group
+            .iter()
+            .filter(|&&i| {
+                let ok = self.rendered[i].as_ref().is_some_and(|r| r.is_ok());
+                self.targets()[i].require_leader && !self.not_live.contains(&i) && ok
+            })
+            .map(|&i| self.plan.items[i].0.base.clone())
+            .collect();
+        bases.dedup();
+        bases
+    }
+
+    /// Reloads one consumer whose files were swapped in (or whose last reload failed): once,
+    /// however many of its files changed, with HAProxy's server state prepared first. A refused
+    /// reload puts HAProxy's known-good file back.
+    pub(super) async fn reload(&mut self, group: &[usize], setup: &Setup, state: &mut Consumers) {
+        let targets = Arc::clone(self.targets());
+        // Changed targets, and those whose last reload failed although their file is now up to
+        // date: a refused PID must not turn into "nothing changed" on the retry.
+        let due: Vec<usize> = group
+            .iter()
+            .copied()
+            .filter(|&i| targets[i].consumer.is_told(targets[i].reload.as_ref()))
+            .filter(|i| {
+                self.changed.iter().any(|(c, _)| c == i)
+                    || state.unreloaded.contains(&targets[*i].name)
+            })
+            .collect();
+        let Some(&first) = due.first() else { return };
+        for &i in &due {
+            if let (Some(ss), Some(Ok(r))) = (targets[i].server_state(), &self.rendered[i]) {
+                let per_scope = setup.mode.is_many();
+                let prepared = server_state::prepare(ss, per_scope, &r.bytes, &self.ss_views).await;
+                self.retired.extend(prepared);
+            }
+        }
+        let t = &targets[first];
+        let first_files = due
+            .iter()
+            .all(|i| self.changed.iter().any(|(c, old)| c == i && old.is_none()));
+        match t.consumer.reload(&t.name, t.reload.as_ref()).await {
+            Ok(()) => {
+                for &i in &due {
+                    let name = &targets[i].name;
+                    tracing::info!(target = %name, "reloaded");
+                    state.unreloaded.remove(name);
+                    state.state_synced.remove(name);
+                    self.outcome.reloaded.push(name.clone());
+                }
+            }
+            // A cold start: the consumer has not started yet (no pidfile, no master socket) and
+            // these files did not exist before this pass. It reads them when it starts; nothing
+            // to reload, nothing failed (a sidecar whose HAProxy waits for haconfd's first file).
+            Err(source) if crate::consumers::absent(t.reload.as_ref()) && first_files => {
+                tracing::info!(target = %t.name, reason = %source, "first file written; its consumer is not running yet and reads it when it starts");
+            }
+            Err(source) => {
+                tracing::error!(target = %t.name, error = %source, "reload failed");
+                self.not_live.extend(due.iter().copied());
+                for &i in &due {
+                    state.unreloaded.insert(targets[i].name.clone());
+                    self.put_back(i, &source).await;
+                }
+                let target = t.name.clone();
+                self.failures
+                    .push((first, PassError::Reload { target, source }));
+            }
+        }
+    }
+
+    /// HAProxy refused the new file and still runs the old one: the old one goes back, so that
+    /// the file on disk is the known-good one a restart would load. (When haconfd refused to
+    /// signal — stale or foreign PID — the new file stays: a consumer starting now must read
+    /// it.)
+    async fn put_back(&self, i: usize, source: &crate::consumers::reload::ReloadError) {
+        let old = self.changed.iter().find(|(c, _)| *c == i).map(|(_, o)| o);
+        if let (Some(Some(old)), true) = (old, crate::consumers::refused_new_file(source)) {
+            let (s, old) = (Arc::clone(self.targets()), old.clone());
+            blocking(move || restore(&s[i], &old)).await;
+        }
+    }
+
+    /// After every consumer's turn: the replaced files released, HAProxy's server-state files
+    /// brought to etcd's view between reloads, and the pass's timings and failures recorded.
+    pub(super) async fn finish(
+        &mut self,
+        setup: &Setup,
+        state: &mut Consumers,
+        stats: &mut PassStats,
+    ) {
+        let retired = std::mem::take(&mut self.retired);
+        blocking(move || {
+            for r in retired {
+                if let Err(e) = r.finish() {
+                    tracing::warn!(error = %e, "cannot fsync the directory after the swap");
+                }
+            }
+        })
+        .await;
+        self.sync_server_state(setup, state, stats).await;
+        stats.render += self.render_time;
+        // Rendered as each consumer's turn came; listed in config order.
+        let order: std::collections::HashMap<&str, usize> = self
+            .plan
+            .items
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| (p.target.name.as_str(), i))
+            .collect();
+        stats
+            .rendered
+            .sort_by_key(|n| order.get(n.as_str()).copied());
+        stats.apply = self.started.elapsed().saturating_sub(self.render_time);
+        let targets = self.targets();
+        stats.failed = self
+            .failures
+            .iter()
+            .map(|(i, e)| (targets[*i].name.clone(), e.reason()))
+            .collect();
+        stats.outcome = self.outcome.clone();
+    }
+
+    /// Bookkeeping after the reloads, off the latency path: between reloads, the state file
+    /// holds etcd's view, for cold starts. Not for a target reloaded just now: its new worker
+    /// may still be reading the merged file. Built again only when the target was rendered
+    /// again: the state depends on nothing a heartbeat changes.
+    async fn sync_server_state(&self, setup: &Setup, state: &mut Consumers, stats: &PassStats) {
+        let targets = self.targets();
+        for &i in self.applied.iter().flatten() {
+            let t = &targets[i];
+            let live = self.rendered[i].as_ref().and_then(|r| r.as_deref().ok());
+            let (Some(ss), Some(r), false) = (t.server_state(), live, self.not_live.contains(&i))
+            else {
+                continue;
+            };
+            if self.outcome.reloaded.contains(&t.name)
+                || (state.state_synced.contains(&t.name) && !stats.rendered.contains(&t.name))
+            {
+                continue;
+            }
+            let per_scope = setup.mode.is_many();
+            let content = server_state::for_clusters(ss, per_scope, &r.bytes, &self.ss_views, "");
+            let file = ss.file.clone();
+            match blocking(move || server_state::write_if_changed(&file, &content)).await {
+                Ok(_) => {
+                    state.state_synced.insert(t.name.clone());
+                }
+                Err(e) => {
+                    state.state_synced.remove(&t.name);
+                    tracing::warn!(file = %ss.file.display(), error = %e, "cannot write the server-state file");
+                }
+            }
+        }
+    }
+
+    /// The pass's result: the first failure in config order, else the first refusal of a
+    /// cluster whose section the files keep, else what was applied.
+    pub(super) fn result(self, mut refusals: Vec<GuardError>) -> Result<PassOutcome, PassError> {
+        match first_failure(self.targets(), self.failures) {
+            Some(e) => Err(e),
+            None if !refusals.is_empty() => Err(refusals.swap_remove(0).into()),
+            None => Ok(self.outcome),
+        }
+    }
+}
+
+/// Runs file-system work (reads, fsync, rename, directory syncs) on the blocking pool, off the
+/// runtime's one thread: a slow disk must not stall the etcd keepalive, the fast path or
+/// `/healthz`.
+pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consumers::reload::Reload;
+    use std::path::{Path, PathBuf};
+
+    fn target(name: &str, reload: Option<Reload>) -> Target {
+        let mut t = Target::bare(name, Path::new("/dev/null"), Path::new("/tmp/none"));
+        t.reload = reload;
+        t
+    }
+
+    fn signal(pidfile: &str, master_socket: Option<&str>) -> Option<Reload> {
+        Some(Reload::Signal {
+            pidfile: PathBuf::from(pidfile),
+            signal: nix::sys::signal::Signal::SIGUSR2,
+            process: "haproxy".into(),
+            master_socket: master_socket.map(PathBuf::from),
+            timeout: Duration::from_secs(1),
+        })
+    }
+
+    #[test]
+    fn targets_of_one_consumer_go_together_and_the_others_alone() {
+        let targets = [
+            target(
+                "haproxy",
+                signal("/run/haproxy.pid", Some("/run/master.sock")),
+            ),
+            target("pgbouncer", signal("/run/pgbouncer.pid", None)),
+            target("plain", None),
+            target("haproxy-maps", signal("/run/haproxy.pid", None)),
+            target(
+                "haproxy-extra",
+                Some(Reload::MasterSocket {
+                    path: PathBuf::from("/run/master.sock"),
+                    timeout: Duration::from_secs(1),
+                }),
+            ),
+            target("also-plain", None),
+        ];
+        assert_eq!(
+            consumers(&targets),
+            vec![vec![0, 3, 4], vec![1], vec![2], vec![5]]
+        );
+    }
+}

@@ -1,0 +1,525 @@
+//! The first stage of a pass: which clusters there are, each one's model (kept while its keys do
+//! not change), what changed since the previous pass, the failover fast path shown the change,
+//! and the guard's verdict. Keeps, per cluster, what the next pass needs ([`ClusterState`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use super::plan::{by_scope, Views};
+use super::report::{ClusterReport, PassError, PassStats};
+use super::Setup;
+use crate::events::{ClusterEvent, Differ};
+use crate::failover::{self, Router};
+use crate::guard::{self, GuardError};
+use crate::model::{self, Cluster, ClusterId, MemberCache, Skipped};
+use crate::snapshot::Snapshot;
+use crate::source::Clusters;
+
+/// What the first half of a pass leaves to the second.
+pub(super) struct Observed {
+    /// The guard's refusals that fail the pass.
+    pub(super) refusals: Vec<GuardError>,
+    /// Clusters whose empty view the guard accepted: their files go.
+    pub(super) gone: Vec<ClusterId>,
+}
+
+/// What haconfd keeps about one Patroni cluster (or Citus group) from one pass to the next: the
+/// members already parsed, the keys it warned about, the previous model's events, the failover
+/// fast path's state, and the views that the files hold.
+struct ClusterState {
+    /// Members parsed by earlier passes: a heartbeat parses one member, not all.
+    parsed_members: MemberCache,
+    /// The keys skipped by the last model, logged again only when they change.
+    last_skipped: Vec<Skipped>,
+    /// Turns the previous pass's model and this one into [`PassStats::events`].
+    differ: Differ,
+    /// The failover fast path: HAProxy moves, PgBouncer pauses, the confirmation gate.
+    router: Router,
+    /// The model the last pass saw.
+    seen: Option<Arc<Cluster>>,
+    /// The model `parsed_members` was last built into: kept while nothing of it changes.
+    built: Option<Arc<Cluster>>,
+    /// The last view the guard accepted: what this cluster's section is rendered from.
+    accepted: Option<Arc<Cluster>>,
+    /// The last accepted view with a leader confirmed to take writes: what `require_leader`
+    /// targets render this cluster from when several clusters are followed.
+    led: Option<Arc<Cluster>>,
+    /// Why the guard refused the last view.
+    refused: Option<GuardError>,
+    /// Whether its appearance was logged (several clusters).
+    announced: bool,
+    /// Events of the last pass.
+    events: Vec<ClusterEvent>,
+}
+
+impl ClusterState {
+    fn new(setup: &Setup, id: &ClusterId) -> ClusterState {
+        let s = &setup.settings;
+        let router = match setup.mode.one() {
+            Some(_) if id.group.is_none() => Router::new(&s.failover, &s.targets),
+            _ => Router::for_cluster(
+                &s.failover,
+                &s.targets,
+                Some((id, s.clusters.get(&id.scope))),
+            ),
+        };
+        ClusterState {
+            parsed_members: MemberCache::default(),
+            last_skipped: Vec::new(),
+            differ: Differ::default(),
+            router,
+            seen: None,
+            built: None,
+            accepted: None,
+            led: None,
+            refused: None,
+            announced: false,
+            events: Vec::new(),
+        }
+    }
+
+    /// The leader gate for `c`: None when `c` has no leader, else whether the fast path lets
+    /// `require_leader` targets point at it (confirmed to take writes).
+    fn leader_gate(&self, c: &Cluster) -> Option<bool> {
+        c.leader().map(|_| self.router.gate_open(c))
+    }
+
+    /// Whether the files hold a section for this cluster (see [`Setup::has_section`]).
+    fn has_section(&self, setup: &Setup, memory: &guard::Memory) -> bool {
+        let remembered = self.seen.as_ref().is_some_and(|c| memory.knows(c));
+        setup.has_section(self.accepted.is_some(), remembered)
+    }
+}
+
+/// Every cluster's state, the guard's memory, and the way to the daemon for routers of clusters
+/// found later.
+pub(super) struct Observe {
+    clusters: BTreeMap<ClusterId, ClusterState>,
+    memory: guard::Memory,
+    attach: Option<(
+        tokio::sync::mpsc::UnboundedSender<failover::Confirmed>,
+        failover::Observers,
+    )>,
+    /// Whether the PgBouncer pauses an earlier run left were looked for.
+    repaired: bool,
+    /// Every cluster as the last pass saw it (a gone cluster too, once).
+    reports: Vec<ClusterReport>,
+}
+
+impl Observe {
+    pub(super) fn new(setup: &Setup) -> Observe {
+        Observe {
+            clusters: BTreeMap::new(),
+            memory: guard::Memory::load(&setup.settings.guard),
+            attach: None,
+            repaired: false,
+            reports: Vec::new(),
+        }
+    }
+
+    /// New settings (hot reload): each cluster's router is rebuilt for them and takes over the
+    /// state of a leader change under way.
+    pub(super) fn replace(&mut self, setup: &Setup) {
+        for (id, st) in &mut self.clusters {
+            let mut fresh = ClusterState::new(setup, id);
+            fresh.router.take_state_from(&mut st.router);
+            st.router = fresh.router;
+        }
+    }
+
+    pub(super) fn attach(
+        &mut self,
+        notify: tokio::sync::mpsc::UnboundedSender<failover::Confirmed>,
+        observers: failover::Observers,
+    ) {
+        for st in self.clusters.values_mut() {
+            st.router.attach(notify.clone(), observers.clone());
+        }
+        self.attach = Some((notify, observers));
+    }
+
+    /// The clusters to model this pass: those the config names (or every one under the
+    /// namespace), each ordinary cluster once and a Citus cluster once per group; with the ones
+    /// known from earlier passes or the guard's memory that the store no longer shows, for the
+    /// guard to judge.
+    fn cluster_ids(&self, setup: &Setup, snap: &Snapshot) -> Vec<ClusterId> {
+        let etcd = &setup.settings.etcd;
+        let ns = &etcd.namespace;
+        let found = match &etcd.clusters {
+            Clusters::One(scope) => model::layouts(snap, ns, Some(std::slice::from_ref(scope))),
+            Clusters::List(scopes) => model::layouts(snap, ns, Some(scopes)),
+            Clusters::Discover => model::layouts(snap, ns, None),
+        };
+        let mut ids: BTreeSet<ClusterId> = BTreeSet::new();
+        for (scope, layout) in &found {
+            // This scope's clusters from earlier passes: one ordered range of the map.
+            let known: Vec<&ClusterId> = self
+                .clusters
+                .range(ClusterId::plain(scope)..)
+                .map(|(k, _)| k)
+                .take_while(|k| k.scope == *scope)
+                .collect();
+            if layout == &model::Layout::default() && !known.is_empty() {
+                ids.extend(known.into_iter().cloned());
+                continue;
+            }
+            let now = layout.ids(scope);
+            // A Citus group that went away stays, for the guard to judge.
+            let citus = now.iter().any(|i| i.group.is_some());
+            ids.extend(
+                known
+                    .into_iter()
+                    .filter(|k| k.group.is_some() == citus)
+                    .cloned(),
+            );
+            ids.extend(now);
+        }
+        if matches!(etcd.clusters, Clusters::Discover) {
+            // Clusters whose keys are all gone: still followed until the guard lets them go.
+            ids.extend(
+                self.clusters
+                    .keys()
+                    .filter(|id| !found.contains_key(&id.scope))
+                    .cloned(),
+            );
+            for (scope, group) in self.memory.remembered(ns) {
+                if !found.contains_key(scope) {
+                    ids.insert(ClusterId {
+                        scope: scope.to_owned(),
+                        group,
+                    });
+                }
+            }
+        }
+        ids.into_iter().collect()
+    }
+
+    /// Builds one cluster's model and logs skipped keys when the set of them changes (not on
+    /// every heartbeat).
+    fn model_of(
+        &mut self,
+        setup: &Setup,
+        snap: &Snapshot,
+        id: &ClusterId,
+        reuse: bool,
+    ) -> Arc<Cluster> {
+        let st = self
+            .clusters
+            .entry(id.clone())
+            .or_insert_with(|| ClusterState::new(setup, id));
+        if !reuse {
+            st.parsed_members = MemberCache::default();
+            st.built = None;
+        }
+        // Nothing of this cluster changed (most clusters, in most passes): the same model.
+        if let Some(b) = st
+            .built
+            .as_ref()
+            .filter(|b| b.built_from(snap, id, &st.parsed_members))
+        {
+            return Arc::clone(b);
+        }
+        let ns = &setup.settings.etcd.namespace;
+        let built = Cluster::build_with(snap, ns, id, &mut st.parsed_members);
+        if built.skipped != st.last_skipped {
+            for s in &built.skipped {
+                // A key may carry newlines meant to forge log lines: escape it. The reason quotes
+                // every value it takes from etcd with `{:?}` already.
+                if s.member_kept {
+                    tracing::warn!(key = %s.key.escape_debug(), reason = %s.reason, "ignoring a field of a member key (the member is kept)");
+                } else {
+                    tracing::warn!(key = %s.key.escape_debug(), reason = %s.reason, "ignoring key");
+                }
+            }
+            st.last_skipped = built.skipped;
+        }
+        let model = Arc::new(built.cluster);
+        st.built = Some(Arc::clone(&model));
+        model
+    }
+
+    /// The model of the first cluster (the one of `etcd.scope`), for `render --context`.
+    pub(super) fn first_model(&mut self, setup: &Setup, snap: &Snapshot, reuse: bool) -> Cluster {
+        match self.cluster_ids(setup, snap).first() {
+            Some(id) => (*self.model_of(setup, snap, id, reuse)).clone(),
+            None => Cluster::build(snap, &setup.settings.etcd.namespace, "").cluster,
+        }
+    }
+
+    /// Every cluster's model, unguarded, grouped by scope: for `render` and `check`.
+    pub(super) fn models(
+        &mut self,
+        setup: &Setup,
+        snap: &Snapshot,
+        reuse: bool,
+    ) -> Vec<(String, Vec<Arc<Cluster>>)> {
+        let ids = self.cluster_ids(setup, snap);
+        let models: Vec<(ClusterId, Arc<Cluster>)> = ids
+            .into_iter()
+            .map(|id| {
+                let c = self.model_of(setup, snap, &id, reuse);
+                (id, c)
+            })
+            .collect();
+        by_scope(models.iter().map(|(id, c)| (id, c)))
+    }
+
+    /// Before the daemon's first pass: resumes the PgBouncer pauses an earlier run left (killed
+    /// between `PAUSE` and `RESUME`), on every PgBouncer the fast path pauses: the whole pooler
+    /// with one cluster, the databases of the configured clusters with several.
+    async fn resume_left_paused(&mut self, setup: &Setup) {
+        let s = &setup.settings;
+        if self.repaired || self.attach.is_none() || !s.failover.enabled {
+            return;
+        }
+        self.repaired = true;
+        let databases: Option<Vec<String>> = setup.mode.is_many().then(|| {
+            s.clusters
+                .values()
+                .flat_map(|c| c.databases.iter().cloned())
+                .collect()
+        });
+        let mut seen = Vec::new();
+        for t in &s.targets {
+            let Some(admin) = t.pgbouncer_admin() else {
+                continue;
+            };
+            if seen.contains(&admin.config()) {
+                continue;
+            }
+            seen.push(admin.config());
+            match admin.resume_left_paused(databases.as_deref()).await {
+                Ok(r) if r.is_empty() => {}
+                Ok(r) => {
+                    tracing::warn!(target = %t.name, console = admin.console(), resumed = ?r, "PgBouncer was left paused (by an earlier run stopped mid-switch, or by hand): resumed")
+                }
+                Err(e) => {
+                    tracing::warn!(target = %t.name, error = %e, "cannot ask PgBouncer whether it was left paused")
+                }
+            }
+        }
+    }
+
+    /// The first half of a pass: every cluster modelled, diffed, shown to the fast path and
+    /// judged by the guard. Fails when nothing can be rendered (every cluster refused, or none at
+    /// all with several clusters).
+    pub(super) async fn pass(
+        &mut self,
+        setup: &Setup,
+        snap: &Snapshot,
+        reuse: bool,
+        stats: &mut PassStats,
+    ) -> Result<Observed, PassError> {
+        self.resume_left_paused(setup).await;
+        let ids = self.cluster_ids(setup, snap);
+        // Clusters no longer followed (the config changed): forgotten.
+        self.clusters.retain(|id, _| ids.binary_search(id).is_ok());
+        let mut refusals: Vec<GuardError> = Vec::new();
+        let mut accepted_now = 0;
+        let mut gone: Vec<ClusterId> = Vec::new();
+        for id in &ids {
+            let model = self.model_of(setup, snap, id, reuse);
+            match self.step(setup, id, model).await {
+                Verdict::Accepted { gone: true } => {
+                    accepted_now += 1;
+                    gone.push(id.clone());
+                }
+                Verdict::Accepted { gone: false } => accepted_now += 1,
+                Verdict::Refused(Some(e)) => refusals.push(e),
+                Verdict::Refused(None) => {}
+            }
+            stats
+                .events
+                .extend(self.clusters[id].events.iter().cloned());
+        }
+        self.reports = self.cluster_reports(setup);
+        self.forget(setup, &gone);
+        if accepted_now == 0 && !refusals.is_empty() {
+            // Nothing new to render: every cluster keeps its last good files.
+            return Err(refusals.swap_remove(0).into());
+        }
+        // Several clusters and not one with a view to render (none found, or every one refused
+        // at first sight): rendering would write files with no cluster in them.
+        let nothing = self.clusters.values().all(|st| st.accepted.is_none());
+        if setup.mode.is_many() && !setup.settings.guard.force && nothing {
+            return Err(GuardError::NoCluster {
+                prefix: setup.settings.etcd.prefix(),
+            }
+            .into());
+        }
+        Ok(Observed { refusals, gone })
+    }
+
+    /// One cluster's step of a pass: its events, the fast path, the guard.
+    async fn step(&mut self, setup: &Setup, id: &ClusterId, model: Arc<Cluster>) -> Verdict {
+        let st = self.clusters.get_mut(id).expect("modelled above");
+        if let Some((n, o)) = &self.attach {
+            if !st.router.is_attached() {
+                st.router.attach(n.clone(), o.clone());
+            }
+        }
+        if setup.mode.is_many() && !st.announced {
+            st.announced = true;
+            if setup.configured(&id.scope) {
+                tracing::info!(cluster = %id, members = model.members.len(), leader = ?model.leader_name, "following cluster");
+            } else {
+                tracing::warn!(cluster = %id, members = model.members.len(), "following cluster with no [clusters.{}] table: it is in every template's `clusters` list with configured = false, and gets no port or file of its own", id.scope);
+            }
+        }
+        let previous = st.seen.replace(Arc::clone(&model));
+        let unchanged = previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, &model));
+        // Before the guard: a refused view (a failover's leaderless spell) still tells what
+        // changed. Routing follows the leader key even while the files wait; the same model
+        // again was observed already.
+        st.events = if unchanged {
+            Vec::new()
+        } else {
+            st.differ.diff(previous.as_deref(), &model)
+        };
+        for e in &st.events {
+            let _scope = setup
+                .mode
+                .is_many()
+                .then(|| tracing::info_span!("cluster", scope = %id).entered());
+            e.log();
+        }
+        if !unchanged {
+            st.router.observe(&model, &st.events);
+        }
+        st.router.confirm_now(&model).await;
+        match self.memory.admit(&setup.settings.guard, &model) {
+            Ok(()) => {
+                st.refused = None;
+                let had_members = st.accepted.as_ref().is_some_and(|a| !a.members.is_empty());
+                st.accepted = Some(Arc::clone(&model));
+                if st.leader_gate(&model) == Some(true) {
+                    st.led = Some(Arc::clone(&model));
+                }
+                // Discovered clusters come and go with their keys; an emptied one goes only
+                // when the guard lets it (`--force`, or a `min_members` of 0).
+                let discovered = matches!(setup.settings.etcd.clusters, Clusters::Discover);
+                Verdict::Accepted {
+                    gone: model.members.is_empty() && had_members && discovered,
+                }
+            }
+            Err(e) => {
+                // Logged when the refusal starts or changes, not on every heartbeat.
+                if setup.mode.is_many() && st.refused.as_ref() != Some(&e) {
+                    tracing::warn!(cluster = %id, "{e}");
+                }
+                st.refused = Some(e.clone());
+                // A cluster never accepted and not remembered (listed before it exists, or
+                // found while it bootstraps) has no section in any file: nothing is kept back
+                // for it, so the pass does not fail for it. /status shows it.
+                Verdict::Refused(st.has_section(setup, &self.memory).then_some(e))
+            }
+        }
+    }
+
+    /// Clusters gone from the store whose empty view the guard accepted: forgotten.
+    fn forget(&mut self, setup: &Setup, gone: &[ClusterId]) {
+        for id in gone {
+            if let Some(st) = self.clusters.remove(id) {
+                if let Some(c) = &st.seen {
+                    self.memory.forget(&setup.settings.guard, c);
+                }
+                tracing::warn!(cluster = %id, "cluster gone from the store and its empty view accepted: its section is removed");
+            }
+        }
+    }
+
+    /// Every cluster the last pass saw, for status, metrics and hooks.
+    pub(super) fn take_reports(&mut self) -> Vec<ClusterReport> {
+        std::mem::take(&mut self.reports)
+    }
+
+    fn cluster_reports(&self, setup: &Setup) -> Vec<ClusterReport> {
+        self.clusters
+            .iter()
+            .filter_map(|(id, st)| {
+                Some(ClusterReport {
+                    id: id.clone(),
+                    model: Arc::clone(st.seen.as_ref()?),
+                    events: st.events.clone(),
+                    refused: st.refused.as_ref().map(ToString::to_string),
+                    configured: setup.configured(&id.scope),
+                    failover: st.router.view(),
+                })
+            })
+            .collect()
+    }
+
+    /// What each target renders: every cluster's accepted view, or for `require_leader` targets
+    /// (several clusters) its last view with a confirmed leader; the clusters whose section
+    /// must not be dropped; and whether a leader change is under way anywhere. Clusters with no
+    /// leader now whose sections keep their last leader go to `stats.leaderless`.
+    pub(super) fn views(&self, setup: &Setup, stats: &mut PassStats) -> Views {
+        let mut views = Views::default();
+        let accepted = self
+            .clusters
+            .iter()
+            .filter_map(|(id, st)| Some((id, st.accepted.as_ref()?)));
+        views.all = by_scope(accepted);
+        let led = self
+            .clusters
+            .iter()
+            .filter_map(|(id, st)| Some((id, st.led.as_ref()?)));
+        views.led = by_scope(led);
+        for (id, st) in &self.clusters {
+            let seen = st.seen.as_deref();
+            // Refused at first sight, but the files hold a section for it (the guard's memory
+            // says so): templates over every cluster wait rather than drop it.
+            if st.accepted.is_none() && seen.is_some_and(|c| self.memory.knows(c)) {
+                views.held.push(id.to_string());
+            }
+            if let Some(c) = seen {
+                views.gates_closed |= st.leader_gate(c) == Some(false);
+                if setup.mode.is_many() && c.leader().is_none() && st.led.is_some() {
+                    stats.leaderless.push(id.to_string());
+                }
+            }
+        }
+        views
+    }
+
+    /// Whether a HAProxy the fast path moves must keep its worker: a leader change is under way.
+    pub(super) fn defers_reloads(&self) -> bool {
+        self.clusters.values().any(|st| st.router.defers_reloads())
+    }
+
+    /// After a pass reloaded the PgBouncer of template `base` on a file for each confirmed
+    /// leader: every cluster whose leader is confirmed ends its pause there.
+    pub(super) async fn pgbouncer_settled(&self, base: &str) {
+        for st in self.clusters.values() {
+            if st.seen.as_deref().and_then(|c| st.leader_gate(c)) == Some(true) {
+                st.router.pgbouncer_settled(base).await;
+            }
+        }
+    }
+
+    /// The clusters the guard refused whose sections the files keep: the pass failed for them.
+    pub(super) fn refused_with_section<'a>(
+        &'a self,
+        setup: &'a Setup,
+    ) -> impl Iterator<Item = &'a ClusterId> + 'a {
+        self.clusters
+            .iter()
+            .filter(move |(_, st)| st.refused.is_some() && st.has_section(setup, &self.memory))
+            .map(|(id, _)| id)
+    }
+
+    /// Undoes what every cluster's fast path holds, for a graceful stop.
+    pub(super) async fn shutdown(&mut self) {
+        for st in self.clusters.values_mut() {
+            st.router.shutdown().await;
+        }
+    }
+}
+
+/// The guard's verdict on one cluster's view.
+enum Verdict {
+    /// Accepted; `gone` when it is an emptied discovered cluster whose section goes.
+    Accepted { gone: bool },
+    /// Refused; the error when the files hold a section for it (the pass fails for it).
+    Refused(Option<GuardError>),
+}

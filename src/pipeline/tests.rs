@@ -1,0 +1,339 @@
+//! Several clusters through [`Engine::pass`] with plain files (no consumer to reload): each
+//! cluster judged on its own, per-cluster files, sections kept.
+
+use super::*;
+use crate::config::RawConfig;
+use std::path::Path;
+
+const ALL: &str = "{% for c in clusters %}{{ c.scope }} configured={{ c.configured }} \
+    leader={{ c.leader_name | default(value=\"none\") }} members={% for m in c.members %}{{ m.name }},{% endfor %}\n{% endfor %}";
+const ONE: &str = "{{ scope }} port={{ settings.port }} leader={{ leader_name }}\n";
+
+fn member(port: u16, role: &str) -> Vec<u8> {
+    format!(
+        r#"{{"conn_url":"postgres://127.0.0.1:{port}/postgres","api_url":"http://127.0.0.1:{}/patroni","role":"{role}","state":"running"}}"#,
+        port + 1000
+    )
+    .into_bytes()
+}
+
+struct Rig {
+    dir: tempfile::TempDir,
+    engine: Engine,
+    snap: Snapshot,
+}
+
+impl Rig {
+    fn new(extra: &str) -> Rig {
+        Rig::with("discover = true", extra)
+    }
+
+    fn with(etcd: &str, extra: &str) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("all.tera"), ALL).unwrap();
+        std::fs::write(dir.path().join("one.tera"), ONE).unwrap();
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        let text = format!(
+            r#"
+[etcd]
+{etcd}
+[clusters.a]
+port = 5000
+[clusters.b]
+port = 5010
+[[template]]
+name = "all"
+src = "all.tera"
+dest = "all.txt"
+[[template]]
+name = "leaders"
+src = "all.tera"
+dest = "leaders.txt"
+require_leader = true
+[[template]]
+name = "one"
+src = "one.tera"
+dest = "conf.d/{{scope}}.txt"
+{extra}
+"#
+        );
+        let settings = RawConfig::parse(&text, Path::new("t.toml"))
+            .unwrap()
+            .resolve(dir.path())
+            .unwrap();
+        let engine = Engine::new(Arc::new(settings)).unwrap();
+        Rig {
+            dir,
+            engine,
+            snap: Snapshot::new(),
+        }
+    }
+
+    fn put(&mut self, key: &str, value: &[u8]) {
+        self.snap.put(format!("/service/{key}"), value.to_vec());
+    }
+
+    fn delete(&mut self, key: &str) {
+        self.snap.delete(&format!("/service/{key}"));
+    }
+
+    fn cluster(&mut self, scope: &str, port: u16, leader: Option<&str>) {
+        for (i, name) in ["pg1", "pg2"].iter().enumerate() {
+            // The leader's member key says primary: the fast path confirms it by that.
+            let role = if leader == Some(*name) {
+                "primary"
+            } else {
+                "replica"
+            };
+            self.put(
+                &format!("{scope}/members/{name}"),
+                &member(port + i as u16, role),
+            );
+        }
+        if let Some(l) = leader {
+            self.put(&format!("{scope}/leader"), l.as_bytes());
+        }
+    }
+
+    async fn pass(&mut self) -> Result<PassOutcome, PassError> {
+        let snap = self.snap.clone();
+        self.engine.pass(&snap, false).await
+    }
+
+    fn read(&self, rel: &str) -> Option<String> {
+        std::fs::read_to_string(self.dir.path().join(rel)).ok()
+    }
+}
+
+#[tokio::test]
+async fn an_emptied_cluster_keeps_its_section_while_another_updates_in_the_same_pass() {
+    let mut rig = Rig::new("");
+    rig.cluster("a", 5432, Some("pg1"));
+    rig.cluster("b", 6432, Some("pg1"));
+    rig.pass().await.unwrap();
+    assert_eq!(
+        rig.read("all.txt").unwrap(),
+        "a configured=true leader=pg1 members=pg1,pg2,\nb configured=true leader=pg1 members=pg1,pg2,\n"
+    );
+    // a's store empties while b gains a member: b's change goes in, a's section stays.
+    for k in ["a/leader", "a/members/pg1", "a/members/pg2"] {
+        rig.delete(k);
+    }
+    rig.put("b/members/pg3", &member(6434, "replica"));
+    let err = rig.pass().await.unwrap_err();
+    assert!(matches!(err, PassError::Guard(_)), "{err}");
+    assert!(err.to_string().contains("\"a\""), "{err}");
+    assert_eq!(
+        rig.read("all.txt").unwrap(),
+        "a configured=true leader=pg1 members=pg1,pg2,\nb configured=true leader=pg1 members=pg1,pg2,pg3,\n"
+    );
+    assert_eq!(
+        rig.read("conf.d/a.txt").unwrap(),
+        "a port=5000 leader=pg1\n"
+    );
+    assert!(rig
+        .engine
+        .last_stats()
+        .outcome
+        .written
+        .contains(&"all".to_owned()));
+}
+
+#[tokio::test]
+async fn a_leaderless_cluster_keeps_its_last_leader_in_require_leader_files_only() {
+    let mut rig = Rig::new("");
+    rig.cluster("a", 5432, Some("pg1"));
+    rig.cluster("b", 6432, Some("pg1"));
+    rig.pass().await.unwrap();
+    rig.delete("a/leader");
+    rig.put("b/leader", b"pg2");
+    rig.put("b/members/pg1", &member(6432, "replica"));
+    rig.put("b/members/pg2", &member(6433, "primary"));
+    rig.pass().await.unwrap();
+    assert_eq!(
+        rig.read("leaders.txt").unwrap(),
+        "a configured=true leader=pg1 members=pg1,pg2,\nb configured=true leader=pg2 members=pg1,pg2,\n",
+        "a keeps its last leader, b follows its new one"
+    );
+    assert_eq!(
+        rig.read("all.txt").unwrap(),
+        "a configured=true leader= members=pg1,pg2,\nb configured=true leader=pg2 members=pg1,pg2,\n",
+        "a template without require_leader shows what etcd shows"
+    );
+    assert_eq!(rig.engine.last_stats().leaderless, ["a"]);
+}
+
+#[tokio::test]
+async fn per_cluster_files_come_with_a_configured_cluster_and_go_only_through_the_guard() {
+    let mut rig = Rig::new("");
+    rig.cluster("a", 5432, Some("pg1"));
+    rig.cluster("zz", 7432, Some("pg1"));
+    rig.pass().await.unwrap();
+    assert_eq!(
+        rig.read("conf.d/a.txt").unwrap(),
+        "a port=5000 leader=pg1\n"
+    );
+    assert_eq!(
+        rig.read("conf.d/zz.txt"),
+        None,
+        "an unconfigured cluster gets no file"
+    );
+    assert!(rig.read("all.txt").unwrap().contains("zz configured=false"));
+    // b appears: its file comes in the next pass.
+    rig.cluster("b", 6432, Some("pg2"));
+    rig.pass().await.unwrap();
+    assert_eq!(
+        rig.read("conf.d/b.txt").unwrap(),
+        "b port=5010 leader=pg2\n"
+    );
+    // b's keys all go: refused, its file and section stay.
+    for k in ["b/leader", "b/members/pg1", "b/members/pg2"] {
+        rig.delete(k);
+    }
+    assert!(rig.pass().await.is_err());
+    assert_eq!(
+        rig.read("conf.d/b.txt").unwrap(),
+        "b port=5010 leader=pg2\n"
+    );
+    assert!(rig
+        .read("all.txt")
+        .unwrap()
+        .contains("b configured=true leader=pg2"));
+}
+
+#[tokio::test]
+async fn a_gone_cluster_accepted_by_the_guard_loses_its_file_and_section() {
+    let mut rig = Rig::new("[guard]\nforce = true\n");
+    rig.cluster("a", 5432, Some("pg1"));
+    rig.cluster("b", 6432, Some("pg1"));
+    rig.pass().await.unwrap();
+    assert!(rig.read("conf.d/b.txt").is_some());
+    for k in ["b/leader", "b/members/pg1", "b/members/pg2"] {
+        rig.delete(k);
+    }
+    rig.pass().await.unwrap();
+    assert_eq!(
+        rig.read("conf.d/b.txt"),
+        None,
+        "the gone cluster's file is removed"
+    );
+    assert_eq!(
+        rig.read("all.txt").unwrap(),
+        "a configured=true leader=pg1 members=pg1,pg2,\n"
+    );
+    assert_eq!(
+        rig.read("conf.d/a.txt").unwrap(),
+        "a port=5000 leader=pg1\n"
+    );
+}
+
+#[tokio::test]
+async fn a_listed_cluster_not_in_the_store_yet_fails_no_pass_and_comes_when_it_appears() {
+    let mut rig = Rig::with("scopes = [\"a\", \"b\"]", "");
+    rig.cluster("a", 5432, Some("pg1"));
+    let report = rig
+        .engine
+        .pass_shared(Arc::new(rig.snap.clone()), false)
+        .await;
+    report.result.unwrap();
+    assert_eq!(
+        rig.read("all.txt").unwrap(),
+        "a configured=true leader=pg1 members=pg1,pg2,\n"
+    );
+    let b = report.clusters.iter().find(|r| r.id.scope == "b").unwrap();
+    assert!(b.refused.as_deref().unwrap().contains("0 valid member(s)"));
+    rig.cluster("b", 6432, Some("pg1"));
+    rig.pass().await.unwrap();
+    assert_eq!(
+        rig.read("conf.d/b.txt").unwrap(),
+        "b port=5010 leader=pg1\n"
+    );
+}
+
+#[tokio::test]
+async fn no_cluster_at_all_under_the_namespace_writes_no_empty_file() {
+    let mut rig = Rig::new("");
+    // An emptied store or a wrong namespace: nothing found.
+    let err = rig.pass().await.unwrap_err();
+    assert!(err.to_string().contains("etcd shows no cluster"), "{err}");
+    assert_eq!(rig.read("all.txt"), None);
+    // Only a bootstrapping cluster (a leader key, no member yet): still nothing to render.
+    rig.put("a/leader", b"pg1");
+    assert!(rig.pass().await.is_err());
+    assert_eq!(rig.read("all.txt"), None);
+    rig.cluster("a", 5432, Some("pg1"));
+    rig.pass().await.unwrap();
+    assert!(rig
+        .read("all.txt")
+        .unwrap()
+        .starts_with("a configured=true"));
+}
+
+#[tokio::test]
+async fn after_a_restart_a_remembered_cluster_whose_keys_are_gone_keeps_its_section() {
+    let mut rig = Rig::new("[guard]\nstate_file = \"members.json\"\n");
+    rig.cluster("a", 5432, Some("pg1"));
+    rig.cluster("b", 6432, Some("pg1"));
+    rig.pass().await.unwrap();
+    let both = rig.read("all.txt").unwrap();
+    // haconfd restarts (a new engine, the guard's memory from its file) while b's keys are
+    // gone and a changes.
+    let settings = Arc::clone(rig.engine.settings());
+    rig.engine = Engine::new(settings).unwrap();
+    for k in ["b/leader", "b/members/pg1", "b/members/pg2"] {
+        rig.delete(k);
+    }
+    rig.put("a/leader", b"pg2");
+    let err = rig.pass().await.unwrap_err();
+    assert!(err.to_string().contains("\"b\""), "{err}");
+    assert_eq!(
+        rig.read("all.txt").unwrap(),
+        both,
+        "b's section was dropped"
+    );
+    assert_eq!(
+        rig.read("conf.d/a.txt").unwrap(),
+        "a port=5000 leader=pg2\n",
+        "a's own file follows a"
+    );
+}
+
+#[tokio::test]
+async fn citus_groups_render_under_one_cluster() {
+    let mut rig = Rig::new("");
+    for g in ["0", "1", "2"] {
+        rig.cluster(
+            &format!("a/{g}"),
+            5432,
+            Some(if g == "1" { "pg2" } else { "pg1" }),
+        );
+    }
+    rig.pass().await.unwrap();
+    assert_eq!(
+        rig.read("all.txt").unwrap(),
+        "a configured=true leader=pg1 members=pg1,pg2,\n",
+        "the coordinator is the cluster's own leader and members"
+    );
+    let ctx = rig
+        .engine
+        .contexts(&rig.snap.clone(), Some("all"))
+        .unwrap()
+        .remove(0)
+        .1;
+    let groups: Vec<(u64, String)> = ctx["clusters"][0]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["group"].as_u64().unwrap(),
+                g["leader_name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [(0, "pg1".into()), (1, "pg2".into()), (2, "pg1".into())]
+    );
+    assert_eq!(ctx["clusters"][0]["citus"], true);
+}
