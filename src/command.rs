@@ -264,7 +264,12 @@ mod tests {
     async fn a_hung_command_is_killed_with_its_children() {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("child.pid");
-        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let group_file = dir.path().join("group.pid");
+        let script = format!(
+            "echo $$ > {}; sleep 30 & echo $! > {}; wait",
+            group_file.display(),
+            pidfile.display()
+        );
         let err = run(&argv(&["sh", "-c", &script]), Duration::from_millis(300))
             .await
             .unwrap_err();
@@ -287,7 +292,14 @@ mod tests {
             dead
         });
         assert!(gone, "the check's child {pid} outlived the timeout");
-        assert!(RUNNING.lock().unwrap().is_empty());
+        // Its process group (led by the shell) is no longer registered; other tests' commands
+        // may be running meanwhile.
+        let group: i32 = std::fs::read_to_string(&group_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(!RUNNING.lock().unwrap().contains(&group));
     }
 
     #[tokio::test]

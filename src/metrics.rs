@@ -129,6 +129,17 @@ impl Metrics {
     /// Encodes every metric, with the cluster view from `status`, in the text format.
     pub fn encode(&self, status: &Status) -> String {
         let mut r = Registry::with_prefix("haconfd");
+        self.register_counters(&mut r);
+        register_state(&mut r, status);
+        register_clusters(&mut r, status);
+        let mut out = String::new();
+        let _ = encode(&mut out, &r);
+        out
+    }
+
+    /// What accumulates over the process's life: passes, renders, writes, reloads, failures,
+    /// events, durations, the fast path's and the hooks'.
+    fn register_counters(&self, r: &mut Registry) {
         r.register("passes", "Passes run, by result", self.passes.clone());
         r.register(
             "renders",
@@ -187,126 +198,131 @@ impl Metrics {
             "1 while HAProxy's live primary servers have disagreed with etcd's leader for longer than failover.drift_grace",
             self.drift.clone(),
         );
-
-        let gauge = |v: i64| {
-            let g: Gauge = Gauge::default();
-            g.set(v);
-            g
-        };
-        let age: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
-        age.set(
-            status
-                .last_success
-                .map_or(-1.0, |t| t.elapsed().as_secs_f64()),
-        );
-        r.register(
-            "last_success_age_seconds",
-            "Seconds since the last successful pass (-1 before the first)",
-            age,
-        );
-        r.register(
-            "etcd_connected",
-            "1 while the etcd watch is established and current",
-            gauge(status.etcd_connected as i64),
-        );
-        r.register(
-            "watch_revision",
-            "The etcd revision of the current view",
-            gauge(status.revision),
-        );
-        r.register(
-            "ready",
-            "1 when /readyz answers 200",
-            gauge(status.ready() as i64),
-        );
-        let leader_changes: Counter = Counter::default();
-        leader_changes.inc_by(status.leader_changes);
-        r.register("leader_changes", "Leader changes seen", leader_changes);
-
-        let by_role: Family<Labels, Gauge> = Family::default();
-        let leader: Family<Labels, Gauge> = Family::default();
-        let lag: Family<Labels, Gauge> = Family::default();
-        let has_leader: Family<Labels, Gauge> = Family::default();
-        let configured: Family<Labels, Gauge> = Family::default();
-        let refused: Family<Labels, Gauge> = Family::default();
-        // One cluster: the series as they always were. Several: each carries its cluster.
-        let clusters: Vec<(Labels, &Arc<Cluster>)> = if status.multi {
-            status
-                .clusters
-                .iter()
-                .filter_map(|c| {
-                    let mut labels = vec![("scope".to_owned(), c.scope.clone())];
-                    if let Some(g) = c.group {
-                        labels.push(("group".to_owned(), g.to_string()));
-                    }
-                    configured.get_or_create(&labels).set(c.configured as i64);
-                    refused
-                        .get_or_create(&labels)
-                        .set(c.refused.is_some() as i64);
-                    c.model.as_ref().map(|m| (labels, m))
-                })
-                .collect()
-        } else {
-            status.cluster.iter().map(|c| (Vec::new(), c)).collect()
-        };
-        for (labels, c) in &clusters {
-            let with = |more: &[(&str, &str)]| -> Labels {
-                let mut l = labels.clone();
-                l.extend(more.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-                l
-            };
-            for m in &c.members {
-                by_role
-                    .get_or_create(&with(&[("role", &m.role), ("state", &m.state)]))
-                    .inc();
-                if let Some(l) = m.lag {
-                    lag.get_or_create(&with(&[("member", &m.name)]))
-                        .set(i64::try_from(l).unwrap_or(i64::MAX));
-                }
-            }
-            if let Some(name) = &c.leader_name {
-                leader.get_or_create(&with(&[("name", name)])).set(1);
-            }
-            if status.multi {
-                has_leader
-                    .get_or_create(labels)
-                    .set(c.leader_name.is_some() as i64);
-            }
-        }
-        r.register("cluster_members", "Members by role and state", by_role);
-        r.register("cluster_leader", "1 for the current leader's name", leader);
-        if status.multi {
-            r.register(
-                "cluster_has_leader",
-                "1 when etcd shows a valid leader, 0 while the cluster has none",
-                has_leader,
-            );
-            r.register(
-                "cluster_configured",
-                "1 when the cluster has a [clusters.<scope>] table; 0: followed but given no port or file",
-                configured,
-            );
-            r.register(
-                "cluster_refused",
-                "1 while the guard refuses the cluster's view (its last good section stays)",
-                refused,
-            );
-        } else if let Some(c) = &status.cluster {
-            // An alert needs a series that is there while the leader is not.
-            r.register(
-                "cluster_has_leader",
-                "1 when etcd shows a valid leader, 0 while the cluster has none",
-                gauge(c.leader_name.is_some() as i64),
-            );
-        }
-        r.register(
-            "member_lag_bytes",
-            "Bytes each member is behind the leader",
-            lag,
-        );
-
-        let mut out = String::new();
-        let _ = encode(&mut out, &r);
-        out
     }
+}
+
+/// The daemon's state now, from `status`: last success, etcd, readiness, leader changes.
+fn register_state(r: &mut Registry, status: &Status) {
+    let age: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
+    age.set(
+        status
+            .last_success
+            .map_or(-1.0, |t| t.elapsed().as_secs_f64()),
+    );
+    r.register(
+        "last_success_age_seconds",
+        "Seconds since the last successful pass (-1 before the first)",
+        age,
+    );
+    r.register(
+        "etcd_connected",
+        "1 while the etcd watch is established and current",
+        gauge(status.etcd_connected as i64),
+    );
+    r.register(
+        "watch_revision",
+        "The etcd revision of the current view",
+        gauge(status.revision),
+    );
+    r.register(
+        "ready",
+        "1 when /readyz answers 200",
+        gauge(status.ready() as i64),
+    );
+    let leader_changes: Counter = Counter::default();
+    leader_changes.inc_by(status.leader_changes);
+    r.register("leader_changes", "Leader changes seen", leader_changes);
+}
+
+/// The cluster view from `status`: members by role and state, the leader, lag; with several
+/// clusters each series carries its cluster.
+fn register_clusters(r: &mut Registry, status: &Status) {
+    let by_role: Family<Labels, Gauge> = Family::default();
+    let leader: Family<Labels, Gauge> = Family::default();
+    let lag: Family<Labels, Gauge> = Family::default();
+    let has_leader: Family<Labels, Gauge> = Family::default();
+    let configured: Family<Labels, Gauge> = Family::default();
+    let refused: Family<Labels, Gauge> = Family::default();
+    // One cluster: the series as they always were. Several: each carries its cluster.
+    let clusters: Vec<(Labels, &Arc<Cluster>)> = if status.multi {
+        status
+            .clusters
+            .iter()
+            .filter_map(|c| {
+                let mut labels = vec![("scope".to_owned(), c.scope.clone())];
+                if let Some(g) = c.group {
+                    labels.push(("group".to_owned(), g.to_string()));
+                }
+                configured.get_or_create(&labels).set(c.configured as i64);
+                refused
+                    .get_or_create(&labels)
+                    .set(c.refused.is_some() as i64);
+                c.model.as_ref().map(|m| (labels, m))
+            })
+            .collect()
+    } else {
+        status.cluster.iter().map(|c| (Vec::new(), c)).collect()
+    };
+    for (labels, c) in &clusters {
+        let with = |more: &[(&str, &str)]| -> Labels {
+            let mut l = labels.clone();
+            l.extend(more.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+            l
+        };
+        for m in &c.members {
+            by_role
+                .get_or_create(&with(&[("role", &m.role), ("state", &m.state)]))
+                .inc();
+            if let Some(l) = m.lag {
+                lag.get_or_create(&with(&[("member", &m.name)]))
+                    .set(i64::try_from(l).unwrap_or(i64::MAX));
+            }
+        }
+        if let Some(name) = &c.leader_name {
+            leader.get_or_create(&with(&[("name", name)])).set(1);
+        }
+        if status.multi {
+            has_leader
+                .get_or_create(labels)
+                .set(c.leader_name.is_some() as i64);
+        }
+    }
+    r.register("cluster_members", "Members by role and state", by_role);
+    r.register("cluster_leader", "1 for the current leader's name", leader);
+    if status.multi {
+        r.register(
+            "cluster_has_leader",
+            "1 when etcd shows a valid leader, 0 while the cluster has none",
+            has_leader,
+        );
+        r.register(
+            "cluster_configured",
+            "1 when the cluster has a [clusters.<scope>] table; 0: followed but given no port or file",
+            configured,
+        );
+        r.register(
+            "cluster_refused",
+            "1 while the guard refuses the cluster's view (its last good section stays)",
+            refused,
+        );
+    } else if let Some(c) = &status.cluster {
+        // An alert needs a series that is there while the leader is not.
+        r.register(
+            "cluster_has_leader",
+            "1 when etcd shows a valid leader, 0 while the cluster has none",
+            gauge(c.leader_name.is_some() as i64),
+        );
+    }
+    r.register(
+        "member_lag_bytes",
+        "Bytes each member is behind the leader",
+        lag,
+    );
+}
+
+/// A gauge set to `v`.
+fn gauge(v: i64) -> Gauge {
+    let g: Gauge = Gauge::default();
+    g.set(v);
+    g
 }

@@ -129,42 +129,7 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<String> {
             out.push(name.to_owned());
         }
     };
-    let (a, b) = (&old.etcd, &new.etcd);
-    diff("etcd.api", a.api != b.api);
-    diff("etcd.endpoints", a.endpoints != b.endpoints);
-    diff("etcd.namespace", a.namespace != b.namespace);
-    // Another single cluster, or one cluster ↔ several: the guard's memory says nothing of it.
-    let one = |s: &crate::source::EtcdSettings| Mode::of(s).one().map(str::to_owned);
-    diff(
-        "etcd.scope",
-        one(a) != one(b) && (one(a).is_some() || one(b).is_some()),
-    );
-    // Another list of clusters (or discovery): each cluster keeps its own state.
-    diff(
-        "etcd.scopes",
-        a.clusters != b.clusters && one(a).is_none() && one(b).is_none(),
-    );
-    diff(
-        "etcd.connect_timeout",
-        a.connect_timeout != b.connect_timeout,
-    );
-    diff(
-        "etcd.request_timeout",
-        a.request_timeout != b.request_timeout,
-    );
-    diff(
-        "etcd.keepalive_interval",
-        a.keepalive_interval != b.keepalive_interval,
-    );
-    diff(
-        "etcd.keepalive_timeout",
-        a.keepalive_timeout != b.keepalive_timeout,
-    );
-    let user = |e: &crate::source::EtcdSettings| e.auth.as_ref().map(|(u, _)| u.clone());
-    let password = |e: &crate::source::EtcdSettings| e.auth.as_ref().map(|(_, p)| p.clone());
-    diff("etcd.username", user(a) != user(b));
-    diff("etcd.password", password(a) != password(b));
-    diff("etcd.tls", format!("{:?}", a.tls) != format!("{:?}", b.tls));
+    changed_etcd(&old.etcd, &new.etcd, &mut diff);
     let (a, b) = (&old.daemon, &new.daemon);
     diff("daemon.min_interval", a.min_interval != b.min_interval);
     diff(
@@ -213,6 +178,49 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<String> {
         diff(&format!("template {name:?}"), find(old) != find(new));
     }
     out
+}
+
+/// The `etcd.*` settings that differ between `a` and `b`, told to `diff`.
+fn changed_etcd(
+    a: &crate::source::EtcdSettings,
+    b: &crate::source::EtcdSettings,
+    diff: &mut impl FnMut(&str, bool),
+) {
+    diff("etcd.api", a.api != b.api);
+    diff("etcd.endpoints", a.endpoints != b.endpoints);
+    diff("etcd.namespace", a.namespace != b.namespace);
+    // Another single cluster, or one cluster ↔ several: the guard's memory says nothing of it.
+    let one = |s: &crate::source::EtcdSettings| Mode::of(s).one().map(str::to_owned);
+    diff(
+        "etcd.scope",
+        one(a) != one(b) && (one(a).is_some() || one(b).is_some()),
+    );
+    // Another list of clusters (or discovery): each cluster keeps its own state.
+    diff(
+        "etcd.scopes",
+        a.clusters != b.clusters && one(a).is_none() && one(b).is_none(),
+    );
+    diff(
+        "etcd.connect_timeout",
+        a.connect_timeout != b.connect_timeout,
+    );
+    diff(
+        "etcd.request_timeout",
+        a.request_timeout != b.request_timeout,
+    );
+    diff(
+        "etcd.keepalive_interval",
+        a.keepalive_interval != b.keepalive_interval,
+    );
+    diff(
+        "etcd.keepalive_timeout",
+        a.keepalive_timeout != b.keepalive_timeout,
+    );
+    let user = |e: &crate::source::EtcdSettings| e.auth.as_ref().map(|(u, _)| u.clone());
+    let password = |e: &crate::source::EtcdSettings| e.auth.as_ref().map(|(_, p)| p.clone());
+    diff("etcd.username", user(a) != user(b));
+    diff("etcd.password", password(a) != password(b));
+    diff("etcd.tls", format!("{:?}", a.tls) != format!("{:?}", b.tls));
 }
 
 /// Watches the directories holding the templates (not the files: editors and ConfigMaps replace

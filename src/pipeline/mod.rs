@@ -15,6 +15,7 @@
 //! settings type; only the pass reads the whole [`Settings`], with the one-cluster or
 //! many-clusters [`Mode`] resolved once.
 
+mod cluster;
 mod commit;
 mod observe;
 mod plan;

@@ -5,13 +5,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use super::cluster::ClusterState;
 use super::plan::{by_scope, Views};
 use super::report::{ClusterReport, PassError, PassStats};
 use super::Setup;
-use crate::events::{ClusterEvent, Differ};
-use crate::failover::{self, Router};
+use crate::failover;
 use crate::guard::{self, GuardError};
-use crate::model::{self, Cluster, ClusterId, MemberCache, Skipped};
+use crate::model::{self, Cluster, ClusterId, MemberCache};
 use crate::snapshot::Snapshot;
 use crate::source::Clusters;
 
@@ -21,74 +21,6 @@ pub(super) struct Observed {
     pub(super) refusals: Vec<GuardError>,
     /// Clusters whose empty view the guard accepted: their files go.
     pub(super) gone: Vec<ClusterId>,
-}
-
-/// What haconfd keeps about one Patroni cluster (or Citus group) from one pass to the next: the
-/// members already parsed, the keys it warned about, the previous model's events, the failover
-/// fast path's state, and the views that the files hold.
-struct ClusterState {
-    /// Members parsed by earlier passes: a heartbeat parses one member, not all.
-    parsed_members: MemberCache,
-    /// The keys skipped by the last model, logged again only when they change.
-    last_skipped: Vec<Skipped>,
-    /// Turns the previous pass's model and this one into [`PassStats::events`].
-    differ: Differ,
-    /// The failover fast path: HAProxy moves, PgBouncer pauses, the confirmation gate.
-    router: Router,
-    /// The model the last pass saw.
-    seen: Option<Arc<Cluster>>,
-    /// The model `parsed_members` was last built into: kept while nothing of it changes.
-    built: Option<Arc<Cluster>>,
-    /// The last view the guard accepted: what this cluster's section is rendered from.
-    accepted: Option<Arc<Cluster>>,
-    /// The last accepted view with a leader confirmed to take writes: what `require_leader`
-    /// targets render this cluster from when several clusters are followed.
-    led: Option<Arc<Cluster>>,
-    /// Why the guard refused the last view.
-    refused: Option<GuardError>,
-    /// Whether its appearance was logged (several clusters).
-    announced: bool,
-    /// Events of the last pass.
-    events: Vec<ClusterEvent>,
-}
-
-impl ClusterState {
-    fn new(setup: &Setup, id: &ClusterId) -> ClusterState {
-        let s = &setup.settings;
-        let router = match setup.mode.one() {
-            Some(_) if id.group.is_none() => Router::new(&s.failover, &s.targets),
-            _ => Router::for_cluster(
-                &s.failover,
-                &s.targets,
-                Some((id, s.clusters.get(&id.scope))),
-            ),
-        };
-        ClusterState {
-            parsed_members: MemberCache::default(),
-            last_skipped: Vec::new(),
-            differ: Differ::default(),
-            router,
-            seen: None,
-            built: None,
-            accepted: None,
-            led: None,
-            refused: None,
-            announced: false,
-            events: Vec::new(),
-        }
-    }
-
-    /// The leader gate for `c`: None when `c` has no leader, else whether the fast path lets
-    /// `require_leader` targets point at it (confirmed to take writes).
-    fn leader_gate(&self, c: &Cluster) -> Option<bool> {
-        c.leader().map(|_| self.router.gate_open(c))
-    }
-
-    /// Whether the files hold a section for this cluster (see [`Setup::has_section`]).
-    fn has_section(&self, setup: &Setup, memory: &guard::Memory) -> bool {
-        let remembered = self.seen.as_ref().is_some_and(|c| memory.knows(c));
-        setup.has_section(self.accepted.is_some(), remembered)
-    }
 }
 
 /// Every cluster's state, the guard's memory, and the way to the daemon for routers of clusters
@@ -279,25 +211,11 @@ impl Observe {
                 .flat_map(|c| c.databases.iter().cloned())
                 .collect()
         });
-        let mut seen = Vec::new();
-        for t in &s.targets {
-            let Some(admin) = t.pgbouncer_admin() else {
-                continue;
-            };
-            if seen.contains(&admin.config()) {
-                continue;
-            }
-            seen.push(admin.config());
-            match admin.resume_left_paused(databases.as_deref()).await {
-                Ok(r) if r.is_empty() => {}
-                Ok(r) => {
-                    tracing::warn!(target = %t.name, console = admin.console(), resumed = ?r, "PgBouncer was left paused (by an earlier run stopped mid-switch, or by hand): resumed")
-                }
-                Err(e) => {
-                    tracing::warn!(target = %t.name, error = %e, "cannot ask PgBouncer whether it was left paused")
-                }
-            }
-        }
+        let consoles = s
+            .targets
+            .iter()
+            .filter_map(|t| Some((t.name.as_str(), t.pgbouncer_admin()?)));
+        crate::consumers::pgbouncer::resume_all_left_paused(consoles, databases.as_deref()).await;
     }
 
     /// The first half of a pass: every cluster modelled, diffed, shown to the fast path and

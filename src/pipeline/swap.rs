@@ -21,6 +21,12 @@ type StagedGroup = (
     Vec<(usize, Vec<u8>)>,
 );
 
+/// A failure of one target of the group: its index and why.
+type Failure = Box<(usize, PassError)>;
+
+/// Each changed target with its previous bytes, and what the swaps retired.
+type Swapped = (Vec<(usize, Option<Vec<u8>>)>, Vec<Retired>);
+
 /// Stages, checks and swaps in the changed files of one consumer's targets (`group`), all or
 /// none. Returns each changed target with its previous bytes, and what the swaps retired; or the
 /// first failure with the index of the target it concerns. Reading, staging and swapping run on
@@ -30,7 +36,7 @@ pub(super) async fn swap_in(
     group: &[usize],
     rendered: &[Rendering],
     removals: &Arc<Vec<usize>>,
-) -> Result<(Vec<(usize, Option<Vec<u8>>)>, Vec<Retired>), (usize, PassError)> {
+) -> Result<Swapped, (usize, PassError)> {
     let mut wanted = Vec::with_capacity(group.len());
     for &i in group {
         let r = rendered[i]
@@ -40,83 +46,96 @@ pub(super) async fn swap_in(
             .map_err(|e| (i, e.clone().into()))?;
         wanted.push((i, Arc::clone(r)));
     }
-    let s = Arc::clone(targets);
-    let rm = Arc::clone(removals);
+    let (s, rm) = (Arc::clone(targets), Arc::clone(removals));
     // Stage everything before checking or swapping anything.
-    let (changed, staged, removed): StagedGroup = blocking(move || {
-        let mut changed = Vec::new();
-        let mut staged = Vec::new();
-        let mut removed = Vec::new();
-        for (i, r) in wanted {
-            let t = &s[i];
-            let fail = |e: ApplyError| Box::new((i, PassError::from(e)));
-            if rm.contains(&i) {
-                if let Some(old) = apply::current(&t.dest).map_err(fail)? {
-                    removed.push((i, old));
-                }
-                continue;
-            }
-            if apply::holds(&t.dest, &r.bytes).map_err(fail)? {
-                continue;
-            }
-            let old = apply::current(&t.dest).map_err(fail)?;
-            staged.push(apply::stage(t, &r).map_err(fail)?);
-            changed.push((i, old));
-        }
-        Ok::<_, Box<(usize, PassError)>>((changed, staged, removed))
-    })
-    .await
-    .map_err(|b| *b)?;
+    let (changed, staged, removed): StagedGroup = blocking(move || stage_all(&s, &rm, wanted))
+        .await
+        .map_err(|b| *b)?;
     for ((i, _), st) in changed.iter().zip(&staged) {
         apply::check(&targets[*i], st)
             .await
             .map_err(|e| (*i, e.into()))?;
     }
     let s = Arc::clone(targets);
-    blocking(move || {
-        let mut changed = changed;
-        let mut retired = Vec::with_capacity(staged.len());
-        for (k, st) in staged.into_iter().enumerate() {
-            match apply::commit(st) {
-                Ok(r) => retired.push(r),
-                Err(e) => {
-                    // All or nothing within a consumer: the files of this group already swapped
-                    // in go back, or a restart of the consumer would load half a new set, and
-                    // nothing would be left due for a reload.
-                    for (j, old) in &changed[..k] {
-                        if let Some(old) = old {
-                            restore(&s[*j], old);
-                        }
-                    }
-                    return Err(Box::new((changed[k].0, PassError::from(e))));
-                }
+    blocking(move || commit_all(&s, changed, staged, removed))
+        .await
+        .map_err(|b| *b)
+}
+
+/// Stages each changed file of the group; notes the files of gone clusters to remove.
+fn stage_all(
+    targets: &[Target],
+    removals: &[usize],
+    wanted: Vec<(usize, Arc<Rendered>)>,
+) -> Result<StagedGroup, Failure> {
+    let mut changed = Vec::new();
+    let mut staged = Vec::new();
+    let mut removed = Vec::new();
+    for (i, r) in wanted {
+        let t = &targets[i];
+        let fail = |e: ApplyError| Box::new((i, PassError::from(e)));
+        if removals.contains(&i) {
+            if let Some(old) = apply::current(&t.dest).map_err(fail)? {
+                removed.push((i, old));
+            }
+            continue;
+        }
+        if apply::holds(&t.dest, &r.bytes).map_err(fail)? {
+            continue;
+        }
+        let old = apply::current(&t.dest).map_err(fail)?;
+        staged.push(apply::stage(t, &r).map_err(fail)?);
+        changed.push((i, old));
+    }
+    Ok((changed, staged, removed))
+}
+
+/// Renames every staged file into place, then removes the files of gone clusters; on a
+/// failure, what was already swapped goes back (all or nothing within a consumer: a restart of
+/// the consumer would otherwise load half a new set, and nothing would be left due for a
+/// reload).
+fn commit_all(
+    targets: &[Target],
+    mut changed: Vec<(usize, Option<Vec<u8>>)>,
+    staged: Vec<Staged>,
+    removed: Vec<(usize, Vec<u8>)>,
+) -> Result<Swapped, Failure> {
+    let put_back = |done: &mut dyn Iterator<Item = (&usize, Option<&Vec<u8>>)>| {
+        for (j, old) in done {
+            if let Some(old) = old {
+                restore(&targets[*j], old);
             }
         }
-        // Then the files of clusters that are gone; one that cannot be removed puts the group
-        // back as it was.
-        for (k, (i, old)) in removed.iter().enumerate() {
-            if let Err(source) = std::fs::remove_file(&s[*i].dest) {
-                for (j, old) in changed
+    };
+    let mut retired = Vec::with_capacity(staged.len());
+    for (k, st) in staged.into_iter().enumerate() {
+        match apply::commit(st) {
+            Ok(r) => retired.push(r),
+            Err(e) => {
+                put_back(&mut changed[..k].iter().map(|(j, o)| (j, o.as_ref())));
+                return Err(Box::new((changed[k].0, PassError::from(e))));
+            }
+        }
+    }
+    // Then the files of clusters that are gone; one that cannot be removed puts the group back
+    // as it was.
+    for (k, (i, old)) in removed.iter().enumerate() {
+        if let Err(source) = std::fs::remove_file(&targets[*i].dest) {
+            put_back(
+                &mut changed
                     .iter()
                     .map(|(j, o)| (j, o.as_ref()))
-                    .chain(removed[..k].iter().map(|(j, o)| (j, Some(o))))
-                {
-                    if let Some(old) = old {
-                        restore(&s[*j], old);
-                    }
-                }
-                let e = ApplyError::Commit {
-                    dest: s[*i].dest.clone(),
-                    source,
-                };
-                return Err(Box::new((*i, PassError::from(e))));
-            }
-            changed.push((*i, Some(old.clone())));
+                    .chain(removed[..k].iter().map(|(j, o)| (j, Some(o)))),
+            );
+            let e = ApplyError::Commit {
+                dest: targets[*i].dest.clone(),
+                source,
+            };
+            return Err(Box::new((*i, PassError::from(e))));
         }
-        Ok((changed, retired))
-    })
-    .await
-    .map_err(|b| *b)
+        changed.push((*i, Some(old.clone())));
+    }
+    Ok((changed, retired))
 }
 
 /// Puts a target's known-good bytes back after its consumer refused the new ones.
