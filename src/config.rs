@@ -524,6 +524,39 @@ fn resolve_clusters(
 }
 
 fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigError> {
+    let clusters = resolve_clusters_of(e.scope.clone(), e.scopes.clone(), e.discover)?;
+    let endpoints = resolve_endpoints(&e.endpoints)?;
+    for (key, d) in [
+        ("etcd.connect_timeout", e.connect_timeout),
+        ("etcd.request_timeout", e.request_timeout),
+        ("etcd.keepalive_interval", e.keepalive_interval),
+        ("etcd.keepalive_timeout", e.keepalive_timeout),
+    ] {
+        positive(key, d).map_err(ConfigError::Invalid)?;
+    }
+    let namespace = normalize_namespace(&e.namespace);
+    let auth = resolve_auth(&e, base_dir)?;
+    let tls = resolve_tls(e.tls, base_dir)?;
+    Ok(EtcdSettings {
+        api: e.api,
+        endpoints,
+        namespace,
+        clusters,
+        connect_timeout: e.connect_timeout,
+        request_timeout: e.request_timeout,
+        keepalive_interval: e.keepalive_interval,
+        keepalive_timeout: e.keepalive_timeout,
+        auth,
+        tls,
+    })
+}
+
+/// Which clusters: exactly one of `etcd.scope`, `etcd.scopes` and `etcd.discover`.
+fn resolve_clusters_of(
+    scope: Option<String>,
+    scopes: Vec<String>,
+    discover: bool,
+) -> Result<Clusters, ConfigError> {
     let check_scope = |key: &str, scope: &str| {
         if scope.contains('/') || scope.chars().any(char::is_whitespace) {
             return Err(ConfigError::Invalid(format!(
@@ -533,14 +566,14 @@ fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigEr
         crate::model::validate_name(scope)
             .map_err(|m| ConfigError::Invalid(format!("{key} {scope:?}: {m}")))
     };
-    let scope = e.scope.filter(|s| !s.is_empty());
-    let clusters = match (scope, e.scopes.is_empty(), e.discover) {
+    let scope = scope.filter(|s| !s.is_empty());
+    let clusters = match (scope, scopes.is_empty(), discover) {
         (Some(scope), true, false) => {
             check_scope("etcd.scope", &scope)?;
             Clusters::One(scope)
         }
         (None, false, false) => {
-            let mut scopes = e.scopes;
+            let mut scopes = scopes;
             for s in &scopes {
                 check_scope("etcd.scopes entry", s)?;
             }
@@ -570,8 +603,12 @@ fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigEr
             ))
         }
     };
-    let endpoints: Vec<String> = e
-        .endpoints
+    Ok(clusters)
+}
+
+/// `etcd.endpoints`: comma-separated or a list, each `http(s)://host:port`.
+fn resolve_endpoints(given: &[String]) -> Result<Vec<String>, ConfigError> {
+    let endpoints: Vec<String> = given
         .iter()
         .flat_map(|s| s.split(','))
         .map(|s| s.trim().to_owned())
@@ -589,15 +626,11 @@ fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigEr
             )));
         }
     }
-    for (key, d) in [
-        ("etcd.connect_timeout", e.connect_timeout),
-        ("etcd.request_timeout", e.request_timeout),
-        ("etcd.keepalive_interval", e.keepalive_interval),
-        ("etcd.keepalive_timeout", e.keepalive_timeout),
-    ] {
-        positive(key, d).map_err(ConfigError::Invalid)?;
-    }
-    let namespace = normalize_namespace(&e.namespace);
+    Ok(endpoints)
+}
+
+/// `etcd.username` with its password (`password`, or the first line of `password_file`).
+fn resolve_auth(e: &EtcdConfig, base_dir: &Path) -> Result<Option<(String, String)>, ConfigError> {
     let password = match (&e.password, &e.password_file) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(file)) => {
@@ -610,7 +643,7 @@ fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigEr
         }
         (None, None) => None,
     };
-    let auth = match (e.username, password) {
+    let auth = match (e.username.clone(), password) {
         (Some(u), Some(p)) => Some((u, p)),
         (Some(u), None) => {
             return Err(ConfigError::Invalid(format!(
@@ -624,11 +657,16 @@ fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigEr
         }
         (None, None) => None,
     };
+    Ok(auth)
+}
+
+/// `[etcd.tls]`, its paths made absolute; a client certificate needs its key.
+fn resolve_tls(tls: Option<TlsConfig>, base_dir: &Path) -> Result<Option<TlsConfig>, ConfigError> {
     let tls_path = |key: &str, p: Option<PathBuf>| {
         p.map(|p| resolve_path(base_dir, &p).map_err(|m| invalid_path(key, m)))
             .transpose()
     };
-    let tls = match e.tls {
+    let tls = match tls {
         Some(t) => Some(TlsConfig {
             ca: tls_path("etcd.tls.ca", t.ca)?,
             cert: tls_path("etcd.tls.cert", t.cert)?,
@@ -644,18 +682,7 @@ fn resolve_etcd(e: EtcdConfig, base_dir: &Path) -> Result<EtcdSettings, ConfigEr
             ));
         }
     }
-    Ok(EtcdSettings {
-        api: e.api,
-        endpoints,
-        namespace,
-        clusters,
-        connect_timeout: e.connect_timeout,
-        request_timeout: e.request_timeout,
-        keepalive_interval: e.keepalive_interval,
-        keepalive_timeout: e.keepalive_timeout,
-        auth,
-        tls,
-    })
+    Ok(tls)
 }
 
 fn resolve_template(
@@ -682,22 +709,7 @@ fn resolve_template(
     if t.dest.file_name().is_none() {
         return Err(ctx(format!("dest {} has no file name", t.dest.display())));
     }
-    if let Some(first) = t.check.first() {
-        if first.contains(char::is_whitespace) {
-            return Err(ctx(format!(
-                "check is an argv, not a shell string: split {first:?} into separate items"
-            )));
-        }
-        // A check that is not handed the staged file checks whatever else it reads, usually the
-        // live file: the new one would go live unchecked while the check reports success.
-        if !t.check.iter().any(|a| a.contains(STAGED_PLACEHOLDER)) {
-            return Err(ctx(format!(
-                "check {:?} does not name the staged file: put \"{STAGED_PLACEHOLDER}\" where \
-                 the file to check goes, or the new file goes live unchecked",
-                t.check
-            )));
-        }
-    }
+    check_argv(&t.check).map_err(ctx)?;
     positive("check_timeout", t.check_timeout).map_err(ctx)?;
     let dest = resolve_path(base_dir, &t.dest).map_err(|m| ctx(format!("dest: {m}")))?;
     if let Some(parent) = dest.parent() {
@@ -709,20 +721,7 @@ fn resolve_template(
             )));
         }
     }
-    let mode = t
-        .mode
-        .as_deref()
-        .map(|m| {
-            u32::from_str_radix(m.trim_start_matches("0o"), 8)
-                .ok()
-                .filter(|v| *v <= 0o7777)
-                .ok_or_else(|| {
-                    ctx(format!(
-                        "mode {m:?} is not an octal file mode like \"0644\""
-                    ))
-                })
-        })
-        .transpose()?;
+    let mode = t.mode.as_deref().map(parse_mode).transpose().map_err(ctx)?;
     let owner = t
         .owner
         .as_deref()
@@ -739,40 +738,7 @@ fn resolve_template(
         .reload
         .map(|r| resolve_reload(r, base_dir).map_err(&ctx))
         .transpose()?;
-    let server_state = t
-        .server_state
-        .map(|ss| {
-            Ok::<_, String>(ServerStateConfig {
-                stats_socket: resolve_path(base_dir, &ss.stats_socket)
-                    .map_err(|m| format!("server_state.stats_socket: {m}"))?,
-                file: resolve_path(base_dir, &ss.file)
-                    .map_err(|m| format!("server_state.file: {m}"))?,
-                ..ss
-            })
-        })
-        .transpose()
-        .map_err(&ctx)?;
-    let pgbouncer_admin = t
-        .pgbouncer_admin
-        .map(|mut a| {
-            a.validate()?;
-            a.resolve_paths(base_dir);
-            Ok::<_, String>(crate::consumers::pgbouncer::Admin::new(a))
-        })
-        .transpose()
-        .map_err(&ctx)?;
-    let consumer = match (server_state, pgbouncer_admin) {
-        (Some(ss), None) => Consumer::Haproxy(ss),
-        (None, Some(a)) => Consumer::Pgbouncer(a),
-        (None, None) => Consumer::Plain,
-        (Some(_), Some(_)) => {
-            return Err(ctx(
-                "server_state (a HAProxy) and pgbouncer_admin (a PgBouncer) are both set: one \
-                 program reads a template's file; give each its own [[template]]"
-                    .to_string(),
-            ))
-        }
-    };
+    let consumer = resolve_consumer(t.server_state, t.pgbouncer_admin, base_dir).map_err(ctx)?;
     let mut vars = global_vars.clone();
     vars.extend(table_to_json(t.vars));
     Ok(Target {
@@ -789,6 +755,73 @@ fn resolve_template(
         consumer,
         vars,
         name,
+    })
+}
+
+/// A check is an argv that names the staged file: one that is not handed it checks whatever
+/// else it reads, usually the live file, and the new one would go live unchecked.
+fn check_argv(check: &[String]) -> Result<(), String> {
+    let Some(first) = check.first() else {
+        return Ok(());
+    };
+    if first.contains(char::is_whitespace) {
+        return Err(format!(
+            "check is an argv, not a shell string: split {first:?} into separate items"
+        ));
+    }
+    if !check.iter().any(|a| a.contains(STAGED_PLACEHOLDER)) {
+        return Err(format!(
+            "check {check:?} does not name the staged file: put \"{STAGED_PLACEHOLDER}\" where \
+             the file to check goes, or the new file goes live unchecked"
+        ));
+    }
+    Ok(())
+}
+
+/// A file mode in octal (`"0644"`, `"0o640"`).
+fn parse_mode(m: &str) -> Result<u32, String> {
+    u32::from_str_radix(m.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|v| *v <= 0o7777)
+        .ok_or_else(|| format!("mode {m:?} is not an octal file mode like \"0644\""))
+}
+
+/// Who reads a template's file: HAProxy with server state, PgBouncer with its console, or
+/// another program (never both).
+fn resolve_consumer(
+    server_state: Option<ServerStateConfig>,
+    pgbouncer_admin: Option<crate::consumers::pgbouncer::AdminConfig>,
+    base_dir: &Path,
+) -> Result<Consumer, String> {
+    let server_state = server_state
+        .map(|ss| {
+            Ok::<_, String>(ServerStateConfig {
+                stats_socket: resolve_path(base_dir, &ss.stats_socket)
+                    .map_err(|m| format!("server_state.stats_socket: {m}"))?,
+                file: resolve_path(base_dir, &ss.file)
+                    .map_err(|m| format!("server_state.file: {m}"))?,
+                ..ss
+            })
+        })
+        .transpose()?;
+    let pgbouncer_admin = pgbouncer_admin
+        .map(|mut a| {
+            a.validate()?;
+            a.resolve_paths(base_dir);
+            Ok::<_, String>(crate::consumers::pgbouncer::Admin::new(a))
+        })
+        .transpose()?;
+    Ok(match (server_state, pgbouncer_admin) {
+        (Some(ss), None) => Consumer::Haproxy(ss),
+        (None, Some(a)) => Consumer::Pgbouncer(a),
+        (None, None) => Consumer::Plain,
+        (Some(_), Some(_)) => {
+            return Err(
+                "server_state (a HAProxy) and pgbouncer_admin (a PgBouncer) are both set: one \
+                 program reads a template's file; give each its own [[template]]"
+                    .to_string(),
+            )
+        }
     })
 }
 

@@ -141,66 +141,11 @@ impl Cluster {
         id: &ClusterId,
         cache: &mut MemberCache,
     ) -> Built {
-        let scope = id.scope.as_str();
         let prefix = id.prefix(namespace);
         let mut skipped = Vec::new();
-        let mut parsed: Vec<(String, ParsedMember)> = Vec::new();
-        let mut seen = std::collections::HashMap::with_capacity(cache.parsed.len());
-        for (key, value) in snapshot.kvs.range(prefix.clone()..) {
-            let Some(rest) = key.strip_prefix(&prefix) else {
-                break;
-            };
-            // Anything else below the prefix (config, status, a Citus group's keys when this is
-            // the scope of a Citus cluster) is not a member.
-            let Some(name) = rest.strip_prefix("members/") else {
-                continue;
-            };
-            if let Err(reason) = validate_name(name) {
-                skipped.push(Skipped {
-                    key: key.clone(),
-                    reason: format!("member name refused: {reason}"),
-                    member_kept: false,
-                });
-                continue;
-            }
-            let member = match cache.parsed.remove_entry(key) {
-                Some((k, (v, m))) if v == *value => (k, (v, m)),
-                _ => (key.clone(), (value.clone(), Member::parse(name, value))),
-            };
-            parsed.push((member.0.clone(), member.1 .1.clone()));
-            seen.insert(member.0, member.1);
-        }
-        // Only keys present now are kept: a departed member's entry goes with it.
-        cache.parsed = seen;
-        cache.leader = snapshot.kvs.get(&format!("{prefix}leader")).cloned();
-        cache.failover = snapshot.kvs.get(&format!("{prefix}failover")).cloned();
-
+        let parsed = cache.parse_members(snapshot, &prefix, &mut skipped);
         let leader_key = format!("{prefix}leader");
-        let leader_name = match snapshot.kvs.get(&leader_key) {
-            None => None,
-            Some(v) => match std::str::from_utf8(v).map(str::trim) {
-                Ok(name) => match validate_name(name) {
-                    Ok(()) => Some(name.to_owned()),
-                    Err(reason) => {
-                        skipped.push(Skipped {
-                            key: leader_key.clone(),
-                            reason: format!("leader name refused: {reason}"),
-                            member_kept: false,
-                        });
-                        None
-                    }
-                },
-                Err(_) => {
-                    skipped.push(Skipped {
-                        key: leader_key.clone(),
-                        reason: "leader value is not UTF-8".into(),
-                        member_kept: false,
-                    });
-                    None
-                }
-            },
-        };
-
+        let leader_name = leader_of(snapshot.kvs.get(&leader_key), &leader_key, &mut skipped);
         let failover_key = format!("{prefix}failover");
         let failover = match snapshot.kvs.get(&failover_key).map(|v| Failover::parse(v)) {
             None | Some(Ok(None)) => None,
@@ -214,7 +159,6 @@ impl Cluster {
                 None
             }
         };
-
         let mut members = Vec::with_capacity(parsed.len());
         for (key, member) in parsed {
             match member {
@@ -234,7 +178,6 @@ impl Cluster {
                 }),
             }
         }
-
         let key_holder = leader_name.clone();
         let leader_name = match leader_name {
             Some(l) if members.iter().any(|m| m.name == l) => Some(l),
@@ -250,22 +193,12 @@ impl Cluster {
             }
             None => None,
         };
-        // Lag is measured against the leader's WAL position.
-        let leader_pos = members
-            .iter()
-            .find(|m| m.is_leader)
-            .and_then(|m| m.xlog_location);
-        for m in &mut members {
-            m.lag = match (leader_pos, m.xlog_location) {
-                (Some(l), Some(p)) => Some(l.saturating_sub(p)),
-                _ => None,
-            };
-        }
+        set_lag(&mut members);
         skipped.sort_by(|a, b| a.key.cmp(&b.key));
         Built {
             cluster: Cluster {
                 namespace: namespace.to_owned(),
-                scope: scope.to_owned(),
+                scope: id.scope.clone(),
                 group: id.group,
                 leader_key: key_holder,
                 leader_name,
@@ -274,6 +207,86 @@ impl Cluster {
             },
             skipped,
         }
+    }
+}
+
+/// The name in a `leader` value, validated; a refused one is noted in `skipped`.
+fn leader_of(value: Option<&Vec<u8>>, key: &str, skipped: &mut Vec<Skipped>) -> Option<String> {
+    let refused = |reason: String| Skipped {
+        key: key.to_owned(),
+        reason,
+        member_kept: false,
+    };
+    match std::str::from_utf8(value?).map(str::trim) {
+        Ok(name) => match validate_name(name) {
+            Ok(()) => Some(name.to_owned()),
+            Err(reason) => {
+                skipped.push(refused(format!("leader name refused: {reason}")));
+                None
+            }
+        },
+        Err(_) => {
+            skipped.push(refused("leader value is not UTF-8".into()));
+            None
+        }
+    }
+}
+
+/// Lag is measured against the leader's WAL position.
+fn set_lag(members: &mut [Member]) {
+    let leader_pos = members
+        .iter()
+        .find(|m| m.is_leader)
+        .and_then(|m| m.xlog_location);
+    for m in members {
+        m.lag = match (leader_pos, m.xlog_location) {
+            (Some(l), Some(p)) => Some(l.saturating_sub(p)),
+            _ => None,
+        };
+    }
+}
+
+impl MemberCache {
+    /// Every member key under `prefix`, parsed (or taken from the cache when its value is the
+    /// one parsed before), in key order; names refused are noted in `skipped`. Keeps only the
+    /// keys present now, and the `leader` and `failover` values the model is built from.
+    fn parse_members(
+        &mut self,
+        snapshot: &Snapshot,
+        prefix: &str,
+        skipped: &mut Vec<Skipped>,
+    ) -> Vec<(String, ParsedMember)> {
+        let mut parsed: Vec<(String, ParsedMember)> = Vec::new();
+        let mut seen = std::collections::HashMap::with_capacity(self.parsed.len());
+        for (key, value) in snapshot.kvs.range(prefix.to_owned()..) {
+            let Some(rest) = key.strip_prefix(prefix) else {
+                break;
+            };
+            // Anything else below the prefix (config, status, a Citus group's keys when this is
+            // the scope of a Citus cluster) is not a member.
+            let Some(name) = rest.strip_prefix("members/") else {
+                continue;
+            };
+            if let Err(reason) = validate_name(name) {
+                skipped.push(Skipped {
+                    key: key.clone(),
+                    reason: format!("member name refused: {reason}"),
+                    member_kept: false,
+                });
+                continue;
+            }
+            let member = match self.parsed.remove_entry(key) {
+                Some((k, (v, m))) if v == *value => (k, (v, m)),
+                _ => (key.clone(), (value.clone(), Member::parse(name, value))),
+            };
+            parsed.push((member.0.clone(), member.1 .1.clone()));
+            seen.insert(member.0, member.1);
+        }
+        // Only keys present now are kept: a departed member's entry goes with it.
+        self.parsed = seen;
+        self.leader = snapshot.kvs.get(&format!("{prefix}leader")).cloned();
+        self.failover = snapshot.kvs.get(&format!("{prefix}failover")).cloned();
+        parsed
     }
 }
 
@@ -646,56 +659,20 @@ impl Member {
             return Err(format!("api_url {api_url:?}: scheme must be http or https"));
         }
         let mut notes = Vec::new();
-        let mut word = |field: &str, v: Option<serde_json::Value>, spaces: bool| match v {
-            None | Some(serde_json::Value::Null) => "unknown".to_owned(),
-            Some(serde_json::Value::String(w)) => match validate_word(&w, spaces) {
-                Ok(()) => w,
-                Err(e) => {
-                    notes.push(format!("field {field} dropped: {w:?} {e}"));
-                    "unknown".to_owned()
-                }
-            },
-            Some(other) => {
-                notes.push(format!("field {field} dropped: {other} is not a string"));
-                "unknown".to_owned()
-            }
-        };
-        let role = word("role", raw.role, false);
-        let state = word("state", raw.state, true);
+        let role = word_field("role", raw.role, false, &mut notes);
+        let state = word_field("state", raw.state, true, &mut notes);
         let tags = validate_tags(raw.tags, &mut notes);
         let flag = |k: &str| {
             tags.get(k)
                 .and_then(serde_json::Value::as_bool)
                 .unwrap_or(false)
         };
-        let version = match raw.version {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(v)) => match validate_version(&v) {
-                Ok(()) => Some(v),
-                Err(e) => {
-                    notes.push(format!("field version dropped: {v:?} {e}"));
-                    None
-                }
-            },
-            Some(other) => {
-                notes.push(format!("field version dropped: {other} is not a string"));
-                None
-            }
-        };
-        let mut number = |field: &str, v: Option<serde_json::Value>| {
-            let n = as_u64(v.as_ref());
-            if n.is_none() && v.as_ref().is_some_and(|v| !v.is_null()) {
-                notes.push(format!(
-                    "field {field} dropped: {} is not a non-negative integer",
-                    v.unwrap_or_default()
-                ));
-            }
-            n
-        };
-        let timeline = number("timeline", raw.timeline);
+        let version = version_field(raw.version, &mut notes);
+        let timeline = number_field("timeline", raw.timeline, &mut notes);
         // Prefer replay_lsn (4.1+, what a reader sees) over xlog_location.
-        let replay_lsn = number("replay_lsn", raw.replay_lsn);
-        let xlog_location = replay_lsn.or(number("xlog_location", raw.xlog_location));
+        let replay_lsn = number_field("replay_lsn", raw.replay_lsn, &mut notes);
+        let xlog_location =
+            replay_lsn.or(number_field("xlog_location", raw.xlog_location, &mut notes));
         let pending_restart = match raw.pending_restart {
             None | Some(serde_json::Value::Null) => false,
             Some(serde_json::Value::Bool(b)) => b,
@@ -729,6 +706,60 @@ impl Member {
         };
         Ok((member, notes))
     }
+}
+
+/// A role or state: a lowercase word (`unknown` when absent, or dropped with a note).
+fn word_field(
+    field: &str,
+    v: Option<serde_json::Value>,
+    spaces: bool,
+    notes: &mut Vec<String>,
+) -> String {
+    match v {
+        None | Some(serde_json::Value::Null) => "unknown".to_owned(),
+        Some(serde_json::Value::String(w)) => match validate_word(&w, spaces) {
+            Ok(()) => w,
+            Err(e) => {
+                notes.push(format!("field {field} dropped: {w:?} {e}"));
+                "unknown".to_owned()
+            }
+        },
+        Some(other) => {
+            notes.push(format!("field {field} dropped: {other} is not a string"));
+            "unknown".to_owned()
+        }
+    }
+}
+
+/// Patroni's version string, or None (dropped with a note when it is not one).
+fn version_field(v: Option<serde_json::Value>, notes: &mut Vec<String>) -> Option<String> {
+    match v {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(v)) => match validate_version(&v) {
+            Ok(()) => Some(v),
+            Err(e) => {
+                notes.push(format!("field version dropped: {v:?} {e}"));
+                None
+            }
+        },
+        Some(other) => {
+            notes.push(format!("field version dropped: {other} is not a string"));
+            None
+        }
+    }
+}
+
+/// A non-negative integer (or its decimal string), or None (dropped with a note when present
+/// and not one).
+fn number_field(field: &str, v: Option<serde_json::Value>, notes: &mut Vec<String>) -> Option<u64> {
+    let n = as_u64(v.as_ref());
+    if n.is_none() && v.as_ref().is_some_and(|v| !v.is_null()) {
+        notes.push(format!(
+            "field {field} dropped: {} is not a non-negative integer",
+            v.unwrap_or_default()
+        ));
+    }
+    n
 }
 
 fn as_u64(v: Option<&serde_json::Value>) -> Option<u64> {

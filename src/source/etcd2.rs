@@ -176,73 +176,18 @@ async fn watch_loop(
             http.dir_path
         );
         let poll_end = Instant::now() + http.cfg.keepalive_interval;
-        let head = tokio::time::timeout(http.cfg.request_timeout, async {
-            let mut c = match conn.take() {
-                Some(mut c) => {
-                    if c.reusable().await {
-                        c
-                    } else {
-                        http.open(ep).await?
-                    }
-                }
-                None => http.open(ep).await?,
-            };
-            let resp = c
-                .sender
-                .send_request(http.request(ep, &path)?)
-                .await
-                .map_err(|e| format!("long poll: {e}"))?;
-            Ok::<_, String>((c, resp))
-        })
-        .await;
-        let (c, resp) = match head {
-            Ok(Ok(r)) => r,
-            Ok(Err(message)) => {
+        let (c, resp) = match long_poll(&http, ep, conn.take(), &path).await {
+            Ok(r) => r,
+            Err(message) => {
                 let _ = tx.send(Err(failed(message))).await;
-                return;
-            }
-            Err(_) => {
-                let _ = tx
-                    .send(Err(failed(format!(
-                        "no answer to a long poll within {:?}",
-                        http.cfg.request_timeout
-                    ))))
-                    .await;
                 return;
             }
         };
         let status = resp.status();
         if status != StatusCode::OK {
-            let answer =
-                match tokio::time::timeout(http.cfg.request_timeout, Answer::read(resp)).await {
-                    Ok(Ok(a)) => a,
-                    Ok(Err(message)) => {
-                        let _ = tx.send(Err(failed(message))).await;
-                        return;
-                    }
-                    Err(_) => {
-                        let _ = tx
-                            .send(Err(failed(format!("{status} without a whole body"))))
-                            .await;
-                        return;
-                    }
-                };
-            let batch = match answer.etcd_error() {
-                Some(e) if e.error_code == EVENT_INDEX_CLEARED => Ok(Batch::Relist {
-                    why: "the watch index was cleared from etcd's v2 event history (it keeps the last 1000 events)",
-                    held: wait_index - 1,
-                    oldest: e.oldest_index().unwrap_or(0),
-                }),
-                _ => Err(match http.refusal(&answer, ep) {
-                    Refusal::Denied(e) => e,
-                    Refusal::NoV2 => SourceError::NoV2 {
-                        endpoint: ep.url.clone(),
-                    },
-                    Refusal::NotFound(_) => failed(format!("{status}")),
-                    Refusal::Other(message) => failed(message),
-                }),
-            };
-            let _ = tx.send(batch).await;
+            let _ = tx
+                .send(refused_poll(&http, ep, resp, wait_index).await)
+                .await;
             return;
         }
         if !started {
@@ -270,39 +215,107 @@ async fn watch_loop(
             Ok(Ok(b)) => b.to_bytes(),
         };
         conn = Some(c);
-        let batch = match serde_json::from_slice::<Action>(&body) {
-            Ok(action) => match action.event(&http.prefix) {
-                Some((event, index)) => {
-                    wait_index = index + 1;
-                    match event {
-                        Some(ev) => Batch::Events(vec![ev]),
-                        None => Batch::Progress(index),
-                    }
-                }
-                None => {
-                    let _ = tx
-                        .send(Err(failed(format!(
-                            "a long poll answered an event without a node: {}",
-                            snippet(&body)
-                        ))))
-                        .await;
-                    return;
-                }
-            },
-            Err(e) => {
-                let _ = tx
-                    .send(Err(failed(format!(
-                        "a long poll answered {e}: {}",
-                        snippet(&body)
-                    ))))
-                    .await;
+        let (batch, index) = match event_of(&http.prefix, &body) {
+            Ok(b) => b,
+            Err(message) => {
+                let _ = tx.send(Err(failed(message))).await;
                 return;
             }
         };
+        wait_index = index + 1;
         if tx.send(Ok(batch)).await.is_err() {
             return;
         }
     }
+}
+
+/// Sends one long poll on `conn` (when it is still open; else on a new connection), bounded by
+/// `request_timeout` until its answer's head arrives.
+async fn long_poll(
+    http: &Http,
+    ep: &Endpoint,
+    conn: Option<Conn>,
+    path: &str,
+) -> Result<(Conn, hyper::Response<hyper::body::Incoming>), String> {
+    let head = tokio::time::timeout(http.cfg.request_timeout, async {
+        let mut c = match conn {
+            Some(mut c) => {
+                if c.reusable().await {
+                    c
+                } else {
+                    http.open(ep).await?
+                }
+            }
+            None => http.open(ep).await?,
+        };
+        let resp = c
+            .sender
+            .send_request(http.request(ep, path)?)
+            .await
+            .map_err(|e| format!("long poll: {e}"))?;
+        Ok::<_, String>((c, resp))
+    })
+    .await;
+    head.unwrap_or_else(|_| {
+        Err(format!(
+            "no answer to a long poll within {:?}",
+            http.cfg.request_timeout
+        ))
+    })
+}
+
+/// What a long poll that did not answer 200 means: a re-list when the watch index fell out of
+/// etcd's event history, else the error.
+async fn refused_poll(
+    http: &Http,
+    ep: &Endpoint,
+    resp: hyper::Response<hyper::body::Incoming>,
+    wait_index: i64,
+) -> Result<Batch, SourceError> {
+    let status = resp.status();
+    let failed = |message: String| SourceError::Watch {
+        prefix: http.prefix.clone(),
+        endpoints: ep.url.clone(),
+        message,
+    };
+    let answer = match tokio::time::timeout(http.cfg.request_timeout, Answer::read(resp)).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(message)) => return Err(failed(message)),
+        Err(_) => return Err(failed(format!("{status} without a whole body"))),
+    };
+    match answer.etcd_error() {
+        Some(e) if e.error_code == EVENT_INDEX_CLEARED => Ok(Batch::Relist {
+            why: "the watch index was cleared from etcd's v2 event history (it keeps the last 1000 events)",
+            held: wait_index - 1,
+            oldest: e.oldest_index().unwrap_or(0),
+        }),
+        _ => Err(match http.refusal(&answer, ep) {
+            Refusal::Denied(e) => e,
+            Refusal::NoV2 => SourceError::NoV2 {
+                endpoint: ep.url.clone(),
+            },
+            Refusal::NotFound(_) => failed(format!("{status}")),
+            Refusal::Other(message) => failed(message),
+        }),
+    }
+}
+
+/// The batch a long poll's answer carries (an event under the prefix, or progress past one
+/// elsewhere), and its index.
+fn event_of(prefix: &str, body: &[u8]) -> Result<(Batch, i64), String> {
+    let action = serde_json::from_slice::<Action>(body)
+        .map_err(|e| format!("a long poll answered {e}: {}", snippet(body)))?;
+    let (event, index) = action.event(prefix).ok_or_else(|| {
+        format!(
+            "a long poll answered an event without a node: {}",
+            snippet(body)
+        )
+    })?;
+    let batch = match event {
+        Some(ev) => Batch::Events(vec![ev]),
+        None => Batch::Progress(index),
+    };
+    Ok((batch, index))
 }
 
 /// etcd's v2 errorCode for a watch index older than the event history holds.
