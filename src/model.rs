@@ -290,6 +290,10 @@ impl MemberCache {
     }
 }
 
+/// The placeholder for a cluster's scope: in a per-cluster `dest` (one file per cluster) and in
+/// HAProxy backend names (each cluster's own backends).
+pub const SCOPE_PLACEHOLDER: &str = "{scope}";
+
 /// Which Patroni cluster (or Citus group) a model is of: Patroni's keys live under
 /// `<namespace>/<scope>/`, or `<namespace>/<scope>/<group>/` for a Citus group.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -19,8 +19,7 @@ pub struct ClusterSettings {
     pub databases: Vec<String>,
 }
 
-/// The placeholder a per-cluster `dest` (one file per cluster) holds.
-pub const SCOPE_PLACEHOLDER: &str = "{scope}";
+pub use crate::model::SCOPE_PLACEHOLDER;
 
 /// Resolved `[[template]]`.
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::files::{ApplyError, Retired};
 use crate::model::Cluster;
-use crate::target::SCOPE_PLACEHOLDER;
+use crate::model::SCOPE_PLACEHOLDER;
 
 /// `server_state = {...}`: HAProxy's `server-state-file` kept right across reloads.
 #[derive(Debug, Clone, Deserialize, Serialize)]
