@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use common::config::{ConfigBuilder, Hook, Reload, Template};
 use common::patroni::{self, LoadStats, PatroniCluster, ReadLoad, WriteLoad};
 use common::procs::{
-    free_port, give_to_postgres, haconfd_bin, haconfd_once_no_reload, port_open, require_bin,
-    temp_dir, wait_until, Etcd, Haproxy, Pgbouncer, Proc,
+    free_port, give_to_postgres, haconfd_bin, haconfd_once_no_reload, pgbouncer_run_dir, port_open,
+    require_bin, temp_dir, wait_until, Etcd, Haproxy, Pgbouncer, Proc,
 };
 use common::switch::{self, Mode, WriteProbe};
 use nix::sys::signal::Signal;
@@ -159,14 +159,7 @@ impl Stack {
             std::fs::copy(shipped.join(t), tpl_dir.join(t))
                 .unwrap_or_else(|e| panic!("copy template {t}: {e}"));
         }
-        let pgb_dir = d.join("pgb");
-        std::fs::create_dir(&pgb_dir).unwrap();
-        std::fs::write(
-            pgb_dir.join("userlist.txt"),
-            "\"postgres\" \"\"\n\"pgbouncer\" \"\"\n",
-        )
-        .unwrap();
-        give_to_postgres(&pgb_dir);
+        let pgb_dir = pgbouncer_run_dir(&d);
         let s = Stack {
             haconfd: None,
             haproxy: None,
@@ -255,17 +248,7 @@ impl Stack {
             pgbouncer =
                 pgbouncer.pgbouncer_admin(&self.pgb_dir, self.pgb_port, "pgbouncer", Some("15s"));
         }
-        let pgb = |f: &str| self.pgb_dir.join(f);
-        pgbouncer = pgbouncer
-            .var("listen_addr", "127.0.0.1")
-            .var("listen_port", self.pgb_port)
-            .var("unix_socket_dir", &self.pgb_dir)
-            .var("auth_type", "trust")
-            .var("auth_file", pgb("userlist.txt"))
-            .var("admin_users", "pgbouncer")
-            .var("pool_mode", "transaction")
-            .var("pidfile", pgb("pgbouncer.pid"))
-            .var("logfile", pgb("pgbouncer.log"));
+        pgbouncer = pgbouncer.pgbouncer_test_vars(&self.pgb_dir, self.pgb_port);
         b.template(haproxy)
             .template(pgbouncer)
             .write_atomic(&self.config);

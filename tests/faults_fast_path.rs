@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::config::{ConfigBuilder, Reload, Template};
 use common::procs::{
-    free_port, give_to_postgres, haconfd_bin, haconfd_once_no_reload, http_get, remove_at_exit,
-    require_bin, run_with_timeout, temp_dir, unique_name, unix_cmd, wait_until, Etcd, Haproxy,
-    HealthEndpoint, Pgbouncer, Postgres, Proc, Role,
+    free_port, give_to_postgres, haconfd_bin, haconfd_once_no_reload, http_get, pgbouncer_run_dir,
+    remove_at_exit, require_bin, run_with_timeout, temp_dir, unique_name, unix_cmd, wait_until,
+    Etcd, Haproxy, HealthEndpoint, Pgbouncer, Postgres, Proc, Role,
 };
 use nix::sys::signal::Signal;
 
@@ -147,14 +147,7 @@ impl Rig {
             tpl_dir.join("pgbouncer.ini.tera"),
         )
         .unwrap();
-        let pgb_dir = d.join("pgb");
-        std::fs::create_dir(&pgb_dir).unwrap();
-        std::fs::write(
-            pgb_dir.join("userlist.txt"),
-            "\"postgres\" \"\"\n\"pgbouncer\" \"\"\n",
-        )
-        .unwrap();
-        give_to_postgres(&pgb_dir);
+        let pgb_dir = pgbouncer_run_dir(&d);
         let mut rig = Rig {
             prefix,
             members,
@@ -203,7 +196,6 @@ impl Rig {
         if let Some(h) = &self.haproxy {
             haproxy = haproxy.reload(Reload::master_socket(h.master_socket()).timeout("10s"));
         }
-        let pgb = |f: &str| self.pgb_dir.join(f);
         let mut pgbouncer = Template::new(
             "pgbouncer",
             self.tpl_dir.join("pgbouncer.ini.tera"),
@@ -211,18 +203,10 @@ impl Rig {
         )
         .require_leader(true)
         .pgbouncer_admin(&self.pgb_dir, self.pgb_port, "pgbouncer", Some("15s"))
-        .var("listen_addr", "127.0.0.1")
-        .var("listen_port", self.pgb_port)
-        .var("unix_socket_dir", &self.pgb_dir)
-        .var("auth_type", "trust")
-        .var("auth_file", pgb("userlist.txt"))
-        .var("admin_users", "pgbouncer")
-        .var("pool_mode", "transaction")
-        .var("pidfile", pgb("pgbouncer.pid"))
-        .var("logfile", pgb("pgbouncer.log"));
+        .pgbouncer_test_vars(&self.pgb_dir, self.pgb_port);
         if self.pgbouncer.is_some() {
-            pgbouncer =
-                pgbouncer.reload(Reload::signal(pgb("pgbouncer.pid"), "SIGHUP", "pgbouncer"));
+            let pidfile = self.pgb_dir.join("pgbouncer.pid");
+            pgbouncer = pgbouncer.reload(Reload::signal(pidfile, "SIGHUP", "pgbouncer"));
         }
         if let (Some(argv), true) = (&self.setup.pgb_check, self.pgbouncer.is_some()) {
             pgbouncer = pgbouncer.check(argv.iter().map(String::as_str));

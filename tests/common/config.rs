@@ -257,6 +257,22 @@ impl Template {
         self.set("pgbouncer_admin", Raw(v))
     }
 
+    /// The shipped `pgbouncer.ini.tera`'s variables for a test PgBouncer: listening on
+    /// 127.0.0.1:`port` and in `dir` (its socket, pidfile, log and `userlist.txt`), trust auth,
+    /// `pgbouncer` as admin, transaction pooling.
+    pub fn pgbouncer_test_vars(self, dir: &Path, port: u16) -> Template {
+        let f = |name: &str| dir.join(name);
+        self.var("listen_addr", "127.0.0.1")
+            .var("listen_port", port)
+            .var("unix_socket_dir", dir)
+            .var("auth_type", "trust")
+            .var("auth_file", f("userlist.txt"))
+            .var("admin_users", "pgbouncer")
+            .var("pool_mode", "transaction")
+            .var("pidfile", f("pgbouncer.pid"))
+            .var("logfile", f("pgbouncer.log"))
+    }
+
     /// Any other key of the entry (`check_timeout`, `mode`, ...).
     pub fn set(mut self, key: &str, value: impl TomlValue) -> Template {
         self.lines.set(key, value);

@@ -1820,6 +1820,20 @@ impl Drop for Haproxy {
 // PgBouncer
 // ---------------------------------------------------------------------------------------------
 
+/// A run directory for a PgBouncer haconfd renders the ini of: `<parent>/pgb`, owned by
+/// `postgres`, with a `userlist.txt` listing `postgres` and `pgbouncer` (trust auth).
+pub fn pgbouncer_run_dir(parent: &Path) -> PathBuf {
+    let dir = parent.join("pgb");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("userlist.txt"),
+        "\"postgres\" \"\"\n\"pgbouncer\" \"\"\n",
+    )
+    .unwrap();
+    give_to_postgres(&dir);
+    dir
+}
+
 /// A minimal valid pgbouncer.ini in its own temp dir, owned by `postgres`.
 pub struct PgbouncerIni {
     dir: tempfile::TempDir,

@@ -299,12 +299,7 @@ mod tests {
     use super::*;
 
     fn cfg() -> ServerStateConfig {
-        ServerStateConfig {
-            stats_socket: "/s".into(),
-            file: "/f".into(),
-            primary_backends: vec!["primary".into()],
-            replica_backends: vec!["replicas".into()],
-        }
+        super::super::server_state::test_config()
     }
 
     /// A live dump line: backend, server, op state, admin state.

@@ -343,6 +343,17 @@ pub async fn prepare(
         .ok()
 }
 
+/// Settings for unit tests: backends `primary` and `replicas`.
+#[cfg(test)]
+pub(super) fn test_config() -> ServerStateConfig {
+    ServerStateConfig {
+        stats_socket: "/s".into(),
+        file: "/f".into(),
+        primary_backends: vec!["primary".into()],
+        replica_backends: vec!["replicas".into()],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,12 +362,7 @@ mod tests {
     const CFG: &str = "global\n    server-state-file /x\nlisten primary\n    bind *:5000\n    server pg1 127.0.0.1:5441 maxconn 100 check port 8011\n    server pg2 127.0.0.1:5442 maxconn 100 check port 8012\nlisten replicas\n    bind *:5001\n    server pg1 127.0.0.1:5441 check port 8011\n    server pg2 127.0.0.1:5442 check port 8012\n";
 
     fn cfg() -> ServerStateConfig {
-        ServerStateConfig {
-            stats_socket: "/s".into(),
-            file: "/f".into(),
-            primary_backends: vec!["primary".into()],
-            replica_backends: vec!["replicas".into()],
-        }
+        test_config()
     }
 
     fn cluster() -> Cluster {
