@@ -14,7 +14,8 @@
 //!
 //! The tests run one at a time (a process-wide lock): they share two cores, and they measure
 //! time. Every container and network gets a unique name and is removed when its guard drops.
-//! Numbers are printed as `MEASURE ...` lines (docs/LB-HOSTS.md and docs/BENCHMARKS.md quote them).
+//! Numbers are printed as `MEASURE ...` and `RESULT ...` lines (docs/LB-HOSTS.md and
+//! docs/BENCHMARKS.md quote them).
 
 mod common;
 
