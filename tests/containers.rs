@@ -1,7 +1,10 @@
 //! The images built here and run for real: haconfd as HAProxy's sidecar in containers (with and
-//! without a shared PID namespace), the compose demo brought up with docker-compose, and several
+//! without a shared PID namespace), the compose demo brought up with docker-compose, several
 //! load-balancer hosts on their own addresses watching a three-member etcd cluster, cut off from
-//! it and from one of its members with `docker network disconnect` and `docker stop`.
+//! it and from one of its members with `docker network disconnect` and `docker stop`, and two
+//! load-balancer hosts behind keepalived's VIP (examples/keepalived/), with clients writing
+//! through the VIP and through a libpq multi-host string while a host, its HAProxy or its haconfd
+//! is killed or etcd is cut from it.
 //!
 //! No image can be pulled here: the images are built on this machine from Debian 12's packages and
 //! the project's own Dockerfiles (tests/common/docker.rs: a debootstrapped base, cached by content
@@ -11,7 +14,8 @@
 //!
 //! The tests run one at a time (a process-wide lock): they share two cores, and they measure
 //! time. Every container and network gets a unique name and is removed when its guard drops.
-//! Numbers are printed as `MEASURE ...` lines (docs/LB-HOSTS.md and docs/BENCHMARKS.md quote them).
+//! Numbers are printed as `MEASURE ...` and `RESULT ...` lines (docs/LB-HOSTS.md and
+//! docs/BENCHMARKS.md quote them).
 
 mod common;
 
@@ -667,6 +671,52 @@ fn wait_cluster(ips: &[String], replicas: usize, timeout: Duration) -> Option<(S
     })
 }
 
+/// Patroni nodes `pg1`..`pgN` on `app`, where they advertise their address (CONNECT_CIDR), and also
+/// on `dcs` when etcd is on a network of its own; `etcd` names the etcd members (port 2379).
+fn patroni_nodes(n: usize, app: &Network, dcs: Option<&Network>, etcd: &[&str]) -> Vec<Container> {
+    let images = images();
+    let hosts = etcd
+        .iter()
+        .map(|n| format!("{n}:2379"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let env = [
+        "PATRONI_SCOPE=demo".to_string(),
+        "PATRONI_NAMESPACE=/service".into(),
+        format!("PATRONI_ETCD3_HOSTS={hosts}"),
+        "PATRONI_SUPERUSER_USERNAME=postgres".into(),
+        format!("PATRONI_SUPERUSER_PASSWORD={SUPERUSER_PASSWORD}"),
+        "PATRONI_REPLICATION_USERNAME=replicator".into(),
+        "PATRONI_REPLICATION_PASSWORD=demo-replicator".into(),
+        format!("CONNECT_CIDR={}", app.subnet()),
+    ];
+    (1..=n)
+        .map(|i| {
+            let name = format!("pg{i}");
+            let mut args = vec!["--network", &app.name, "--hostname", &name];
+            for e in &env {
+                args.extend(["-e", e.as_str()]);
+            }
+            args.push(&images.patroni);
+            let c = Container::create(&name, &args);
+            if let Some(dcs) = dcs {
+                c.connect(dcs, None);
+            }
+            c.start();
+            c
+        })
+        .collect()
+}
+
+/// The last lines of each container's log, for a failure message.
+fn logs_of(containers: &[Container]) -> String {
+    containers
+        .iter()
+        .map(|c| format!("{}:\n{}", c.name, c.logs(15)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A write through `ip:port`: the server's address and whether it is a replica, or the error.
 /// The insert fails on a replica, so Ok means the write was taken.
 fn write_through(ip: &str, port: u16) -> Result<String, String> {
@@ -856,16 +906,156 @@ fn compose_demo_comes_up_follows_a_switchover_and_is_torn_down() {
 /// One load-balancer host: HAProxy and haconfd in one network namespace (HAProxy's container
 /// owns it, haconfd joins it, as in a pod), on the `app` network with clients and PostgreSQL, and
 /// on the `dcs` network with etcd. Cutting it off from etcd is `docker network disconnect dcs`.
+/// With keepalived (the VIP test), keepalived's container owns the namespace and both join it, so
+/// that HAProxy or haconfd can fail alone while the host's address and VIP stay.
 struct Lb {
     name: String,
-    // Fields drop in this order: haconfd leaves HAProxy's namespace before it goes.
+    // Fields drop in this order: haconfd and HAProxy leave the namespace before its owner goes.
     haconfd: Container,
     haproxy: Container,
+    keepalived: Option<Container>,
     ip: String,
     _dir: tempfile::TempDir,
 }
 
+/// What the load-balancer hosts of a test share: their haconfd.toml (docker/haconfd.toml with the
+/// test's etcd members as endpoints, etcd.connect_timeout 1 s and the fast path's hold.lua) and the
+/// compose file's command lines.
+struct LbSetup {
+    etc: String,
+    hold_mount: String,
+    haproxy_script: String,
+    haconfd_cmd: Vec<String>,
+    _cfg_dir: tempfile::TempDir,
+}
+
+impl LbSetup {
+    fn new(etcd: &[&str]) -> LbSetup {
+        let mut cfg: toml::Table = toml::from_str(&read("docker/haconfd.toml")).unwrap();
+        cfg["etcd"]["endpoints"] = toml::Value::Array(
+            etcd.iter()
+                .map(|n| toml::Value::String(format!("http://{n}:2379")))
+                .collect(),
+        );
+        // A connection attempt made while the host is cut off hangs until etcd.connect_timeout
+        // (its SYN is dropped, not refused), so catching up after the cut takes up to
+        // connect_timeout + daemon.max_backoff: 1 s here, as docs/LB-HOSTS.md advises for
+        // load-balancer hosts.
+        cfg["etcd"]
+            .as_table_mut()
+            .unwrap()
+            .insert("connect_timeout".into(), "1s".into());
+        let hold = "/usr/share/haconfd/templates/hold.lua";
+        cfg["vars"]
+            .as_table_mut()
+            .unwrap()
+            .insert("hold_lua".into(), hold.into());
+        let cfg_dir = config_dir("lb-cfg", &toml::to_string(&cfg).unwrap());
+        let (haproxy_cmd, haconfd_cmd) = compose_commands();
+        LbSetup {
+            etc: format!("{}:/etc/haconfd:ro", cfg_dir.path().display()),
+            hold_mount: format!("{}:{hold}:ro", root().join("templates/hold.lua").display()),
+            haproxy_script: sh_script(&haproxy_cmd),
+            haconfd_cmd,
+            _cfg_dir: cfg_dir,
+        }
+    }
+
+    /// Starts load-balancer host `name`. Without `keepalived`, HAProxy's container owns the
+    /// network namespace, on `app` and (if given) `dcs`; with it, keepalived's container (already
+    /// on the networks) owns it and HAProxy and haconfd join it.
+    fn host(
+        &self,
+        name: &str,
+        app: &Network,
+        dcs: Option<&Network>,
+        keepalived: Option<Container>,
+    ) -> Lb {
+        let images = images();
+        let dir = shared_dir(name);
+        let vol = format!("{}:/var/lib/haproxy", dir.path().display());
+        let user = format!("{HAPROXY_UID}:{HAPROXY_UID}");
+        let owner_ns = keepalived.as_ref().map(|k| format!("container:{}", k.name));
+        let haproxy = Container::create(
+            &format!("{name}-haproxy"),
+            &[
+                "--network",
+                owner_ns.as_deref().unwrap_or(&app.name),
+                "--user",
+                &user,
+                "-v",
+                &vol,
+                "-v",
+                &self.hold_mount,
+                "--entrypoint",
+                "/bin/sh",
+                &images.haproxy,
+                "-c",
+                &self.haproxy_script,
+            ],
+        );
+        if let (None, Some(dcs)) = (&keepalived, dcs) {
+            haproxy.connect(dcs, None);
+        }
+        haproxy.start();
+        let netns = owner_ns.unwrap_or_else(|| format!("container:{}", haproxy.name));
+        let mut args = vec![
+            "--network",
+            &netns,
+            "-v",
+            &vol,
+            "-v",
+            &self.etc,
+            &images.haconfd,
+        ];
+        args.extend(self.haconfd_cmd.iter().map(String::as_str));
+        let haconfd = Container::run(&format!("{name}-haconfd"), &args);
+        let ip = keepalived.as_ref().unwrap_or(&haproxy).ip(app);
+        Lb {
+            name: name.to_string(),
+            haconfd,
+            haproxy,
+            keepalived,
+            ip,
+            _dir: dir,
+        }
+    }
+}
+
+/// Waits until every host in `lbs` is ready and routes writes to `leader` (the probe table is
+/// made through the first one).
+fn lbs_route_writes(lbs: &[Lb], leader: &str, leader_ip: &str) {
+    for lb in lbs {
+        lb.wait_ready();
+    }
+    create_probe_table(&lbs[0].ip, 5000);
+    for lb in lbs {
+        lb.wait_writes_on(leader, leader_ip);
+    }
+}
+
 impl Lb {
+    /// Waits (30 s at most) until writes through this host land on `leader_ip`.
+    fn wait_writes_on(&self, leader: &str, leader_ip: &str) {
+        wait_writes_reach(&self.ip, 5000, leader_ip, Duration::from_secs(30)).unwrap_or_else(
+            || {
+                panic!(
+                    "writes through {} do not reach {leader}\n{}",
+                    self.name,
+                    self.logs()
+                )
+            },
+        );
+    }
+
+    /// Waits (60 s at most) until haconfd answers /readyz 200.
+    fn wait_ready(&self) {
+        let ok = poll(Duration::from_secs(60), Duration::from_millis(100), || {
+            (readyz(self.http()) == Some(200)).then_some(())
+        });
+        assert!(ok.is_some(), "{} never ready\n{}", self.name, self.logs());
+    }
+
     fn http(&self) -> SocketAddr {
         addr(&self.ip, HTTP_PORT)
     }
@@ -887,8 +1077,13 @@ impl Lb {
     }
 
     fn logs(&self) -> String {
+        let keepalived = self
+            .keepalived
+            .as_ref()
+            .map(|k| format!("\n{} keepalived:\n{}", self.name, k.logs(30)))
+            .unwrap_or_default();
         format!(
-            "{} haconfd:\n{}\n{} haproxy:\n{}",
+            "{} haconfd:\n{}\n{} haproxy:\n{}{keepalived}",
             self.name,
             self.haconfd.logs(40),
             self.name,
@@ -995,15 +1190,7 @@ fn all_follow(lbs: &[&Lb], leader: &str, leader_ip: &str, since: Instant) -> Vec
                 })
             })
             .unwrap_or_else(|| panic!("{} did not follow {leader}\n{}", lb.name, lb.logs()));
-            wait_writes_reach(&lb.ip, 5000, leader_ip, Duration::from_secs(30)).unwrap_or_else(
-                || {
-                    panic!(
-                        "writes through {} do not reach {leader}\n{}",
-                        lb.name,
-                        lb.logs()
-                    )
-                },
-            );
+            lb.wait_writes_on(leader, leader_ip);
             (
                 st["last_failover"]["haproxy_after_ms"]
                     .as_f64()
@@ -1025,7 +1212,7 @@ fn all_follow(lbs: &[&Lb], leader: &str, leader_ip: &str, since: Instant) -> Vec
 #[test]
 fn lb_hosts_keep_routing_cut_off_from_etcd_catch_up_and_lose_no_pass_to_an_etcd_member() {
     let _serial = serial();
-    let images = images();
+    images();
     let dcs = Network::create("dcs");
     let app = Network::create("app");
     let t_up = Instant::now();
@@ -1038,38 +1225,9 @@ fn lb_hosts_keep_routing_cut_off_from_etcd_catch_up_and_lose_no_pass_to_an_etcd_
 
     // Patroni: on `app` and on `dcs` (for etcd); it advertises its address on `app` (CONNECT_CIDR),
     // the network the load balancers keep when they are cut off from etcd.
-    let hosts = names.map(|n| format!("{n}:2379")).join(",");
-    let env = [
-        "PATRONI_SCOPE=demo".to_string(),
-        "PATRONI_NAMESPACE=/service".into(),
-        format!("PATRONI_ETCD3_HOSTS={hosts}"),
-        "PATRONI_SUPERUSER_USERNAME=postgres".into(),
-        format!("PATRONI_SUPERUSER_PASSWORD={SUPERUSER_PASSWORD}"),
-        "PATRONI_REPLICATION_USERNAME=replicator".into(),
-        "PATRONI_REPLICATION_PASSWORD=demo-replicator".into(),
-        format!("CONNECT_CIDR={}", app.subnet()),
-    ];
-    let pgs: Vec<Container> = (1..=3)
-        .map(|i| {
-            let name = format!("pg{i}");
-            let mut args = vec!["--network", &app.name, "--hostname", &name];
-            for e in &env {
-                args.extend(["-e", e.as_str()]);
-            }
-            args.push(&images.patroni);
-            let c = Container::create(&name, &args);
-            c.connect(&dcs, None);
-            c.start();
-            c
-        })
-        .collect();
+    let pgs = patroni_nodes(3, &app, Some(&dcs), &names);
     let pg_ips: Vec<String> = pgs.iter().map(|c| c.ip(&app)).collect();
-    let pg_logs = || {
-        pgs.iter()
-            .map(|c| format!("{}:\n{}", c.name, c.logs(15)))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let pg_logs = || logs_of(&pgs);
     let (mut leader, mut leader_ip) = wait_cluster(&pg_ips, 2, Duration::from_secs(240))
         .unwrap_or_else(|| panic!("no Patroni leader with two replicas\n{}", pg_logs()));
     for pg in &pgs {
@@ -1091,86 +1249,11 @@ fn lb_hosts_keep_routing_cut_off_from_etcd_catch_up_and_lose_no_pass_to_an_etcd_
     }
 
     // The load balancers.
-    let mut cfg: toml::Table = toml::from_str(&read("docker/haconfd.toml")).unwrap();
-    cfg["etcd"]["endpoints"] = toml::Value::Array(
-        names
-            .iter()
-            .map(|n| toml::Value::String(format!("http://{n}:2379")))
-            .collect(),
-    );
-    // A connection attempt made while the host is cut off hangs until etcd.connect_timeout (its
-    // SYN is dropped, not refused), so catching up after the cut takes up to connect_timeout +
-    // daemon.max_backoff: 1 s here, as docs/LB-HOSTS.md advises for load-balancer hosts.
-    cfg["etcd"]
-        .as_table_mut()
-        .unwrap()
-        .insert("connect_timeout".into(), "1s".into());
-    let hold = "/usr/share/haconfd/templates/hold.lua";
-    cfg["vars"]
-        .as_table_mut()
-        .unwrap()
-        .insert("hold_lua".into(), hold.into());
-    let cfg_text = toml::to_string(&cfg).unwrap();
-    let cfg_dir = config_dir("lb-cfg", &cfg_text);
-    let etc = format!("{}:/etc/haconfd:ro", cfg_dir.path().display());
-    let hold_mount = format!("{}:{hold}:ro", root().join("templates/hold.lua").display());
-    let (haproxy_cmd, haconfd_cmd) = compose_commands();
-    let script = sh_script(&haproxy_cmd);
-    let user = format!("{HAPROXY_UID}:{HAPROXY_UID}");
+    let setup = LbSetup::new(&names);
     let lbs: Vec<Lb> = (1..=3)
-        .map(|i| {
-            let dir = shared_dir(&format!("lb{i}"));
-            let vol = format!("{}:/var/lib/haproxy", dir.path().display());
-            let haproxy = Container::create(
-                &format!("lb{i}-haproxy"),
-                &[
-                    "--network",
-                    &app.name,
-                    "--user",
-                    &user,
-                    "-v",
-                    &vol,
-                    "-v",
-                    &hold_mount,
-                    "--entrypoint",
-                    "/bin/sh",
-                    &images.haproxy,
-                    "-c",
-                    &script,
-                ],
-            );
-            haproxy.connect(&dcs, None);
-            haproxy.start();
-            let netns = format!("container:{}", haproxy.name);
-            let mut args = vec!["--network", &netns, "-v", &vol, "-v", &etc, &images.haconfd];
-            args.extend(haconfd_cmd.iter().map(String::as_str));
-            let haconfd = Container::run(&format!("lb{i}-haconfd"), &args);
-            let ip = haproxy.ip(&app);
-            Lb {
-                name: format!("lb{i}"),
-                haconfd,
-                haproxy,
-                ip,
-                _dir: dir,
-            }
-        })
+        .map(|i| setup.host(&format!("lb{i}"), &app, Some(&dcs), None))
         .collect();
-    for lb in &lbs {
-        let ok = poll(Duration::from_secs(60), Duration::from_millis(100), || {
-            (readyz(lb.http()) == Some(200)).then_some(())
-        });
-        assert!(ok.is_some(), "{} never ready\n{}", lb.name, lb.logs());
-    }
-    create_probe_table(&lbs[0].ip, 5000);
-    for lb in &lbs {
-        wait_writes_reach(&lb.ip, 5000, &leader_ip, Duration::from_secs(30)).unwrap_or_else(|| {
-            panic!(
-                "writes through {} do not reach {leader}\n{}",
-                lb.name,
-                lb.logs()
-            )
-        });
-    }
+    lbs_route_writes(&lbs, &leader, &leader_ip);
     println!(
         "MEASURE lb: 3 etcd + 3 Patroni + 3 LBs up, writes through every LB on the leader: {} s",
         secs(t_up.elapsed())
@@ -1350,4 +1433,701 @@ fn lb_hosts_keep_routing_cut_off_from_etcd_catch_up_and_lose_no_pass_to_an_etcd_
             lb.logs()
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A VIP and multi-host clients in front of the load-balancer hosts
+// ---------------------------------------------------------------------------------------------
+
+/// The settings of examples/keepalived/keepalived.conf that bound how fast the VIP moves.
+struct Vrrp {
+    /// advert_int (s): a holder that dies is replaced when 3 adverts are missed, plus a skew of
+    /// (256 - priority) / 256 advert intervals.
+    advert_int: f64,
+    /// The track script's interval (s) and fall: a holder whose HAProxy or haconfd stops
+    /// answering is in FAULT after `fall` failed runs, gives the VIP up at once (priority 0), and
+    /// the next host takes it within the skew.
+    interval: f64,
+    fall: f64,
+}
+
+impl Vrrp {
+    fn of(conf: &str) -> Vrrp {
+        let value = |key: &str| -> f64 {
+            conf.lines()
+                .map(|l| l.split(['#', '!']).next().unwrap_or_default())
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .find(|w| w.len() == 2 && w[0] == key)
+                .and_then(|w| w[1].parse().ok())
+                .unwrap_or_else(|| panic!("examples/keepalived/keepalived.conf sets no `{key}`"))
+        };
+        Vrrp {
+            advert_int: value("advert_int"),
+            interval: value("interval"),
+            fall: value("fall"),
+        }
+    }
+
+    /// The holder dies: 3 × advert_int + the skew (< advert_int), with a second for Docker and
+    /// the probe: 3 × advert_int + 1 s.
+    fn dead_holder_bound(&self) -> f64 {
+        3.0 * self.advert_int + 1.0
+    }
+
+    /// The holder's track script fails: `fall` runs, `interval` apart (the first within one
+    /// interval of the failure), then the skew (< advert_int), and a second for Docker and the
+    /// probe.
+    fn fault_bound(&self) -> f64 {
+        self.fall * self.interval + self.advert_int + 1.0
+    }
+}
+
+/// The clients' libpq settings (docs/LB-HOSTS.md says why): connect_timeout per host, in seconds
+/// (2 is libpq's minimum), and tcp_user_timeout, in ms, for a write that a dead host never
+/// acknowledges. One write every CLIENT_INTERVAL_MS.
+const CLIENT_CONNECT_TIMEOUT_S: u64 = 2;
+const CLIENT_TCP_USER_TIMEOUT_MS: u64 = 1000;
+const CLIENT_INTERVAL_MS: u64 = 100;
+
+fn conninfo(hosts: &str) -> String {
+    format!(
+        "host={hosts} port=5000 dbname=postgres user=postgres password={SUPERUSER_PASSWORD} \
+         connect_timeout={CLIENT_CONNECT_TIMEOUT_S} tcp_user_timeout={CLIENT_TCP_USER_TIMEOUT_MS} \
+         target_session_attrs=read-write"
+    )
+}
+
+/// One write attempt of tests/common/pg_writer.py.
+#[derive(Debug)]
+struct Attempt {
+    start: f64,
+    end: f64,
+    /// The server's address when the write was taken.
+    server: Option<String>,
+    replica: bool,
+    /// SQLSTATE and message when it failed.
+    error: Option<(String, String)>,
+}
+
+/// What one client saw during a case.
+struct Writes {
+    who: String,
+    attempts: Vec<Attempt>,
+}
+
+impl Writes {
+    fn parse(who: &str, out: &str) -> Writes {
+        let attempts = out
+            .lines()
+            .map(|l| {
+                let w: Vec<&str> = l.splitn(5, ' ').collect();
+                assert!(w.len() >= 4, "{who}: odd line from pg_writer.py: {l}");
+                let (start, end) = (w[0].parse().unwrap(), w[1].parse().unwrap());
+                match w[2] {
+                    "ok" => Attempt {
+                        start,
+                        end,
+                        server: Some(w[3].to_string()),
+                        replica: w.get(4) == Some(&"t"),
+                        error: None,
+                    },
+                    _ => Attempt {
+                        start,
+                        end,
+                        server: None,
+                        replica: false,
+                        error: Some((w[3].to_string(), w.get(4).unwrap_or(&"").to_string())),
+                    },
+                }
+            })
+            .collect();
+        Writes {
+            who: who.to_string(),
+            attempts,
+        }
+    }
+
+    fn failed(&self) -> usize {
+        self.attempts.iter().filter(|a| a.error.is_some()).count()
+    }
+
+    /// Seconds from the start of the first failed write to the end of the first write taken
+    /// after the last failed one: 0 when none failed, None when the client never wrote again.
+    fn window(&self) -> Option<f64> {
+        let Some(first) = self.attempts.iter().find(|a| a.error.is_some()) else {
+            return Some(0.0);
+        };
+        let last = self.attempts.iter().rposition(|a| a.error.is_some())?;
+        self.attempts[last..]
+            .iter()
+            .find(|a| a.server.is_some())
+            .map(|a| a.end - first.start)
+    }
+
+    /// Writes taken by a server in recovery, or refused by one as read-only (SQLSTATE 25006).
+    fn on_replica(&self) -> usize {
+        self.attempts
+            .iter()
+            .filter(|a| a.replica || a.error.as_ref().is_some_and(|e| e.0 == "25006"))
+            .count()
+    }
+
+    /// Writes taken by another server than `leader_ip`.
+    fn off_leader(&self, leader_ip: &str) -> Vec<&Attempt> {
+        self.attempts
+            .iter()
+            .filter(|a| a.server.as_deref().is_some_and(|s| s != leader_ip))
+            .collect()
+    }
+
+    /// The distinct errors, in the order they came, for the report.
+    fn errors(&self) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for (code, msg) in self.attempts.iter().filter_map(|a| a.error.as_ref()) {
+            let e = format!("{code} {msg}");
+            if !v.contains(&e) {
+                v.push(e);
+            }
+        }
+        v
+    }
+}
+
+/// keepalived's last VRRP state on `lb` (MASTER, BACKUP, FAULT), from its log.
+fn vrrp_state(lb: &Lb) -> Option<String> {
+    let log = lb.keepalived.as_ref()?.logs(400);
+    log.lines().rev().find_map(|l| {
+        let rest = l.split(") Entering ").nth(1)?;
+        rest.strip_suffix(" STATE").map(str::to_string)
+    })
+}
+
+/// Whether the VIP is on `lb`'s interface.
+fn holds(lb: &Lb, vip: &str) -> bool {
+    lb.keepalived
+        .as_ref()
+        .and_then(|k| {
+            k.exec_try(
+                &["ip", "-o", "-4", "addr", "show", "dev", "eth0"],
+                Duration::from_secs(10),
+            )
+            .ok()
+        })
+        .is_some_and(|out| out.contains(&format!(" {vip}/")))
+}
+
+/// The index of the one host holding the VIP while every other one is BACKUP, within 60 s.
+fn vip_holder(lbs: &[Lb], vip: &str) -> usize {
+    poll(Duration::from_secs(60), Duration::from_millis(200), || {
+        let held: Vec<usize> = (0..lbs.len()).filter(|&i| holds(&lbs[i], vip)).collect();
+        let others_backup = (0..lbs.len())
+            .filter(|i| !held.contains(i))
+            .all(|i| vrrp_state(&lbs[i]).as_deref() == Some("BACKUP"));
+        (held.len() == 1 && others_backup).then(|| held[0])
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no single VIP holder with the others in BACKUP\n{}",
+            lbs.iter().map(Lb::logs).collect::<Vec<_>>().join("\n")
+        )
+    })
+}
+
+/// Polls, inside `lb`'s keepalived container, until the VIP is on its interface; the time it
+/// was first seen there (the container's clock is the host's), or None after `timeout`.
+fn vip_arrives(lb: &Lb, vip: &str, timeout: f64) -> Option<f64> {
+    let tries = (timeout * 100.0).ceil() as u64;
+    let script = format!(
+        "for i in $(seq {tries}); do \
+         if ip -o -4 addr show dev eth0 | grep -qF ' {vip}/'; then date +%s.%N; exit 0; fi; \
+         sleep 0.01; done; exit 1"
+    );
+    lb.keepalived
+        .as_ref()?
+        .exec_try(
+            &["bash", "-c", &script],
+            Duration::from_secs_f64(timeout + 30.0),
+        )
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+}
+
+/// The four ways a load-balancer host fails in the VIP test.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum LbFailure {
+    /// etcd unreachable from the host: a blackhole route to it in the host's namespace drops
+    /// every packet, as a cut link does.
+    EtcdCut,
+    /// haconfd SIGKILLed; HAProxy and keepalived go on.
+    Haconfd,
+    /// HAProxy SIGKILLed (its container: master and workers); haconfd and keepalived go on.
+    Haproxy,
+    /// The whole host, as in a power loss: its interface goes at once (keepalived's container,
+    /// which owns the host's namespace, is disconnected from the network: no FIN, no RST, no
+    /// goodbye advert reaches anyone), then keepalived, HAProxy and haconfd are SIGKILLed.
+    Host,
+}
+
+impl LbFailure {
+    const ALL: [LbFailure; 4] = [
+        LbFailure::EtcdCut,
+        LbFailure::Haconfd,
+        LbFailure::Haproxy,
+        LbFailure::Host,
+    ];
+
+    fn what(self) -> &'static str {
+        match self {
+            LbFailure::EtcdCut => "etcd cut from the VIP holder",
+            LbFailure::Haconfd => "the VIP holder's haconfd killed",
+            LbFailure::Haproxy => "the VIP holder's HAProxy killed",
+            LbFailure::Host => "the VIP holder killed whole",
+        }
+    }
+
+    /// How long the VIP may take to move to the other host; None: it must not move.
+    fn vip_bound(self, vrrp: &Vrrp) -> Option<f64> {
+        match self {
+            LbFailure::EtcdCut => None,
+            LbFailure::Haconfd | LbFailure::Haproxy => Some(vrrp.fault_bound()),
+            LbFailure::Host => Some(vrrp.dead_holder_bound()),
+        }
+    }
+
+    /// How long a client may fail; 0: it must lose no write. `moved`: the VIP's move time,
+    /// `reconnect`: what a client needs after it.
+    fn client_bound(self, multi_host: bool, moved: Option<f64>, reconnect: f64) -> f64 {
+        match (self, multi_host) {
+            // HAProxy routes on through an etcd cut and haconfd's death: nothing for a client of
+            // the host's own address to notice.
+            (LbFailure::EtcdCut, _) | (LbFailure::Haconfd, true) => 0.0,
+            // The multi-host client goes to the next host without waiting for VRRP.
+            (_, true) => reconnect,
+            (_, false) => moved.unwrap_or(0.0) + reconnect,
+        }
+    }
+
+    fn blackhole(lb: &Lb, etcd_ip: &str, verb: &str) {
+        lb.keepalived.as_ref().unwrap().exec(&[
+            "ip",
+            "route",
+            verb,
+            "blackhole",
+            &format!("{etcd_ip}/32"),
+        ]);
+    }
+
+    fn inject(self, lb: &Lb, net: &Network, etcd_ip: &str) {
+        match self {
+            LbFailure::EtcdCut => LbFailure::blackhole(lb, etcd_ip, "add"),
+            LbFailure::Haconfd => lb.haconfd.kill(),
+            LbFailure::Haproxy => lb.haproxy.kill(),
+            LbFailure::Host => {
+                let k = lb.keepalived.as_ref().unwrap();
+                k.disconnect(net);
+                kill_all(&[k, &lb.haproxy, &lb.haconfd]);
+            }
+        }
+    }
+
+    /// Undoes the failure and waits until the host routes writes to the leader again.
+    fn restore(self, lb: &mut Lb, net: &Network, etcd_ip: &str, leader: &str, leader_ip: &str) {
+        match self {
+            LbFailure::EtcdCut => LbFailure::blackhole(lb, etcd_ip, "del"),
+            LbFailure::Haconfd => lb.haconfd.start(),
+            LbFailure::Haproxy => lb.haproxy.start(),
+            LbFailure::Host => {
+                let k = lb.keepalived.as_ref().unwrap();
+                k.connect(net, None);
+                k.start();
+                lb.ip = k.ip(net);
+                lb.haproxy.start();
+                lb.haconfd.start();
+            }
+        }
+        lb.wait_ready();
+        lb.wait_writes_on(leader, leader_ip);
+    }
+}
+
+/// Runs tests/common/pg_writer.py in `client` for each (who, conninfo) while `during` runs, and
+/// stops them when it returns (or panics); what each one saw.
+fn writing_during<T: Send>(
+    client: &Container,
+    clients: &[(String, String)],
+    during: impl FnOnce() -> T,
+) -> (T, Vec<Writes>) {
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let stop = format!(
+        "/tmp/pg_writer-{}.stop",
+        RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    // Stops the clients also when `during` panics (the scope waits for them).
+    struct Stop<'a>(&'a Container, &'a str);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.exec_try(&["touch", self.1], Duration::from_secs(30));
+        }
+    }
+    let interval = CLIENT_INTERVAL_MS.to_string();
+    std::thread::scope(|s| {
+        let stop_guard = Stop(client, &stop);
+        let runs: Vec<_> = clients
+            .iter()
+            .map(|(who, info)| {
+                let (stop, interval) = (&stop, &interval);
+                s.spawn(move || {
+                    // At most 120 s of writes.
+                    let args = [
+                        "python3",
+                        "/usr/local/bin/pg_writer.py",
+                        info,
+                        "120",
+                        interval,
+                        stop,
+                    ];
+                    let out = client
+                        .exec_try(&args, Duration::from_secs(180))
+                        .unwrap_or_else(|e| panic!("{who}: {e}"));
+                    Writes::parse(who, &out)
+                })
+            })
+            .collect();
+        let v = during();
+        drop(stop_guard);
+        (v, runs.into_iter().map(|r| r.join().unwrap()).collect())
+    })
+}
+
+/// Checks what a client saw in `failure` and describes it: no write on a replica or off the
+/// leader, written again after failing, failing no longer than `allowed` (no write failed at all
+/// when it is 0).
+fn judge_writes(w: &Writes, failure: LbFailure, allowed: f64, leader_ip: &str) -> String {
+    let what = failure.what();
+    let window = w.window().unwrap_or_else(|| {
+        panic!(
+            "{what}: the client {} never wrote again after failing: {:?}",
+            w.who,
+            w.attempts.iter().rev().take(5).collect::<Vec<_>>()
+        )
+    });
+    assert_eq!(w.on_replica(), 0, "{what}: {} wrote to a replica", w.who);
+    let off = w.off_leader(leader_ip);
+    assert!(
+        off.is_empty(),
+        "{what}: {} wrote elsewhere than on the leader {leader_ip}: {off:?}",
+        w.who
+    );
+    assert!(
+        w.attempts.iter().filter(|a| a.server.is_some()).count() >= 10,
+        "{what}: {} hardly wrote: {:?}",
+        w.who,
+        w.attempts
+    );
+    if allowed == 0.0 {
+        assert_eq!(
+            w.failed(),
+            0,
+            "{what}: {} failed writes: {:?}",
+            w.who,
+            w.errors()
+        );
+    }
+    assert!(
+        window <= allowed,
+        "{what}: {} failed for {window:.2} s (bound {allowed:.2} s): {:?}",
+        w.who,
+        w.errors()
+    );
+    let errors = if w.failed() > 0 {
+        format!(", errors {:?}", w.errors())
+    } else {
+        String::new()
+    };
+    format!(
+        "{}: {} failed writes of {}, failing for {window:.2} s (bound {allowed:.2} s){errors}",
+        w.who,
+        w.failed(),
+        w.attempts.len()
+    )
+}
+
+/// etcd cut from `holder`: waits for its /readyz to say so, then watches the VIP stay on it while
+/// the track script runs fall + 1 more times and 3 adverts pass (a sample every 200 ms).
+fn vip_stays(holder: &Lb, other: &Lb, vip: &str, vrrp: &Vrrp, t_cut: Instant) {
+    poll(Duration::from_secs(30), Duration::from_millis(50), || {
+        (readyz(holder.http()) == Some(503)).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{} cut from etcd still says it is ready\n{}",
+            holder.name,
+            holder.logs()
+        )
+    });
+    let unready = t_cut.elapsed();
+    let hold = Duration::from_secs_f64((vrrp.fall + 1.0) * vrrp.interval + 3.0 * vrrp.advert_int);
+    let t_hold = Instant::now();
+    let mut samples = 0;
+    while t_hold.elapsed() < hold {
+        assert!(
+            holds(holder, vip) && !holds(other, vip),
+            "the VIP moved when etcd was cut from {} ({} s after the cut)\n{}\n{}",
+            holder.name,
+            secs(t_cut.elapsed()),
+            holder.logs(),
+            other.logs()
+        );
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let healthz = http_get_at(holder.http(), "/healthz", Duration::from_secs(2)).map(|r| r.0);
+    assert_eq!(healthz, Some(200), "{}: /healthz", holder.name);
+    println!(
+        "RESULT vip {}: /readyz 503 after {} s; the VIP stayed on {} for {} s more ({samples} samples, /healthz 200)",
+        LbFailure::EtcdCut.what(),
+        secs(unready),
+        holder.name,
+        secs(hold)
+    );
+}
+
+/// `failure` on `holder`: the time from the failure to the VIP on `other` (checked to have left
+/// `holder` too when it lives on), within `bound`.
+fn vip_moves(
+    failure: LbFailure,
+    holder: &Lb,
+    other: &Lb,
+    net: &Network,
+    vip: &str,
+    bound: f64,
+    etcd_ip: &str,
+) -> f64 {
+    std::thread::scope(|s| {
+        let probe = s.spawn(|| vip_arrives(other, vip, bound + 10.0));
+        // The probe's `docker exec` is running before the failure.
+        std::thread::sleep(Duration::from_millis(500));
+        let t_fail = wall_now();
+        failure.inject(holder, net, etcd_ip);
+        let arrived = probe.join().unwrap().unwrap_or_else(|| {
+            panic!(
+                "{}: the VIP never reached {}\n{}",
+                failure.what(),
+                other.name,
+                other.logs()
+            )
+        });
+        if failure != LbFailure::Host {
+            let left = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+                (!holds(holder, vip)).then_some(())
+            });
+            assert!(
+                left.is_some(),
+                "{}: {} kept the VIP after {} took it\n{}",
+                failure.what(),
+                holder.name,
+                other.name,
+                holder.logs()
+            );
+        }
+        arrived - t_fail
+    })
+}
+
+/// Two load-balancer hosts (keepalived, HAProxy and haconfd each, in one network namespace) with
+/// the VIP of examples/keepalived/ in front of them, one etcd and a two-node Patroni cluster
+/// behind them, all on one Docker network. Two clients write every 100 ms, one through the VIP
+/// and one through a libpq multi-host string that names the VIP holder first (host=lb1,lb2
+/// target_session_attrs=read-write), while the VIP holder fails four ways in turn, and the host
+/// is restored between them:
+/// - etcd cut from it: the VIP stays (the track script never asks /readyz), no write fails;
+/// - its haconfd killed: the VIP moves within fall × interval + advert_int + 1 s, the multi-host
+///   client loses no write (HAProxy still routes);
+/// - its HAProxy killed: the VIP moves within the same bound, the multi-host client goes on
+///   through the next host;
+/// - the whole host killed: the VIP moves within 3 × advert_int + 1 s.
+///
+/// In every case no write reaches a replica, every write lands on the leader, and the clients
+/// write again within the VIP's move (multi-host clients: without waiting for it) plus one
+/// tcp_user_timeout, one connect_timeout, one write interval and a second. The restored host
+/// does not take the VIP back (nopreempt).
+#[test]
+fn vip_and_multi_host_clients_ride_through_a_lb_host_its_haproxy_or_haconfd_failing_and_the_vip_stays_when_etcd_is_cut(
+) {
+    let _serial = serial();
+    let images = images();
+    let t_up = Instant::now();
+    let net = Network::create("vip");
+    let (vip, prefix) = net.last_host();
+    let vip = vip.to_string();
+    let vrrp = Vrrp::of(&read("examples/keepalived/keepalived.conf"));
+
+    let etcd = etcd_member(&net, "etcd1", &["etcd1"]);
+    wait_etcd_healthy(&etcd, Duration::from_secs(60));
+    let etcd_ip = etcd.ip(&net);
+    let pgs = patroni_nodes(2, &net, None, &["etcd1"]);
+    let pg_ips: Vec<String> = pgs.iter().map(|c| c.ip(&net)).collect();
+    let (leader, leader_ip) = wait_cluster(&pg_ips, 1, Duration::from_secs(240))
+        .unwrap_or_else(|| panic!("no Patroni leader with a replica\n{}", logs_of(&pgs)));
+
+    // The load-balancer hosts: keepalived's container owns each host's network namespace. Its
+    // /etc/keepalived is a root-owned copy of the example files (keepalived refuses a script that
+    // a non-root user could change, and a checkout may belong to one) with a site.conf for this
+    // network; its /run a tmpfs, as a host's is (a pidfile left by a killed keepalived makes the
+    // next start exit "already running").
+    let setup = LbSetup::new(&["etcd1"]);
+    let mut ka_dirs = Vec::new();
+    let mut lbs: Vec<Lb> = (1..=2)
+        .map(|i| {
+            let name = format!("lb{i}");
+            let dir = temp_dir(&format!("{name}-keepalived"));
+            for f in ["keepalived.conf", "haconfd-lb-check"] {
+                std::fs::copy(
+                    root().join("examples/keepalived").join(f),
+                    dir.path().join(f),
+                )
+                .unwrap();
+            }
+            let check = dir.path().join("haconfd-lb-check");
+            std::fs::set_permissions(check, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let priority = 120 - 10 * i;
+            let site =
+                format!("$INTERFACE=eth0\n$VIP={vip}/{prefix}\n$VRID=51\n$PRIORITY={priority}\n");
+            std::fs::write(dir.path().join("site.conf"), site).unwrap();
+            let etc = format!("{}:/etc/keepalived:ro", dir.path().display());
+            ka_dirs.push(dir);
+            let keepalived = Container::run(
+                &format!("{name}-keepalived"),
+                &[
+                    "--network",
+                    &net.name,
+                    "--hostname",
+                    &name,
+                    "--cap-add",
+                    "NET_ADMIN",
+                    "--tmpfs",
+                    "/run",
+                    "-v",
+                    &etc,
+                    &images.keepalived,
+                ],
+            );
+            setup.host(&name, &net, None, Some(keepalived))
+        })
+        .collect();
+    assert!(
+        pg_ips
+            .iter()
+            .chain(lbs.iter().map(|lb| &lb.ip))
+            .all(|ip| ip != &vip),
+        "Docker gave a container the VIP {vip}"
+    );
+    lbs_route_writes(&lbs, &leader, &leader_ip);
+    vip_holder(&lbs, &vip);
+    wait_writes_reach(&vip, 5000, &leader_ip, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("writes through the VIP {vip} do not reach {leader}"));
+    let writer = root().join("tests/common/pg_writer.py");
+    let client = Container::run(
+        "client",
+        &[
+            "--network",
+            &net.name,
+            "-v",
+            &format!("{}:/usr/local/bin/pg_writer.py:ro", writer.display()),
+            "--entrypoint",
+            "/bin/sleep",
+            &images.patroni,
+            "1800",
+        ],
+    );
+    println!(
+        "RESULT vip: etcd, 2 Patroni nodes, 2 LB hosts with keepalived (VIP {vip}, advert_int {} s, track script every {} s, fall {}) up, writes through the VIP on the leader: {} s",
+        vrrp.advert_int,
+        vrrp.interval,
+        vrrp.fall,
+        secs(t_up.elapsed())
+    );
+
+    // A client needs, after the VIP moved (or its first host failed), at most one write that times
+    // out and one connection attempt that does, then one write interval; and a second for TCP's
+    // timers, the scheduler and its new connection's own set-up.
+    let reconnect = CLIENT_TCP_USER_TIMEOUT_MS as f64 / 1000.0
+        + CLIENT_CONNECT_TIMEOUT_S as f64
+        + CLIENT_INTERVAL_MS as f64 / 1000.0
+        + 1.0;
+    for failure in LbFailure::ALL {
+        let what = failure.what();
+        let h = vip_holder(&lbs, &vip);
+        let o = 1 - h;
+        let (holder, other) = (&lbs[h], &lbs[o]);
+        let clients = [
+            ("through the VIP".to_string(), conninfo(&vip)),
+            (
+                format!("multi-host host={},{}", holder.name, other.name),
+                conninfo(&format!("{},{}", holder.ip, other.ip)),
+            ),
+        ];
+        let bound = failure.vip_bound(&vrrp);
+        let (moved, writes) = writing_during(&client, &clients, || {
+            // Some writes first, then the failure.
+            std::thread::sleep(Duration::from_secs(2));
+            let Some(bound) = bound else {
+                let t_cut = Instant::now();
+                failure.inject(holder, &net, &etcd_ip);
+                vip_stays(holder, other, &vip, &vrrp, t_cut);
+                return None;
+            };
+            let moved = vip_moves(failure, holder, other, &net, &vip, bound, &etcd_ip);
+            // Time for the clients to write again, and to show it.
+            std::thread::sleep(Duration::from_secs_f64(reconnect + 2.0));
+            Some(moved)
+        });
+        let report: Vec<String> = writes
+            .iter()
+            .map(|w| {
+                let multi = w.who.starts_with("multi-host");
+                let allowed = failure.client_bound(multi, moved, reconnect);
+                judge_writes(w, failure, allowed, &leader_ip)
+            })
+            .collect();
+        if let (Some(moved), Some(bound)) = (moved, bound) {
+            println!(
+                "RESULT vip {what}: the VIP moved {} → {} in {moved:.2} s (bound {bound:.2} s)",
+                holder.name, other.name
+            );
+            assert!(
+                moved <= bound,
+                "{what}: the VIP took {moved:.2} s to move (bound {bound:.2} s)\n{}",
+                other.logs()
+            );
+        }
+        println!(
+            "RESULT vip {what}: {}; writes on a replica: 0",
+            report.join("; ")
+        );
+
+        // Restore the host: it routes again, joins as BACKUP, and the VIP stays where it is.
+        let t_restore = Instant::now();
+        failure.restore(&mut lbs[h], &net, &etcd_ip, &leader, &leader_ip);
+        let now = vip_holder(&lbs, &vip);
+        let expected = if failure == LbFailure::EtcdCut { h } else { o };
+        assert_eq!(
+            now, expected,
+            "{} restored: the VIP is on {}",
+            lbs[h].name, lbs[now].name
+        );
+        println!(
+            "RESULT vip {what}: {} restored (routing, keepalived {}) {} s later; the VIP stayed on {}",
+            lbs[h].name,
+            vrrp_state(&lbs[h]).unwrap_or_default(),
+            secs(t_restore.elapsed()),
+            lbs[now].name
+        );
+    }
+    assert_eq!(
+        wait_cluster(&pg_ips, 1, Duration::from_secs(10)).map(|l| l.0),
+        Some(leader.clone()),
+        "the leader changed during the test"
+    );
+    println!("RESULT vip: the whole test took {} s", secs(t_up.elapsed()));
 }

@@ -7,8 +7,9 @@
 //! never build at once), the local stand-ins of docker/local/ and then the project's own images
 //! from the very Dockerfiles users build:
 //! - `haconfd-local/debian:bookworm-<hash>`: docker/local/mkbase.sh (debootstrap, `docker import`);
-//! - `haconfd-local/haproxy:2.6-bookworm-<hash>`, `haconfd-local/etcd:3.4-bookworm-<hash>`:
-//!   docker/local/{haproxy,etcd}.Dockerfile on it;
+//! - `haconfd-local/haproxy:2.6-bookworm-<hash>`, `haconfd-local/etcd:3.4-bookworm-<hash>`,
+//!   `haconfd-local/keepalived:bookworm-<hash>`: docker/local/{haproxy,etcd,keepalived}.Dockerfile
+//!   on it;
 //! - `haconfd-local/patroni:bookworm-<hash>`: docker/patroni/Dockerfile with `BASE` = the local base;
 //! - `haconfd-local/prebuilt:<hash>`: the base with the haconfd binary this test run built (the
 //!   debug binary, debug info stripped), docker/local/prebuilt.Dockerfile;
@@ -208,6 +209,8 @@ pub struct Images {
     pub haproxy: String,
     /// The local stand-in for the etcd image.
     pub etcd: String,
+    /// Debian 12's keepalived, for the VIP in front of load-balancer hosts.
+    pub keepalived: String,
     /// docker/patroni/Dockerfile on the local base.
     pub patroni: String,
     /// docker/Dockerfile's build stage base, with this run's binary.
@@ -335,9 +338,11 @@ pub fn images() -> &'static Images {
         };
         let haproxy = local("haproxy.Dockerfile", "haconfd-local/haproxy:2.6-bookworm");
         let etcd = local("etcd.Dockerfile", "haconfd-local/etcd:3.4-bookworm");
+        let keepalived = local("keepalived.Dockerfile", "haconfd-local/keepalived:bookworm");
         for (name, tag, file) in [
             ("haproxy", &haproxy, "haproxy.Dockerfile"),
             ("etcd", &etcd, "etcd.Dockerfile"),
+            ("keepalived", &keepalived, "keepalived.Dockerfile"),
         ] {
             let df = root().join("docker/local").join(file);
             let ctx = root().join("docker/local");
@@ -472,6 +477,7 @@ pub fn images() -> &'static Images {
             debian,
             haproxy,
             etcd,
+            keepalived,
             patroni,
             prebuilt,
             haconfd,
@@ -557,23 +563,34 @@ impl Network {
         .to_string()
     }
 
-    /// Whether `ip` is in the network's IPv4 subnet.
-    pub fn contains(&self, ip: &str) -> bool {
+    /// The IPv4 subnet: (network address, netmask, prefix length).
+    fn ipv4(&self) -> (u32, u32, u32) {
         let subnet = self.subnet();
         let (net, bits) = subnet.split_once('/').unwrap();
-        let parse = |s: &str| -> u32 {
-            s.split('.')
-                .map(|o| o.parse::<u32>().unwrap())
-                .fold(0, |a, o| (a << 8) | o)
-        };
+        let net: std::net::Ipv4Addr = net.parse().unwrap();
         let bits: u32 = bits.parse().unwrap();
         let mask = if bits == 0 {
             0
         } else {
             u32::MAX << (32 - bits)
         };
+        (u32::from(net) & mask, mask, bits)
+    }
+
+    /// Whether `ip` is in the network's IPv4 subnet.
+    pub fn contains(&self, ip: &str) -> bool {
+        let (net, mask, _) = self.ipv4();
         ip.parse::<std::net::Ipv4Addr>()
-            .is_ok_and(|a| (u32::from(a) & mask) == (parse(net) & mask))
+            .is_ok_and(|a| (u32::from(a) & mask) == net)
+    }
+
+    /// The subnet's highest host address and its prefix length, e.g. (`172.20.255.254`, 16):
+    /// Docker hands out addresses from the bottom of the subnet, so no container of a test gets
+    /// this one, and the test can use it for an address of its own (a VIP).
+    pub fn last_host(&self) -> (std::net::Ipv4Addr, u32) {
+        let (net, mask, bits) = self.ipv4();
+        assert!(bits <= 30, "{}: no room for a spare address", self.name);
+        ((net | !mask).wrapping_sub(1).into(), bits)
     }
 }
 
@@ -626,6 +643,11 @@ impl Container {
             Duration::from_secs(u64::from(grace_secs) + 60),
         )
         .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// SIGKILL to the container's processes (`docker kill`): no process of it gets to say goodbye.
+    pub fn kill(&self) {
+        kill_all(&[self]);
     }
 
     /// `docker exec` with a time limit; stdout, or the error with stderr.
@@ -689,6 +711,14 @@ impl Container {
     pub fn disconnect(&self, network: &Network) {
         docker(&["network", "disconnect", &network.name, &self.name]);
     }
+}
+
+/// `docker kill` of several containers in one command, as a host that loses power loses all its
+/// processes at once.
+pub fn kill_all(containers: &[&Container]) {
+    let mut args = vec!["kill"];
+    args.extend(containers.iter().map(|c| c.name.as_str()));
+    docker(&args);
 }
 
 impl Drop for Container {
