@@ -2,21 +2,28 @@
 //! Tera templates, checks each staged file, swaps it in atomically and reloads its consumer by a
 //! verified signal, HAProxy's master socket or a command.
 //!
-//! The stages, each its own module owning its settings type, hand owned values down the pipe:
+//! The layout, lowest first (a module imports only those above it in this list; see
+//! `docs/ARCHITECTURE.md`):
+//! - [`snapshot`], [`command`], [`backoff`], [`files`]: the store's keys at a revision, bounded
+//!   commands, retry timing, atomic files;
 //! - [`source`] (`EtcdSettings`; one file per etcd protocol): a snapshot of Patroni's keys and a
 //!   watch;
 //! - [`model`] and [`events`]: validated Patroni clusters (one per scope, one per Citus group)
 //!   and what changed in each;
-//! - [`guard`] (`GuardConfig`): each cluster's view accepted or refused;
-//! - [`render`]: bytes per [`target`], from every cluster's accepted view;
-//! - [`apply`]: staged, checked, swapped in atomically;
-//! - [`reload`] (`Reload`), [`server_state`] (`ServerStateConfig`), [`pgbouncer`]: the consumer
-//!   told, by a verified signal, the master socket or the admin console;
-//! - [`failover`] and [`confirm`]: the fast path that moves routing ahead of the files.
-//!
-//! [`pipeline`] runs one pass through them and keeps each cluster's state between passes;
-//! [`pacer`] times the passes and [`daemon`] runs them as events arrive; [`config`] parses and
-//! resolves the file into each stage's settings.
+//! - [`consumers`]: what reads the files and how it is told: the reload mechanics, HAProxy (its
+//!   server state and runtime API), PgBouncer (its console and the bounded pause);
+//! - [`target`]: a resolved `[[template]]`: its file, its check, its consumer;
+//! - [`guard`] (`GuardConfig`), [`render`], [`apply`]: a view accepted or refused, bytes from a
+//!   template, a target's file staged and checked;
+//! - [`failover`] (`FailoverConfig`): the fast path that moves routing ahead of the files, and
+//!   what it holds on the consumers (fences, pauses), each with a bound and an undo;
+//! - [`pipeline`]: one pass through the stages in order (observe, plan, render, commit) and the
+//!   [`pipeline::PassReport`] it hands back;
+//! - [`status`], [`metrics`], [`hooks`], [`http`]: what a pass's report feeds;
+//! - [`daemon`]: the `run` loop (one trigger at a time, the pacer owning the timing), settings
+//!   reloads, OS signals and systemd;
+//! - [`config`], [`cli`], [`logging`]: the file, flags and environment resolved into each stage's
+//!   settings, and the logs.
 #![warn(missing_docs)]
 
 pub mod apply;

@@ -5,7 +5,7 @@
 //! what it is doing, and shuts down gracefully (first SIGTERM/SIGINT finishes the pass in flight
 //! and undoes what the fast path holds, a second kills the command in flight and exits at once).
 //!
-//! The loop waits for one [`Trigger`] at a time; a pass hands back a [`PassReport`] that says
+//! The loop waits for one trigger at a time; a pass hands back a [`PassReport`] that says
 //! what should happen next, and the [`pacer`] owns the timing.
 
 pub mod pacer;

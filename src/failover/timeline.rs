@@ -59,7 +59,7 @@ impl Timeline {
     }
 }
 
-/// The last leader change, serialized as it is when read (see [`Router::view`]).
+/// The last leader change, serialized as it is when read (see [`super::Router::view`]).
 #[derive(Clone, Default)]
 pub struct TimelineView(pub(super) Option<Arc<Mutex<Shared>>>);
 

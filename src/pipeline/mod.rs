@@ -1,14 +1,14 @@
 //! One pass through the stages, in order:
-//! - [`observe`]: every cluster modelled from the snapshot, diffed against the previous pass,
+//! - `observe`: every cluster modelled from the snapshot, diffed against the previous pass,
 //!   shown to the failover fast path and judged by the guard;
-//! - [`plan`]: which file each `[[template]]` becomes (one, or one per cluster) and which
+//! - `plan`: which file each `[[template]]` becomes (one, or one per cluster) and which
 //!   clusters each sees; which are held for a leader change;
-//! - [`render`]: bytes per planned target, reusing the last render when nothing its template
+//! - `render`: bytes per planned target, reusing the last render when nothing its template
 //!   reads changed;
-//! - [`commit`]: per consumer, its changed files staged, checked, swapped in and the consumer
+//! - `commit`: per consumer, its changed files staged, checked, swapped in and the consumer
 //!   reloaded once, all or nothing; a consumer whose target fails keeps its last good files
 //!   and does not hold the others back;
-//! - [`report`]: what the pass did and what should happen next, handed back to the caller.
+//! - `report`: what the pass did and what should happen next, handed back to the caller.
 //!
 //! Every mode (`run`, `once`, `render`, `check`) runs passes through [`Engine`]. The stages below
 //! the pass (the guard, the Tera renderer, the consumers, the fast path) each take their own
