@@ -898,6 +898,61 @@ impl Probes {
     }
 }
 
+/// Clients that each open a new connection through HAProxy's write port every 50 ms and write
+/// once on it, for as long as a switchover takes.
+struct NewConnections(Vec<WriteProbe>);
+
+impl NewConnections {
+    const CLIENTS: usize = 20;
+    /// The longest a new connection may take: the hold lasts Patroni's own gap between the old
+    /// primary's shutdown and the new one taking writes (about 2.5 s), and libpq 16 and older
+    /// count `connect_timeout` in whole seconds, so clients are told to give it 4 s
+    /// (docs/HAPROXY-HOLD.md).
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
+
+    fn start(port: u16) -> NewConnections {
+        let step = Duration::from_millis(50);
+        NewConnections(
+            (0..Self::CLIENTS)
+                .map(|_| WriteProbe::start(port, Mode::Reconnect, step, LOAD_MAX))
+                .collect(),
+        )
+    }
+
+    /// Stops them and asserts that none of their connections since `t0` failed or took longer
+    /// than [`Self::CONNECT_TIMEOUT`].
+    fn assert_none_failed(self, t0: Instant, what: &str, stack: &Stack) {
+        let logs = switch::stop_all(self.0);
+        let attempts: usize = logs
+            .iter()
+            .map(|l| l.iter().filter(|a| a.started >= t0).count())
+            .sum();
+        let longest = logs
+            .iter()
+            .map(|l| switch::longest(l, t0))
+            .max()
+            .unwrap_or_default();
+        println!(
+            "RESULT {what}: {} clients, {attempts} new connections through the write port, longest {:.0} ms",
+            Self::CLIENTS,
+            longest.as_secs_f64() * 1000.0
+        );
+        for l in &logs {
+            assert!(
+                switch::errors_by_class(l, t0).is_empty(),
+                "{what}: a new connection through the write port failed: {:?}\n{}",
+                switch::first_errors(l, t0, 5),
+                stack.diag()
+            );
+        }
+        assert!(
+            longest < Self::CONNECT_TIMEOUT,
+            "{what}: a new connection through the write port took {longest:?}\n{}",
+            stack.diag()
+        );
+    }
+}
+
 #[test]
 fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
     let _g = serial();
@@ -923,7 +978,8 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
         .collect();
     std::thread::sleep(Duration::from_millis(500));
 
-    // Switchover.
+    // Switchover, with 20 clients opening new connections through the write port throughout.
+    let clients = NewConnections::start(stack.primary_port);
     let sw_t0 = Instant::now();
     let second = cluster.switchover(None);
     let second_port = cluster.node(&second).pg_port;
@@ -1014,6 +1070,7 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
         "writes reached {second} through HAProxy {hap_after:.0} ms and PgBouncer {pgb_after:.0} ms after it took its own first write\n{}",
         stack.diag()
     );
+    clients.assert_none_failed(sw_t0, "switchover 1", &stack);
     drop(pooled);
     drop(probes);
     // The hooks saw the switchover once, with both leaders; a hanging hook changed nothing above.
@@ -1035,11 +1092,31 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
         .wait_healthy(patroni::READY_TIMEOUT)
         .unwrap_or_else(|e| panic!("cluster not healthy after switchover: {e:#}"));
 
+    // Two more switchovers (three in all), each with the 20 clients: no new connection through
+    // the write port fails or waits past its connect timeout.
+    let mut leader = second.clone();
+    for n in 2..=3 {
+        let clients = NewConnections::start(stack.primary_port);
+        let t0 = Instant::now();
+        let next = cluster.switchover(None);
+        let port = cluster.node(&next).pg_port;
+        let bound = Duration::from_secs(10).saturating_sub(t0.elapsed());
+        wait_route_to(stack.primary_port, port, bound).unwrap_or_else(|e| {
+            panic!("after switchover {leader} -> {next}: {e}\n{}", stack.diag())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        clients.assert_none_failed(t0, &format!("switchover {n}"), &stack);
+        cluster
+            .wait_healthy(patroni::READY_TIMEOUT)
+            .unwrap_or_else(|e| panic!("cluster not healthy after switchover {n}: {e:#}"));
+        leader = next;
+    }
+
     // Crash of the new leader, with the same probes.
     let probes = Probes::start(&cluster, &stack);
     let cr_t0 = Instant::now();
     let crashed = cluster.crash_leader();
-    assert_eq!(crashed, second);
+    assert_eq!(crashed, leader);
     let third = cluster
         .wait_leader(Some(&crashed), patroni::FAILOVER_TIMEOUT)
         .unwrap_or_else(|e| panic!("no leader after crashing {crashed}: {e:#}"));
@@ -1111,16 +1188,16 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
         wait_until(Duration::from_secs(5), || stack
             .hook_events("failover_completed")
             .len()
-            >= 2),
+            >= 4),
         "no failover_completed hook run after the crash:\n{}",
         stack.diag()
     );
     let done = stack.hook_events("failover_completed");
-    assert_eq!(done.len(), 2, "{done:?}");
-    assert_eq!(done[1]["old_leader"], crashed.as_str(), "{done:?}");
-    assert_eq!(done[1]["new_leader"], third.as_str(), "{done:?}");
+    assert_eq!(done.len(), 4, "three switchovers and a crash: {done:?}");
+    assert_eq!(done[3]["old_leader"], crashed.as_str(), "{done:?}");
+    assert_eq!(done[3]["new_leader"], third.as_str(), "{done:?}");
     let lost = stack.hook_events("leader_lost");
-    assert_eq!(lost.len(), 2, "one per failover: {lost:?}");
+    assert_eq!(lost.len(), 4, "one per failover: {lost:?}");
     println!(
         "RESULT file_samples={samples} empty_or_serverless_samples={} took={:.1}s",
         bad.len(),

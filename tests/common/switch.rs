@@ -19,6 +19,8 @@ const MAX_KEPT: usize = 200_000;
 /// One write attempt: when it finished, and the port of the server that took it or the error.
 #[derive(Debug, Clone)]
 pub struct Attempt {
+    /// When the attempt began (before connecting, for a new connection).
+    pub started: Instant,
     /// When the attempt finished.
     pub at: Instant,
     /// `inet_server_port()` of the server that took the write, or the error text.
@@ -112,6 +114,7 @@ impl WriteProbe {
                 if s2.load(Ordering::Relaxed) || start.elapsed() >= max {
                     break;
                 }
+                let started = Instant::now();
                 let result = match conn.take() {
                     Some(c) => Ok(c),
                     None => cfg.connect(postgres::NoTls),
@@ -134,6 +137,7 @@ impl WriteProbe {
                     r
                 });
                 let attempt = Attempt {
+                    started,
                     at: Instant::now(),
                     result: result.map_err(|e| pg_err_text(&e)),
                 };
@@ -249,6 +253,16 @@ pub fn first_errors(attempts: &[Attempt], from: Instant, n: usize) -> Vec<String
         })
         .take(n)
         .collect()
+}
+
+/// The longest attempt that began at or after `from` (a new connection: connect and write).
+pub fn longest(attempts: &[Attempt], from: Instant) -> Duration {
+    attempts
+        .iter()
+        .filter(|a| a.started >= from)
+        .map(|a| a.at.duration_since(a.started))
+        .max()
+        .unwrap_or_default()
 }
 
 /// Milliseconds from `a` to `b` (negative when `b` came first).
