@@ -404,8 +404,19 @@ fn a_switchover_in_one_cluster_moves_only_its_routing_and_a_later_cluster_gets_l
         "cc is not in the store yet:\n{cfg}"
     );
 
-    // cb's routing before: HAProxy's servers and PgBouncer's target.
+    // cb's routing before: HAProxy's servers and PgBouncer's target, once its checks settled (a
+    // replica new to HAProxy starts DOWN and comes UP after `rise` passing checks).
     let sock = stack.admin_sock();
+    let settled = wait_until(Duration::from_secs(15), || {
+        backend_state(&sock, "cb_replicas")
+            .iter()
+            .all(|(server, state)| (*server == b_leader) != (*state == 2))
+    });
+    assert!(
+        settled,
+        "cb's read backend never settled:\n{}",
+        stack.diag()
+    );
     let b_hap_before = backend_state(&sock, "cb_primary");
     let b_rep_before = backend_state(&sock, "cb_replicas");
     let b_pgb_before = stack.pgb_target(&dbb);

@@ -445,6 +445,113 @@ fn adding_a_member_lists_it_reloads_haproxy_once_and_routes_to_it() {
     assert!(h.is_running());
 }
 
+/// Reads a banner through `port` every 20 ms from its own thread until stopped: (when, what).
+struct Readers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<(Instant, Result<String, String>)>>,
+}
+
+impl Readers {
+    fn start(port: u16) -> Readers {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            for _ in 0..3000 {
+                if s.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let r = tcp_banner(port, Duration::from_secs(2)).map_err(|e| e.to_string());
+                out.push((Instant::now(), r));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            out
+        });
+        Readers { stop, handle }
+    }
+
+    fn stop(self) -> Vec<(Instant, Result<String, String>)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
+}
+
+/// A member key naming an address nobody listens on (a node whose PostgreSQL is still starting,
+/// a firewall not yet opened, a wrong `conn_url`): it joins the replica backend out of rotation
+/// and gets no read, while reads go on through the other replica. A reachable member joining
+/// serves reads once its checks pass.
+#[test]
+fn a_member_that_joins_unreachable_gets_no_reads_and_a_reachable_one_serves_after_its_checks() {
+    let w = World::new("newreads");
+    let a = FakeMember::start("pga", Role::Primary);
+    let b = FakeMember::start("pgb", Role::Replica);
+    w.put_member(&a.name, &a.member_json("master"));
+    w.put_member(&b.name, &b.member_json("replica"));
+    w.put_leader(&a.name);
+    let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "1s")];
+    let blocks = [w.haproxy_block(&World::haproxy_check(), None)];
+    let cfg = w.write_config(daemon_cfg, &blocks);
+    w.once_ok(&cfg, &["--no-reload"]);
+    let h = start_haproxy(&w);
+    let blocks = [w.haproxy_block(&World::haproxy_check(), Some(World::haproxy_reload(&h)))];
+    let cfg = w.write_config(daemon_cfg, &blocks);
+    let d = Daemon::start(&cfg);
+    wait_banner(w.replica_port, &b.name, Duration::from_secs(10)).unwrap();
+
+    // pgx: neither its PostgreSQL nor its REST API answers.
+    let (dead_pg, dead_api) = (free_port(), free_port());
+    let readers = Readers::start(w.replica_port);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = h.reload_count();
+    let rev = w.put_member("pgx", &paper_member_json(dead_pg, dead_api, "replica"));
+    d.wait_pass(rev, Duration::from_secs(10));
+    assert!(
+        h.wait_reloads(before + 1, Duration::from_secs(5)),
+        "no reload for the new member:\n{}",
+        d.log()
+    );
+    // Through the checks' first failures (inter 1s, fall 2) and well past them.
+    std::thread::sleep(Duration::from_secs(4));
+    let reads = readers.stop();
+    let failed: Vec<_> = reads
+        .iter()
+        .filter(|(_, r)| r.as_deref() != Ok("pgb"))
+        .collect();
+    println!(
+        "RESULT unreachable member joins: {} reads through the replica port, {} failed",
+        reads.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} reads failed while an unreachable member joined, first: {:?}\nhaconfd log:\n{}",
+        failed.len(),
+        reads.len(),
+        failed.first(),
+        d.log()
+    );
+
+    // A reachable member: it takes reads once `rise` checks pass.
+    let c = FakeMember::start("pgc", Role::Replica);
+    let t0 = Instant::now();
+    w.put_member(&c.name, &c.member_json("replica"));
+    wait_banner_among(w.replica_port, &c.name, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\nhaconfd log:\n{}", d.log()));
+    println!(
+        "RESULT reachable member joins: first read on it {} ms after its key (checks inter 1s rise 2)",
+        t0.elapsed().as_millis()
+    );
+}
+
+/// Polls banners through `port` until one is `want` (others may answer meanwhile: round robin).
+fn wait_banner_among(port: u16, want: &str, timeout: Duration) -> Result<(), String> {
+    let ok = wait_until(timeout, || {
+        tcp_banner(port, Duration::from_millis(500)).is_ok_and(|b| b == want)
+    });
+    ok.then_some(())
+        .ok_or_else(|| format!("port {port}: no read reached {want} within {timeout:?}"))
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. The leader changes
 // ---------------------------------------------------------------------------------------------

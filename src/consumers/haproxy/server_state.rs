@@ -5,8 +5,12 @@
 //! configured one), forces DOWN every server that etcd says must not serve in its backend, and adds
 //! a DOWN line for each forbidden server HAProxy has never seen. Between reloads the file holds the
 //! same etcd view, so a cold start after a switchover or a stale file from an earlier run cannot
-//! send writes to a replica either. Permitted servers without saved state get no line: they start
-//! UP, and their checks confirm them.
+//! send writes to a replica either. A server new to a running HAProxy's replica backend (a member
+//! that just joined, or one whose address changed: the live dump has no state for it) starts DOWN
+//! too, and takes reads only once `rise` checks pass: a node still starting, or behind a firewall
+//! not yet opened, gets no read it cannot serve. At HAProxy's first start (no live state at all)
+//! permitted servers start UP, as HAProxy would, and their checks confirm them; the leader always
+//! does in the primary backends (the failover fast path confirms it).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -227,6 +231,9 @@ pub fn build_many(
     for line in live_dump.lines().filter_map(StateLine::parse) {
         live.insert((line.backend().to_owned(), line.server().to_owned()), line);
     }
+    // A server HAProxy has no state for is new to it only when its state is known at all: at
+    // HAProxy's first start (or with its socket unreachable) every server would look new.
+    let known = !live.is_empty();
     let mut out = format!("{VERSION}\n{HEADER}\n");
     for s in config_servers(rendered_cfg) {
         let allowed = clusters
@@ -251,6 +258,9 @@ pub fn build_many(
                 Some(l.render())
             }
             (None, Some(false)) => Some(down_line(&s)),
+            (None, Some(true)) if known && in_replica_backend(clusters, &s.backend) => {
+                Some(down_line(&s))
+            }
             (None, _) => None,
         };
         if let Some(l) = line {
@@ -259,6 +269,12 @@ pub fn build_many(
         }
     }
     out
+}
+
+fn in_replica_backend(clusters: &[(&ServerStateConfig, &Cluster)], backend: &str) -> bool {
+    clusters
+        .iter()
+        .any(|(cfg, _)| cfg.replica_backends.iter().any(|b| b == backend))
 }
 
 /// A line that makes HAProxy start `s` DOWN: the 20 fields HAProxy 2.6 requires (fewer and it
@@ -414,6 +430,28 @@ mod tests {
             lines[1].starts_with("0 replicas 0 pg1 127.0.0.1 0 "),
             "{out}"
         );
+    }
+
+    #[test]
+    fn a_replica_new_to_its_backend_or_readdressed_starts_down_and_a_known_one_keeps_its_state() {
+        // pg2 is known and UP in the replica backend; pg3 joins; pg2's twin in another address
+        // is new.
+        let live = "1\n# header\n4 replicas 2 pg2 127.0.0.1 2 0 1 1 20 15 3 4 6 0 0 0 - 5442 - 0 0 - - 0\n";
+        let cfg_text = CFG.to_owned() + "    server pg3 127.0.0.1:5443 check port 8013\n";
+        let mut s = Snapshot::new();
+        s.put("/service/demo/leader".into(), b"pg1".to_vec());
+        for (n, p) in [("pg1", 5441), ("pg2", 5442), ("pg3", 5443)] {
+            s.put(format!("/service/demo/members/{n}"), format!(r#"{{"conn_url":"postgres://127.0.0.1:{p}/postgres","api_url":"http://127.0.0.1:{}/patroni","state":"running","role":"replica"}}"#, p + 2570).into_bytes());
+        }
+        let c = Cluster::build(&s, "/service", "demo").cluster;
+        let out = build(&cfg(), &cfg_text, &c, live);
+        assert!(out.contains("4 replicas 2 pg2 127.0.0.1 2 0"), "{out}");
+        assert!(out.contains("0 replicas 0 pg3 127.0.0.1 0 "), "{out}");
+        // Re-addressed: the saved line is dropped and the server starts DOWN on its new port.
+        let moved = live.replace(" 5442 ", " 6442 ");
+        let out = build(&cfg(), &cfg_text, &c, &moved);
+        assert!(out.contains("0 replicas 0 pg2 127.0.0.1 0 "), "{out}");
+        assert!(!out.contains("6442"), "{out}");
     }
 
     #[test]
