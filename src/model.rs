@@ -291,8 +291,67 @@ impl MemberCache {
 }
 
 /// The placeholder for a cluster's scope: in a per-cluster `dest` (one file per cluster) and in
-/// HAProxy backend names (each cluster's own backends).
+/// HAProxy backend names (each cluster's own backends). It stands for the scope's
+/// [`scope_id`].
 pub const SCOPE_PLACEHOLDER: &str = "{scope}";
+
+/// The longest [`scope_id`] a file name or identifier takes.
+pub const SCOPE_ID_MAX: usize = 200;
+
+/// A scope as a file name and a config identifier: letters, digits, `_`, `-` and `.` (not
+/// first) as they are, every other byte of its UTF-8 as `:` and two uppercase hex digits. So
+/// `bad scope` is `bad:20scope`, `zürich` is `z:C3:BCrich` and `..dots` is `:2E.dots`: never a
+/// path component (`.`, `..`, a hidden file), never a character that ends a config word, and
+/// reversible ([`scope_of_id`]). Scopes made of those characters (nearly all) are their own id.
+pub fn scope_id(scope: &str) -> String {
+    let mut out = String::with_capacity(scope.len());
+    for (i, b) in scope.bytes().enumerate() {
+        let plain = b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (b == b'.' && i > 0);
+        if plain {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!(":{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The scope a [`scope_id`] stands for; None when `id` is not one.
+pub fn scope_of_id(id: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(id.len());
+    let mut rest = id.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b':' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// Why haconfd cannot follow a scope, if it cannot: Patroni writes any name but `/`, and every
+/// one is followed but a name holding control characters (nothing can carry it into a file, a
+/// log line or an environment variable unchanged) or one whose [`scope_id`] is longer than
+/// [`SCOPE_ID_MAX`] bytes.
+pub fn scope_refusal(scope: &str) -> Option<String> {
+    if scope.is_empty() {
+        return Some("an empty scope".into());
+    }
+    if scope.chars().any(char::is_control) {
+        return Some(format!("scope {scope:?} holds control characters"));
+    }
+    let id = scope_id(scope);
+    (id.len() > SCOPE_ID_MAX).then(|| {
+        format!(
+            "scope {scope:?} is {} bytes as a file name ({id:?}), more than {SCOPE_ID_MAX}",
+            id.len()
+        )
+    })
+}
 
 /// Which Patroni cluster (or Citus group) a model is of: Patroni's keys live under
 /// `<namespace>/<scope>/`, or `<namespace>/<scope>/<group>/` for a Citus group.
@@ -338,12 +397,27 @@ pub struct Layout {
     pub plain: bool,
     /// Citus groups with a `leader` or `members/` key (`<group>/leader`).
     pub groups: std::collections::BTreeSet<u64>,
+    /// The ordinary `leader` and `members/` keys (below the scope) found next to Citus groups:
+    /// strays (a node that joined without its `citus:` section), at most [`STRAYS_NAMED`].
+    pub strays: Vec<String>,
+    /// Why the scope cannot be followed ([`scope_refusal`]), when it cannot.
+    pub refused: Option<String>,
 }
 
+/// How many stray keys of a Citus scope a warning names.
+pub const STRAYS_NAMED: usize = 10;
+
 impl Layout {
-    /// Whether the scope is a Citus cluster: groups and no ordinary member or leader key.
+    /// Whether Patroni keys of a cluster are there (a leader or member key, of the scope or of
+    /// a group).
+    pub fn has_cluster(&self) -> bool {
+        self.plain || !self.groups.is_empty()
+    }
+
+    /// Whether the scope is a Citus cluster: it has groups. Ordinary keys next to them are
+    /// strays, named in [`Layout::strays`], never a reason to drop the groups.
     pub fn is_citus(&self) -> bool {
-        !self.groups.is_empty() && !self.plain
+        !self.groups.is_empty()
     }
 
     /// The clusters to model for `scope`: its groups for Citus, else the scope itself (also
@@ -365,7 +439,7 @@ impl Layout {
 
 /// The scopes under `namespace` holding Patroni keys, each with its layout. With `only`, just
 /// those scopes are looked at (each one present in the result, with an empty layout when it
-/// has no key). Keys whose scope is not a valid name are left out.
+/// has no key). A scope haconfd cannot follow is in the result with [`Layout::refused`] set.
 pub fn layouts(
     snapshot: &Snapshot,
     namespace: &str,
@@ -388,7 +462,7 @@ pub fn layouts(
     }
     let root = format!("{namespace}/");
     // Keys come sorted, so one scope's keys come together: its name is checked and copied once.
-    let mut current: Option<(&str, bool, Layout)> = None;
+    let mut current: Option<(&str, Layout)> = None;
     for (key, _) in snapshot.kvs.range(root.clone()..) {
         let Some(rest) = key.strip_prefix(&root) else {
             break;
@@ -397,28 +471,26 @@ pub fn layouts(
             continue;
         };
         match &mut current {
-            Some((s, valid, layout)) if *s == scope => {
-                if *valid {
-                    note_key(layout, below);
-                }
+            Some((s, layout)) if *s == scope => {
+                note_key(layout, below);
             }
             _ => {
-                if let Some((s, true, layout)) = current.take() {
-                    if layout != Layout::default() {
+                if let Some((s, layout)) = current.take() {
+                    if layout.has_cluster() {
                         out.insert(s.to_owned(), layout);
                     }
                 }
-                let mut layout = Layout::default();
-                let valid = validate_name(scope).is_ok();
-                if valid {
-                    note_key(&mut layout, below);
-                }
-                current = Some((scope, valid, layout));
+                let mut layout = Layout {
+                    refused: scope_refusal(scope),
+                    ..Layout::default()
+                };
+                note_key(&mut layout, below);
+                current = Some((scope, layout));
             }
         }
     }
-    if let Some((s, true, layout)) = current {
-        if layout != Layout::default() {
+    if let Some((s, layout)) = current {
+        if layout.has_cluster() {
             out.insert(s.to_owned(), layout);
         }
     }
@@ -430,6 +502,11 @@ pub fn layouts(
 fn note_key(layout: &mut Layout, rest: &str) -> bool {
     if rest == "leader" || rest.starts_with("members/") {
         layout.plain = true;
+        // Keys come sorted and a group's digits sort before `leader` and `members/`: the groups
+        // of this scope are known by now.
+        if !layout.groups.is_empty() && layout.strays.len() < STRAYS_NAMED {
+            layout.strays.push(rest.to_owned());
+        }
         return true;
     }
     let Some((group, key)) = rest.split_once('/') else {
@@ -1205,6 +1282,35 @@ mod tests {
     }
 
     #[test]
+    fn scope_ids_are_safe_file_names_and_identifiers_and_give_the_scope_back() {
+        for (scope, id) in [
+            ("alpha", "alpha"),
+            ("db.prod-1_x", "db.prod-1_x"),
+            ("bad scope", "bad:20scope"),
+            ("zürich", "z:C3:BCrich"),
+            ("..dots", ":2E.dots"),
+            (".", ":2E"),
+            ("a:b", "a:3Ab"),
+        ] {
+            assert_eq!(scope_id(scope), id);
+            assert_eq!(scope_of_id(id).as_deref(), Some(scope));
+        }
+        assert!(scope_refusal(&"é".repeat(40)).is_some());
+        assert!(scope_refusal(&"x".repeat(70)).is_none());
+    }
+
+    proptest::proptest! {
+        /// Any scope's id is one path component of safe characters, and gives the scope back.
+        #[test]
+        fn any_scope_id_is_a_safe_path_component(scope in "[^/]{1,40}") {
+            let id = scope_id(&scope);
+            proptest::prop_assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b)));
+            proptest::prop_assert!(!id.starts_with('.'));
+            proptest::prop_assert_eq!(scope_of_id(&id), Some(scope));
+        }
+    }
+
+    #[test]
     fn citus_groups_are_modelled_one_cluster_per_group() {
         let mut s = Snapshot::new();
         for (g, leader) in [("0", "pg1"), ("1", "pg1"), ("10", "pg2")] {
@@ -1227,8 +1333,18 @@ mod tests {
             "/service/bad scope/members/pg1".into(),
             PG1.as_bytes().to_vec(),
         );
+        s.put(
+            "/service/ctl\u{1}x/members/pg1".into(),
+            PG1.as_bytes().to_vec(),
+        );
         let found = layouts(&s, "/service", None);
-        assert_eq!(found.keys().collect::<Vec<_>>(), ["demo", "plain"]);
+        // Every scope Patroni can write is followed; one holding control characters is refused.
+        assert_eq!(
+            found.keys().collect::<Vec<_>>(),
+            ["bad scope", "ctl\u{1}x", "demo", "plain"]
+        );
+        assert_eq!(found["bad scope"].refused, None);
+        assert!(found["ctl\u{1}x"].refused.is_some());
         let demo = &found["demo"];
         assert!(demo.is_citus());
         let ids = demo.ids("demo");

@@ -986,6 +986,47 @@ fn a_citus_cluster_routes_its_coordinator_and_every_worker_groups_primary() {
     assert_eq!(rig.pgb_port_of("alpha_db"), Some(rig.port_of("alpha1")));
 }
 
+/// One stray key in a Citus scope (a node that joined without its `citus:` section), or
+/// ordinary keys next to the groups: the groups stay, with their listeners and leaders, and the
+/// stray keys are named in a warning.
+#[test]
+fn a_stray_key_in_a_citus_scope_keeps_every_group_and_is_named_in_a_warning() {
+    let mut rig = Rig::new("clu-stray", &["alpha"], true, false);
+    populate(&mut rig, false);
+    rig.start();
+    let before = read(&rig.haproxy_cfg());
+    for g in 0..3 {
+        assert_eq!(
+            servers_of(&before, &format!("citus_g{g}_primary")),
+            [format!("citus{g}w1")]
+        );
+    }
+    let stray = rig.member("citusstray", "replica");
+    rig.etcd()
+        .put(&format!("{}/citus/members/stray", rig.ns), &stray);
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = read(&rig.haproxy_cfg());
+    for g in 0..3 {
+        assert_eq!(
+            servers_of(&after, &format!("citus_g{g}_primary")),
+            [format!("citus{g}w1")],
+            "group {g} lost its listener after a stray key:\n{after}\n{}",
+            rig.diag()
+        );
+        let c = rig
+            .status_cluster("citus", Some(g))
+            .unwrap_or_else(|| panic!("/status lacks citus group {g}:\n{}", rig.status()));
+        assert_eq!(c["leader"], format!("citus{g}w1"), "{c}");
+    }
+    assert_eq!(rig.pgb_port_of("citus_db"), Some(rig.port_of("citus0w1")));
+    let log = rig.log();
+    assert!(
+        log.contains("ordinary Patroni keys in a Citus scope") && log.contains("members/stray"),
+        "no warning naming the stray key:\n{}",
+        rig.diag()
+    );
+}
+
 #[test]
 fn the_shipped_templates_give_every_configured_cluster_and_citus_group_its_listeners_and_pass_haproxy_check(
 ) {

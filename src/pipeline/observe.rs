@@ -36,6 +36,17 @@ pub(super) struct Observe {
     repaired: bool,
     /// Every cluster as the last pass saw it (a gone cluster too, once).
     reports: Vec<ClusterReport>,
+    /// What the last pass warned about.
+    notes: Notes,
+}
+
+/// What a pass warns about once, not on every heartbeat.
+#[derive(Debug, Default, PartialEq)]
+struct Notes {
+    /// Stray keys by Citus scope.
+    strays: BTreeMap<String, Vec<String>>,
+    /// Scopes that cannot be followed, and why.
+    refused: BTreeMap<String, String>,
 }
 
 impl Observe {
@@ -46,6 +57,7 @@ impl Observe {
             attach: None,
             repaired: false,
             reports: Vec::new(),
+            notes: Notes::default(),
         }
     }
 
@@ -75,6 +87,13 @@ impl Observe {
     /// known from earlier passes or the guard's memory that the store no longer shows, for the
     /// guard to judge.
     fn cluster_ids(&self, setup: &Setup, snap: &Snapshot) -> Vec<ClusterId> {
+        self.found(setup, snap).0
+    }
+
+    /// [`Observe::cluster_ids`], with what to warn about: the stray keys of each Citus scope
+    /// (ordinary `leader` or `members/` keys next to its groups) and the scopes that cannot be
+    /// followed.
+    fn found(&self, setup: &Setup, snap: &Snapshot) -> (Vec<ClusterId>, Notes) {
         let etcd = &setup.settings.etcd;
         let ns = &etcd.namespace;
         let found = match &etcd.clusters {
@@ -83,7 +102,12 @@ impl Observe {
             Clusters::Discover => model::layouts(snap, ns, None),
         };
         let mut ids: BTreeSet<ClusterId> = BTreeSet::new();
+        let mut notes = Notes::default();
         for (scope, layout) in &found {
+            if let Some(why) = &layout.refused {
+                notes.refused.insert(scope.clone(), why.clone());
+                continue;
+            }
             // This scope's clusters from earlier passes: one ordered range of the map.
             let known: Vec<&ClusterId> = self
                 .clusters
@@ -95,16 +119,31 @@ impl Observe {
                 ids.extend(known.into_iter().cloned());
                 continue;
             }
-            let now = layout.ids(scope);
-            // A Citus group that went away stays, for the guard to judge.
-            let citus = now.iter().any(|i| i.group.is_some());
+            // A Citus scope stays one: its groups that went away stay for the guard to judge
+            // (their disappearance is a removal like any other), and ordinary keys next to its
+            // groups are strays, never a reason to drop the groups.
+            let citus = layout.is_citus() || known.iter().any(|k| k.group.is_some());
+            if citus && layout.plain {
+                let named = match layout.strays.is_empty() {
+                    true => vec!["leader/members".to_owned()],
+                    false => layout.strays.clone(),
+                };
+                notes.strays.insert(scope.clone(), named);
+            }
             ids.extend(
                 known
                     .into_iter()
                     .filter(|k| k.group.is_some() == citus)
                     .cloned(),
             );
-            ids.extend(now);
+            if citus {
+                ids.extend(layout.groups.iter().map(|&g| ClusterId {
+                    scope: scope.clone(),
+                    group: Some(g),
+                }));
+            } else {
+                ids.insert(ClusterId::plain(scope));
+            }
         }
         if matches!(etcd.clusters, Clusters::Discover) {
             // Clusters whose keys are all gone: still followed until the guard lets them go.
@@ -123,7 +162,7 @@ impl Observe {
                 }
             }
         }
-        ids.into_iter().collect()
+        (ids.into_iter().collect(), notes)
     }
 
     /// Builds one cluster's model and logs skipped keys when the set of them changes (not on
@@ -229,7 +268,8 @@ impl Observe {
         stats: &mut PassStats,
     ) -> Result<Observed, PassError> {
         self.resume_left_paused(setup).await;
-        let ids = self.cluster_ids(setup, snap);
+        let (ids, notes) = self.found(setup, snap);
+        self.warn(setup, notes);
         // Clusters no longer followed (the config changed): forgotten.
         self.clusters.retain(|id, _| ids.binary_search(id).is_ok());
         let mut refusals: Vec<GuardError> = Vec::new();
@@ -332,6 +372,26 @@ impl Observe {
                 Verdict::Refused(st.has_section(setup, &self.memory).then_some(e))
             }
         }
+    }
+
+    /// Warns about the stray keys of Citus scopes and the scopes that cannot be followed, when
+    /// they change (not on every heartbeat).
+    fn warn(&mut self, setup: &Setup, notes: Notes) {
+        if notes == self.notes {
+            return;
+        }
+        let ns = &setup.settings.etcd.namespace;
+        for (scope, keys) in &notes.strays {
+            if self.notes.strays.get(scope) != Some(keys) {
+                tracing::warn!(scope = ?scope, keys = ?keys, "ordinary Patroni keys in a Citus scope (a node without its citus: section?) under {ns}: ignored; the scope's groups are followed as before");
+            }
+        }
+        for (scope, why) in &notes.refused {
+            if self.notes.refused.get(scope) != Some(why) {
+                tracing::warn!(scope = ?scope, "not following a scope under {ns}: {why}");
+            }
+        }
+        self.notes = notes;
     }
 
     /// Clusters gone from the store whose empty view the guard accepted: forgotten.
