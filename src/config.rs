@@ -407,8 +407,13 @@ impl RawConfig {
                 "no [[template]] entries: nothing to render".into(),
             ));
         }
-        check_written_files(&targets, guard.state_file.as_deref())?;
         let clusters = resolve_clusters(self.clusters)?;
+        let scopes: Vec<&str> = match &etcd.clusters {
+            Clusters::One(scope) => vec![scope.as_str()],
+            _ => clusters.keys().map(String::as_str).collect(),
+        };
+        check_written_files(&targets, guard.state_file.as_deref(), &scopes)?;
+        check_ports(&clusters, &targets)?;
         check_cluster_targets(&etcd, &targets)?;
         Ok(Settings {
             etcd,
@@ -459,11 +464,12 @@ fn resolve_clusters(
     let mut ports: BTreeMap<i64, String> = BTreeMap::new();
     for (scope, table) in raw {
         let key = |k: &str| format!("clusters.{scope}.{k}");
-        crate::model::validate_name(&scope)
-            .map_err(|m| ConfigError::Invalid(format!("[clusters.{scope:?}]: scope {m}")))?;
+        if let Some(why) = crate::model::scope_refusal(&scope) {
+            return Err(ConfigError::Invalid(format!("[clusters.{scope:?}]: {why}")));
+        }
         let mut databases = Vec::new();
         for (k, v) in &table {
-            if k == "port" || k.ends_with("_port") {
+            if is_port_key(k) {
                 let port = v
                     .as_integer()
                     .filter(|p| (1..=65535).contains(p))
@@ -558,13 +564,15 @@ fn resolve_clusters_of(
     discover: bool,
 ) -> Result<Clusters, ConfigError> {
     let check_scope = |key: &str, scope: &str| {
-        if scope.contains('/') || scope.chars().any(char::is_whitespace) {
+        if scope.contains('/') {
             return Err(ConfigError::Invalid(format!(
-                "{key} {scope:?} must not contain '/' or spaces"
+                "{key} {scope:?} must not contain '/' (Patroni's keys are <namespace>/<scope>/...)"
             )));
         }
-        crate::model::validate_name(scope)
-            .map_err(|m| ConfigError::Invalid(format!("{key} {scope:?}: {m}")))
+        match crate::model::scope_refusal(scope) {
+            Some(why) => Err(ConfigError::Invalid(format!("{key}: {why}"))),
+            None => Ok(()),
+        }
     };
     let scope = scope.filter(|s| !s.is_empty());
     let clusters = match (scope, scopes.is_empty(), discover) {
@@ -958,6 +966,41 @@ fn normalize_namespace(ns: &str) -> String {
         .collect()
 }
 
+/// Whether a setting's key names a port: `port`, or ending in `_port`.
+fn is_port_key(k: &str) -> bool {
+    k == "port" || k.ends_with("_port")
+}
+
+/// Refuses a port a template variable binds (`stats_port`, PgBouncer's `listen_port`, ...) that
+/// a cluster's `[clusters.<scope>]` table binds too: `haproxy -c` accepts two listeners on one
+/// port, and the kernel then splits the connections between them.
+fn check_ports(
+    clusters: &BTreeMap<String, ClusterSettings>,
+    targets: &[Target],
+) -> Result<(), ConfigError> {
+    let mut bound: BTreeMap<i64, String> = BTreeMap::new();
+    for (scope, c) in clusters {
+        for (k, v) in c.vars.iter().filter(|(k, _)| is_port_key(k)) {
+            if let Some(p) = v.as_i64() {
+                bound.insert(p, format!("clusters.{scope}.{k}"));
+            }
+        }
+    }
+    for t in targets {
+        for (k, v) in t.vars.iter().filter(|(k, _)| is_port_key(k)) {
+            let Some(other) = v.as_i64().and_then(|p| bound.get(&p)) else {
+                continue;
+            };
+            return Err(ConfigError::Invalid(format!(
+                "template {:?} var {k} = {v} and {other} are both port {v}: each listener needs \
+                 its own port",
+                t.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses what cannot work with several clusters: a server-state file per cluster (HAProxy
 /// has one), and fast-path backends that would be shared by every cluster.
 fn check_cluster_targets(etcd: &EtcdSettings, targets: &[Target]) -> Result<(), ConfigError> {
@@ -989,17 +1032,33 @@ fn check_cluster_targets(etcd: &EtcdSettings, targets: &[Target]) -> Result<(), 
 
 /// Refuses two settings that write one file (two targets would overwrite each other's output),
 /// however the paths are spelled: compared after `.`/`..` are removed and the directory is
-/// canonicalized, so a symlinked directory is caught too.
-fn check_written_files(targets: &[Target], state_file: Option<&Path>) -> Result<(), ConfigError> {
-    let mut written: Vec<(String, &Path)> = Vec::new();
+/// canonicalized, so a symlinked directory is caught too. A per-cluster `dest` counts once per
+/// cluster that gets a file (`scopes`: the one of `etcd.scope`, or every `[clusters.<scope>]`:
+/// only a configured cluster gets a file of its own), `{scope}` spelled as it will be.
+fn check_written_files(
+    targets: &[Target],
+    state_file: Option<&Path>,
+    scopes: &[&str],
+) -> Result<(), ConfigError> {
+    let mut written: Vec<(String, PathBuf)> = Vec::new();
     for t in targets {
-        written.push((format!("template {:?} dest", t.name), &t.dest));
+        if t.per_cluster {
+            for scope in scopes {
+                let id = crate::model::scope_id(scope);
+                let dest = t.dest.to_string_lossy().replace(SCOPE_PLACEHOLDER, &id);
+                let owner = format!("template {:?} dest for cluster {scope:?}", t.name);
+                written.push((owner, dest.into()));
+            }
+        } else {
+            written.push((format!("template {:?} dest", t.name), t.dest.clone()));
+        }
         if let Some(ss) = t.server_state() {
-            written.push((format!("template {:?} server_state.file", t.name), &ss.file));
+            let owner = format!("template {:?} server_state.file", t.name);
+            written.push((owner, ss.file.clone()));
         }
     }
     if let Some(p) = state_file {
-        written.push(("guard.state_file".into(), p));
+        written.push(("guard.state_file".into(), p.to_owned()));
     }
     let ids: Vec<PathBuf> = written.iter().map(|(_, p)| file_identity(p)).collect();
     for (i, id) in ids.iter().enumerate() {

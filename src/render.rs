@@ -120,6 +120,10 @@ pub struct Context<'a> {
 pub struct ClusterContext<'a> {
     /// Patroni scope.
     pub scope: &'a str,
+    /// The scope as a config identifier and file name ([`crate::model::scope_id`]): the scope
+    /// itself when it is letters, digits, `_`, `-` and `.`; use it where the scope names a
+    /// listener, a backend or a file.
+    pub scope_id: String,
     /// Whether `[clusters.<scope>]` is configured.
     pub configured: bool,
     /// `[clusters.<scope>]`, or an empty table.
@@ -193,6 +197,7 @@ fn cluster_context<'a>(v: &ScopeView<'a>) -> ClusterContext<'a> {
     let citus = v.is_citus();
     ClusterContext {
         scope: v.scope,
+        scope_id: crate::model::scope_id(v.scope),
         configured: v.settings.is_some(),
         settings: v.settings.map_or(&*NO_SETTINGS, |s| &s.vars),
         citus,

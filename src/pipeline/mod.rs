@@ -98,17 +98,19 @@ impl Setup {
         accepted || remembered || !self.mode.is_many()
     }
 
-    /// The file of per-cluster template `t` for `scope`: `{scope}` in its `dest` replaced, and,
-    /// with several clusters, named `<template>:<scope>` in logs, metrics and status.
+    /// The file of per-cluster template `t` for `scope`: `{scope}` in its `dest` replaced by
+    /// the scope's [`crate::model::scope_id`] (a safe file name), and, with several clusters,
+    /// named `<template>:<scope id>` in logs, metrics and status.
     fn instance(&self, t: &Target, scope: &str) -> Target {
+        let id = crate::model::scope_id(scope);
         let mut instance = t.clone();
         instance.dest = t
             .dest
             .to_string_lossy()
-            .replace(SCOPE_PLACEHOLDER, scope)
+            .replace(SCOPE_PLACEHOLDER, &id)
             .into();
         if self.mode.is_many() {
-            instance.name = format!("{}:{scope}", t.name);
+            instance.name = format!("{}:{id}", t.name);
         }
         instance
     }

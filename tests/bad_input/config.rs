@@ -319,3 +319,77 @@ fn cluster_settings_that_would_clash_exit_2_naming_the_keys() {
     ws.assert_unchanged(&before);
     ws.assert_nothing_signalled();
 }
+
+/// A config of several clusters written as raw TOML into `dir`, with `body` after `[etcd]`.
+fn clusters_config(dir: &Path, body: &str) -> PathBuf {
+    std::fs::write(dir.join("t.tera"), "x\n").unwrap();
+    let cfg = dir.join("haconfd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[etcd]\nendpoints = [\"{}\"]\ndiscover = true\n\n{body}",
+            Etcd::shared().endpoint()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// `{scope}` in a `dest` is one file per configured cluster: a cluster named like another
+/// file's name (`[clusters.haproxy]` next to `mc/haproxy.cfg`, `[clusters.members]` next to
+/// `guard.state_file = mc2/members.json`) would have two writers; refused at load, naming both.
+#[test]
+fn a_per_cluster_dest_that_names_another_file_for_a_configured_cluster_exits_2_naming_both() {
+    let dir = temp_dir("cfgscopedest");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("mc")).unwrap();
+    std::fs::create_dir_all(d.join("mc2")).unwrap();
+    let cfg = clusters_config(
+        d,
+        "[clusters.haproxy]\nport = 15100\n\n\
+         [[template]]\nname = \"main\"\nsrc = \"t.tera\"\ndest = \"mc/haproxy.cfg\"\n\n\
+         [[template]]\nname = \"per\"\nsrc = \"t.tera\"\ndest = \"mc/{scope}.cfg\"\n",
+    );
+    let run = haconfd(&cfg, &["check"], None);
+    run.expect(
+        2,
+        &[
+            "template \"main\" dest",
+            "template \"per\" dest for cluster \"haproxy\"",
+            "are the same file",
+        ],
+    );
+    let cfg = clusters_config(
+        d,
+        "[guard]\nstate_file = \"mc2/members.json\"\n\n[clusters.members]\nport = 15200\n\n\
+         [[template]]\nname = \"per\"\nsrc = \"t.tera\"\ndest = \"mc2/{scope}.json\"\n",
+    );
+    haconfd(&cfg, &["check"], None).expect(
+        2,
+        &[
+            "template \"per\" dest for cluster \"members\"",
+            "guard.state_file",
+            "are the same file",
+        ],
+    );
+}
+
+/// A port a template variable binds (`stats_port`) that a cluster's table binds too: `haproxy
+/// -c` accepts two listeners on one port and the kernel splits the connections between them.
+#[test]
+fn a_template_port_that_a_cluster_binds_too_exits_2_naming_both() {
+    let dir = temp_dir("cfgvarport");
+    let cfg = clusters_config(
+        dir.path(),
+        "[vars]\nstats_port = 15300\n\n[clusters.alpha]\nprimary_port = 15300\n\n\
+         [[template]]\nname = \"haproxy\"\nsrc = \"t.tera\"\ndest = \"haproxy.cfg\"\n",
+    );
+    haconfd(&cfg, &["check"], None).expect(
+        2,
+        &[
+            "template \"haproxy\" var stats_port = 15300",
+            "clusters.alpha.primary_port",
+            "both port 15300",
+        ],
+    );
+}

@@ -21,6 +21,7 @@ mod events;
 mod guard;
 mod hooks;
 mod pass;
+mod scopes;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};

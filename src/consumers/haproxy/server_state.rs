@@ -40,12 +40,14 @@ pub struct ServerStateConfig {
 }
 
 impl ServerStateConfig {
-    /// The settings for one cluster's backends: `{scope}` in their names replaced.
+    /// The settings for one cluster's backends: `{scope}` in their names replaced by the
+    /// scope's [`crate::model::scope_id`], as templates name them (`scope_id` in the context).
     pub fn for_scope(&self, scope: &str) -> ServerStateConfig {
+        let id = crate::model::scope_id(scope);
         let fill = |names: &[String]| {
             names
                 .iter()
-                .map(|b| b.replace(SCOPE_PLACEHOLDER, scope))
+                .map(|b| b.replace(SCOPE_PLACEHOLDER, &id))
                 .collect()
         };
         ServerStateConfig {
