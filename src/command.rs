@@ -1,5 +1,7 @@
-//! Runs an argv (never a shell string) with a time limit, for check and reload commands; a failure
-//! carries the argv, the exit status and the command's stderr verbatim.
+//! Runs an argv (never a shell string) with a time limit, for check and reload commands and
+//! hooks; a failure carries the argv, the exit status and the command's stderr verbatim. Of what a
+//! command prints, the first and last [`KEEP`] bytes of each stream are kept, with the count of
+//! those left out: a command printing megabytes costs neither memory nor a giant log line.
 
 use std::fmt;
 use std::process::Stdio;
@@ -120,12 +122,57 @@ pub fn kill_running() {
     }
 }
 
-async fn read_all<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>) -> Vec<u8> {
-    let mut buf = Vec::new();
-    if let Some(mut p) = pipe {
-        let _ = p.read_to_end(&mut buf).await;
+/// How much of each output stream is kept: its first and its last `KEEP` bytes.
+pub const KEEP: usize = 4096;
+
+/// One output stream as kept: its start, its end, and how long it was. Everything is read (a
+/// command must never block on a full pipe), little is kept.
+#[derive(Debug, Default)]
+struct Capped {
+    head: Vec<u8>,
+    /// The latest bytes past the head; trimmed to `KEEP` whenever it doubles.
+    tail: Vec<u8>,
+    total: u64,
+}
+
+impl Capped {
+    fn push(&mut self, bytes: &[u8]) {
+        self.total += bytes.len() as u64;
+        let room = KEEP - self.head.len();
+        let (head, rest) = bytes.split_at(room.min(bytes.len()));
+        self.head.extend_from_slice(head);
+        self.tail.extend_from_slice(rest);
+        if self.tail.len() > 2 * KEEP {
+            self.tail.drain(..self.tail.len() - KEEP);
+        }
     }
-    buf
+
+    /// The stream as text: whole when it was short, else its first and last `KEEP` bytes
+    /// around a line that counts what was left out.
+    fn text(&self) -> String {
+        let tail = &self.tail[self.tail.len().saturating_sub(KEEP)..];
+        let left_out = self.total - (self.head.len() + tail.len()) as u64;
+        let head = String::from_utf8_lossy(&self.head);
+        let tail = String::from_utf8_lossy(tail);
+        if left_out == 0 {
+            return format!("{head}{tail}");
+        }
+        format!(
+            "{head}\n[... {left_out} bytes left out: {} bytes in all, the first and last {KEEP} kept ...]\n{tail}",
+            self.total
+        )
+    }
+}
+
+async fn read_capped<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>) -> Capped {
+    let mut kept = Capped::default();
+    if let Some(mut p) = pipe {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = p.read(&mut buf).await {
+            kept.push(&buf[..n]);
+        }
+    }
+    kept
 }
 
 /// Runs `argv` with `timeout`. Standard input is closed. The command runs in a process group of
@@ -178,7 +225,7 @@ pub async fn run_with(
     };
     let finished = tokio::time::timeout(timeout, async {
         let ((status, out, err), ()) = tokio::join!(
-            async { tokio::join!(child.wait(), read_all(stdout), read_all(stderr)) },
+            async { tokio::join!(child.wait(), read_capped(stdout), read_capped(stderr)) },
             feed
         );
         (status, out, err)
@@ -211,8 +258,8 @@ pub async fn run_with(
     if let Some(g) = &mut group {
         g.reaped = true;
     }
-    let mut text = String::from_utf8_lossy(&err).into_owned();
-    let stdout = String::from_utf8_lossy(&out);
+    let mut text = err.text();
+    let stdout = out.text();
     if !stdout.trim().is_empty() {
         if !text.is_empty() && !text.ends_with('\n') {
             text.push('\n');
@@ -300,6 +347,70 @@ mod tests {
             .parse()
             .unwrap();
         assert!(!RUNNING.lock().unwrap().contains(&group));
+    }
+
+    #[tokio::test]
+    async fn a_command_printing_megabytes_keeps_its_first_and_last_kib_and_the_count() {
+        // 50 MB on stdout, a line on stderr, then a failure.
+        let script = "echo first-line; head -c 52428800 /dev/zero | tr '\\0' x; echo; echo last-line; echo oops >&2; exit 4";
+        let err = run(&argv(&["sh", "-c", script]), Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.len() < 4 * KEEP, "{} bytes of output kept", msg.len());
+        assert!(
+            msg.contains("oops") && msg.contains("exit status: 4"),
+            "{msg:.300}"
+        );
+        assert!(
+            msg.contains("first-line") && msg.contains("last-line"),
+            "{msg:.300}"
+        );
+        assert!(
+            msg.contains("52428822 bytes in all"),
+            "no count: {msg:.300}"
+        );
+        // Short output stays whole.
+        let out = run_with(
+            &argv(&["sh", "-c", "echo hello"]),
+            Duration::from_secs(5),
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(out, "hello\n");
+    }
+
+    #[test]
+    fn capped_output_counts_what_it_left_out_at_every_size() {
+        for total in [
+            0,
+            1,
+            KEEP - 1,
+            KEEP,
+            KEEP + 1,
+            2 * KEEP,
+            3 * KEEP + 7,
+            10 * KEEP,
+        ] {
+            let bytes: Vec<u8> = (0..total).map(|i| b'a' + (i % 26) as u8).collect();
+            let mut c = Capped::default();
+            for chunk in bytes.chunks(1000) {
+                c.push(chunk);
+            }
+            let text = c.text();
+            if total <= 2 * KEEP {
+                assert_eq!(text.as_bytes(), &bytes[..], "{total} bytes");
+            } else {
+                assert!(text.starts_with(std::str::from_utf8(&bytes[..KEEP]).unwrap()));
+                assert!(text.ends_with(std::str::from_utf8(&bytes[total - KEEP..]).unwrap()));
+                assert!(
+                    text.contains(&format!("{} bytes left out", total - 2 * KEEP)),
+                    "{total}"
+                );
+            }
+        }
     }
 
     #[tokio::test]

@@ -7,6 +7,12 @@
 //! one dispatcher task runs them with a time limit each, at most `hooks.concurrency` at once, from
 //! a queue of `hooks.queue` that drops (and counts) the oldest when full. Member events can be
 //! debounced: a flapping member fires only if its change still holds after `debounce`.
+//!
+//! Everything the dispatcher keeps is per cluster and Citus group (`scope`, `group`): a debounced
+//! member event, the `leaderless` timer, the latest view. A cluster the pass no longer reports is
+//! forgotten here too. New hook settings (SIGHUP) reach the running dispatcher: waiting and
+//! debounced runs carry over to the hook of the same name, and a run whose hook is gone or no
+//! longer wants the event is dropped with a log line and counted.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -215,6 +221,9 @@ pub struct HookEvent {
     pub namespace: String,
     /// The cluster.
     pub scope: String,
+    /// The Citus group, for an event of a Citus cluster's group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<u64>,
     /// When haconfd saw it (Unix seconds).
     pub at: f64,
     /// The leader before (leader events, switchover requests).
@@ -251,6 +260,7 @@ impl HookEvent {
             event,
             namespace: cluster.namespace.clone(),
             scope: cluster.scope.clone(),
+            group: cluster.group,
             at: now_unix(),
             old_leader: None,
             new_leader: None,
@@ -341,6 +351,9 @@ impl HookEvent {
             ("HACONFD_SCOPE".to_owned(), self.scope.clone()),
             ("HACONFD_NAMESPACE".to_owned(), self.namespace.clone()),
         ];
+        if let Some(g) = self.group {
+            env.push(("HACONFD_GROUP".to_owned(), g.to_string()));
+        }
         for (k, v) in [
             ("HACONFD_OLD_LEADER", &self.old_leader),
             ("HACONFD_NEW_LEADER", &self.new_leader),
@@ -383,34 +396,62 @@ pub struct HookMetrics {
 
 enum Msg {
     Event(Box<HookEvent>),
-    Cluster(Arc<Cluster>),
+    /// Every cluster one pass saw: the latest views, and which clusters still exist.
+    Clusters(Vec<Arc<Cluster>>),
+    /// New settings (SIGHUP).
+    Settings(HooksConfig, Vec<Hook>),
 }
 
-/// The running hooks: hand events over with [`Hooks::events`] after each pass.
+/// Which cluster an event or a timer belongs to: scope and Citus group.
+type ClusterKey = (String, Option<u64>);
+
+fn key_of(c: &Cluster) -> ClusterKey {
+    (c.scope.clone(), c.group)
+}
+
+/// The running hooks: hand events over with [`Hooks::pass`] after each pass.
 pub struct Hooks {
     tx: Option<mpsc::UnboundedSender<Msg>>,
+    metrics: HookMetrics,
 }
 
 impl Hooks {
-    /// Starts the dispatcher (no task when there are no hooks). With `hooks.dry_run`, each run
+    /// Starts the dispatcher (no task until there is a hook). With `hooks.dry_run`, each run
     /// is logged with its argv, environment and stdin instead of run.
     pub fn start(cfg: HooksConfig, hooks: Vec<Hook>, metrics: HookMetrics) -> Hooks {
         if hooks.is_empty() {
-            return Hooks { tx: None };
+            return Hooks { tx: None, metrics };
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let dry_run = cfg.dry_run;
-        tokio::spawn(dispatch(rx, cfg, hooks, dry_run, metrics));
-        Hooks { tx: Some(tx) }
+        tokio::spawn(dispatch(rx, Dispatcher::new(cfg, hooks, metrics.clone())));
+        Hooks {
+            tx: Some(tx),
+            metrics,
+        }
     }
 
-    /// Hands over one pass's view and events. Returns at once.
-    pub fn events(&self, cluster: &Arc<Cluster>, events: &[ClusterEvent]) {
+    /// New hook settings: the running dispatcher takes them over with its waiting and debounced
+    /// runs (see the module docs); with no dispatcher yet, one starts.
+    pub fn replace(&mut self, cfg: HooksConfig, hooks: Vec<Hook>) {
+        match &self.tx {
+            Some(tx) if tx.send(Msg::Settings(cfg.clone(), hooks.clone())).is_ok() => {}
+            _ => *self = Hooks::start(cfg, hooks, self.metrics.clone()),
+        }
+    }
+
+    /// Hands over one pass: every cluster it saw, each with its events. Returns at once.
+    pub fn pass<'a>(
+        &self,
+        clusters: impl IntoIterator<Item = (&'a Arc<Cluster>, &'a [ClusterEvent])> + Clone,
+    ) {
         let Some(tx) = &self.tx else { return };
-        let _ = tx.send(Msg::Cluster(Arc::clone(cluster)));
-        for e in events {
-            for h in HookEvent::from_cluster_event(e, cluster) {
-                let _ = tx.send(Msg::Event(Box::new(h)));
+        let all = clusters.clone().into_iter().map(|(c, _)| Arc::clone(c));
+        let _ = tx.send(Msg::Clusters(all.collect()));
+        for (cluster, events) in clusters {
+            for e in events {
+                for h in HookEvent::from_cluster_event(e, cluster) {
+                    let _ = tx.send(Msg::Event(Box::new(h)));
+                }
             }
         }
     }
@@ -429,39 +470,24 @@ struct Job {
     event: HookEvent,
 }
 
+/// A debounced member event's key: the hook (its index), the cluster and group, the member.
+type PendingKey = (usize, ClusterKey, String);
+
 struct Dispatcher {
     cfg: HooksConfig,
     hooks: Vec<Hook>,
-    dry_run: bool,
     metrics: HookMetrics,
     queue: VecDeque<Job>,
     running: JoinSet<()>,
-    /// Debounced member events by (hook, member): when they fire, and the latest one.
-    pending: BTreeMap<(usize, String), (Instant, HookEvent)>,
-    /// The latest view of each cluster.
-    clusters: BTreeMap<String, Arc<Cluster>>,
-    /// Since when each cluster has had no leader, and whether `leaderless` fired for it.
-    leaderless: BTreeMap<String, (Instant, bool)>,
+    /// Debounced member events: when they fire, and the latest one.
+    pending: BTreeMap<PendingKey, (Instant, HookEvent)>,
+    /// The latest view of each cluster and group.
+    clusters: BTreeMap<ClusterKey, Arc<Cluster>>,
+    /// Since when each cluster or group has had no leader, and whether `leaderless` fired.
+    leaderless: BTreeMap<ClusterKey, (Instant, bool)>,
 }
 
-async fn dispatch(
-    mut rx: mpsc::UnboundedReceiver<Msg>,
-    cfg: HooksConfig,
-    hooks: Vec<Hook>,
-    dry_run: bool,
-    metrics: HookMetrics,
-) {
-    let mut d = Dispatcher {
-        cfg,
-        hooks,
-        dry_run,
-        metrics,
-        queue: VecDeque::new(),
-        running: JoinSet::new(),
-        pending: BTreeMap::new(),
-        clusters: BTreeMap::new(),
-        leaderless: BTreeMap::new(),
-    };
+async fn dispatch(mut rx: mpsc::UnboundedReceiver<Msg>, mut d: Dispatcher) {
     let mut open = true;
     loop {
         d.start_runs();
@@ -472,7 +498,8 @@ async fn dispatch(
         tokio::select! {
             msg = rx.recv(), if open => match msg {
                 Some(Msg::Event(e)) => d.accept(*e),
-                Some(Msg::Cluster(c)) => d.observe(c),
+                Some(Msg::Clusters(c)) => d.observe(c),
+                Some(Msg::Settings(cfg, hooks)) => d.reconfigure(cfg, hooks),
                 None => {
                     open = false;
                     d.pending.clear();
@@ -490,6 +517,19 @@ async fn dispatch(
 }
 
 impl Dispatcher {
+    fn new(cfg: HooksConfig, hooks: Vec<Hook>, metrics: HookMetrics) -> Dispatcher {
+        Dispatcher {
+            cfg,
+            hooks,
+            metrics,
+            queue: VecDeque::new(),
+            running: JoinSet::new(),
+            pending: BTreeMap::new(),
+            clusters: BTreeMap::new(),
+            leaderless: BTreeMap::new(),
+        }
+    }
+
     fn accept(&mut self, e: HookEvent) {
         for i in 0..self.hooks.len() {
             let h = &self.hooks[i];
@@ -499,24 +539,77 @@ impl Dispatcher {
             match (&e.member, h.debounce.is_zero()) {
                 (Some(member), false) => {
                     let due = Instant::now() + h.debounce;
-                    // A later event of the same member replaces the waiting one.
-                    self.pending.insert((i, member.clone()), (due, e.clone()));
+                    // A later event of the same member (of the same cluster and group)
+                    // replaces the waiting one.
+                    let key = (i, (e.scope.clone(), e.group), member.clone());
+                    self.pending.insert(key, (due, e.clone()));
                 }
                 _ => self.enqueue(i, e.clone()),
             }
         }
     }
 
-    fn observe(&mut self, c: Arc<Cluster>) {
-        let scope = c.scope.clone();
-        if c.leader_name.is_some() {
-            self.leaderless.remove(&scope);
-        } else {
-            self.leaderless
-                .entry(scope.clone())
-                .or_insert((Instant::now(), false));
+    /// One pass's clusters: each one's latest view and leaderless timer; a cluster or group
+    /// the pass no longer saw is forgotten (its timer too).
+    fn observe(&mut self, all: Vec<Arc<Cluster>>) {
+        let now = Instant::now();
+        let mut clusters = BTreeMap::new();
+        for c in all {
+            let key = key_of(&c);
+            if c.leader_name.is_some() {
+                self.leaderless.remove(&key);
+            } else {
+                self.leaderless.entry(key.clone()).or_insert((now, false));
+            }
+            clusters.insert(key, c);
         }
-        self.clusters.insert(scope, c);
+        self.leaderless.retain(|k, _| clusters.contains_key(k));
+        self.clusters = clusters;
+    }
+
+    /// New settings: waiting and debounced runs go to the hook of the same name if it still
+    /// wants the event; the others are dropped, logged and counted.
+    fn reconfigure(&mut self, cfg: HooksConfig, hooks: Vec<Hook>) {
+        let old = std::mem::replace(&mut self.hooks, hooks);
+        self.cfg = cfg;
+        let now = Instant::now();
+        let mut pending = BTreeMap::new();
+        for ((i, cluster, member), (due, e)) in std::mem::take(&mut self.pending) {
+            if let Some(n) = self.carried(&old[i].name, &e) {
+                // A shorter debounce now shortens the wait; a longer one does not lengthen it.
+                let due = due.min(now + self.hooks[n].debounce);
+                pending.insert((n, cluster, member), (due, e));
+            }
+        }
+        self.pending = pending;
+        let queue = std::mem::take(&mut self.queue);
+        for job in queue {
+            if let Some(n) = self.carried(&old[job.hook].name, &job.event) {
+                self.queue.push_back(Job {
+                    hook: n,
+                    event: job.event,
+                });
+            }
+        }
+    }
+
+    /// The index, in the new settings, of hook `name` if it still wants `e`; else the run is
+    /// dropped, logged and counted.
+    fn carried(&self, name: &str, e: &HookEvent) -> Option<usize> {
+        let found = self.hooks.iter().position(|h| h.name == name);
+        let n = found.filter(|&n| self.hooks[n].wants(e));
+        if n.is_none() {
+            let why = match found {
+                None => "the hook is no longer configured",
+                Some(_) => "the hook no longer takes this event or cluster",
+            };
+            self.metrics
+                .dropped
+                .get_or_create(&vec![("hook".to_owned(), name.to_owned())])
+                .inc();
+            tracing::warn!(hook = %name, event = e.event, scope = %e.scope, group = ?e.group, member = ?e.member, "new hook settings: a waiting run is dropped ({why})");
+        }
+        n
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -532,7 +625,7 @@ impl Dispatcher {
 
     fn fire_due(&mut self) {
         let now = Instant::now();
-        let due: Vec<(usize, String)> = self
+        let due: Vec<PendingKey> = self
             .pending
             .iter()
             .filter(|(_, (t, _))| *t <= now)
@@ -542,7 +635,7 @@ impl Dispatcher {
             let Some((_, e)) = self.pending.remove(&k) else {
                 continue;
             };
-            let holds = self.clusters.get(&e.scope).is_none_or(|c| e.still_holds(c));
+            let holds = self.clusters.get(&k.1).is_none_or(|c| e.still_holds(c));
             if holds {
                 self.enqueue(k.0, e);
             } else {
@@ -551,14 +644,14 @@ impl Dispatcher {
         }
         let limit = self.cfg.leaderless_after;
         let mut fire = Vec::new();
-        for (scope, (since, fired)) in &mut self.leaderless {
+        for (key, (since, fired)) in &mut self.leaderless {
             if !*fired && now >= *since + limit {
                 *fired = true;
-                fire.push(scope.clone());
+                fire.push(key.clone());
             }
         }
-        for scope in fire {
-            let Some(c) = self.clusters.get(&scope).cloned() else {
+        for key in fire {
+            let Some(c) = self.clusters.get(&key).cloned() else {
                 continue;
             };
             let e = HookEvent {
@@ -589,7 +682,7 @@ impl Dispatcher {
                 return;
             };
             let hook = self.hooks[job.hook].clone();
-            let dry_run = self.dry_run;
+            let dry_run = self.cfg.dry_run;
             let runs = self.metrics.runs.clone();
             self.running.spawn(run(hook, job.event, dry_run, runs));
         }
@@ -641,14 +734,40 @@ mod tests {
     use crate::snapshot::Snapshot;
 
     fn cluster(leader: Option<&str>, members: &[(&str, &str)]) -> Arc<Cluster> {
+        cluster_at("demo", None, leader, members)
+    }
+
+    /// Cluster `scope` (or its Citus group `group`) with `members` (name, state) and `leader`.
+    fn cluster_at(
+        scope: &str,
+        group: Option<u64>,
+        leader: Option<&str>,
+        members: &[(&str, &str)],
+    ) -> Arc<Cluster> {
+        let id = crate::model::ClusterId {
+            scope: scope.to_owned(),
+            group,
+        };
+        let at = match group {
+            Some(g) => format!("/service/{scope}/{g}"),
+            None => format!("/service/{scope}"),
+        };
         let mut s = Snapshot::new();
         if let Some(l) = leader {
-            s.put("/service/demo/leader".into(), l.as_bytes().to_vec());
+            s.put(format!("{at}/leader"), l.as_bytes().to_vec());
         }
         for (i, (n, state)) in members.iter().enumerate() {
-            s.put(format!("/service/demo/members/{n}"), format!(r#"{{"conn_url":"postgres://127.0.0.1:{}/postgres","api_url":"http://127.0.0.1:{}/patroni","state":"{state}","role":"replica"}}"#, 5432 + i, 8008 + i).into_bytes());
+            s.put(format!("{at}/members/{n}"), format!(r#"{{"conn_url":"postgres://127.0.0.1:{}/postgres","api_url":"http://127.0.0.1:{}/patroni","state":"{state}","role":"replica"}}"#, 5432 + i, 8008 + i).into_bytes());
         }
-        Arc::new(Cluster::build(&s, "/service", "demo").cluster)
+        let mut cache = crate::model::MemberCache::default();
+        Arc::new(Cluster::build_with(&s, "/service", &id, &mut cache).cluster)
+    }
+
+    fn down(member: &str) -> ClusterEvent {
+        ClusterEvent::MemberDown {
+            member: member.into(),
+            state: "stopped".into(),
+        }
     }
 
     fn hook(events: &[&str], debounce_ms: u64, file: &Path) -> Hook {
@@ -747,12 +866,12 @@ mod tests {
             member: "pg2".into(),
             state: "stopped".into(),
         };
-        hooks.events(&down, std::slice::from_ref(&ev));
-        hooks.events(&up, &[]);
+        hooks.pass([(&down, std::slice::from_ref(&ev))]);
+        hooks.pass([(&up, &[][..])]);
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(lines(&file).is_empty(), "{:?}", lines(&file));
         // It goes down and stays down: one run, after the debounce.
-        hooks.events(&down, std::slice::from_ref(&ev));
+        hooks.pass([(&down, std::slice::from_ref(&ev))]);
         let out = settle(&file, 1).await;
         assert_eq!(out.len(), 1, "{out:?}");
         assert_eq!(out[0]["event"], "member_down");
@@ -790,7 +909,7 @@ mod tests {
                 member: format!("m{i}"),
             })
             .collect();
-        hooks.events(&c, &evs);
+        hooks.pass([(&c, &evs[..])]);
         // One runs, two wait, two were dropped.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let dropped = metrics
@@ -827,7 +946,7 @@ mod tests {
         );
         let none = cluster(None, &[("pg1", "running")]);
         for _ in 0..5 {
-            hooks.events(&none, &[]);
+            hooks.pass([(&none, &[][..])]);
             tokio::time::sleep(Duration::from_millis(60)).await;
         }
         let out = settle(&file, 1).await;
@@ -835,5 +954,125 @@ mod tests {
         assert_eq!(lines(&file).len(), 1, "{out:?}");
         assert_eq!(out[0]["event"], "leaderless");
         assert_eq!(out[0]["scope"], "demo");
+    }
+
+    #[tokio::test]
+    async fn debounced_events_of_one_member_name_in_two_clusters_both_fire() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("out");
+        let hooks = Hooks::start(
+            HooksConfig::default(),
+            vec![hook(&["member_down"], 100, &file)],
+            HookMetrics::default(),
+        );
+        let sick = [("pg1", "running"), ("pg2", "stopped")];
+        let a = cluster_at("a", None, Some("pg1"), &sick);
+        let b = cluster_at("b", None, Some("pg1"), &sick);
+        let (g1, g2) = (
+            cluster_at("cit", Some(1), Some("pg1"), &sick),
+            cluster_at("cit", Some(2), Some("pg1"), &sick),
+        );
+        let ev = [down("pg2")];
+        hooks.pass([(&a, &ev[..]), (&b, &ev[..]), (&g1, &ev[..]), (&g2, &ev[..])]);
+        let out = settle(&file, 4).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut seen: Vec<(String, Option<u64>)> = lines(&file)
+            .iter()
+            .map(|e| (e["scope"].as_str().unwrap().to_owned(), e["group"].as_u64()))
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("a".to_owned(), None),
+                ("b".to_owned(), None),
+                ("cit".to_owned(), Some(1)),
+                ("cit".to_owned(), Some(2))
+            ],
+            "{out:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn new_hook_settings_keep_a_debounced_event_and_drop_a_removed_hooks_runs_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, other) = (dir.path().join("out"), dir.path().join("other"));
+        let metrics = HookMetrics::default();
+        let mut second = hook(&["member_down"], 300, &other);
+        second.name = "second".into();
+        let mut hooks = Hooks::start(
+            HooksConfig::default(),
+            vec![hook(&["member_down"], 300, &file), second],
+            metrics.clone(),
+        );
+        let c = cluster(Some("pg1"), &[("pg1", "running"), ("pg2", "stopped")]);
+        hooks.pass([(&c, &[down("pg2")][..])]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A SIGHUP that changes `h`'s timeout and removes `second`.
+        let mut changed = hook(&["member_down"], 300, &file);
+        changed.timeout = Duration::from_secs(9);
+        hooks.replace(
+            HooksConfig {
+                concurrency: 3,
+                ..Default::default()
+            },
+            vec![changed],
+        );
+        let out = settle(&file, 1).await;
+        assert_eq!(out.len(), 1, "the debounced event was lost");
+        assert_eq!(out[0]["member"], "pg2");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(lines(&other).is_empty(), "the removed hook ran");
+        let dropped = metrics
+            .dropped
+            .get_or_create(&vec![("hook".to_owned(), "second".to_owned())])
+            .get();
+        assert_eq!(dropped, 1, "the removed hook's waiting run is counted");
+    }
+
+    #[tokio::test]
+    async fn a_citus_worker_group_without_a_leader_fires_leaderless_with_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("out");
+        let hooks = Hooks::start(
+            HooksConfig {
+                leaderless_after: Duration::from_millis(100),
+                ..Default::default()
+            },
+            vec![hook(&["leaderless"], 0, &file)],
+            HookMetrics::default(),
+        );
+        let up = [("w1", "running")];
+        let coordinator = cluster_at("cit", Some(0), Some("w1"), &up);
+        let worker = cluster_at("cit", Some(1), None, &up);
+        // Passes keep coming (the coordinator's heartbeats): the worker group's timer runs on.
+        for _ in 0..10 {
+            hooks.pass([(&coordinator, &[][..]), (&worker, &[][..])]);
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        let out = lines(&file);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0]["scope"], "cit");
+        assert_eq!(out[0]["group"], 1);
+        // A group the passes no longer report is forgotten: it never fires.
+        let gone = cluster_at("cit", Some(2), None, &up);
+        hooks.pass([(&coordinator, &[][..]), (&gone, &[][..])]);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        hooks.pass([(&coordinator, &[][..])]);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(lines(&file).len(), 1, "{:?}", lines(&file));
+    }
+
+    #[test]
+    fn a_citus_events_json_and_environment_name_its_group() {
+        let c = cluster_at("cit", Some(2), Some("pg1"), &[("pg1", "running")]);
+        let out = HookEvent::from_cluster_event(&down("pg1"), &c);
+        let json: serde_json::Value = serde_json::to_value(&out[0]).unwrap();
+        assert_eq!(json["group"], 2, "{json}");
+        assert!(out[0].env().contains(&("HACONFD_GROUP".into(), "2".into())));
+        let plain = cluster(Some("pg1"), &[("pg1", "running")]);
+        let out = HookEvent::from_cluster_event(&down("pg1"), &plain);
+        let json = serde_json::to_value(&out[0]).unwrap();
+        assert!(json.get("group").is_none(), "{json}");
     }
 }

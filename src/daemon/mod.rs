@@ -344,9 +344,9 @@ impl Daemon {
     /// Each cluster's events to the hooks; `pass_failed` once per spell of failures (again if
     /// the reason changes), naming the cluster the guard refused, else the first.
     fn tell_hooks(&mut self, report: &PassReport, p: &mut Passes) {
-        for r in &report.clusters {
-            self.hooks.events(&r.model, &r.events);
-        }
+        let clusters = report.clusters.iter();
+        self.hooks
+            .pass(clusters.map(|r| (&r.model, r.events.as_slice())));
         let Some(c) = report.failed_cluster() else {
             return;
         };

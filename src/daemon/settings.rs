@@ -11,7 +11,6 @@ use tokio::sync::mpsc;
 use super::parts::{tls_contents, HttpServer, Source};
 use super::{Daemon, DaemonError};
 use crate::config::{self, Settings};
-use crate::hooks::Hooks;
 use crate::logging;
 use crate::pipeline::{Engine, Mode};
 use crate::source::SourceState;
@@ -84,12 +83,9 @@ impl Daemon {
             self.http = h; // dropping the old server closes its listener
         }
         if has("hooks") {
-            // The old dispatcher finishes the runs it holds; new events go to the new one.
-            self.hooks = Hooks::start(
-                new.hooks_config.clone(),
-                new.hooks.clone(),
-                self.metrics.hook_metrics(),
-            );
+            // The running dispatcher takes the new hooks over with its waiting runs.
+            self.hooks
+                .replace(new.hooks_config.clone(), new.hooks.clone());
         }
         if let Some(filter) = log {
             if let Err(e) = self.logging.apply(new.log.format, filter) {

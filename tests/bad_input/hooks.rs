@@ -4,6 +4,8 @@
 
 use super::*;
 
+use nix::sys::signal::Signal;
+
 /// `[[hook]]` entries and a `[failover]` section for [`Cfg::daemon_extra`] (tables may follow
 /// the `[daemon]` keys in any order).
 fn hooks_toml(ws: &Ws, extra: &str) -> String {
@@ -175,4 +177,41 @@ fn dry_run_hooks_log_what_would_run_and_run_nothing() {
     assert!(log.contains("HACONFD_MEMBER"), "{log}");
     std::thread::sleep(Duration::from_millis(300));
     assert!(!marker.exists(), "the hook ran in a dry run");
+}
+
+#[test]
+fn a_sighup_that_changes_a_hook_keeps_its_debounced_member_down() {
+    let mut ws = Ws::new("hookhup");
+    let out = q(ws.path("events.jsonl"));
+    let hook = |timeout: &str| {
+        format!(
+            "\n[failover]\nenabled = false\n\n[[hook]]\nname = \"down\"\ncommand = [\"tee\", \"-a\", {out}]\nevents = [\"member_down\"]\ndebounce = \"2s\"\ntimeout = \"{timeout}\"\n"
+        )
+    };
+    let first = hook("10s");
+    ws.reconfigure(|c| c.daemon_extra = first);
+    let daemon = ws.start_debug_run();
+    assert!(
+        wait_until(Duration::from_secs(10), || daemon.log().contains("pass")),
+        "{}",
+        daemon.log()
+    );
+    let mut stopped = member(5442, "replica");
+    stopped["state"] = "stopped".into();
+    ws.put("members/pg2", &stopped.to_string());
+    // One second into the debounce, a SIGHUP that changes only the hook's timeout.
+    std::thread::sleep(Duration::from_secs(1));
+    let second = hook("20s");
+    ws.reconfigure(|c| c.daemon_extra = second);
+    daemon.signal(Signal::SIGHUP).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(6), || count(
+            &recorded(&ws),
+            "member_down"
+        ) == 1),
+        "the debounced member_down never ran after the SIGHUP: {:?}\n{}",
+        recorded(&ws),
+        daemon.log()
+    );
+    assert_eq!(recorded(&ws)[0]["member"], "pg2");
 }
