@@ -19,6 +19,13 @@
 //!    reference: the refusal ends when the members come back, when a leader is elected (rule 2),
 //!    or with `--force`.
 //!
+//! 4. With `etcd.discover`, a cluster with no `[clusters.<scope>]` table whose scope (or Citus
+//!    group) has held no leader or member key for `guard.gone_after` is forgotten: its section,
+//!    its entry in this memory and the state file, its place in `/status`. Only while another
+//!    cluster under the namespace shows a valid leader: that live cluster vouches that the store
+//!    answers truly (an emptied store or a wrong namespace forgets nothing). A configured cluster
+//!    is never forgotten this way: its table says the operator wants it.
+//!
 //! The memory is kept per namespace and scope, so that several haconfd instances (or a scope
 //! changed by SIGHUP) sharing one `guard.state_file` never compare one cluster with another. The
 //! file holds `{"clusters": [{"namespace", "scope", "members"}]}`; a file written by an older
@@ -44,6 +51,10 @@ pub struct GuardConfig {
     /// Where the member names of the last accepted view are kept, per namespace and scope, so
     /// that the shrink guard also holds for `once` and across restarts. Unset: in memory only.
     pub state_file: Option<PathBuf>,
+    /// With `etcd.discover`: how long a cluster without a `[clusters.<scope>]` table may show
+    /// no leader or member key before it is forgotten (rule 4 of the module docs).
+    #[serde(with = "humantime_serde")]
+    pub gone_after: std::time::Duration,
 }
 
 impl Default for GuardConfig {
@@ -53,6 +64,7 @@ impl Default for GuardConfig {
             max_removed_fraction: 0.5,
             force: false,
             state_file: None,
+            gone_after: std::time::Duration::from_secs(60),
         }
     }
 }

@@ -214,6 +214,8 @@ struct Rig {
     citus_ports: Vec<u16>,
     /// One file per cluster in `conf.d/` instead of one haproxy.cfg.
     per_cluster: bool,
+    /// TOML added to every config the rig writes.
+    extra: String,
     http_port: u16,
     pgb_port: u16,
     dir: tempfile::TempDir,
@@ -265,6 +267,7 @@ impl Rig {
                 Vec::new()
             },
             per_cluster,
+            extra: String::new(),
             http_port: free_port(),
             pgb_port: free_port(),
             dir,
@@ -384,6 +387,7 @@ impl Rig {
             ));
         }
         t.push_str(extra_clusters);
+        t.push_str(&self.extra);
         let haproxy_bin = require_bin("haproxy").display().to_string();
         let hap_reload = self.haproxy.as_ref().map(|h| {
             format!(
@@ -989,6 +993,72 @@ fn a_citus_cluster_routes_its_coordinator_and_every_worker_groups_primary() {
 /// One stray key in a Citus scope (a node that joined without its `citus:` section), or
 /// ordinary keys next to the groups: the groups stay, with their listeners and leaders, and the
 /// stray keys are named in a warning.
+#[test]
+fn clusters_created_and_deleted_with_new_names_leave_status_metrics_templates_and_the_state_file() {
+    let mut rig = Rig::new("clu-churn", &["alpha"], false, false);
+    let (list, state) = (rig.path("list.txt"), rig.path("members.json"));
+    std::fs::write(
+        rig.path("list.tera"),
+        "{% for c in clusters %}{{ c.scope }}:{% for m in c.members %} {{ m.name }}{% endfor %}\n{% endfor %}",
+    )
+    .unwrap();
+    rig.extra = format!(
+        "[guard]\ngone_after = \"1s\"\nstate_file = {}\n\n[[template]]\nname = \"list\"\nsrc = {}\ndest = {}\n\n",
+        toml_str(state.display().to_string()),
+        toml_str(rig.path("list.tera").display().to_string()),
+        toml_str(list.display().to_string()),
+    );
+    populate(&mut rig, false);
+    rig.start();
+    // Twenty short-lived clusters, each with a name of its own: created, seen, deleted.
+    for i in 0..20 {
+        let scope = format!("t{i:02}");
+        rig.put_cluster(&scope, &scope);
+        let seen = wait_until(Duration::from_secs(5), || {
+            read(&list).contains(&format!("{scope}: {scope}1"))
+        });
+        assert!(seen, "{scope} never rendered:\n{}", rig.diag());
+        txn(
+            rig.etcd(),
+            vec![delete_prefix(format!("{}/{scope}/", rig.ns))],
+        );
+    }
+    let mut last = String::new();
+    let forgotten = wait_until(Duration::from_secs(15), || {
+        last = read(&list);
+        last == "alpha: alpha1 alpha2\n"
+    });
+    assert!(
+        forgotten,
+        "the deleted clusters stay in the template:\n{last}\n{}",
+        rig.diag()
+    );
+    let scopes: Vec<String> = rig.status()["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["scope"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(scopes, ["alpha"], "/status still lists them");
+    let metrics = rig.metrics();
+    assert!(
+        !metrics.contains("scope=\"t0"),
+        "label sets stay:\n{metrics}"
+    );
+    let remembered = read(&state);
+    assert!(
+        !remembered.contains("\"t0"),
+        "the state file keeps them: {remembered}"
+    );
+    assert_eq!(rig.status()["last_pass_ok"], true, "{}", rig.diag());
+    assert!(
+        rig.log()
+            .contains("cluster gone from the store for guard.gone_after: forgotten"),
+        "{}",
+        rig.diag()
+    );
+}
+
 #[test]
 fn a_stray_key_in_a_citus_scope_keeps_every_group_and_is_named_in_a_warning() {
     let mut rig = Rig::new("clu-stray", &["alpha"], true, false);

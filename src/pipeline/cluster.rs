@@ -35,6 +35,8 @@ pub(super) struct ClusterState {
     pub(super) announced: bool,
     /// Events of the last pass.
     pub(super) events: Vec<ClusterEvent>,
+    /// Since when the store has shown no leader or member key of it (discovered clusters).
+    pub(super) absent_since: Option<std::time::Instant>,
 }
 
 impl ClusterState {
@@ -60,6 +62,7 @@ impl ClusterState {
             refused: None,
             announced: false,
             events: Vec::new(),
+            absent_since: None,
         }
     }
 

@@ -40,6 +40,16 @@ pub(super) struct Observe {
     notes: Notes,
 }
 
+/// The clusters a pass models, and what it learnt finding them.
+struct Found {
+    /// Every cluster to model, sorted.
+    ids: Vec<ClusterId>,
+    /// Those of `ids` the store shows no leader or member key of (followed from earlier passes
+    /// or the guard's memory), with `etcd.discover`: candidates to forget.
+    absent: BTreeSet<ClusterId>,
+    notes: Notes,
+}
+
 /// What a pass warns about once, not on every heartbeat.
 #[derive(Debug, Default, PartialEq)]
 struct Notes {
@@ -87,13 +97,13 @@ impl Observe {
     /// known from earlier passes or the guard's memory that the store no longer shows, for the
     /// guard to judge.
     fn cluster_ids(&self, setup: &Setup, snap: &Snapshot) -> Vec<ClusterId> {
-        self.found(setup, snap).0
+        self.found(setup, snap).ids
     }
 
-    /// [`Observe::cluster_ids`], with what to warn about: the stray keys of each Citus scope
-    /// (ordinary `leader` or `members/` keys next to its groups) and the scopes that cannot be
-    /// followed.
-    fn found(&self, setup: &Setup, snap: &Snapshot) -> (Vec<ClusterId>, Notes) {
+    /// [`Observe::cluster_ids`], with those the store no longer shows and what to warn about:
+    /// the stray keys of each Citus scope (ordinary `leader` or `members/` keys next to its
+    /// groups) and the scopes that cannot be followed.
+    fn found(&self, setup: &Setup, snap: &Snapshot) -> Found {
         let etcd = &setup.settings.etcd;
         let ns = &etcd.namespace;
         let found = match &etcd.clusters {
@@ -145,6 +155,7 @@ impl Observe {
                 ids.insert(ClusterId::plain(scope));
             }
         }
+        let mut absent = BTreeSet::new();
         if matches!(etcd.clusters, Clusters::Discover) {
             // Clusters whose keys are all gone: still followed until the guard lets them go.
             ids.extend(
@@ -161,8 +172,20 @@ impl Observe {
                     });
                 }
             }
+            // No leader or member key of the cluster (or of the Citus group) is left.
+            let shown = |id: &ClusterId| {
+                found.get(&id.scope).is_some_and(|l| match id.group {
+                    Some(g) => l.groups.contains(&g),
+                    None => l.plain,
+                })
+            };
+            absent = ids.iter().filter(|id| !shown(id)).cloned().collect();
         }
-        (ids.into_iter().collect(), notes)
+        Found {
+            ids: ids.into_iter().collect(),
+            absent,
+            notes,
+        }
     }
 
     /// Builds one cluster's model and logs skipped keys when the set of them changes (not on
@@ -268,11 +291,11 @@ impl Observe {
         stats: &mut PassStats,
     ) -> Result<Observed, PassError> {
         self.resume_left_paused(setup).await;
-        let (ids, notes) = self.found(setup, snap);
+        let Found { ids, absent, notes } = self.found(setup, snap);
         self.warn(setup, notes);
         // Clusters no longer followed (the config changed): forgotten.
         self.clusters.retain(|id, _| ids.binary_search(id).is_ok());
-        let mut refusals: Vec<GuardError> = Vec::new();
+        let mut refusals: Vec<(ClusterId, GuardError)> = Vec::new();
         let mut accepted_now = 0;
         let mut gone: Vec<ClusterId> = Vec::new();
         for id in &ids {
@@ -283,13 +306,16 @@ impl Observe {
                     gone.push(id.clone());
                 }
                 Verdict::Accepted { gone: false } => accepted_now += 1,
-                Verdict::Refused(Some(e)) => refusals.push(e),
+                Verdict::Refused(Some(e)) => refusals.push((id.clone(), e)),
                 Verdict::Refused(None) => {}
             }
             stats
                 .events
                 .extend(self.clusters[id].events.iter().cloned());
         }
+        let left = self.forget_absent(setup, &absent, stats);
+        refusals.retain(|(id, _)| !left.contains(id));
+        let mut refusals: Vec<GuardError> = refusals.into_iter().map(|(_, e)| e).collect();
         self.reports = self.cluster_reports(setup);
         self.forget(setup, &gone);
         if accepted_now == 0 && !refusals.is_empty() {
@@ -392,6 +418,49 @@ impl Observe {
             }
         }
         self.notes = notes;
+    }
+
+    /// Rule 4 of the guard (see `guard.rs`): each discovered cluster without a table that the
+    /// store no longer shows is timed; one gone for `guard.gone_after` is forgotten while
+    /// another cluster shows a valid leader. Returns the clusters forgotten; counts those
+    /// still timed in `stats.forgetting` (a pass must come when their time is up).
+    fn forget_absent(
+        &mut self,
+        setup: &Setup,
+        absent: &BTreeSet<ClusterId>,
+        stats: &mut PassStats,
+    ) -> BTreeSet<ClusterId> {
+        let now = std::time::Instant::now();
+        let after = setup.settings.guard.gone_after;
+        let prefix = setup.settings.etcd.prefix();
+        let live = self.clusters.iter().any(|(id, st)| {
+            !absent.contains(id) && st.seen.as_ref().is_some_and(|c| c.leader().is_some())
+        });
+        let mut left = BTreeSet::new();
+        for (id, st) in &mut self.clusters {
+            if !absent.contains(id) || setup.configured(&id.scope) {
+                st.absent_since = None;
+                continue;
+            }
+            let since = *st.absent_since.get_or_insert_with(|| {
+                tracing::info!(cluster = %id, gone_after = ?after, "no leader or member key of this cluster is left under {prefix}: it is forgotten after guard.gone_after while another cluster shows a leader");
+                now
+            });
+            if live && now.duration_since(since) >= after {
+                left.insert(id.clone());
+            } else {
+                stats.forgetting += 1;
+            }
+        }
+        for id in &left {
+            if let Some(st) = self.clusters.remove(id) {
+                if let Some(c) = &st.seen {
+                    self.memory.forget(&setup.settings.guard, c);
+                }
+                tracing::warn!(cluster = %id, gone_after = ?after, "cluster gone from the store for guard.gone_after: forgotten (its section, the guard's memory of it, its status)");
+            }
+        }
+        left
     }
 
     /// Clusters gone from the store whose empty view the guard accepted: forgotten.

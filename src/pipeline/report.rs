@@ -97,6 +97,9 @@ pub struct PassStats {
     /// Clusters with no leader now whose sections in `require_leader` templates keep their
     /// last leader (several clusters).
     pub leaderless: Vec<String>,
+    /// Discovered clusters the store no longer shows, timed by `guard.gone_after` before they
+    /// are forgotten: a pass must come when their time is up.
+    pub forgetting: usize,
 }
 
 /// One cluster (or Citus group) as the last pass left it, for status, metrics and hooks.
@@ -163,9 +166,10 @@ impl PassReport {
     /// failure, also in the same pass, needs the retry timer.
     pub fn next(&self) -> Next {
         let retry = match &self.result {
-            Ok(_) => !self.stats.awaiting.is_empty(),
+            Ok(_) => !self.stats.awaiting.is_empty() || self.stats.forgetting > 0,
             Err(e) if e.is_leaderless() => {
                 !self.stats.awaiting.is_empty()
+                    || self.stats.forgetting > 0
                     || !self
                         .stats
                         .failed

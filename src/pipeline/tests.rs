@@ -337,3 +337,83 @@ async fn citus_groups_render_under_one_cluster() {
     );
     assert_eq!(ctx["clusters"][0]["citus"], true);
 }
+
+#[tokio::test]
+async fn a_discovered_cluster_whose_keys_are_gone_is_forgotten_after_gone_after_while_another_has_a_leader(
+) {
+    let mut rig = Rig::new("[guard]\ngone_after = \"0s\"\nstate_file = \"members.json\"\n");
+    rig.cluster("a", 5432, Some("pg1"));
+    rig.cluster("b", 6432, Some("pg1"));
+    rig.cluster("c", 7432, Some("pg1"));
+    rig.cluster("cit/0", 8432, Some("pg1"));
+    rig.cluster("cit/1", 8532, Some("pg1"));
+    rig.pass().await.unwrap();
+    let all = rig.read("all.txt").unwrap();
+    assert!(all.contains("c configured=false"), "{all}");
+    assert!(rig.read("members.json").unwrap().contains("\"c\""));
+    // c's keys and Citus group 1's all go (a deleted cluster, a removed worker group).
+    for k in ["c/leader", "c/members/pg1", "c/members/pg2"] {
+        rig.delete(k);
+    }
+    for k in ["cit/1/leader", "cit/1/members/pg1", "cit/1/members/pg2"] {
+        rig.delete(k);
+    }
+    let report = rig
+        .engine
+        .pass_shared(Arc::new(rig.snap.clone()), false)
+        .await;
+    assert!(report.result.is_ok(), "{:?}", report.result);
+    let ids: Vec<String> = report.clusters.iter().map(|r| r.id.to_string()).collect();
+    assert!(
+        !ids.iter().any(|i| i == "c" || i.ends_with("/1")),
+        "still followed: {ids:?}"
+    );
+    assert_eq!(report.next(), Next::AwaitChange);
+    let all = rig.read("all.txt").unwrap();
+    assert!(!all.contains("c configured"), "c's section stayed:\n{all}");
+    let state = rig.read("members.json").unwrap();
+    assert!(!state.contains("\"c\""), "the state file keeps c: {state}");
+    assert!(
+        !state.contains("\"group\": 1") && !state.contains("\"group\":1"),
+        "{state}"
+    );
+    assert!(state.contains("\"a\""), "{state}");
+}
+
+#[tokio::test]
+async fn a_gone_discovered_cluster_waits_for_gone_after_and_an_emptied_store_forgets_nothing() {
+    let mut rig = Rig::new("[guard]\ngone_after = \"60s\"\n");
+    rig.cluster("a", 5432, Some("pg1"));
+    rig.cluster("c", 7432, Some("pg1"));
+    rig.pass().await.unwrap();
+    for k in ["c/leader", "c/members/pg1", "c/members/pg2"] {
+        rig.delete(k);
+    }
+    let report = rig
+        .engine
+        .pass_shared(Arc::new(rig.snap.clone()), false)
+        .await;
+    assert_eq!(report.stats.forgetting, 1);
+    assert_eq!(
+        report.next(),
+        Next::Retry,
+        "a pass must come when its time is up"
+    );
+    assert!(rig.read("all.txt").unwrap().contains("c configured=false"));
+
+    // Every cluster gone at once (an emptied store, a wrong namespace): with no cluster
+    // showing a leader, nothing is forgotten, whatever the time.
+    let mut rig = Rig::new("[guard]\ngone_after = \"0s\"\n");
+    rig.cluster("a", 5432, Some("pg1"));
+    rig.cluster("c", 7432, Some("pg1"));
+    rig.pass().await.unwrap();
+    let both = rig.read("all.txt").unwrap();
+    for s in ["a", "c"] {
+        for k in ["leader", "members/pg1", "members/pg2"] {
+            rig.delete(&format!("{s}/{k}"));
+        }
+    }
+    assert!(rig.pass().await.is_err());
+    assert!(rig.pass().await.is_err());
+    assert_eq!(rig.read("all.txt").unwrap(), both);
+}
