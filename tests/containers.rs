@@ -2133,7 +2133,7 @@ fn vip_and_multi_host_clients_ride_through_a_lb_host_its_haproxy_or_haconfd_fail
 }
 
 // ---------------------------------------------------------------------------------------------
-// Hostile hosts: an arbitrary uid
+// Hostile hosts: an arbitrary uid, PID 1
 // ---------------------------------------------------------------------------------------------
 
 /// A config for the hostile-host tests: the leader and the members' names rendered into each
@@ -2343,4 +2343,121 @@ fn an_arbitrary_uid_replaces_files_another_uid_wrote_and_a_configured_owner_it_c
             .find(|l| l.contains("configured owner"))
             .unwrap_or_default()
     );
+}
+
+/// The processes in a container whose state is Z (exited, not reaped): `pid (comm)` each.
+fn zombies(c: &Container) -> Vec<String> {
+    let stats = c.exec(&["sh", "-c", "cat /proc/[0-9]*/stat 2>/dev/null; true"]);
+    stats
+        .lines()
+        .filter_map(|l| {
+            let (head, rest) = l.rsplit_once(") ")?;
+            rest.starts_with('Z').then(|| format!("{head})"))
+        })
+        .collect()
+}
+
+/// haconfd as PID 1 of its image (no `--init`), with a hook that leaves a process behind
+/// (`sh -c 'sleep 1 & echo spawned'`, as ssh's `ControlPersist` does): the orphans are reaped,
+/// none is left a zombie; signals sent to the container reach the daemon (SIGHUP reloads its
+/// settings, `docker stop` stops it gracefully, exit 0, well within the grace period), and the
+/// container exits with the daemon's code.
+#[test]
+fn as_pid_1_the_orphans_of_hooks_are_reaped_and_docker_stop_reaches_the_daemon() {
+    let _serial = serial();
+    let images = images();
+    let (net, etcd) = demo_etcd("pid1");
+    let dir = shared_dir("pid1-data");
+    let hook = "\n[[hook]]\nname = \"orphans\"\ncommand = [\"sh\", \"-c\", \"sleep 1 & echo spawned\"]\nevents = [\"member_added\"]\n";
+    let cfg = list_config_dir(
+        "pid1-cfg",
+        &list_config(&[("list", "/data/list.txt")], "", hook),
+    );
+    let vol = format!("{}:/data", dir.path().display());
+    let etc = format!("{}:/etc/haconfd:ro", cfg.path().display());
+    let haconfd = Container::run(
+        "haconfd-pid1",
+        &[
+            "--network",
+            &net.name,
+            "-v",
+            &vol,
+            "-v",
+            &etc,
+            &images.haconfd,
+            "run",
+        ],
+    );
+    let logs = || haconfd.logs(60);
+    let list = dir.path().join("list.txt");
+    file_follows(&list, "pg1", &logs);
+    assert_eq!(haconfd.exec(&["cat", "/proc/1/comm"]).trim(), "haconfd");
+
+    let runs = 5;
+    for i in 3..3 + runs {
+        put(
+            &etcd,
+            &format!("/service/demo/members/pg{i}"),
+            &fake_member(&format!("192.0.2.{}", 10 + i), "replica"),
+        );
+        let ran = poll(Duration::from_secs(30), Duration::from_millis(100), || {
+            (haconfd.logs(1000).matches("hook ran").count() >= i - 2).then_some(())
+        });
+        assert!(ran.is_some(), "the hook did not run for pg{i}\n{}", logs());
+    }
+    // Each backgrounded `sleep 1` has exited by now; an init that reaps leaves none behind.
+    std::thread::sleep(Duration::from_secs(3));
+    let z = zombies(&haconfd);
+    let procs = haconfd.exec(&["sh", "-c", "cat /proc/[0-9]*/comm 2>/dev/null; true"]);
+    let rss = haconfd.exec(&["sh", "-c", "grep VmRSS /proc/1/status; true"]);
+    println!(
+        "RESULT PID 1: {runs} hook runs, {} zombies; processes: {}; PID 1 {}",
+        z.len(),
+        procs.split_whitespace().collect::<Vec<_>>().join(" "),
+        rss.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    assert!(
+        z.is_empty(),
+        "zombies after {runs} hook runs: {z:?}\n{}",
+        logs()
+    );
+
+    // Signals sent to PID 1 reach the daemon: SIGHUP reloads the settings...
+    docker(&["kill", "--signal", "HUP", &haconfd.name]);
+    let reloaded = poll(Duration::from_secs(20), Duration::from_millis(100), || {
+        haconfd
+            .logs(1000)
+            .contains("configuration and templates reloaded")
+            .then_some(())
+    });
+    assert!(
+        reloaded.is_some(),
+        "SIGHUP did not reach the daemon\n{}",
+        logs()
+    );
+    // ... and `docker stop`'s SIGTERM stops it gracefully.
+    let t = Instant::now();
+    haconfd.stop(20);
+    let took = t.elapsed();
+    let code = docker(&["inspect", "--format", "{{.State.ExitCode}}", &haconfd.name]);
+    println!(
+        "RESULT PID 1: docker stop took {} s, exit code {}",
+        secs(took),
+        code.trim()
+    );
+    assert_eq!(code.trim(), "0", "{}", logs());
+    assert!(
+        took < Duration::from_secs(10),
+        "stopping took {took:?}\n{}",
+        logs()
+    );
+
+    // The container's exit code is the daemon's: 2 for a config that cannot be read.
+    let bad = Container::run(
+        "haconfd-pid1-bad",
+        &[&images.haconfd, "-c", "/etc/haconfd/missing.toml", "run"],
+    );
+    let code =
+        docker_try(&["wait", &bad.name], Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(code.trim(), "2", "{}", bad.logs(20));
 }
