@@ -2166,24 +2166,69 @@ fn list_config_dir(tag: &str, text: &str) -> tempfile::TempDir {
     d
 }
 
-/// An etcd on a fresh network with pg1 (the leader) and pg2.
-fn demo_etcd(what: &str) -> (Network, Container) {
-    let net = Network::create(what);
-    let etcd = etcd_member(&net, "etcd", &["etcd"]);
-    wait_etcd_healthy(&etcd, Duration::from_secs(60));
-    let p = "/service/demo";
-    put(
-        &etcd,
-        &format!("{p}/members/pg1"),
-        &fake_member("192.0.2.11", "master"),
-    );
-    put(
-        &etcd,
-        &format!("{p}/members/pg2"),
-        &fake_member("192.0.2.12", "replica"),
-    );
-    put(&etcd, &format!("{p}/leader"), "pg1");
-    (net, etcd)
+/// What a hostile-host test starts from: the images, and an etcd on a fresh network with pg1
+/// (the leader) and pg2, the test's turn held (the fields drop in order: etcd, network, turn).
+struct Demo {
+    images: &'static Images,
+    etcd: Container,
+    net: Network,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Demo {
+    /// `docker run` arguments for haconfd's image on the demo's network, with `data` at /data and
+    /// `cfg` at /etc/haconfd (read-only), `flags` before the image and `command` after it.
+    fn haconfd_args(&self, data: &Path, cfg: &Path, flags: &[&str], command: &str) -> Vec<String> {
+        let mounts = [
+            format!("{}:/data", data.display()),
+            format!("{}:/etc/haconfd:ro", cfg.display()),
+        ];
+        let mut args = vec!["--network".to_string(), self.net.name.clone()];
+        for m in mounts {
+            args.extend(["-v".to_string(), m]);
+        }
+        args.extend(flags.iter().map(|f| f.to_string()));
+        args.extend([self.images.haconfd.clone(), command.to_string()]);
+        args
+    }
+
+    /// [`Container::run`] with [`Demo::haconfd_args`].
+    fn run_haconfd(
+        &self,
+        what: &str,
+        data: &Path,
+        cfg: &Path,
+        flags: &[&str],
+        command: &str,
+    ) -> Container {
+        let args = self.haconfd_args(data, cfg, flags, command);
+        Container::run(what, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn start(what: &str) -> Demo {
+        let serial = serial();
+        let net = Network::create(what);
+        let etcd = etcd_member(&net, "etcd", &["etcd"]);
+        wait_etcd_healthy(&etcd, Duration::from_secs(60));
+        let p = "/service/demo";
+        put(
+            &etcd,
+            &format!("{p}/members/pg1"),
+            &fake_member("192.0.2.11", "master"),
+        );
+        put(
+            &etcd,
+            &format!("{p}/members/pg2"),
+            &fake_member("192.0.2.12", "replica"),
+        );
+        put(&etcd, &format!("{p}/leader"), "pg1");
+        Demo {
+            images: images(),
+            etcd,
+            net,
+            _serial: serial,
+        }
+    }
 }
 
 /// Waits until `file` starts with `leader=<who>`.
@@ -2219,9 +2264,8 @@ fn owner_and_mode(file: &Path) -> (u32, u32, u32) {
 /// this uid cannot give fails the write (exit 7 of `once`), named, and the file stays as it was.
 #[test]
 fn an_arbitrary_uid_replaces_files_another_uid_wrote_and_a_configured_owner_it_cannot_give_fails() {
-    let _serial = serial();
-    let images = images();
-    let (net, etcd) = demo_etcd("anyuid");
+    let demo = Demo::start("anyuid");
+    let (net, etcd) = (&demo.net, &demo.etcd);
     // The volume: uid 99 wrote it, and group 0 may write in it (OpenShift's convention).
     let dir = temp_dir("anyuid-data");
     nix::unistd::chown(dir.path(), Some(HAPROXY_UID.into()), Some(0.into())).unwrap();
@@ -2240,37 +2284,21 @@ fn an_arbitrary_uid_replaces_files_another_uid_wrote_and_a_configured_owner_it_c
         ("other-group", "/data/other-group.txt"),
     ];
     let cfg = list_config_dir("anyuid-cfg", &list_config(&files, "", ""));
-    let vol = format!("{}:/data", dir.path().display());
     // Locked down as OpenShift's restricted profile runs a pod, under uid 12345 in group 0.
-    let hostile = |cfg: &Path, command: &str| -> Vec<String> {
-        let etc = format!("{}:/etc/haconfd:ro", cfg.display());
-        [
-            "--network",
-            &net.name,
-            "--user",
-            "12345:0",
-            "--group-add",
-            "99",
-            "--read-only",
-            "--tmpfs",
-            "/tmp",
-            "--cap-drop",
-            "ALL",
-            "--security-opt",
-            "no-new-privileges",
-            "-v",
-            &vol,
-            "-v",
-            &etc,
-            &images.haconfd,
-            command,
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    let args = hostile(cfg.path(), "run");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let haconfd = Container::run("haconfd-anyuid", &args);
+    let hostile = [
+        "--user",
+        "12345:0",
+        "--group-add",
+        "99",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+    ];
+    let haconfd = demo.run_haconfd("haconfd-anyuid", dir.path(), cfg.path(), &hostile, "run");
     let logs = || haconfd.logs(40);
     file_follows(&kept, "pg1", &logs);
     file_follows(&other, "pg1", &logs);
@@ -2292,10 +2320,10 @@ fn an_arbitrary_uid_replaces_files_another_uid_wrote_and_a_configured_owner_it_c
     );
 
     // A failover: written again, now without a word about owners.
-    put(&etcd, "/service/demo/leader", "pg2");
+    put(etcd, "/service/demo/leader", "pg2");
     file_follows(&kept, "pg2", &logs);
     file_follows(&other, "pg2", &logs);
-    let http = addr(&haconfd.ip(&net), HTTP_PORT);
+    let http = addr(&haconfd.ip(net), HTTP_PORT);
     let st = poll(Duration::from_secs(10), Duration::from_millis(100), || {
         status_at(http).filter(|st| st["last_pass_ok"] == Value::Bool(true))
     })
@@ -2311,10 +2339,14 @@ fn an_arbitrary_uid_replaces_files_another_uid_wrote_and_a_configured_owner_it_c
         "anyuid-owner-cfg",
         &list_config(&files[..1], "owner = \"99\"\n", ""),
     );
-    put(&etcd, "/service/demo/leader", "pg1");
-    let args = hostile(cfg.path(), "once");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let once = Container::run("haconfd-anyuid-once", &args);
+    put(etcd, "/service/demo/leader", "pg1");
+    let once = demo.run_haconfd(
+        "haconfd-anyuid-once",
+        dir.path(),
+        cfg.path(),
+        &hostile,
+        "once",
+    );
     let code = docker_try(&["wait", &once.name], Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}"));
     let out = once.logs(40);
@@ -2364,30 +2396,15 @@ fn zombies(c: &Container) -> Vec<String> {
 /// container exits with the daemon's code.
 #[test]
 fn as_pid_1_the_orphans_of_hooks_are_reaped_and_docker_stop_reaches_the_daemon() {
-    let _serial = serial();
-    let images = images();
-    let (net, etcd) = demo_etcd("pid1");
+    let demo = Demo::start("pid1");
+    let (images, etcd) = (demo.images, &demo.etcd);
     let dir = shared_dir("pid1-data");
     let hook = "\n[[hook]]\nname = \"orphans\"\ncommand = [\"sh\", \"-c\", \"sleep 1 & echo spawned\"]\nevents = [\"member_added\"]\n";
     let cfg = list_config_dir(
         "pid1-cfg",
         &list_config(&[("list", "/data/list.txt")], "", hook),
     );
-    let vol = format!("{}:/data", dir.path().display());
-    let etc = format!("{}:/etc/haconfd:ro", cfg.path().display());
-    let haconfd = Container::run(
-        "haconfd-pid1",
-        &[
-            "--network",
-            &net.name,
-            "-v",
-            &vol,
-            "-v",
-            &etc,
-            &images.haconfd,
-            "run",
-        ],
-    );
+    let haconfd = demo.run_haconfd("haconfd-pid1", dir.path(), cfg.path(), &[], "run");
     let logs = || haconfd.logs(60);
     let list = dir.path().join("list.txt");
     file_follows(&list, "pg1", &logs);
@@ -2396,7 +2413,7 @@ fn as_pid_1_the_orphans_of_hooks_are_reaped_and_docker_stop_reaches_the_daemon()
     let runs = 5;
     for i in 3..3 + runs {
         put(
-            &etcd,
+            etcd,
             &format!("/service/demo/members/pg{i}"),
             &fake_member(&format!("192.0.2.{}", 10 + i), "replica"),
         );

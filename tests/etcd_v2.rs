@@ -107,6 +107,17 @@ fn seed(put: impl Fn(&str, &str) -> i64, scope: &str, n: u16) {
     put(&format!("/service/{scope}/leader"), "pg1");
 }
 
+/// A v2 etcd whose scope (named after `tag`) holds `n` members with pg1 leading, and haconfd
+/// following it, ready.
+fn v2_scope_followed(tag: &str, n: u16) -> (Etcd, String, Daemon, Proc) {
+    let etcd = Etcd::start_v2();
+    let scope = unique_name(tag);
+    seed(|k, v| etcd.v2_put(k, v), &scope, n);
+    let d = Daemon::v2(&[etcd.endpoint()], &scope);
+    let p = d.run_ready(Duration::from_secs(10));
+    (etcd, scope, d, p)
+}
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -462,12 +473,7 @@ fn history_cleared_past_the_watch_index_relists_without_losing_state() {
 /// watch.
 #[test]
 fn a_quiet_scope_next_to_a_busy_prefix_keeps_up_without_relisting() {
-    let etcd = Etcd::start_v2();
-    let scope = unique_name("v2quiet");
-    seed(|k, v| etcd.v2_put(k, v), &scope, 3);
-    let d = Daemon::v2(&[etcd.endpoint()], &scope);
-    let p = d.run_ready(Duration::from_secs(10));
-
+    let (etcd, scope, d, p) = v2_scope_followed("v2quiet", 3);
     let start = etcd.v2_index();
     let t0 = Instant::now();
     let per_second = 150;
@@ -482,15 +488,11 @@ fn a_quiet_scope_next_to_a_busy_prefix_keeps_up_without_relisting() {
     }
     let written = etcd.v2_index() - start;
     assert!(written > 1000, "only {written} events");
+    // The scope's own change, through the watch.
     etcd.v2_put(&format!("/service/{scope}/leader"), "pg3");
-    assert!(
-        wait_until(Duration::from_secs(5), || d
-            .out()
-            .starts_with("leader=pg3\n")),
-        "{}\n{}",
-        d.out(),
-        p.log()
-    );
+    let pg3 = |out: String| out.starts_with("leader=pg3\n");
+    let followed = wait_until(Duration::from_secs(5), || pg3(d.out()));
+    assert!(followed, "{}\n{}", d.out(), p.log());
     let st = d.status();
     println!(
         "RESULT v2 busy_neighbour events={written} over {:?} relists={}",
