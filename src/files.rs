@@ -242,6 +242,9 @@ fn give_owner(
             }
         })?;
     }
+    if keep_uid.is_none() && keep_gid.is_none() {
+        return set_mode();
+    }
     if let Some(g) = keep_gid {
         // Without CAP_CHOWN the group may still be kept: one the process is in.
         let _ = std::os::unix::fs::fchown(file, None, Some(g));
