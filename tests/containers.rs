@@ -4,7 +4,8 @@
 //! it and from one of its members with `docker network disconnect` and `docker stop`, and two
 //! load-balancer hosts behind keepalived's VIP (examples/keepalived/), with clients writing
 //! through the VIP and through a libpq multi-host string while a host, its HAProxy or its haconfd
-//! is killed or etcd is cut from it.
+//! is killed or etcd is cut from it. Hostile hosts: haconfd's image under an arbitrary uid without
+//! capabilities on files another uid wrote, and as PID 1 with a hook that leaves orphans.
 //!
 //! No image can be pulled here: the images are built on this machine from Debian 12's packages and
 //! the project's own Dockerfiles (tests/common/docker.rs: a debootstrapped base, cached by content
