@@ -7,8 +7,8 @@
 use std::os::unix::fs::MetadataExt;
 
 use crate::command;
-use crate::files::stage_bytes;
 pub use crate::files::{commit, current, holds, sweep_leftovers, ApplyError, Retired, Staged};
+use crate::files::{stage_bytes, Owner};
 use crate::render::Rendered;
 use crate::target::Target;
 
@@ -16,17 +16,21 @@ use crate::target::Target;
 pub const STAGED_PLACEHOLDER: &str = "{{staged}}";
 
 /// Writes `rendered` to a new staged file beside `target.dest`, fsynced, with the final mode and
-/// owner: the configured ones, else the current file's, else 0644 and the process's own.
+/// owner: the configured ones (an owner or group that cannot be given fails the stage), else the
+/// current file's (its owner kept where the process may, else the process's with a warning), else
+/// 0644 and the process's own.
 pub fn stage(target: &Target, rendered: &Rendered) -> Result<Staged, ApplyError> {
     let existing = std::fs::metadata(&target.dest).ok();
     let mode = target
         .mode
         .or_else(|| existing.as_ref().map(|m| m.mode() & 0o7777))
         .unwrap_or(0o644);
-    let owner = (
-        target.owner.or_else(|| existing.as_ref().map(|m| m.uid())),
-        target.group.or_else(|| existing.as_ref().map(|m| m.gid())),
-    );
+    let owner = Owner {
+        uid: target.owner,
+        gid: target.group,
+        keep_uid: existing.as_ref().map(|m| m.uid()),
+        keep_gid: existing.as_ref().map(|m| m.gid()),
+    };
     stage_bytes(
         &target.dest,
         &rendered.name,

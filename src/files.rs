@@ -30,6 +30,21 @@ pub enum ApplyError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The owner or group configured for the file (`owner`/`group` of a `[[template]]`) could
+    /// not be given to it: nothing was swapped.
+    #[error(
+        "cannot give {dest} the configured {what}: {source}; nothing was swapped (a file's owner \
+         changes only with CAP_CHOWN, its group to one haconfd's user is in or with CAP_CHOWN; \
+         unset owner/group to keep the existing file's where haconfd may)"
+    )]
+    Owner {
+        /// Destination.
+        dest: PathBuf,
+        /// `owner 99`, `group 99`, or both.
+        what: String,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// The check command refused the staged file.
     #[error("check of {target:?} refused the new file; {dest} is unchanged: {source}")]
     Check {
@@ -152,15 +167,116 @@ pub fn holds(dest: &Path, bytes: &[u8]) -> Result<bool, ApplyError> {
     }
 }
 
-/// Writes `bytes` to a new staged file beside `dest` with exactly `mode` and, where it differs
-/// from the process's, `owner` (uid, gid). `durable` fsyncs it: a config must survive a crash
-/// once renamed; a scratch file haconfd rewrites every pass need not.
+/// Who a staged file is to belong to. A configured uid or gid (`owner`/`group` of a
+/// `[[template]]`) is given to the file or it is not staged: the operator asked for it. The
+/// replaced file's uid and gid are kept where the process may (its gid when the process is in
+/// that group; its uid only with CAP_CHOWN); else the new file stays the process's, with a
+/// warning: an image that runs under another uid than the one that wrote the volume must still
+/// follow a failover.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// Configured uid.
+    pub uid: Option<u32>,
+    /// Configured gid.
+    pub gid: Option<u32>,
+    /// The replaced file's uid, kept where the process may.
+    pub keep_uid: Option<u32>,
+    /// The replaced file's gid, kept where the process may.
+    pub keep_gid: Option<u32>,
+}
+
+/// A configured (uid, gid): given to the file, or the stage fails.
+impl From<(Option<u32>, Option<u32>)> for Owner {
+    fn from((uid, gid): (Option<u32>, Option<u32>)) -> Owner {
+        Owner {
+            uid,
+            gid,
+            ..Owner::default()
+        }
+    }
+}
+
+/// Gives the staged `file` at `path` (just created, so the process's) the owner `owner` asks for,
+/// as far as it must and may (see [`Owner`]); the mode is set again after a change (chown clears
+/// set-id bits).
+fn give_owner(
+    file: &File,
+    path: &Path,
+    dest: &Path,
+    owner: Owner,
+    mode: u32,
+) -> Result<(), ApplyError> {
+    let stage_err = |source| ApplyError::Stage {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = file.metadata().map_err(stage_err)?;
+    let differs = |want: Option<u32>, have: u32| want.filter(|w| *w != have);
+    let (uid, gid) = (
+        differs(owner.uid, meta.uid()),
+        differs(owner.gid, meta.gid()),
+    );
+    let keep_uid = differs(owner.keep_uid, meta.uid()).filter(|_| owner.uid.is_none());
+    let keep_gid = differs(owner.keep_gid, meta.gid()).filter(|_| owner.gid.is_none());
+    if uid.or(keep_uid).is_none() && gid.or(keep_gid).is_none() {
+        return Ok(());
+    }
+    let set_mode = || {
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(stage_err)
+    };
+    let err = match std::os::unix::fs::fchown(file, uid.or(keep_uid), gid.or(keep_gid)) {
+        Ok(()) => return set_mode(),
+        Err(e) => e,
+    };
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::fchown(file, uid, gid).map_err(|source| {
+            let what = [
+                uid.map(|u| format!("owner {u}")),
+                gid.map(|g| format!("group {g}")),
+            ];
+            ApplyError::Owner {
+                dest: dest.to_owned(),
+                what: what.into_iter().flatten().collect::<Vec<_>>().join(" and "),
+                source,
+            }
+        })?;
+    }
+    if keep_uid.is_none() && keep_gid.is_none() {
+        return set_mode();
+    }
+    if let Some(g) = keep_gid {
+        // Without CAP_CHOWN the group may still be kept: one the process is in.
+        let _ = std::os::unix::fs::fchown(file, None, Some(g));
+    }
+    set_mode()?;
+    let now = file.metadata().map_err(stage_err)?;
+    let was = (
+        owner.keep_uid.or(owner.uid).unwrap_or(meta.uid()),
+        owner.keep_gid.or(owner.gid).unwrap_or(meta.gid()),
+    );
+    tracing::warn!(
+        dest = %dest.display(),
+        was = %format!("{}:{}", was.0, was.1),
+        now = %format!("{}:{}", now.uid(), now.gid()),
+        mode = %format!("{mode:04o}"),
+        error = %err,
+        "cannot keep the replaced file's owner: the new file belongs to haconfd's user (`now`), \
+         with the same mode; check that its reader may still read it, or give haconfd CAP_CHOWN, \
+         or set owner/group in the [[template]] to ones haconfd may give"
+    );
+    Ok(())
+}
+
+/// Writes `bytes` to a new staged file beside `dest` with exactly `mode` and the owner `owner`
+/// asks for (see [`Owner`]; a `(uid, gid)` pair is a configured one). `durable` fsyncs it: a
+/// config must survive a crash once renamed; a scratch file haconfd rewrites every pass need not.
 pub fn stage_bytes(
     dest: &Path,
     name: &str,
     bytes: &[u8],
     mode: u32,
-    owner: (Option<u32>, Option<u32>),
+    owner: impl Into<Owner>,
     durable: bool,
 ) -> Result<Staged, ApplyError> {
     let file_name = dest
@@ -183,15 +299,7 @@ pub fn stage_bytes(
         path: path.clone(),
         committed: false,
     };
-    let meta = file.metadata().map_err(stage_err)?;
-    let want_uid = owner.0.filter(|u| *u != meta.uid());
-    let want_gid = owner.1.filter(|g| *g != meta.gid());
-    if want_uid.is_some() || want_gid.is_some() {
-        std::os::unix::fs::fchown(&file, want_uid, want_gid).map_err(stage_err)?;
-        // chown clears set-id bits; restore the exact mode.
-        file.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(stage_err)?;
-    }
+    give_owner(&file, &path, dest, owner.into(), mode)?;
     file.write_all(bytes).map_err(stage_err)?;
     if durable {
         file.sync_all().map_err(stage_err)?;

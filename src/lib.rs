@@ -23,7 +23,9 @@
 //! - [`daemon`]: the `run` loop (one trigger at a time, the pacer owning the timing), settings
 //!   reloads, OS signals and systemd;
 //! - [`config`], [`cli`], [`logging`]: the file, flags and environment resolved into each stage's
-//!   settings, and the logs.
+//!   settings, and the logs;
+//! - [`init`], apart (it imports nothing of the crate): haconfd as PID 1 forks, the daemon goes
+//!   on in the child, and PID 1 forwards signals to it and reaps orphans.
 #![warn(missing_docs)]
 
 pub mod apply;
@@ -39,6 +41,7 @@ pub mod files;
 pub mod guard;
 pub mod hooks;
 pub mod http;
+pub mod init;
 pub mod logging;
 pub mod metrics;
 pub mod model;

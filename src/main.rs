@@ -17,6 +17,8 @@ use haconfd::source;
 use haconfd::status::Status;
 
 fn main() -> ExitCode {
+    // First, before any thread: as PID 1, an init stays behind and the daemon goes on here.
+    haconfd::init::split_if_pid1();
     let cli = Cli::parse();
     if let Command::Completions { shell } = &cli.command {
         clap_complete::generate(

@@ -4,7 +4,8 @@
 //! it and from one of its members with `docker network disconnect` and `docker stop`, and two
 //! load-balancer hosts behind keepalived's VIP (examples/keepalived/), with clients writing
 //! through the VIP and through a libpq multi-host string while a host, its HAProxy or its haconfd
-//! is killed or etcd is cut from it.
+//! is killed or etcd is cut from it. Hostile hosts: haconfd's image under an arbitrary uid without
+//! capabilities on files another uid wrote, and as PID 1 with a hook that leaves orphans.
 //!
 //! No image can be pulled here: the images are built on this machine from Debian 12's packages and
 //! the project's own Dockerfiles (tests/common/docker.rs: a debootstrapped base, cached by content
@@ -2130,4 +2131,351 @@ fn vip_and_multi_host_clients_ride_through_a_lb_host_its_haproxy_or_haconfd_fail
         "the leader changed during the test"
     );
     println!("RESULT vip: the whole test took {} s", secs(t_up.elapsed()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile hosts: an arbitrary uid, PID 1
+// ---------------------------------------------------------------------------------------------
+
+/// A config for the hostile-host tests: the leader and the members' names rendered into each
+/// `(name, dest)`, with `extra` appended to each `[[template]]`, and `tail` after them.
+fn list_config(files: &[(&str, &str)], extra: &str, tail: &str) -> String {
+    let mut text = String::from(
+        "[etcd]\nendpoints = [\"http://etcd:2379\"]\nnamespace = \"/service\"\nscope = \"demo\"\n\n\
+         [daemon]\nmin_interval = \"100ms\"\nretry_interval = \"1s\"\n\n\
+         [guard]\nmin_members = 1\n\n[http]\nlisten = \"0.0.0.0:9187\"\n",
+    );
+    for (name, dest) in files {
+        text.push_str(&format!(
+            "\n[[template]]\nname = \"{name}\"\nsrc = \"/etc/haconfd/list.tera\"\ndest = \"{dest}\"\n{extra}"
+        ));
+    }
+    text.push_str(tail);
+    text
+}
+
+/// [`config_dir`] with the template the hostile-host configs render.
+fn list_config_dir(tag: &str, text: &str) -> tempfile::TempDir {
+    let d = config_dir(tag, text);
+    let t = d.path().join("list.tera");
+    std::fs::write(
+        &t,
+        "leader={{ leader_name }}\n{% for m in members %}{{ m.name }}\n{% endfor %}",
+    )
+    .unwrap();
+    std::fs::set_permissions(&t, std::fs::Permissions::from_mode(0o644)).unwrap();
+    d
+}
+
+/// What a hostile-host test starts from: the images, and an etcd on a fresh network with pg1
+/// (the leader) and pg2, the test's turn held (the fields drop in order: etcd, network, turn).
+struct Demo {
+    images: &'static Images,
+    etcd: Container,
+    net: Network,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Demo {
+    /// `docker run` arguments for haconfd's image on the demo's network, with `data` at /data and
+    /// `cfg` at /etc/haconfd (read-only), `flags` before the image and `command` after it.
+    fn haconfd_args(&self, data: &Path, cfg: &Path, flags: &[&str], command: &str) -> Vec<String> {
+        let mounts = [
+            format!("{}:/data", data.display()),
+            format!("{}:/etc/haconfd:ro", cfg.display()),
+        ];
+        let mut args = vec!["--network".to_string(), self.net.name.clone()];
+        for m in mounts {
+            args.extend(["-v".to_string(), m]);
+        }
+        args.extend(flags.iter().map(|f| f.to_string()));
+        args.extend([self.images.haconfd.clone(), command.to_string()]);
+        args
+    }
+
+    /// [`Container::run`] with [`Demo::haconfd_args`].
+    fn run_haconfd(
+        &self,
+        what: &str,
+        data: &Path,
+        cfg: &Path,
+        flags: &[&str],
+        command: &str,
+    ) -> Container {
+        let args = self.haconfd_args(data, cfg, flags, command);
+        Container::run(what, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn start(what: &str) -> Demo {
+        let serial = serial();
+        let net = Network::create(what);
+        let etcd = etcd_member(&net, "etcd", &["etcd"]);
+        wait_etcd_healthy(&etcd, Duration::from_secs(60));
+        let p = "/service/demo";
+        put(
+            &etcd,
+            &format!("{p}/members/pg1"),
+            &fake_member("192.0.2.11", "master"),
+        );
+        put(
+            &etcd,
+            &format!("{p}/members/pg2"),
+            &fake_member("192.0.2.12", "replica"),
+        );
+        put(&etcd, &format!("{p}/leader"), "pg1");
+        Demo {
+            images: images(),
+            etcd,
+            net,
+            _serial: serial,
+        }
+    }
+}
+
+/// Waits until `file` starts with `leader=<who>`.
+fn file_follows(file: &Path, who: &str, logs: &dyn Fn() -> String) {
+    let want = format!("leader={who}\n");
+    let ok = poll(Duration::from_secs(30), Duration::from_millis(100), || {
+        std::fs::read_to_string(file)
+            .is_ok_and(|c| c.starts_with(&want))
+            .then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "{} never got leader={who}: {:?}\n{}",
+        file.display(),
+        std::fs::read_to_string(file),
+        logs()
+    );
+}
+
+/// (uid, gid, mode); print the mode with `{:o}`.
+fn owner_and_mode(file: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(file).unwrap();
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+/// haconfd under an arbitrary uid (OpenShift's, with gid 0; an image upgrade that changed the
+/// uid) on a volume whose files uid 99 wrote, in a locked-down container (`--read-only`, no
+/// capabilities). The files it replaces (it can read them) keep their mode; their owner cannot be kept without
+/// CAP_CHOWN, so they become haconfd's, with one warning each: the file whose group haconfd's
+/// user is in (`--group-add 99`) keeps its group, the other gets gid 0. Every pass succeeds and a
+/// failover is followed. An owner the operator configured is another matter: `owner = "99"` that
+/// this uid cannot give fails the write (exit 7 of `once`), named, and the file stays as it was.
+#[test]
+fn an_arbitrary_uid_replaces_files_another_uid_wrote_and_a_configured_owner_it_cannot_give_fails() {
+    let demo = Demo::start("anyuid");
+    let (net, etcd) = (&demo.net, &demo.etcd);
+    // The volume: uid 99 wrote it, and group 0 may write in it (OpenShift's convention).
+    let dir = temp_dir("anyuid-data");
+    nix::unistd::chown(dir.path(), Some(HAPROXY_UID.into()), Some(0.into())).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o775)).unwrap();
+    let kept = dir.path().join("kept-group.txt");
+    let other = dir.path().join("other-group.txt");
+    // haconfd compares before it writes: it must be able to read each file (through its group
+    // for the first, as anyone for the second).
+    for (f, gid, mode) in [(&kept, HAPROXY_UID, 0o640), (&other, 4242, 0o644)] {
+        std::fs::write(f, "old\n").unwrap();
+        nix::unistd::chown(f, Some(HAPROXY_UID.into()), Some(gid.into())).unwrap();
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let files = [
+        ("kept-group", "/data/kept-group.txt"),
+        ("other-group", "/data/other-group.txt"),
+    ];
+    let cfg = list_config_dir("anyuid-cfg", &list_config(&files, "", ""));
+    // Locked down as OpenShift's restricted profile runs a pod, under uid 12345 in group 0.
+    let hostile = [
+        "--user",
+        "12345:0",
+        "--group-add",
+        "99",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+    ];
+    let haconfd = demo.run_haconfd("haconfd-anyuid", dir.path(), cfg.path(), &hostile, "run");
+    let logs = || haconfd.logs(40);
+    file_follows(&kept, "pg1", &logs);
+    file_follows(&other, "pg1", &logs);
+    assert_eq!(
+        owner_and_mode(&kept),
+        (12345, HAPROXY_UID, 0o640),
+        "{}",
+        logs()
+    );
+    assert_eq!(owner_and_mode(&other), (12345, 0, 0o644), "{}", logs());
+    let show = |f: &Path| {
+        let (u, g, m) = owner_and_mode(f);
+        format!("{u}:{g} {m:04o}")
+    };
+    println!(
+        "RESULT arbitrary uid: replaced uid 99's files as 12345: kept-group.txt {}, other-group.txt {}",
+        show(&kept),
+        show(&other)
+    );
+
+    // A failover: written again, now without a word about owners.
+    put(etcd, "/service/demo/leader", "pg2");
+    file_follows(&kept, "pg2", &logs);
+    file_follows(&other, "pg2", &logs);
+    let http = addr(&haconfd.ip(net), HTTP_PORT);
+    let st = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        status_at(http).filter(|st| st["last_pass_ok"] == Value::Bool(true))
+    })
+    .unwrap_or_else(|| panic!("the last pass did not succeed\n{}", logs()));
+    assert_eq!(st["failed_passes"], 0, "{st:#}");
+    let all = haconfd.logs(1000);
+    let warned = all.matches("cannot keep the replaced file's owner").count();
+    assert_eq!(warned, 2, "one warning per file, not per pass:\n{all}");
+    haconfd.stop(10);
+
+    // The owner configured: it cannot be given, the write fails and says why.
+    let cfg = list_config_dir(
+        "anyuid-owner-cfg",
+        &list_config(&files[..1], "owner = \"99\"\n", ""),
+    );
+    put(etcd, "/service/demo/leader", "pg1");
+    let once = demo.run_haconfd(
+        "haconfd-anyuid-once",
+        dir.path(),
+        cfg.path(),
+        &hostile,
+        "once",
+    );
+    let code = docker_try(&["wait", &once.name], Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = once.logs(40);
+    assert_eq!(
+        code.trim(),
+        "7",
+        "`once` with an owner it cannot give:\n{out}"
+    );
+    assert!(
+        out.contains("cannot give /data/kept-group.txt the configured owner 99"),
+        "{out}"
+    );
+    assert!(std::fs::read_to_string(&kept)
+        .unwrap()
+        .starts_with("leader=pg2\n"));
+    assert_eq!(owner_and_mode(&kept), (12345, HAPROXY_UID, 0o640));
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains(".haconfd-"))
+        .collect();
+    assert!(leftovers.is_empty(), "staged files left: {leftovers:?}");
+    println!(
+        "RESULT arbitrary uid: configured owner 99 refused, exit 7: {}",
+        out.lines()
+            .find(|l| l.contains("configured owner"))
+            .unwrap_or_default()
+    );
+}
+
+/// The processes in a container whose state is Z (exited, not reaped): `pid (comm)` each.
+fn zombies(c: &Container) -> Vec<String> {
+    let stats = c.exec(&["sh", "-c", "cat /proc/[0-9]*/stat 2>/dev/null; true"]);
+    stats
+        .lines()
+        .filter_map(|l| {
+            let (head, rest) = l.rsplit_once(") ")?;
+            rest.starts_with('Z').then(|| format!("{head})"))
+        })
+        .collect()
+}
+
+/// haconfd as PID 1 of its image (no `--init`), with a hook that leaves a process behind
+/// (`sh -c 'sleep 1 & echo spawned'`, as ssh's `ControlPersist` does): the orphans are reaped,
+/// none is left a zombie; signals sent to the container reach the daemon (SIGHUP reloads its
+/// settings, `docker stop` stops it gracefully, exit 0, well within the grace period), and the
+/// container exits with the daemon's code.
+#[test]
+fn as_pid_1_the_orphans_of_hooks_are_reaped_and_docker_stop_reaches_the_daemon() {
+    let demo = Demo::start("pid1");
+    let (images, etcd) = (demo.images, &demo.etcd);
+    let dir = shared_dir("pid1-data");
+    let hook = "\n[[hook]]\nname = \"orphans\"\ncommand = [\"sh\", \"-c\", \"sleep 1 & echo spawned\"]\nevents = [\"member_added\"]\n";
+    let cfg = list_config_dir(
+        "pid1-cfg",
+        &list_config(&[("list", "/data/list.txt")], "", hook),
+    );
+    let haconfd = demo.run_haconfd("haconfd-pid1", dir.path(), cfg.path(), &[], "run");
+    let logs = || haconfd.logs(60);
+    let list = dir.path().join("list.txt");
+    file_follows(&list, "pg1", &logs);
+    assert_eq!(haconfd.exec(&["cat", "/proc/1/comm"]).trim(), "haconfd");
+
+    let runs = 5;
+    for i in 3..3 + runs {
+        put(
+            etcd,
+            &format!("/service/demo/members/pg{i}"),
+            &fake_member(&format!("192.0.2.{}", 10 + i), "replica"),
+        );
+        let ran = poll(Duration::from_secs(30), Duration::from_millis(100), || {
+            (haconfd.logs(1000).matches("hook ran").count() >= i - 2).then_some(())
+        });
+        assert!(ran.is_some(), "the hook did not run for pg{i}\n{}", logs());
+    }
+    // Each backgrounded `sleep 1` has exited by now; an init that reaps leaves none behind.
+    std::thread::sleep(Duration::from_secs(3));
+    let z = zombies(&haconfd);
+    let procs = haconfd.exec(&["sh", "-c", "cat /proc/[0-9]*/comm 2>/dev/null; true"]);
+    let rss = haconfd.exec(&["sh", "-c", "grep VmRSS /proc/1/status; true"]);
+    println!(
+        "RESULT PID 1: {runs} hook runs, {} zombies; processes: {}; PID 1 {}",
+        z.len(),
+        procs.split_whitespace().collect::<Vec<_>>().join(" "),
+        rss.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    assert!(
+        z.is_empty(),
+        "zombies after {runs} hook runs: {z:?}\n{}",
+        logs()
+    );
+
+    // Signals sent to PID 1 reach the daemon: SIGHUP reloads the settings...
+    docker(&["kill", "--signal", "HUP", &haconfd.name]);
+    let reloaded = poll(Duration::from_secs(20), Duration::from_millis(100), || {
+        haconfd
+            .logs(1000)
+            .contains("configuration and templates reloaded")
+            .then_some(())
+    });
+    assert!(
+        reloaded.is_some(),
+        "SIGHUP did not reach the daemon\n{}",
+        logs()
+    );
+    // ... and `docker stop`'s SIGTERM stops it gracefully.
+    let t = Instant::now();
+    haconfd.stop(20);
+    let took = t.elapsed();
+    let code = docker(&["inspect", "--format", "{{.State.ExitCode}}", &haconfd.name]);
+    println!(
+        "RESULT PID 1: docker stop took {} s, exit code {}",
+        secs(took),
+        code.trim()
+    );
+    assert_eq!(code.trim(), "0", "{}", logs());
+    assert!(
+        took < Duration::from_secs(10),
+        "stopping took {took:?}\n{}",
+        logs()
+    );
+
+    // The container's exit code is the daemon's: 2 for a config that cannot be read.
+    let bad = Container::run(
+        "haconfd-pid1-bad",
+        &[&images.haconfd, "-c", "/etc/haconfd/missing.toml", "run"],
+    );
+    let code =
+        docker_try(&["wait", &bad.name], Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(code.trim(), "2", "{}", bad.logs(20));
 }

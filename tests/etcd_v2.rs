@@ -2,8 +2,9 @@
 //! processes started with `--enable-v2`: list and watch (puts, deletes, TTL expiry, a deleted
 //! directory), the setting through the file, `HACONFD_ETCD_API` and `--etcd-api`, one clear error
 //! from an etcd without v2, several endpoints with the one in use stopping, an outage of
-//! haconfd's endpoint, the event history cleared past the watch index, a hung etcd, TLS with
-//! client certificates, and basic auth. Throughout, the last good file stays and nothing is lost.
+//! haconfd's endpoint, the event history cleared past the watch index, a quiet scope next to a
+//! busy prefix (no re-list), a hung etcd, TLS with client certificates, and basic auth.
+//! Throughout, the last good file stays and nothing is lost.
 
 mod common;
 
@@ -104,6 +105,17 @@ fn seed(put: impl Fn(&str, &str) -> i64, scope: &str, n: u16) {
         );
     }
     put(&format!("/service/{scope}/leader"), "pg1");
+}
+
+/// A v2 etcd whose scope (named after `tag`) holds `n` members with pg1 leading, and haconfd
+/// following it, ready.
+fn v2_scope_followed(tag: &str, n: u16) -> (Etcd, String, Daemon, Proc) {
+    let etcd = Etcd::start_v2();
+    let scope = unique_name(tag);
+    seed(|k, v| etcd.v2_put(k, v), &scope, n);
+    let d = Daemon::v2(&[etcd.endpoint()], &scope);
+    let p = d.run_ready(Duration::from_secs(10));
+    (etcd, scope, d, p)
 }
 
 fn stderr(out: &std::process::Output) -> String {
@@ -452,6 +464,44 @@ fn history_cleared_past_the_watch_index_relists_without_losing_state() {
     assert!(wait_until(Duration::from_secs(3), || d
         .out()
         .starts_with("leader=pg1\n")));
+}
+
+/// A quiet scope next to a busy neighbour: 1500 writes to another scope's prefix (more than the
+/// 1000 events etcd's v2 history keeps, at most about 300 per 2 s long poll), none in the scope.
+/// A poll that ends without an event moves the watch index to etcd's index when it took the poll,
+/// so no poll falls out of the history: no re-list, and the scope's next change comes through the
+/// watch.
+#[test]
+fn a_quiet_scope_next_to_a_busy_prefix_keeps_up_without_relisting() {
+    let (etcd, scope, d, p) = v2_scope_followed("v2quiet", 3);
+    let start = etcd.v2_index();
+    let t0 = Instant::now();
+    let per_second = 150;
+    for i in 0..1500u32 {
+        let due = t0 + Duration::from_millis(u64::from(i) * 1000 / per_second);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        etcd.v2_put(
+            &format!("/service/{scope}-busy/members/pg{}", i % 10),
+            &member(15450 + (i % 10) as u16),
+        );
+        assert!(t0.elapsed() < Duration::from_secs(60), "writes too slow");
+    }
+    let written = etcd.v2_index() - start;
+    assert!(written > 1000, "only {written} events");
+    // The scope's own change, through the watch.
+    etcd.v2_put(&format!("/service/{scope}/leader"), "pg3");
+    let pg3 = |out: String| out.starts_with("leader=pg3\n");
+    let followed = wait_until(Duration::from_secs(5), || pg3(d.out()));
+    assert!(followed, "{}\n{}", d.out(), p.log());
+    let st = d.status();
+    println!(
+        "RESULT v2 busy_neighbour events={written} over {:?} relists={}",
+        t0.elapsed(),
+        st["relists"]
+    );
+    assert_eq!(st["relists"], 0, "{st}\n{}", p.log());
+    assert!(!p.log().contains("re-listing"), "{}", p.log());
+    assert_eq!(st["failed_passes"], 0, "{st}");
 }
 
 #[test]

@@ -8,8 +8,10 @@
 //! - **Watch**: long polls, `?wait=true&recursive=true&waitIndex=<index + 1>`; each answers one
 //!   event (its `modifiedIndex` is the revision), and the next asks for the index after it. etcd
 //!   answers the headers of a long poll at once and the body when an event comes, so a poll lasts
-//!   at most `etcd.keepalive_interval` and is re-issued from the same index: a hung etcd is
-//!   noticed when the next poll's headers do not come within `etcd.request_timeout`.
+//!   at most `etcd.keepalive_interval`: a hung etcd is noticed when the next poll's headers do not
+//!   come within `etcd.request_timeout`. A poll that ends without an event is re-issued from the
+//!   index after its `X-Etcd-Index` (the store's index when etcd took it, having found no event
+//!   under the prefix up to there), so a quiet scope's watch index keeps up with a busy etcd.
 //! - **Gaps**: v2 keeps only the last 1000 events. A poll from an index older than that is
 //!   answered with errorCode 401 ("event index cleared"), and the view is listed again; after a
 //!   lost connection it is listed again too.
@@ -190,22 +192,34 @@ async fn watch_loop(
                 .await;
             return;
         }
+        let store_index = etcd_index(&resp);
         if !started {
             started = true;
             if tx.send(Ok(Batch::Started)).await.is_err() {
                 return;
             }
         }
-        // The body comes with the event; the poll ends at `poll_end` without one, and is asked
-        // again from the same index (an event cut off in transit is answered again from the
-        // history). Dropping the unfinished answer closes its connection.
+        // The body comes with the event; the poll ends at `poll_end` without one. Dropping the
+        // unfinished answer closes its connection.
         let body = match tokio::time::timeout_at(
             poll_end,
             Limited::new(resp.into_body(), MAX_ANSWER).collect(),
         )
         .await
         {
-            Err(_) => continue,
+            Err(_) => {
+                // Nothing under the prefix up to the index etcd had when it took the poll: the
+                // next poll asks from the index after it, so that the writes of other prefixes
+                // in the meantime do not push the watch index out of etcd's history. An event
+                // cut off in transit is after that index, and answered again from the history.
+                if let Some(index) = store_index.filter(|i| *i >= wait_index) {
+                    wait_index = index + 1;
+                    if tx.send(Ok(Batch::Progress(index))).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
             Ok(Err(e)) => {
                 let _ = tx
                     .send(Err(failed(format!("the long poll broke: {e}"))))
@@ -227,6 +241,16 @@ async fn watch_loop(
             return;
         }
     }
+}
+
+/// A long poll's `X-Etcd-Index`: the store's index when etcd took the poll. etcd had looked
+/// through its history from `waitIndex` up to this index before it sent the headers, so a poll
+/// that ends without an event says that nothing under the prefix changed up to it.
+fn etcd_index(resp: &hyper::Response<hyper::body::Incoming>) -> Option<i64> {
+    resp.headers()
+        .get("x-etcd-index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Sends one long poll on `conn` (when it is still open; else on a new connection), bounded by
@@ -636,11 +660,7 @@ struct Answer {
 impl Answer {
     async fn read(resp: hyper::Response<hyper::body::Incoming>) -> Result<Answer, String> {
         let status = resp.status();
-        let index = resp
-            .headers()
-            .get("x-etcd-index")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
+        let index = etcd_index(&resp);
         let body = Limited::new(resp.into_body(), MAX_ANSWER)
             .collect()
             .await
