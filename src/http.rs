@@ -164,7 +164,7 @@ async fn handle(
     }
     let mut st = status.lock().expect("status lock").snapshot();
     if matches!(req.uri().path(), "/status" | "/") {
-        // HAProxy's live state of each cluster's servers: at most one reading a second per
+        // HAProxy's live state of each cluster's servers: at most four readings a second per
         // stats socket, each bounded (a hung socket costs this request 0.8 s at most).
         st.read_haproxy().await;
     }

@@ -144,7 +144,7 @@ pub struct HaproxyView {
     pub target: String,
     /// Its stats socket.
     pub socket: std::path::PathBuf,
-    /// Seconds since the reading (readings are shared for up to a second).
+    /// Seconds since the reading (readings are shared for up to a quarter of a second).
     pub age_s: f64,
     /// Why there is no reading (HAProxy not answering).
     pub error: Option<String>,
@@ -303,7 +303,8 @@ impl Status {
 
     /// Fills each cluster's `haproxy` with HAProxy's live state of its servers, from the stats
     /// socket of every HAProxy target with `server_state` (read concurrently, each at most
-    /// once a second and within [`crate::consumers::haproxy::live::TIMEOUT`]).
+    /// once per [`crate::consumers::haproxy::live::FRESH`] and within
+    /// [`crate::consumers::haproxy::live::TIMEOUT`]).
     pub async fn read_haproxy(&mut self) {
         use crate::consumers::haproxy::live;
         let mut sockets: Vec<std::path::PathBuf> = self

@@ -42,7 +42,8 @@ use nix::unistd::{Pid, User};
 
 /// What to run when a component is missing.
 pub const SETUP_HINT: &str = "install the test dependencies with `sudo apt-get install -y \
-protobuf-compiler etcd-server etcd-client haproxy pgbouncer postgresql patroni python3-etcd` (or run `bash .ci/run`)";
+protobuf-compiler etcd-server etcd-client haproxy pgbouncer postgresql patroni python3-etcd \
+prometheus chromium lintian` (or run `bash .ci/run`)";
 
 /// Directories searched after `$PATH`.
 const EXTRA_BIN_DIRS: &[&str] = &[

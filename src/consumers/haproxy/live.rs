@@ -1,8 +1,8 @@
 //! HAProxy's live server states as people see them (`/status`, the page at `/`, `haconfd
 //! status`): read from a stats socket at most once per [`FRESH`], one reading at a time per
-//! socket, each within [`TIMEOUT`]. However many requests come, they add at most one connection
-//! a second to the socket the fast path moves HAProxy through, and a hung socket holds a request
-//! for [`TIMEOUT`] at most.
+//! socket, each within [`TIMEOUT`]. However many requests come, they add at most four
+//! connections a second to the socket the fast path moves HAProxy through, and a hung socket
+//! holds a request for [`TIMEOUT`] at most.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::runtime::{self, Live, LiveServer};
 
 /// How long a reading is shown before the socket is asked again.
-pub const FRESH: Duration = Duration::from_secs(1);
+pub const FRESH: Duration = Duration::from_millis(250);
 
 /// The longest one reading may take (connect, `show servers state`, the answer).
 pub const TIMEOUT: Duration = Duration::from_millis(800);
@@ -193,7 +193,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_socket_nobody_serves_is_an_error_kept_for_a_second() {
+    async fn a_socket_nobody_serves_is_an_error_kept_while_fresh() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("none.sock");
         let r = Readings::default();
