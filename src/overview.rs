@@ -219,7 +219,7 @@ impl Overview {
             }
         };
         let mut etc = format!(
-            "etcd {} at revision {}; {} passes ({} failed)",
+            "etcd {} at revision {}; passes: {} ({} failed)",
             if self.etcd_connected {
                 "connected"
             } else {

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::docker::{images, serial, Container};
-use common::procs::{find_bin, haconfd_bin, run_with_timeout, temp_dir, unique_name, Etcd};
+use common::procs::{find_bin, haconfd_bin, run_capture as run, temp_dir, unique_name, Etcd};
 
 /// What to run when the packager or lintian is missing.
 const DEB_HINT: &str = "the package test needs cargo-deb and lintian: `cargo install cargo-deb \
@@ -29,19 +29,6 @@ fn need(bin: &str) {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
     let found = find_bin(bin).is_some() || home.is_some_and(|h| h.join("bin").join(bin).is_file());
     assert!(found, "`{bin}` not found: {DEB_HINT}");
-}
-
-/// Runs `cmd` within `timeout`: (success, stdout and stderr).
-fn run(cmd: &mut Command, timeout: Duration) -> (bool, String) {
-    let o = run_with_timeout(cmd, timeout).unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
 }
 
 /// Builds the package from `binary` into `out`; its path.
@@ -99,8 +86,9 @@ fn assert_unit_matches_example() {
     );
 }
 
-fn sh(c: &Container, script: &str, timeout: Duration) -> Result<String, String> {
-    c.exec_try(&["sh", "-c", script], timeout)
+/// `sh -c SCRIPT` in the container, within 10 minutes (apt's downloads included).
+fn sh(c: &Container, script: &str) -> Result<String, String> {
+    c.exec_try(&["sh", "-c", script], Duration::from_secs(600))
 }
 
 #[test]
@@ -143,7 +131,6 @@ fn the_deb_passes_lintian_installs_checks_the_shipped_config_and_purges_cleanly(
         &c,
         "rm -f /etc/dpkg/dpkg.cfg.d/docker && apt-get update -qq && \
          DEBIAN_FRONTEND=noninteractive apt-get install -y -qq /tmp/pkg/haconfd.deb 2>&1",
-        Duration::from_secs(600),
     );
     assert!(
         install.is_ok(),
@@ -193,7 +180,6 @@ fn the_deb_passes_lintian_installs_checks_the_shipped_config_and_purges_cleanly(
     let comp = sh(
         &c,
         "bash -c '. /usr/share/bash-completion/completions/haconfd && complete -p haconfd'",
-        Duration::from_secs(30),
     );
     assert!(
         comp.as_ref().is_ok_and(|o| o.contains("haconfd")),
@@ -226,11 +212,7 @@ fn the_deb_passes_lintian_installs_checks_the_shipped_config_and_purges_cleanly(
         "HACONFD_ETCD_ENDPOINTS={} HACONFD_SCOPE={scope}",
         etcd.endpoint()
     );
-    let check = sh(
-        &c,
-        &format!("{env} haconfd check 2>&1"),
-        Duration::from_secs(60),
-    );
+    let check = sh(&c, &format!("{env} haconfd check 2>&1"));
     assert!(
         check.as_ref().is_ok_and(
             |o| o.contains("ok: config, templates and checks pass for haproxy, pgbouncer")
@@ -240,19 +222,13 @@ fn the_deb_passes_lintian_installs_checks_the_shipped_config_and_purges_cleanly(
     let as_user = sh(
         &c,
         &format!("runuser -u haconfd -- env {env} haconfd check 2>&1"),
-        Duration::from_secs(60),
     );
     assert!(
         as_user.is_ok(),
         "haconfd check as the haconfd user: {as_user:?}"
     );
     // Nothing runs yet (the unit is not enabled at install): status says so.
-    let status = sh(
-        &c,
-        "haconfd status 2>&1; echo exit=$?",
-        Duration::from_secs(30),
-    )
-    .unwrap();
+    let status = sh(&c, "haconfd status 2>&1; echo exit=$?").unwrap();
     assert!(
         status.contains("exit=9") && status.contains("cannot read http://127.0.0.1:9187/status"),
         "{status}"
@@ -260,16 +236,10 @@ fn the_deb_passes_lintian_installs_checks_the_shipped_config_and_purges_cleanly(
 
     // Remove: the binary goes, the edited conffile stays. Purge: nothing stays.
     let t = Instant::now();
-    sh(
-        &c,
-        "echo '# edited' >> /etc/haconfd/haconfd.toml",
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    sh(&c, "echo '# edited' >> /etc/haconfd/haconfd.toml").unwrap();
     let r = sh(
         &c,
         "DEBIAN_FRONTEND=noninteractive apt-get remove -y -qq haconfd 2>&1",
-        Duration::from_secs(300),
     );
     assert!(r.is_ok(), "apt-get remove: {r:?}");
     assert!(c
@@ -279,7 +249,6 @@ fn the_deb_passes_lintian_installs_checks_the_shipped_config_and_purges_cleanly(
     let p = sh(
         &c,
         "DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq haconfd 2>&1",
-        Duration::from_secs(300),
     );
     assert!(p.is_ok(), "apt-get purge: {p:?}");
     // Shared directories (/usr, /etc, /usr/share/man/man1, ...) stay, as they should.
@@ -299,12 +268,7 @@ fn the_deb_passes_lintian_installs_checks_the_shipped_config_and_purges_cleanly(
             "{gone} after purge"
         );
     }
-    let state = sh(
-        &c,
-        "dpkg -l haconfd 2>&1 | tail -n 1; true",
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let state = sh(&c, "dpkg -l haconfd 2>&1 | tail -n 1; true").unwrap();
     assert!(
         !state.starts_with("rc") && !state.starts_with("ii"),
         "{state}"

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::config::Hook;
 use common::fastpath::*;
 use common::procs::{
-    free_port, haconfd_bin, http_request, require_bin, run_with_timeout, temp_dir, wait_until, Proc,
+    free_port, haconfd_bin, http_request, require_bin, run_capture as run, run_with_timeout,
+    temp_dir, wait_until, Proc,
 };
 
 fn root() -> PathBuf {
@@ -32,19 +33,6 @@ fn dashboard() -> serde_json::Value {
     let p = root().join("deploy/grafana/haconfd.json");
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap())
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-/// Runs `cmd` within `timeout`; (success, stdout + stderr).
-fn run(cmd: &mut Command, timeout: Duration) -> (bool, String) {
-    let o = run_with_timeout(cmd, timeout).unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
 }
 
 /// Every `(title, expr)` of the dashboard's panels (rows have none).

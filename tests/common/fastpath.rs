@@ -7,15 +7,14 @@
 //! its HTTP endpoint.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::config::{ConfigBuilder, Reload, Template};
 use super::procs::{
-    free_port, give_to_postgres, haconfd_bin, haconfd_once_no_reload, http_get, pgbouncer_run_dir,
-    remove_at_exit, require_bin, temp_dir, unique_name, unix_cmd, wait_until, Etcd, Haproxy,
-    HealthEndpoint, Pgbouncer, Postgres, Proc, Role,
+    free_port, give_to_postgres, haconfd_once_no_reload, haconfd_run_json, http_get,
+    pgbouncer_run_dir, remove_at_exit, require_bin, server_state, temp_dir, unique_name, unix_cmd,
+    wait_until, Etcd, Haproxy, HealthEndpoint, Pgbouncer, Postgres, Proc, Role,
 };
 use nix::sys::signal::Signal;
 
@@ -240,14 +239,7 @@ impl Rig {
     /// pass has run.
     pub fn run(&mut self) {
         let before = self.log_text().matches("\"message\":\"pass").count();
-        let mut cmd = Command::new(haconfd_bin());
-        cmd.arg("-c").arg(&self.config).args([
-            "run",
-            "--log-format",
-            "json",
-            "--log-level",
-            "haconfd=debug",
-        ]);
+        let cmd = haconfd_run_json(&self.config);
         self.haconfd = Some(Proc::spawn_logged("haconfd", cmd, &self.log));
         assert!(
             wait_until(Duration::from_secs(10), || self
@@ -305,17 +297,7 @@ impl Rig {
 
     /// (op state, admin state) of `backend/server`.
     pub fn server(&self, backend: &str, server: &str) -> Option<(u8, u32)> {
-        let dump = unix_cmd(
-            &self.admin_sock,
-            &format!("show servers state {backend}"),
-            Duration::from_secs(2),
-        )
-        .ok()?;
-        dump.lines().find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 6 && f[1] == backend && f[3] == server)
-                .then(|| (f[5].parse().unwrap_or(255), f[6].parse().unwrap_or(255)))
-        })
+        server_state(&self.admin_sock, backend, server)
     }
 
     pub fn admin(&self, cmd: &str) -> String {
