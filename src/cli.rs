@@ -30,6 +30,8 @@ pub mod exit {
     pub const WRITE: u8 = 7;
     /// Files were written but a reload failed.
     pub const RELOAD: u8 = 8;
+    /// `haconfd status`: the running haconfd did not answer.
+    pub const UNREACHABLE: u8 = 9;
 }
 
 const LONG_ABOUT: &str = "\
@@ -49,6 +51,7 @@ Exit codes:
   6  a check command refused a staged file
   7  a file could not be written
   8  files were written but a reload failed
+  9  haconfd status: the running haconfd did not answer at http.listen
 
 Environment: HACONFD_CONFIG, HACONFD_ETCD_API, HACONFD_ETCD_ENDPOINTS, HACONFD_NAMESPACE,
 HACONFD_SCOPE, HACONFD_ETCD_USERNAME, HACONFD_ETCD_PASSWORD, HACONFD_LOG_FORMAT, HACONFD_LOG_LEVEL.";
@@ -145,6 +148,20 @@ pub enum Command {
         check passes; otherwise the code of the first failure (see --help of haconfd)."
     )]
     Check(CheckArgs),
+    /// Show a running haconfd: each cluster's leader, members, HAProxy's view of them, what is
+    /// held, the last failover.
+    #[command(
+        long_about = "Read a running haconfd's /status (at http.listen of the config, or --url) \
+        and print, per cluster: the leader; each member with its role, state, address, lag and \
+        HAProxy's live state of it (UP, DOWN, drained, maint: from the stats socket of each \
+        template with server_state); any fence, PgBouncer pause or leader change in progress; \
+        and the last failover's timeline in milliseconds after the new leader key (fence, \
+        confirm, HAProxy, PgBouncer). --json prints the same as JSON. Exit 0 when it answered, \
+        2 when the config names no http.listen, 9 when it did not answer."
+    )]
+    Status(StatusArgs),
+    /// Print the man page (roff) to stdout.
+    Manpage,
     /// Print shell completions.
     Completions {
         /// Shell.
@@ -192,6 +209,21 @@ pub struct RenderArgs {
     /// Print the template context as JSON instead of rendering.
     #[arg(long)]
     pub context: bool,
+}
+
+/// `status` options.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON (the same data as the table) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Where haconfd serves /status (`http://host:port` or `host:port`), instead of http.listen
+    /// of the config.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// How long to wait for the connection (the answer: twice that), e.g. `2s`.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub timeout: Duration,
 }
 
 /// `check` options.

@@ -1,5 +1,6 @@
 //! The HTTP endpoint (off unless `http.listen` is set): `/healthz` (alive), `/readyz` (etcd
-//! reachable, watch current, last pass good), `/metrics` (Prometheus text) and `/status` (JSON).
+//! reachable, watch current, last pass good), `/metrics` (Prometheus text), `/status` (JSON)
+//! and `/`, a status page for people (the same data as `haconfd status`).
 //! Read-only: GET and HEAD only, one request per connection, connections capped and timed out so
 //! that no client can starve the pipeline of descriptors or CPU (docs/SECURITY.md).
 
@@ -80,7 +81,7 @@ pub async fn bind(
     tracing::info!(
         address = %listener.local_addr()?,
         max_connections = cap,
-        "serving /healthz, /readyz, /metrics, /status"
+        "serving /, /healthz, /readyz, /metrics, /status"
     );
     Ok(tokio::spawn(async move {
         let open = Arc::new(Mutex::new(Open::default()));
@@ -139,7 +140,7 @@ async fn serve(stream: TcpStream, status: Arc<Mutex<Status>>, metrics: Arc<Metri
     let svc = hyper::service::service_fn(move |req| {
         let status = Arc::clone(&status);
         let metrics = Arc::clone(&metrics);
-        async move { Ok::<_, Infallible>(handle(&req, &status, &metrics)) }
+        async move { Ok::<_, Infallible>(handle(&req, &status, &metrics).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -149,7 +150,7 @@ async fn serve(stream: TcpStream, status: Arc<Mutex<Status>>, metrics: Arc<Metri
     let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
 }
 
-fn handle(
+async fn handle(
     req: &Request<Incoming>,
     status: &Mutex<Status>,
     metrics: &Metrics,
@@ -161,8 +162,14 @@ fn handle(
             "GET or HEAD\n".into(),
         );
     }
-    let st = status.lock().expect("status lock").snapshot();
+    let mut st = status.lock().expect("status lock").snapshot();
+    if matches!(req.uri().path(), "/status" | "/") {
+        // HAProxy's live state of each cluster's servers: at most four readings a second per
+        // stats socket, each bounded (a hung socket costs this request 0.8 s at most).
+        st.read_haproxy().await;
+    }
     match req.uri().path() {
+        "/" => page(&st, req.uri().query()),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
             if st.ready() {
@@ -195,9 +202,36 @@ fn handle(
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /healthz, /readyz, /metrics, /status\n".into(),
+            "not found: try /, /healthz, /readyz, /metrics, /status\n".into(),
         ),
     }
+}
+
+/// The status page: the overview `haconfd status` prints, as HTML with no script and no
+/// external asset (its Content-Security-Policy lets the browser load nothing but the page and
+/// its inline style). `?refresh=N` reloads it every N seconds (1 to 3600).
+fn page(st: &Status, query: Option<&str>) -> Response<Full<Bytes>> {
+    let refresh = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("refresh="))
+        .and_then(|v| v.parse::<u32>().ok())
+        .map(|n| n.clamp(1, 3600));
+    let html = crate::overview::Overview::from(st).html(refresh);
+    let mut r = reply(StatusCode::OK, "text/html; charset=utf-8", html);
+    for (k, v) in [
+        (
+            "content-security-policy",
+            "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+        ("cache-control", "no-store"),
+    ] {
+        r.headers_mut()
+            .insert(k, hyper::header::HeaderValue::from_static(v));
+    }
+    r
 }
 
 fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {

@@ -19,7 +19,8 @@
 //!   what it holds on the consumers (fences, pauses), each with a bound and an undo;
 //! - [`pipeline`]: one pass through the stages in order (observe, plan, render, commit) and the
 //!   [`pipeline::PassReport`] it hands back;
-//! - [`status`], [`metrics`], [`hooks`], [`http`]: what a pass's report feeds;
+//! - [`status`], [`metrics`], [`hooks`], [`http`]: what a pass's report feeds; [`overview`]:
+//!   what people see of it (`haconfd status`, the page at `/`);
 //! - [`daemon`]: the `run` loop (one trigger at a time, the pacer owning the timing), settings
 //!   reloads, OS signals and systemd;
 //! - [`config`], [`cli`], [`logging`]: the file, flags and environment resolved into each stage's
@@ -45,6 +46,7 @@ pub mod init;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod overview;
 pub mod pipeline;
 pub mod render;
 pub mod snapshot;

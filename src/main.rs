@@ -29,6 +29,15 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if let Command::Manpage = &cli.command {
+        return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => ExitCode::from(fail(exit::FAILURE, &format!("man page: {e}"))),
+        };
+    }
+    if let Command::Status(args) = &cli.command {
+        return ExitCode::from(status_cmd(&cli, args));
+    }
     let overrides = cli.overrides();
     let settings = match config::load_settings(&cli.global.config, &overrides) {
         Ok(s) => s,
@@ -97,7 +106,7 @@ async fn dispatch(
         Command::Once(args) => once(settings, !args.no_reload).await,
         Command::Render(args) => render_cmd(settings, args).await,
         Command::Check(args) => check_cmd(settings, args).await,
-        Command::Completions { .. } => exit::OK,
+        Command::Completions { .. } | Command::Manpage | Command::Status(_) => exit::OK,
     }
 }
 
@@ -270,4 +279,62 @@ async fn check_stats_sockets(settings: &Settings) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `haconfd status`: reads a running haconfd's `/status` and prints the overview.
+fn status_cmd(cli: &Cli, args: &haconfd::cli::StatusArgs) -> u8 {
+    use haconfd::overview;
+    let listen = match &args.url {
+        Some(_) => None,
+        None => match config::RawConfig::load(&cli.global.config) {
+            Ok(mut raw) => {
+                raw.apply(&cli.overrides());
+                raw.http.listen
+            }
+            Err(e) => return fail(exit::CONFIG, &e.to_string()),
+        },
+    };
+    let addr = match overview::address(args.url.as_deref(), listen.as_deref()) {
+        Ok(a) => a,
+        Err(e) => {
+            return fail(
+                exit::CONFIG,
+                &format!("{e} ({})", cli.global.config.display()),
+            )
+        }
+    };
+    let url = format!("http://{addr}/status");
+    let doc = match overview::fetch(&addr, "/status", args.timeout) {
+        Ok((200, body)) => match serde_json::from_str::<serde_json::Value>(&body) {
+            Ok(v) => v,
+            Err(e) => return fail(exit::UNREACHABLE, &format!("{url} answered no JSON: {e}")),
+        },
+        Ok((code, _)) => {
+            return fail(
+                exit::UNREACHABLE,
+                &format!("{url} answered HTTP {code}: is this haconfd's http.listen?"),
+            )
+        }
+        Err(e) => {
+            return fail(
+                exit::UNREACHABLE,
+                &format!(
+                    "cannot read {url}: {e}. Is `haconfd run` running with this config \
+                     (`systemctl status haconfd`)?"
+                ),
+            )
+        }
+    };
+    let view = overview::Overview::from_status(&doc);
+    let mut out = std::io::stdout().lock();
+    let text = if args.json {
+        serde_json::to_string_pretty(&view).unwrap_or_default() + "\n"
+    } else {
+        view.table(&format!("http://{addr}"))
+    };
+    match out.write_all(text.as_bytes()) {
+        Ok(()) => exit::OK,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => exit::OK,
+        Err(e) => fail(exit::FAILURE, &format!("stdout: {e}")),
+    }
 }

@@ -69,7 +69,17 @@ pub struct Status {
     pub multi: bool,
     /// Every cluster (each Citus group) the last pass saw.
     pub clusters: Vec<ClusterStatus>,
+    /// haconfd's version (filled by [`Status::snapshot`]).
+    pub version: &'static str,
 }
+
+/// haconfd's version and git revision, as `--version` prints it.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("HACONFD_GIT_REV"),
+    ")"
+);
 
 /// One cluster (or Citus group) in `/status`.
 #[derive(Debug, Clone, Serialize)]
@@ -92,9 +102,54 @@ pub struct ClusterStatus {
     pub last_failover: crate::failover::TimelineView,
     /// What its fast path holds on the consumers now.
     pub fast_path: FastPathView,
+    /// Its members as etcd shows them.
+    pub member_list: Vec<MemberLine>,
+    /// HAProxy's live state of the cluster's servers, read when `/status` is served (see
+    /// [`Status::read_haproxy`]): one entry per HAProxy target with `server_state`.
+    pub haproxy: Vec<HaproxyView>,
     /// The model, for metrics.
     #[serde(skip)]
     pub model: Option<Arc<Cluster>>,
+}
+
+/// One member of a cluster in `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberLine {
+    /// Patroni's member name (HAProxy's server name).
+    pub name: String,
+    /// Its role (`primary`, `master`, `replica`, `standby_leader`, ...).
+    pub role: String,
+    /// Its state (`running`, `streaming`, `starting`, ...).
+    pub state: String,
+    /// PostgreSQL's host and port.
+    pub host: String,
+    /// PostgreSQL's port.
+    pub port: u16,
+    /// Whether it holds the leader key.
+    pub is_leader: bool,
+    /// Its timeline.
+    pub timeline: Option<u64>,
+    /// Bytes behind the leader.
+    pub lag: Option<u64>,
+    /// `nofailover` and `noloadbalance` tags, when set.
+    pub nofailover: bool,
+    /// See `nofailover`.
+    pub noloadbalance: bool,
+}
+
+/// HAProxy's live state of a cluster's servers, from one target's stats socket.
+#[derive(Debug, Clone, Serialize)]
+pub struct HaproxyView {
+    /// The HAProxy target.
+    pub target: String,
+    /// Its stats socket.
+    pub socket: std::path::PathBuf,
+    /// Seconds since the reading (readings are shared for up to a quarter of a second).
+    pub age_s: f64,
+    /// Why there is no reading (HAProxy not answering).
+    pub error: Option<String>,
+    /// The cluster's servers in its primary and replica backends.
+    pub servers: Vec<crate::consumers::haproxy::live::ServerView>,
 }
 
 /// The fences and refused moves of a cluster's fast path, read when `/status` is served.
@@ -188,6 +243,8 @@ impl Status {
                 members: r.model.members.len(),
                 last_failover: r.failover.clone(),
                 fast_path: FastPathView(r.failover.clone()),
+                member_list: r.model.members.iter().map(MemberLine::from).collect(),
+                haproxy: Vec::new(),
                 model: Some(Arc::clone(&r.model)),
             })
             .collect();
@@ -240,7 +297,86 @@ impl Status {
     pub fn snapshot(&self) -> Status {
         let mut s = self.clone();
         s.last_success_age_seconds = self.last_success.map(|t| t.elapsed().as_secs_f64());
+        s.version = VERSION;
         s
+    }
+
+    /// Fills each cluster's `haproxy` with HAProxy's live state of its servers, from the stats
+    /// socket of every HAProxy target with `server_state` (read concurrently, each at most
+    /// once per [`crate::consumers::haproxy::live::FRESH`] and within
+    /// [`crate::consumers::haproxy::live::TIMEOUT`]).
+    pub async fn read_haproxy(&mut self) {
+        use crate::consumers::haproxy::live;
+        let mut sockets: Vec<std::path::PathBuf> = self
+            .clusters
+            .iter()
+            .flat_map(|c| c.last_failover.haproxy_routes())
+            .map(|(_, ss)| ss.stats_socket)
+            .collect();
+        sockets.sort();
+        sockets.dedup();
+        let mut tasks = tokio::task::JoinSet::new();
+        for s in sockets {
+            tasks.spawn(async move {
+                let r = live::readings().read(&s).await;
+                (s, r)
+            });
+        }
+        let mut read = BTreeMap::new();
+        while let Some(done) = tasks.join_next().await {
+            if let Ok((s, r)) = done {
+                read.insert(s, r);
+            }
+        }
+        for c in &mut self.clusters {
+            c.haproxy = c
+                .last_failover
+                .haproxy_routes()
+                .into_iter()
+                .map(|(target, ss)| {
+                    let r = read.get(&ss.stats_socket);
+                    let backends: Vec<String> = ss
+                        .primary_backends
+                        .iter()
+                        .chain(&ss.replica_backends)
+                        .cloned()
+                        .collect();
+                    HaproxyView {
+                        target,
+                        age_s: r.map_or(0.0, |r| {
+                            (r.at.elapsed().as_secs_f64() * 1000.0).round() / 1000.0
+                        }),
+                        error: match r.map(|r| &r.result) {
+                            Some(Ok(_)) => None,
+                            Some(Err(e)) => Some(e.clone()),
+                            None => Some("not read".to_owned()),
+                        },
+                        servers: match r.map(|r| &r.result) {
+                            Some(Ok(l)) => live::servers_of(l, &backends),
+                            _ => Vec::new(),
+                        },
+                        socket: ss.stats_socket,
+                    }
+                })
+                .collect();
+        }
+    }
+}
+
+impl From<&crate::model::Member> for MemberLine {
+    fn from(m: &crate::model::Member) -> MemberLine {
+        MemberLine {
+            name: m.name.clone(),
+            role: m.role.clone(),
+            state: m.state.clone(),
+            host: m.host.clone(),
+            port: m.port,
+            is_leader: m.is_leader,
+            timeline: m.timeline,
+            lag: m.lag,
+            nofailover: m.nofailover,
+            noloadbalance: m.noloadbalance,
+        }
     }
 }
 

@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -17,8 +16,8 @@ use std::time::{Duration, Instant};
 use common::config::{ConfigBuilder, Hook, Reload, Template};
 use common::patroni::{self, LoadStats, PatroniCluster, ReadLoad, WriteLoad};
 use common::procs::{
-    free_port, give_to_postgres, haconfd_bin, haconfd_once_no_reload, pgbouncer_run_dir, port_open,
-    require_bin, temp_dir, wait_until, Etcd, Haproxy, Pgbouncer, Proc,
+    free_port, give_to_postgres, haconfd_once_no_reload, pgbouncer_run_dir, port_open, require_bin,
+    temp_dir, wait_until, Etcd, Haproxy, Pgbouncer, Proc,
 };
 use common::switch::{self, Mode, WriteProbe};
 use nix::sys::signal::Signal;
@@ -291,14 +290,7 @@ impl Stack {
     fn start_haconfd(&mut self) {
         assert!(self.haproxy.is_some(), "start HAProxy first");
         self.write_config();
-        let mut cmd = Command::new(haconfd_bin());
-        cmd.arg("-c").arg(&self.config).args([
-            "run",
-            "--log-format",
-            "json",
-            "--log-level",
-            "haconfd=debug",
-        ]);
+        let cmd = common::procs::haconfd_run_json(&self.config);
         let p = Proc::spawn_logged("haconfd", cmd, &self.haconfd_log);
         self.haconfd = Some(p);
         let ok = wait_until(Duration::from_secs(20), || {

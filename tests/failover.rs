@@ -119,17 +119,8 @@ impl Lb {
 
     /// (op state, admin state) of `backend/server`.
     fn server(&self, backend: &str, server: &str) -> Option<(u8, u8)> {
-        let dump = unix_cmd(
-            &self.admin_sock,
-            "show servers state",
-            Duration::from_secs(2),
-        )
-        .ok()?;
-        dump.lines().find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 6 && f[1] == backend && f[3] == server)
-                .then(|| (f[5].parse().unwrap_or(255), f[6].parse().unwrap_or(255)))
-        })
+        common::procs::server_state(&self.admin_sock, backend, server)
+            .map(|(op, admin)| (op, admin as u8))
     }
 
     fn wait_server(&self, backend: &str, server: &str, want: (u8, u8), within: Duration) -> bool {

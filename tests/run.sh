@@ -8,12 +8,14 @@ cd "$(dirname "$0")/.."
 
 # python3-etcd: Patroni's `etcd:` (v2) section, for the v2 end-to-end test.
 # debootstrap: the container tests (tests/containers.rs) build their Debian 12 base image with it.
-packages=(protobuf-compiler etcd-server etcd-client haproxy pgbouncer postgresql patroni python3-etcd debootstrap)
+# prometheus (with promtool) and chromium: tests/observe.rs (the alert rules, the dashboard, the
+# status page); lintian: tests/deb.rs (the Debian package).
+packages=(protobuf-compiler etcd-server etcd-client haproxy pgbouncer postgresql patroni python3-etcd debootstrap prometheus chromium lintian)
 # Docker itself is part of the machine (engine and docker-compose); installed only where missing.
 command -v docker >/dev/null 2>&1 || packages+=(docker.io)
 command -v docker-compose >/dev/null 2>&1 || packages+=(docker-compose)
 need_install=0
-for bin in protoc etcd etcdctl haproxy pgbouncer patroni patronictl psql debootstrap docker docker-compose; do
+for bin in protoc etcd etcdctl haproxy pgbouncer patroni patronictl psql debootstrap docker docker-compose prometheus promtool chromium lintian; do
     if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then need_install=1; fi
 done
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need_install=1
@@ -33,6 +35,12 @@ if [ "$need_install" = 1 ]; then
     fi
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"
     if [ "$made_policy" = 1 ]; then $sudo rm -f /usr/sbin/policy-rc.d; fi
+fi
+
+# The packager of tests/deb.rs, from crates.io (a few minutes to build, once per machine).
+if ! command -v cargo-deb >/dev/null 2>&1; then
+    echo "== installing cargo-deb: cargo install cargo-deb --locked (at most 20 minutes)"
+    timeout 1200 cargo install cargo-deb --locked --quiet
 fi
 
 # The container tests need the Docker engine; start it if it is installed but not running.

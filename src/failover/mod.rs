@@ -45,7 +45,7 @@ use crate::model::Cluster;
 use crate::target::Target;
 use actuator::Actuator;
 use fence::Fence;
-pub use timeline::{FastPath, FenceView, Observers, Timeline, TimelineView};
+pub use timeline::{FastPath, FenceView, Observers, PauseView, Timeline, TimelineView};
 
 /// `[failover]`: the fast path's settings.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -367,7 +367,17 @@ impl Router {
     /// served: the moves that finish after the pass (HAProxy's, in its task) show without
     /// waiting for another pass.
     pub fn view(&self) -> TimelineView {
-        TimelineView(Some(Arc::clone(&self.shared)))
+        TimelineView(
+            Some(Arc::clone(&self.shared)),
+            timeline::Reach {
+                routes: Arc::clone(&self.routes),
+                pauses: self
+                    .pauses
+                    .iter()
+                    .map(|(t, p)| (t.clone(), p.watch()))
+                    .collect(),
+            },
+        )
     }
 
     /// Undoes what the fast path holds on the consumers, for a graceful stop: every fence

@@ -10,6 +10,8 @@ use prometheus_client::metrics::family::Family;
 use serde::Serialize;
 
 use super::{lock, Shared};
+use crate::consumers::haproxy::server_state::ServerStateConfig;
+use crate::consumers::pgbouncer::pause::{PauseState, PauseWatch};
 
 /// One leader change as the fast path handled it, for `/status`: times in milliseconds after
 /// the pass that saw the new leader key.
@@ -59,9 +61,18 @@ impl Timeline {
     }
 }
 
-/// The last leader change, serialized as it is when read (see [`super::Router::view`]).
+/// The last leader change, serialized as it is when read (see [`super::Router::view`]), and
+/// what the fast path acts on (HAProxy's stats sockets, PgBouncer's pauses) for `/status`.
 #[derive(Clone, Default)]
-pub struct TimelineView(pub(super) Option<Arc<Mutex<Shared>>>);
+pub struct TimelineView(pub(super) Option<Arc<Mutex<Shared>>>, pub(super) Reach);
+
+/// The consumers a cluster's fast path acts on: its HAProxy routes, and a weak watch on each
+/// PgBouncer pause (a view never keeps a pause alive).
+#[derive(Clone, Default)]
+pub(super) struct Reach {
+    pub(super) routes: Arc<Vec<super::Route>>,
+    pub(super) pauses: Vec<(String, PauseWatch)>,
+}
 
 impl TimelineView {
     /// The timeline now.
@@ -90,7 +101,31 @@ impl TimelineView {
                 .collect(),
             moves_refused: sh.moves_refused,
             last_refused: sh.last_refused.clone(),
+            change_under_way_s: sh
+                .changing_since
+                .map(|t| round3(now.saturating_duration_since(t).as_secs_f64())),
+            pauses: self
+                .1
+                .pauses
+                .iter()
+                .filter_map(|(target, w)| {
+                    w.state().map(|state| PauseView {
+                        target: target.clone(),
+                        state,
+                    })
+                })
+                .collect(),
         }
+    }
+
+    /// The HAProxy targets the fast path moves for this cluster, with their stats socket and
+    /// this cluster's backends.
+    pub fn haproxy_routes(&self) -> Vec<(String, ServerStateConfig)> {
+        self.1
+            .routes
+            .iter()
+            .map(|r| (r.target.clone(), r.ss.clone()))
+            .collect()
     }
 }
 
@@ -119,6 +154,22 @@ pub struct FastPath {
     pub moves_refused: u64,
     /// The last of them.
     pub last_refused: Option<String>,
+    /// Seconds since a leader change began (a fence, or a candidate not yet confirmed), while
+    /// one is under way: HAProxy's reloads wait, and hold.lua (where configured) holds new
+    /// connections to the primary port.
+    pub change_under_way_s: Option<f64>,
+    /// PgBouncer pauses in progress.
+    pub pauses: Vec<PauseView>,
+}
+
+/// A PgBouncer pause in progress.
+#[derive(Debug, Clone, Serialize)]
+pub struct PauseView {
+    /// The PgBouncer target.
+    pub target: String,
+    /// Where the pause stands.
+    #[serde(flatten)]
+    pub state: PauseState,
 }
 
 /// One fence in force.

@@ -42,7 +42,8 @@ use nix::unistd::{Pid, User};
 
 /// What to run when a component is missing.
 pub const SETUP_HINT: &str = "install the test dependencies with `sudo apt-get install -y \
-protobuf-compiler etcd-server etcd-client haproxy pgbouncer postgresql patroni python3-etcd` (or run `bash .ci/run`)";
+protobuf-compiler etcd-server etcd-client haproxy pgbouncer postgresql patroni python3-etcd \
+prometheus chromium lintian` (or run `bash .ci/run`)";
 
 /// Directories searched after `$PATH`.
 const EXTRA_BIN_DIRS: &[&str] = &[
@@ -232,6 +233,47 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> io::Result<Outp
         status,
         stdout: t_out.join().unwrap_or_default(),
         stderr: t_err.join().unwrap_or_default(),
+    })
+}
+
+/// Runs `cmd` within `timeout`: whether it succeeded, and its stdout then stderr.
+pub fn run_capture(cmd: &mut Command, timeout: Duration) -> (bool, String) {
+    let o = run_with_timeout(cmd, timeout).unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+/// `haconfd -c CONFIG run` with JSON logs at debug level (tests read the log lines).
+pub fn haconfd_run_json(config: &Path) -> Command {
+    let mut cmd = Command::new(haconfd_bin());
+    cmd.arg("-c").arg(config).args([
+        "run",
+        "--log-format",
+        "json",
+        "--log-level",
+        "haconfd=debug",
+    ]);
+    cmd
+}
+
+/// (op state, admin state) of `backend/server` in HAProxy's `show servers state` on `sock`.
+pub fn server_state(sock: &Path, backend: &str, server: &str) -> Option<(u8, u32)> {
+    let dump = unix_cmd(
+        sock,
+        &format!("show servers state {backend}"),
+        Duration::from_secs(2),
+    )
+    .ok()?;
+    dump.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 6 && f[1] == backend && f[3] == server)
+            .then(|| (f[5].parse().unwrap_or(255), f[6].parse().unwrap_or(255)))
     })
 }
 

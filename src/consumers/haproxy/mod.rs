@@ -1,7 +1,9 @@
 //! HAProxy: its sockets ([`cli`]: one request per connection on the master CLI or the admin
 //! stats socket, with `show proc` and `reload` answers parsed), its server state carried across
-//! reloads ([`server_state`]) and the runtime-API moves of the failover fast path ([`runtime`]).
+//! reloads ([`server_state`]), the runtime-API moves of the failover fast path ([`runtime`]) and
+//! its servers' live states as people see them ([`live`]).
 
+pub mod live;
 pub mod runtime;
 pub mod server_state;
 

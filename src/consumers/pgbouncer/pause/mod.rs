@@ -288,6 +288,71 @@ impl Pause {
             Some(Stage::Paused { .. })
         )
     }
+
+    /// A handle that shows this pause to `/status` without keeping it alive: the last handle's
+    /// drop still resumes PgBouncer.
+    pub fn watch(&self) -> PauseWatch {
+        PauseWatch(Arc::downgrade(&self.inner))
+    }
+}
+
+/// A pause in progress as `/status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PauseState {
+    /// PgBouncer's console.
+    pub console: String,
+    /// The one database paused, when PgBouncer fronts several clusters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// Why it began.
+    pub why: String,
+    /// `checking`, `pausing` (`PAUSE` sent, transactions finishing), `paused`, `session` (a
+    /// session-mode pool: not paused, the switch ends with `RECONNECT`), `failed` or `resuming`.
+    pub stage: &'static str,
+    /// Seconds since it began.
+    pub for_s: f64,
+}
+
+/// A weak handle on a [`Pause`], see [`Pause::watch`].
+#[derive(Clone)]
+pub struct PauseWatch(std::sync::Weak<Inner>);
+
+impl fmt::Debug for PauseWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.state().fmt(f)
+    }
+}
+
+impl PauseWatch {
+    /// The pause in progress now, if one is (begun and not yet resumed).
+    pub fn state(&self) -> Option<PauseState> {
+        let inner = self.0.upgrade()?;
+        let st = inner.lock();
+        let (why, began, stage) = match st.current.as_ref() {
+            Some(a) => (
+                a.why.clone(),
+                Some(a.began),
+                match a.stage {
+                    Stage::Checking => "checking",
+                    Stage::Pausing { .. } => "pausing",
+                    Stage::Paused { .. } => "paused",
+                    Stage::Session => "session",
+                    Stage::Failed { .. } => "failed",
+                },
+            ),
+            None if st.ending > 0 => (String::new(), None, "resuming"),
+            None => return None,
+        };
+        Some(PauseState {
+            console: inner.admin.console().to_owned(),
+            database: inner.admin.database().map(str::to_owned),
+            why,
+            stage,
+            for_s: began.map_or(0.0, |b| {
+                (b.elapsed().as_secs_f64() * 1000.0).round() / 1000.0
+            }),
+        })
+    }
 }
 
 impl Drop for Inner {
