@@ -290,14 +290,21 @@ impl Memory {
 
     /// Forgets a cluster that is gone (its empty view was accepted, with `--force`).
     pub fn forget(&mut self, cfg: &GuardConfig, cluster: &Cluster) {
-        let removed = self
-            .entries
-            .get_mut(cluster.namespace.as_str())
-            .and_then(|s| s.get_mut(cluster.scope.as_str()))
-            .and_then(|g| g.remove(&cluster.group))
-            .is_some();
-        if !removed {
+        let Some(scopes) = self.entries.get_mut(cluster.namespace.as_str()) else {
             return;
+        };
+        let Some(groups) = scopes.get_mut(cluster.scope.as_str()) else {
+            return;
+        };
+        if groups.remove(&cluster.group).is_none() {
+            return;
+        }
+        // Nothing of a forgotten scope stays (clusters come and go under new names all day).
+        if groups.is_empty() {
+            scopes.remove(cluster.scope.as_str());
+            if scopes.is_empty() {
+                self.entries.remove(cluster.namespace.as_str());
+            }
         }
         if let Some(path) = cfg.state_file.as_deref() {
             let mut state = StateFile {
@@ -504,6 +511,17 @@ mod tests {
     }
 
     /// Admits each view in turn, returning which were refused.
+    #[test]
+    fn a_forgotten_cluster_leaves_no_entry_behind() {
+        let cfg = GuardConfig::default();
+        let mut memory = Memory::default();
+        let c = led(&["a", "b"], "a");
+        memory.admit(&cfg, &c).unwrap();
+        assert!(memory.knows(&c));
+        memory.forget(&cfg, &c);
+        assert!(memory.entries.is_empty(), "{:?}", memory.entries);
+    }
+
     fn admit_all(memory: &mut Memory, cfg: &GuardConfig, views: &[Cluster]) -> Vec<bool> {
         views
             .iter()
