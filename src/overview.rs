@@ -445,51 +445,11 @@ fn cluster(c: &Value, st: &Value) -> ClusterOverview {
             .map(|m| list(m, "members").to_vec())
             .unwrap_or_default(),
     };
-    let mut haproxy_errors = Vec::new();
-    let mut states: Vec<(String, String, String, Option<String>, String)> = Vec::new();
-    for h in list(c, "haproxy") {
-        let target = s(h, "target").unwrap_or_default();
-        if let Some(e) = s(h, "error") {
-            haproxy_errors.push(format!("{target}: {e}"));
-        }
-        for sv in list(h, "servers") {
-            states.push((
-                target.clone(),
-                s(sv, "backend").unwrap_or_default(),
-                s(sv, "state").unwrap_or_default(),
-                s(sv, "admin"),
-                s(sv, "server").unwrap_or_default(),
-            ));
-        }
-    }
+    let (haproxy_errors, states) = haproxy_states(c);
     let leader = s(c, "leader");
     let members = members
         .iter()
-        .map(|m| {
-            let name = s(m, "name").unwrap_or_default();
-            MemberOverview {
-                address: format!(
-                    "{}:{}",
-                    s(m, "host").unwrap_or_default(),
-                    m.get("port").and_then(Value::as_u64).unwrap_or(0)
-                ),
-                role: s(m, "role").unwrap_or_default(),
-                state: s(m, "state").unwrap_or_default(),
-                lag: m.get("lag").and_then(Value::as_u64),
-                leader: leader.as_deref() == Some(name.as_str()),
-                haproxy: states
-                    .iter()
-                    .filter(|st| st.4 == name)
-                    .map(|(target, backend, state, admin, _)| HaproxyState {
-                        target: target.clone(),
-                        backend: backend.clone(),
-                        state: state.clone(),
-                        admin: admin.clone(),
-                    })
-                    .collect(),
-                name,
-            }
-        })
+        .map(|m| member(m, leader.as_deref(), &states))
         .collect();
     let fp = c.get("fast_path").unwrap_or(&Value::Null);
     ClusterOverview {
@@ -533,6 +493,51 @@ fn cluster(c: &Value, st: &Value) -> ClusterOverview {
                 haproxy_ms: f(t, "haproxy_after_ms"),
                 pgbouncer_ms: f(t, "pgbouncer_after_ms"),
             }),
+    }
+}
+
+/// HAProxy's live state of each server, by server name, from a cluster's `haproxy` list; with
+/// the errors of the sockets that did not answer.
+fn haproxy_states(c: &Value) -> (Vec<String>, Vec<(String, HaproxyState)>) {
+    let mut errors = Vec::new();
+    let mut states = Vec::new();
+    for h in list(c, "haproxy") {
+        let target = s(h, "target").unwrap_or_default();
+        if let Some(e) = s(h, "error") {
+            errors.push(format!("{target}: {e}"));
+        }
+        for sv in list(h, "servers") {
+            let state = HaproxyState {
+                target: target.clone(),
+                backend: s(sv, "backend").unwrap_or_default(),
+                state: s(sv, "state").unwrap_or_default(),
+                admin: s(sv, "admin"),
+            };
+            states.push((s(sv, "server").unwrap_or_default(), state));
+        }
+    }
+    (errors, states)
+}
+
+/// One member line from `/status`'s `member_list`.
+fn member(m: &Value, leader: Option<&str>, states: &[(String, HaproxyState)]) -> MemberOverview {
+    let name = s(m, "name").unwrap_or_default();
+    MemberOverview {
+        address: format!(
+            "{}:{}",
+            s(m, "host").unwrap_or_default(),
+            m.get("port").and_then(Value::as_u64).unwrap_or(0)
+        ),
+        role: s(m, "role").unwrap_or_default(),
+        state: s(m, "state").unwrap_or_default(),
+        lag: m.get("lag").and_then(Value::as_u64),
+        leader: leader == Some(name.as_str()),
+        haproxy: states
+            .iter()
+            .filter(|(server, _)| *server == name)
+            .map(|(_, st)| st.clone())
+            .collect(),
+        name,
     }
 }
 

@@ -17,6 +17,7 @@
 
 mod cluster;
 mod commit;
+mod found;
 mod observe;
 mod plan;
 mod render;

@@ -6,12 +6,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::cluster::ClusterState;
+use super::found::{self, Found, Notes};
 use super::plan::{by_scope, Views};
 use super::report::{ClusterReport, PassError, PassStats};
 use super::Setup;
 use crate::failover;
 use crate::guard::{self, GuardError};
-use crate::model::{self, Cluster, ClusterId, MemberCache};
+use crate::model::{Cluster, ClusterId, MemberCache};
 use crate::snapshot::Snapshot;
 use crate::source::Clusters;
 
@@ -38,25 +39,6 @@ pub(super) struct Observe {
     reports: Vec<ClusterReport>,
     /// What the last pass warned about.
     notes: Notes,
-}
-
-/// The clusters a pass models, and what it learnt finding them.
-struct Found {
-    /// Every cluster to model, sorted.
-    ids: Vec<ClusterId>,
-    /// Those of `ids` the store shows no leader or member key of (followed from earlier passes
-    /// or the guard's memory), with `etcd.discover`: candidates to forget.
-    absent: BTreeSet<ClusterId>,
-    notes: Notes,
-}
-
-/// What a pass warns about once, not on every heartbeat.
-#[derive(Debug, Default, PartialEq)]
-struct Notes {
-    /// Stray keys by Citus scope.
-    strays: BTreeMap<String, Vec<String>>,
-    /// Scopes that cannot be followed, and why.
-    refused: BTreeMap<String, String>,
 }
 
 impl Observe {
@@ -100,92 +82,10 @@ impl Observe {
         self.found(setup, snap).ids
     }
 
-    /// [`Observe::cluster_ids`], with those the store no longer shows and what to warn about:
-    /// the stray keys of each Citus scope (ordinary `leader` or `members/` keys next to its
-    /// groups) and the scopes that cannot be followed.
+    /// [`Observe::cluster_ids`], with those the store no longer shows and what to warn about
+    /// (see [`found::find`]).
     fn found(&self, setup: &Setup, snap: &Snapshot) -> Found {
-        let etcd = &setup.settings.etcd;
-        let ns = &etcd.namespace;
-        let found = match &etcd.clusters {
-            Clusters::One(scope) => model::layouts(snap, ns, Some(std::slice::from_ref(scope))),
-            Clusters::List(scopes) => model::layouts(snap, ns, Some(scopes)),
-            Clusters::Discover => model::layouts(snap, ns, None),
-        };
-        let mut ids: BTreeSet<ClusterId> = BTreeSet::new();
-        let mut notes = Notes::default();
-        for (scope, layout) in &found {
-            if let Some(why) = &layout.refused {
-                notes.refused.insert(scope.clone(), why.clone());
-                continue;
-            }
-            // This scope's clusters from earlier passes: one ordered range of the map.
-            let known: Vec<&ClusterId> = self
-                .clusters
-                .range(ClusterId::plain(scope)..)
-                .map(|(k, _)| k)
-                .take_while(|k| k.scope == *scope)
-                .collect();
-            if layout == &model::Layout::default() && !known.is_empty() {
-                ids.extend(known.into_iter().cloned());
-                continue;
-            }
-            // A Citus scope stays one: its groups that went away stay for the guard to judge
-            // (their disappearance is a removal like any other), and ordinary keys next to its
-            // groups are strays, never a reason to drop the groups.
-            let citus = layout.is_citus() || known.iter().any(|k| k.group.is_some());
-            if citus && layout.plain {
-                let named = match layout.strays.is_empty() {
-                    true => vec!["leader/members".to_owned()],
-                    false => layout.strays.clone(),
-                };
-                notes.strays.insert(scope.clone(), named);
-            }
-            ids.extend(
-                known
-                    .into_iter()
-                    .filter(|k| k.group.is_some() == citus)
-                    .cloned(),
-            );
-            if citus {
-                ids.extend(layout.groups.iter().map(|&g| ClusterId {
-                    scope: scope.clone(),
-                    group: Some(g),
-                }));
-            } else {
-                ids.insert(ClusterId::plain(scope));
-            }
-        }
-        let mut absent = BTreeSet::new();
-        if matches!(etcd.clusters, Clusters::Discover) {
-            // Clusters whose keys are all gone: still followed until the guard lets them go.
-            ids.extend(
-                self.clusters
-                    .keys()
-                    .filter(|id| !found.contains_key(&id.scope))
-                    .cloned(),
-            );
-            for (scope, group) in self.memory.remembered(ns) {
-                if !found.contains_key(scope) {
-                    ids.insert(ClusterId {
-                        scope: scope.to_owned(),
-                        group,
-                    });
-                }
-            }
-            // No leader or member key of the cluster (or of the Citus group) is left.
-            let shown = |id: &ClusterId| {
-                found.get(&id.scope).is_some_and(|l| match id.group {
-                    Some(g) => l.groups.contains(&g),
-                    None => l.plain,
-                })
-            };
-            absent = ids.iter().filter(|id| !shown(id)).cloned().collect();
-        }
-        Found {
-            ids: ids.into_iter().collect(),
-            absent,
-            notes,
-        }
+        found::find(setup, snap, &self.clusters, &self.memory)
     }
 
     /// Builds one cluster's model and logs skipped keys when the set of them changes (not on
@@ -403,20 +303,7 @@ impl Observe {
     /// Warns about the stray keys of Citus scopes and the scopes that cannot be followed, when
     /// they change (not on every heartbeat).
     fn warn(&mut self, setup: &Setup, notes: Notes) {
-        if notes == self.notes {
-            return;
-        }
-        let ns = &setup.settings.etcd.namespace;
-        for (scope, keys) in &notes.strays {
-            if self.notes.strays.get(scope) != Some(keys) {
-                tracing::warn!(scope = ?scope, keys = ?keys, "ordinary Patroni keys in a Citus scope (a node without its citus: section?) under {ns}: ignored; the scope's groups are followed as before");
-            }
-        }
-        for (scope, why) in &notes.refused {
-            if self.notes.refused.get(scope) != Some(why) {
-                tracing::warn!(scope = ?scope, "not following a scope under {ns}: {why}");
-            }
-        }
+        notes.warn_new(&self.notes, &setup.settings.etcd.namespace);
         self.notes = notes;
     }
 
