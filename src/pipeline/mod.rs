@@ -219,6 +219,16 @@ impl Engine {
             .collect())
     }
 
+    /// What the guard would say of `snap` on its own (no memory of an earlier view): the first
+    /// cluster it refuses, if any. For `check` and `render`, which apply nothing.
+    pub fn guard_refusal(&mut self, snap: &Snapshot) -> Option<crate::guard::GuardError> {
+        let models = self.observe.models(&self.setup, snap, self.render.reuse());
+        models
+            .iter()
+            .flat_map(|(_, groups)| groups)
+            .find_map(|c| crate::guard::check(&self.setup.settings.guard, c, None).err())
+    }
+
     /// Renders, stages into `scratch` and runs every check without touching any destination: for
     /// `check`. Every target is checked; the first failure (in config order) is returned, the
     /// others logged. Errors name the target's real destination, not the scratch copy.
@@ -227,14 +237,10 @@ impl Engine {
         snap: &Snapshot,
         scratch: &Path,
     ) -> Result<Vec<String>, PassError> {
-        let models = self.observe.models(&self.setup, snap, self.render.reuse());
-        let refused = models
-            .iter()
-            .flat_map(|(_, groups)| groups)
-            .find_map(|c| crate::guard::check(&self.setup.settings.guard, c, None).err());
-        if let Some(e) = refused {
+        if let Some(e) = self.guard_refusal(snap) {
             return Err(e.into());
         }
+        let models = self.observe.models(&self.setup, snap, self.render.reuse());
         let plan = plan::plan(&self.setup, &models, &models, &[]);
         let mut names = Vec::new();
         let mut failures = Vec::new();
