@@ -137,7 +137,9 @@ pub enum Command {
         long_about = "Render to stdout and write nothing. Reads etcd, or with --snapshot a JSON dump: \
         `etcdctl get --prefix -w json` output or a flat {\"key\": \"value\"} object. With several \
         templates each is preceded by a `==> name <==` line; --template selects one. --context \
-        prints the template context as JSON instead."
+        prints the template context as JSON instead. A view the guard would refuse in once and \
+        run (an empty scope, too few members) is not printed: exit 4 with the reason, or print \
+        it anyway with --force."
     )]
     Render(RenderArgs),
     /// Validate config and templates, render and run the checks on staged copies; writes nothing.
@@ -209,6 +211,9 @@ pub struct RenderArgs {
     /// Print the template context as JSON instead of rendering.
     #[arg(long)]
     pub context: bool,
+    /// Print the files even when the guard would refuse the view (exit 4 otherwise).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `status` options.

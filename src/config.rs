@@ -295,9 +295,15 @@ pub struct Overrides {
 impl RawConfig {
     /// Parses TOML text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+        toml::from_str(text).map_err(|e| {
+            let mut message = e.to_string().trim_end().to_owned();
+            if let Some(hint) = crate::confd::config_hint(&message, text) {
+                message = format!("{message}\nhint: {hint}");
+            }
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            }
         })
     }
 

@@ -73,7 +73,7 @@ impl Default for GuardConfig {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum GuardError {
     /// Too few members.
-    #[error("etcd shows {found} valid member(s) in cluster {scope:?}, fewer than guard.min_members = {min}; keeping the last good files (override with --force or guard.force)")]
+    #[error("{}", too_few(scope, *found, *min))]
     TooFew {
         /// Scope.
         scope: String,
@@ -103,6 +103,22 @@ pub enum GuardError {
         /// The prefix read.
         prefix: String,
     },
+}
+
+/// The refusal of too few members. An empty view gets no advice to force it: forcing renders
+/// files with no server, and a wrong scope, namespace or API is the usual cause.
+fn too_few(scope: &str, found: usize, min: usize) -> String {
+    if found == 0 {
+        return format!(
+            "etcd shows no valid member in cluster {scope:?}, fewer than guard.min_members = \
+             {min}: a wrong etcd.scope, etcd.namespace or etcd.api looks like this (`haconfd \
+             check` lists the scopes that exist); keeping the last good files"
+        );
+    }
+    format!(
+        "etcd shows {found} valid member(s) in cluster {scope:?}, fewer than guard.min_members = \
+         {min}; keeping the last good files (override with --force or guard.force)"
+    )
 }
 
 /// Checks `cluster` against the guard's rule (see the module docs), given the member names of

@@ -4,8 +4,8 @@
 //!
 //! The layout, lowest first (a module imports only those above it in this list; see
 //! `docs/ARCHITECTURE.md`):
-//! - [`snapshot`], [`command`], [`backoff`], [`files`]: the store's keys at a revision, bounded
-//!   commands, retry timing, atomic files;
+//! - [`snapshot`], [`command`], [`backoff`], [`files`], [`confd`]: the store's keys at a revision, bounded
+//!   commands, retry timing, atomic files, what a confd user brings along recognised;
 //! - [`source`] (`EtcdSettings`; one file per etcd protocol): a snapshot of Patroni's keys and a
 //!   watch;
 //! - [`model`] and [`events`]: validated Patroni clusters (one per scope, one per Citus group)
@@ -33,6 +33,7 @@ pub mod apply;
 pub mod backoff;
 pub mod cli;
 pub mod command;
+pub mod confd;
 pub mod config;
 pub mod consumers;
 pub mod daemon;

@@ -140,18 +140,50 @@ async fn snapshot_from(
 }
 
 /// The snapshot (from etcd or a file) and an engine with compiled templates: what every one-shot
-/// mode starts from.
+/// mode starts from. An empty scope is refused (exit 4) naming the scopes that exist, unless
+/// `force` (or the guard is forced or its floor is 0 in the config): then it is a warning.
 async fn prepare(
     settings: Settings,
     snapshot_file: Option<&std::path::Path>,
+    force: bool,
 ) -> Result<(Snapshot, Engine), u8> {
     let snap = snapshot_from(&settings, snapshot_file).await?;
+    let force = force || settings.guard.force || settings.guard.min_members == 0;
+    refuse_empty_scope(&settings, &snap, snapshot_file.is_some(), force).await?;
     let engine = Engine::new(Arc::new(settings)).map_err(|e| fail(exit::CONFIG, &e.to_string()))?;
     Ok((snap, engine))
 }
 
+/// A wrong scope, confd's whole prefix as the namespace, or the other etcd API: the followed
+/// scope shows no key. Says what is there instead (in the dump, or in either etcd store).
+async fn refuse_empty_scope(
+    settings: &Settings,
+    snap: &Snapshot,
+    from_dump: bool,
+    force: bool,
+) -> Result<(), u8> {
+    use haconfd::source::scopes;
+    if scopes::has_scope_keys(&settings.etcd, snap) {
+        return Ok(());
+    }
+    let found = if from_dump {
+        vec![scopes::scopes_in(
+            snap.kvs.keys().map(String::as_str),
+            &settings.etcd.namespace,
+        )]
+    } else {
+        scopes::look_around(&settings.etcd, std::time::Duration::from_secs(2)).await
+    };
+    let message = scopes::empty_scope_message(&settings.etcd, &found);
+    if force {
+        eprintln!("haconfd: warning: {message}");
+        return Ok(());
+    }
+    Err(fail(exit::GUARD, &message))
+}
+
 async fn once(settings: Settings, reload: bool) -> u8 {
-    let (snap, mut engine) = match prepare(settings, None).await {
+    let (snap, mut engine) = match prepare(settings, None, false).await {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -169,10 +201,25 @@ async fn once(settings: Settings, reload: bool) -> u8 {
 }
 
 async fn render_cmd(settings: Settings, args: haconfd::cli::RenderArgs) -> u8 {
-    let (snap, mut engine) = match prepare(settings, args.snapshot.as_deref()).await {
+    let force = args.force || args.context;
+    let (snap, mut engine) = match prepare(settings, args.snapshot.as_deref(), force).await {
         Ok(p) => p,
         Err(c) => return c,
     };
+    if !args.context {
+        if let Some(e) = engine.guard_refusal(&snap) {
+            if !args.force {
+                return fail(
+                    exit::GUARD,
+                    &format!(
+                        "the guard would refuse this view, so once and run would keep the last \
+                         good files: {e}"
+                    ),
+                );
+            }
+            eprintln!("haconfd: warning: the guard would refuse this view (printed because of --force): {e}");
+        }
+    }
     let mut out = std::io::stdout().lock();
     if args.context {
         let mut contexts = match engine.contexts(&snap, args.template.as_deref()) {
@@ -213,7 +260,10 @@ async fn check_cmd(settings: Settings, args: haconfd::cli::CheckArgs) -> u8 {
         }
     }
     let hooks = settings.hooks.len();
-    let (snap, mut engine) = match prepare(settings, args.snapshot.as_deref()).await {
+    if let Err(e) = check_destinations(&settings) {
+        return fail(exit::WRITE, &e);
+    }
+    let (snap, mut engine) = match prepare(settings, args.snapshot.as_deref(), false).await {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -227,6 +277,9 @@ async fn check_cmd(settings: Settings, args: haconfd::cli::CheckArgs) -> u8 {
         }
     };
     if let Err(e) = check_stats_sockets(engine.settings()).await {
+        return fail(exit::CONFIG, &e);
+    }
+    if let Err(e) = check_declared_sockets(&mut engine, &snap) {
         return fail(exit::CONFIG, &e);
     }
     match engine.check_only(&snap, scratch.path()).await {
@@ -279,6 +332,80 @@ async fn check_stats_sockets(settings: &Settings) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Every destination's directory exists: `once` and `run` stage each file next to its
+/// destination and cannot create the directory. For a per-cluster `dest`, the part of the path
+/// before `{scope}`.
+fn check_destinations(settings: &Settings) -> Result<(), String> {
+    for t in &settings.targets {
+        let dir = t
+            .dest
+            .ancestors()
+            .skip(1)
+            .find(|a| {
+                !a.to_string_lossy()
+                    .contains(haconfd::target::SCOPE_PLACEHOLDER)
+            })
+            .unwrap_or(std::path::Path::new("/"));
+        if !dir.is_dir() {
+            return Err(format!(
+                "template {:?}: dest {}: the directory {} does not exist (once and run stage the \
+                 file next to its destination and do not create directories)",
+                t.name,
+                t.dest.display(),
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The stats socket haconfd talks to (`server_state.stats_socket`) is one the rendered file
+/// declares (`stats socket` in its global section): `[vars] stats_socket` may name another.
+fn check_declared_sockets(engine: &mut Engine, snap: &Snapshot) -> Result<(), String> {
+    let settings = Arc::clone(engine.settings());
+    for t in &settings.targets {
+        let Some(ss) = t.server_state() else { continue };
+        // A render failure is check_only's to report, with its own exit code.
+        let Ok(rendered) = engine.render(snap, Some(&t.name)) else {
+            continue;
+        };
+        for r in rendered {
+            let declared = haconfd::consumers::haproxy::declared_stats_sockets(
+                &String::from_utf8_lossy(&r.bytes),
+            );
+            if !declared.iter().any(|d| same_path(d, &ss.stats_socket)) {
+                return Err(format!(
+                    "template {:?}: server_state.stats_socket is {} but the rendered {} declares \
+                     {}: haconfd would talk to a socket HAProxy does not serve. Make [vars] \
+                     stats_socket (or the template's vars) the same path, or leave it unset: the \
+                     shipped templates then declare server_state.stats_socket",
+                    t.name,
+                    ss.stats_socket.display(),
+                    t.dest.display(),
+                    match declared.as_slice() {
+                        [] => "no `stats socket`".to_owned(),
+                        d => d
+                            .iter()
+                            .map(|p| format!("`stats socket {}`", p.display()))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    }
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Equal paths, or paths whose directories are one (`/var/run` is a link to `/run`).
+fn same_path(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let real = |p: &std::path::Path| {
+        let dir = p.parent().and_then(|d| d.canonicalize().ok());
+        dir.zip(p.file_name()).map(|(d, f)| d.join(f))
+    };
+    a == b || real(a).is_some_and(|x| Some(x) == real(b))
 }
 
 /// `haconfd status`: reads a running haconfd's `/status` and prints the overview.

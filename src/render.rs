@@ -161,6 +161,9 @@ pub struct TargetInfo<'a> {
     pub dest: String,
     /// The HAProxy server-state file, when configured.
     pub server_state_file: Option<String>,
+    /// The stats socket haconfd talks to (`server_state.stats_socket`), when configured: the
+    /// shipped HAProxy templates declare it unless `vars.stats_socket` names another.
+    pub stats_socket: Option<String>,
 }
 
 /// `haconfd.*` in the context.
@@ -221,6 +224,9 @@ pub fn context<'a>(view: &View<'a>, target: &'a Target) -> Context<'a> {
             name: &target.name,
             dest: target.dest.display().to_string(),
             server_state_file: target.server_state().map(|s| s.file.display().to_string()),
+            stats_socket: target
+                .server_state()
+                .map(|s| s.stats_socket.display().to_string()),
         },
         haconfd: HaconfdInfo {
             version: env!("CARGO_PKG_VERSION"),
@@ -254,6 +260,8 @@ pub struct Renderer {
     tera: Tera,
     /// Template keys whose text may read `xlog_location` or `lag` (see [`reads_wal`]).
     wal_readers: std::collections::HashSet<String>,
+    /// Each template's text by key, for the hint a failed render gets ([`crate::confd`]).
+    texts: std::collections::HashMap<String, String>,
 }
 
 impl std::fmt::Debug for Renderer {
@@ -269,6 +277,7 @@ impl Renderer {
         let mut tera = Tera::new();
         register_filters(&mut tera);
         let mut wal_readers = std::collections::HashSet::new();
+        let mut texts = std::collections::HashMap::new();
         for t in targets {
             let key = t.src.display().to_string();
             if tera.contains_template(&key) {
@@ -281,13 +290,18 @@ impl Renderer {
             tera.add_raw_template(&key, &text)
                 .map_err(|e| RenderError::Compile {
                     path: t.src.clone(),
-                    report: e.to_string(),
+                    report: with_hint(e.to_string(), &text),
                 })?;
             if reads_wal(&text) {
-                wal_readers.insert(key);
+                wal_readers.insert(key.clone());
             }
+            texts.insert(key, text);
         }
-        Ok(Self { tera, wal_readers })
+        Ok(Self {
+            tera,
+            wal_readers,
+            texts,
+        })
     }
 
     /// Whether `target`'s template may read a member's WAL position or lag, which change on
@@ -317,6 +331,7 @@ impl Renderer {
                 });
             }
         }
+        let key = target.src.display().to_string();
         let ctx = tera::Context::from_serialize(&context(view, target)).map_err(|e| {
             RenderError::Render {
                 target: target.name.clone(),
@@ -326,11 +341,14 @@ impl Renderer {
         })?;
         let out = self
             .tera
-            .render(&target.src.display().to_string(), &ctx)
+            .render(&key, &ctx)
             .map_err(|e| RenderError::Render {
                 target: target.name.clone(),
                 path: target.src.clone(),
-                report: e.to_string(),
+                report: with_hint(
+                    e.to_string(),
+                    self.texts.get(&key).map_or("", String::as_str),
+                ),
             })?;
         Ok(Rendered {
             name: target.name.clone(),
@@ -345,6 +363,14 @@ impl Renderer {
         cluster: &Cluster,
     ) -> Result<Vec<Rendered>, RenderError> {
         targets.iter().map(|t| self.render(t, cluster)).collect()
+    }
+}
+
+/// `report`, followed by what a confd user should write instead, when that is recognised.
+fn with_hint(report: String, text: &str) -> String {
+    match crate::confd::template_hint(text, &report) {
+        Some(hint) => format!("{report}\nhint: {hint}"),
+        None => report,
     }
 }
 

@@ -28,6 +28,7 @@ use haconfd::snapshot::Snapshot;
 use haconfd::target::Target;
 use yaml_rust2::{Yaml, YamlLoader};
 
+use common::docs::doc_files;
 use common::procs::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -2153,31 +2154,6 @@ fn k8s_sidecar_wiring_runs_for_real() {
 // ---------------------------------------------------------------------------------------------
 // The migration guide's translation of Patroni's confd setup
 // ---------------------------------------------------------------------------------------------
-
-/// The code blocks of a Markdown file that follow a `<!-- file: NAME -->` line.
-fn doc_files(md: &str) -> BTreeMap<String, String> {
-    let mut files = BTreeMap::new();
-    let mut lines = md.lines();
-    while let Some(line) = lines.next() {
-        let Some(name) = line
-            .trim()
-            .strip_prefix("<!-- file:")
-            .and_then(|s| s.strip_suffix("-->"))
-        else {
-            continue;
-        };
-        assert!(
-            lines.next().is_some_and(|l| l.starts_with("```")),
-            "<!-- file: {name} --> is not followed by a code block"
-        );
-        let body: Vec<&str> = lines
-            .by_ref()
-            .take_while(|l| !l.starts_with("```"))
-            .collect();
-        files.insert(name.trim().to_string(), body.join("\n") + "\n");
-    }
-    files
-}
 
 #[test]
 fn migration_guide_translation_renders_like_confd_and_passes_its_checks() {

@@ -181,6 +181,7 @@ impl Daemon {
         logging: Logging,
     ) -> Result<Daemon, DaemonError> {
         let mut engine = Engine::new(Arc::clone(settings))?;
+        engine.catch_up().await;
         let metrics = Arc::new(Metrics::new());
         let http = match &settings.http.listen {
             Some(addr) => Some(HttpServer::bind(addr, &status, &metrics).await?),

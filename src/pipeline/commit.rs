@@ -35,6 +35,12 @@ pub(super) struct Consumers {
 }
 
 impl Consumers {
+    /// Reloads `target`'s consumer at the next pass even if its file does not change: it has
+    /// not read the file on disk.
+    pub(super) fn mark_unread(&mut self, target: &str) {
+        self.unreloaded.insert(target.to_owned());
+    }
+
     /// At the first pass that may write: removes what an earlier run left beside each file.
     pub(super) fn sweep_once(&mut self, plan: &Plan) {
         if !self.swept {

@@ -220,6 +220,54 @@ impl Engine {
             .collect())
     }
 
+    /// What the guard would say of `snap` on its own (no memory of an earlier view): the first
+    /// cluster it refuses, if any. For `check` and `render`, which apply nothing.
+    pub fn guard_refusal(&mut self, snap: &Snapshot) -> Option<crate::guard::GuardError> {
+        let models = self.observe.models(&self.setup, snap, self.render.reuse());
+        models
+            .iter()
+            .flat_map(|(_, groups)| groups)
+            .find_map(|c| crate::guard::check(&self.setup.settings.guard, c, None).err())
+    }
+
+    /// At start: every consumer onto the files haconfd manages. A HAProxy whose current worker
+    /// started before its file was last written (`once --no-reload`, a run stopped between swap
+    /// and reload) is reloaded by the next pass, as after a failed reload, with its server state
+    /// prepared. Of other consumers haconfd cannot tell, and says so.
+    pub async fn catch_up(&mut self) {
+        use crate::consumers::haproxy::loaded::{has_loaded, Loaded};
+        use crate::consumers::reload::Reload;
+        let settings = Arc::clone(&self.setup.settings);
+        for t in settings.targets.iter().filter(|t| !t.per_cluster) {
+            if !t.consumer.is_told(t.reload.as_ref()) || !t.dest.exists() {
+                continue;
+            }
+            let master = match &t.reload {
+                Some(Reload::Signal { master_socket, .. }) => master_socket.as_deref(),
+                Some(Reload::MasterSocket { path, .. }) => Some(path.as_path()),
+                _ => None,
+            };
+            let stats = t.server_state().map(|s| s.stats_socket.as_path());
+            if master.is_none() && stats.is_none() {
+                tracing::info!(target = %t.name, dest = %t.dest.display(), "cannot tell whether its consumer has read this file: if it was written without a reload (once --no-reload), reload the consumer once");
+                continue;
+            }
+            match has_loaded(&t.dest, master, stats).await {
+                Loaded::Yes => {}
+                Loaded::No {
+                    worker_up,
+                    file_age,
+                } => {
+                    tracing::info!(target = %t.name, dest = %t.dest.display(), worker_up_s = worker_up.as_secs(), file_age_s = file_age.as_secs(), "HAProxy's worker has not read this file as it is on disk: reloading it");
+                    self.consumers.mark_unread(&t.name);
+                }
+                Loaded::Unknown(why) => {
+                    tracing::info!(target = %t.name, reason = %why, "cannot tell whether HAProxy has read this file (not running yet?)");
+                }
+            }
+        }
+    }
+
     /// Renders, stages into `scratch` and runs every check without touching any destination: for
     /// `check`. Every target is checked; the first failure (in config order) is returned, the
     /// others logged. Errors name the target's real destination, not the scratch copy.
@@ -228,14 +276,10 @@ impl Engine {
         snap: &Snapshot,
         scratch: &Path,
     ) -> Result<Vec<String>, PassError> {
-        let models = self.observe.models(&self.setup, snap, self.render.reuse());
-        let refused = models
-            .iter()
-            .flat_map(|(_, groups)| groups)
-            .find_map(|c| crate::guard::check(&self.setup.settings.guard, c, None).err());
-        if let Some(e) = refused {
+        if let Some(e) = self.guard_refusal(snap) {
             return Err(e.into());
         }
+        let models = self.observe.models(&self.setup, snap, self.render.reuse());
         let plan = plan::plan(&self.setup, &models, &models, &[]);
         let mut names = Vec::new();
         let mut failures = Vec::new();

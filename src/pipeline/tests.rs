@@ -241,7 +241,7 @@ async fn a_listed_cluster_not_in_the_store_yet_fails_no_pass_and_comes_when_it_a
         "a configured=true leader=pg1 members=pg1,pg2,\n"
     );
     let b = report.clusters.iter().find(|r| r.id.scope == "b").unwrap();
-    assert!(b.refused.as_deref().unwrap().contains("0 valid member(s)"));
+    assert!(b.refused.as_deref().unwrap().contains("no valid member"));
     rig.cluster("b", 6432, Some("pg1"));
     rig.pass().await.unwrap();
     assert_eq!(

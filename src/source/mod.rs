@@ -12,6 +12,7 @@
 
 mod etcd2;
 mod etcd3;
+pub mod scopes;
 
 use std::convert::Infallible;
 use std::fmt;

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod docker;
+pub mod docs;
 pub mod fastpath;
 pub mod patroni;
 pub mod procs;

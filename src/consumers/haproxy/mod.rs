@@ -1,9 +1,11 @@
 //! HAProxy: its sockets ([`cli`]: one request per connection on the master CLI or the admin
 //! stats socket, with `show proc` and `reload` answers parsed), its server state carried across
-//! reloads ([`server_state`]), the runtime-API moves of the failover fast path ([`runtime`]) and
-//! its servers' live states as people see them ([`live`]).
+//! reloads ([`server_state`]), the runtime-API moves of the failover fast path ([`runtime`]),
+//! its servers' live states as people see them ([`live`]) and whether it has read its file as
+//! it is on disk ([`loaded`]).
 
 pub mod live;
+pub mod loaded;
 pub mod runtime;
 pub mod server_state;
 
@@ -22,6 +24,29 @@ pub struct ProcInfo {
     pub reloads: u32,
     /// Failed reloads (`[failed: N]` in 2.6; 0 when not shown).
     pub failed: u32,
+}
+
+/// The unix `stats socket` paths a haproxy.cfg declares in its global section (`unix@` and
+/// plain paths; addresses such as `ipv4@` are left out).
+pub fn declared_stats_sockets(cfg: &str) -> Vec<std::path::PathBuf> {
+    let mut in_global = false;
+    let mut out = Vec::new();
+    for line in cfg.lines() {
+        let t = line.trim();
+        if !line.starts_with(char::is_whitespace) && !t.is_empty() && !t.starts_with('#') {
+            in_global = t == "global" || t.starts_with("global ");
+            continue;
+        }
+        let Some(rest) = t.strip_prefix("stats socket ").filter(|_| in_global) else {
+            continue;
+        };
+        let addr = rest.split_whitespace().next().unwrap_or_default();
+        let path = addr.strip_prefix("unix@").unwrap_or(addr);
+        if path.starts_with('/') {
+            out.push(std::path::PathBuf::from(path));
+        }
+    }
+    out
 }
 
 /// Sends one command and reads the answer until HAProxy closes the connection.
