@@ -11,13 +11,21 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 use crate::model::Cluster;
 use crate::pipeline::PassReport;
 use crate::status::Status;
 
 type Labels = Vec<(String, String)>;
+
+fn failure_labels(target: &str, reason: &str) -> Labels {
+    vec![
+        ("target".to_owned(), target.to_owned()),
+        ("reason".to_owned(), reason.to_owned()),
+    ]
+}
 
 /// Metrics that accumulate over the process's life.
 #[derive(Debug, Clone)]
@@ -35,6 +43,9 @@ pub struct Metrics {
     fences_expired: Counter,
     drift: Gauge,
     hooks: crate::hooks::HookMetrics,
+    /// Every name `renders`, `writes`, `reloads` and `failures` count under, with the failure
+    /// reasons seen for it: the series of a name that is gone (a forgotten cluster) are removed.
+    named: Arc<Mutex<BTreeMap<String, BTreeSet<&'static str>>>>,
 }
 
 impl Default for Metrics {
@@ -65,6 +76,7 @@ impl Metrics {
             fences_expired: Counter::default(),
             drift: Gauge::default(),
             hooks: crate::hooks::HookMetrics::default(),
+            named: Arc::default(),
         }
     }
 
@@ -114,16 +126,35 @@ impl Metrics {
         for e in &stats.events {
             self.events.get_or_create(&label("event", e.kind())).inc();
         }
+        let mut named = self.named.lock().unwrap_or_else(|e| e.into_inner());
+        for t in (stats.rendered.iter())
+            .chain(&stats.outcome.written)
+            .chain(&stats.outcome.reloaded)
+        {
+            named.entry(t.clone()).or_default();
+        }
         if let Err(e) = result {
             for (target, reason) in crate::status::failures(e, stats) {
+                named.entry(target.clone()).or_default().insert(reason);
                 self.failures
-                    .get_or_create(&vec![
-                        ("target".to_owned(), target),
-                        ("reason".to_owned(), reason.to_owned()),
-                    ])
+                    .get_or_create(&failure_labels(&target, reason))
                     .inc();
             }
         }
+        let current = report.current_names();
+        named.retain(|name, reasons| {
+            if current.contains(name) {
+                return true;
+            }
+            let l = label("target", name);
+            self.renders.remove(&l);
+            self.writes.remove(&l);
+            self.reloads.remove(&l);
+            for reason in reasons.iter() {
+                self.failures.remove(&failure_labels(name, reason));
+            }
+            false
+        });
     }
 
     /// Encodes every metric, with the cluster view from `status`, in the text format.

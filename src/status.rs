@@ -222,6 +222,8 @@ impl Status {
                 }
             }
         }
+        let current = report.current_names();
+        self.targets.retain(|name, _| current.contains(name));
         self.multi = report.multi;
         if self.multi {
             for r in &report.clusters {

@@ -31,7 +31,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use commit::consumers;
-pub use report::{ClusterReport, Next, PassError, PassOutcome, PassReport, PassStats};
+pub use report::{
+    ClusterReport, CurrentNames, Next, PassError, PassOutcome, PassReport, PassStats,
+};
 
 use crate::config::Settings;
 use crate::failover;
@@ -396,7 +398,7 @@ impl Engine {
         stats.failed.extend(
             self.observe
                 .refused_with_section(&self.setup)
-                .map(|id| (format!("cluster {id}"), PassError::GUARD)),
+                .map(|id| (report::cluster_subject(id), PassError::GUARD)),
         );
         run.result(seen.refusals)
     }

@@ -4,6 +4,7 @@
 use super::*;
 use crate::config::RawConfig;
 use std::path::Path;
+use std::time::Duration;
 
 const ALL: &str = "{% for c in clusters %}{{ c.scope }} configured={{ c.configured }} \
     leader={{ c.leader_name | default(value=\"none\") }} members={% for m in c.members %}{{ m.name }},{% endfor %}\n{% endfor %}";
@@ -416,4 +417,54 @@ async fn a_gone_discovered_cluster_waits_for_gone_after_and_an_emptied_store_for
     assert!(rig.pass().await.is_err());
     assert!(rig.pass().await.is_err());
     assert_eq!(rig.read("all.txt").unwrap(), both);
+}
+
+#[tokio::test]
+async fn a_forgotten_cluster_takes_its_failure_counters_out_of_status_and_metrics() {
+    let mut rig = Rig::new("[guard]\ngone_after = \"50ms\"\n");
+    let (mut status, metrics) = (
+        crate::status::Status::default(),
+        crate::metrics::Metrics::new(),
+    );
+    let record = |status: &mut crate::status::Status, report: &PassReport| {
+        status.record_pass(report, Duration::ZERO);
+        metrics.record(report);
+    };
+    rig.cluster("a", 5432, Some("pg1"));
+    rig.cluster("c", 7432, Some("pg1"));
+    let report = rig
+        .engine
+        .pass_shared(Arc::new(rig.snap.clone()), false)
+        .await;
+    record(&mut status, &report);
+    for k in ["c/leader", "c/members/pg1", "c/members/pg2"] {
+        rig.delete(k);
+    }
+    // Gone, not yet forgotten: the guard refuses the emptied section, counted under the cluster.
+    let report = rig
+        .engine
+        .pass_shared(Arc::new(rig.snap.clone()), false)
+        .await;
+    assert!(
+        report.stats.failed.iter().any(|(s, _)| s == "cluster c"),
+        "{:?}",
+        report.stats.failed
+    );
+    record(&mut status, &report);
+    assert!(status.targets.contains_key("cluster c"));
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let report = rig
+        .engine
+        .pass_shared(Arc::new(rig.snap.clone()), false)
+        .await;
+    assert!(report.clusters.iter().all(|r| r.id.scope != "c"));
+    record(&mut status, &report);
+    let names: Vec<&String> = status.targets.keys().collect();
+    assert!(
+        !status.targets.contains_key("cluster c"),
+        "status keeps {names:?}"
+    );
+    let text = metrics.encode(&status);
+    assert!(!text.contains("cluster c"), "metrics keep c:\n{text}");
+    assert!(status.targets.contains_key("all"), "{names:?}");
 }
