@@ -96,6 +96,19 @@ dest = "conf.d/{{scope}}.txt"
         }
     }
 
+    /// Deletes every key [`Rig::cluster`] writes for `scope`.
+    fn remove_cluster(&mut self, scope: &str) {
+        for k in ["leader", "members/pg1", "members/pg2"] {
+            self.delete(&format!("{scope}/{k}"));
+        }
+    }
+
+    /// A pass on the shared snapshot, with its whole report.
+    async fn report(&mut self) -> PassReport {
+        let snap = Arc::new(self.snap.clone());
+        self.engine.pass_shared(snap, false).await
+    }
+
     async fn pass(&mut self) -> Result<PassOutcome, PassError> {
         let snap = self.snap.clone();
         self.engine.pass(&snap, false).await
@@ -117,9 +130,7 @@ async fn an_emptied_cluster_keeps_its_section_while_another_updates_in_the_same_
         "a configured=true leader=pg1 members=pg1,pg2,\nb configured=true leader=pg1 members=pg1,pg2,\n"
     );
     // a's store empties while b gains a member: b's change goes in, a's section stays.
-    for k in ["a/leader", "a/members/pg1", "a/members/pg2"] {
-        rig.delete(k);
-    }
+    rig.remove_cluster("a");
     rig.put("b/members/pg3", &member(6434, "replica"));
     let err = rig.pass().await.unwrap_err();
     assert!(matches!(err, PassError::Guard(_)), "{err}");
@@ -188,9 +199,7 @@ async fn per_cluster_files_come_with_a_configured_cluster_and_go_only_through_th
         "b port=5010 leader=pg2\n"
     );
     // b's keys all go: refused, its file and section stay.
-    for k in ["b/leader", "b/members/pg1", "b/members/pg2"] {
-        rig.delete(k);
-    }
+    rig.remove_cluster("b");
     assert!(rig.pass().await.is_err());
     assert_eq!(
         rig.read("conf.d/b.txt").unwrap(),
@@ -209,9 +218,7 @@ async fn a_gone_cluster_accepted_by_the_guard_loses_its_file_and_section() {
     rig.cluster("b", 6432, Some("pg1"));
     rig.pass().await.unwrap();
     assert!(rig.read("conf.d/b.txt").is_some());
-    for k in ["b/leader", "b/members/pg1", "b/members/pg2"] {
-        rig.delete(k);
-    }
+    rig.remove_cluster("b");
     rig.pass().await.unwrap();
     assert_eq!(
         rig.read("conf.d/b.txt"),
@@ -232,10 +239,7 @@ async fn a_gone_cluster_accepted_by_the_guard_loses_its_file_and_section() {
 async fn a_listed_cluster_not_in_the_store_yet_fails_no_pass_and_comes_when_it_appears() {
     let mut rig = Rig::with("scopes = [\"a\", \"b\"]", "");
     rig.cluster("a", 5432, Some("pg1"));
-    let report = rig
-        .engine
-        .pass_shared(Arc::new(rig.snap.clone()), false)
-        .await;
+    let report = rig.report().await;
     report.result.unwrap();
     assert_eq!(
         rig.read("all.txt").unwrap(),
@@ -281,9 +285,7 @@ async fn after_a_restart_a_remembered_cluster_whose_keys_are_gone_keeps_its_sect
     // gone and a changes.
     let settings = Arc::clone(rig.engine.settings());
     rig.engine = Engine::new(settings).unwrap();
-    for k in ["b/leader", "b/members/pg1", "b/members/pg2"] {
-        rig.delete(k);
-    }
+    rig.remove_cluster("b");
     rig.put("a/leader", b"pg2");
     let err = rig.pass().await.unwrap_err();
     assert!(err.to_string().contains("\"b\""), "{err}");
@@ -353,16 +355,9 @@ async fn a_discovered_cluster_whose_keys_are_gone_is_forgotten_after_gone_after_
     assert!(all.contains("c configured=false"), "{all}");
     assert!(rig.read("members.json").unwrap().contains("\"c\""));
     // c's keys and Citus group 1's all go (a deleted cluster, a removed worker group).
-    for k in ["c/leader", "c/members/pg1", "c/members/pg2"] {
-        rig.delete(k);
-    }
-    for k in ["cit/1/leader", "cit/1/members/pg1", "cit/1/members/pg2"] {
-        rig.delete(k);
-    }
-    let report = rig
-        .engine
-        .pass_shared(Arc::new(rig.snap.clone()), false)
-        .await;
+    rig.remove_cluster("c");
+    rig.remove_cluster("cit/1");
+    let report = rig.report().await;
     assert!(report.result.is_ok(), "{:?}", report.result);
     let ids: Vec<String> = report.clusters.iter().map(|r| r.id.to_string()).collect();
     assert!(
@@ -387,13 +382,8 @@ async fn a_gone_discovered_cluster_waits_for_gone_after_and_an_emptied_store_for
     rig.cluster("a", 5432, Some("pg1"));
     rig.cluster("c", 7432, Some("pg1"));
     rig.pass().await.unwrap();
-    for k in ["c/leader", "c/members/pg1", "c/members/pg2"] {
-        rig.delete(k);
-    }
-    let report = rig
-        .engine
-        .pass_shared(Arc::new(rig.snap.clone()), false)
-        .await;
+    rig.remove_cluster("c");
+    let report = rig.report().await;
     assert_eq!(report.stats.forgetting, 1);
     assert_eq!(
         report.next(),
@@ -410,9 +400,7 @@ async fn a_gone_discovered_cluster_waits_for_gone_after_and_an_emptied_store_for
     rig.pass().await.unwrap();
     let both = rig.read("all.txt").unwrap();
     for s in ["a", "c"] {
-        for k in ["leader", "members/pg1", "members/pg2"] {
-            rig.delete(&format!("{s}/{k}"));
-        }
+        rig.remove_cluster(s);
     }
     assert!(rig.pass().await.is_err());
     assert!(rig.pass().await.is_err());
@@ -432,19 +420,11 @@ async fn a_forgotten_cluster_takes_its_failure_counters_out_of_status_and_metric
     };
     rig.cluster("a", 5432, Some("pg1"));
     rig.cluster("c", 7432, Some("pg1"));
-    let report = rig
-        .engine
-        .pass_shared(Arc::new(rig.snap.clone()), false)
-        .await;
+    let report = rig.report().await;
     record(&mut status, &report);
-    for k in ["c/leader", "c/members/pg1", "c/members/pg2"] {
-        rig.delete(k);
-    }
+    rig.remove_cluster("c");
     // Gone, not yet forgotten: the guard refuses the emptied section, counted under the cluster.
-    let report = rig
-        .engine
-        .pass_shared(Arc::new(rig.snap.clone()), false)
-        .await;
+    let report = rig.report().await;
     assert!(
         report.stats.failed.iter().any(|(s, _)| s == "cluster c"),
         "{:?}",
@@ -453,10 +433,7 @@ async fn a_forgotten_cluster_takes_its_failure_counters_out_of_status_and_metric
     record(&mut status, &report);
     assert!(status.targets.contains_key("cluster c"));
     tokio::time::sleep(Duration::from_millis(80)).await;
-    let report = rig
-        .engine
-        .pass_shared(Arc::new(rig.snap.clone()), false)
-        .await;
+    let report = rig.report().await;
     assert!(report.clusters.iter().all(|r| r.id.scope != "c"));
     record(&mut status, &report);
     let names: Vec<&String> = status.targets.keys().collect();
