@@ -9,11 +9,11 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::observe::Observed;
-use super::plan::{Plan, Views};
+use super::observe::{Observed, Views};
+use super::plan::Plan;
 use super::render::Rendering;
 use super::report::{PassError, PassOutcome, PassStats};
-use super::swap::{first_failure, restore, swap_in};
+use super::swap::{blocking, first_failure, restore, swap_in};
 use super::Setup;
 use crate::apply;
 use crate::consumers::haproxy::server_state;
@@ -50,36 +50,6 @@ impl Consumers {
             }
         }
     }
-}
-
-/// Groups targets by the consumer that reads them: indices into `targets`, in config order.
-/// Targets whose reload acts on the same process (one pidfile, master socket, command or
-/// console) are one consumer: that process reads their files together, so they are checked,
-/// swapped and reloaded together, all or nothing, and reloaded once. Every other target stands
-/// alone — a target with no reload too, since nothing says who reads it — so that a failure of
-/// one does not keep the others from following the cluster.
-pub fn consumers(targets: &[Target]) -> Vec<Vec<usize>> {
-    let mut groups: Vec<(Vec<String>, Vec<usize>)> = Vec::new();
-    for (i, t) in targets.iter().enumerate() {
-        let mut merged = (t.consumer.ids(t.reload.as_ref()), vec![i]);
-        // Merge every group sharing an identifier (a signal verified on a master socket and a
-        // master-socket reload of that socket are the same HAProxy).
-        let mut k = 0;
-        while k < groups.len() {
-            if groups[k].0.iter().any(|id| merged.0.contains(id)) {
-                let (ids, members) = groups.remove(k);
-                merged.0.extend(ids);
-                merged.1.extend(members);
-            } else {
-                k += 1;
-            }
-        }
-        merged.1.sort_unstable();
-        groups.push(merged);
-    }
-    let mut out: Vec<Vec<usize>> = groups.into_iter().map(|(_, m)| m).collect();
-    out.sort_by_key(|m| m[0]);
-    out
 }
 
 /// One pass's commit: what it rendered, changed, retired and reloaded, and what failed.
@@ -353,63 +323,5 @@ impl<'p> Run<'p> {
             None if !refusals.is_empty() => Err(refusals.swap_remove(0).into()),
             None => Ok(self.outcome),
         }
-    }
-}
-
-/// Runs file-system work (reads, fsync, rename, directory syncs) on the blocking pool, off the
-/// runtime's one thread: a slow disk must not stall the etcd keepalive, the fast path or
-/// `/healthz`.
-pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(v) => v,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::consumers::reload::Reload;
-    use std::path::{Path, PathBuf};
-
-    fn target(name: &str, reload: Option<Reload>) -> Target {
-        let mut t = Target::bare(name, Path::new("/dev/null"), Path::new("/tmp/none"));
-        t.reload = reload;
-        t
-    }
-
-    fn signal(pidfile: &str, master_socket: Option<&str>) -> Option<Reload> {
-        Some(Reload::Signal {
-            pidfile: PathBuf::from(pidfile),
-            signal: nix::sys::signal::Signal::SIGUSR2,
-            process: "haproxy".into(),
-            master_socket: master_socket.map(PathBuf::from),
-            timeout: Duration::from_secs(1),
-        })
-    }
-
-    #[test]
-    fn targets_of_one_consumer_go_together_and_the_others_alone() {
-        let targets = [
-            target(
-                "haproxy",
-                signal("/run/haproxy.pid", Some("/run/master.sock")),
-            ),
-            target("pgbouncer", signal("/run/pgbouncer.pid", None)),
-            target("plain", None),
-            target("haproxy-maps", signal("/run/haproxy.pid", None)),
-            target(
-                "haproxy-extra",
-                Some(Reload::MasterSocket {
-                    path: PathBuf::from("/run/master.sock"),
-                    timeout: Duration::from_secs(1),
-                }),
-            ),
-            target("also-plain", None),
-        ];
-        assert_eq!(
-            consumers(&targets),
-            vec![vec![0, 3, 4], vec![1], vec![2], vec![5]]
-        );
     }
 }

@@ -30,7 +30,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use commit::consumers;
+pub use plan::consumers;
 pub use report::{
     ClusterReport, CurrentNames, Next, PassError, PassOutcome, PassReport, PassStats,
 };

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use super::cluster::ClusterState;
 use super::found::{self, Found, Notes};
-use super::plan::{by_scope, Views};
 use super::report::{ClusterReport, PassError, PassStats};
 use super::Setup;
 use crate::failover;
@@ -15,6 +14,38 @@ use crate::guard::{self, GuardError};
 use crate::model::{Cluster, ClusterId, MemberCache};
 use crate::snapshot::Snapshot;
 use crate::source::Clusters;
+
+/// Models by scope, in scope order: one model for an ordinary cluster, one per group of a Citus
+/// cluster.
+pub(super) type ByScope = Vec<(String, Vec<Arc<Cluster>>)>;
+
+/// Groups `(id, model)` pairs, in id order, by scope.
+pub(super) fn by_scope<'a>(
+    models: impl Iterator<Item = (&'a ClusterId, &'a Arc<Cluster>)>,
+) -> ByScope {
+    let mut out: ByScope = Vec::new();
+    for (id, c) in models {
+        match out.last_mut() {
+            Some((scope, groups)) if *scope == id.scope => groups.push(Arc::clone(c)),
+            _ => out.push((id.scope.clone(), vec![Arc::clone(c)])),
+        }
+    }
+    out
+}
+
+/// What the clusters offer to render this pass (see [`Observe::views`]).
+#[derive(Default)]
+pub(super) struct Views {
+    /// Every cluster's accepted view.
+    pub(super) all: ByScope,
+    /// Every cluster's last accepted view with a confirmed leader.
+    pub(super) led: ByScope,
+    /// Clusters refused at first sight whose sections the files hold (the guard remembers
+    /// them).
+    pub(super) held: Vec<String>,
+    /// Whether some cluster's leader key names a member not yet confirmed to take writes.
+    pub(super) gates_closed: bool,
+}
 
 /// What the first half of a pass leaves to the second.
 pub(super) struct Observed {

@@ -7,43 +7,41 @@
 
 use std::sync::Arc;
 
-use super::observe::Observed;
+use super::observe::{ByScope, Observed, Views};
 use super::report::PassStats;
 use super::Setup;
-use crate::model::{Cluster, ClusterId};
+use crate::model::Cluster;
 use crate::render::RenderError;
 use crate::target::Target;
 
-/// Models by scope, in scope order: one model for an ordinary cluster, one per group of a Citus
-/// cluster.
-pub(super) type ByScope = Vec<(String, Vec<Arc<Cluster>>)>;
-
-/// Groups `(id, model)` pairs, in id order, by scope.
-pub(super) fn by_scope<'a>(
-    models: impl Iterator<Item = (&'a ClusterId, &'a Arc<Cluster>)>,
-) -> ByScope {
-    let mut out: ByScope = Vec::new();
-    for (id, c) in models {
-        match out.last_mut() {
-            Some((scope, groups)) if *scope == id.scope => groups.push(Arc::clone(c)),
-            _ => out.push((id.scope.clone(), vec![Arc::clone(c)])),
+/// Groups targets by the consumer that reads them: indices into `targets`, in config order.
+/// Targets whose reload acts on the same process (one pidfile, master socket, command or
+/// console) are one consumer: that process reads their files together, so they are checked,
+/// swapped and reloaded together, all or nothing, and reloaded once. Every other target stands
+/// alone — a target with no reload too, since nothing says who reads it — so that a failure of
+/// one does not keep the others from following the cluster.
+pub fn consumers(targets: &[Target]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(Vec<String>, Vec<usize>)> = Vec::new();
+    for (i, t) in targets.iter().enumerate() {
+        let mut merged = (t.consumer.ids(t.reload.as_ref()), vec![i]);
+        // Merge every group sharing an identifier (a signal verified on a master socket and a
+        // master-socket reload of that socket are the same HAProxy).
+        let mut k = 0;
+        while k < groups.len() {
+            if groups[k].0.iter().any(|id| merged.0.contains(id)) {
+                let (ids, members) = groups.remove(k);
+                merged.0.extend(ids);
+                merged.1.extend(members);
+            } else {
+                k += 1;
+            }
         }
+        merged.1.sort_unstable();
+        groups.push(merged);
     }
+    let mut out: Vec<Vec<usize>> = groups.into_iter().map(|(_, m)| m).collect();
+    out.sort_by_key(|m| m[0]);
     out
-}
-
-/// What the clusters offer to render this pass (see [`super::observe::Observe::views`]).
-#[derive(Default)]
-pub(super) struct Views {
-    /// Every cluster's accepted view.
-    pub(super) all: ByScope,
-    /// Every cluster's last accepted view with a confirmed leader.
-    pub(super) led: ByScope,
-    /// Clusters refused at first sight whose sections the files hold (the guard remembers
-    /// them).
-    pub(super) held: Vec<String>,
-    /// Whether some cluster's leader key names a member not yet confirmed to take writes.
-    pub(super) gates_closed: bool,
 }
 
 /// One target as a pass applies it: a `[[template]]`, or one cluster's file of a per-cluster
@@ -224,12 +222,61 @@ impl Plan {
     /// HAProxy was moved already through its runtime API and its check and reload would only
     /// delay them), config order otherwise. Targets awaiting a confirmation are left out.
     pub(super) fn consumer_groups(&self) -> Vec<Vec<usize>> {
-        let mut groups = super::commit::consumers(&self.targets);
+        let mut groups = consumers(&self.targets);
         groups.sort_by_key(|g| !g.iter().any(|&i| self.targets[i].require_leader));
         for g in &mut groups {
             g.retain(|i| !self.awaiting.contains(i));
         }
         groups.retain(|g| !g.is_empty());
         groups
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consumers::reload::Reload;
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    fn target(name: &str, reload: Option<Reload>) -> Target {
+        let mut t = Target::bare(name, Path::new("/dev/null"), Path::new("/tmp/none"));
+        t.reload = reload;
+        t
+    }
+
+    fn signal(pidfile: &str, master_socket: Option<&str>) -> Option<Reload> {
+        Some(Reload::Signal {
+            pidfile: PathBuf::from(pidfile),
+            signal: nix::sys::signal::Signal::SIGUSR2,
+            process: "haproxy".into(),
+            master_socket: master_socket.map(PathBuf::from),
+            timeout: Duration::from_secs(1),
+        })
+    }
+
+    #[test]
+    fn targets_of_one_consumer_go_together_and_the_others_alone() {
+        let targets = [
+            target(
+                "haproxy",
+                signal("/run/haproxy.pid", Some("/run/master.sock")),
+            ),
+            target("pgbouncer", signal("/run/pgbouncer.pid", None)),
+            target("plain", None),
+            target("haproxy-maps", signal("/run/haproxy.pid", None)),
+            target(
+                "haproxy-extra",
+                Some(Reload::MasterSocket {
+                    path: PathBuf::from("/run/master.sock"),
+                    timeout: Duration::from_secs(1),
+                }),
+            ),
+            target("also-plain", None),
+        ];
+        assert_eq!(
+            consumers(&targets),
+            vec![vec![0, 3, 4], vec![1], vec![2], vec![5]]
+        );
     }
 }

@@ -6,7 +6,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::commit::blocking;
 use super::render::Rendering;
 use super::report::PassError;
 use crate::apply;
@@ -200,4 +199,14 @@ pub(super) fn first_failure(
         tracing::error!(target = %targets[i].name, reason = e.reason(), "this target failed too; its last good file stays: {e:#}");
     }
     Some(first)
+}
+
+/// Runs file-system work (reads, fsync, rename, directory syncs) on the blocking pool, off the
+/// runtime's one thread: a slow disk must not stall the etcd keepalive, the fast path or
+/// `/healthz`.
+pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }

@@ -1,13 +1,14 @@
 //! HAProxy: its sockets ([`cli`]: one request per connection on the master CLI or the admin
 //! stats socket, with `show proc` and `reload` answers parsed), its server state carried across
 //! reloads ([`server_state`]), the runtime-API moves of the failover fast path ([`runtime`]),
-//! its servers' live states as people see them ([`live`]) and whether it has read its file as
+//! its servers' live states as people see them ([`live`]), its settings ([`settings`]) and whether it has read its file as
 //! it is on disk ([`loaded`]).
 
 pub mod live;
 pub mod loaded;
 pub mod runtime;
 pub mod server_state;
+pub mod settings;
 
 use std::path::Path;
 use std::time::Duration;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use super::server_state::{ServerStateConfig, StateLine};
+use super::settings::ServerStateConfig;
 
 /// A change of who takes writes, made through HAProxy's runtime API ahead of the health checks
 /// (about 2 s at `inter 1s fall 2 rise 2`). The checks keep running and agree once the move is
@@ -291,6 +291,67 @@ pub async fn dump(stats_socket: &Path, timeout: Duration) -> Option<String> {
             tracing::debug!(socket = %stats_socket.display(), error = %e, "no live server state");
             None
         }
+    }
+}
+
+/// One line of `show servers state`, split in fields.
+#[derive(Debug, Clone)]
+pub(super) struct StateLine {
+    pub(super) fields: Vec<String>,
+}
+
+impl StateLine {
+    pub(super) fn parse(line: &str) -> Option<Self> {
+        let fields: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        // be_id .. srv_port are the first 19 fields in every 2.x version.
+        (fields.len() >= 19 && !line.starts_with('#')).then_some(Self { fields })
+    }
+    pub(super) fn backend(&self) -> &str {
+        &self.fields[1]
+    }
+    pub(super) fn server(&self) -> &str {
+        &self.fields[3]
+    }
+    pub(super) fn addr(&self) -> &str {
+        &self.fields[4]
+    }
+    pub(super) fn port(&self) -> Option<u16> {
+        self.fields[18].parse().ok()
+    }
+    /// srv_op_state 0 = stopped (DOWN).
+    pub(super) fn is_down(&self) -> bool {
+        self.fields[5] == "0"
+    }
+    pub(super) fn force_down(&mut self) {
+        // As HAProxy dumps a server that failed its checks: stopped, result "failed", health 0,
+        // so it needs `rise` good checks to come UP. A check status of 0 would keep it DOWN for
+        // good, so an unknown status becomes 1.
+        self.fields[5] = "0".into();
+        if self.fields[10] == "0" {
+            self.fields[10] = "1".into();
+        }
+        self.fields[11] = "2".into();
+        self.fields[12] = "0".into();
+    }
+    /// Lifts a forced drain (haconfd's fence) unless the server is in maintenance too: reloads
+    /// are deferred while a fence is in force, so a drain in a primary backend's dump is one that
+    /// outlived its fence (a SIGKILL mid-switch) and must not reach the new worker.
+    pub(super) fn clear_drain(&mut self) {
+        let flags: u32 = self.fields[6].parse().unwrap_or(0);
+        if flags & admin::FDRAIN != 0 && flags & admin::MAINT == 0 {
+            self.fields[6] = (flags & !admin::FDRAIN).to_string();
+        }
+    }
+    /// The dump repeats the check port as the agent port; loaded back into a server without agent
+    /// checks, HAProxy warns "server-state partially applied" on every reload. The agent's port
+    /// comes from the config anyway.
+    pub(super) fn clear_agent_port(&mut self) {
+        if let Some(port) = self.fields.get_mut(24) {
+            *port = "0".into();
+        }
+    }
+    pub(super) fn render(&self) -> String {
+        self.fields.join(" ")
     }
 }
 

@@ -13,58 +13,15 @@
 //! does in the primary backends (the failover fast path confirms it).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::files::{ApplyError, Retired};
 use crate::model::Cluster;
-use crate::model::SCOPE_PLACEHOLDER;
 
-/// `server_state = {...}`: HAProxy's `server-state-file` kept right across reloads.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerStateConfig {
-    /// The admin stats socket (`stats socket ... level admin`).
-    pub stats_socket: PathBuf,
-    /// The file named by `server-state-file` in the global section.
-    pub file: PathBuf,
-    /// Backends that must route to the leader only.
-    #[serde(default = "default_primary_backends")]
-    pub primary_backends: Vec<String>,
-    /// Backends that must route to replicas only.
-    #[serde(default = "default_replica_backends")]
-    pub replica_backends: Vec<String>,
-}
-
-impl ServerStateConfig {
-    /// The settings for one cluster's backends: `{scope}` in their names replaced by the
-    /// scope's [`crate::model::scope_id`], as templates name them (`scope_id` in the context).
-    pub fn for_scope(&self, scope: &str) -> ServerStateConfig {
-        let id = crate::model::scope_id(scope);
-        let fill = |names: &[String]| {
-            names
-                .iter()
-                .map(|b| b.replace(SCOPE_PLACEHOLDER, &id))
-                .collect()
-        };
-        ServerStateConfig {
-            primary_backends: fill(&self.primary_backends),
-            replica_backends: fill(&self.replica_backends),
-            ..self.clone()
-        }
-    }
-}
-
-fn default_primary_backends() -> Vec<String> {
-    vec!["primary".into()]
-}
-
-fn default_replica_backends() -> Vec<String> {
-    vec!["replicas".into()]
-}
+use super::runtime::StateLine;
+pub use super::settings::ServerStateConfig;
 
 /// Version line HAProxy expects at the top of the file.
 const VERSION: &str = "1";
@@ -129,67 +86,6 @@ fn split_addr(addr: &str) -> Option<(String, u16)> {
     }
     let (host, port) = addr.rsplit_once(':')?;
     Some((host.to_owned(), port.parse().ok()?))
-}
-
-/// One line of `show servers state`, split in fields.
-#[derive(Debug, Clone)]
-pub(super) struct StateLine {
-    pub(super) fields: Vec<String>,
-}
-
-impl StateLine {
-    pub(super) fn parse(line: &str) -> Option<Self> {
-        let fields: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-        // be_id .. srv_port are the first 19 fields in every 2.x version.
-        (fields.len() >= 19 && !line.starts_with('#')).then_some(Self { fields })
-    }
-    pub(super) fn backend(&self) -> &str {
-        &self.fields[1]
-    }
-    pub(super) fn server(&self) -> &str {
-        &self.fields[3]
-    }
-    fn addr(&self) -> &str {
-        &self.fields[4]
-    }
-    fn port(&self) -> Option<u16> {
-        self.fields[18].parse().ok()
-    }
-    /// srv_op_state 0 = stopped (DOWN).
-    fn is_down(&self) -> bool {
-        self.fields[5] == "0"
-    }
-    fn force_down(&mut self) {
-        // As HAProxy dumps a server that failed its checks: stopped, result "failed", health 0,
-        // so it needs `rise` good checks to come UP. A check status of 0 would keep it DOWN for
-        // good, so an unknown status becomes 1.
-        self.fields[5] = "0".into();
-        if self.fields[10] == "0" {
-            self.fields[10] = "1".into();
-        }
-        self.fields[11] = "2".into();
-        self.fields[12] = "0".into();
-    }
-    /// Lifts a forced drain (haconfd's fence) unless the server is in maintenance too: reloads
-    /// are deferred while a fence is in force, so a drain in a primary backend's dump is one that
-    /// outlived its fence (a SIGKILL mid-switch) and must not reach the new worker.
-    fn clear_drain(&mut self) {
-        let flags: u32 = self.fields[6].parse().unwrap_or(0);
-        if flags & super::runtime::admin::FDRAIN != 0 && flags & super::runtime::admin::MAINT == 0 {
-            self.fields[6] = (flags & !super::runtime::admin::FDRAIN).to_string();
-        }
-    }
-    /// The dump repeats the check port as the agent port; loaded back into a server without agent
-    /// checks, HAProxy warns "server-state partially applied" on every reload. The agent's port
-    /// comes from the config anyway.
-    fn clear_agent_port(&mut self) {
-        if let Some(port) = self.fields.get_mut(24) {
-            *port = "0".into();
-        }
-    }
-    fn render(&self) -> String {
-        self.fields.join(" ")
-    }
 }
 
 /// Whether etcd's view lets `member` serve in `backend`: the leader only in primary backends,
