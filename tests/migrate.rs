@@ -363,6 +363,33 @@ fn once_with_a_wrong_scope_lists_the_scopes_of_both_etcd_apis_and_never_suggests
     );
 }
 
+/// `run` on a scope with no key keeps waiting for one (Patroni may not have started yet), and
+/// says once which scopes exist and which it likely meant, as `once` does.
+#[test]
+fn run_with_a_wrong_scope_logs_the_scopes_that_exist_and_the_likely_one() {
+    let etcd = Etcd::start();
+    let ns = format!("/{}", unique_name("mig"));
+    etcd.put(&format!("{ns}/alpha/leader"), "pg1");
+    let dir = temp_dir("migrate-run-scope");
+    let cfg = shipped_haproxy_config(dir.path(), "", "");
+    let mut cmd = Command::new(haconfd_bin());
+    cmd.env("HACONFD_ETCD_ENDPOINTS", etcd.endpoint())
+        .env("HACONFD_NAMESPACE", &ns)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["--scope", "alpah", "run"]);
+    let daemon = Proc::spawn_logged("haconfd run", cmd, &dir.path().join("run.log"));
+    let said = wait_until(Duration::from_secs(15), || {
+        daemon
+            .log()
+            .contains("Did you mean scope = \"alpha\" (--scope alpha)?")
+    });
+    assert!(said, "no likely scope named; log:\n{}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains(&format!("no key under {ns}/alpah/")), "{log}");
+    assert!(daemon.is_running(), "run gave up on an empty scope:\n{log}");
+}
+
 #[test]
 fn render_of_a_view_the_guard_refuses_exits_4_unless_forced() {
     let dir = temp_dir("migrate-guard");

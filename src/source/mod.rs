@@ -488,7 +488,7 @@ impl<S: Store> Runner<S> {
                 tracing::info!(revision = s.revision, keys = s.kvs.len(), prefix = %self.prefix, "listed");
                 if s.kvs.is_empty() && !self.warned_empty {
                     self.warned_empty = true;
-                    tracing::warn!(prefix = %self.prefix, "no keys under the prefix: {}", S::EMPTY_HINT);
+                    warn_empty::<S>(&self.cfg, &self.prefix);
                 }
                 self.snap = Some(s);
                 publish(&self.tx, self.snap.as_ref(), true);
@@ -575,6 +575,21 @@ impl<S: Store> Runner<S> {
             s.last_error = Some(err);
         });
     }
+}
+
+/// Says once that the followed prefix holds no key. For one scope the message names the
+/// scopes that exist under the namespace, in both etcd APIs, and the likely one, as `once`
+/// does; they are looked up off the watch loop, each API within 2 s.
+fn warn_empty<S: Store>(cfg: &EtcdSettings, prefix: &str) {
+    if cfg.single_scope().is_none() {
+        tracing::warn!(prefix = %prefix, "no keys under the prefix: {}", S::EMPTY_HINT);
+        return;
+    }
+    let cfg = cfg.clone();
+    tokio::spawn(async move {
+        let found = scopes::look_around(&cfg, Duration::from_secs(2)).await;
+        tracing::warn!(prefix = %cfg.prefix(), "{}", scopes::empty_scope_message(&cfg, &found));
+    });
 }
 
 /// Applies one batch of events to `current` and returns the changes to publish. Events at or
