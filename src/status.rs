@@ -102,13 +102,13 @@ pub struct ClusterStatus {
     pub last_failover: crate::failover::TimelineView,
     /// What its fast path holds on the consumers now.
     pub fast_path: FastPathView,
-    /// Its members as etcd shows them.
-    pub member_list: Vec<MemberLine>,
     /// HAProxy's live state of the cluster's servers, read when `/status` is served (see
     /// [`Status::read_haproxy`]): one entry per HAProxy target with `server_state`.
     pub haproxy: Vec<HaproxyView>,
-    /// The model, for metrics.
-    #[serde(skip)]
+    /// The model, for metrics; in `/status`, its members as etcd shows them (`member_list`),
+    /// made when `/status` is served: a pass only shares the model, and with thousands of
+    /// members a line per member at every heartbeat's pass cost more than the pass's own work.
+    #[serde(rename = "member_list", serialize_with = "serialize_members")]
     pub model: Option<Arc<Cluster>>,
 }
 
@@ -245,7 +245,6 @@ impl Status {
                 members: r.model.members.len(),
                 last_failover: r.failover.clone(),
                 fast_path: FastPathView(r.failover.clone()),
-                member_list: r.model.members.iter().map(MemberLine::from).collect(),
                 haproxy: Vec::new(),
                 model: Some(Arc::clone(&r.model)),
             })
@@ -380,6 +379,15 @@ impl From<&crate::model::Member> for MemberLine {
             noloadbalance: m.noloadbalance,
         }
     }
+}
+
+/// A cluster's members as [`MemberLine`]s.
+fn serialize_members<S: serde::Serializer>(
+    cluster: &Option<Arc<Cluster>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let members = cluster.iter().flat_map(|c| c.members.iter());
+    s.collect_seq(members.map(MemberLine::from))
 }
 
 /// The cluster as its plain JSON (the `Arc` is only there to share it without copying).
