@@ -932,18 +932,24 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_cluster_without_a_leader_for_long_fires_leaderless_once() {
+    /// A hook on `leaderless` after 100 ms, writing to `out` in the returned dir.
+    fn leaderless_hook() -> (tempfile::TempDir, Hooks) {
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("out");
         let hooks = Hooks::start(
             HooksConfig {
                 leaderless_after: Duration::from_millis(100),
                 ..Default::default()
             },
-            vec![hook(&["leaderless"], 0, &file)],
+            vec![hook(&["leaderless"], 0, &dir.path().join("out"))],
             HookMetrics::default(),
         );
+        (dir, hooks)
+    }
+
+    #[tokio::test]
+    async fn a_cluster_without_a_leader_for_long_fires_leaderless_once() {
+        let (dir, hooks) = leaderless_hook();
+        let file = dir.path().join("out");
         let none = cluster(None, &[("pg1", "running")]);
         for _ in 0..5 {
             hooks.pass([(&none, &[][..])]);
@@ -1032,16 +1038,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_citus_worker_group_without_a_leader_fires_leaderless_with_its_group() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, hooks) = leaderless_hook();
         let file = dir.path().join("out");
-        let hooks = Hooks::start(
-            HooksConfig {
-                leaderless_after: Duration::from_millis(100),
-                ..Default::default()
-            },
-            vec![hook(&["leaderless"], 0, &file)],
-            HookMetrics::default(),
-        );
         let up = [("w1", "running")];
         let coordinator = cluster_at("cit", Some(0), Some("w1"), &up);
         let worker = cluster_at("cit", Some(1), None, &up);

@@ -368,6 +368,19 @@ impl Daemon {
 }
 
 /// Starts HAProxy (master-worker, foreground) on the rendered config.
+/// The file written by `once --no-reload`, HAProxy started on it, then the daemon with
+/// HAProxy's reload.
+fn haproxy_and_daemon(w: &World, daemon_cfg: &[(&str, &str)]) -> (Haproxy, Daemon) {
+    let blocks = [w.haproxy_block(&World::haproxy_check(), None)];
+    let cfg = w.write_config(daemon_cfg, &blocks);
+    w.once_ok(&cfg, &["--no-reload"]);
+    let h = start_haproxy(w);
+    let blocks = [w.haproxy_block(&World::haproxy_check(), Some(World::haproxy_reload(&h)))];
+    let cfg = w.write_config(daemon_cfg, &blocks);
+    let d = Daemon::start(&cfg);
+    (h, d)
+}
+
 fn start_haproxy(w: &World) -> Haproxy {
     let h = Haproxy::start(&w.haproxy_cfg());
     assert!(
@@ -392,13 +405,7 @@ fn adding_a_member_lists_it_reloads_haproxy_once_and_routes_to_it() {
     w.put_leader(&a.name);
 
     let daemon_cfg: &[(&str, &str)] = &[("min_interval", "300ms"), ("retry_interval", "1s")];
-    let blocks = [w.haproxy_block(&World::haproxy_check(), None)];
-    let cfg = w.write_config(daemon_cfg, &blocks);
-    w.once_ok(&cfg, &["--no-reload"]);
-    let h = start_haproxy(&w);
-    let blocks = [w.haproxy_block(&World::haproxy_check(), Some(World::haproxy_reload(&h)))];
-    let cfg = w.write_config(daemon_cfg, &blocks);
-    let d = Daemon::start(&cfg);
+    let (h, d) = haproxy_and_daemon(&w, daemon_cfg);
 
     // Before: the leader serves writes, nobody serves reads.
     wait_banner(w.primary_port, &a.name, Duration::from_secs(5)).unwrap();
@@ -489,13 +496,7 @@ fn a_member_that_joins_unreachable_gets_no_reads_and_a_reachable_one_serves_afte
     w.put_member(&b.name, &b.member_json("replica"));
     w.put_leader(&a.name);
     let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "1s")];
-    let blocks = [w.haproxy_block(&World::haproxy_check(), None)];
-    let cfg = w.write_config(daemon_cfg, &blocks);
-    w.once_ok(&cfg, &["--no-reload"]);
-    let h = start_haproxy(&w);
-    let blocks = [w.haproxy_block(&World::haproxy_check(), Some(World::haproxy_reload(&h)))];
-    let cfg = w.write_config(daemon_cfg, &blocks);
-    let d = Daemon::start(&cfg);
+    let (h, d) = haproxy_and_daemon(&w, daemon_cfg);
     wait_banner(w.replica_port, &b.name, Duration::from_secs(10)).unwrap();
 
     // pgx: neither its PostgreSQL nor its REST API answers.
