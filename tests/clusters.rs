@@ -1033,13 +1033,18 @@ fn clusters_created_and_deleted_with_new_names_leave_status_metrics_templates_an
         "the deleted clusters stay in the template:\n{last}\n{}",
         rig.diag()
     );
-    let scopes: Vec<String> = rig.status()["clusters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["scope"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(scopes, ["alpha"], "/status still lists them");
+    // The file is written within the pass, /status is updated when the pass is over.
+    let mut scopes: Vec<String> = Vec::new();
+    let only_alpha = wait_until(Duration::from_secs(5), || {
+        scopes = rig.status()["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["scope"].as_str().unwrap().to_owned())
+            .collect();
+        scopes == ["alpha"]
+    });
+    assert!(only_alpha, "/status still lists them: {scopes:?}");
     let metrics = rig.metrics();
     assert!(
         !metrics.contains("scope=\"t0"),
