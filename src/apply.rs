@@ -156,9 +156,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("out.cfg");
         let dead = dir.path().join(".out.cfg.haconfd-old-999999999-0000abcd");
-        let live = dir
-            .path()
-            .join(format!(".out.cfg.haconfd-{}-0000abcd", std::process::id()));
+        let live = dir.path().join(format!(
+            ".out.cfg.haconfd-{}-0000abcd",
+            std::os::unix::process::parent_id()
+        ));
         let other = dir.path().join(".other.haconfd-999999999-0");
         for f in [&dead, &live, &other] {
             std::fs::write(f, "x").unwrap();
@@ -166,6 +167,26 @@ mod tests {
         sweep_leftovers(&dest);
         assert!(!dead.exists());
         assert!(live.exists() && other.exists());
+    }
+
+    #[test]
+    fn a_leftover_with_this_processes_own_pid_is_an_earlier_runs_and_is_swept() {
+        // A container restarted on the same volume: haconfd has the same PID as the run that
+        // was killed between staging and rename.
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.cfg");
+        let staged = dir
+            .path()
+            .join(format!(".out.cfg.haconfd-{}-0000abcd", std::process::id()));
+        let retired = dir.path().join(format!(
+            ".out.cfg.haconfd-old-{}-0000abcd",
+            std::process::id()
+        ));
+        for f in [&staged, &retired] {
+            std::fs::write(f, "x").unwrap();
+        }
+        sweep_leftovers(&dest);
+        assert!(!staged.exists() && !retired.exists());
     }
 
     #[test]

@@ -372,7 +372,9 @@ pub fn commit(mut staged: Staged) -> Result<Retired, ApplyError> {
 }
 
 /// Removes staged or retired files that a haconfd process which no longer runs left beside `dest`
-/// (`.<name>.haconfd-[old-]<pid>-<random>`), e.g. after a crash mid-pass.
+/// (`.<name>.haconfd-[old-]<pid>-<random>`), e.g. after a crash mid-pass. Called before this
+/// process stages anything there, so a file with this process's own PID is an earlier one's: in
+/// a container restarted on the same volume, haconfd gets the same PID every time.
 pub fn sweep_leftovers(dest: &Path) {
     let Some(name) = dest.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return;
@@ -391,7 +393,9 @@ pub fn sweep_leftovers(dest: &Path) {
             .split('-')
             .next()
             .and_then(|p| p.parse::<i32>().ok());
-        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        let ours = pid.is_some_and(|p| u32::try_from(p).ok() == Some(std::process::id()));
+        let alive =
+            !ours && pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
         if pid.is_some() && !alive {
             match std::fs::remove_file(e.path()) {
                 Ok(()) => {
