@@ -153,24 +153,33 @@ pub fn cluster_subject(id: &ClusterId) -> String {
 
 /// The names counters may stay under after a pass (see [`PassReport::current_names`]).
 pub struct CurrentNames<'a> {
-    targets: &'a [String],
-    /// Each cluster's id (`scope` or `scope/group`) and its file-name form.
-    clusters: HashSet<String>,
+    report: &'a PassReport,
+    /// Each cluster's id (`scope` or `scope/group`) and its file-name form, made at the first
+    /// name that is not a configured target (most passes have none).
+    clusters: std::cell::OnceCell<HashSet<String>>,
 }
 
 impl CurrentNames<'_> {
     /// Whether `name` (`*`, a target, `<target>:<scope id>` or `cluster <id>`) still exists.
     pub fn contains(&self, name: &str) -> bool {
-        if name == "*" || self.targets.iter().any(|t| t == name) {
+        let targets = &self.report.targets;
+        if name == "*" || targets.iter().any(|t| t == name) {
             return true;
         }
+        let clusters = self.clusters.get_or_init(|| {
+            self.report
+                .clusters
+                .iter()
+                .flat_map(|r| [r.id.to_string(), crate::model::scope_id(&r.id.scope)])
+                .collect()
+        });
         if let Some(id) = name.strip_prefix("cluster ") {
-            return self.clusters.contains(id);
+            return clusters.contains(id);
         }
-        self.targets.iter().any(|t| {
+        targets.iter().any(|t| {
             name.strip_prefix(t.as_str())
                 .and_then(|rest| rest.strip_prefix(':'))
-                .is_some_and(|id| self.clusters.contains(id))
+                .is_some_and(|id| clusters.contains(id))
         })
     }
 }
@@ -181,14 +190,9 @@ impl PassReport {
     /// (`cluster <id>`). A forgotten cluster's names go with it: kept, they would pile up
     /// with every cluster created and deleted (about 1.5 KB each in status and metrics).
     pub fn current_names(&self) -> CurrentNames<'_> {
-        let clusters = self
-            .clusters
-            .iter()
-            .flat_map(|r| [r.id.to_string(), crate::model::scope_id(&r.id.scope)])
-            .collect();
         CurrentNames {
-            targets: &self.targets,
-            clusters,
+            report: self,
+            clusters: std::cell::OnceCell::new(),
         }
     }
 
