@@ -60,7 +60,7 @@ HACONFD_SCOPE, HACONFD_ETCD_USERNAME, HACONFD_ETCD_PASSWORD, HACONFD_LOG_FORMAT,
 #[derive(Debug, Parser)]
 #[command(
     name = "haconfd",
-    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("HACONFD_GIT_REV"), ")"),
+    version = crate::status::VERSION,
     about = "Render haproxy.cfg and pgbouncer.ini from Patroni's state in etcd, safely",
     long_about = LONG_ABOUT,
     after_long_help = EXIT_CODES,

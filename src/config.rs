@@ -1050,10 +1050,8 @@ fn check_written_files(
     for t in targets {
         if t.per_cluster {
             for scope in scopes {
-                let id = crate::model::scope_id(scope);
-                let dest = t.dest.to_string_lossy().replace(SCOPE_PLACEHOLDER, &id);
                 let owner = format!("template {:?} dest for cluster {scope:?}", t.name);
-                written.push((owner, dest.into()));
+                written.push((owner, t.dest_for(scope)));
             }
         } else {
             written.push((format!("template {:?} dest", t.name), t.dest.clone()));
@@ -1083,7 +1081,7 @@ fn check_written_files(
 
 /// What a path names, for comparison: the directory canonicalized when it exists (symlinks and
 /// `..` resolved by the filesystem), else the path with `.` and `..` removed lexically.
-fn file_identity(path: &Path) -> PathBuf {
+pub fn file_identity(path: &Path) -> PathBuf {
     let lexical = normalize_lexically(path);
     match (path.parent(), path.file_name()) {
         (Some(dir), Some(name)) => match std::fs::canonicalize(dir) {

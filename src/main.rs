@@ -335,19 +335,10 @@ async fn check_stats_sockets(settings: &Settings) -> Result<(), String> {
 }
 
 /// Every destination's directory exists: `once` and `run` stage each file next to its
-/// destination and cannot create the directory. For a per-cluster `dest`, the part of the path
-/// before `{scope}`.
+/// destination and cannot create the directory (`{scope}` is only ever in the file name).
 fn check_destinations(settings: &Settings) -> Result<(), String> {
     for t in &settings.targets {
-        let dir = t
-            .dest
-            .ancestors()
-            .skip(1)
-            .find(|a| {
-                !a.to_string_lossy()
-                    .contains(haconfd::target::SCOPE_PLACEHOLDER)
-            })
-            .unwrap_or(std::path::Path::new("/"));
+        let dir = t.dest.parent().unwrap_or(std::path::Path::new("/"));
         if !dir.is_dir() {
             return Err(format!(
                 "template {:?}: dest {}: the directory {} does not exist (once and run stage the \
@@ -375,7 +366,11 @@ fn check_declared_sockets(engine: &mut Engine, snap: &Snapshot) -> Result<(), St
             let declared = haconfd::consumers::haproxy::declared_stats_sockets(
                 &String::from_utf8_lossy(&r.bytes),
             );
-            if !declared.iter().any(|d| same_path(d, &ss.stats_socket)) {
+            let socket = haconfd::config::file_identity(&ss.stats_socket);
+            if !declared
+                .iter()
+                .any(|d| haconfd::config::file_identity(d) == socket)
+            {
                 return Err(format!(
                     "template {:?}: server_state.stats_socket is {} but the rendered {} declares \
                      {}: haconfd would talk to a socket HAProxy does not serve. Make [vars] \
@@ -397,15 +392,6 @@ fn check_declared_sockets(engine: &mut Engine, snap: &Snapshot) -> Result<(), St
         }
     }
     Ok(())
-}
-
-/// Equal paths, or paths whose directories are one (`/var/run` is a link to `/run`).
-fn same_path(a: &std::path::Path, b: &std::path::Path) -> bool {
-    let real = |p: &std::path::Path| {
-        let dir = p.parent().and_then(|d| d.canonicalize().ok());
-        dir.zip(p.file_name()).map(|(d, f)| d.join(f))
-    };
-    a == b || real(a).is_some_and(|x| Some(x) == real(b))
 }
 
 /// `haconfd status`: reads a running haconfd's `/status` and prints the overview.

@@ -131,7 +131,9 @@ impl Metrics {
             .chain(&stats.outcome.written)
             .chain(&stats.outcome.reloaded)
         {
-            named.entry(t.clone()).or_default();
+            if !named.contains_key(t) {
+                named.insert(t.clone(), BTreeSet::new());
+            }
         }
         if let Err(e) = result {
             for (target, reason) in crate::status::failures(e, stats) {

@@ -345,7 +345,7 @@ impl Status {
                     HaproxyView {
                         target,
                         age_s: r.map_or(0.0, |r| {
-                            (r.at.elapsed().as_secs_f64() * 1000.0).round() / 1000.0
+                            crate::failover::round3(r.at.elapsed().as_secs_f64())
                         }),
                         error: match r.map(|r| &r.result) {
                             Some(Ok(_)) => None,

@@ -85,6 +85,16 @@ impl Target {
     pub fn pgbouncer_admin(&self) -> Option<&crate::consumers::pgbouncer::Admin> {
         self.consumer.pgbouncer()
     }
+
+    /// The file of a per-cluster target for `scope`: `{scope}` in `dest` replaced by the
+    /// scope's [`crate::model::scope_id`] (a safe file name).
+    pub fn dest_for(&self, scope: &str) -> PathBuf {
+        let id = crate::model::scope_id(scope);
+        self.dest
+            .to_string_lossy()
+            .replace(crate::model::SCOPE_PLACEHOLDER, &id)
+            .into()
+    }
 }
 
 /// The time limit of a check command or a reload when the configuration sets none.

@@ -45,6 +45,7 @@ use crate::model::Cluster;
 use crate::target::Target;
 use actuator::Actuator;
 use fence::Fence;
+pub(crate) use timeline::round3;
 pub use timeline::{FastPath, FenceView, Observers, PauseView, Timeline, TimelineView};
 
 /// `[failover]`: the fast path's settings.

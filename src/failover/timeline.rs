@@ -129,7 +129,8 @@ impl TimelineView {
     }
 }
 
-fn round3(x: f64) -> f64 {
+/// Rounds seconds to the millisecond, as `/status` shows them.
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 

@@ -41,7 +41,7 @@ use crate::model::Cluster;
 use crate::render::{RenderError, Rendered};
 use crate::snapshot::Snapshot;
 use crate::source::EtcdSettings;
-use crate::target::{Target, SCOPE_PLACEHOLDER};
+use crate::target::Target;
 
 /// Whether one cluster is followed (`etcd.scope`: the flat template context, unlabelled
 /// metrics) or several (`etcd.scopes`, `etcd.discover`). Resolved once from the settings.
@@ -105,15 +105,10 @@ impl Setup {
     /// the scope's [`crate::model::scope_id`] (a safe file name), and, with several clusters,
     /// named `<template>:<scope id>` in logs, metrics and status.
     fn instance(&self, t: &Target, scope: &str) -> Target {
-        let id = crate::model::scope_id(scope);
         let mut instance = t.clone();
-        instance.dest = t
-            .dest
-            .to_string_lossy()
-            .replace(SCOPE_PLACEHOLDER, &id)
-            .into();
+        instance.dest = t.dest_for(scope);
         if self.mode.is_many() {
-            instance.name = format!("{}:{id}", t.name);
+            instance.name = format!("{}:{}", t.name, crate::model::scope_id(scope));
         }
         instance
     }
@@ -226,6 +221,11 @@ impl Engine {
     /// cluster it refuses, if any. For `check` and `render`, which apply nothing.
     pub fn guard_refusal(&mut self, snap: &Snapshot) -> Option<crate::guard::GuardError> {
         let models = self.observe.models(&self.setup, snap, self.render.reuse());
+        self.refusal_of(&models)
+    }
+
+    /// The first of `models` the guard refuses on its own.
+    fn refusal_of(&self, models: &observe::ByScope) -> Option<crate::guard::GuardError> {
         models
             .iter()
             .flat_map(|(_, groups)| groups)
@@ -278,10 +278,10 @@ impl Engine {
         snap: &Snapshot,
         scratch: &Path,
     ) -> Result<Vec<String>, PassError> {
-        if let Some(e) = self.guard_refusal(snap) {
+        let models = self.observe.models(&self.setup, snap, self.render.reuse());
+        if let Some(e) = self.refusal_of(&models) {
             return Err(e.into());
         }
-        let models = self.observe.models(&self.setup, snap, self.render.reuse());
         let plan = plan::plan(&self.setup, &models, &models, &[]);
         let mut names = Vec::new();
         let mut failures = Vec::new();
