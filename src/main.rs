@@ -193,7 +193,7 @@ async fn once(settings: Settings, reload: bool) -> u8 {
             exit::OK
         }
         Ok(o) => {
-            tracing::info!(revision = snap.revision, written = ?o.written, reloaded = ?o.reloaded, "applied");
+            tracing::info!(revision = snap.revision, written = ?o.written, reloaded = ?o.reloaded, runtime = ?o.runtime, "applied");
             exit::OK
         }
         Err(e) => fail(pass_code(&e), &format!("{e:#}")),
@@ -292,6 +292,9 @@ async fn check_cmd(settings: Settings, args: haconfd::cli::CheckArgs) -> u8 {
                     n => format!("; {n} hook command(s) found"),
                 }
             );
+            for line in membership_lines(&mut engine, &snap) {
+                println!("{line}");
+            }
             exit::OK
         }
         Err(e) => fail(pass_code(&e), &format!("{e:#}")),
@@ -392,6 +395,26 @@ fn check_declared_sockets(engine: &mut Engine, snap: &Snapshot) -> Result<(), St
         }
     }
     Ok(())
+}
+
+/// How member changes reach each HAProxy with `server_state`, as `check` prints it.
+fn membership_lines(engine: &mut Engine, snap: &Snapshot) -> Vec<String> {
+    let settings = Arc::clone(engine.settings());
+    let mut out = Vec::new();
+    for t in &settings.targets {
+        let Some(ss) = t.server_state() else { continue };
+        let Ok(rendered) = engine.render(snap, Some(&t.name)) else {
+            continue;
+        };
+        for r in rendered {
+            let how = haconfd::consumers::haproxy::membership::describe(
+                ss,
+                &String::from_utf8_lossy(&r.bytes),
+            );
+            out.push(format!("members of {:?}: {how}", r.name));
+        }
+    }
+    out
 }
 
 /// `haconfd status`: reads a running haconfd's `/status` and prints the overview.

@@ -27,6 +27,13 @@ fn failure_labels(target: &str, reason: &str) -> Labels {
     ]
 }
 
+fn member_labels(target: &str, how: &str) -> Labels {
+    vec![
+        ("target".to_owned(), target.to_owned()),
+        ("via".to_owned(), how.to_owned()),
+    ]
+}
+
 /// Metrics that accumulate over the process's life.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -34,6 +41,7 @@ pub struct Metrics {
     renders: Family<Labels, Counter>,
     writes: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
+    member_changes: Family<Labels, Counter>,
     failures: Family<Labels, Counter>,
     events: Family<Labels, Counter>,
     render_seconds: Histogram,
@@ -64,6 +72,7 @@ impl Metrics {
             renders: Family::default(),
             writes: Family::default(),
             reloads: Family::default(),
+            member_changes: Family::default(),
             failures: Family::default(),
             events: Family::default(),
             render_seconds: buckets(),
@@ -122,6 +131,13 @@ impl Metrics {
         for t in &stats.outcome.reloaded {
             self.reloads.get_or_create(&label("target", t)).inc();
         }
+        let runtime = (stats.outcome.runtime.iter().map(|t| (t, "runtime")))
+            .chain(stats.outcome.fallbacks.iter().map(|t| (t, "reload")));
+        for (t, how) in runtime {
+            self.member_changes
+                .get_or_create(&member_labels(t, how))
+                .inc();
+        }
         // Counted also when the pass was refused: a failover's events come in refused passes.
         for e in &stats.events {
             self.events.get_or_create(&label("event", e.kind())).inc();
@@ -130,6 +146,8 @@ impl Metrics {
         for t in (stats.rendered.iter())
             .chain(&stats.outcome.written)
             .chain(&stats.outcome.reloaded)
+            .chain(&stats.outcome.runtime)
+            .chain(&stats.outcome.fallbacks)
         {
             if !named.contains_key(t) {
                 named.insert(t.clone(), BTreeSet::new());
@@ -152,6 +170,9 @@ impl Metrics {
             self.renders.remove(&l);
             self.writes.remove(&l);
             self.reloads.remove(&l);
+            for how in ["runtime", "reload"] {
+                self.member_changes.remove(&member_labels(name, how));
+            }
             for reason in reasons.iter() {
                 self.failures.remove(&failure_labels(name, reason));
             }
@@ -181,6 +202,11 @@ impl Metrics {
         );
         r.register("writes", "Files swapped in, by target", self.writes.clone());
         r.register("reloads", "Reloads sent, by target", self.reloads.clone());
+        r.register(
+            "member_changes",
+            "Member changes (servers added, removed or re-addressed in existing backends) by target and how they reached HAProxy: `runtime` (its runtime API, no reload) or `reload` (the runtime API refused or HAProxy's servers differed from the file: reloaded instead)",
+            self.member_changes.clone(),
+        );
         r.register(
             "failures",
             "Failed passes, by target and reason",

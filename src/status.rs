@@ -185,6 +185,10 @@ pub struct TargetStatus {
     pub writes: u64,
     /// Reloads sent.
     pub reloads: u64,
+    /// Member changes HAProxy took through its runtime API, without a reload.
+    pub runtime_updates: u64,
+    /// Member changes its runtime API did not take: reloaded instead.
+    pub runtime_fallbacks: u64,
     /// Failures by reason.
     pub failures: BTreeMap<String, u64>,
 }
@@ -286,6 +290,12 @@ impl Status {
         }
         for n in &o.reloaded {
             self.targets.entry(n.clone()).or_default().reloads += 1;
+        }
+        for n in &o.runtime {
+            self.targets.entry(n.clone()).or_default().runtime_updates += 1;
+        }
+        for n in &o.fallbacks {
+            self.targets.entry(n.clone()).or_default().runtime_fallbacks += 1;
         }
     }
 

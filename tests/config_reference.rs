@@ -51,6 +51,7 @@ fn everything() -> RawConfig {
             file: "/f".into(),
             primary_backends: vec![],
             replica_backends: vec![],
+            membership: Default::default(),
         }),
         pgbouncer_admin: Some(haconfd::consumers::pgbouncer::AdminConfig {
             host: "/run/postgresql".into(),

@@ -369,7 +369,7 @@ impl Daemon {
                 tracing::debug!(revision = revision, took = ?took, "pass: nothing changed");
             }
             Ok(o) => {
-                tracing::info!(revision = revision, written = ?o.written, reloaded = ?o.reloaded, took = ?took, "pass applied");
+                tracing::info!(revision = revision, written = ?o.written, reloaded = ?o.reloaded, runtime = ?o.runtime, took = ?took, "pass applied");
             }
             // Once per leaderless spell, not once per etcd event during it.
             Err(e) if e.is_leaderless() && !p.leaderless => {

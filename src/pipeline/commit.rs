@@ -16,7 +16,9 @@ use super::report::{PassError, PassOutcome, PassStats};
 use super::swap::{blocking, first_failure, restore, swap_in};
 use super::Setup;
 use crate::apply;
+use crate::consumers::haproxy::membership::{self, Layout};
 use crate::consumers::haproxy::server_state;
+use crate::consumers::haproxy::settings::Membership;
 use crate::files::Retired;
 use crate::guard::GuardError;
 use crate::model::Cluster;
@@ -189,6 +191,9 @@ impl<'p> Run<'p> {
             })
             .collect();
         let Some(&first) = due.first() else { return };
+        if self.members_at_runtime(&due, setup, state).await {
+            return;
+        }
         for &i in &due {
             if let (Some(ss), Some(Ok(r))) = (targets[i].server_state(), &self.rendered[i]) {
                 let per_scope = setup.mode.is_many();
@@ -228,6 +233,69 @@ impl<'p> Run<'p> {
                     .push((first, PassError::Reload { target, source }));
             }
         }
+    }
+
+    /// A HAProxy whose new files differ from the ones it runs only in the servers of existing
+    /// backends (members that joined, left or moved) takes the change through its runtime API
+    /// instead of a reload (see [`membership`]). True when every due target did; false when one
+    /// needs a reload (anything else changed, `server_state.membership = "reload"`, its last
+    /// reload failed, or HAProxy refused a command or runs other servers than the file: logged
+    /// and counted), and the caller reloads.
+    async fn members_at_runtime(
+        &mut self,
+        due: &[usize],
+        setup: &Setup,
+        state: &Consumers,
+    ) -> bool {
+        let targets = Arc::clone(self.targets());
+        let mut work = Vec::with_capacity(due.len());
+        for &i in due {
+            let t = &targets[i];
+            let Some(ss) = t
+                .server_state()
+                .filter(|ss| ss.membership == Membership::Runtime)
+            else {
+                return false;
+            };
+            let old = self.changed.iter().find(|(c, _)| *c == i);
+            let (Some((_, Some(old))), Some(Ok(new)), false) =
+                (old, &self.rendered[i], state.unreloaded.contains(&t.name))
+            else {
+                return false;
+            };
+            let old = Layout::parse(&String::from_utf8_lossy(old));
+            let new = Layout::parse(&String::from_utf8_lossy(&new.bytes));
+            match membership::diff(&old, &new) {
+                Ok(changes) => work.push((i, ss, old, new, changes)),
+                Err(why) => {
+                    tracing::debug!(target = %t.name, reason = %why, "not only members changed: reloading");
+                    return false;
+                }
+            }
+        }
+        for (i, ss, old, new, changes) in &work {
+            let per = server_state::per_cluster(ss, setup.mode.is_many(), &self.ss_views);
+            let pairs = server_state::pairs(&per, &self.ss_views);
+            let ruled: Vec<_> = changes
+                .iter()
+                .map(|c| {
+                    let (backend, server) = c.server();
+                    (c.clone(), server_state::rules_for(&pairs, backend, server))
+                })
+                .collect();
+            if let Err(why) = membership::apply(&ss.stats_socket, old, new, &ruled).await {
+                let name = &targets[*i].name;
+                tracing::warn!(target = %name, socket = %ss.stats_socket.display(), reason = %why, "member change not taken through HAProxy's runtime API: reloading instead");
+                self.outcome.fallbacks.push(name.clone());
+                return false;
+            }
+        }
+        for (i, _, _, _, changes) in work {
+            let name = &targets[i].name;
+            tracing::info!(target = %name, changes = changes.len(), "member change applied through HAProxy's runtime API, no reload");
+            self.outcome.runtime.push(name.clone());
+        }
+        true
     }
 
     /// HAProxy refused the new file and still runs the old one: the old one goes back, so that

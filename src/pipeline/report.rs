@@ -66,6 +66,11 @@ pub struct PassOutcome {
     pub written: Vec<String>,
     /// Targets whose consumer was reloaded.
     pub reloaded: Vec<String>,
+    /// Targets whose member changes reached HAProxy through its runtime API, without a reload.
+    pub runtime: Vec<String>,
+    /// Targets whose member changes HAProxy's runtime API did not take (a refused command, a
+    /// live server list unlike the file): reloaded instead.
+    pub fallbacks: Vec<String>,
 }
 
 impl PassOutcome {

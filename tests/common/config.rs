@@ -237,6 +237,23 @@ impl Template {
         self.set("server_state", Raw(v))
     }
 
+    /// `server_state = { stats_socket, file, membership }`: member changes reach HAProxy
+    /// through its runtime API (`"runtime"`) or a reload (`"reload"`).
+    pub fn server_state_via(
+        self,
+        stats_socket: impl AsRef<Path>,
+        file: impl AsRef<Path>,
+        membership: &str,
+    ) -> Template {
+        let v = format!(
+            "{{ stats_socket = {}, file = {}, membership = {} }}",
+            toml_str(stats_socket.as_ref()),
+            toml_str(file.as_ref()),
+            toml_str(membership)
+        );
+        self.set("server_state", Raw(v))
+    }
+
     /// `pgbouncer_admin = { host, port, user[, pause_timeout] }`.
     pub fn pgbouncer_admin(
         self,

@@ -1,11 +1,13 @@
 //! HAProxy: its sockets ([`cli`]: one request per connection on the master CLI or the admin
 //! stats socket, with `show proc` and `reload` answers parsed), its server state carried across
 //! reloads ([`server_state`]), the runtime-API moves of the failover fast path ([`runtime`]),
+//! member changes made without a reload ([`membership`]),
 //! its servers' live states as people see them ([`live`]), its settings ([`settings`]) and whether it has read its file as
 //! it is on disk ([`loaded`]).
 
 pub mod live;
 pub mod loaded;
+pub mod membership;
 pub mod runtime;
 pub mod server_state;
 pub mod settings;

@@ -318,6 +318,10 @@ impl StateLine {
     pub(super) fn port(&self) -> Option<u16> {
         self.fields[18].parse().ok()
     }
+    /// `srv_fqdn`: the host name the server was configured with, `-` for an address.
+    pub(super) fn fqdn(&self) -> &str {
+        &self.fields[17]
+    }
     /// srv_op_state 0 = stopped (DOWN).
     pub(super) fn is_down(&self) -> bool {
         self.fields[5] == "0"

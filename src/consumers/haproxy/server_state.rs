@@ -75,7 +75,9 @@ pub fn config_servers(cfg: &str) -> Vec<ConfigServer> {
     out
 }
 
-fn split_addr(addr: &str) -> Option<(String, u16)> {
+/// `host:port` (brackets around an IPv6 address, an `ipv4@`/`ipv6@` prefix) split in host and
+/// port.
+pub(super) fn split_addr(addr: &str) -> Option<(String, u16)> {
     let addr = addr
         .strip_prefix("ipv4@")
         .or(addr.strip_prefix("ipv6@"))
@@ -155,8 +157,7 @@ pub fn build_many(
                 l.clear_agent_port();
                 Some(l.render())
             }
-            (None, Some(false)) => Some(down_line(&s)),
-            (None, Some(true)) if known && in_replica_backend(clusters, &s.backend) => {
+            (None, allowed) if starts_down(clusters, &s.backend, allowed, known) => {
                 Some(down_line(&s))
             }
             (None, _) => None,
@@ -167,6 +168,57 @@ pub fn build_many(
         }
     }
     out
+}
+
+/// Whether a server HAProxy has no state for must start DOWN and wait for its checks: one
+/// etcd's view forbids in its backend (a replica in a primary backend), and one new to a
+/// replica backend of a running HAProxy (`known`: HAProxy's state is known; at its first start
+/// every server would look new). `allowed` is [`permitted`]'s answer for it.
+fn starts_down(
+    clusters: &[(&ServerStateConfig, &Cluster)],
+    backend: &str,
+    allowed: Option<bool>,
+    known: bool,
+) -> bool {
+    match allowed {
+        Some(false) => true,
+        Some(true) => known && in_replica_backend(clusters, backend),
+        None => false,
+    }
+}
+
+/// The state rules for a server added to or changed in a running HAProxy (see
+/// [`super::membership`]): whether it starts DOWN, and whether its member is still in etcd.
+pub fn rules_for(
+    clusters: &[(&ServerStateConfig, &Cluster)],
+    backend: &str,
+    server: &str,
+) -> super::membership::Rules {
+    let allowed = clusters
+        .iter()
+        .find_map(|(cfg, cluster)| permitted(cfg, cluster, backend, server));
+    let owners: Vec<&Cluster> = match clusters.iter().any(|(cfg, _)| serves(cfg, backend)) {
+        true => clusters
+            .iter()
+            .filter(|(cfg, _)| serves(cfg, backend))
+            .map(|(_, c)| *c)
+            .collect(),
+        // A backend of no cluster's settings: any cluster's member of that name.
+        false => clusters.iter().map(|(_, c)| *c).collect(),
+    };
+    super::membership::Rules {
+        starts_down: starts_down(clusters, backend, allowed, true),
+        in_etcd: owners
+            .iter()
+            .any(|c| c.members.iter().any(|m| m.name == server)),
+    }
+}
+
+fn serves(cfg: &ServerStateConfig, backend: &str) -> bool {
+    cfg.primary_backends
+        .iter()
+        .chain(&cfg.replica_backends)
+        .any(|b| b == backend)
 }
 
 fn in_replica_backend(clusters: &[(&ServerStateConfig, &Cluster)], backend: &str) -> bool {
@@ -219,16 +271,32 @@ pub fn for_clusters(
     live: &str,
 ) -> String {
     let text = String::from_utf8_lossy(rendered);
-    let per: Vec<ServerStateConfig> = clusters
+    let per = per_cluster(ss, per_scope, clusters);
+    build_many(&pairs(&per, clusters), &text, live)
+}
+
+/// Each cluster's settings: the target's, or, `per_scope`, the ones naming the cluster's own
+/// backends.
+pub fn per_cluster(
+    ss: &ServerStateConfig,
+    per_scope: bool,
+    clusters: &[Arc<Cluster>],
+) -> Vec<ServerStateConfig> {
+    clusters
         .iter()
         .map(|c| match per_scope {
             false => ss.clone(),
             true => ss.for_scope(&c.scope),
         })
-        .collect();
-    let pairs: Vec<(&ServerStateConfig, &Cluster)> =
-        per.iter().zip(clusters).map(|(s, c)| (s, &**c)).collect();
-    build_many(&pairs, &text, live)
+        .collect()
+}
+
+/// Each cluster with its settings, as [`build_many`] and [`rules_for`] take them.
+pub fn pairs<'a>(
+    per: &'a [ServerStateConfig],
+    clusters: &'a [Arc<Cluster>],
+) -> Vec<(&'a ServerStateConfig, &'a Cluster)> {
+    per.iter().zip(clusters).map(|(s, c)| (s, &**c)).collect()
 }
 
 /// Dumps the live state, merges it with etcd's view and swaps in the file HAProxy's new worker
@@ -265,6 +333,7 @@ pub(super) fn test_config() -> ServerStateConfig {
         file: "/f".into(),
         primary_backends: vec!["primary".into()],
         replica_backends: vec!["replicas".into()],
+        membership: Default::default(),
     }
 }
 

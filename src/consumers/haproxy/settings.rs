@@ -1,5 +1,6 @@
 //! HAProxy's settings as a template's `server_state = {...}` gives them: the admin socket, the
-//! `server-state-file`, and which backends route to the leader and which to replicas.
+//! `server-state-file`, which backends route to the leader and which to replicas, and how
+//! member changes reach HAProxy.
 
 use std::path::PathBuf;
 
@@ -21,6 +22,22 @@ pub struct ServerStateConfig {
     /// Backends that must route to replicas only.
     #[serde(default = "default_replica_backends")]
     pub replica_backends: Vec<String>,
+    /// How a change of members only reaches HAProxy: its runtime API (the default), or a
+    /// reload.
+    #[serde(default)]
+    pub membership: Membership,
+}
+
+/// `server_state.membership`: how a member that joins, leaves or moves reaches HAProxy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Membership {
+    /// `add server`, `del server` and `set server … addr` on the admin socket, checked with
+    /// `show servers state`; a reload when anything else changed or HAProxy refuses.
+    #[default]
+    Runtime,
+    /// A reload for every change, as for any other change of the file.
+    Reload,
 }
 
 impl ServerStateConfig {

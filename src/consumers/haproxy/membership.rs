@@ -1,0 +1,815 @@
+//! Member changes applied to a running HAProxy through its runtime API instead of a reload: a
+//! new file that differs from the one HAProxy runs only in `server` lines of existing backends
+//! (a member joined, left or moved) becomes `add server`, `del server` and `set server … addr`
+//! commands on the admin socket, checked answer by answer, and the live server list is then
+//! compared with the new file. Anything else (a new backend, a port, a changed keyword, a host
+//! name instead of an address, a refused command, a live list that does not match the file
+//! before or after) is for a reload, which the caller does instead.
+//!
+//! HAProxy 2.6 (Debian 12) takes `add server` and `del server` on an admin socket without
+//! `experimental-mode` (2.4 still needed it). A dynamic server inherits nothing from
+//! `default-server`, so the keywords the file gives it through `default-server` are passed on
+//! the command line; `init-addr` and the resolver keywords are refused for dynamic servers and
+//! are left out (only IP literals are added at runtime, so they have nothing to resolve). A new
+//! server is created in maintenance with its checks off; the state rules of the server-state
+//! carry-over apply to it as to a server new to a reloaded worker ([`super::server_state`]):
+//! one that must not serve yet is brought out of maintenance through `drain` (no new
+//! connection) and set DOWN before it is made ready, so that it takes traffic only once `rise`
+//! checks pass. A removed server is put in maintenance, its sessions are shut once its member
+//! is gone from etcd, and it is deleted once HAProxy has no connection left on it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::runtime::StateLine;
+use super::settings::{Membership, ServerStateConfig};
+
+/// How long one batch of commands may take.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a removed server's last connections may take to close before `del server` is
+/// given up (and the caller reloads instead).
+const DELETE_BOUND: Duration = Duration::from_secs(2);
+/// The pause between two tries of `del server`.
+const DELETE_STEP: Duration = Duration::from_millis(20);
+
+/// Keywords `add server` refuses in HAProxy 2.6 that a `default-server` line commonly carries,
+/// each with its one argument: about resolving host names, which a server added at runtime
+/// (an IP literal) does not need.
+const NOT_FOR_DYNAMIC: [&str; 5] = [
+    "init-addr",
+    "resolvers",
+    "resolve-prefer",
+    "resolve-opts",
+    "resolve-net",
+];
+
+/// A `server` line of a `listen` or `backend` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServerLine {
+    addr: String,
+    port: u16,
+    /// Everything after the address.
+    keywords: Vec<String>,
+}
+
+impl ServerLine {
+    /// The value of a one-argument keyword (`port`, `addr`).
+    fn keyword(&self, name: &str) -> Option<&str> {
+        let at = self.keywords.iter().position(|k| k == name)?;
+        self.keywords.get(at + 1).map(String::as_str)
+    }
+
+    /// The keywords but the health check's own address and port.
+    fn keywords_but_check_target(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut words = self.keywords.iter();
+        while let Some(w) = words.next() {
+            if w == "addr" || w == "port" {
+                words.next();
+                continue;
+            }
+            out.push(w.as_str());
+        }
+        out
+    }
+
+    /// Where the health check goes: its own address and port, else the server's.
+    fn check_target(&self) -> (String, u16) {
+        let addr = self.keyword("addr").unwrap_or(&self.addr).to_owned();
+        let port = self
+            .keyword("port")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(self.port);
+        (addr, port)
+    }
+}
+
+/// A rendered haproxy.cfg split in what only a reload can change (every line but the servers
+/// of `listen` and `backend` sections) and those servers.
+#[derive(Debug, Default)]
+pub struct Layout {
+    /// Every line but the servers, in order.
+    skeleton: Vec<String>,
+    /// The servers, by backend and name.
+    servers: BTreeMap<(String, String), ServerLine>,
+    /// Per backend, the `default-server` keywords in force: the last `defaults` section's,
+    /// then the backend's own.
+    defaults: BTreeMap<String, Vec<String>>,
+    /// `server` lines that could not be read (no `address:port`): only a reload takes them.
+    unreadable: Vec<String>,
+}
+
+impl Layout {
+    /// Reads a rendered haproxy.cfg.
+    pub fn parse(cfg: &str) -> Layout {
+        let mut out = Layout::default();
+        let mut in_defaults: Vec<String> = Vec::new();
+        let mut section: Option<String> = None;
+        let mut is_defaults = false;
+        for line in cfg.lines() {
+            let mut words = line.split_whitespace();
+            let first = words.next().unwrap_or("");
+            if !line.starts_with(char::is_whitespace)
+                && !first.is_empty()
+                && !first.starts_with('#')
+            {
+                is_defaults = first == "defaults";
+                if is_defaults {
+                    in_defaults.clear();
+                }
+                section = match first {
+                    "listen" | "backend" => words.next().map(str::to_owned),
+                    _ => None,
+                };
+                if let Some(b) = &section {
+                    out.defaults.insert(b.clone(), in_defaults.clone());
+                }
+                out.skeleton.push(line.to_owned());
+                continue;
+            }
+            match (first, &section) {
+                ("default-server", None) if is_defaults => {
+                    in_defaults.extend(words.map(str::to_owned));
+                }
+                ("default-server", Some(b)) => {
+                    let kws = out.defaults.entry(b.clone()).or_default();
+                    kws.extend(words.map(str::to_owned));
+                }
+                ("server", Some(b)) => {
+                    let name = words.next().unwrap_or_default().to_owned();
+                    let addr = words.next().and_then(super::server_state::split_addr);
+                    match addr {
+                        Some((addr, port)) => {
+                            let keywords = words.map(str::to_owned).collect();
+                            let s = ServerLine {
+                                addr,
+                                port,
+                                keywords,
+                            };
+                            out.servers.insert((b.clone(), name), s);
+                        }
+                        None => out.unreadable.push(line.trim().to_owned()),
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            out.skeleton.push(line.to_owned());
+        }
+        out
+    }
+
+    /// The keywords an `add server` for a server of `backend` needs: the `default-server`
+    /// ones in force (a dynamic server inherits none), then the line's own, without the
+    /// keywords dynamic servers refuse.
+    fn add_keywords(&self, backend: &str, line: &ServerLine) -> Vec<String> {
+        let inherited = self.defaults.get(backend).into_iter().flatten();
+        let mut out = Vec::new();
+        let mut words = inherited.chain(&line.keywords);
+        while let Some(w) = words.next() {
+            if NOT_FOR_DYNAMIC.contains(&w.as_str()) {
+                words.next();
+                continue;
+            }
+            out.push(w.clone());
+        }
+        out
+    }
+
+    /// The backends the file declares (`listen` and `backend` sections).
+    fn backends(&self) -> impl Iterator<Item = &String> {
+        self.defaults.keys()
+    }
+}
+
+/// One member change to make on the live HAProxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A server new to an existing backend.
+    Add {
+        /// Backend.
+        backend: String,
+        /// Server name.
+        server: String,
+        /// `address:port`, as `add server` takes it.
+        address: String,
+        /// Its keywords, `default-server`'s included.
+        keywords: Vec<String>,
+    },
+    /// A server gone from its backend.
+    Remove {
+        /// Backend.
+        backend: String,
+        /// Server name.
+        server: String,
+    },
+    /// A server whose address, port, or health check's address or port changed.
+    Readdress {
+        /// Backend.
+        backend: String,
+        /// Server name.
+        server: String,
+        /// New address.
+        addr: String,
+        /// New port.
+        port: u16,
+        /// The health check's new address, when it changed.
+        check_addr: Option<String>,
+        /// The health check's new port, when it changed.
+        check_port: Option<u16>,
+    },
+}
+
+impl Change {
+    /// The backend and server it concerns.
+    pub fn server(&self) -> (&str, &str) {
+        match self {
+            Change::Add {
+                backend, server, ..
+            }
+            | Change::Remove { backend, server }
+            | Change::Readdress {
+                backend, server, ..
+            } => (backend, server),
+        }
+    }
+}
+
+/// The member changes that take `old` (the file HAProxy runs) to `new`, or why only a reload
+/// can: what differs beyond the servers of existing backends.
+pub fn diff(old: &Layout, new: &Layout) -> Result<Vec<Change>, String> {
+    if let Some(line) = new.unreadable.first() {
+        return Err(format!("`{line}` has no address:port haconfd can read"));
+    }
+    if old.skeleton != new.skeleton {
+        let at = old
+            .skeleton
+            .iter()
+            .zip(&new.skeleton)
+            .position(|(a, b)| a != b)
+            .unwrap_or(old.skeleton.len().min(new.skeleton.len()));
+        let line = new.skeleton.get(at).or(old.skeleton.get(at));
+        return Err(format!(
+            "more than servers changed (`{}`)",
+            line.map_or("", |l| l.trim())
+        ));
+    }
+    let mut out = Vec::new();
+    for ((backend, server), line) in &new.servers {
+        let key = (backend.clone(), server.clone());
+        let Some(before) = old.servers.get(&key) else {
+            if line.addr.parse::<IpAddr>().is_err() {
+                return Err(format!(
+                    "server {backend}/{server}: {} is a host name (HAProxy resolves host names of added servers only at a reload)",
+                    line.addr
+                ));
+            }
+            out.push(Change::Add {
+                backend: backend.clone(),
+                server: server.clone(),
+                address: join_addr(&line.addr, line.port),
+                keywords: new.add_keywords(backend, line),
+            });
+            continue;
+        };
+        if before == line {
+            continue;
+        }
+        if before.keywords_but_check_target() != line.keywords_but_check_target() {
+            return Err(format!(
+                "server {backend}/{server} changed more than its address"
+            ));
+        }
+        let (old_check, new_check) = (before.check_target(), line.check_target());
+        if [&line.addr, &new_check.0]
+            .iter()
+            .any(|a| a.parse::<IpAddr>().is_err())
+        {
+            return Err(format!(
+                "server {backend}/{server}: {} is a host name (HAProxy resolves it only at a reload)",
+                line.addr
+            ));
+        }
+        out.push(Change::Readdress {
+            backend: backend.clone(),
+            server: server.clone(),
+            addr: line.addr.clone(),
+            port: line.port,
+            check_addr: (old_check.0 != new_check.0).then(|| new_check.0.clone()),
+            check_port: (old_check.1 != new_check.1).then_some(new_check.1),
+        });
+    }
+    for (backend, server) in old.servers.keys() {
+        if !new.servers.contains_key(&(backend.clone(), server.clone())) {
+            out.push(Change::Remove {
+                backend: backend.clone(),
+                server: server.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn join_addr(addr: &str, port: u16) -> String {
+    match addr.contains(':') {
+        true => format!("[{addr}]:{port}"),
+        false => format!("{addr}:{port}"),
+    }
+}
+
+/// What the state rules say of a server a change concerns (see
+/// [`super::server_state::starts_down`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rules {
+    /// It must not take traffic before its checks pass (a replica in a primary backend, a
+    /// server new to a replica backend).
+    pub starts_down: bool,
+    /// Its member is still in etcd: a removed server's sessions are not shut.
+    pub in_etcd: bool,
+}
+
+/// A command and the answer that says HAProxy carried it out.
+#[derive(Debug, Clone)]
+struct Command {
+    text: String,
+    /// A text the answer contains; None: an empty answer.
+    expect: Option<&'static [&'static str]>,
+}
+
+impl Command {
+    fn quiet(text: String) -> Command {
+        Command { text, expect: None }
+    }
+
+    fn answering(text: String, expect: &'static [&'static str]) -> Command {
+        Command {
+            text,
+            expect: Some(expect),
+        }
+    }
+
+    fn accepts(&self, answer: &str) -> bool {
+        match self.expect {
+            None => answer.trim().is_empty(),
+            Some(texts) => texts.iter().any(|t| answer.contains(t)),
+        }
+    }
+}
+
+/// The commands of every change but the deletions, in order, then the deletions (each tried
+/// until HAProxy has no connection left on the server).
+fn commands(changes: &[(Change, Rules)]) -> (Vec<Command>, Vec<String>) {
+    let mut cmds = Vec::new();
+    let mut deletions = Vec::new();
+    for (change, rules) in changes {
+        let (backend, server) = change.server();
+        let srv = format!("{backend}/{server}");
+        match change {
+            Change::Add {
+                address, keywords, ..
+            } => {
+                let kws = keywords.join(" ");
+                cmds.push(Command::answering(
+                    format!("add server {srv} {address} {kws}")
+                        .trim_end()
+                        .to_owned(),
+                    &["New server registered"],
+                ));
+                if keywords.iter().any(|k| k == "check") {
+                    cmds.push(Command::quiet(format!("enable health {srv}")));
+                }
+                if keywords.iter().any(|k| k == "agent-check") {
+                    cmds.push(Command::quiet(format!("enable agent {srv}")));
+                }
+                // `disabled` in the file: it stays in maintenance, as a reload would start it.
+                if keywords.iter().any(|k| k == "disabled") {
+                    continue;
+                }
+                if rules.starts_down {
+                    // Out of maintenance through drain (no new connection), DOWN, then ready:
+                    // `enable server` alone would make it UP at once.
+                    cmds.push(Command::quiet(format!("set server {srv} state drain")));
+                    cmds.push(Command::quiet(format!("set server {srv} health down")));
+                }
+                cmds.push(Command::quiet(format!("set server {srv} state ready")));
+            }
+            Change::Readdress {
+                addr,
+                port,
+                check_addr,
+                check_port,
+                ..
+            } => {
+                if rules.starts_down {
+                    cmds.push(Command::quiet(format!("set server {srv} health down")));
+                }
+                cmds.push(Command::answering(
+                    format!("set server {srv} addr {addr} port {port}"),
+                    &["changed", "no need to change"],
+                ));
+                if let Some(a) = check_addr {
+                    cmds.push(Command::quiet(format!("set server {srv} check-addr {a}")));
+                }
+                if let Some(p) = check_port {
+                    cmds.push(Command::quiet(format!("set server {srv} check-port {p}")));
+                }
+            }
+            Change::Remove { .. } => {
+                cmds.push(Command::quiet(format!("set server {srv} state maint")));
+                if !rules.in_etcd {
+                    cmds.push(Command::quiet(format!("shutdown sessions server {srv}")));
+                }
+                deletions.push(srv);
+            }
+        }
+    }
+    (cmds, deletions)
+}
+
+/// Sends `cmds` on one connection and checks each answer (HAProxy ends each with an empty
+/// line). The first refused command, with HAProxy's answer, is the error.
+async fn send(socket: &Path, cmds: &[Command]) -> Result<(), String> {
+    if cmds.is_empty() {
+        return Ok(());
+    }
+    let joined = cmds
+        .iter()
+        .map(|c| c.text.as_str())
+        .collect::<Vec<_>>()
+        .join(";");
+    let answer = super::cli(socket, &joined, ANSWER_TIMEOUT)
+        .await
+        .map_err(|e| format!("stats socket {}: {e}", socket.display()))?;
+    let answers = split_answers(&answer);
+    for (i, c) in cmds.iter().enumerate() {
+        let a = answers.get(i).map(String::as_str).unwrap_or("");
+        if !c.accepts(a) {
+            return Err(format!("HAProxy refused `{}`: {}", c.text, a.trim()));
+        }
+    }
+    Ok(())
+}
+
+/// One answer per command: HAProxy ends each with an empty line.
+fn split_answers(answer: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current: Vec<&str> = Vec::new();
+    for line in answer.lines() {
+        if line.trim().is_empty() {
+            out.push(current.join(" "));
+            current.clear();
+        } else {
+            current.push(line.trim());
+        }
+    }
+    if !current.is_empty() {
+        out.push(current.join(" "));
+    }
+    out
+}
+
+/// Deletes `srv` (`backend/server`, in maintenance), trying again while HAProxy still has a
+/// connection on it, up to [`DELETE_BOUND`].
+async fn delete(socket: &Path, srv: &str) -> Result<(), String> {
+    let started = Instant::now();
+    let cmd = Command::answering(format!("del server {srv}"), &["Server deleted"]);
+    loop {
+        match send(socket, std::slice::from_ref(&cmd)).await {
+            Ok(()) => return Ok(()),
+            Err(e) if started.elapsed() >= DELETE_BOUND => {
+                return Err(format!("{e} (for {:?})", started.elapsed()))
+            }
+            Err(_) => tokio::time::sleep(DELETE_STEP).await,
+        }
+    }
+}
+
+/// Whether the live servers of the file's backends are the file's, by name, address and port;
+/// the first difference otherwise.
+fn matches(layout: &Layout, dump: &str) -> Result<(), String> {
+    let mut live: BTreeMap<(String, String), StateLine> = BTreeMap::new();
+    for l in dump.lines().filter_map(StateLine::parse) {
+        if layout.defaults.contains_key(l.backend()) {
+            live.insert((l.backend().to_owned(), l.server().to_owned()), l);
+        }
+    }
+    for (key, s) in &layout.servers {
+        let Some(l) = live.remove(key) else {
+            return Err(format!("server {}/{} is missing", key.0, key.1));
+        };
+        let addr_ok = l.addr() == s.addr || l.fqdn() == s.addr;
+        if !addr_ok || l.port() != Some(s.port) {
+            return Err(format!(
+                "server {}/{} is at {}:{} (the file says {}:{})",
+                key.0,
+                key.1,
+                l.addr(),
+                l.port().unwrap_or(0),
+                s.addr,
+                s.port
+            ));
+        }
+    }
+    match live.keys().next() {
+        Some((b, s)) => Err(format!("server {b}/{s} is not in the file")),
+        None => Ok(()),
+    }
+}
+
+/// The live server list of the backends `layout` declares, compared with it.
+async fn verify(socket: &Path, layout: &Layout) -> Result<(), String> {
+    let cmd = layout
+        .backends()
+        .map(|b| format!("show servers state {b}"))
+        .collect::<Vec<_>>()
+        .join(";");
+    if cmd.is_empty() {
+        return Ok(());
+    }
+    let dump = super::cli(socket, &cmd, ANSWER_TIMEOUT)
+        .await
+        .map_err(|e| format!("stats socket {}: {e}", socket.display()))?;
+    matches(layout, &dump)
+}
+
+/// Applies `changes` (from [`diff`] of `old` and `new`, each with its [`Rules`]) to the HAProxy
+/// behind `socket`: first checks that it runs `old`'s servers, then sends the commands, then
+/// checks that it runs `new`'s. Any refusal or difference is the error, and the caller reloads.
+pub async fn apply(
+    socket: &Path,
+    old: &Layout,
+    new: &Layout,
+    changes: &[(Change, Rules)],
+) -> Result<(), String> {
+    verify(socket, old)
+        .await
+        .map_err(|e| format!("HAProxy does not run the file it was given: {e}"))?;
+    let (cmds, deletions) = commands(changes);
+    send(socket, &cmds).await?;
+    for srv in &deletions {
+        delete(socket, srv).await?;
+    }
+    verify(socket, new)
+        .await
+        .map_err(|e| format!("after the runtime changes, {e}"))
+}
+
+/// What `haconfd check` says of how member changes will reach the HAProxy of `ss` whose file
+/// renders as `cfg`: the mechanism, and what in the file still needs a reload.
+pub fn describe(ss: &ServerStateConfig, cfg: &str) -> String {
+    if ss.membership == Membership::Reload {
+        return "a reload for every change (server_state.membership = \"reload\")".to_owned();
+    }
+    let layout = Layout::parse(cfg);
+    let mut reloads = Vec::new();
+    let named: Vec<String> = (layout.servers.iter())
+        .filter(|(_, s)| s.addr.parse::<IpAddr>().is_err())
+        .map(|((b, n), s)| format!("{b}/{n} at {}", s.addr))
+        .collect();
+    if !named.is_empty() {
+        reloads.push(format!(
+            "a server at a host name ({}) is added or moved by a reload",
+            named.join(", ")
+        ));
+    }
+    for (backend, how) in static_backends(&layout) {
+        reloads.push(format!(
+            "backend {backend} balances with `{how}`, which takes no server at runtime: its changes reload"
+        ));
+    }
+    let mut out = format!(
+        "HAProxy's runtime API on {} (add server, del server, set server addr; the live list checked with show servers state; a reload when more than servers change or HAProxy refuses)",
+        ss.stats_socket.display()
+    );
+    for r in reloads {
+        out.push_str("; ");
+        out.push_str(&r);
+    }
+    out
+}
+
+/// Backends whose load-balancing algorithm is not dynamic (HAProxy 2.6 refuses `add server`
+/// there): `static-rr`, and a hash without `hash-type consistent`.
+fn static_backends(layout: &Layout) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut section: Option<String> = None;
+    let (mut balance, mut consistent) = (None::<String>, false);
+    let (mut default_balance, mut default_consistent) = (None::<String>, false);
+    let mut close = |section: &Option<String>, balance: &Option<String>, consistent: bool| {
+        if let (Some(b), Some(how)) = (section, balance) {
+            let hashed = !matches!(
+                how.split_whitespace().next(),
+                Some("roundrobin" | "leastconn" | "first" | "random")
+            );
+            if how.starts_with("static-rr") || (hashed && !consistent) {
+                out.push((b.clone(), format!("balance {how}")));
+            }
+        }
+    };
+    for line in &layout.skeleton {
+        let t = line.trim();
+        if !line.starts_with(char::is_whitespace) && !t.is_empty() && !t.starts_with('#') {
+            close(&section, &balance, consistent);
+            let mut words = t.split_whitespace();
+            let first = words.next().unwrap_or_default();
+            section = matches!(first, "listen" | "backend")
+                .then(|| words.next().map(str::to_owned))
+                .flatten();
+            if first == "defaults" {
+                (default_balance, default_consistent) = (None, false);
+            }
+            (balance, consistent) = (default_balance.clone(), default_consistent);
+            continue;
+        }
+        let in_defaults = section.is_none();
+        if let Some(how) = t.strip_prefix("balance ") {
+            balance = Some(how.trim().to_owned());
+            if in_defaults {
+                default_balance = balance.clone();
+            }
+        } else if t.starts_with("hash-type ") {
+            consistent = t.contains("consistent");
+            if in_defaults {
+                default_consistent = consistent;
+            }
+        }
+    }
+    close(&section, &balance, consistent);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_names_the_mechanism_and_what_still_reloads() {
+        let ss = super::super::server_state::test_config();
+        let text = describe(&ss, OLD);
+        assert!(text.starts_with("HAProxy's runtime API on /s"), "{text}");
+        assert!(
+            !text.contains("host name") && !text.contains("balances"),
+            "{text}"
+        );
+        let odd = OLD.replace("server pg2 127.0.0.1:5442 check", "server pg2 db2.example:5442 check")
+            + "backend b\n    balance static-rr\nbackend c\n    balance source\nbackend d\n    balance source\n    hash-type consistent\n";
+        let text = describe(&ss, &odd);
+        assert!(text.contains("replicas/pg2 at db2.example"), "{text}");
+        assert!(
+            text.contains("backend b balances with `balance static-rr`"),
+            "{text}"
+        );
+        assert!(text.contains("backend c balances"), "{text}");
+        assert!(!text.contains("backend d"), "{text}");
+        let reload = ServerStateConfig {
+            membership: Membership::Reload,
+            ..ss
+        };
+        assert!(describe(&reload, OLD).starts_with("a reload for every change"));
+    }
+
+    const OLD: &str = "global\n    stats socket /s level admin\ndefaults\n    mode tcp\n    default-server inter 3s\nlisten primary\n    bind *:5000\n    default-server inter 1s fall 2 rise 2 on-marked-down shutdown-sessions init-addr last,libc,none\n    server pg1 127.0.0.1:5441 maxconn 100 check port 8011\n    server pg2 127.0.0.1:5442 maxconn 100 check port 8012\nlisten replicas\n    bind *:5001\n    server pg1 127.0.0.1:5441 check port 8011\n    server pg2 127.0.0.1:5442 check port 8012\n";
+
+    fn changes(old: &str, new: &str) -> Result<Vec<Change>, String> {
+        diff(&Layout::parse(old), &Layout::parse(new))
+    }
+
+    #[test]
+    fn a_joining_member_is_added_with_the_default_server_keywords_a_dynamic_server_takes() {
+        let new = OLD.replace(
+            "    server pg2 127.0.0.1:5442 maxconn 100 check port 8012\n",
+            "    server pg2 127.0.0.1:5442 maxconn 100 check port 8012\n    server pg3 127.0.0.1:5443 maxconn 100 check port 8013\n",
+        );
+        let c = changes(OLD, &new).unwrap();
+        assert_eq!(
+            c,
+            vec![Change::Add {
+                backend: "primary".into(),
+                server: "pg3".into(),
+                address: "127.0.0.1:5443".into(),
+                keywords: "inter 3s inter 1s fall 2 rise 2 on-marked-down shutdown-sessions maxconn 100 check port 8013"
+                    .split(' ')
+                    .map(str::to_owned)
+                    .collect(),
+            }]
+        );
+        let (cmds, dels) = commands(&[(
+            c[0].clone(),
+            Rules {
+                starts_down: true,
+                in_etcd: true,
+            },
+        )]);
+        let texts: Vec<_> = cmds.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(
+            texts[1..],
+            [
+                "enable health primary/pg3",
+                "set server primary/pg3 state drain",
+                "set server primary/pg3 health down",
+                "set server primary/pg3 state ready"
+            ]
+        );
+        assert!(dels.is_empty());
+    }
+
+    #[test]
+    fn a_leaving_member_is_shut_and_deleted_only_once_gone_from_etcd() {
+        let new = OLD.replace("    server pg2 127.0.0.1:5442 check port 8012\n", "");
+        let c = changes(OLD, &new).unwrap();
+        assert_eq!(
+            c,
+            vec![Change::Remove {
+                backend: "replicas".into(),
+                server: "pg2".into()
+            }]
+        );
+        for (in_etcd, shut) in [(true, false), (false, true)] {
+            let (cmds, dels) = commands(&[(
+                c[0].clone(),
+                Rules {
+                    starts_down: false,
+                    in_etcd,
+                },
+            )]);
+            assert_eq!(cmds[0].text, "set server replicas/pg2 state maint");
+            assert_eq!(
+                cmds.iter().any(|c| c.text.starts_with("shutdown sessions")),
+                shut
+            );
+            assert_eq!(dels, ["replicas/pg2"]);
+        }
+    }
+
+    #[test]
+    fn a_moved_member_is_readdressed_with_its_check() {
+        let new = OLD.replace(
+            "    server pg2 127.0.0.1:5442 check port 8012\n",
+            "    server pg2 127.0.0.2:5442 check addr 127.0.0.3 port 8012\n",
+        );
+        let c = changes(OLD, &new).unwrap();
+        assert_eq!(
+            c,
+            vec![Change::Readdress {
+                backend: "replicas".into(),
+                server: "pg2".into(),
+                addr: "127.0.0.2".into(),
+                port: 5442,
+                check_addr: Some("127.0.0.3".into()),
+                check_port: None,
+            }]
+        );
+    }
+
+    #[test]
+    fn anything_but_servers_of_existing_backends_is_for_a_reload() {
+        let cases = [
+            OLD.replace("bind *:5001", "bind *:5002"),
+            OLD.to_owned() + "listen other\n    bind *:6000\n    server x 127.0.0.1:1 check\n",
+            OLD.replace("127.0.0.1:5442 check port 8012", "127.0.0.1:5442 check port 8012 backup"),
+            OLD.replace(
+                "    server pg2 127.0.0.1:5442 check port 8012\n",
+                "    server pg2 127.0.0.1:5442 check port 8012\n    server pg3 db3.example:5443 check\n",
+            ),
+            OLD.replace("server pg2 127.0.0.1:5442 check", "server pg2 db2.example:5442 check"),
+            OLD.replace("server pg2 127.0.0.1:5442 check", "server pg2 /run/pg.sock check"),
+        ];
+        for new in cases {
+            assert!(changes(OLD, &new).is_err(), "{new}");
+        }
+        assert_eq!(changes(OLD, OLD), Ok(vec![]));
+    }
+
+    #[test]
+    fn the_live_list_matches_by_name_address_and_port() {
+        let layout = Layout::parse(OLD);
+        let line = |b: &str, s: &str, a: &str, p: u16| {
+            format!("3 {b} 1 {s} {a} 2 0 1 1 20 15 3 4 6 0 0 0 - {p} - 0 0 - - 0\n")
+        };
+        let good = line("primary", "pg1", "127.0.0.1", 5441)
+            + &line("primary", "pg2", "127.0.0.1", 5442)
+            + &line("replicas", "pg1", "127.0.0.1", 5441)
+            + &line("replicas", "pg2", "127.0.0.1", 5442)
+            + &line("stats", "x", "127.0.0.1", 1);
+        assert_eq!(matches(&layout, &good), Ok(()));
+        let missing = good.replace(&line("replicas", "pg2", "127.0.0.1", 5442), "");
+        assert!(matches(&layout, &missing)
+            .unwrap_err()
+            .contains("replicas/pg2 is missing"));
+        let moved = good.replace(" 5442 - 0", " 6442 - 0");
+        assert!(matches(&layout, &moved).is_err());
+        let extra = good.clone() + &line("replicas", "pg9", "127.0.0.9", 5449);
+        assert!(matches(&layout, &extra).unwrap_err().contains("pg9"));
+    }
+
+    #[test]
+    fn answers_are_split_per_command() {
+        let a = "New server registered.\n\n\n\nServer deleted.\n\n";
+        assert_eq!(
+            split_answers(a),
+            ["New server registered.", "", "", "Server deleted."]
+        );
+    }
+}
