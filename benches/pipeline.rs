@@ -69,6 +69,7 @@ const SCENARIOS: &[&str] = &[
     "heartbeat",
     "failover",
     "clusters",
+    "membership",
 ];
 
 /// confd's figures from the field measurements haconfd was designed against (not measured here:
@@ -122,6 +123,7 @@ fn main() {
             "heartbeat" => bench_heartbeat(),
             "failover" => bench_failover(),
             "clusters" => bench_clusters(),
+            "membership" => bench_membership(),
             _ => unreachable!(),
         });
         println!(
@@ -379,8 +381,10 @@ struct Setup {
     /// Verify the signal with the master CLI (`show proc`); the socket is HAProxy's.
     verify_reload: bool,
     master_socket: PathBuf,
-    /// `server_state = { stats_socket, file }`.
+    /// `server_state = { stats_socket, file, membership }`.
     server_state: Option<PathBuf>,
+    /// `server_state.membership`: `"runtime"` (the default) or `"reload"`.
+    membership: &'static str,
     stats_socket: PathBuf,
     primary_port: u16,
     replica_port: u16,
@@ -407,6 +411,7 @@ impl Setup {
             verify_reload: false,
             master_socket: dir.join("no-haproxy-yet.sock"),
             server_state: Some(dir.join("server-state")),
+            membership: "runtime",
             stats_socket: dir.join("admin.sock"),
             primary_port: free_port(),
             replica_port: free_port(),
@@ -451,9 +456,10 @@ impl Setup {
         );
         if let Some(f) = &self.server_state {
             s += &format!(
-                "server_state = {{ stats_socket = {}, file = {} }}\n",
+                "server_state = {{ stats_socket = {}, file = {}, membership = {:?} }}\n",
                 q(&self.stats_socket),
-                q(f)
+                q(f),
+                self.membership
             );
         }
         s
@@ -3183,4 +3189,383 @@ fn cl_report(results: &[&ClResult]) {
                 "other_lines_changed": c.other_lines_changed})).collect::<Vec<_>>(),
         }));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. membership: member changes through HAProxy's runtime API against reloads
+// ---------------------------------------------------------------------------------------------
+
+/// 50 member changes (25 joins, then the same 25 leaving) with 50 long-lived client sessions
+/// open through the replica port, `server_state.membership = "runtime"` against `"reload"`,
+/// ABBA in one run; then the same against 1,000 clusters behind one HAProxy.
+fn bench_membership() {
+    let changes = env_usize("BENCH_MEMBERSHIP_CHANGES", 50).max(2) / 2 * 2;
+    let clients = env_usize("BENCH_MEMBERSHIP_CLIENTS", 50);
+    let mut runs = Vec::new();
+    for (i, how) in ["runtime", "reload", "reload", "runtime"]
+        .iter()
+        .enumerate()
+    {
+        let r = mb_variant(i, how, changes, clients);
+        mb_print(&r);
+        runs.push(r);
+    }
+    let n = env_usize("BENCH_MEMBERSHIP_CLUSTERS", 1000).min(5000);
+    let per = env_usize("BENCH_MEMBERSHIP_CLUSTER_CHANGES", 20).max(2) / 2 * 2;
+    let etcd = Etcd::start();
+    let layout = ClLayout::new("members", "/service", 'm', n, false);
+    let t = Instant::now();
+    layout.load(&etcd);
+    println!(
+        "{n} clusters × {CL_MEMBERS} members loaded into etcd in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    for how in ["runtime", "reload"] {
+        let r = mb_many(&etcd, &layout, how, per);
+        mb_print(&r);
+        runs.push(r);
+    }
+    drop(etcd);
+    print_json(
+        json!({ "scenario": "membership", "runs": runs.iter().map(mb_json).collect::<Vec<_>>() }),
+    );
+}
+
+/// One run of member changes.
+struct MbRun {
+    name: String,
+    membership: &'static str,
+    changes: usize,
+    /// Member key put (or deleted) → the server listed (or gone) in HAProxy's live state, ms.
+    listed_ms: Vec<f64>,
+    reloads: u32,
+    /// Workers alive at the end (the current one and those left by reloads).
+    workers: usize,
+    /// VmRSS of HAProxy's master and every worker at the end, MB.
+    haproxy_rss_mb: f64,
+    /// haconfd's CPU over the changes, per change, ms.
+    cpu_ms_per_change: f64,
+    /// Client sessions open before the changes, and those that no longer answer after.
+    sessions: usize,
+    sessions_cut: usize,
+    runtime_updates: usize,
+    fallbacks: usize,
+}
+
+/// The live servers of `backend` (`show servers state`); None when the socket does not answer
+/// (a worker re-binding it during a reload).
+fn mb_live(sock: &Path, backend: &str) -> Option<Vec<String>> {
+    let dump = common::procs::unix_cmd(
+        sock,
+        &format!("show servers state {backend}"),
+        Duration::from_millis(500),
+    )
+    .ok()?;
+    if !dump.starts_with('1') {
+        return None;
+    }
+    Some(
+        dump.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_whitespace().nth(3).map(str::to_owned))
+            .collect(),
+    )
+}
+
+/// Polls the live list every 2 ms until `want` says yes; ms since `t0`, or None after `bound`.
+fn mb_wait(
+    sock: &Path,
+    backend: &str,
+    t0: Instant,
+    bound: Duration,
+    want: impl Fn(&[String]) -> bool,
+) -> Option<f64> {
+    while t0.elapsed() < bound {
+        if mb_live(sock, backend).is_some_and(|l| want(&l)) {
+            return Some(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+/// HAProxy's master and every worker (current and old), from `show proc`.
+fn mb_haproxy_pids(h: &Haproxy) -> Vec<i32> {
+    let p = h.proc_status();
+    p.master
+        .iter()
+        .chain(&p.workers)
+        .chain(&p.old_workers)
+        .map(|l| l.pid)
+        .collect()
+}
+
+fn mb_variant(i: usize, how: &'static str, changes: usize, clients: usize) -> MbRun {
+    let rig = Rig::start(&format!("mb{i}"), |s| {
+        s.membership = how;
+        s.verify_reload = true;
+    });
+    let sock = rig.setup.stats_socket.clone();
+    let settled = mb_wait(
+        &sock,
+        "replicas",
+        Instant::now(),
+        Duration::from_secs(10),
+        |l| l.len() == 3,
+    );
+    assert!(
+        settled.is_some(),
+        "the replica backend never listed 3 servers"
+    );
+    // Wait for the replicas' checks, then open the long-lived sessions.
+    let up = wait_until(Duration::from_secs(10), || {
+        let s = Haproxy::servers_op_state(&sock);
+        ["m2", "m3"]
+            .iter()
+            .all(|m| s.get(&("replicas".to_string(), m.to_string())) == Some(&2))
+    });
+    assert!(up, "m2 and m3 never came UP in the replica backend");
+    use std::io::Write;
+    let mut sessions = Vec::new();
+    for _ in 0..clients {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", rig.setup.replica_port))
+            .expect("connect through the replica port");
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut banner = [0u8; 3];
+        c.read_exact(&mut banner).expect("banner");
+        sessions.push(c);
+    }
+    let mut daemon = rig.daemon;
+    daemon.log.poll();
+    let reloads0 = rig.haproxy.reload_count();
+    let cpu0 = cpu_seconds(daemon.pid());
+    let mut joined = Vec::new();
+    let mut listed = Vec::new();
+    for k in 0..changes {
+        let mut t0 = Instant::now();
+        let (name, gone) = if k < changes / 2 {
+            let m = FakeMember::start(&format!("j{k:02}"), Role::Replica);
+            t0 = Instant::now();
+            Etcd::shared().put(
+                &format!("{}members/{}", rig.cluster.prefix, m.name),
+                &member_json(m.port(), m.api_port(), "replica", 50_331_816),
+            );
+            let name = m.name.clone();
+            joined.push(m);
+            (name, false)
+        } else {
+            let name = format!("j{:02}", k - changes / 2);
+            Etcd::shared().delete(&format!("{}members/{name}", rig.cluster.prefix));
+            (name, true)
+        };
+        let took = mb_wait(&sock, "replicas", t0, Duration::from_secs(10), |l| {
+            l.contains(&name) != gone
+        });
+        let took = took.unwrap_or_else(|| {
+            panic!(
+                "{how}: change {k} ({name}) never reached HAProxy; log tail:\n{}",
+                tail(&daemon.log_text(), 20)
+            )
+        });
+        listed.push(took);
+        // Past the pacer's min_interval (500 ms), so that each change is a pass of its own.
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu = cpu_seconds(daemon.pid()) - cpu0;
+    daemon.log.poll();
+    let p = rig.haproxy.proc_status();
+    let pids = mb_haproxy_pids(&rig.haproxy);
+    let rss: f64 = pids.iter().filter_map(|&p| status_mb(p, "VmRSS")).sum();
+    let cut = sessions
+        .iter_mut()
+        .filter(|c| {
+            let mut c: &std::net::TcpStream = c;
+            let alive = c.write_all(b"ping\n").is_ok() && {
+                let mut echo = [0u8; 5];
+                c.read_exact(&mut echo).is_ok() && &echo == b"ping\n"
+            };
+            !alive
+        })
+        .count();
+    let count = |m: &str| daemon.log.count(m);
+    let r = MbRun {
+        name: format!("one cluster, {how} #{i}"),
+        membership: how,
+        changes,
+        listed_ms: listed,
+        reloads: p.reloads() - reloads0,
+        workers: p.workers.len() + p.old_workers.len(),
+        haproxy_rss_mb: rss,
+        cpu_ms_per_change: cpu * 1000.0 / changes as f64,
+        sessions: sessions.len(),
+        sessions_cut: cut,
+        runtime_updates: count("member change applied through HAProxy's runtime API, no reload"),
+        fallbacks: count(
+            "member change not taken through HAProxy's runtime API: reloading instead",
+        ),
+    };
+    drop(sessions);
+    drop(joined);
+    r
+}
+
+/// The 1,000-cluster case: one HAProxy with a primary and a replica listener per cluster (the
+/// bench template with a stats socket and server state), member m4 joining then leaving
+/// `changes / 2` clusters spread over the range.
+fn mb_many(etcd: &Etcd, layout: &ClLayout, how: &'static str, changes: usize) -> MbRun {
+    let dir = temp_dir(&format!("bench-members-{how}"));
+    let d = dir.path();
+    let sock = d.join("admin.sock");
+    let state = d.join("server-state");
+    let htpl = d.join("haproxy-clusters.cfg.tera");
+    let tpl = CL_HAPROXY_TEMPLATE
+        .replace(
+            "    stats timeout 30s\n",
+            &format!(
+                "    stats timeout 30s\n    stats socket {} mode 600 level admin\n    server-state-file {}\n",
+                sock.display(),
+                state.display()
+            ),
+        )
+        .replace(
+            "    timeout check 5s\n",
+            "    timeout check 5s\n    load-server-state-from-file global\n",
+        )
+        .replace("inter 1s", "inter 10s");
+    std::fs::write(&htpl, tpl).expect("write the haproxy template");
+    let ptpl = d.join("pgbouncer.ini.tera");
+    std::fs::write(&ptpl, "; no databases\n").expect("write the pgbouncer template");
+    let hdest = d.join("haproxy.cfg");
+    let cfg = d.join("haconfd.toml");
+    let http = free_port();
+    let write = |reload: Option<(&Path, &Path)>| {
+        let mut t = layout.toml(
+            &etcd.endpoint(),
+            http,
+            &htpl,
+            &hdest,
+            true,
+            &ptpl,
+            &d.join("pgbouncer.ini"),
+            None,
+        );
+        let haproxy_end = t
+            .find("\n[[template]]\nname = \"pgbouncer\"")
+            .expect("pgbouncer target");
+        let mut extra = format!(
+            "server_state = {{ stats_socket = {:?}, file = {:?}, primary_backends = [\"{{scope}}_primary\"], replica_backends = [\"{{scope}}_replicas\"], membership = {how:?} }}\n",
+            sock.display().to_string(),
+            state.display().to_string()
+        );
+        if let Some((pidfile, master)) = reload {
+            extra += &format!(
+                "reload = {{ pidfile = {:?}, signal = \"SIGUSR2\", process = \"haproxy\", master_socket = {:?} }}\n",
+                pidfile.display().to_string(),
+                master.display().to_string()
+            );
+        }
+        t.insert_str(haproxy_end + 1, &extra);
+        std::fs::write(&cfg, t).expect("write config");
+    };
+    write(None);
+    render_once(&cfg);
+    let haproxy = Haproxy::start(&hdest);
+    write(Some((&haproxy.pidfile(), &haproxy.master_socket())));
+    let mut daemon = Haconfd::start(&cfg, d, Duration::from_secs(3));
+    daemon.log.poll();
+    let reloads0 = haproxy.reload_count();
+    let cpu0 = cpu_seconds(daemon.pid());
+    let n = layout.n();
+    let mut listed = Vec::new();
+    for k in 0..changes {
+        let c = ((k % (changes / 2)) * 7919 + 13) % n;
+        let key = format!("{}/{}/members/m4", layout.ns, layout.scopes[c]);
+        let backend = format!("{}_replicas", layout.scopes[c]);
+        let gone = k >= changes / 2;
+        let t0 = Instant::now();
+        if gone {
+            etcd.delete(&key);
+        } else {
+            let port = 30_000 + k as u16;
+            etcd.put(&key, &member_json(port, port, "replica", 50_331_816));
+        }
+        let took = mb_wait(&sock, &backend, t0, Duration::from_secs(30), |l| {
+            l.iter().any(|s| s == "m4") != gone
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{how}: change {k} in {backend} never reached HAProxy; log tail:\n{}",
+                tail(&daemon.log_text(), 20)
+            )
+        });
+        listed.push(took);
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu = cpu_seconds(daemon.pid()) - cpu0;
+    daemon.log.poll();
+    let p = haproxy.proc_status();
+    let rss: f64 = mb_haproxy_pids(&haproxy)
+        .iter()
+        .filter_map(|&p| status_mb(p, "VmRSS"))
+        .sum();
+    let count = |m: &str| daemon.log.count(m);
+    MbRun {
+        name: format!("{n} clusters, {how}"),
+        membership: how,
+        changes,
+        listed_ms: listed,
+        reloads: p.reloads() - reloads0,
+        workers: p.workers.len() + p.old_workers.len(),
+        haproxy_rss_mb: rss,
+        cpu_ms_per_change: cpu * 1000.0 / changes as f64,
+        sessions: 0,
+        sessions_cut: 0,
+        runtime_updates: count("member change applied through HAProxy's runtime API, no reload"),
+        fallbacks: count(
+            "member change not taken through HAProxy's runtime API: reloading instead",
+        ),
+    }
+}
+
+fn mb_print(r: &MbRun) {
+    let mut v = r.listed_ms.clone();
+    v.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{}: {} changes: key → server listed/gone in HAProxy p50 {:.1} ms max {:.1} ms; {} reloads, \
+         {} worker(s) alive, HAProxy RSS {:.1} MB; haconfd CPU {:.2} ms per change; {} of {} \
+         sessions cut; {} runtime passes, {} fallbacks",
+        r.name,
+        r.changes,
+        pct(&v, 50.0),
+        v.last().copied().unwrap_or(f64::NAN),
+        r.reloads,
+        r.workers,
+        r.haproxy_rss_mb,
+        r.cpu_ms_per_change,
+        r.sessions_cut,
+        r.sessions,
+        r.runtime_updates,
+        r.fallbacks
+    );
+}
+
+fn mb_json(r: &MbRun) -> Value {
+    let mut v = r.listed_ms.clone();
+    v.sort_by(|a, b| a.total_cmp(b));
+    json!({
+        "name": r.name,
+        "membership": r.membership,
+        "changes": r.changes,
+        "listed_ms": summary_json(&summarize(&v)),
+        "reloads": r.reloads,
+        "workers": r.workers,
+        "haproxy_rss_mb": r.haproxy_rss_mb,
+        "cpu_ms_per_change": r.cpu_ms_per_change,
+        "sessions": r.sessions,
+        "sessions_cut": r.sessions_cut,
+        "runtime_updates": r.runtime_updates,
+        "fallbacks": r.fallbacks,
+    })
 }

@@ -320,6 +320,17 @@ pub struct Retired {
 }
 
 impl Retired {
+    /// The destination whose file this replaced.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// When the replaced file was last modified (None when there was none).
+    pub fn replaced_modified(&self) -> Option<std::time::SystemTime> {
+        let old = self.old.as_ref()?;
+        std::fs::metadata(old).and_then(|m| m.modified()).ok()
+    }
+
     /// Makes the rename durable and releases the replaced file.
     pub fn finish(mut self) -> Result<(), ApplyError> {
         let synced = File::open(&self.dir).and_then(|d| d.sync_all());

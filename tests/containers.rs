@@ -361,7 +361,54 @@ impl SidecarRun<'_> {
         );
     }
 
-    /// pg3 joins: one reload, the file has it, no failed reload.
+    /// `name` joins at an IP address: HAProxy takes it through its runtime API on the shared
+    /// volume's admin socket, with no reload and the same worker, and lists it live.
+    fn member_joins_live(&self, name: &str, ip: &str) {
+        let before = show_proc(self.dir).unwrap();
+        let t = Instant::now();
+        put(
+            self.etcd,
+            &format!("{}/members/{name}", self.prefix()),
+            &fake_member(ip, "replica"),
+        );
+        let sock = self.dir.join("admin.sock");
+        let listed = poll(Duration::from_secs(20), Duration::from_millis(20), || {
+            unix_cmd(&sock, "show servers state replicas", Duration::from_secs(2))
+                .ok()
+                .filter(|s| s.contains(&format!(" {name} {ip} ")))
+        });
+        assert!(
+            listed.is_some(),
+            "{}: {name} never reached HAProxy's runtime state\n{}",
+            self.origin,
+            (self.logs)()
+        );
+        println!(
+            "MEASURE {}: member join → live in HAProxy (runtime API) in {} s",
+            self.origin,
+            secs(t.elapsed())
+        );
+        std::thread::sleep(Duration::from_millis(1000));
+        let after = show_proc(self.dir).unwrap();
+        assert_eq!(
+            (
+                after.reloads(),
+                after.workers.iter().map(|w| w.pid).collect::<Vec<_>>()
+            ),
+            (
+                before.reloads(),
+                before.workers.iter().map(|w| w.pid).collect::<Vec<_>>()
+            ),
+            "{}: a member join reloaded HAProxy\n{}",
+            self.origin,
+            (self.logs)()
+        );
+        let cfg = std::fs::read_to_string(self.dir.join("haproxy.cfg")).unwrap();
+        assert!(cfg.contains(&format!("server {name} {ip}:5432 ")), "{cfg}");
+    }
+
+    /// `name` joins at a host name, which HAProxy resolves only at a reload: one reload, the
+    /// file has it, no failed reload.
     fn member_joins(&self, name: &str, ip: &str) {
         let before = show_proc(self.dir).unwrap();
         let t = Instant::now();
@@ -496,7 +543,8 @@ fn sidecar_sharing_the_pid_namespace_reloads_by_signal_and_refuses_a_foreign_pid
         .to_string();
     let comm = haconfd.exec(&["cat", &format!("/proc/{master_pid}/comm")]);
     assert_eq!(comm.trim(), "haproxy", "{}", logs());
-    run.member_joins("pg3", "192.0.2.13");
+    run.member_joins_live("pg3", "192.0.2.13");
+    run.member_joins("pg4", "localhost");
 
     // A pidfile naming a process of another PID namespace: the etcd container's, by its host PID.
     // In haconfd's namespace that number is no process (or another one): refused, not signalled.
@@ -504,10 +552,11 @@ fn sidecar_sharing_the_pid_namespace_reloads_by_signal_and_refuses_a_foreign_pid
     std::fs::write(&pidfile, format!("{foreign}\n")).unwrap();
     let before = show_proc(dir.path()).unwrap();
     let failed_before = status_at(http).unwrap()["failed_passes"].as_u64().unwrap();
+    // pg5 at a host name: a change that needs a reload.
     put(
         &etcd,
-        "/service/demo/members/pg4",
-        &fake_member("192.0.2.14", "replica"),
+        "/service/demo/members/pg5",
+        &fake_member("localhost", "replica"),
     );
     let refused = poll(Duration::from_secs(20), Duration::from_millis(50), || {
         status_at(http).filter(|st| st["failed_passes"].as_u64().unwrap() > failed_before)
@@ -535,7 +584,7 @@ fn sidecar_sharing_the_pid_namespace_reloads_by_signal_and_refuses_a_foreign_pid
         before.master.as_ref().map(|m| m.pid)
     );
 
-    // The right PID back: the retry (daemon.retry_interval) reloads with pg4, once.
+    // The right PID back: the retry (daemon.retry_interval) reloads with pg5, once.
     std::fs::write(&pidfile, format!("{master_pid}\n")).unwrap();
     let done = poll(Duration::from_secs(20), Duration::from_millis(50), || {
         show_proc(dir.path()).filter(|p| p.reloads() > before.reloads())
@@ -623,7 +672,8 @@ fn sidecar_without_a_shared_pid_namespace_reloads_through_the_master_socket() {
     // No HAProxy process is visible to haconfd: only the socket on the volume connects them.
     let comms = haconfd.exec(&["sh", "-c", "cat /proc/[0-9]*/comm"]);
     assert!(!comms.contains("haproxy"), "haconfd sees HAProxy: {comms}");
-    run.member_joins("pg3", "192.0.2.13");
+    run.member_joins_live("pg3", "192.0.2.13");
+    run.member_joins("pg4", "localhost");
     assert!(haproxy.is_running() && haconfd.is_running(), "{}", logs());
 }
 

@@ -478,7 +478,7 @@ fn a_member_that_joins_moves_and_leaves_reaches_haproxy_without_a_reload() {
     let worker = h.proc_status().workers;
     assert_eq!(worker.len(), 1, "{}", h.show_proc());
     // The file is swapped in before HAProxy is told: wait (bounded) for the live list.
-    let agree = |what: &str| {
+    let agree = |what: &str, d: &Daemon| {
         let same = |listen: &str| {
             live_servers(&w, listen) == file_servers(&read(&w.haproxy_cfg()), listen)
         };
@@ -506,7 +506,7 @@ fn a_member_that_joins_moves_and_leaves_reaches_haproxy_without_a_reload() {
         lists_server_in_both(&text, &b.name, b.port()),
         "new member missing from a listener:\n{text}"
     );
-    agree("after the join");
+    agree("after the join", &d);
     wait_banner(w.replica_port, &b.name, Duration::from_secs(5)).unwrap();
     wait_banner(w.primary_port, &a.name, Duration::from_secs(5)).unwrap();
     assert!(b.backend.connections() >= 1);
@@ -520,7 +520,7 @@ fn a_member_that_joins_moves_and_leaves_reaches_haproxy_without_a_reload() {
         "pgb",
         b2.port()
     ));
-    agree("after the move");
+    agree("after the move", &d);
     let moved = b2.backend.connections();
     wait_banner(w.replica_port, "pgb", Duration::from_secs(5)).unwrap();
     assert!(
@@ -537,7 +537,7 @@ fn a_member_that_joins_moves_and_leaves_reaches_haproxy_without_a_reload() {
         "pgb is still in the file; haconfd log:\n{}",
         d.log()
     );
-    agree("after the leave");
+    agree("after the leave", &d);
     wait_banner(w.primary_port, &a.name, Duration::from_secs(5)).unwrap();
 
     // Through all three: no reload, the same one worker.
@@ -562,6 +562,18 @@ fn a_member_that_joins_moves_and_leaves_reaches_haproxy_without_a_reload() {
         })
         .count();
     assert!((3..=4).contains(&runtime), "log:\n{}", d.log());
+
+    // haconfd restarts: HAProxy runs the file (its servers changed at runtime), so the start
+    // reloads nothing.
+    drop(d);
+    let d = Daemon::start(&w.path("haconfd.toml"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        h.proc_status().reloads(),
+        before,
+        "a restart of haconfd after runtime member changes reloaded HAProxy:\n{}",
+        d.log()
+    );
 
     // A server deleted by hand: HAProxy no longer runs the file. The next member change finds
     // it out and reloads; the reload brings the server back.
@@ -593,7 +605,7 @@ fn a_member_that_joins_moves_and_leaves_reaches_haproxy_without_a_reload() {
         &read(&w.haproxy_cfg()),
         "primary"
     )));
-    agree("after the repair");
+    agree("after the repair", &d);
     wait_banner(w.primary_port, &a.name, Duration::from_secs(5)).unwrap();
     assert_eq!(h.proc_status().failed, 0);
     assert!(h.is_running());

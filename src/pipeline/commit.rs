@@ -294,8 +294,35 @@ impl<'p> Run<'p> {
             let name = &targets[i].name;
             tracing::info!(target = %name, changes = changes.len(), "member change applied through HAProxy's runtime API, no reload");
             self.outcome.runtime.push(name.clone());
+            self.keep_loaded_time(&targets[i]).await;
         }
         true
+    }
+
+    /// After a runtime change, the file keeps the modification time of the one HAProxy's
+    /// worker loaded: at haconfd's next start, a file newer than the worker means one HAProxy
+    /// has not read (see [`crate::consumers::haproxy::loaded`]), and the servers changed since
+    /// are already live. A failure only costs one reload at that start.
+    async fn keep_loaded_time(&self, t: &Target) {
+        let Some(when) = self
+            .retired
+            .iter()
+            .find(|r| r.dest() == t.dest)
+            .and_then(|r| r.replaced_modified())
+        else {
+            return;
+        };
+        let dest = t.dest.clone();
+        let set = blocking(move || {
+            std::fs::File::options()
+                .write(true)
+                .open(&dest)
+                .and_then(|f| f.set_modified(when))
+        })
+        .await;
+        if let Err(e) = set {
+            tracing::debug!(target = %t.name, dest = %t.dest.display(), error = %e, "cannot keep the file's modification time; haconfd's next start reloads HAProxy once");
+        }
     }
 
     /// HAProxy refused the new file and still runs the old one: the old one goes back, so that

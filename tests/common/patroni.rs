@@ -532,6 +532,22 @@ impl PatroniCluster {
         }
     }
 
+    /// Moves a member's PostgreSQL to `host` (another loopback address, same port), as a node
+    /// re-addressed by its operator: stops it, rewrites its config (PostgreSQL listens on
+    /// 127.0.0.1 and `host`, `connect_address` is `host`), starts it again and waits until it
+    /// streams. Its member key then carries the new `conn_url`.
+    pub fn readdress_member(&mut self, name: &str, host: &str) {
+        self.stop_member(name);
+        let n = self.node(name).clone();
+        let text = fs::read_to_string(&n.config_path).expect("read member config");
+        let mut cfg: Value = serde_json::from_str(&text).expect("member config is JSON");
+        cfg["postgresql"]["listen"] = json!(format!("127.0.0.1,{host}:{}", n.pg_port));
+        cfg["postgresql"]["connect_address"] = json!(format!("{host}:{}", n.pg_port));
+        fs::write(&n.config_path, serde_json::to_string_pretty(&cfg).unwrap())
+            .expect("write member config");
+        self.restart_member(name);
+    }
+
     /// Waits until a leader exists that is not `not` (if given), reports `running`, and whose
     /// PostgreSQL is out of recovery. Returns its name.
     pub fn wait_leader(&self, not: Option<&str>, timeout: Duration) -> Result<String> {

@@ -1,7 +1,9 @@
 //! Whether the running HAProxy has read a file as it is on disk: when its current worker
 //! started (the master CLI's `show proc`, or `show info` on the stats socket) against the
 //! file's modification time. A file written without a reload (`once --no-reload`, a run stopped
-//! between swap and reload) is newer than the worker that serves.
+//! between swap and reload) is newer than the worker that serves. A file whose servers alone
+//! changed through the runtime API keeps the modification time of the one the worker loaded
+//! ([`super::membership`]): the worker runs it.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
