@@ -299,16 +299,19 @@ fn a_new_leader_takes_writes_in_haproxy_only_once_it_confirms_it_takes_them() {
         lb.metrics()
     );
 
-    // The next reload carries the same state: a member joins, HAProxy reloads, pg2 stays the
-    // only primary.
+    // The next member change keeps that state: pg3 joins through the runtime API (no reload),
+    // DOWN in the primary backend, and pg2 stays the only primary.
     let before = lb.reloads();
     let pg3 = FakeMember::start("pg3", Role::Replica);
     etcd.put(&member_key(&prefix, &pg3), &pg3.member_json("replica"));
     assert!(
-        wait_until(Duration::from_secs(10), || lb.reloads() > before),
-        "no reload after pg3 joined:\n{}",
+        wait_until(Duration::from_secs(10), || lb
+            .server("replicas", "pg3")
+            .is_some()),
+        "pg3 never reached HAProxy:\n{}",
         lb.diag()
     );
+    assert_eq!(lb.reloads(), before, "{}", lb.diag());
     lb.assert_only_primary("pg2", "pg1");
     assert_eq!(
         lb.server("primary", "pg3").map(|s| s.0),
@@ -427,7 +430,7 @@ fn haproxy_drifting_from_the_leader_is_reported_after_the_grace() {
 /// and be closed. The reload waits for the confirmation instead, and a held client is served by
 /// the new primary.
 #[test]
-fn a_crash_that_drops_members_reloads_haproxy_only_after_the_new_primary_is_confirmed() {
+fn a_crash_that_drops_members_changes_haproxy_only_after_the_new_primary_is_confirmed() {
     let etcd = Etcd::shared();
     let (prefix, pg1, pg2) = two_members("crashhold");
     let pg3 = FakeMember::start("pg3", Role::Replica);
@@ -489,13 +492,18 @@ fn a_crash_that_drops_members_reloads_haproxy_only_after_the_new_primary_is_conf
         "the held client was not handed to the new primary: {served:?}\n{}",
         lb.diag()
     );
-    // The change waiting for the confirmation is applied after it: pg1 leaves the file, one
-    // reload, and pg2 stays the only primary.
+    // The change waiting for the confirmation is applied after it: pg1 leaves the file and
+    // HAProxy (a member change: through the runtime API, no reload), and pg2 stays the only
+    // primary.
     assert!(
-        wait_until(Duration::from_secs(10), || lb.reloads() > reloads),
+        wait_until(Duration::from_secs(10), || {
+            unix_cmd(&lb.admin_sock, "show servers state", Duration::from_secs(2))
+                .is_ok_and(|d| d.starts_with('1') && !d.contains(" pg1 "))
+        }),
         "haproxy.cfg change never applied:\n{}",
         lb.diag()
     );
+    assert_eq!(lb.reloads(), reloads, "{}", lb.diag());
     assert!(
         lb.wait_server("primary", "pg2", (UP, READY), Duration::from_secs(3)),
         "{}",

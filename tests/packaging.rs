@@ -2097,15 +2097,40 @@ fn run_sidecar_for_real(
     );
     let before = show_proc().unwrap().reloads();
 
-    // A member joins: haconfd renders it, checks it, swaps it in and reloads HAProxy through the
-    // wiring under test.
+    // A member joins at an address: haconfd renders it, checks it, swaps it in and hands it to
+    // HAProxy through the wiring's admin socket, with no reload.
     etcd.put(
         &format!("{prefix}/members/pg3"),
         &members[2].member_json("replica"),
     );
+    let admin = &t
+        .server_state()
+        .expect("the wiring sets server_state")
+        .stats_socket;
     assert!(
         wait_until(Duration::from_secs(15), || {
             std::fs::read_to_string(&t.dest).is_ok_and(|c| c.contains("server pg3 "))
+                && unix_cmd(admin, "show servers state replicas", Duration::from_secs(2))
+                    .is_ok_and(|d| d.contains(" pg3 "))
+        }),
+        "{origin}: the new member did not reach HAProxy: {:?}\n{}",
+        show_proc(),
+        logs()
+    );
+    assert_eq!(show_proc().map(|p| p.reloads()), Some(before), "{}", logs());
+
+    // One at a host name (HAProxy resolves those only at a reload): haconfd reloads HAProxy
+    // through the wiring under test.
+    let pg4 = serde_json::json!({
+        "conn_url": format!("postgres://localhost:{}/postgres", members[2].port()),
+        "api_url": format!("http://localhost:{}/patroni", members[2].api_port()),
+        "state": "running",
+        "role": "replica",
+    });
+    etcd.put(&format!("{prefix}/members/pg4"), &pg4.to_string());
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            std::fs::read_to_string(&t.dest).is_ok_and(|c| c.contains("server pg4 "))
                 && show_proc().is_some_and(|p| p.reloads() > before && p.failed == 0)
         }),
         "{origin}: HAProxy was not reloaded with the new member: {:?}\n{}",

@@ -215,10 +215,9 @@ pub enum Change {
         addr: String,
         /// New port.
         port: u16,
-        /// The health check's new address, when it changed.
-        check_addr: Option<String>,
-        /// The health check's new port, when it changed.
-        check_port: Option<u16>,
+        /// Where its health check goes now (for a server with `check`): set explicitly, since
+        /// HAProxy may hold an address or port from the old line or an earlier change.
+        check: Option<(String, u16)>,
     },
 }
 
@@ -282,8 +281,8 @@ pub fn diff(old: &Layout, new: &Layout) -> Result<Vec<Change>, String> {
                 "server {backend}/{server} changed more than its address"
             ));
         }
-        let (old_check, new_check) = (before.check_target(), line.check_target());
-        if [&line.addr, &new_check.0]
+        let check = line.check_target();
+        if [&line.addr, &check.0]
             .iter()
             .any(|a| a.parse::<IpAddr>().is_err())
         {
@@ -297,8 +296,7 @@ pub fn diff(old: &Layout, new: &Layout) -> Result<Vec<Change>, String> {
             server: server.clone(),
             addr: line.addr.clone(),
             port: line.port,
-            check_addr: (old_check.0 != new_check.0).then(|| new_check.0.clone()),
-            check_port: (old_check.1 != new_check.1).then_some(new_check.1),
+            check: line.keywords.iter().any(|k| k == "check").then_some(check),
         });
     }
     for (backend, server) in old.servers.keys() {
@@ -396,11 +394,7 @@ fn commands(changes: &[(Change, Rules)]) -> (Vec<Command>, Vec<String>) {
                 cmds.push(Command::quiet(format!("set server {srv} state ready")));
             }
             Change::Readdress {
-                addr,
-                port,
-                check_addr,
-                check_port,
-                ..
+                addr, port, check, ..
             } => {
                 if rules.starts_down {
                     cmds.push(Command::quiet(format!("set server {srv} health down")));
@@ -409,10 +403,8 @@ fn commands(changes: &[(Change, Rules)]) -> (Vec<Command>, Vec<String>) {
                     format!("set server {srv} addr {addr} port {port}"),
                     &["changed", "no need to change"],
                 ));
-                if let Some(a) = check_addr {
+                if let Some((a, p)) = check {
                     cmds.push(Command::quiet(format!("set server {srv} check-addr {a}")));
-                }
-                if let Some(p) = check_port {
                     cmds.push(Command::quiet(format!("set server {srv} check-port {p}")));
                 }
             }
@@ -500,6 +492,16 @@ fn matches(layout: &Layout, dump: &str) -> Result<(), String> {
             return Err(format!("server {}/{} is missing", key.0, key.1));
         };
         let addr_ok = l.addr() == s.addr || l.fqdn() == s.addr;
+        if addr_ok && l.port() == Some(s.port) && s.keywords.iter().any(|k| k == "check") {
+            let live = l.check_target();
+            let want = s.check_target();
+            if live != want && s.addr.parse::<IpAddr>().is_ok() {
+                return Err(format!(
+                    "server {}/{} is checked at {}:{} (the file says {}:{})",
+                    key.0, key.1, live.0, live.1, want.0, want.1
+                ));
+            }
+        }
         if !addr_ok || l.port() != Some(s.port) {
             return Err(format!(
                 "server {}/{} is at {}:{} (the file says {}:{})",
@@ -757,9 +759,26 @@ mod tests {
                 server: "pg2".into(),
                 addr: "127.0.0.2".into(),
                 port: 5442,
-                check_addr: Some("127.0.0.3".into()),
-                check_port: None,
+                check: Some(("127.0.0.3".into(), 8012)),
             }]
+        );
+        // The REST API stays where the server was: the check must not follow the server to its
+        // new address (HAProxy's checks go to the server's address when no check address is
+        // set).
+        let new = OLD.replace(
+            "    server pg2 127.0.0.1:5442 check port 8012\n",
+            "    server pg2 127.0.0.2:5442 check addr 127.0.0.1 port 8012\n",
+        );
+        let c = changes(OLD, &new).unwrap();
+        let (cmds, _) = commands(&[(c[0].clone(), Rules::default())]);
+        let texts: Vec<_> = cmds.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "set server replicas/pg2 addr 127.0.0.2 port 5442",
+                "set server replicas/pg2 check-addr 127.0.0.1",
+                "set server replicas/pg2 check-port 8012"
+            ]
         );
     }
 
@@ -783,25 +802,33 @@ mod tests {
     }
 
     #[test]
-    fn the_live_list_matches_by_name_address_and_port() {
+    fn the_live_list_matches_by_name_address_port_and_check() {
         let layout = Layout::parse(OLD);
-        let line = |b: &str, s: &str, a: &str, p: u16| {
-            format!("3 {b} 1 {s} {a} 2 0 1 1 20 15 3 4 6 0 0 0 - {p} - 0 0 - - 0\n")
+        let line = |b: &str, s: &str, a: &str, p: u16, check: u16| {
+            format!("3 {b} 1 {s} {a} 2 0 1 1 20 15 3 4 6 0 0 0 - {p} - 0 {check} - - 0\n")
         };
-        let good = line("primary", "pg1", "127.0.0.1", 5441)
-            + &line("primary", "pg2", "127.0.0.1", 5442)
-            + &line("replicas", "pg1", "127.0.0.1", 5441)
-            + &line("replicas", "pg2", "127.0.0.1", 5442)
-            + &line("stats", "x", "127.0.0.1", 1);
+        let good = line("primary", "pg1", "127.0.0.1", 5441, 8011)
+            + &line("primary", "pg2", "127.0.0.1", 5442, 8012)
+            + &line("replicas", "pg1", "127.0.0.1", 5441, 8011)
+            + &line("replicas", "pg2", "127.0.0.1", 5442, 8012)
+            + &line("stats", "x", "127.0.0.1", 1, 0);
         assert_eq!(matches(&layout, &good), Ok(()));
-        let missing = good.replace(&line("replicas", "pg2", "127.0.0.1", 5442), "");
+        let missing = good.replace(&line("replicas", "pg2", "127.0.0.1", 5442, 8012), "");
         assert!(matches(&layout, &missing)
             .unwrap_err()
             .contains("replicas/pg2 is missing"));
         let moved = good.replace(" 5442 - 0", " 6442 - 0");
         assert!(matches(&layout, &moved).is_err());
-        let extra = good.clone() + &line("replicas", "pg9", "127.0.0.9", 5449);
+        let extra = good.clone() + &line("replicas", "pg9", "127.0.0.9", 5449, 0);
         assert!(matches(&layout, &extra).unwrap_err().contains("pg9"));
+        // Checked elsewhere than the file says.
+        let checked = good.replace(
+            &line("replicas", "pg2", "127.0.0.1", 5442, 8012),
+            "3 replicas 1 pg2 127.0.0.1 2 0 1 1 20 15 3 4 6 0 0 0 - 5442 - 0 8013 127.0.0.9 - 0\n",
+        );
+        assert!(matches(&layout, &checked)
+            .unwrap_err()
+            .contains("checked at 127.0.0.9:8013"));
     }
 
     #[test]
