@@ -955,12 +955,14 @@ fn failing_check_keeps_the_old_file_sends_no_signal_and_logs_its_stderr() {
                   exec haproxy -c -f \"$1\"";
     let check = ["sh", "-c", script, "check", "{{staged}}"];
     let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "500ms")];
-    let cfg = w.write_config(daemon_cfg, &[w.haproxy_block(&check, None)]);
+    // Member changes by reload: with the runtime API, see
+    // `a_member_change_whose_file_fails_its_check_is_undone_by_one_reload_onto_the_last_good_file`.
+    let cfg = w.write_config(daemon_cfg, &[w.haproxy_block_via(&check, None, "reload")]);
     w.once_ok(&cfg, &["--no-reload"]);
     let h = start_haproxy(&w);
     let cfg = w.write_config(
         daemon_cfg,
-        &[w.haproxy_block(&check, Some(World::haproxy_reload(&h)))],
+        &[w.haproxy_block_via(&check, Some(World::haproxy_reload(&h)), "reload")],
     );
     let d = Daemon::start(&cfg);
 
@@ -1008,6 +1010,83 @@ fn failing_check_keeps_the_old_file_sends_no_signal_and_logs_its_stderr() {
         .filter(|n| n.contains(".haconfd-") && n.starts_with(".haproxy.cfg"))
         .collect();
     assert!(leftovers.is_empty(), "staged files left: {leftovers:?}");
+}
+
+/// A member change reaches HAProxy through its runtime API while its file is checked. When the
+/// check then refuses the file, HAProxy is reloaded once onto the last good file (which stays in
+/// place) and runs exactly that again; the retries check first and send nothing.
+#[test]
+fn a_member_change_whose_file_fails_its_check_is_undone_by_one_reload_onto_the_last_good_file() {
+    let w = World::new("checkrt");
+    let a = FakeMember::start("pga", Role::Primary);
+    let b = FakeMember::start("pgb", Role::Replica);
+    w.put_member(&a.name, &a.member_json("master"));
+    w.put_member(&b.name, &b.member_json("replica"));
+    w.put_leader(&a.name);
+    let script =
+        "if grep -q 'server doomed ' \"$1\"; then echo 'refusing doomed' >&2; exit 1; fi; \
+                  exec haproxy -c -f \"$1\"";
+    let check = ["sh", "-c", script, "check", "{{staged}}"];
+    let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "300ms")];
+    let cfg = w.write_config(daemon_cfg, &[w.haproxy_block(&check, None)]);
+    w.once_ok(&cfg, &["--no-reload"]);
+    let h = start_haproxy(&w);
+    let cfg = w.write_config(
+        daemon_cfg,
+        &[w.haproxy_block(&check, Some(World::haproxy_reload(&h)))],
+    );
+    let d = Daemon::start(&cfg);
+    let old = std::fs::read(w.haproxy_cfg()).unwrap();
+    let reloads = h.reload_count();
+
+    let doomed = FakeMember::start("doomed", Role::Replica);
+    let rev = w.put_member(&doomed.name, &doomed.member_json("replica"));
+    let pass = d.wait_pass(rev, Duration::from_secs(10));
+    assert_eq!(pass["reason"].as_str(), Some("check"), "{pass}");
+    assert!(
+        h.wait_reloads(reloads + 1, Duration::from_secs(5)),
+        "HAProxy was not put back onto the last good file:\n{}",
+        d.log()
+    );
+    // Retries meanwhile (every 300 ms) check first: no more reloads.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(h.reload_count(), reloads + 1, "{}", d.log());
+    assert_eq!(h.failed_reloads(), 0);
+    assert_eq!(
+        std::fs::read(w.haproxy_cfg()).unwrap(),
+        old,
+        "old file replaced"
+    );
+    let text = read(&w.haproxy_cfg());
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            ["primary", "replicas"]
+                .iter()
+                .all(|l| live_servers(&w, l) == file_servers(&text, l))
+        }),
+        "HAProxy does not run the last good file:\n{}",
+        d.log()
+    );
+    assert!(
+        d.messages()
+            .contains("HAProxy took a member change whose file then failed its check"),
+        "{}",
+        d.log()
+    );
+    // A member change that passes goes through the runtime API again.
+    drop(doomed);
+    w.etcd().delete(&w.key("members/doomed"));
+    let c = FakeMember::start("pgc", Role::Replica);
+    let rev = w.put_member(&c.name, &c.member_json("replica"));
+    d.wait_pass(rev, Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(5), || live_servers(&w, "replicas")
+            .iter()
+            .any(|s| s.starts_with("pgc "))),
+        "{}",
+        d.log()
+    );
+    assert_eq!(h.reload_count(), reloads + 1, "{}", d.log());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -712,6 +712,9 @@ fn run_step(walk: &Walk, line: &str) {
         "HAProxy already serves haconfd's file before `run`"
     );
     let log = walk.dir.path().join("run.log");
+    // `exec`: the daemon takes the shell's PID, which is what stop() signals (a daemon behind
+    // `sh -c` outlived the test).
+    let line = &format!("exec {line}");
     let daemon = Proc::spawn_logged("haconfd run", walk.shell(line), &log);
     let reloaded = wait_until(Duration::from_secs(15), || {
         // The master re-executes on a reload and resets connections to its socket meanwhile.

@@ -34,6 +34,9 @@ pub(super) struct Consumers {
     unreloaded: BTreeSet<String>,
     /// Targets whose server-state file holds etcd's view of their current render.
     state_synced: BTreeSet<String>,
+    /// Targets whose last swap failed (a check refused the file, or it could not be written):
+    /// a member change reaches their HAProxy only once the file passed, not meanwhile.
+    refused: BTreeSet<String>,
 }
 
 impl Consumers {
@@ -73,6 +76,18 @@ pub(super) struct Run<'p> {
     not_live: Vec<usize>,
     /// What HAProxy's server state is built from: each ordinary cluster's accepted view.
     ss_views: Vec<Arc<Cluster>>,
+    /// Targets whose member change HAProxy took through its runtime API in this pass: not
+    /// reloaded.
+    runtime_done: Vec<usize>,
+}
+
+/// A member change for one HAProxy target, to send through its runtime API.
+struct RuntimeWork {
+    target: usize,
+    socket: std::path::PathBuf,
+    old: Layout,
+    new: Layout,
+    changes: Vec<(membership::Change, membership::Rules)>,
 }
 
 impl<'p> Run<'p> {
@@ -101,6 +116,7 @@ impl<'p> Run<'p> {
                 .iter()
                 .flat_map(|(_, g)| g.iter().filter(|c| c.group.is_none()).cloned())
                 .collect(),
+            runtime_done: Vec::new(),
         }
     }
 
@@ -134,16 +150,57 @@ impl<'p> Run<'p> {
 
     /// Stages, checks and swaps in the consumer's changed files, all or none. False when it
     /// failed (the failure is recorded; nothing of the group was swapped).
-    pub(super) async fn swap(&mut self, group: &[usize]) -> bool {
+    ///
+    /// A HAProxy whose new files differ from the ones it runs only in the servers of existing
+    /// backends takes the change through its runtime API meanwhile (`tell`: the pass may signal
+    /// consumers), while the files are checked: the check of a member change costs no latency.
+    /// Should the check refuse the file HAProxy already took, HAProxy is reloaded onto its
+    /// known-good file, which stays in place, and runs exactly that again.
+    pub(super) async fn swap(
+        &mut self,
+        group: &[usize],
+        setup: &Setup,
+        state: &mut Consumers,
+        tell: bool,
+    ) -> bool {
         let targets = Arc::clone(self.targets());
         let removals = Arc::clone(&self.plan.removals);
-        let (changed, retired) = match swap_in(&targets, group, &self.rendered, &removals).await {
+        let work = match tell {
+            true => self.runtime_work(group, setup, state).await,
+            false => None,
+        };
+        // After a refused file, the next member change waits for the check: a file that keeps
+        // failing must not cost a reload at every retry.
+        let meanwhile = !group
+            .iter()
+            .any(|&i| state.refused.contains(&targets[i].name));
+        let sending = async {
+            match &work {
+                Some(w) if meanwhile => Some(send_runtime(w).await),
+                _ => None,
+            }
+        };
+        let (swapped, mut sent) =
+            tokio::join!(swap_in(&targets, group, &self.rendered, &removals), sending);
+        let (changed, retired) = match swapped {
             Ok(done) => done,
             Err(failure) => {
+                if let Some(Ok(())) = sent {
+                    self.revert_runtime(group, setup).await;
+                }
+                for &i in group {
+                    state.refused.insert(targets[i].name.clone());
+                }
                 self.failures.push(failure);
                 return false;
             }
         };
+        for &i in group {
+            state.refused.remove(&targets[i].name);
+        }
+        if let (None, Some(w)) = (&sent, &work) {
+            sent = Some(send_runtime(w).await);
+        }
         for (i, _) in &changed {
             let t = &targets[*i];
             if removals.contains(i) {
@@ -156,7 +213,107 @@ impl<'p> Run<'p> {
         self.changed.extend(changed);
         self.retired.extend(retired);
         self.applied.push(group.to_vec());
+        match (sent, work) {
+            (Some(Ok(())), Some(work)) => {
+                for w in work {
+                    let t = &targets[w.target];
+                    tracing::info!(target = %t.name, changes = w.changes.len(), "member change applied through HAProxy's runtime API, no reload");
+                    self.outcome.runtime.push(t.name.clone());
+                    self.runtime_done.push(w.target);
+                    self.keep_loaded_time(t).await;
+                }
+            }
+            (Some(Err((i, why))), _) => {
+                let t = &targets[i];
+                tracing::warn!(target = %t.name, reason = %why, "member change not taken through HAProxy's runtime API: reloading instead");
+                self.outcome.fallbacks.push(t.name.clone());
+            }
+            _ => {}
+        }
         true
+    }
+
+    /// The member changes of the group's HAProxy targets, when they are all a runtime change
+    /// can carry: every changed target is a HAProxy with `server_state.membership = "runtime"`
+    /// that has read its file (its last reload did not fail), and its new file differs from the
+    /// one on disk only in the servers of existing backends. None otherwise: the group reloads.
+    async fn runtime_work(
+        &self,
+        group: &[usize],
+        setup: &Setup,
+        state: &Consumers,
+    ) -> Option<Vec<RuntimeWork>> {
+        let targets = self.targets();
+        let mut work = Vec::new();
+        for &i in group {
+            let t = &targets[i];
+            let new = self.rendered[i].as_ref()?.as_ref().ok()?;
+            let dest = t.dest.clone();
+            let old = blocking(move || apply::current(&dest)).await.ok()??;
+            if old == new.bytes {
+                continue;
+            }
+            let ss = t
+                .server_state()
+                .filter(|ss| ss.membership == Membership::Runtime)?;
+            if self.plan.removals.contains(&i) || state.unreloaded.contains(&t.name) {
+                return None;
+            }
+            let old = Layout::parse(&String::from_utf8_lossy(&old));
+            let new = Layout::parse(&String::from_utf8_lossy(&new.bytes));
+            let changes = match membership::diff(&old, &new) {
+                Ok(c) => c,
+                Err(why) => {
+                    tracing::debug!(target = %t.name, reason = %why, "not only members changed: reloading");
+                    return None;
+                }
+            };
+            let per = server_state::per_cluster(ss, setup.mode.is_many(), &self.ss_views);
+            let pairs = server_state::pairs(&per, &self.ss_views);
+            let owners = server_state::Owners::new(&pairs);
+            let changes = changes
+                .into_iter()
+                .map(|c| {
+                    let (backend, server) = c.server();
+                    let rules = owners.rules_for(backend, server);
+                    (c, rules)
+                })
+                .collect();
+            work.push(RuntimeWork {
+                target: i,
+                socket: ss.stats_socket.clone(),
+                old,
+                new,
+                changes,
+            });
+        }
+        (!work.is_empty()).then_some(work)
+    }
+
+    /// HAProxy took a member change whose file its check then refused: it is reloaded onto
+    /// the known-good file still in place (with its server state prepared), so that it runs
+    /// what the file says. A failure leaves it due for a reload at the next pass.
+    async fn revert_runtime(&mut self, group: &[usize], setup: &Setup) {
+        let targets = Arc::clone(self.targets());
+        let Some(&first) = group.first() else { return };
+        for &i in group {
+            let dest = targets[i].dest.clone();
+            let on_disk = blocking(move || apply::current(&dest)).await;
+            if let (Some(ss), Ok(Some(bytes))) = (targets[i].server_state(), on_disk) {
+                let per_scope = setup.mode.is_many();
+                let prepared = server_state::prepare(ss, per_scope, &bytes, &self.ss_views).await;
+                self.retired.extend(prepared);
+            }
+        }
+        let t = &targets[first];
+        tracing::warn!(target = %t.name, "HAProxy took a member change whose file then failed its check: reloading HAProxy onto the last good file");
+        match t.consumer.reload(&t.name, t.reload.as_ref()).await {
+            Ok(()) => self.outcome.reloaded.push(t.name.clone()),
+            Err(e) => {
+                tracing::error!(target = %t.name, error = %e, "reload onto the last good file failed");
+                self.not_live.extend(group.iter().copied());
+            }
+        }
     }
 
     /// The `[[template]]`s of the consumer's PgBouncer files now live for the confirmed leader:
@@ -186,14 +343,11 @@ impl<'p> Run<'p> {
             .copied()
             .filter(|&i| targets[i].consumer.is_told(targets[i].reload.as_ref()))
             .filter(|i| {
-                self.changed.iter().any(|(c, _)| c == i)
+                (self.changed.iter().any(|(c, _)| c == i) && !self.runtime_done.contains(i))
                     || state.unreloaded.contains(&targets[*i].name)
             })
             .collect();
         let Some(&first) = due.first() else { return };
-        if self.members_at_runtime(&due, setup, state).await {
-            return;
-        }
         for &i in &due {
             if let (Some(ss), Some(Ok(r))) = (targets[i].server_state(), &self.rendered[i]) {
                 let per_scope = setup.mode.is_many();
@@ -233,70 +387,6 @@ impl<'p> Run<'p> {
                     .push((first, PassError::Reload { target, source }));
             }
         }
-    }
-
-    /// A HAProxy whose new files differ from the ones it runs only in the servers of existing
-    /// backends (members that joined, left or moved) takes the change through its runtime API
-    /// instead of a reload (see [`membership`]). True when every due target did; false when one
-    /// needs a reload (anything else changed, `server_state.membership = "reload"`, its last
-    /// reload failed, or HAProxy refused a command or runs other servers than the file: logged
-    /// and counted), and the caller reloads.
-    async fn members_at_runtime(
-        &mut self,
-        due: &[usize],
-        setup: &Setup,
-        state: &Consumers,
-    ) -> bool {
-        let targets = Arc::clone(self.targets());
-        let mut work = Vec::with_capacity(due.len());
-        for &i in due {
-            let t = &targets[i];
-            let Some(ss) = t
-                .server_state()
-                .filter(|ss| ss.membership == Membership::Runtime)
-            else {
-                return false;
-            };
-            let old = self.changed.iter().find(|(c, _)| *c == i);
-            let (Some((_, Some(old))), Some(Ok(new)), false) =
-                (old, &self.rendered[i], state.unreloaded.contains(&t.name))
-            else {
-                return false;
-            };
-            let old = Layout::parse(&String::from_utf8_lossy(old));
-            let new = Layout::parse(&String::from_utf8_lossy(&new.bytes));
-            match membership::diff(&old, &new) {
-                Ok(changes) => work.push((i, ss, old, new, changes)),
-                Err(why) => {
-                    tracing::debug!(target = %t.name, reason = %why, "not only members changed: reloading");
-                    return false;
-                }
-            }
-        }
-        for (i, ss, old, new, changes) in &work {
-            let per = server_state::per_cluster(ss, setup.mode.is_many(), &self.ss_views);
-            let pairs = server_state::pairs(&per, &self.ss_views);
-            let ruled: Vec<_> = changes
-                .iter()
-                .map(|c| {
-                    let (backend, server) = c.server();
-                    (c.clone(), server_state::rules_for(&pairs, backend, server))
-                })
-                .collect();
-            if let Err(why) = membership::apply(&ss.stats_socket, old, new, &ruled).await {
-                let name = &targets[*i].name;
-                tracing::warn!(target = %name, socket = %ss.stats_socket.display(), reason = %why, "member change not taken through HAProxy's runtime API: reloading instead");
-                self.outcome.fallbacks.push(name.clone());
-                return false;
-            }
-        }
-        for (i, _, _, _, changes) in work {
-            let name = &targets[i].name;
-            tracing::info!(target = %name, changes = changes.len(), "member change applied through HAProxy's runtime API, no reload");
-            self.outcome.runtime.push(name.clone());
-            self.keep_loaded_time(&targets[i]).await;
-        }
-        true
     }
 
     /// After a runtime change, the file keeps the modification time of the one HAProxy's
@@ -419,4 +509,15 @@ impl<'p> Run<'p> {
             None => Ok(self.outcome),
         }
     }
+}
+
+/// Sends each target's member change through its HAProxy's runtime API (see
+/// [`membership::apply`]); the first that HAProxy did not take, with why.
+async fn send_runtime(work: &[RuntimeWork]) -> Result<(), (usize, String)> {
+    for w in work {
+        membership::apply(&w.socket, &w.old, &w.new, &w.changes)
+            .await
+            .map_err(|why| (w.target, why))?;
+    }
+    Ok(())
 }

@@ -383,7 +383,10 @@ impl Engine {
             self.render
                 .render_targets(&self.setup, &plan, &group, &mut run.rendered, stats);
             run.render_time += t0.elapsed();
-            if !run.swap(&group).await {
+            if !run
+                .swap(&group, &self.setup, &mut self.consumers, reload)
+                .await
+            {
                 continue;
             }
             if reload {

@@ -12,7 +12,7 @@
 //! permitted servers start UP, as HAProxy would, and their checks confirm them; the leader always
 //! does in the primary backends (the failover fast path confirms it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,24 +90,85 @@ pub(super) fn split_addr(addr: &str) -> Option<(String, u16)> {
     Some((host.to_owned(), port.parse().ok()?))
 }
 
-/// Whether etcd's view lets `member` serve in `backend`: the leader only in primary backends,
-/// healthy non-leaders without `noloadbalance` only in replica backends. Other backends: no view.
-fn permitted(
-    cfg: &ServerStateConfig,
-    cluster: &Cluster,
-    backend: &str,
-    server: &str,
-) -> Option<bool> {
-    let member = cluster.members.iter().find(|m| m.name == server);
-    if cfg.primary_backends.iter().any(|b| b == backend) {
-        return Some(member.is_some_and(|m| m.is_leader));
+/// Which cluster's settings name each backend, and whether as a primary or a replica backend:
+/// the first cluster that names it, its primary backends before its replica backends. Built
+/// once per file, so that a thousand clusters' servers are each looked up, not searched for.
+pub struct Owners<'a> {
+    by_backend: HashMap<&'a str, (Kind, &'a Cluster)>,
+    clusters: Vec<&'a Cluster>,
+}
+
+/// What a backend routes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Primary,
+    Replica,
+}
+
+impl<'a> Owners<'a> {
+    /// The owners of the backends of `clusters`' settings.
+    pub fn new(clusters: &[(&'a ServerStateConfig, &'a Cluster)]) -> Owners<'a> {
+        let mut by_backend = HashMap::new();
+        for (cfg, c) in clusters {
+            for b in &cfg.primary_backends {
+                by_backend.entry(b.as_str()).or_insert((Kind::Primary, *c));
+            }
+            for b in &cfg.replica_backends {
+                by_backend.entry(b.as_str()).or_insert((Kind::Replica, *c));
+            }
+        }
+        Owners {
+            by_backend,
+            clusters: clusters.iter().map(|(_, c)| *c).collect(),
+        }
     }
-    if cfg.replica_backends.iter().any(|b| b == backend) {
-        return Some(member.is_some_and(|m| {
-            !m.is_leader && !m.noloadbalance && matches!(m.state.as_str(), "running" | "streaming")
-        }));
+
+    fn kind(&self, backend: &str) -> Option<Kind> {
+        self.by_backend.get(backend).map(|(k, _)| *k)
     }
-    None
+
+    /// Whether etcd's view lets `server` serve in `backend`: the leader only in primary
+    /// backends, healthy non-leaders without `noloadbalance` only in replica backends. Other
+    /// backends: no view.
+    fn permitted(&self, backend: &str, server: &str) -> Option<bool> {
+        let (kind, cluster) = self.by_backend.get(backend)?;
+        let member = cluster.members.iter().find(|m| m.name == server);
+        Some(match kind {
+            Kind::Primary => member.is_some_and(|m| m.is_leader),
+            Kind::Replica => member.is_some_and(|m| {
+                !m.is_leader
+                    && !m.noloadbalance
+                    && matches!(m.state.as_str(), "running" | "streaming")
+            }),
+        })
+    }
+
+    /// Whether a server HAProxy has no state for must start DOWN and wait for its checks: one
+    /// etcd's view forbids in its backend (a replica in a primary backend), and one new to a
+    /// replica backend of a running HAProxy (`known`: HAProxy's state is known; at its first
+    /// start every server would look new).
+    fn starts_down(&self, backend: &str, server: &str, known: bool) -> bool {
+        match self.permitted(backend, server) {
+            Some(false) => true,
+            Some(true) => known && self.kind(backend) == Some(Kind::Replica),
+            None => false,
+        }
+    }
+
+    /// The state rules for a server added to or changed in a running HAProxy (see
+    /// [`super::membership`]): whether it starts DOWN, and whether its member is still in
+    /// etcd (in the cluster owning the backend; any cluster for a backend none names).
+    pub fn rules_for(&self, backend: &str, server: &str) -> super::membership::Rules {
+        let has = |c: &Cluster| c.members.iter().any(|m| m.name == server);
+        let in_etcd = match self.by_backend.get(backend) {
+            Some((_, c)) => has(c),
+            None => self.clusters.iter().any(|c| has(c)),
+        };
+        super::membership::Rules {
+            starts_down: self.starts_down(backend, server, true),
+            in_etcd,
+        }
+    }
 }
 
 /// Builds the state file from a live dump (may be empty), the new config and etcd's view.
@@ -134,11 +195,10 @@ pub fn build_many(
     // A server HAProxy has no state for is new to it only when its state is known at all: at
     // HAProxy's first start (or with its socket unreachable) every server would look new.
     let known = !live.is_empty();
+    let owners = Owners::new(clusters);
     let mut out = format!("{VERSION}\n{HEADER}\n");
     for s in config_servers(rendered_cfg) {
-        let allowed = clusters
-            .iter()
-            .find_map(|(cfg, cluster)| permitted(cfg, cluster, &s.backend, &s.name));
+        let allowed = owners.permitted(&s.backend, &s.name);
         let saved = live
             .remove(&(s.backend.clone(), s.name.clone()))
             // A saved line with another address or port would override the new config.
@@ -148,18 +208,13 @@ pub fn build_many(
                 if allowed == Some(false) && !l.is_down() {
                     l.force_down();
                 }
-                if clusters
-                    .iter()
-                    .any(|(cfg, _)| cfg.primary_backends.contains(&s.backend))
-                {
+                if owners.kind(&s.backend) == Some(Kind::Primary) {
                     l.clear_drain();
                 }
                 l.clear_agent_port();
                 Some(l.render())
             }
-            (None, allowed) if starts_down(clusters, &s.backend, allowed, known) => {
-                Some(down_line(&s))
-            }
+            (None, _) if owners.starts_down(&s.backend, &s.name, known) => Some(down_line(&s)),
             (None, _) => None,
         };
         if let Some(l) = line {
@@ -168,63 +223,6 @@ pub fn build_many(
         }
     }
     out
-}
-
-/// Whether a server HAProxy has no state for must start DOWN and wait for its checks: one
-/// etcd's view forbids in its backend (a replica in a primary backend), and one new to a
-/// replica backend of a running HAProxy (`known`: HAProxy's state is known; at its first start
-/// every server would look new). `allowed` is [`permitted`]'s answer for it.
-fn starts_down(
-    clusters: &[(&ServerStateConfig, &Cluster)],
-    backend: &str,
-    allowed: Option<bool>,
-    known: bool,
-) -> bool {
-    match allowed {
-        Some(false) => true,
-        Some(true) => known && in_replica_backend(clusters, backend),
-        None => false,
-    }
-}
-
-/// The state rules for a server added to or changed in a running HAProxy (see
-/// [`super::membership`]): whether it starts DOWN, and whether its member is still in etcd.
-pub fn rules_for(
-    clusters: &[(&ServerStateConfig, &Cluster)],
-    backend: &str,
-    server: &str,
-) -> super::membership::Rules {
-    let allowed = clusters
-        .iter()
-        .find_map(|(cfg, cluster)| permitted(cfg, cluster, backend, server));
-    let owners: Vec<&Cluster> = match clusters.iter().any(|(cfg, _)| serves(cfg, backend)) {
-        true => clusters
-            .iter()
-            .filter(|(cfg, _)| serves(cfg, backend))
-            .map(|(_, c)| *c)
-            .collect(),
-        // A backend of no cluster's settings: any cluster's member of that name.
-        false => clusters.iter().map(|(_, c)| *c).collect(),
-    };
-    super::membership::Rules {
-        starts_down: starts_down(clusters, backend, allowed, true),
-        in_etcd: owners
-            .iter()
-            .any(|c| c.members.iter().any(|m| m.name == server)),
-    }
-}
-
-fn serves(cfg: &ServerStateConfig, backend: &str) -> bool {
-    cfg.primary_backends
-        .iter()
-        .chain(&cfg.replica_backends)
-        .any(|b| b == backend)
-}
-
-fn in_replica_backend(clusters: &[(&ServerStateConfig, &Cluster)], backend: &str) -> bool {
-    clusters
-        .iter()
-        .any(|(cfg, _)| cfg.replica_backends.iter().any(|b| b == backend))
 }
 
 /// A line that makes HAProxy start `s` DOWN: the 20 fields HAProxy 2.6 requires (fewer and it
