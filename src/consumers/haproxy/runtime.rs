@@ -318,23 +318,6 @@ impl StateLine {
     pub(super) fn port(&self) -> Option<u16> {
         self.fields[18].parse().ok()
     }
-    /// `srv_fqdn`: the host name the server was configured with, `-` for an address.
-    pub(super) fn fqdn(&self) -> &str {
-        &self.fields[17]
-    }
-    /// Where the health check goes: `srv_check_addr` (`-`: the server's address) and
-    /// `srv_check_port` (0: the server's port), which HAProxy 2.6 dumps as fields 23 and 22.
-    pub(super) fn check_target(&self) -> (String, u16) {
-        let addr = match self.fields.get(22).map(String::as_str) {
-            Some(a) if a != "-" => a.to_owned(),
-            _ => self.addr().to_owned(),
-        };
-        let port = match self.fields.get(21).and_then(|p| p.parse::<u16>().ok()) {
-            Some(p) if p != 0 => p,
-            _ => self.port().unwrap_or(0),
-        };
-        (addr, port)
-    }
     /// srv_op_state 0 = stopped (DOWN).
     pub(super) fn is_down(&self) -> bool {
         self.fields[5] == "0"
