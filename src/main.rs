@@ -187,7 +187,22 @@ async fn once(settings: Settings, reload: bool) -> u8 {
         Ok(p) => p,
         Err(c) => return c,
     };
-    match engine.pass(&snap, reload).await {
+    let result = engine.pass(&snap, reload).await;
+    // A target kept as it was for want of a leader taking writes is not up to date: `once`
+    // says so instead of reporting success.
+    let awaiting = &engine.last_stats().awaiting;
+    if result.is_ok() && !awaiting.is_empty() {
+        return fail(
+            exit::RENDER,
+            &format!(
+                "{} not written: the leader is not confirmed to take writes (its REST API's \
+                 /primary does not answer 200 yet; a Patroni standby cluster's leader, role \
+                 standby_leader, never does); the last files stay",
+                awaiting.join(", ")
+            ),
+        );
+    }
+    match result {
         Ok(o) if o.is_noop() => {
             tracing::info!(revision = snap.revision, "up to date");
             exit::OK

@@ -584,6 +584,12 @@ impl Cluster {
 }
 
 impl Member {
+    /// The leader of a Patroni standby cluster (role `standby_leader`): it holds the leader key
+    /// but replicates from another cluster and takes no writes.
+    pub fn is_standby_leader(&self) -> bool {
+        self.role == "standby_leader"
+    }
+
     fn same_for_templates(&self, other: &Member, with_wal: bool) -> bool {
         let Member {
             name,

@@ -251,7 +251,17 @@ impl World {
     /// Writes `haconfd.toml` with this world's etcd, scope and HAProxy vars, `daemon` settings
     /// and the given targets; returns its path.
     fn write_config(&self, daemon: &[(&str, &str)], blocks: &[Template]) -> PathBuf {
-        let mut b = self.config().with_table("daemon");
+        self.write_config_with(daemon, blocks, |b| b)
+    }
+
+    /// [`World::write_config`] with more settings from `extra`.
+    fn write_config_with(
+        &self,
+        daemon: &[(&str, &str)],
+        blocks: &[Template],
+        extra: impl Fn(ConfigBuilder) -> ConfigBuilder,
+    ) -> PathBuf {
+        let mut b = extra(self.config()).with_table("daemon");
         for (k, v) in daemon {
             b = b.daemon(k, v);
         }
@@ -1087,6 +1097,74 @@ fn a_member_change_whose_file_fails_its_check_is_undone_by_one_reload_onto_the_l
         d.log()
     );
     assert_eq!(h.reload_count(), reloads + 1, "{}", d.log());
+}
+
+/// A Patroni standby cluster: the leader key's holder has role `standby_leader` and takes no
+/// writes. `once` does not report success for the PgBouncer file it could not point at a
+/// primary (it said "up to date" and exited 0), no server takes writes in HAProxy's state, and
+/// `run` neither probes it for writes nor warns about drift.
+#[test]
+fn a_standby_leader_takes_no_writes_and_once_says_what_it_did_not_write() {
+    let w = World::new("standby");
+    let a = FakeMember::start("pga", Role::Replica);
+    let b = FakeMember::start("pgb", Role::Replica);
+    w.put_member(&a.name, &a.member_json("standby_leader"));
+    w.put_member(&b.name, &b.member_json("replica"));
+    w.put_leader(&a.name);
+    let fast = |c: ConfigBuilder| {
+        c.failover("drift_interval", "100ms")
+            .failover("drift_grace", "100ms")
+    };
+    let blocks = [
+        w.haproxy_block(&World::haproxy_check(), None),
+        w.pgbouncer_block(None),
+    ];
+    let cfg = w.write_config_with(&[], &blocks, fast);
+    let out = w.haconfd(&cfg, &["once", "--no-reload"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("pgbouncer not written") && err.contains("standby_leader"),
+        "{err}"
+    );
+    assert!(!w.pgbouncer_ini().exists(), "pgbouncer.ini written");
+    // haproxy.cfg is written, and its state file starts the standby leader DOWN where writes
+    // go.
+    assert!(w.haproxy_cfg().exists());
+    let state = read(&w.server_state());
+    assert!(
+        state
+            .lines()
+            .any(|l| l.starts_with("0 primary 0 pga 127.0.0.1 0 ")),
+        "{state}"
+    );
+
+    let h = start_haproxy(&w);
+    let blocks = [
+        w.haproxy_block(&World::haproxy_check(), Some(World::haproxy_reload(&h))),
+        w.pgbouncer_block(None),
+    ];
+    let cfg = w.write_config_with(&[("retry_interval", "300ms")], &blocks, fast);
+    let d = Daemon::start(&cfg);
+    std::thread::sleep(Duration::from_millis(1500));
+    let msgs = d.messages();
+    assert_eq!(
+        msgs.matches("the leader is a standby leader").count(),
+        1,
+        "{}",
+        d.log()
+    );
+    for noise in [
+        "did not confirm it takes writes",
+        "disagree with etcd's leader",
+    ] {
+        assert!(!msgs.contains(noise), "{noise}:\n{}", d.log());
+    }
+    assert_eq!(
+        common::procs::server_state(&w.admin_sock(), "primary", "pga").map(|s| s.0),
+        Some(0),
+        "the standby leader is UP where writes go"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -34,7 +34,16 @@ impl Router {
         let mut sh = lock(&self.shared);
         let first = !sh.started;
         sh.started = true;
-        let Some(m) = cluster.leader() else {
+        // A standby cluster's leader takes no writes: for the write path the cluster has no
+        // leader (nothing to confirm, no HAProxy server to bring UP, no drift to report).
+        let standby = cluster.leader().filter(|m| m.is_standby_leader());
+        if self.noted_standby.as_deref() != standby.map(|m| m.name.as_str()) {
+            self.noted_standby = standby.map(|m| m.name.clone());
+            if let Some(m) = standby {
+                tracing::info!(cluster = %cluster.scope, leader = %m.name, "the leader is a standby leader (a Patroni standby cluster): it takes no writes, so no server takes writes in HAProxy and require_leader targets keep their files");
+            }
+        }
+        let Some(m) = cluster.leader().filter(|m| !m.is_standby_leader()) else {
             sh.leader = None;
             drop(sh);
             self.cancel_confirming();
@@ -183,7 +192,9 @@ impl Router {
         if !self.cfg.enabled || self.notify.is_some() || self.gate_open(cluster) {
             return;
         }
-        let Some(m) = cluster.leader() else { return };
+        let Some(m) = cluster.leader().filter(|m| !m.is_standby_leader()) else {
+            return;
+        };
         match confirm::probe(m, self.cfg.probe_timeout).await {
             Ok(confirm::Probe::Writable) => self.confirm(&m.name, "rest", Instant::now()),
             Ok(confirm::Probe::NotYet(why)) => {

@@ -191,6 +191,8 @@ pub struct Router {
     actuator: Option<Actuator>,
     notify: Option<mpsc::UnboundedSender<Confirmed>>,
     confirming: Option<(String, AbortHandle)>,
+    /// The standby leader last logged as such (once per leader, not at every pass).
+    noted_standby: Option<String>,
     drift: Option<AbortHandle>,
     /// Lifts fences at their bound; woken when the fences change.
     watchdog: Option<(Arc<Notify>, AbortHandle)>,
@@ -271,6 +273,7 @@ impl Router {
             actuator: None,
             notify: None,
             confirming: None,
+            noted_standby: None,
             drift: None,
             watchdog: None,
             observers: Observers::default(),

@@ -127,14 +127,15 @@ impl<'a> Owners<'a> {
         self.by_backend.get(backend).map(|(k, _)| *k)
     }
 
-    /// Whether etcd's view lets `server` serve in `backend`: the leader only in primary
-    /// backends, healthy non-leaders without `noloadbalance` only in replica backends. Other
+    /// Whether etcd's view lets `server` serve in `backend`: the leader (not a standby
+    /// cluster's) only in primary backends, healthy non-leaders without `noloadbalance` only in replica backends. Other
     /// backends: no view.
     fn permitted(&self, backend: &str, server: &str) -> Option<bool> {
         let (kind, cluster) = self.by_backend.get(backend)?;
         let member = cluster.members.iter().find(|m| m.name == server);
         Some(match kind {
-            Kind::Primary => member.is_some_and(|m| m.is_leader),
+            // A standby cluster's leader takes no writes.
+            Kind::Primary => member.is_some_and(|m| m.is_leader && !m.is_standby_leader()),
             Kind::Replica => member.is_some_and(|m| {
                 !m.is_leader
                     && !m.noloadbalance
