@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use common::procs::{
     free_port, give_to_postgres, haconfd_bin, haconfd_once_no_reload, http_get, require_bin,
-    run_with_timeout, temp_dir, unique_name, wait_banner, wait_until, Etcd, Haproxy, Pgbouncer,
-    Proc, TcpBackend,
+    run_with_timeout, temp_dir, unique_name, unix_cmd, wait_banner, wait_until, Etcd, Haproxy,
+    Pgbouncer, Proc, TcpBackend,
 };
 use etcd_client::{DeleteOptions, Txn, TxnOp};
 use nix::sys::signal::Signal;
@@ -216,8 +216,13 @@ struct Rig {
     per_cluster: bool,
     /// TOML added to every config the rig writes.
     extra: String,
+    /// The shipped `haproxy-clusters.cfg.tera` with `server_state` per scope (member changes
+    /// through the runtime API), instead of the rig's own template.
+    shipped: bool,
     http_port: u16,
     pgb_port: u16,
+    /// The shipped template's `stats_port`.
+    stats_port: u16,
     dir: tempfile::TempDir,
 }
 
@@ -268,8 +273,10 @@ impl Rig {
             },
             per_cluster,
             extra: String::new(),
+            shipped: false,
             http_port: free_port(),
             pgb_port: free_port(),
+            stats_port: free_port(),
             dir,
         }
     }
@@ -366,13 +373,15 @@ impl Rig {
              [daemon]\nmin_interval = \"100ms\"\nretry_interval = \"1s\"\n\n\
              [http]\nlisten = \"127.0.0.1:{}\"\n\n\
              [failover]\nenabled = false\n\n\
-             [vars]\nstats_socket = {}\npgb_port = {}\npgb_dir = {}\n\n",
+             [vars]\nstats_socket = {}\npgb_port = {}\npgb_dir = {}\n\
+             bind_address = \"127.0.0.1\"\nstats_port = {}\n\n",
             toml_str(self.etcd().endpoint()),
             toml_str(&self.ns),
             self.http_port,
             toml_str(self.admin_sock().display().to_string()),
             self.pgb_port,
             toml_str(self.path("pgb").display().to_string()),
+            self.stats_port,
         ));
         for (scope, p) in &self.ports {
             t.push_str(&format!(
@@ -423,6 +432,20 @@ impl Rig {
                     toml_str(&haproxy_bin),
                     toml_str(&main_cfg)
                 ),
+            ));
+        } else if self.shipped {
+            let src =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/haproxy-clusters.cfg.tera");
+            t.push_str(&format!(
+                "[[template]]\nname = \"haproxy\"\nsrc = {}\ndest = {}\n\
+                 check = [{}, \"-c\", \"-f\", \"{{{{staged}}}}\"]\n{}\
+                 server_state = {{ stats_socket = {}, file = {}, primary_backends = [\"{{scope}}_primary\"], replica_backends = [\"{{scope}}_replicas\"] }}\n\n",
+                toml_str(src.display().to_string()),
+                toml_str(self.haproxy_cfg().display().to_string()),
+                toml_str(&haproxy_bin),
+                hap_reload.clone().unwrap_or_default(),
+                toml_str(self.admin_sock().display().to_string()),
+                toml_str(self.path("server-state").display().to_string()),
             ));
         } else {
             t.push_str(&main(
@@ -1100,6 +1123,65 @@ fn a_stray_key_in_a_citus_scope_keeps_every_group_and_is_named_in_a_warning() {
         "no warning naming the stray key:\n{}",
         rig.diag()
     );
+}
+
+/// With the shipped `haproxy-clusters.cfg.tera` and `server_state` per scope, a member joining
+/// and one leaving clusters behind one HAProxy reach it through its runtime API: no reload, the
+/// live servers of every backend as the file says. (The rig's members have no REST API, so the
+/// shipped template's checks keep them DOWN: routing is `tests/e2e_clusters.rs`'s.)
+#[test]
+fn members_of_several_clusters_reach_one_haproxy_through_the_runtime_api_without_a_reload() {
+    let mut rig = Rig::new("clu-members", &["alpha", "beta"], false, false);
+    rig.shipped = true;
+    populate(&mut rig, false);
+    rig.start();
+    let before = rig.haproxy_reloads();
+    let agree = |rig: &Rig| {
+        let dump = unix_cmd(
+            &rig.admin_sock(),
+            "show servers state",
+            Duration::from_secs(2),
+        )
+        .unwrap_or_default();
+        let cfg = read(&rig.haproxy_cfg());
+        ["alpha", "beta"].iter().all(|s| {
+            [format!("{s}_primary"), format!("{s}_replicas")]
+                .iter()
+                .all(|b| {
+                    let mut live: Vec<String> = dump
+                        .lines()
+                        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                        .filter(|f| f.len() >= 19 && f[1] == b.as_str())
+                        .map(|f| f[3].to_owned())
+                        .collect();
+                    live.sort();
+                    live == servers_of(&cfg, b)
+                })
+        })
+    };
+    let json = rig.member("alpha3", "replica");
+    rig.etcd()
+        .put(&format!("{}/alpha/members/alpha3", rig.ns), &json);
+    assert!(
+        wait_until(Duration::from_secs(10), || read(&rig.haproxy_cfg())
+            .contains("server alpha3 ")
+            && agree(&rig)),
+        "alpha3 did not reach HAProxy:\n{}",
+        rig.diag()
+    );
+    rig.etcd().delete(&format!("{}/beta/members/beta2", rig.ns));
+    assert!(
+        wait_until(Duration::from_secs(10), || !read(&rig.haproxy_cfg())
+            .contains("server beta2 ")
+            && agree(&rig)),
+        "beta2 did not leave HAProxy:\n{}",
+        rig.diag()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rig.haproxy_reloads(), before, "{}", rig.diag());
+    assert!(rig
+        .log()
+        .contains("member change applied through HAProxy's runtime API"));
 }
 
 #[test]
