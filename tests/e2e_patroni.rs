@@ -607,12 +607,21 @@ impl Drop for Sampler {
 /// ("could not bind ... Address already in use"), which says nothing about haconfd.
 fn start_cluster(etcd: &Etcd, tag: &str) -> PatroniCluster {
     let endpoint = etcd.endpoint();
-    let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        PatroniCluster::start(&endpoint, tag, 3)
-    }));
+    // Debian's Patroni; `BENCH_PATRONI_VENV=<venv>` runs these tests with another one (the
+    // PyPI Patroni 4 the failover benchmark uses).
+    let start = |scope: &str| {
+        PatroniCluster::start_with_binaries(
+            &endpoint,
+            scope,
+            3,
+            patroni::Timing::default(),
+            patroni::Binaries::from_env(),
+        )
+    };
+    let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| start(tag)));
     let c = first.unwrap_or_else(|_| {
         eprintln!("[e2e] cluster {tag} did not start (see above); retrying once as {tag}2");
-        PatroniCluster::start(&endpoint, &format!("{tag}2"), 3)
+        start(&format!("{tag}2"))
     });
     c.create_probe_table();
     c
