@@ -3374,14 +3374,16 @@ fn mb_variant(i: usize, how: &'static str, changes: usize, clients: usize) -> Mb
         // Past the pacer's min_interval (500 ms), so that each change is a pass of its own.
         std::thread::sleep(Duration::from_millis(600));
     }
-    std::thread::sleep(Duration::from_millis(500));
-    let cpu = schedstat_seconds(daemon.pid()) - cpu0;
-    daemon.log.poll();
-    mb_explain(&daemon);
-    let p = rig.haproxy.proc_status();
-    let pids = mb_haproxy_pids(&rig.haproxy);
-    let rss: f64 = pids.iter().filter_map(|&p| status_mb(p, "VmRSS")).sum();
-    let cut = sessions
+    let mut r = mb_finish(
+        &mut daemon,
+        &rig.haproxy,
+        (cpu0, reloads0),
+        format!("one cluster, {how} #{i}"),
+        how,
+        listed,
+    );
+    r.sessions = sessions.len();
+    r.sessions_cut = sessions
         .iter_mut()
         .filter(|c| {
             let mut c: &std::net::TcpStream = c;
@@ -3392,23 +3394,6 @@ fn mb_variant(i: usize, how: &'static str, changes: usize, clients: usize) -> Mb
             !alive
         })
         .count();
-    let count = |m: &str| daemon.log.count(m);
-    let r = MbRun {
-        name: format!("one cluster, {how} #{i}"),
-        membership: how,
-        changes,
-        listed_ms: listed,
-        reloads: p.reloads() - reloads0,
-        workers: p.workers.len() + p.old_workers.len(),
-        haproxy_rss_mb: rss,
-        cpu_ms_per_change: cpu * 1000.0 / changes as f64,
-        sessions: sessions.len(),
-        sessions_cut: cut,
-        runtime_updates: count("member change applied through HAProxy's runtime API, no reload"),
-        fallbacks: count(
-            "member change not taken through HAProxy's runtime API: reloading instead",
-        ),
-    };
     drop(sessions);
     drop(joined);
     r
@@ -3509,31 +3494,53 @@ fn mb_many(etcd: &Etcd, layout: &ClLayout, how: &'static str, changes: usize) ->
         listed.push(took);
         std::thread::sleep(Duration::from_millis(600));
     }
+    mb_finish(
+        &mut daemon,
+        &haproxy,
+        (cpu0, reloads0),
+        format!("{n} clusters, {how}"),
+        how,
+        listed,
+    )
+}
+
+/// The run's figures once its changes are done: haconfd's CPU since `cpu0`, HAProxy's reloads
+/// since `reloads0` and its workers, the RSS of its master and every worker; the passes and
+/// fallbacks printed. No client sessions (the caller counts its own).
+fn mb_finish(
+    daemon: &mut Haconfd,
+    haproxy: &Haproxy,
+    (cpu0, reloads0): (f64, u32),
+    name: String,
+    membership: &'static str,
+    listed_ms: Vec<f64>,
+) -> MbRun {
     std::thread::sleep(Duration::from_millis(500));
     let cpu = schedstat_seconds(daemon.pid()) - cpu0;
     daemon.log.poll();
-    mb_explain(&daemon);
+    mb_explain(daemon);
     let p = haproxy.proc_status();
-    let rss: f64 = mb_haproxy_pids(&haproxy)
-        .iter()
-        .filter_map(|&p| status_mb(p, "VmRSS"))
-        .sum();
-    let count = |m: &str| daemon.log.count(m);
+    let changes = listed_ms.len();
     MbRun {
-        name: format!("{n} clusters, {how}"),
-        membership: how,
+        name,
+        membership,
         changes,
-        listed_ms: listed,
+        listed_ms,
         reloads: p.reloads() - reloads0,
         workers: p.workers.len() + p.old_workers.len(),
-        haproxy_rss_mb: rss,
-        cpu_ms_per_change: cpu * 1000.0 / changes as f64,
+        haproxy_rss_mb: mb_haproxy_pids(haproxy)
+            .iter()
+            .filter_map(|&p| status_mb(p, "VmRSS"))
+            .sum(),
+        cpu_ms_per_change: cpu * 1000.0 / changes.max(1) as f64,
         sessions: 0,
         sessions_cut: 0,
-        runtime_updates: count("member change applied through HAProxy's runtime API, no reload"),
-        fallbacks: count(
-            "member change not taken through HAProxy's runtime API: reloading instead",
-        ),
+        runtime_updates: daemon
+            .log
+            .count("member change applied through HAProxy's runtime API, no reload"),
+        fallbacks: daemon
+            .log
+            .count("member change not taken through HAProxy's runtime API: reloading instead"),
     }
 }
 

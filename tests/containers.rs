@@ -361,16 +361,22 @@ impl SidecarRun<'_> {
         );
     }
 
-    /// `name` joins at an IP address: HAProxy takes it through its runtime API on the shared
-    /// volume's admin socket, with no reload and the same worker, and lists it live.
-    fn member_joins_live(&self, name: &str, ip: &str) {
+    /// Puts replica `name` at `host`; HAProxy's `show proc` before, and when.
+    fn put_replica(&self, name: &str, host: &str) -> (ShowProc, Instant) {
         let before = show_proc(self.dir).unwrap();
         let t = Instant::now();
         put(
             self.etcd,
             &format!("{}/members/{name}", self.prefix()),
-            &fake_member(ip, "replica"),
+            &fake_member(host, "replica"),
         );
+        (before, t)
+    }
+
+    /// `name` joins at an IP address: HAProxy takes it through its runtime API on the shared
+    /// volume's admin socket, with no reload and the same worker, and lists it live.
+    fn member_joins_live(&self, name: &str, ip: &str) {
+        let (before, t) = self.put_replica(name, ip);
         let sock = self.dir.join("admin.sock");
         let listed = poll(Duration::from_secs(20), Duration::from_millis(20), || {
             unix_cmd(&sock, "show servers state replicas", Duration::from_secs(2))
@@ -410,13 +416,7 @@ impl SidecarRun<'_> {
     /// `name` joins at a host name, which HAProxy resolves only at a reload: one reload, the
     /// file has it, no failed reload.
     fn member_joins(&self, name: &str, ip: &str) {
-        let before = show_proc(self.dir).unwrap();
-        let t = Instant::now();
-        put(
-            self.etcd,
-            &format!("{}/members/{name}", self.prefix()),
-            &fake_member(ip, "replica"),
-        );
+        let (before, t) = self.put_replica(name, ip);
         let cfg = self.dir.join("haproxy.cfg");
         let after = poll(Duration::from_secs(20), Duration::from_millis(20), || {
             let has =

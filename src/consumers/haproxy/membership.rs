@@ -428,7 +428,7 @@ async fn send(socket: &Path, cmds: &[Command]) -> Result<(), String> {
     let answer = super::cli(socket, &joined, ANSWER_TIMEOUT)
         .await
         .map_err(|e| format!("stats socket {}: {e}", socket.display()))?;
-    let answers = split_answers(&answer);
+    let answers = super::split_answers(&answer);
     for (i, c) in cmds.iter().enumerate() {
         let a = answers.get(i).map(String::as_str).unwrap_or("");
         if !c.accepts(a) {
@@ -436,24 +436,6 @@ async fn send(socket: &Path, cmds: &[Command]) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// One answer per command: HAProxy ends each with an empty line.
-fn split_answers(answer: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut current: Vec<&str> = Vec::new();
-    for line in answer.lines() {
-        if line.trim().is_empty() {
-            out.push(current.join(" "));
-            current.clear();
-        } else {
-            current.push(line.trim());
-        }
-    }
-    if !current.is_empty() {
-        out.push(current.join(" "));
-    }
-    out
 }
 
 /// Deletes `srv` (`backend/server`, in maintenance), trying again while HAProxy still has a
@@ -857,7 +839,7 @@ mod tests {
     fn answers_are_split_per_command() {
         let a = "New server registered.\n\n\n\nServer deleted.\n\n";
         assert_eq!(
-            split_answers(a),
+            super::super::split_answers(a),
             ["New server registered.", "", "", "Server deleted."]
         );
     }

@@ -72,6 +72,25 @@ pub async fn cli(path: &Path, command: &str, timeout: Duration) -> std::io::Resu
     })?
 }
 
+/// The answers to `;`-separated commands sent on one connection, one per command: HAProxy ends
+/// each with an empty line. Each answer's lines are trimmed and joined with spaces.
+pub(crate) fn split_answers(answer: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current: Vec<&str> = Vec::new();
+    for line in answer.lines() {
+        if line.trim().is_empty() {
+            out.push(current.join(" "));
+            current.clear();
+        } else {
+            current.push(line.trim());
+        }
+    }
+    if !current.is_empty() {
+        out.push(current.join(" "));
+    }
+    out
+}
+
 /// Parses the master line of `show proc`:
 /// `2041  master  3 [failed: 1]  0d00h00m09s  2.6.12-1+deb12u1`.
 pub fn parse_show_proc(text: &str) -> Option<ProcInfo> {

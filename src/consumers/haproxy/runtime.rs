@@ -238,19 +238,7 @@ pub async fn apply_commands(
 /// The commands of `cmds` whose answer in `answer` (one answer per command, each ended by an
 /// empty line) is not empty. An answer that cannot be split so is laid on every command.
 fn refusals(cmds: &[String], answer: &str) -> Vec<Refused> {
-    let mut answers: Vec<String> = Vec::new();
-    let mut current: Vec<&str> = Vec::new();
-    for line in answer.lines() {
-        if line.trim().is_empty() {
-            answers.push(current.join(" "));
-            current.clear();
-        } else {
-            current.push(line.trim());
-        }
-    }
-    if !current.is_empty() {
-        answers.push(current.join(" "));
-    }
+    let answers = super::split_answers(answer);
     if answers.len() != cmds.len() {
         let all = answer.trim();
         return if all.is_empty() {
