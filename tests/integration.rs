@@ -585,6 +585,25 @@ fn a_member_that_joins_moves_and_leaves_reaches_haproxy_without_a_reload() {
         d.log()
     );
 
+    // Stopped in the middle of a member change (here: a server gone from HAProxy while haconfd
+    // was away), the next start finds HAProxy's servers unlike the file and reloads it.
+    drop(d);
+    let by_hand = unix_cmd(
+        &w.admin_sock(),
+        "set server replicas/pgc state maint;del server replicas/pgc",
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert!(by_hand.contains("Server deleted"), "{by_hand}");
+    let d = Daemon::start(&w.path("haconfd.toml"));
+    assert!(
+        h.wait_reloads(before + 1, Duration::from_secs(5)),
+        "the start did not repair HAProxy's servers:\n{}",
+        d.log()
+    );
+    agree("after the repair at start", &d);
+    let before = before + 1;
+
     // A server deleted by hand: HAProxy no longer runs the file. The next member change finds
     // it out and reloads; the reload brings the server back.
     let by_hand = unix_cmd(

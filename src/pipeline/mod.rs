@@ -255,7 +255,7 @@ impl Engine {
                 continue;
             }
             match has_loaded(&t.dest, master, stats).await {
-                Loaded::Yes => {}
+                Loaded::Yes => self.runs_its_servers(t).await,
                 Loaded::No {
                     worker_up,
                     file_age,
@@ -267,6 +267,30 @@ impl Engine {
                     tracing::info!(target = %t.name, reason = %why, "cannot tell whether HAProxy has read this file (not running yet?)");
                 }
             }
+        }
+    }
+
+    /// At start, for a HAProxy whose member changes go through its runtime API: its live
+    /// servers must be the file's. An earlier run stopped in the middle of a member change (a
+    /// server added or deleted, the file not yet swapped or HAProxy not yet told) leaves them
+    /// apart; the first pass then reloads it onto the file, as after a failed reload.
+    async fn runs_its_servers(&mut self, t: &Target) {
+        use crate::consumers::haproxy::membership::{self, Layout};
+        use crate::consumers::haproxy::settings::Membership;
+        let Some(ss) = t
+            .server_state()
+            .filter(|s| s.membership == Membership::Runtime)
+        else {
+            return;
+        };
+        let dest = t.dest.clone();
+        let Ok(Some(text)) = swap::blocking(move || crate::apply::current(&dest)).await else {
+            return;
+        };
+        let layout = Layout::parse(&String::from_utf8_lossy(&text));
+        if let Err(why) = membership::verify(&ss.stats_socket, &layout).await {
+            tracing::warn!(target = %t.name, dest = %t.dest.display(), reason = %why, "HAProxy's live servers are not the file's (an earlier run stopped in a member change?): reloading it");
+            self.consumers.mark_unread(&t.name);
         }
     }
 

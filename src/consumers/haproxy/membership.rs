@@ -527,7 +527,7 @@ fn live_check_target(f: &[&str]) -> (String, u16) {
 /// The live server list of the backends `layout` declares, compared with it. One `show
 /// servers state` of every backend: a command per backend would not fit HAProxy's command
 /// line with a thousand clusters.
-async fn verify(socket: &Path, layout: &Layout) -> Result<(), String> {
+pub async fn verify(socket: &Path, layout: &Layout) -> Result<(), String> {
     if layout.defaults.is_empty() {
         return Ok(());
     }
