@@ -906,6 +906,32 @@ fn first_start_and_a_member_joining_moving_and_leaving_lose_no_writes_and_reload
         "reads served by the primary: {}",
         fmt_stats(&r)
     );
+
+    // A forced mismatch: a replica's server deleted by hand over the socket while haconfd is
+    // away. haconfd's start finds HAProxy's servers unlike the file and reloads it: the server
+    // is back, and reads reach that replica again.
+    stack.stop_haconfd();
+    let replica = cluster.replicas().into_iter().next().expect("a replica");
+    let by_hand = common::procs::unix_cmd(
+        &stack.admin_sock,
+        &format!("set server replicas/{replica} state maint;del server replicas/{replica}"),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert!(by_hand.contains("Server deleted"), "{by_hand}");
+    assert!(!stack.live_agrees());
+    let reloads = stack.reload_count();
+    stack.start_haconfd();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            // The master re-executes on a reload and resets its socket meanwhile.
+            let reloaded = (stack.haproxy().try_show_proc()).is_some_and(|p| p.reloads() > reloads);
+            reloaded && stack.live_agrees()
+        }),
+        "the deleted server was not brought back:\n{}",
+        stack.diag()
+    );
+    stack.wait_read_from(cluster.node(&replica).pg_port);
 }
 
 /// Write probes for a leader change: one on each node's own port (when does the new primary
