@@ -159,3 +159,50 @@ fn shipped_haproxy_template_with_the_hold_action_passes_haproxy_check() {
     let (ok, output) = haproxy_check(&text);
     assert!(ok, "haproxy -c refuses the hold action:\n{output}");
 }
+
+/// `tag_routes`: a listener for the members tagged `workload: olap` (tag routing), checked with
+/// Patroni's `/replica?tag_workload=olap`; a tagged member with `noloadbalance` stays out, and
+/// so does every member without the tag. The file passes `haproxy -c`.
+#[test]
+fn patroni4_tag_route_lists_the_tagged_members_without_noloadbalance() {
+    let mut snap = Snapshot::from_file(&root().join("tests/fixtures/patroni4-kv.json")).unwrap();
+    let tag = |name: &str, tags: &str| {
+        let key = format!("/service/demo/members/{name}");
+        let mut v: serde_json::Value = serde_json::from_slice(&snap.kvs[&key]).unwrap();
+        v["tags"] = serde_json::from_str(tags).unwrap();
+        (key, serde_json::to_vec(&v).unwrap())
+    };
+    let puts = [
+        tag("pg1", r#"{"workload": "olap"}"#),
+        tag("pg3", r#"{"workload": "olap", "noloadbalance": true}"#),
+    ];
+    for (k, v) in puts {
+        snap.put(k, v);
+    }
+    let mut s = settings();
+    let route =
+        serde_json::json!([{ "name": "olap", "port": 5003, "tag": "workload", "value": "olap" }]);
+    s.targets[0].vars.insert("tag_routes".into(), route);
+    let mut engine = Engine::new(Arc::new(s)).unwrap();
+    let out = engine
+        .render(&snap, Some("haproxy"))
+        .unwrap()
+        .remove(0)
+        .bytes;
+    let path = root().join("tests/golden/patroni4-tags-haproxy.cfg");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &out).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(text, want, "differs from {}", path.display());
+    let olap = text.split("listen olap").nth(1).expect("the olap listener");
+    assert!(olap.contains("HEAD /replica?tag_workload=olap"), "{olap}");
+    assert!(olap.contains("server pg1 "), "{olap}");
+    assert!(
+        !olap.contains("server pg2 ") && !olap.contains("server pg3 "),
+        "{olap}"
+    );
+    let (ok, output) = haproxy_check(&text);
+    assert!(ok, "haproxy -c: {output}");
+}

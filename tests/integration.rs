@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::config::{golden_config, ConfigBuilder, Reload, Template};
+use common::config::{golden_config, toml_str, ConfigBuilder, Raw, Reload, Template};
 use common::procs::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -638,6 +638,56 @@ fn a_member_that_joins_moves_and_leaves_reaches_haproxy_without_a_reload() {
     wait_banner(w.primary_port, &a.name, Duration::from_secs(5)).unwrap();
     assert_eq!(h.proc_status().failed, 0);
     assert!(h.is_running());
+}
+
+/// `tag_routes` (reads by tag): a replica that gains the route's tag joins its listener through
+/// the runtime API, with no reload, waits DOWN for its checks there (the route is a replica
+/// backend), and serves reads through it once `/replica?tag_workload=olap` answers.
+#[test]
+fn a_replica_tagged_for_a_read_route_joins_its_listener_without_a_reload() {
+    let w = World::new("tags");
+    let a = FakeMember::start("pga", Role::Primary);
+    let b = FakeMember::start("pgb", Role::Replica);
+    w.put_member(&a.name, &a.member_json("master"));
+    w.put_member(&b.name, &b.member_json("replica"));
+    w.put_leader(&a.name);
+    let olap = free_port();
+    let route =
+        format!("[{{ name = \"olap\", port = {olap}, tag = \"workload\", value = \"olap\" }}]");
+    let block = |reload: Option<Reload>| {
+        w.haproxy_block(&World::haproxy_check(), reload)
+            .var("tag_routes", Raw(route.clone()))
+            .set(
+                "server_state",
+                Raw(format!(
+                    "{{ stats_socket = {}, file = {}, replica_backends = [\"replicas\", \"olap\"] }}",
+                    toml_str(w.admin_sock()),
+                    toml_str(w.server_state())
+                )),
+            )
+    };
+    let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "1s")];
+    let cfg = w.write_config(daemon_cfg, &[block(None)]);
+    w.once_ok(&cfg, &["--no-reload"]);
+    let h = start_haproxy(&w);
+    let cfg = w.write_config(daemon_cfg, &[block(Some(World::haproxy_reload(&h)))]);
+    let d = Daemon::start(&cfg);
+    assert!(servers_in(&read(&w.haproxy_cfg()), "olap").is_empty());
+    let before = h.reload_count();
+
+    let mut tagged: serde_json::Value = serde_json::from_str(&b.member_json("replica")).unwrap();
+    tagged["tags"] = serde_json::json!({ "workload": "olap" });
+    let rev = w.put_member(&b.name, &tagged.to_string());
+    d.wait_pass(rev, Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(5), || live_servers(&w, "olap")
+            == file_servers(&read(&w.haproxy_cfg()), "olap")
+            && !live_servers(&w, "olap").is_empty()),
+        "pgb did not join the olap listener:\n{}",
+        d.log()
+    );
+    wait_banner(olap, &b.name, Duration::from_secs(5)).unwrap();
+    assert_eq!(h.reload_count(), before, "{}", d.log());
 }
 
 /// `server_state.membership = "reload"`: a joining member costs one reload, as before.
