@@ -28,6 +28,11 @@ pub struct Cluster {
     pub leader_key: Option<String>,
     /// Valid members, sorted by name.
     pub members: Vec<Member>,
+    /// The synchronous standbys Patroni's `sync` key names for the current leader (3.x
+    /// `sync_standby`; 4.x quorum mode lists them comma-separated), sorted; empty without
+    /// synchronous mode, or when the key names another leader (it is rewritten after a
+    /// failover).
+    pub sync_standbys: Vec<String>,
     /// A pending switchover or failover from Patroni's `failover` key; None when the key is
     /// absent, `{}` (Patroni leaves that behind after a switchover) or refused. Templates do not
     /// see it (it is not in the render context): it drives events, not file contents.
@@ -69,6 +74,8 @@ pub struct Member {
     pub state: String,
     /// True for the member named by the `leader` key.
     pub is_leader: bool,
+    /// True for a synchronous standby of the leader (Patroni's `sync` key).
+    pub is_sync: bool,
     /// Validated tags (booleans, numbers and safe strings).
     pub tags: BTreeMap<String, serde_json::Value>,
     /// `tags.nofailover`.
@@ -194,6 +201,24 @@ impl Cluster {
             None => None,
         };
         set_lag(&mut members);
+        let sync_key = format!("{prefix}sync");
+        let sync_standbys = match snapshot.kvs.get(&sync_key) {
+            None => Vec::new(),
+            Some(v) => match sync_of(v, leader_name.as_deref(), &members) {
+                Ok(names) => names,
+                Err(reason) => {
+                    skipped.push(Skipped {
+                        key: sync_key,
+                        reason: format!("sync value refused: {reason}"),
+                        member_kept: false,
+                    });
+                    Vec::new()
+                }
+            },
+        };
+        for m in members.iter_mut() {
+            m.is_sync = sync_standbys.contains(&m.name);
+        }
         skipped.sort_by(|a, b| a.key.cmp(&b.key));
         Built {
             cluster: Cluster {
@@ -203,11 +228,41 @@ impl Cluster {
                 leader_key: key_holder,
                 leader_name,
                 members,
+                sync_standbys,
                 failover,
             },
             skipped,
         }
     }
+}
+
+/// The synchronous standbys of Patroni's `sync` value (`{"leader": "pg1", "sync_standby":
+/// "pg2"}`, comma-separated in 4.x quorum mode): the members it names, when it names the
+/// current leader (after a failover it names the old one until Patroni rewrites it). An error
+/// for a value that is not such an object.
+fn sync_of(value: &[u8], leader: Option<&str>, members: &[Member]) -> Result<Vec<String>, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(value).map_err(|e| format!("not JSON: {e}"))?;
+    let obj = v.as_object().ok_or("not a JSON object")?;
+    let text = |k: &str| match obj.get(k) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.as_str())),
+        Some(other) => Err(format!("{k} is {other}, not a string")),
+    };
+    let (of, standbys) = (text("leader")?, text("sync_standby")?);
+    if of.is_none() || of != leader {
+        return Ok(Vec::new());
+    }
+    let mut names: Vec<String> = standbys
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|n| members.iter().any(|m| m.name == *n))
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
 }
 
 /// The name in a `leader` value, validated; a refused one is noted in `skipped`.
@@ -286,6 +341,7 @@ impl MemberCache {
         self.parsed = seen;
         self.leader = snapshot.kvs.get(&format!("{prefix}leader")).cloned();
         self.failover = snapshot.kvs.get(&format!("{prefix}failover")).cloned();
+        self.sync = snapshot.kvs.get(&format!("{prefix}sync")).cloned();
         parsed
     }
 }
@@ -553,6 +609,7 @@ impl Cluster {
         let raw = |k: &str| snapshot.kvs.get(&format!("{prefix}{k}"));
         raw("leader").map(Vec::as_slice) == cache.leader.as_deref()
             && raw("failover").map(Vec::as_slice) == cache.failover.as_deref()
+            && raw("sync").map(Vec::as_slice) == cache.sync.as_deref()
     }
 
     /// Whether a template sees the same context in `self` and `other`. With `with_wal` false,
@@ -567,6 +624,7 @@ impl Cluster {
             group,
             leader_name,
             members,
+            sync_standbys,
             // Not in the render context: a switchover request alone renders nothing.
             failover: _,
             leader_key: _,
@@ -575,6 +633,7 @@ impl Cluster {
             && scope == &other.scope
             && group == &other.group
             && leader_name == &other.leader_name
+            && sync_standbys == &other.sync_standbys
             && members.len() == other.members.len()
             && members
                 .iter()
@@ -602,6 +661,7 @@ impl Member {
             role,
             state,
             is_leader,
+            is_sync,
             tags,
             nofailover,
             noloadbalance,
@@ -622,6 +682,7 @@ impl Member {
             && role == &other.role
             && state == &other.state
             && is_leader == &other.is_leader
+            && is_sync == &other.is_sync
             && tags == &other.tags
             && nofailover == &other.nofailover
             && noloadbalance == &other.noloadbalance
@@ -713,6 +774,8 @@ pub struct MemberCache {
     leader: Option<Vec<u8>>,
     /// The `failover` value of the last build.
     failover: Option<Vec<u8>>,
+    /// The `sync` value of the last build.
+    sync: Option<Vec<u8>>,
 }
 
 impl Member {
@@ -784,6 +847,7 @@ impl Member {
             role,
             state,
             is_leader: false,
+            is_sync: false,
             tags,
             timeline,
             xlog_location,
@@ -1442,6 +1506,52 @@ mod tests {
             assert_eq!(cached.skipped, fresh.skipped);
         }
         assert_eq!(cache.parsed.len(), 2);
+    }
+
+    #[test]
+    fn the_sync_key_names_the_leaders_synchronous_standbys_and_a_bad_one_is_ignored() {
+        let pg3 = PG2.replace("5442", "5443").replace("8012", "8013");
+        let with = |sync: &str| {
+            let b = Cluster::build(
+                &snap(&[
+                    ("leader", "pg1"),
+                    ("members/pg1", PG1),
+                    ("members/pg2", PG2),
+                    ("members/pg3", &pg3),
+                    ("sync", sync),
+                ]),
+                "/service",
+                "demo",
+            );
+            let flags: Vec<bool> = b.cluster.members.iter().map(|m| m.is_sync).collect();
+            (b.cluster.sync_standbys.clone(), flags, b.skipped)
+        };
+        // Patroni 3: one standby; 4 in quorum mode: several, comma-separated.
+        let (names, flags, skipped) = with(r#"{"leader":"pg1","sync_standby":"pg2"}"#);
+        assert_eq!(
+            (names, flags),
+            (vec!["pg2".to_owned()], vec![false, true, false])
+        );
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let (names, _, _) = with(r#"{"leader":"pg1","sync_standby":"pg3,pg2","quorum":1}"#);
+        assert_eq!(names, ["pg2", "pg3"]);
+        // Left over from an earlier leader, or naming no member: none.
+        assert!(with(r#"{"leader":"pg2","sync_standby":"pg3"}"#)
+            .0
+            .is_empty());
+        assert!(with(r#"{"leader":"pg1","sync_standby":null}"#).0.is_empty());
+        assert!(with(r#"{"leader":"pg1","sync_standby":"pg9\nserver x"}"#)
+            .0
+            .is_empty());
+        for bad in ["{", "[]", r#"{"leader":"pg1","sync_standby":7}"#] {
+            let (names, _, skipped) = with(bad);
+            assert!(names.is_empty(), "{bad}");
+            assert_eq!(skipped.len(), 1, "{bad}: {skipped:?}");
+            assert!(
+                skipped[0].reason.starts_with("sync value refused"),
+                "{skipped:?}"
+            );
+        }
     }
 
     #[test]

@@ -150,6 +150,8 @@ pub struct GroupContext<'a> {
     pub members: &'a [Member],
     /// Members other than the leader, sorted by name.
     pub replicas: Vec<&'a Member>,
+    /// The leader's synchronous standbys (Patroni's `sync` key), sorted by name.
+    pub sync_standbys: Vec<&'a Member>,
 }
 
 /// `target.*` in the context.
@@ -185,6 +187,7 @@ fn group_context(c: Option<&Cluster>) -> GroupContext<'_> {
             leader_name: c.leader_name.as_deref(),
             members: &c.members,
             replicas: c.members.iter().filter(|m| !m.is_leader).collect(),
+            sync_standbys: c.members.iter().filter(|m| m.is_sync).collect(),
         },
         None => GroupContext {
             group: None,
@@ -192,6 +195,7 @@ fn group_context(c: Option<&Cluster>) -> GroupContext<'_> {
             leader_name: None,
             members: &NO_MEMBERS,
             replicas: Vec::new(),
+            sync_standbys: Vec::new(),
         },
     }
 }

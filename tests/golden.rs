@@ -206,3 +206,42 @@ fn patroni4_tag_route_lists_the_tagged_members_without_noloadbalance() {
     let (ok, output) = haproxy_check(&text);
     assert!(ok, "haproxy -c: {output}");
 }
+
+/// `sync_port`: a listener for the leader's synchronous standbys only (Patroni's `sync` key),
+/// checked with `/sync`. The file passes `haproxy -c`.
+#[test]
+fn patroni4_sync_listener_lists_the_synchronous_standby_only() {
+    let mut snap = Snapshot::from_file(&root().join("tests/fixtures/patroni4-kv.json")).unwrap();
+    snap.put(
+        "/service/demo/sync".into(),
+        br#"{"leader":"pg2","sync_standby":"pg3"}"#.to_vec(),
+    );
+    let mut s = settings();
+    s.targets[0].vars.insert("sync_port".into(), 5002.into());
+    let mut engine = Engine::new(Arc::new(s)).unwrap();
+    let out = engine
+        .render(&snap, Some("haproxy"))
+        .unwrap()
+        .remove(0)
+        .bytes;
+    let path = root().join("tests/golden/patroni4-sync-haproxy.cfg");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &out).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(text, want, "differs from {}", path.display());
+    let sync = text.split("listen sync").nth(1).expect("the sync listener");
+    let sync = sync.split("\nlisten ").next().unwrap();
+    assert!(
+        sync.contains("bind *:5002") && sync.contains("HEAD /sync"),
+        "{sync}"
+    );
+    assert!(sync.contains("server pg3 "), "{sync}");
+    assert!(
+        !sync.contains("server pg1 ") && !sync.contains("server pg2 "),
+        "{sync}"
+    );
+    let (ok, output) = haproxy_check(&text);
+    assert!(ok, "haproxy -c: {output}");
+}

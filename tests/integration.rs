@@ -690,6 +690,60 @@ fn a_replica_tagged_for_a_read_route_joins_its_listener_without_a_reload() {
     assert_eq!(h.reload_count(), before, "{}", d.log());
 }
 
+/// `sync_port`: the sync listener serves the leader's synchronous standby only (Patroni's `sync`
+/// key), and follows a change of synchronous standby through the runtime API, with no reload.
+#[test]
+fn the_sync_listener_follows_the_synchronous_standby_without_a_reload() {
+    let w = World::new("sync");
+    let a = FakeMember::start("pga", Role::Primary);
+    let b = FakeMember::start("pgb", Role::Replica);
+    let c = FakeMember::start("pgc", Role::Replica);
+    w.put_member(&a.name, &a.member_json("master"));
+    w.put_member(&b.name, &b.member_json("replica"));
+    w.put_member(&c.name, &c.member_json("replica"));
+    w.put_leader(&a.name);
+    w.etcd()
+        .put(&w.key("sync"), r#"{"leader":"pga","sync_standby":"pgb"}"#);
+    let sync_port = free_port();
+    let block = |reload: Option<Reload>| {
+        w.haproxy_block(&World::haproxy_check(), reload)
+            .var("sync_port", sync_port)
+            .set(
+                "server_state",
+                Raw(format!(
+                    "{{ stats_socket = {}, file = {}, replica_backends = [\"replicas\", \"sync\"] }}",
+                    toml_str(w.admin_sock()),
+                    toml_str(w.server_state())
+                )),
+            )
+    };
+    let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "1s")];
+    let cfg = w.write_config(daemon_cfg, &[block(None)]);
+    w.once_ok(&cfg, &["--no-reload"]);
+    let h = start_haproxy(&w);
+    let cfg = w.write_config(daemon_cfg, &[block(Some(World::haproxy_reload(&h)))]);
+    let d = Daemon::start(&cfg);
+    assert_eq!(servers_in(&read(&w.haproxy_cfg()), "sync").len(), 1);
+    wait_banner(sync_port, "pgb", Duration::from_secs(5)).unwrap();
+    let before = h.reload_count();
+
+    let rev = w
+        .etcd()
+        .put(&w.key("sync"), r#"{"leader":"pga","sync_standby":"pgc"}"#);
+    d.wait_pass(rev, Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let live = live_servers(&w, "sync");
+            live.len() == 1 && live[0].starts_with("pgc ")
+        }),
+        "the sync listener did not follow pgc:\n{}",
+        d.log()
+    );
+    // pgc waits for its checks there (a replica backend), then serves.
+    wait_banner(sync_port, "pgc", Duration::from_secs(5)).unwrap();
+    assert_eq!(h.reload_count(), before, "{}", d.log());
+}
+
 /// `server_state.membership = "reload"`: a joining member costs one reload, as before.
 #[test]
 fn with_membership_reload_a_joining_member_reloads_haproxy_once() {

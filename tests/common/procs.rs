@@ -2298,7 +2298,8 @@ pub fn patroni_status(role: Role, path: &str) -> u16 {
         "/" | "/primary" | "/master" | "/leader" | "/read-write" => {
             matches!(role, Role::Primary | Role::Promoting)
         }
-        "/replica" | "/async" => matches!(role, Role::Replica | Role::Promoting),
+        // A fake cannot tell a synchronous standby: templates list only those under /sync.
+        "/replica" | "/async" | "/sync" => matches!(role, Role::Replica | Role::Promoting),
         "/read-only" | "/health" | "/readiness" | "/patroni" => role != Role::Down,
         "/liveness" => true,
         _ => return 404,
