@@ -138,6 +138,8 @@ struct Stack {
     tpl_dir: PathBuf,
     haconfd_log: PathBuf,
     maxconn: u32,
+    /// The shipped template's `sync_port` (the synchronous-standby listener), when set.
+    sync_port: Option<u16>,
     dir: tempfile::TempDir,
 }
 
@@ -179,6 +181,7 @@ impl Stack {
             tpl_dir,
             haconfd_log: d.join("haconfd.log"),
             maxconn: 1000,
+            sync_port: None,
             dir,
         };
         s.write_config();
@@ -241,8 +244,21 @@ impl Stack {
             .var("stats_port", self.stats_port)
             .var("stats_socket", &self.admin_sock)
             .var("maxconn", self.maxconn);
+        if let Some(port) = self.sync_port {
+            b = b.var("sync_port", port);
+        }
         if self.server_state {
-            haproxy = haproxy.server_state(&self.admin_sock, &self.state_file);
+            haproxy = match self.sync_port {
+                None => haproxy.server_state(&self.admin_sock, &self.state_file),
+                Some(_) => haproxy.set(
+                    "server_state",
+                    common::config::Raw(format!(
+                        "{{ stats_socket = {}, file = {}, replica_backends = [\"replicas\", \"sync\"] }}",
+                        common::config::toml_str(&self.admin_sock),
+                        common::config::toml_str(&self.state_file)
+                    )),
+                ),
+            };
             b = b.var("hold_lua", self.tpl_dir.join("hold.lua"));
             pgbouncer =
                 pgbouncer.pgbouncer_admin(&self.pgb_dir, self.pgb_port, "pgbouncer", Some("15s"));
@@ -932,6 +948,76 @@ fn first_start_and_a_member_joining_moving_and_leaving_lose_no_writes_and_reload
         stack.diag()
     );
     stack.wait_read_from(cluster.node(&replica).pg_port);
+}
+
+/// `synchronous_mode: true` (set with `patronictl edit-config`): the sync listener serves reads
+/// from the synchronous standby only, and when that standby stops and Patroni names the other
+/// replica, the listener follows it through HAProxy's runtime API, with no reload.
+#[test]
+fn the_sync_listener_serves_the_synchronous_standby_and_follows_a_new_one() {
+    let _g = serial();
+    let etcd = Etcd::start();
+    let mut cluster = start_cluster(&etcd, "e2esync");
+    let mut stack = Stack::new(&cluster, true);
+    let sync_port = free_port();
+    stack.sync_port = Some(sync_port);
+    stack.write_config();
+    stack.first_render();
+    stack.start_haproxy();
+    stack.start_pgbouncer();
+    stack.start_haconfd();
+    cluster.edit_config("synchronous_mode=true");
+    let sync_key = format!("{}sync", cluster.key_prefix());
+    let standby = |etcd: &Etcd| -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(&etcd.get(&sync_key)?).ok()?;
+        v["sync_standby"].as_str().map(str::to_owned)
+    };
+    let mut first = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            first = standby(&etcd);
+            first.is_some()
+        }),
+        "Patroni named no synchronous standby:\n{}",
+        stack.diag()
+    );
+    let first = first.unwrap();
+    let port = cluster.node(&first).pg_port;
+    let served = |want: u16| {
+        wait_until(Duration::from_secs(20), || {
+            (0..4).all(|_| route(sync_port) == Ok((want, true)))
+        })
+    };
+    assert!(
+        served(port),
+        "reads on the sync listener do not reach {first} only:\n{}",
+        stack.diag()
+    );
+    let before = stack.reload_count();
+
+    cluster.stop_member(&first);
+    let mut next = None;
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            next = standby(&etcd).filter(|n| *n != first);
+            next.is_some()
+        }),
+        "Patroni named no other synchronous standby:\n{}",
+        stack.diag()
+    );
+    let next = next.unwrap();
+    let port = cluster.node(&next).pg_port;
+    assert!(
+        served(port),
+        "the sync listener did not follow {next}:\n{}",
+        stack.diag()
+    );
+    let p = stack.haproxy().proc_status();
+    println!(
+        "RESULT sync listener: {first} then {next}, reloads {}",
+        p.reloads() - before
+    );
+    assert_eq!(p.reloads(), before, "{}", stack.diag());
 }
 
 /// Write probes for a leader change: one on each node's own port (when does the new primary

@@ -532,6 +532,28 @@ impl PatroniCluster {
         }
     }
 
+    /// `patronictl edit-config --set <setting> --force` (e.g. `synchronous_mode=true`): the
+    /// cluster's dynamic configuration, applied by every member at its next HA loop.
+    pub fn edit_config(&self, setting: &str) {
+        let leader = self
+            .wait_leader(None, SWITCH_TIMEOUT)
+            .unwrap_or_else(|e| panic!("edit-config: no leader: {e:#}"));
+        let mut cmd = Command::new(&self.binaries.patronictl);
+        cmd.arg("-c").arg(&self.node(&leader).config_path).args([
+            "edit-config",
+            "--set",
+            setting,
+            "--force",
+        ]);
+        clean_env(&mut cmd);
+        let out = run_bounded(cmd, Duration::from_secs(60)).expect("run patronictl edit-config");
+        assert!(
+            out.0,
+            "patronictl edit-config --set {setting} failed:\n{}",
+            out.1
+        );
+    }
+
     /// Moves a member's PostgreSQL to `host` (another loopback address, same port), as a node
     /// re-addressed by its operator: stops it, rewrites its config (PostgreSQL listens on
     /// 127.0.0.1 and `host`, `connect_address` is `host`), starts it again and waits until it
