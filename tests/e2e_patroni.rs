@@ -140,6 +140,8 @@ struct Stack {
     maxconn: u32,
     /// The shipped template's `sync_port` (the synchronous-standby listener), when set.
     sync_port: Option<u16>,
+    /// The shipped template's `replica_fallback`.
+    replica_fallback: bool,
     dir: tempfile::TempDir,
 }
 
@@ -182,6 +184,7 @@ impl Stack {
             haconfd_log: d.join("haconfd.log"),
             maxconn: 1000,
             sync_port: None,
+            replica_fallback: false,
             dir,
         };
         s.write_config();
@@ -246,6 +249,9 @@ impl Stack {
             .var("maxconn", self.maxconn);
         if let Some(port) = self.sync_port {
             b = b.var("sync_port", port);
+        }
+        if self.replica_fallback {
+            b = b.var("replica_fallback", true);
         }
         if self.server_state {
             haproxy = match self.sync_port {
@@ -952,15 +958,18 @@ fn first_start_and_a_member_joining_moving_and_leaving_lose_no_writes_and_reload
 
 /// `synchronous_mode: true` (set with `patronictl edit-config`): the sync listener serves reads
 /// from the synchronous standby only, and when that standby stops and Patroni names the other
-/// replica, the listener follows it through HAProxy's runtime API, with no reload.
+/// replica, the listener follows it through HAProxy's runtime API, with no reload. With
+/// `replica_fallback`, reads reach the primary once no replica is left, and never before.
 #[test]
-fn the_sync_listener_serves_the_synchronous_standby_and_follows_a_new_one() {
+fn the_sync_listener_follows_the_synchronous_standby_and_reads_fall_back_to_the_primary_without_replicas(
+) {
     let _g = serial();
     let etcd = Etcd::start();
     let mut cluster = start_cluster(&etcd, "e2esync");
     let mut stack = Stack::new(&cluster, true);
     let sync_port = free_port();
     stack.sync_port = Some(sync_port);
+    stack.replica_fallback = true;
     stack.write_config();
     stack.first_render();
     stack.start_haproxy();
@@ -1018,6 +1027,23 @@ fn the_sync_listener_serves_the_synchronous_standby_and_follows_a_new_one() {
         p.reloads() - before
     );
     assert_eq!(p.reloads(), before, "{}", stack.diag());
+
+    // `replica_fallback`: with both replicas stopped, reads through the replica port reach the
+    // primary (its backup server there); with a replica up they never do.
+    let leader = cluster.wait_leader(None, patroni::SWITCH_TIMEOUT).unwrap();
+    let leader_port = cluster.node(&leader).pg_port;
+    assert!(
+        (0..8).all(|_| route(stack.replica_port).is_ok_and(|(p, _)| p != leader_port)),
+        "a read reached the primary while a replica is up:\n{}",
+        stack.diag()
+    );
+    cluster.stop_member(&next);
+    assert!(
+        wait_until(Duration::from_secs(20), || route(stack.replica_port)
+            == Ok((leader_port, false))),
+        "with no replica, reads did not fall back to the primary:\n{}",
+        stack.diag()
+    );
 }
 
 /// Write probes for a leader change: one on each node's own port (when does the new primary

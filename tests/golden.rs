@@ -245,3 +245,35 @@ fn patroni4_sync_listener_lists_the_synchronous_standby_only() {
     let (ok, output) = haproxy_check(&text);
     assert!(ok, "haproxy -c: {output}");
 }
+
+/// `replica_fallback`: the leader joins the replica listener as a `backup` server that tracks
+/// its server in the primary listener (reads go to it only while no replica is UP, and only
+/// while it takes writes). The file passes `haproxy -c`.
+#[test]
+fn patroni4_replica_fallback_adds_the_leader_as_a_tracking_backup() {
+    let snap = Snapshot::from_file(&root().join("tests/fixtures/patroni4-kv.json")).unwrap();
+    let mut s = settings();
+    s.targets[0]
+        .vars
+        .insert("replica_fallback".into(), true.into());
+    let mut engine = Engine::new(Arc::new(s)).unwrap();
+    let out = engine
+        .render(&snap, Some("haproxy"))
+        .unwrap()
+        .remove(0)
+        .bytes;
+    let path = root().join("tests/golden/patroni4-fallback-haproxy.cfg");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &out).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(text, want, "differs from {}", path.display());
+    let replicas = text.split("listen replicas").nth(1).unwrap();
+    assert!(
+        replicas.contains("server pg2-primary 127.0.0.1:5442 maxconn 100 backup track primary/pg2"),
+        "{replicas}"
+    );
+    let (ok, output) = haproxy_check(&text);
+    assert!(ok, "haproxy -c: {output}");
+}

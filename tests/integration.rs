@@ -744,6 +744,43 @@ fn the_sync_listener_follows_the_synchronous_standby_without_a_reload() {
     assert_eq!(h.reload_count(), before, "{}", d.log());
 }
 
+/// `replica_fallback`: with its only replica failing its checks, reads go to the primary (a
+/// `backup` server tracking the primary listener's leader), and back to the replica once it
+/// passes again. Without it, the replica port serves nothing meanwhile.
+#[test]
+fn reads_fall_back_to_the_primary_only_while_no_replica_is_up() {
+    for fallback in [true, false] {
+        let w = World::new("fallback");
+        let a = FakeMember::start("pga", Role::Primary);
+        let b = FakeMember::start("pgb", Role::Replica);
+        w.put_member(&a.name, &a.member_json("master"));
+        w.put_member(&b.name, &b.member_json("replica"));
+        w.put_leader(&a.name);
+        let block = |reload: Option<Reload>| {
+            w.haproxy_block(&World::haproxy_check(), reload)
+                .var("replica_fallback", fallback)
+        };
+        let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "1s")];
+        let cfg = w.write_config(daemon_cfg, &[block(None)]);
+        w.once_ok(&cfg, &["--no-reload"]);
+        let h = start_haproxy(&w);
+        let cfg = w.write_config(daemon_cfg, &[block(Some(World::haproxy_reload(&h)))]);
+        let d = Daemon::start(&cfg);
+        wait_banner(w.replica_port, "pgb", Duration::from_secs(5)).unwrap();
+        // pgb's Patroni says it is down: its checks fail (inter 300ms, fall 1).
+        b.health.set_role(Role::Down);
+        std::thread::sleep(Duration::from_millis(1200));
+        let read = tcp_banner(w.replica_port, Duration::from_millis(800));
+        match fallback {
+            true => assert_eq!(read.ok().as_deref(), Some("pga"), "{}", d.log()),
+            false => assert!(read.is_err(), "{read:?}"),
+        }
+        b.health.set_role(Role::Replica);
+        wait_banner(w.replica_port, "pgb", Duration::from_secs(5)).unwrap();
+        assert_eq!(h.failed_reloads(), 0);
+    }
+}
+
 /// `server_state.membership = "reload"`: a joining member costs one reload, as before.
 #[test]
 fn with_membership_reload_a_joining_member_reloads_haproxy_once() {

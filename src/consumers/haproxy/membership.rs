@@ -212,6 +212,8 @@ pub enum Change {
         /// Where its health check goes now (for a server with `check`): set explicitly, since
         /// HAProxy may hold an address or port from the old line or an earlier change.
         check: Option<(String, u16)>,
+        /// It tracks another server (`track`), whose state it takes: no `health` command.
+        tracks: bool,
     },
 }
 
@@ -291,15 +293,19 @@ pub fn diff(old: &Layout, new: &Layout) -> Result<Vec<Change>, String> {
             addr: line.addr.clone(),
             port: line.port,
             check: line.keywords.iter().any(|k| k == "check").then_some(check),
+            tracks: line.keywords.iter().any(|k| k == "track"),
         });
     }
-    for (backend, server) in old.servers.keys() {
-        if !new.servers.contains_key(&(backend.clone(), server.clone())) {
-            out.push(Change::Remove {
-                backend: backend.clone(),
-                server: server.clone(),
-            });
-        }
+    // Servers that track another go first: HAProxy deletes no server another one tracks.
+    let mut gone: Vec<(&(String, String), &ServerLine)> = (old.servers.iter())
+        .filter(|(key, _)| !new.servers.contains_key(*key))
+        .collect();
+    gone.sort_by_key(|(_, line)| !line.keywords.iter().any(|k| k == "track"));
+    for ((backend, server), _) in gone {
+        out.push(Change::Remove {
+            backend: backend.clone(),
+            server: server.clone(),
+        });
     }
     Ok(out)
 }
@@ -369,6 +375,7 @@ fn commands(changes: &[(Change, Rules)]) -> (Vec<Command>, Vec<String>) {
                         .to_owned(),
                     &["New server registered"],
                 ));
+                let tracks = keywords.iter().any(|k| k == "track");
                 if keywords.iter().any(|k| k == "check") {
                     cmds.push(Command::quiet(format!("enable health {srv}")));
                 }
@@ -379,7 +386,9 @@ fn commands(changes: &[(Change, Rules)]) -> (Vec<Command>, Vec<String>) {
                 if keywords.iter().any(|k| k == "disabled") {
                     continue;
                 }
-                if rules.starts_down {
+                // A server that tracks another takes that one's state (HAProxy refuses
+                // `health` on it).
+                if rules.starts_down && !tracks {
                     // Out of maintenance through drain (no new connection), DOWN, then ready:
                     // `enable server` alone would make it UP at once.
                     cmds.push(Command::quiet(format!("set server {srv} state drain")));
@@ -388,9 +397,13 @@ fn commands(changes: &[(Change, Rules)]) -> (Vec<Command>, Vec<String>) {
                 cmds.push(Command::quiet(format!("set server {srv} state ready")));
             }
             Change::Readdress {
-                addr, port, check, ..
+                addr,
+                port,
+                check,
+                tracks,
+                ..
             } => {
-                if rules.starts_down {
+                if rules.starts_down && !tracks {
                     cmds.push(Command::quiet(format!("set server {srv} health down")));
                 }
                 cmds.push(Command::answering(
@@ -750,6 +763,28 @@ mod tests {
     }
 
     #[test]
+    fn a_server_that_tracks_a_leaving_one_is_deleted_first() {
+        let old = OLD.to_owned()
+            + "    server pg2-primary 127.0.0.1:5442 maxconn 100 backup track primary/pg2\n";
+        let new = OLD
+            .replace(
+                "    server pg2 127.0.0.1:5442 maxconn 100 check port 8012\n",
+                "",
+            )
+            .replace("    server pg2 127.0.0.1:5442 check port 8012\n", "");
+        let c = changes(&old, &new).unwrap();
+        let order: Vec<_> = c.iter().map(|c| c.server()).collect();
+        assert_eq!(
+            order,
+            [
+                ("replicas", "pg2-primary"),
+                ("primary", "pg2"),
+                ("replicas", "pg2")
+            ]
+        );
+    }
+
+    #[test]
     fn a_moved_member_is_readdressed_with_its_check() {
         let new = OLD.replace(
             "    server pg2 127.0.0.1:5442 check port 8012\n",
@@ -764,6 +799,7 @@ mod tests {
                 addr: "127.0.0.2".into(),
                 port: 5442,
                 check: Some(("127.0.0.3".into(), 8012)),
+                tracks: false,
             }]
         );
         // The REST API stays where the server was: the check must not follow the server to its

@@ -39,6 +39,8 @@ pub struct ConfigServer {
     pub addr: String,
     /// Port.
     pub port: u16,
+    /// It tracks another server (`track`): its state is that server's, not its own.
+    pub tracks: bool,
 }
 
 /// Reads `listen`/`backend` sections and their `server NAME ADDR:PORT` lines from a rendered
@@ -63,12 +65,14 @@ pub fn config_servers(cfg: &str) -> Vec<ConfigServer> {
         let (Some(backend), Some(name), Some(addr)) = (&section, words.next(), words.next()) else {
             continue;
         };
+        let tracks = words.any(|w| w == "track");
         if let Some((host, port)) = split_addr(addr) {
             out.push(ConfigServer {
                 backend: backend.clone(),
                 name: name.to_owned(),
                 addr: host,
                 port,
+                tracks,
             });
         }
     }
@@ -198,7 +202,12 @@ pub fn build_many(
     let known = !live.is_empty();
     let owners = Owners::new(clusters);
     let mut out = format!("{VERSION}\n{HEADER}\n");
-    for s in config_servers(rendered_cfg) {
+    // A server that tracks another (the primary as a replica backend's fallback) takes that
+    // server's state: it gets no line of its own.
+    for s in config_servers(rendered_cfg)
+        .into_iter()
+        .filter(|s| !s.tracks)
+    {
         let allowed = owners.permitted(&s.backend, &s.name);
         let saved = live
             .remove(&(s.backend.clone(), s.name.clone()))
@@ -368,6 +377,17 @@ mod tests {
     }
 
     #[test]
+    fn a_server_that_tracks_another_gets_no_state_line() {
+        let cfg_text = CFG.to_owned()
+            + "    server pg1-primary 127.0.0.1:5441 maxconn 100 backup track primary/pg1\n";
+        let live = "1\n# header\n4 replicas 3 pg1-primary 127.0.0.1 0 0 1 1 20 15 3 4 6 0 0 0 - 5441 - 0 0 - - 0\n";
+        for dump in ["", live] {
+            let out = build(&cfg(), &cfg_text, &cluster(), dump);
+            assert!(!out.contains("pg1-primary"), "{out}");
+        }
+    }
+
+    #[test]
     fn config_servers_are_read_per_section() {
         let s = config_servers(CFG);
         assert_eq!(s.len(), 4);
@@ -377,7 +397,8 @@ mod tests {
                 backend: "replicas".into(),
                 name: "pg2".into(),
                 addr: "127.0.0.1".into(),
-                port: 5442
+                port: 5442,
+                tracks: false,
             }
         );
         assert_eq!(split_addr("[::1]:5432"), Some(("::1".into(), 5432)));
