@@ -63,6 +63,35 @@ fn haproxy_check(text: &str) -> (bool, String) {
     Haproxy::check_config(&cfg)
 }
 
+/// Renders the haproxy target from `snap` with `vars` added, compares it with the golden file
+/// `expected` (written anew with `UPDATE_GOLDEN=1`), checks it with `haproxy -c`, and returns it.
+fn golden_haproxy_with(
+    snap: &Snapshot,
+    vars: &[(&str, serde_json::Value)],
+    expected: &str,
+) -> String {
+    let mut s = settings();
+    for (k, v) in vars {
+        s.targets[0].vars.insert((*k).into(), v.clone());
+    }
+    let mut engine = Engine::new(Arc::new(s)).unwrap();
+    let out = engine
+        .render(snap, Some("haproxy"))
+        .unwrap()
+        .remove(0)
+        .bytes;
+    let path = root().join("tests/golden").join(expected);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &out).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(text, want, "differs from {}", path.display());
+    let (ok, output) = haproxy_check(&text);
+    assert!(ok, "haproxy -c: {output}");
+    text
+}
+
 #[test]
 fn patroni3_haproxy_lists_every_member_in_both_listeners() {
     golden("patroni3-kv.json", "haproxy", "patroni3-haproxy.cfg");
@@ -179,23 +208,9 @@ fn patroni4_tag_route_lists_the_tagged_members_without_noloadbalance() {
     for (k, v) in puts {
         snap.put(k, v);
     }
-    let mut s = settings();
     let route =
         serde_json::json!([{ "name": "olap", "port": 5003, "tag": "workload", "value": "olap" }]);
-    s.targets[0].vars.insert("tag_routes".into(), route);
-    let mut engine = Engine::new(Arc::new(s)).unwrap();
-    let out = engine
-        .render(&snap, Some("haproxy"))
-        .unwrap()
-        .remove(0)
-        .bytes;
-    let path = root().join("tests/golden/patroni4-tags-haproxy.cfg");
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &out).unwrap();
-    }
-    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let text = String::from_utf8(out).unwrap();
-    assert_eq!(text, want, "differs from {}", path.display());
+    let text = golden_haproxy_with(&snap, &[("tag_routes", route)], "patroni4-tags-haproxy.cfg");
     let olap = text.split("listen olap").nth(1).expect("the olap listener");
     assert!(olap.contains("HEAD /replica?tag_workload=olap"), "{olap}");
     assert!(olap.contains("server pg1 "), "{olap}");
@@ -203,8 +218,6 @@ fn patroni4_tag_route_lists_the_tagged_members_without_noloadbalance() {
         !olap.contains("server pg2 ") && !olap.contains("server pg3 "),
         "{olap}"
     );
-    let (ok, output) = haproxy_check(&text);
-    assert!(ok, "haproxy -c: {output}");
 }
 
 /// `sync_port`: a listener for the leader's synchronous standbys only (Patroni's `sync` key),
@@ -216,21 +229,11 @@ fn patroni4_sync_listener_lists_the_synchronous_standby_only() {
         "/service/demo/sync".into(),
         br#"{"leader":"pg2","sync_standby":"pg3"}"#.to_vec(),
     );
-    let mut s = settings();
-    s.targets[0].vars.insert("sync_port".into(), 5002.into());
-    let mut engine = Engine::new(Arc::new(s)).unwrap();
-    let out = engine
-        .render(&snap, Some("haproxy"))
-        .unwrap()
-        .remove(0)
-        .bytes;
-    let path = root().join("tests/golden/patroni4-sync-haproxy.cfg");
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &out).unwrap();
-    }
-    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let text = String::from_utf8(out).unwrap();
-    assert_eq!(text, want, "differs from {}", path.display());
+    let text = golden_haproxy_with(
+        &snap,
+        &[("sync_port", 5002.into())],
+        "patroni4-sync-haproxy.cfg",
+    );
     let sync = text.split("listen sync").nth(1).expect("the sync listener");
     let sync = sync.split("\nlisten ").next().unwrap();
     assert!(
@@ -242,8 +245,6 @@ fn patroni4_sync_listener_lists_the_synchronous_standby_only() {
         !sync.contains("server pg1 ") && !sync.contains("server pg2 "),
         "{sync}"
     );
-    let (ok, output) = haproxy_check(&text);
-    assert!(ok, "haproxy -c: {output}");
 }
 
 /// `replica_fallback`: the leader joins the replica listener as a `backup` server that tracks
@@ -252,28 +253,14 @@ fn patroni4_sync_listener_lists_the_synchronous_standby_only() {
 #[test]
 fn patroni4_replica_fallback_adds_the_leader_as_a_tracking_backup() {
     let snap = Snapshot::from_file(&root().join("tests/fixtures/patroni4-kv.json")).unwrap();
-    let mut s = settings();
-    s.targets[0]
-        .vars
-        .insert("replica_fallback".into(), true.into());
-    let mut engine = Engine::new(Arc::new(s)).unwrap();
-    let out = engine
-        .render(&snap, Some("haproxy"))
-        .unwrap()
-        .remove(0)
-        .bytes;
-    let path = root().join("tests/golden/patroni4-fallback-haproxy.cfg");
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &out).unwrap();
-    }
-    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let text = String::from_utf8(out).unwrap();
-    assert_eq!(text, want, "differs from {}", path.display());
+    let text = golden_haproxy_with(
+        &snap,
+        &[("replica_fallback", true.into())],
+        "patroni4-fallback-haproxy.cfg",
+    );
     let replicas = text.split("listen replicas").nth(1).unwrap();
     assert!(
         replicas.contains("server pg2-primary 127.0.0.1:5442 maxconn 100 backup track primary/pg2"),
         "{replicas}"
     );
-    let (ok, output) = haproxy_check(&text);
-    assert!(ok, "haproxy -c: {output}");
 }

@@ -640,6 +640,30 @@ fn a_member_that_joins_moves_and_leaves_reaches_haproxy_without_a_reload() {
     assert!(h.is_running());
 }
 
+/// HAProxy (started from `once --no-reload`) and the daemon, the shipped template with `var`
+/// set and `extra` named in `server_state.replica_backends` next to `replicas`.
+fn haproxy_and_daemon_for_reads(w: &World, var: (&str, Raw), extra: &str) -> (Haproxy, Daemon) {
+    let block = |reload: Option<Reload>| {
+        w.haproxy_block(&World::haproxy_check(), reload)
+            .var(var.0, Raw(var.1 .0.clone()))
+            .set(
+                "server_state",
+                Raw(format!(
+                    "{{ stats_socket = {}, file = {}, replica_backends = [\"replicas\", {}] }}",
+                    toml_str(w.admin_sock()),
+                    toml_str(w.server_state()),
+                    toml_str(extra)
+                )),
+            )
+    };
+    let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "1s")];
+    let cfg = w.write_config(daemon_cfg, &[block(None)]);
+    w.once_ok(&cfg, &["--no-reload"]);
+    let h = start_haproxy(w);
+    let cfg = w.write_config(daemon_cfg, &[block(Some(World::haproxy_reload(&h)))]);
+    (h, Daemon::start(&cfg))
+}
+
 /// `tag_routes` (reads by tag): a replica that gains the route's tag joins its listener through
 /// the runtime API, with no reload, waits DOWN for its checks there (the route is a replica
 /// backend), and serves reads through it once `/replica?tag_workload=olap` answers.
@@ -654,24 +678,7 @@ fn a_replica_tagged_for_a_read_route_joins_its_listener_without_a_reload() {
     let olap = free_port();
     let route =
         format!("[{{ name = \"olap\", port = {olap}, tag = \"workload\", value = \"olap\" }}]");
-    let block = |reload: Option<Reload>| {
-        w.haproxy_block(&World::haproxy_check(), reload)
-            .var("tag_routes", Raw(route.clone()))
-            .set(
-                "server_state",
-                Raw(format!(
-                    "{{ stats_socket = {}, file = {}, replica_backends = [\"replicas\", \"olap\"] }}",
-                    toml_str(w.admin_sock()),
-                    toml_str(w.server_state())
-                )),
-            )
-    };
-    let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "1s")];
-    let cfg = w.write_config(daemon_cfg, &[block(None)]);
-    w.once_ok(&cfg, &["--no-reload"]);
-    let h = start_haproxy(&w);
-    let cfg = w.write_config(daemon_cfg, &[block(Some(World::haproxy_reload(&h)))]);
-    let d = Daemon::start(&cfg);
+    let (h, d) = haproxy_and_daemon_for_reads(&w, ("tag_routes", Raw(route)), "olap");
     assert!(servers_in(&read(&w.haproxy_cfg()), "olap").is_empty());
     let before = h.reload_count();
 
@@ -705,24 +712,8 @@ fn the_sync_listener_follows_the_synchronous_standby_without_a_reload() {
     w.etcd()
         .put(&w.key("sync"), r#"{"leader":"pga","sync_standby":"pgb"}"#);
     let sync_port = free_port();
-    let block = |reload: Option<Reload>| {
-        w.haproxy_block(&World::haproxy_check(), reload)
-            .var("sync_port", sync_port)
-            .set(
-                "server_state",
-                Raw(format!(
-                    "{{ stats_socket = {}, file = {}, replica_backends = [\"replicas\", \"sync\"] }}",
-                    toml_str(w.admin_sock()),
-                    toml_str(w.server_state())
-                )),
-            )
-    };
-    let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "1s")];
-    let cfg = w.write_config(daemon_cfg, &[block(None)]);
-    w.once_ok(&cfg, &["--no-reload"]);
-    let h = start_haproxy(&w);
-    let cfg = w.write_config(daemon_cfg, &[block(Some(World::haproxy_reload(&h)))]);
-    let d = Daemon::start(&cfg);
+    let (h, d) =
+        haproxy_and_daemon_for_reads(&w, ("sync_port", Raw(sync_port.to_string())), "sync");
     assert_eq!(servers_in(&read(&w.haproxy_cfg()), "sync").len(), 1);
     wait_banner(sync_port, "pgb", Duration::from_secs(5)).unwrap();
     let before = h.reload_count();
