@@ -185,7 +185,9 @@ impl<'p> Run<'p> {
         let (changed, retired) = match swapped {
             Ok(done) => done,
             Err(failure) => {
-                if let Some(Ok(())) = sent {
+                // Whatever HAProxy took of the change (all of it, or part before a refusal)
+                // goes: it is reloaded onto the last good file.
+                if sent.is_some() {
                     self.revert_runtime(group, setup).await;
                 }
                 for &i in group {
@@ -290,7 +292,7 @@ impl<'p> Run<'p> {
         (!work.is_empty()).then_some(work)
     }
 
-    /// HAProxy took a member change whose file its check then refused: it is reloaded onto
+    /// HAProxy was sent a member change whose file its check then refused: it is reloaded onto
     /// the known-good file still in place (with its server state prepared), so that it runs
     /// what the file says. A failure leaves it due for a reload at the next pass.
     async fn revert_runtime(&mut self, group: &[usize], setup: &Setup) {
