@@ -484,6 +484,16 @@ fn a_member_that_joins_moves_and_leaves_reaches_haproxy_without_a_reload() {
         tcp_banner(w.replica_port, Duration::from_millis(500)).is_err(),
         "the replica port served something before any replica joined"
     );
+    let check = w.haconfd(&w.path("haconfd.toml"), &["check"]);
+    assert!(
+        stdout_of(&check).contains(&format!(
+            "members of \"haproxy\": HAProxy's runtime API on {} (",
+            w.admin_sock().display()
+        )),
+        "{}{}",
+        stdout_of(&check),
+        stderr_of(&check)
+    );
     let before = h.reload_count();
     let worker = h.proc_status().workers;
     assert_eq!(worker.len(), 1, "{}", h.show_proc());
@@ -782,6 +792,15 @@ fn with_membership_reload_a_joining_member_reloads_haproxy_once() {
     w.put_leader(&a.name);
     let daemon_cfg: &[(&str, &str)] = &[("min_interval", "300ms"), ("retry_interval", "1s")];
     let (h, d) = haproxy_and_daemon_via(&w, daemon_cfg, "reload");
+    let check = w.haconfd(&w.path("haconfd.toml"), &["check"]);
+    assert!(
+        stdout_of(&check).contains(
+            "members of \"haproxy\": a reload for every change (server_state.membership = \"reload\")"
+        ),
+        "{}{}",
+        stdout_of(&check),
+        stderr_of(&check)
+    );
     wait_banner(w.primary_port, &a.name, Duration::from_secs(5)).unwrap();
     let before = h.reload_count();
     let rev = w.put_member(&b.name, &b.member_json("replica"));
