@@ -1126,7 +1126,7 @@ fn a_stray_key_in_a_citus_scope_keeps_every_group_and_is_named_in_a_warning() {
 }
 
 /// With the shipped `haproxy-clusters.cfg.tera` and `server_state` per scope, a member joining
-/// and one leaving clusters behind one HAProxy reach it through its runtime API: no reload, the
+/// one of the clusters behind one HAProxy reaches it through its runtime API: no reload, the
 /// live servers of every backend as the file says. (The rig's members have no REST API, so the
 /// shipped template's checks keep them DOWN: routing is `tests/e2e_clusters.rs`'s.)
 #[test]
@@ -1169,6 +1169,14 @@ fn members_of_several_clusters_reach_one_haproxy_through_the_runtime_api_without
         "alpha3 did not reach HAProxy:\n{}",
         rig.diag()
     );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rig.haproxy_reloads(), before, "{}", rig.diag());
+    assert!(rig
+        .log()
+        .contains("member change applied through HAProxy's runtime API"));
+    // A member leaving: through the runtime API from HAProxy 2.9 on, a reload before (its `del
+    // server` can crash a worker with streams on the server); either way the live servers end
+    // as the file says.
     rig.etcd().delete(&format!("{}/beta/members/beta2", rig.ns));
     assert!(
         wait_until(Duration::from_secs(10), || !read(&rig.haproxy_cfg())
@@ -1177,11 +1185,6 @@ fn members_of_several_clusters_reach_one_haproxy_through_the_runtime_api_without
         "beta2 did not leave HAProxy:\n{}",
         rig.diag()
     );
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(rig.haproxy_reloads(), before, "{}", rig.diag());
-    assert!(rig
-        .log()
-        .contains("member change applied through HAProxy's runtime API"));
 }
 
 #[test]

@@ -270,6 +270,12 @@ impl<'p> Run<'p> {
                     return None;
                 }
             };
+            if changes.iter().any(membership::Change::is_removal)
+                && !membership::deletes_safely(&ss.stats_socket).await
+            {
+                tracing::info!(target = %t.name, "a server leaves: reloading (this HAProxy is older than 2.9, whose `del server` can crash a worker that still has streams on the server)");
+                return None;
+            }
             let per = server_state::per_cluster(ss, setup.mode.is_many(), &self.ss_views);
             let pairs = server_state::pairs(&per, &self.ss_views);
             let owners = server_state::Owners::new(&pairs);

@@ -218,6 +218,11 @@ pub enum Change {
 }
 
 impl Change {
+    /// Whether it deletes a server.
+    pub fn is_removal(&self) -> bool {
+        matches!(self, Change::Remove { .. })
+    }
+
     /// The backend and server it concerns.
     pub fn server(&self) -> (&str, &str) {
         match self {
@@ -553,6 +558,34 @@ pub async fn verify(socket: &Path, layout: &Layout) -> Result<(), String> {
     matches(layout, &dump)
 }
 
+/// Whether the HAProxy behind `socket` deletes servers safely: version 2.9 or later. Before,
+/// `del server` can free a server that a stream still points at, and the worker crashes
+/// (HAProxy issue #2323, fixed by "BUG/MEDIUM: server/cli: don't delete a dynamic server that
+/// has streams" in 2.9-dev6; seen here with Debian 12's 2.6.12: a worker ended with SIGSEGV
+/// after `del server` of a replica that had carried reads). False when the version cannot be
+/// read.
+pub async fn deletes_safely(socket: &Path) -> bool {
+    let Ok(info) = super::cli(socket, "show info", ANSWER_TIMEOUT).await else {
+        return false;
+    };
+    version_at_least(&info, (2, 9))
+}
+
+/// Whether `show info`'s `Version:` line is at least `want` (major, minor).
+fn version_at_least(show_info: &str, want: (u32, u32)) -> bool {
+    let Some(v) = show_info
+        .lines()
+        .find_map(|l| l.strip_prefix("Version:"))
+        .map(str::trim)
+    else {
+        return false;
+    };
+    let mut parts = v.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|p| p.parse::<u32>().ok());
+    let minor = parts.next().and_then(|p| p.parse::<u32>().ok());
+    matches!((major, minor), (Some(a), Some(b)) if (a, b) >= want)
+}
+
 /// Applies `changes` (from [`diff`] of `old` and `new`, each with its [`Rules`]) to the HAProxy
 /// behind `socket`: first checks that it runs `old`'s servers, then sends the commands, then
 /// checks that it runs `new`'s. Any refusal or difference is the error, and the caller reloads.
@@ -599,7 +632,7 @@ pub fn describe(ss: &ServerStateConfig, cfg: &str) -> String {
         ));
     }
     let mut out = format!(
-        "HAProxy's runtime API on {} (add server, del server, set server addr; the live list checked with show servers state; a reload when more than servers change or HAProxy refuses)",
+        "HAProxy's runtime API on {} (add server, set server addr, and del server from HAProxy 2.9 on: before, a server that leaves reloads; the live list checked with show servers state; a reload when more than servers change or HAProxy refuses)",
         ss.stats_socket.display()
     );
     for r in reloads {
@@ -760,6 +793,18 @@ mod tests {
             );
             assert_eq!(dels, ["replicas/pg2"]);
         }
+    }
+
+    #[test]
+    fn servers_are_deleted_at_runtime_from_haproxy_2_9_on() {
+        assert!(!version_at_least(
+            "Name: HAProxy\nVersion: 2.6.12-1+deb12u4\n",
+            (2, 9)
+        ));
+        assert!(!version_at_least("Version: 2.8.5-aaba8d0\n", (2, 9)));
+        assert!(version_at_least("Version: 2.9.0\n", (2, 9)));
+        assert!(version_at_least("Version: 3.0.1-1\n", (2, 9)));
+        assert!(!version_at_least("no version here", (2, 9)));
     }
 
     #[test]
