@@ -287,12 +287,23 @@ fn slow_hooks() -> Setup {
     }
 }
 
-/// A switchover as Patroni makes it: the request (haconfd fences pg1, pauses PgBouncer), then
-/// the leader key on pg2 with its REST API writable; writes reach pg2 through both.
-fn switchover(rig: &Rig) {
+/// A switchover as Patroni makes it: the request (haconfd fences pg1, pauses PgBouncer), the
+/// leader key deleted and a pass without a leader (which the failures panel shows: the rig's
+/// `complete_switch` writes both keys within a millisecond, and one pass may take them
+/// together), then the leader key on pg2 with its REST API writable; writes reach pg2 through
+/// both.
+fn switchover_with_a_leaderless_pass(rig: &Rig) {
     rig.put("failover", r#"{"leader":"pg1","member":"pg2"}"#);
     rig.wait_server("primary", "pg1", (UP, DRAIN), Duration::from_secs(3));
     rig.wait_log("PgBouncer paused", Duration::from_secs(3));
+    rig.delete("leader");
+    assert!(
+        wait_until(Duration::from_secs(5), || rig
+            .metrics()
+            .contains("haconfd_failures_total{")),
+        "no pass failed without a leader:\n{}",
+        rig.metrics()
+    );
     rig.complete_switch("pg1", "pg2");
     rig.assert_writes_reach("pg2", Duration::from_secs(5), "after the switchover");
 }
@@ -317,7 +328,7 @@ fn prometheus_scrapes_a_switchover_every_panel_has_data_and_every_alert_evaluate
     );
     // A few scrapes before the switchover, so that rates have a before.
     std::thread::sleep(Duration::from_secs(3));
-    switchover(&rig);
+    switchover_with_a_leaderless_pass(&rig);
     assert!(
         wait_until(Duration::from_secs(20), || prom.value(
             "haconfd_failover_switch_seconds_count{consumer=\"pgbouncer\"}"
