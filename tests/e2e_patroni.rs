@@ -914,7 +914,7 @@ fn first_start_and_a_member_joining_moving_and_leaving_lose_no_writes_and_reload
     );
     assert_eq!(
         p.reloads(),
-        before.reloads() + removal_reloads(&stack.admin_sock),
+        before.reloads() + common::procs::removal_reloads(&stack.admin_sock),
         "{}",
         stack.diag()
     );
@@ -1037,7 +1037,7 @@ fn the_sync_listener_follows_the_synchronous_standby_and_reads_fall_back_to_the_
     // The first standby leaving the listener is a removal: a reload before HAProxy 2.9.
     assert_eq!(
         p.reloads(),
-        before + removal_reloads(&stack.admin_sock),
+        before + common::procs::removal_reloads(&stack.admin_sock),
         "{}",
         stack.diag()
     );
@@ -1058,22 +1058,6 @@ fn the_sync_listener_follows_the_synchronous_standby_and_reads_fall_back_to_the_
         "with no replica, reads did not fall back to the primary:\n{}",
         stack.diag()
     );
-}
-
-/// The reloads a server leaving costs: none from HAProxy 2.9 on (`del server`), one before
-/// (`del server` can crash a worker that has streams on the server: HAProxy issue #2323).
-fn removal_reloads(admin_sock: &Path) -> u32 {
-    let info = common::procs::unix_cmd(admin_sock, "show info", Duration::from_secs(2)).unwrap();
-    let version = info
-        .lines()
-        .find_map(|l| l.strip_prefix("Version:"))
-        .unwrap_or_default()
-        .trim();
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    match (parts.next(), parts.next()) {
-        (Some(a), Some(b)) if (a, b) >= (2, 9) => 0,
-        _ => 1,
-    }
 }
 
 /// Write probes for a leader change: one on each node's own port (when does the new primary

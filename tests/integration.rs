@@ -416,22 +416,6 @@ fn haproxy_and_daemon_via(
     (h, d)
 }
 
-/// The reloads a member leaving costs: none from HAProxy 2.9 on (`del server`), one before
-/// (`del server` can crash a worker that has streams on the server: HAProxy issue #2323).
-fn removal_reloads(w: &World) -> u32 {
-    let info = unix_cmd(&w.admin_sock(), "show info", Duration::from_secs(2)).unwrap();
-    let version = info
-        .lines()
-        .find_map(|l| l.strip_prefix("Version:"))
-        .unwrap_or_default()
-        .trim();
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    match (parts.next(), parts.next()) {
-        (Some(a), Some(b)) if (a, b) >= (2, 9) => 0,
-        _ => 1,
-    }
-}
-
 /// HAProxy's live servers (`show servers state` on the admin socket) of `backend`: name,
 /// address and port, sorted.
 fn live_servers(w: &World, backend: &str) -> Vec<String> {
@@ -597,7 +581,7 @@ fn a_member_that_joins_moves_and_leaves_reaches_haproxy_without_a_reload() {
         "pgb is still in the file; haconfd log:\n{}",
         d.log()
     );
-    let before = before + removal_reloads(&w);
+    let before = before + common::procs::removal_reloads(&w.admin_sock());
     assert!(
         h.wait_reloads(before, Duration::from_secs(5)),
         "{}",
@@ -771,7 +755,7 @@ fn the_sync_listener_follows_the_synchronous_standby() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         h.reload_count(),
-        before + removal_reloads(&w),
+        before + common::procs::removal_reloads(&w.admin_sock()),
         "{}",
         d.log()
     );

@@ -572,7 +572,7 @@ pub async fn deletes_safely(socket: &Path) -> bool {
 }
 
 /// Whether `show info`'s `Version:` line is at least `want` (major, minor).
-fn version_at_least(show_info: &str, want: (u32, u32)) -> bool {
+pub fn version_at_least(show_info: &str, want: (u32, u32)) -> bool {
     let Some(v) = show_info
         .lines()
         .find_map(|l| l.strip_prefix("Version:"))
