@@ -436,12 +436,6 @@ impl Stack {
         ) else {
             return false;
         };
-        let mut live: Vec<String> = dump
-            .lines()
-            .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            .filter(|f| f.len() >= 19 && !f[0].starts_with('#'))
-            .map(|f| format!("{} {} {}:{}", f[1], f[3], f[4], f[18]))
-            .collect();
         let mut file = Vec::new();
         let mut section = "";
         for line in cfg.lines() {
@@ -454,6 +448,19 @@ impl Stack {
                 _ => {}
             }
         }
+        // A server haconfd parked in maintenance when it left (HAProxy before 2.9) is out of
+        // the file until the next reload.
+        let named = |backend: &str, name: &str| {
+            file.iter()
+                .any(|f| f.starts_with(&format!("{backend} {name} ")))
+        };
+        let mut live: Vec<String> = dump
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() >= 19 && !f[0].starts_with('#'))
+            .filter(|f| f[6].parse::<u32>().unwrap_or(0) & 1 == 0 || named(f[1], f[3]))
+            .map(|f| format!("{} {} {}:{}", f[1], f[3], f[4], f[18]))
+            .collect();
         live.sort();
         file.sort();
         live == file
@@ -796,7 +803,7 @@ fn reloads_under_write_load_lose_no_writes() {
 }
 
 #[test]
-fn first_start_and_a_member_joining_moving_and_leaving_lose_no_writes_and_reload_only_to_remove() {
+fn first_start_and_a_member_joining_moving_and_leaving_lose_no_writes_and_reload_nothing() {
     let _g = serial();
     let t0 = Instant::now();
     let etcd = Etcd::start();
@@ -888,7 +895,8 @@ fn first_start_and_a_member_joining_moving_and_leaving_lose_no_writes_and_reload
     );
 
     // It leaves: Patroni stopped, its key gone (deleted here rather than waiting out its
-    // lease). A removal: through the runtime API from HAProxy 2.9 on, a reload before.
+    // lease). A removal, through the runtime API: deleted from HAProxy 2.9 on, parked in
+    // maintenance before.
     cluster.stop_member(&new);
     etcd.delete(&format!("{}members/{new}", cluster.key_prefix()));
     let gone = wait_until(Duration::from_secs(20), || {
@@ -912,12 +920,7 @@ fn first_start_and_a_member_joining_moving_and_leaving_lose_no_writes_and_reload
         w.ok, w.failed, r.ok, r.failed, r.misrouted,
         t0.elapsed().as_secs_f64()
     );
-    assert_eq!(
-        p.reloads(),
-        before.reloads() + common::procs::removal_reloads(&stack.admin_sock),
-        "{}",
-        stack.diag()
-    );
+    assert_eq!(p.reloads(), before.reloads(), "{}", stack.diag());
     assert_eq!(
         p.master.as_ref().map(|m| m.pid),
         Some(master),
@@ -1034,21 +1037,20 @@ fn the_sync_listener_follows_the_synchronous_standby_and_reads_fall_back_to_the_
         "RESULT sync listener: {first} then {next}, reloads {}",
         p.reloads() - before
     );
-    // The first standby leaving the listener is a removal: a reload before HAProxy 2.9.
-    assert_eq!(
-        p.reloads(),
-        before + common::procs::removal_reloads(&stack.admin_sock),
-        "{}",
-        stack.diag()
-    );
+    // The first standby leaving the listener is a removal: no reload either (parked in
+    // maintenance before HAProxy 2.9).
+    assert_eq!(p.reloads(), before, "{}", stack.diag());
 
     // `replica_fallback`: with both replicas stopped, reads through the replica port reach the
     // primary (its backup server there); with a replica up they never do.
     let leader = cluster.wait_leader(None, patroni::SWITCH_TIMEOUT).unwrap();
     let leader_port = cluster.node(&leader).pg_port;
+    // (A read may still fail on the stopped standby until its checks mark it DOWN.)
+    let reads: Vec<_> = (0..8).map(|_| route(stack.replica_port)).collect();
     assert!(
-        (0..8).all(|_| route(stack.replica_port).is_ok_and(|(p, _)| p != leader_port)),
-        "a read reached the primary while a replica is up:\n{}",
+        reads.iter().all(|r| r.as_ref().map_or(true, |(p, _)| *p != leader_port))
+            && reads.iter().any(Result::is_ok),
+        "a read reached the primary while a replica is up: {reads:?}\n{}",
         stack.diag()
     );
     cluster.stop_member(&next);

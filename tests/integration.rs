@@ -416,9 +416,24 @@ fn haproxy_and_daemon_via(
     (h, d)
 }
 
-/// HAProxy's live servers (`show servers state` on the admin socket) of `backend`: name,
-/// address and port, sorted.
+/// HAProxy's live servers (`show servers state` on the admin socket) of `backend` but those in
+/// forced maintenance (parked: see [`parked_servers`]): name, address and port, sorted.
 fn live_servers(w: &World, backend: &str) -> Vec<String> {
+    servers_where(w, backend, false)
+}
+
+/// The servers of `backend` in forced maintenance: those haconfd parked when they left
+/// (HAProxy before 2.9), by name, sorted.
+fn parked_servers(w: &World, backend: &str) -> Vec<String> {
+    let mut names: Vec<String> = servers_where(w, backend, true)
+        .into_iter()
+        .map(|s| s.split(' ').next().unwrap_or_default().to_owned())
+        .collect();
+    names.dedup();
+    names
+}
+
+fn servers_where(w: &World, backend: &str, in_maint: bool) -> Vec<String> {
     let dump = unix_cmd(
         &w.admin_sock(),
         &format!("show servers state {backend}"),
@@ -429,6 +444,7 @@ fn live_servers(w: &World, backend: &str) -> Vec<String> {
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .filter(|f| f.len() >= 19 && !f[0].starts_with('#'))
+        .filter(|f| (f[6].parse::<u32>().unwrap_or(0) & 1 != 0) == in_maint)
         .map(|f| format!("{} {}:{}", f[3], f[4], f[18]))
         .collect();
     out.sort();
@@ -572,8 +588,9 @@ fn a_member_that_joins_moves_and_leaves_reaches_haproxy_without_a_reload() {
         .count();
     assert!((2..=3).contains(&runtime), "log:\n{}", d.log());
 
-    // Leaves: through the runtime API from HAProxy 2.9 on; before, `del server` can crash a
-    // worker with streams on the server, and a removal reloads.
+    // Leaves: through the runtime API, with no reload. From HAProxy 2.9 on the server is
+    // deleted; before, `del server` can crash a worker with streams on the server, and it is
+    // parked in maintenance instead.
     assert_eq!(w.etcd().delete(&w.key("members/pgb")), 1);
     assert!(
         wait_until(Duration::from_secs(10), || !read(&w.haproxy_cfg())
@@ -581,19 +598,41 @@ fn a_member_that_joins_moves_and_leaves_reaches_haproxy_without_a_reload() {
         "pgb is still in the file; haconfd log:\n{}",
         d.log()
     );
-    let before = before + common::procs::removal_reloads(&w.admin_sock());
-    assert!(
-        h.wait_reloads(before, Duration::from_secs(5)),
-        "{}",
-        d.log()
-    );
     agree("after the leave", &d);
+    let parks = common::procs::parks_removed_servers(&w.admin_sock());
+    for listen in ["primary", "replicas"] {
+        let want: &[&str] = if parks { &["pgb"] } else { &[] };
+        assert_eq!(parked_servers(&w, listen), want, "{}", d.log());
+    }
     wait_banner(w.primary_port, &a.name, Duration::from_secs(5)).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(h.proc_status().reloads(), before, "{}", d.log());
 
-    // haconfd restarts: HAProxy runs the file (its servers changed at runtime), so the start
-    // reloads nothing.
+    // It comes back with the same line: brought back by address (parked) or added (deleted),
+    // again with no reload, and serves reads once its checks pass.
+    let rev = w.put_member(&b2.name, &b2.member_json("replica"));
+    d.wait_pass(rev, Duration::from_secs(10));
+    agree("after the rejoin", &d);
+    assert!(parked_servers(&w, "replicas").is_empty(), "{}", d.log());
+    let served = b2.backend.connections();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let _ = tcp_banner(w.replica_port, Duration::from_millis(300));
+            b2.backend.connections() > served
+        }),
+        "pgb does not serve reads after coming back:\n{}",
+        d.log()
+    );
+    assert_eq!(h.proc_status().reloads(), before, "{}", d.log());
+    assert_eq!(h.proc_status().workers.len(), 1, "{}", h.show_proc());
+
+    // pgb leaves again, and haconfd restarts: HAProxy runs the file (its servers changed at
+    // runtime; pgb parked or deleted), so the start reloads nothing.
+    assert_eq!(w.etcd().delete(&w.key("members/pgb")), 1);
+    assert!(wait_until(Duration::from_secs(10), || {
+        !read(&w.haproxy_cfg()).contains("server pgb ")
+            && parked_servers(&w, "replicas").len() == usize::from(parks)
+    }));
     drop(d);
     let d = Daemon::start(&w.path("haconfd.toml"));
     std::thread::sleep(Duration::from_millis(500));
@@ -601,6 +640,26 @@ fn a_member_that_joins_moves_and_leaves_reaches_haproxy_without_a_reload() {
         h.proc_status().reloads(),
         before,
         "a restart of haconfd after runtime member changes reloaded HAProxy:\n{}",
+        d.log()
+    );
+    // It comes back: the new run does not know the line pgb was parked with, so it reloads
+    // (before 2.9), and pgb, parked in maintenance until then, serves reads again after it.
+    let rev = w.put_member(&b2.name, &b2.member_json("replica"));
+    d.wait_pass(rev, Duration::from_secs(10));
+    let before = before + u32::from(parks);
+    assert!(
+        h.wait_reloads(before, Duration::from_secs(5)),
+        "{}",
+        d.log()
+    );
+    agree("after the rejoin through a reload", &d);
+    let served = b2.backend.connections();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let _ = tcp_banner(w.replica_port, Duration::from_millis(300));
+            b2.backend.connections() > served
+        }),
+        "pgb, parked before a restart, does not serve reads after coming back:\n{}",
         d.log()
     );
 
@@ -750,15 +809,11 @@ fn the_sync_listener_follows_the_synchronous_standby() {
         d.log()
     );
     // pgc waits for its checks there (a replica backend), then serves. pgb leaving the
-    // listener is a removal: a reload before HAProxy 2.9, none after.
+    // listener is a removal: deleted from HAProxy 2.9 on, parked in maintenance before; no
+    // reload either way.
     wait_banner(sync_port, "pgc", Duration::from_secs(5)).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        h.reload_count(),
-        before + common::procs::removal_reloads(&w.admin_sock()),
-        "{}",
-        d.log()
-    );
+    assert_eq!(h.reload_count(), before, "{}", d.log());
 }
 
 /// `replica_fallback`: with its only replica failing its checks, reads go to the primary (a

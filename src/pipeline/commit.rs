@@ -4,7 +4,7 @@
 //! or cannot be swapped keeps its last good files and does not hold the others back; a consumer
 //! that refuses its new file gets its known-good file back.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +37,9 @@ pub(super) struct Consumers {
     /// Targets whose last swap failed (a check refused the file, or it could not be written):
     /// a member change reaches their HAProxy only once the file passed, not meanwhile.
     refused: BTreeSet<String>,
+    /// Per HAProxy target, the servers its runtime member changes parked in maintenance
+    /// (HAProxy before 2.9 deletes no server safely).
+    parked: BTreeMap<String, membership::Parked>,
 }
 
 impl Consumers {
@@ -88,6 +91,10 @@ struct RuntimeWork {
     old: Layout,
     new: Layout,
     changes: Vec<(membership::Change, membership::Rules)>,
+    /// The servers parked on this HAProxy by earlier changes.
+    parked: membership::Parked,
+    /// Whether a removed server is deleted (HAProxy 2.9 and later) or parked.
+    deletes: bool,
 }
 
 impl<'p> Run<'p> {
@@ -216,10 +223,11 @@ impl<'p> Run<'p> {
         self.retired.extend(retired);
         self.applied.push(group.to_vec());
         match (sent, work) {
-            (Some(Ok(())), Some(work)) => {
-                for w in work {
+            (Some(Ok(parked)), Some(work)) => {
+                for (w, parked) in work.into_iter().zip(parked) {
                     let t = &targets[w.target];
-                    tracing::info!(target = %t.name, changes = w.changes.len(), "member change applied through HAProxy's runtime API, no reload");
+                    tracing::info!(target = %t.name, changes = w.changes.len(), parked = parked.len(), "member change applied through HAProxy's runtime API, no reload");
+                    state.parked.insert(t.name.clone(), parked);
                     self.outcome.runtime.push(t.name.clone());
                     self.runtime_done.push(w.target);
                     self.keep_loaded_time(t).await;
@@ -270,11 +278,10 @@ impl<'p> Run<'p> {
                     return None;
                 }
             };
-            if changes.iter().any(membership::Change::is_removal)
-                && !membership::deletes_safely(&ss.stats_socket).await
-            {
-                tracing::info!(target = %t.name, "a server leaves: reloading (this HAProxy is older than 2.9, whose `del server` can crash a worker that still has streams on the server)");
-                return None;
+            let deletes = !changes.iter().any(membership::Change::is_removal)
+                || membership::deletes_safely(&ss.stats_socket).await;
+            if !deletes {
+                tracing::debug!(target = %t.name, "a server leaves: parked in maintenance until the next reload (this HAProxy is older than 2.9, whose `del server` can crash a worker that still has streams on the server)");
             }
             let per = server_state::per_cluster(ss, setup.mode.is_many(), &self.ss_views);
             let pairs = server_state::pairs(&per, &self.ss_views);
@@ -293,6 +300,8 @@ impl<'p> Run<'p> {
                 old,
                 new,
                 changes,
+                parked: state.parked.get(&t.name).cloned().unwrap_or_default(),
+                deletes,
             });
         }
         (!work.is_empty()).then_some(work)
@@ -520,12 +529,15 @@ impl<'p> Run<'p> {
 }
 
 /// Sends each target's member change through its HAProxy's runtime API (see
-/// [`membership::apply`]); the first that HAProxy did not take, with why.
-async fn send_runtime(work: &[RuntimeWork]) -> Result<(), (usize, String)> {
+/// [`membership::apply`]): the servers each then has parked, or the first that HAProxy did not
+/// take, with why.
+async fn send_runtime(work: &[RuntimeWork]) -> Result<Vec<membership::Parked>, (usize, String)> {
+    let mut parked = Vec::with_capacity(work.len());
     for w in work {
-        membership::apply(&w.socket, &w.old, &w.new, &w.changes)
+        let p = membership::apply(&w.socket, &w.old, &w.new, &w.changes, &w.parked, w.deletes)
             .await
             .map_err(|why| (w.target, why))?;
+        parked.push(p);
     }
-    Ok(())
+    Ok(parked)
 }

@@ -2565,13 +2565,10 @@ impl Postgres {
     }
 }
 
-/// The reloads a server leaving costs on the HAProxy behind `admin_sock`: none from 2.9 on
-/// (`del server`), one before (its `del server` can crash a worker that has streams on the
-/// server: HAProxy issue #2323).
-pub fn removal_reloads(admin_sock: &Path) -> u32 {
+/// Whether the HAProxy behind `admin_sock` has a server that leaves parked in maintenance
+/// (before 2.9, whose `del server` can crash a worker that has streams on the server: HAProxy
+/// issue #2323) rather than deleted.
+pub fn parks_removed_servers(admin_sock: &Path) -> bool {
     let info = unix_cmd(admin_sock, "show info", Duration::from_secs(2)).unwrap();
-    match haconfd::consumers::haproxy::membership::version_at_least(&info, (2, 9)) {
-        true => 0,
-        false => 1,
-    }
+    !haconfd::consumers::haproxy::membership::version_at_least(&info, (2, 9))
 }

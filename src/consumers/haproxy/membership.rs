@@ -16,9 +16,12 @@
 //! one that must not serve yet is brought out of maintenance through `drain` (no new
 //! connection) and set DOWN before it is made ready, so that it takes traffic only once `rise`
 //! checks pass. A removed server is put in maintenance, its sessions are shut once its member
-//! is gone from etcd, and it is deleted once HAProxy has no connection left on it.
+//! is gone from etcd, and it is deleted once HAProxy has no connection left on it: from
+//! HAProxy 2.9 on. Before 2.9 `del server` can crash a worker (see [`deletes_safely`]), so the
+//! server is parked instead: it stays in maintenance, out of the file, until the next reload
+//! drops it, and a member that comes back with the same line is brought back by address.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -32,6 +35,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 const DELETE_BOUND: Duration = Duration::from_secs(2);
 /// The pause between two tries of `del server`.
 const DELETE_STEP: Duration = Duration::from_millis(20);
+/// How many servers one backend keeps parked in maintenance (HAProxy before 2.9) before a
+/// removal reloads instead, which drops them all.
+const PARK_LIMIT: usize = 16;
 
 /// Keywords `add server` refuses in HAProxy 2.6 that a `default-server` line commonly carries,
 /// each with its one argument: about resolving host names, which a server added at runtime
@@ -198,6 +204,8 @@ pub enum Change {
         backend: String,
         /// Server name.
         server: String,
+        /// Its address is IPv6 (where it is parked: see [`Parked`]).
+        v6: bool,
     },
     /// A server whose address, port, or health check's address or port changed.
     Readdress {
@@ -215,6 +223,22 @@ pub enum Change {
         /// It tracks another server (`track`), whose state it takes: no `health` command.
         tracks: bool,
     },
+    /// A parked server (see [`Parked`]) whose member came back with the same line: brought
+    /// back at its address, as if added.
+    Rejoin {
+        /// Backend.
+        backend: String,
+        /// Server name.
+        server: String,
+        /// Address.
+        addr: String,
+        /// Port.
+        port: u16,
+        /// Where its health check goes (for a server with `check`).
+        check: Option<(String, u16)>,
+        /// Its keywords, as [`Change::Add`] has them.
+        keywords: Vec<String>,
+    },
 }
 
 impl Change {
@@ -229,8 +253,13 @@ impl Change {
             Change::Add {
                 backend, server, ..
             }
-            | Change::Remove { backend, server }
+            | Change::Remove {
+                backend, server, ..
+            }
             | Change::Readdress {
+                backend, server, ..
+            }
+            | Change::Rejoin {
                 backend, server, ..
             } => (backend, server),
         }
@@ -306,10 +335,11 @@ pub fn diff(old: &Layout, new: &Layout) -> Result<Vec<Change>, String> {
         .filter(|(key, _)| !new.servers.contains_key(*key))
         .collect();
     gone.sort_by_key(|(_, line)| !line.keywords.iter().any(|k| k == "track"));
-    for ((backend, server), _) in gone {
+    for ((backend, server), line) in gone {
         out.push(Change::Remove {
             backend: backend.clone(),
             server: server.clone(),
+            v6: line.addr.contains(':'),
         });
     }
     Ok(out)
@@ -362,8 +392,9 @@ impl Command {
 }
 
 /// The commands of every change but the deletions, in order, then the deletions (each tried
-/// until HAProxy has no connection left on the server).
-fn commands(changes: &[(Change, Rules)]) -> (Vec<Command>, Vec<String>) {
+/// until HAProxy has no connection left on the server). With `deletes` false (HAProxy before
+/// 2.9), a removed server is parked: put in maintenance and left there, with no deletion.
+fn commands(changes: &[(Change, Rules)], deletes: bool) -> (Vec<Command>, Vec<String>) {
     let mut cmds = Vec::new();
     let mut deletions = Vec::new();
     for (change, rules) in changes {
@@ -380,26 +411,23 @@ fn commands(changes: &[(Change, Rules)]) -> (Vec<Command>, Vec<String>) {
                         .to_owned(),
                     &["New server registered"],
                 ));
-                let tracks = keywords.iter().any(|k| k == "track");
                 if keywords.iter().any(|k| k == "check") {
                     cmds.push(Command::quiet(format!("enable health {srv}")));
                 }
                 if keywords.iter().any(|k| k == "agent-check") {
                     cmds.push(Command::quiet(format!("enable agent {srv}")));
                 }
-                // `disabled` in the file: it stays in maintenance, as a reload would start it.
-                if keywords.iter().any(|k| k == "disabled") {
-                    continue;
-                }
-                // A server that tracks another takes that one's state (HAProxy refuses
-                // `health` on it).
-                if rules.starts_down && !tracks {
-                    // Out of maintenance through drain (no new connection), DOWN, then ready:
-                    // `enable server` alone would make it UP at once.
-                    cmds.push(Command::quiet(format!("set server {srv} state drain")));
-                    cmds.push(Command::quiet(format!("set server {srv} health down")));
-                }
-                cmds.push(Command::quiet(format!("set server {srv} state ready")));
+                bring_in(&mut cmds, &srv, keywords, rules);
+            }
+            Change::Rejoin {
+                addr,
+                port,
+                check,
+                keywords,
+                ..
+            } => {
+                readdress(&mut cmds, &srv, addr, *port, check);
+                bring_in(&mut cmds, &srv, keywords, rules);
             }
             Change::Readdress {
                 addr,
@@ -411,25 +439,67 @@ fn commands(changes: &[(Change, Rules)]) -> (Vec<Command>, Vec<String>) {
                 if rules.starts_down && !tracks {
                     cmds.push(Command::quiet(format!("set server {srv} health down")));
                 }
-                cmds.push(Command::answering(
-                    format!("set server {srv} addr {addr} port {port}"),
-                    &["changed", "no need to change"],
-                ));
-                if let Some((a, p)) = check {
-                    cmds.push(Command::quiet(format!("set server {srv} check-addr {a}")));
-                    cmds.push(Command::quiet(format!("set server {srv} check-port {p}")));
-                }
+                readdress(&mut cmds, &srv, addr, *port, check);
             }
-            Change::Remove { .. } => {
+            Change::Remove { v6, .. } => {
                 cmds.push(Command::quiet(format!("set server {srv} state maint")));
                 if !rules.in_etcd {
                     cmds.push(Command::quiet(format!("shutdown sessions server {srv}")));
                 }
-                deletions.push(srv);
+                if deletes {
+                    deletions.push(srv);
+                } else {
+                    // Parked at the unspecified address: no state of it outlives the parking
+                    // (a reload that brings its member back finds no saved line at its
+                    // address, and starts it by the state rules, not in maintenance).
+                    let nowhere = match v6 {
+                        true => "::",
+                        false => "0.0.0.0",
+                    };
+                    cmds.push(Command::answering(
+                        format!("set server {srv} addr {nowhere}"),
+                        &["changed", "no need to change"],
+                    ));
+                }
             }
         }
     }
     (cmds, deletions)
+}
+
+/// Takes a server in maintenance (just added, or parked) out of it as the state rules say.
+fn bring_in(cmds: &mut Vec<Command>, srv: &str, keywords: &[String], rules: &Rules) {
+    // `disabled` in the file: it stays in maintenance, as a reload would start it.
+    if keywords.iter().any(|k| k == "disabled") {
+        return;
+    }
+    // A server that tracks another takes that one's state (HAProxy refuses `health` on it).
+    let tracks = keywords.iter().any(|k| k == "track");
+    if rules.starts_down && !tracks {
+        // Out of maintenance through drain (no new connection), DOWN, then ready: `enable
+        // server` alone would make it UP at once.
+        cmds.push(Command::quiet(format!("set server {srv} state drain")));
+        cmds.push(Command::quiet(format!("set server {srv} health down")));
+    }
+    cmds.push(Command::quiet(format!("set server {srv} state ready")));
+}
+
+/// Moves a server to `addr:port`, its health check (if any) to `check`.
+fn readdress(
+    cmds: &mut Vec<Command>,
+    srv: &str,
+    addr: &str,
+    port: u16,
+    check: &Option<(String, u16)>,
+) {
+    cmds.push(Command::answering(
+        format!("set server {srv} addr {addr} port {port}"),
+        &["changed", "no need to change"],
+    ));
+    if let Some((a, p)) = check {
+        cmds.push(Command::quiet(format!("set server {srv} check-addr {a}")));
+        cmds.push(Command::quiet(format!("set server {srv} check-port {p}")));
+    }
 }
 
 /// Sends `cmds` on one connection and checks each answer (HAProxy ends each with an empty
@@ -472,17 +542,28 @@ async fn delete(socket: &Path, srv: &str) -> Result<(), String> {
     }
 }
 
+/// Servers of the file's backends that HAProxy runs but the file does not name, in forced
+/// maintenance: parked there by haconfd (see [`Parked`]).
+pub type ParkedLive = BTreeSet<(String, String)>;
+
 /// Whether the live servers of the file's backends are the file's, by name, address and port;
-/// the first difference otherwise.
-fn matches(layout: &Layout, dump: &str) -> Result<(), String> {
+/// the first difference otherwise. A live server the file does not name is accepted in forced
+/// maintenance only (parked), and returned.
+fn matches(layout: &Layout, dump: &str) -> Result<ParkedLive, String> {
     // One line at a time, without a copy of its fields: a thousand clusters dump 6,000 lines.
     let mut seen = 0usize;
+    let mut parked = ParkedLive::new();
     for line in dump.lines().filter(|l| !l.starts_with('#')) {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.len() < 19 || !layout.defaults.contains_key(f[1]) {
             continue;
         }
         let Some(s) = layout.servers.get(&(f[1].to_owned(), f[3].to_owned())) else {
+            let admin: u32 = f[6].parse().unwrap_or(0);
+            if admin & super::runtime::admin::FMAINT != 0 {
+                parked.insert((f[1].to_owned(), f[3].to_owned()));
+                continue;
+            }
             return Err(format!("server {}/{} is not in the file", f[1], f[3]));
         };
         seen += 1;
@@ -509,7 +590,7 @@ fn matches(layout: &Layout, dump: &str) -> Result<(), String> {
         }
     }
     if seen == layout.servers.len() {
-        return Ok(());
+        return Ok(parked);
     }
     let live: std::collections::HashSet<(&str, &str)> = dump
         .lines()
@@ -524,7 +605,7 @@ fn matches(layout: &Layout, dump: &str) -> Result<(), String> {
         .find(|(b, n)| !live.contains(&(b.as_str(), n.as_str())));
     match missing {
         Some((b, n)) => Err(format!("server {b}/{n} is missing")),
-        None => Ok(()),
+        None => Ok(parked),
     }
 }
 
@@ -542,12 +623,12 @@ fn live_check_target(f: &[&str]) -> (String, u16) {
     (addr.to_owned(), port)
 }
 
-/// The live server list of the backends `layout` declares, compared with it. One `show
-/// servers state` of every backend: a command per backend would not fit HAProxy's command
-/// line with a thousand clusters.
-pub async fn verify(socket: &Path, layout: &Layout) -> Result<(), String> {
+/// The live server list of the backends `layout` declares, compared with it; the parked
+/// servers (see [`matches`]). One `show servers state` of every backend: a command per backend
+/// would not fit HAProxy's command line with a thousand clusters.
+pub async fn verify(socket: &Path, layout: &Layout) -> Result<ParkedLive, String> {
     if layout.defaults.is_empty() {
-        return Ok(());
+        return Ok(ParkedLive::new());
     }
     let dump = super::cli(socket, "show servers state", ANSWER_TIMEOUT)
         .await
@@ -586,26 +667,142 @@ pub fn version_at_least(show_info: &str, want: (u32, u32)) -> bool {
     matches!((major, minor), (Some(a), Some(b)) if (a, b) >= want)
 }
 
+/// The servers haconfd parked in maintenance instead of deleting them (HAProxy before 2.9,
+/// whose `del server` can crash a worker), each with the line it had in the file. A parked
+/// server is out of the file and takes no connection; the next reload drops it. A member that
+/// comes back with the same line is brought back by address ([`Change::Rejoin`]); one parked by
+/// an earlier run, or coming back with other keywords, needs a reload.
+#[derive(Debug, Clone, Default)]
+pub struct Parked(BTreeMap<(String, String), ServerLine>);
+
+impl Parked {
+    /// How many servers are parked.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// `changes` as they are sent to a HAProxy that has `live` servers parked and `parked` known
+/// to haconfd: a server added back where one is parked is a [`Change::Rejoin`], and each
+/// removal parks its server unless HAProxy `deletes`. The parked servers afterwards, or why
+/// only a reload can do it.
+fn plan(
+    old: &Layout,
+    new: &Layout,
+    changes: &[(Change, Rules)],
+    parked: &Parked,
+    live: &ParkedLive,
+    deletes: bool,
+) -> Result<(Vec<(Change, Rules)>, Parked), String> {
+    let mut after: BTreeMap<_, _> = (parked.0.iter())
+        .filter(|(k, _)| live.contains(*k))
+        .map(|(k, l)| (k.clone(), l.clone()))
+        .collect();
+    let mut out = Vec::with_capacity(changes.len());
+    for (change, rules) in changes {
+        let (b, s) = change.server();
+        let key = (b.to_owned(), s.to_owned());
+        match change {
+            Change::Add { keywords, .. } if live.contains(&key) => {
+                let line = new
+                    .servers
+                    .get(&key)
+                    .ok_or("an added server not in the file")?;
+                match after.remove(&key) {
+                    Some(was)
+                        if was.keywords_but_check_target() == line.keywords_but_check_target() =>
+                    {
+                        let check = line.keywords.iter().any(|k| k == "check");
+                        out.push((
+                            Change::Rejoin {
+                                backend: key.0,
+                                server: key.1,
+                                addr: line.addr.clone(),
+                                port: line.port,
+                                check: check.then(|| line.check_target()),
+                                keywords: keywords.clone(),
+                            },
+                            *rules,
+                        ));
+                    }
+                    Some(_) => {
+                        return Err(format!(
+                            "server {b}/{s} is parked in maintenance with other keywords than the file gives it now"
+                        ))
+                    }
+                    None => {
+                        return Err(format!(
+                            "server {b}/{s} is parked in maintenance by an earlier run, with a line haconfd does not know"
+                        ))
+                    }
+                }
+            }
+            Change::Remove { .. } if !deletes => {
+                if let Some(line) = old.servers.get(&key) {
+                    after.insert(key, line.clone());
+                }
+                out.push((change.clone(), *rules));
+            }
+            _ => out.push((change.clone(), *rules)),
+        }
+    }
+    // Parked servers of each backend, those of earlier runs included.
+    let mut per_backend: BTreeMap<&str, usize> = BTreeMap::new();
+    let rejoined: BTreeSet<(&str, &str)> = out
+        .iter()
+        .filter(|(c, _)| matches!(c, Change::Rejoin { .. }))
+        .map(|(c, _)| c.server())
+        .collect();
+    let keys = live.iter().chain(after.keys()).collect::<BTreeSet<_>>();
+    for (b, s) in keys {
+        if !rejoined.contains(&(b.as_str(), s.as_str())) {
+            *per_backend.entry(b.as_str()).or_default() += 1;
+        }
+    }
+    if let Some((b, n)) = per_backend.iter().find(|(_, n)| **n > PARK_LIMIT) {
+        return Err(format!(
+            "backend {b} would keep {n} servers parked in maintenance (at most {PARK_LIMIT}): a reload drops them"
+        ));
+    }
+    Ok((out, Parked(after)))
+}
+
 /// Applies `changes` (from [`diff`] of `old` and `new`, each with its [`Rules`]) to the HAProxy
 /// behind `socket`: first checks that it runs `old`'s servers, then sends the commands, then
-/// checks that it runs `new`'s. Any refusal or difference is the error, and the caller reloads.
+/// checks that it runs `new`'s. A removed server is deleted when HAProxy `deletes` safely
+/// (2.9 and later), else parked. Returns the servers parked afterwards (`parked` are those
+/// haconfd parked before). Any refusal or difference is the error, and the caller reloads.
 pub async fn apply(
     socket: &Path,
     old: &Layout,
     new: &Layout,
     changes: &[(Change, Rules)],
-) -> Result<(), String> {
-    verify(socket, old)
+    parked: &Parked,
+    deletes: bool,
+) -> Result<Parked, String> {
+    let live = verify(socket, old)
         .await
         .map_err(|e| format!("HAProxy does not run the file it was given: {e}"))?;
-    let (cmds, deletions) = commands(changes);
+    let (changes, parked) = plan(old, new, changes, parked, &live, deletes)?;
+    let (cmds, deletions) = commands(&changes, deletes);
     send(socket, &cmds).await?;
     for srv in &deletions {
         delete(socket, srv).await?;
     }
-    verify(socket, new)
+    let live = verify(socket, new)
         .await
-        .map_err(|e| format!("after the runtime changes, {e}"))
+        .map_err(|e| format!("after the runtime changes, {e}"))?;
+    if let Some((b, s)) = parked.0.keys().find(|k| !live.contains(*k)) {
+        return Err(format!(
+            "after the runtime changes, server {b}/{s} is not parked in maintenance"
+        ));
+    }
+    Ok(parked)
 }
 
 /// What `haconfd check` says of how member changes will reach the HAProxy of `ss` whose file
@@ -632,7 +829,7 @@ pub fn describe(ss: &ServerStateConfig, cfg: &str) -> String {
         ));
     }
     let mut out = format!(
-        "HAProxy's runtime API on {} (add server, set server addr, and del server from HAProxy 2.9 on: before, a server that leaves reloads; the live list checked with show servers state; a reload when more than servers change or HAProxy refuses)",
+        "HAProxy's runtime API on {} (add server, set server addr, and del server from HAProxy 2.9 on: before, a server that leaves is parked in maintenance until the next reload; the live list checked with show servers state; a reload when more than servers change or HAProxy refuses)",
         ss.stats_socket.display()
     );
     for r in reloads {
@@ -747,13 +944,16 @@ mod tests {
                     .collect(),
             }]
         );
-        let (cmds, dels) = commands(&[(
-            c[0].clone(),
-            Rules {
-                starts_down: true,
-                in_etcd: true,
-            },
-        )]);
+        let (cmds, dels) = commands(
+            &[(
+                c[0].clone(),
+                Rules {
+                    starts_down: true,
+                    in_etcd: true,
+                },
+            )],
+            true,
+        );
         let texts: Vec<_> = cmds.iter().map(|c| c.text.as_str()).collect();
         assert_eq!(
             texts[1..],
@@ -775,24 +975,107 @@ mod tests {
             c,
             vec![Change::Remove {
                 backend: "replicas".into(),
-                server: "pg2".into()
+                server: "pg2".into(),
+                v6: false,
             }]
         );
         for (in_etcd, shut) in [(true, false), (false, true)] {
-            let (cmds, dels) = commands(&[(
-                c[0].clone(),
-                Rules {
-                    starts_down: false,
-                    in_etcd,
-                },
-            )]);
+            let rules = Rules {
+                starts_down: false,
+                in_etcd,
+            };
+            let (cmds, dels) = commands(&[(c[0].clone(), rules)], true);
             assert_eq!(cmds[0].text, "set server replicas/pg2 state maint");
             assert_eq!(
                 cmds.iter().any(|c| c.text.starts_with("shutdown sessions")),
                 shut
             );
             assert_eq!(dels, ["replicas/pg2"]);
+            // Before HAProxy 2.9: parked, no deletion, and moved to the unspecified address
+            // (no saved state of it outlives the parking).
+            let (parked, dels) = commands(&[(c[0].clone(), rules)], false);
+            let texts = |c: &[Command]| c.iter().map(|c| c.text.clone()).collect::<Vec<_>>();
+            let mut want = texts(&cmds);
+            want.push("set server replicas/pg2 addr 0.0.0.0".into());
+            assert_eq!(texts(&parked), want);
+            assert!(dels.is_empty());
         }
+    }
+
+    /// A parked server whose member comes back with the same line is brought back by address
+    /// (no `add server`: the name is taken); with other keywords, or parked by an earlier run,
+    /// only a reload can; and a backend keeps at most [`PARK_LIMIT`] parked.
+    #[test]
+    fn a_parked_server_rejoins_by_address_only_with_the_line_it_had() {
+        let without = OLD.replace("    server pg2 127.0.0.1:5442 check port 8012\n", "");
+        let (old, gone) = (Layout::parse(OLD), Layout::parse(&without));
+        let leave = diff(&old, &gone).unwrap();
+        let rules = |c: Vec<Change>| {
+            c.into_iter()
+                .map(|c| (c, Rules::default()))
+                .collect::<Vec<_>>()
+        };
+        let none = ParkedLive::new();
+        let (_, parked) = plan(
+            &old,
+            &gone,
+            &rules(leave.clone()),
+            &Parked::default(),
+            &none,
+            false,
+        )
+        .unwrap();
+        assert_eq!(parked.len(), 1);
+        // Deleted (2.9 and later): nothing parked.
+        let (_, kept) = plan(&old, &gone, &rules(leave), &Parked::default(), &none, true).unwrap();
+        assert!(kept.is_empty());
+
+        let live = ParkedLive::from([("replicas".into(), "pg2".into())]);
+        let back = OLD.replace(
+            "server pg2 127.0.0.1:5442 check port 8012",
+            "server pg2 127.0.0.7:5442 check port 8012",
+        );
+        let back = Layout::parse(&back);
+        let join = rules(diff(&gone, &back).unwrap());
+        let (sent, after) = plan(&gone, &back, &join, &parked, &live, false).unwrap();
+        assert!(after.is_empty());
+        let (cmds, dels) = commands(&sent, false);
+        let texts: Vec<_> = cmds.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "set server replicas/pg2 addr 127.0.0.7 port 5442",
+                "set server replicas/pg2 check-addr 127.0.0.7",
+                "set server replicas/pg2 check-port 8012",
+                "set server replicas/pg2 state ready"
+            ]
+        );
+        assert!(dels.is_empty());
+
+        // Parked by an earlier run (haconfd does not know its line), or back with other keywords.
+        let err = plan(&gone, &back, &join, &Parked::default(), &live, false).unwrap_err();
+        assert!(
+            err.contains("replicas/pg2 is parked in maintenance by an earlier run"),
+            "{err}"
+        );
+        let other = Layout::parse(&OLD.replace(
+            "server pg2 127.0.0.1:5442 check port 8012",
+            "server pg2 127.0.0.1:5442 check port 8012 weight 5",
+        ));
+        let join = rules(diff(&gone, &other).unwrap());
+        let err = plan(&gone, &other, &join, &parked, &live, false).unwrap_err();
+        assert!(err.contains("with other keywords"), "{err}");
+
+        // The limit: a backend that already keeps PARK_LIMIT servers parked reloads instead.
+        let full: ParkedLive = (0..PARK_LIMIT)
+            .map(|i| ("replicas".to_owned(), format!("old{i}")))
+            .collect();
+        let leave = rules(diff(&old, &gone).unwrap());
+        let err = plan(&old, &gone, &leave, &Parked::default(), &full, false).unwrap_err();
+        assert!(
+            err.contains("backend replicas would keep 17 servers parked"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -855,7 +1138,7 @@ mod tests {
             "    server pg2 127.0.0.2:5442 check addr 127.0.0.1 port 8012\n",
         );
         let c = changes(OLD, &new).unwrap();
-        let (cmds, _) = commands(&[(c[0].clone(), Rules::default())]);
+        let (cmds, _) = commands(&[(c[0].clone(), Rules::default())], true);
         let texts: Vec<_> = cmds.iter().map(|c| c.text.as_str()).collect();
         assert_eq!(
             texts,
@@ -897,7 +1180,7 @@ mod tests {
             + &line("replicas", "pg1", "127.0.0.1", 5441, 8011)
             + &line("replicas", "pg2", "127.0.0.1", 5442, 8012)
             + &line("stats", "x", "127.0.0.1", 1, 0);
-        assert_eq!(matches(&layout, &good), Ok(()));
+        assert_eq!(matches(&layout, &good), Ok(ParkedLive::new()));
         let missing = good.replace(&line("replicas", "pg2", "127.0.0.1", 5442, 8012), "");
         assert!(matches(&layout, &missing)
             .unwrap_err()
@@ -906,6 +1189,13 @@ mod tests {
         assert!(matches(&layout, &moved).is_err());
         let extra = good.clone() + &line("replicas", "pg9", "127.0.0.9", 5449, 0);
         assert!(matches(&layout, &extra).unwrap_err().contains("pg9"));
+        // A server the file does not name, in forced maintenance: parked, accepted.
+        let parked = good.clone()
+            + "3 replicas 9 pg9 127.0.0.9 0 1 1 1 20 15 3 4 6 0 0 0 - 5449 - 0 0 - - 0\n";
+        assert_eq!(
+            matches(&layout, &parked),
+            Ok(ParkedLive::from([("replicas".into(), "pg9".into())]))
+        );
         // Checked elsewhere than the file says.
         let checked = good.replace(
             &line("replicas", "pg2", "127.0.0.1", 5442, 8012),
