@@ -3267,10 +3267,14 @@ fn mb_live(sock: &Path, backend: &str) -> Option<Vec<String>> {
     if !dump.starts_with('1') {
         return None;
     }
+    // A server in forced maintenance takes no connection: one that left, parked (HAProxy
+    // before 2.9), is not listed.
     Some(
         dump.lines()
             .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.split_whitespace().nth(3).map(str::to_owned))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() > 6 && f[6].parse::<u32>().unwrap_or(0) & 1 == 0)
+            .map(|f| f[3].to_owned())
             .collect(),
     )
 }

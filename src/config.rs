@@ -66,6 +66,9 @@ pub struct RawConfig {
     /// The failover fast path.
     #[serde(default)]
     pub failover: crate::failover::FailoverConfig,
+    /// Lag-aware replicas (each cluster's `lag` table overrides it).
+    #[serde(default)]
+    pub lag: crate::lag::LagConfig,
     /// How event hooks run.
     #[serde(default)]
     pub hooks: crate::hooks::HooksConfig,
@@ -378,6 +381,7 @@ impl RawConfig {
             .map(|p| resolve_path(base_dir, &p).map_err(|m| invalid_path("guard.state_file", m)))
             .transpose()?;
         self.failover.validate().map_err(ConfigError::Invalid)?;
+        self.lag.validate("lag").map_err(ConfigError::Invalid)?;
         self.hooks.validate().map_err(ConfigError::Invalid)?;
         let hooks = self
             .hook_list
@@ -413,7 +417,7 @@ impl RawConfig {
                 "no [[template]] entries: nothing to render".into(),
             ));
         }
-        let clusters = resolve_clusters(self.clusters)?;
+        let clusters = resolve_clusters(self.clusters, &self.lag)?;
         let scopes: Vec<&str> = match &etcd.clusters {
             Clusters::One(scope) => vec![scope.as_str()],
             _ => clusters.keys().map(String::as_str).collect(),
@@ -428,6 +432,7 @@ impl RawConfig {
             log: self.log,
             http: self.http,
             failover: self.failover,
+            lag: self.lag,
             hooks_config: self.hooks,
             hooks,
             clusters,
@@ -451,6 +456,8 @@ pub struct Settings {
     pub http: HttpConfig,
     /// The failover fast path.
     pub failover: crate::failover::FailoverConfig,
+    /// Lag-aware replicas, for clusters with no `lag` table of their own.
+    pub lag: crate::lag::LagConfig,
     /// How hooks run.
     pub hooks_config: crate::hooks::HooksConfig,
     /// Event hooks, in config order.
@@ -465,6 +472,7 @@ pub struct Settings {
 /// `*_port` value a port that no other cluster (or other key) uses.
 fn resolve_clusters(
     raw: BTreeMap<String, toml::Table>,
+    lag: &crate::lag::LagConfig,
 ) -> Result<BTreeMap<String, ClusterSettings>, ConfigError> {
     let mut out = BTreeMap::new();
     let mut ports: BTreeMap<i64, String> = BTreeMap::new();
@@ -474,6 +482,18 @@ fn resolve_clusters(
             return Err(ConfigError::Invalid(format!("[clusters.{scope:?}]: {why}")));
         }
         let mut databases = Vec::new();
+        let lag = match table.get("lag") {
+            None => None,
+            Some(toml::Value::Table(over)) => {
+                Some(lag.with(over, &key("lag")).map_err(ConfigError::Invalid)?)
+            }
+            Some(v) => {
+                return Err(ConfigError::Invalid(format!(
+                    "{} = {v} must be a table ({{ max_bytes = \"64MB\", ... }})",
+                    key("lag")
+                )))
+            }
+        };
         for (k, v) in &table {
             if is_port_key(k) {
                 let port = v
@@ -519,6 +539,7 @@ fn resolve_clusters(
             ClusterSettings {
                 vars: table_to_json(table),
                 databases,
+                lag,
             },
         );
     }

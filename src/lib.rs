@@ -44,6 +44,7 @@ pub mod guard;
 pub mod hooks;
 pub mod http;
 pub mod init;
+pub mod lag;
 pub mod logging;
 pub mod metrics;
 pub mod model;

@@ -50,6 +50,8 @@ pub struct Metrics {
     moves: Family<Labels, Counter>,
     fences_expired: Counter,
     drift: Gauge,
+    lag_bytes: Family<Labels, Gauge>,
+    lag_drained: Family<Labels, Gauge>,
     hooks: crate::hooks::HookMetrics,
     /// Every name `renders`, `writes`, `reloads` and `failures` count under, with the failure
     /// reasons seen for it: the series of a name that is gone (a forgotten cluster) are removed.
@@ -84,6 +86,8 @@ impl Metrics {
             moves: Family::default(),
             fences_expired: Counter::default(),
             drift: Gauge::default(),
+            lag_bytes: Family::default(),
+            lag_drained: Family::default(),
             hooks: crate::hooks::HookMetrics::default(),
             named: Arc::default(),
         }
@@ -107,6 +111,10 @@ impl Metrics {
             drift: Some(self.drift.clone()),
             moves: Some(self.moves.clone()),
             fences_expired: Some(self.fences_expired.clone()),
+            lag: crate::lag::LagObservers {
+                bytes: Some(self.lag_bytes.clone()),
+                drained: Some(self.lag_drained.clone()),
+            },
         }
     }
 
@@ -231,6 +239,16 @@ impl Metrics {
             "failover_switch_seconds",
             "Per leader change: from the new leader key to HAProxy (runtime API) or PgBouncer (reloaded and resumed) sending writes to it, by consumer",
             self.switch_seconds.clone(),
+        );
+        r.register(
+            "replica_lag_bytes",
+            "Replay lag of each replica behind its leader, in bytes, as the lag watcher last read it from Patroni's REST API (only with lag.max_bytes set), by cluster and member",
+            self.lag_bytes.clone(),
+        );
+        r.register(
+            "replica_lag_drained",
+            "1 while a replica is drained in HAProxy's replica backends for its replay lag, by cluster and member",
+            self.lag_drained.clone(),
         );
         r.register(
             "failover_moves",

@@ -102,6 +102,10 @@ pub struct ClusterStatus {
     pub last_failover: crate::failover::TimelineView,
     /// What its fast path holds on the consumers now.
     pub fast_path: FastPathView,
+    /// Its replicas' replay lag and lag drains as of the last pass (with `lag.max_bytes`; the
+    /// `haconfd_replica_lag_*` metrics follow every measurement).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lag: Vec<crate::lag::ReplicaLag>,
     /// HAProxy's live state of the cluster's servers, read when `/status` is served (see
     /// [`Status::read_haproxy`]): one entry per HAProxy target with `server_state`.
     pub haproxy: Vec<HaproxyView>,
@@ -249,6 +253,7 @@ impl Status {
                 members: r.model.members.len(),
                 last_failover: r.failover.clone(),
                 fast_path: FastPathView(r.failover.clone()),
+                lag: r.lag.clone(),
                 haproxy: Vec::new(),
                 model: Some(Arc::clone(&r.model)),
             })

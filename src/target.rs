@@ -17,6 +17,8 @@ pub struct ClusterSettings {
     /// `databases`: PgBouncer's database names for this cluster; the failover fast path pauses
     /// only these when this cluster's leader changes.
     pub databases: Vec<String>,
+    /// `lag`: this cluster's lag-aware replica settings over `[lag]`; None: `[lag]`'s.
+    pub lag: Option<crate::lag::LagConfig>,
 }
 
 pub use crate::model::SCOPE_PLACEHOLDER;

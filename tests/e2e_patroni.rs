@@ -1048,7 +1048,9 @@ fn the_sync_listener_follows_the_synchronous_standby_and_reads_fall_back_to_the_
     // (A read may still fail on the stopped standby until its checks mark it DOWN.)
     let reads: Vec<_> = (0..8).map(|_| route(stack.replica_port)).collect();
     assert!(
-        reads.iter().all(|r| r.as_ref().map_or(true, |(p, _)| *p != leader_port))
+        reads
+            .iter()
+            .all(|r| r.as_ref().map_or(true, |(p, _)| *p != leader_port))
             && reads.iter().any(Result::is_ok),
         "a read reached the primary while a replica is up: {reads:?}\n{}",
         stack.diag()

@@ -816,6 +816,199 @@ fn the_sync_listener_follows_the_synchronous_standby() {
     assert_eq!(h.reload_count(), before, "{}", d.log());
 }
 
+/// The admin state flags (`srv_admin_state`) of `backend/server`, if HAProxy has it.
+fn admin_state(w: &World, backend: &str, server: &str) -> Option<u32> {
+    let dump = unix_cmd(
+        &w.admin_sock(),
+        &format!("show servers state {backend}"),
+        Duration::from_secs(2),
+    )
+    .ok()?;
+    dump.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() >= 19 && f[1] == backend && f[3] == server)
+        .and_then(|f| f[6].parse().ok())
+}
+
+/// Drained by `set server … state drain` (`SRV_ADMF_FDRAIN`).
+fn is_drained(w: &World, backend: &str, server: &str) -> bool {
+    admin_state(w, backend, server).is_some_and(|a| a & 0x08 != 0)
+}
+
+/// Lag-aware replicas (`[lag]`): a replica over `max_bytes` for longer than `delay` is drained
+/// in the replica backend (an open session on it goes on, new reads go elsewhere, nothing is
+/// reloaded), a shorter surge moves nothing, a figure between the two levels keeps it out, and
+/// it comes back under `readmit_bytes`. The drain is owned: a run killed while it holds one hands
+/// it to the next (taken over, lifted once the lag is back down), a graceful stop lifts it, a
+/// start with `[lag]` gone lifts what a killed run left, and an operator's own drain is never
+/// lifted.
+#[test]
+fn a_replica_over_the_lag_limit_is_drained_after_the_delay_and_returns_under_the_readmit_level() {
+    let w = World::new("lag");
+    let a = FakeMember::start("pga", Role::Primary);
+    let b = FakeMember::start("pgb", Role::Replica);
+    let c = FakeMember::start("pgc", Role::Replica);
+    w.put_member(&a.name, &a.member_json("master"));
+    w.put_member(&b.name, &b.member_json("replica"));
+    w.put_member(&c.name, &c.member_json("replica"));
+    w.put_leader(&a.name);
+    let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "1s")];
+    let with_lag = |b: ConfigBuilder| {
+        b.set("lag", "max_bytes", "1MB")
+            .set("lag", "readmit_bytes", "512kB")
+            .set("lag", "delay", "1500ms")
+            .set("lag", "readmit_delay", "500ms")
+            .set("lag", "interval", "100ms")
+    };
+    let block = |reload: Option<Reload>| w.haproxy_block(&World::haproxy_check(), reload);
+    let cfg = w.write_config(daemon_cfg, &[block(None)]);
+    w.once_ok(&cfg, &["--no-reload"]);
+    let h = start_haproxy(&w);
+    let reload = || Some(World::haproxy_reload(&h));
+    let cfg = w.write_config_with(daemon_cfg, &[block(reload())], with_lag);
+    let d = Daemon::start(&cfg);
+    wait_banner(w.replica_port, "pgb", Duration::from_secs(5)).unwrap();
+    wait_banner(w.replica_port, "pgc", Duration::from_secs(5)).unwrap();
+    let before = h.reload_count();
+    let owned = w.server_state().with_file_name(format!(
+        "{}.lag-{}",
+        w.server_state().file_name().unwrap().to_string_lossy(),
+        w.scope
+    ));
+
+    // An open read session on pgb.
+    let session = (0..20)
+        .find_map(|_| {
+            let s = std::net::TcpStream::connect(("127.0.0.1", w.replica_port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(&s), &mut line).ok()?;
+            line.contains("pgb").then_some(s)
+        })
+        .expect("no session landed on pgb");
+
+    // A surge shorter than the delay moves nothing.
+    b.health.set_lag(4 << 20);
+    std::thread::sleep(Duration::from_millis(700));
+    b.health.set_lag(0);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!is_drained(&w, "replicas", "pgb"), "{}", d.log());
+
+    // Over the limit for longer than the delay: drained within delay + 3 s.
+    let t0 = Instant::now();
+    b.health.set_lag(4 << 20);
+    assert!(
+        wait_until(Duration::from_millis(4500), || is_drained(
+            &w, "replicas", "pgb"
+        )),
+        "pgb was not drained for its lag:\n{}",
+        d.log()
+    );
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400),
+        "drained before the delay: {took:?}"
+    );
+    for _ in 0..6 {
+        let banner = tcp_banner(w.replica_port, Duration::from_secs(1)).unwrap();
+        assert!(
+            banner.contains("pgc"),
+            "a new read went to the lagging pgb: {banner}"
+        );
+    }
+    session.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(std::io::Read::read(&mut &session, &mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the open session on pgb was closed by its drain"
+    );
+    assert!(
+        read(&owned).contains("pgb"),
+        "no ownership file at {}",
+        owned.display()
+    );
+
+    // Between the levels it stays out, through a SIGKILL of haconfd: the next run takes the
+    // drain over.
+    b.health.set_lag(800 << 10);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(is_drained(&w, "replicas", "pgb"), "{}", d.log());
+    d.proc.kill();
+    let d = Daemon::start(&cfg);
+    assert!(
+        wait_until(Duration::from_secs(3), || d
+            .messages()
+            .contains("replicas drained for lag by an earlier run: taken over")),
+        "{}",
+        d.log()
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(is_drained(&w, "replicas", "pgb"), "{}", d.log());
+
+    // Under the re-admit level: back within readmit_delay + 3 s.
+    b.health.set_lag(0);
+    assert!(
+        wait_until(Duration::from_millis(3500), || !is_drained(
+            &w, "replicas", "pgb"
+        )),
+        "pgb did not come back:\n{}",
+        d.log()
+    );
+    wait_banner(w.replica_port, "pgb", Duration::from_secs(5)).unwrap();
+    assert!(wait_until(Duration::from_secs(2), || !owned.exists()));
+
+    // An operator's drain is not haconfd's to lift.
+    let by_hand = unix_cmd(
+        &w.admin_sock(),
+        "set server replicas/pgc state drain",
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert_eq!(by_hand.trim(), "");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(is_drained(&w, "replicas", "pgc"), "{}", d.log());
+    unix_cmd(
+        &w.admin_sock(),
+        "set server replicas/pgc state ready",
+        Duration::from_secs(2),
+    )
+    .unwrap();
+
+    // A graceful stop lifts haconfd's drains: nobody watches the lag after it.
+    b.health.set_lag(4 << 20);
+    assert!(wait_until(Duration::from_millis(4500), || is_drained(
+        &w, "replicas", "pgb"
+    )));
+    d.proc.stop(Duration::from_secs(10));
+    assert!(
+        !is_drained(&w, "replicas", "pgb"),
+        "the stop left pgb drained:\n{}",
+        d.log()
+    );
+    assert!(!owned.exists());
+
+    // Killed while it holds a drain, then started with `[lag]` gone: the drain is lifted.
+    let d = Daemon::start(&cfg);
+    assert!(wait_until(Duration::from_millis(4500), || is_drained(
+        &w, "replicas", "pgb"
+    )));
+    d.proc.kill();
+    let plain = w.write_config(daemon_cfg, &[block(reload())]);
+    let d = Daemon::start(&plain);
+    assert!(
+        wait_until(Duration::from_secs(3), || !is_drained(
+            &w, "replicas", "pgb"
+        )),
+        "a drain left by a killed run stayed with [lag] unset:\n{}",
+        d.log()
+    );
+    assert!(!owned.exists());
+
+    // Lag moved servers through the runtime API only.
+    assert_eq!(h.reload_count(), before, "{}", d.log());
+    drop(d);
+}
+
 /// `replica_fallback`: with its only replica failing its checks, reads go to the primary (a
 /// `backup` server tracking the primary listener's leader), and back to the replica once it
 /// passes again. Without it, the replica port serves nothing meanwhile.

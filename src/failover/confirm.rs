@@ -46,6 +46,20 @@ pub enum ConfirmError {
 
 /// One `GET /primary` against `member`'s REST API, bounded by `timeout`.
 pub async fn probe(member: &Member, timeout: Duration) -> Result<Probe, ConfirmError> {
+    let answer = match get(member, "/primary", timeout).await? {
+        Ok((status, body)) => verdict(status, &body),
+        Err(e) => Probe::NotYet(e),
+    };
+    Ok(answer)
+}
+
+/// One `GET path` against `member`'s REST API (plain HTTP), bounded by `timeout`: its status
+/// and body, or why there is none.
+pub async fn get(
+    member: &Member,
+    path: &'static str,
+    timeout: Duration,
+) -> Result<Result<(u16, Bytes), String>, ConfirmError> {
     if member.api_scheme == "https" {
         return Err(ConfirmError::Https {
             member: member.name.clone(),
@@ -69,7 +83,7 @@ pub async fn probe(member: &Member, timeout: Duration) -> Result<Probe, ConfirmE
         } else {
             format!("{host}:{port}")
         };
-        let req = Request::get("/primary")
+        let req = Request::get(path)
             .header(hyper::header::HOST, authority)
             .body(Empty::<Bytes>::new())
             .map_err(|e| format!("request: {e}"))?;
@@ -90,12 +104,10 @@ pub async fn probe(member: &Member, timeout: Duration) -> Result<Probe, ConfirmE
         conn.abort();
         answer
     };
-    let answer = match tokio::time::timeout(timeout, work).await {
-        Ok(Ok((status, body))) => verdict(status, &body),
-        Ok(Err(e)) => Probe::NotYet(e),
-        Err(_) => Probe::NotYet(format!("no answer within {timeout:?}")),
-    };
-    Ok(answer)
+    Ok(match tokio::time::timeout(timeout, work).await {
+        Ok(answer) => answer,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    })
 }
 
 /// Reads a `/primary` answer: writable only with status 200 and a body saying primary, running,

@@ -6,6 +6,7 @@ use super::Setup;
 use crate::events::{ClusterEvent, Differ};
 use crate::failover::Router;
 use crate::guard::{self, GuardError};
+use crate::lag::LagWatch;
 use crate::model::{Cluster, ClusterId, MemberCache, Skipped};
 
 /// What haconfd keeps about one Patroni cluster (or Citus group) from one pass to the next: the
@@ -20,6 +21,8 @@ pub(super) struct ClusterState {
     pub(super) differ: Differ,
     /// The failover fast path: HAProxy moves, PgBouncer pauses, the confirmation gate.
     pub(super) router: Router,
+    /// Lag-aware replicas: drains in the replica backends.
+    pub(super) lag: LagWatch,
     /// The model the last pass saw.
     pub(super) seen: Option<Arc<Cluster>>,
     /// The model `parsed_members` was last built into: kept while nothing of it changes.
@@ -50,7 +53,23 @@ impl ClusterState {
                 Some((id, s.clusters.get(&id.scope))),
             ),
         };
+        // A Citus group's servers share backends with the other groups: no lag drains there.
+        let lag_targets = match id.group {
+            None => s.targets.as_slice(),
+            Some(_) => &[],
+        };
+        let lag_cfg = (s.clusters.get(&id.scope))
+            .and_then(|c| c.lag.as_ref())
+            .unwrap_or(&s.lag);
+        let lag = LagWatch::new(
+            lag_cfg,
+            s.failover.probe_timeout,
+            lag_targets,
+            &id.scope,
+            setup.mode.is_many(),
+        );
         ClusterState {
+            lag,
             parsed_members: MemberCache::default(),
             last_skipped: Vec::new(),
             differ: Differ::default(),

@@ -91,6 +91,8 @@ impl Observe {
             let mut fresh = ClusterState::new(setup, id);
             fresh.router.take_state_from(&mut st.router);
             st.router = fresh.router;
+            fresh.lag.take_state_from(&mut st.lag);
+            st.lag = fresh.lag;
         }
     }
 
@@ -101,6 +103,7 @@ impl Observe {
     ) {
         for st in self.clusters.values_mut() {
             st.router.attach(notify.clone(), observers.clone());
+            st.lag.attach(observers.lag.clone());
         }
         self.attach = Some((notify, observers));
     }
@@ -271,6 +274,7 @@ impl Observe {
         if let Some((n, o)) = &self.attach {
             if !st.router.is_attached() {
                 st.router.attach(n.clone(), o.clone());
+                st.lag.attach(o.lag.clone());
             }
         }
         if setup.mode.is_many() && !st.announced {
@@ -300,6 +304,7 @@ impl Observe {
         }
         if !unchanged {
             st.router.observe(&model, &st.events);
+            st.lag.observe(&model);
         }
         st.router.confirm_now(&model).await;
         match self.memory.admit(&setup.settings.guard, &model) {
@@ -409,6 +414,7 @@ impl Observe {
                     refused: st.refused.as_ref().map(ToString::to_string),
                     configured: setup.configured(&id.scope),
                     failover: st.router.view(),
+                    lag: st.lag.view(),
                 })
             })
             .collect()
@@ -477,6 +483,7 @@ impl Observe {
     pub(super) async fn shutdown(&mut self) {
         for st in self.clusters.values_mut() {
             st.router.shutdown().await;
+            st.lag.shutdown().await;
         }
     }
 }

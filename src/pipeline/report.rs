@@ -123,6 +123,8 @@ pub struct ClusterReport {
     pub configured: bool,
     /// The cluster's last leader change, as its fast path handled it.
     pub failover: failover::TimelineView,
+    /// Its replicas' replay lag and lag drains, as the lag watcher last saw them.
+    pub lag: Vec<crate::lag::ReplicaLag>,
 }
 
 /// What the daemon does after a pass: the stage says, the loop owns the timing.

@@ -2316,6 +2316,9 @@ pub fn patroni_status(role: Role, path: &str) -> u16 {
 pub struct HealthEndpoint {
     role: Arc<Mutex<Role>>,
     hits: Arc<AtomicUsize>,
+    /// How far a replica's replay location is behind the primary's write location, in bytes
+    /// (`GET /patroni`'s `xlog`).
+    lag: Arc<AtomicU64>,
     srv: Server,
 }
 
@@ -2323,7 +2326,8 @@ impl HealthEndpoint {
     pub fn start(role: Role) -> HealthEndpoint {
         let role = Arc::new(Mutex::new(role));
         let hits = Arc::new(AtomicUsize::new(0));
-        let (r, h) = (role.clone(), hits.clone());
+        let lag = Arc::new(AtomicU64::new(0));
+        let (r, h, behind) = (role.clone(), hits.clone(), lag.clone());
         let srv = Server::start("health", move |mut s, _stop| {
             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
             let mut req = Vec::new();
@@ -2354,14 +2358,15 @@ impl HealthEndpoint {
             };
             // As Patroni builds it: the role and the xlog section come from a query on the
             // node, so a promoting node still reports itself a replica.
+            let replayed = 50331816u64.saturating_sub(behind.load(Ordering::SeqCst));
             let body = match role {
                 Role::Primary => {
-                    r#"{"state":"running","role":"primary","xlog":{"location":50331816},"timeline":2}"#
+                    r#"{"state":"running","role":"primary","xlog":{"location":50331816},"timeline":2}"#.to_owned()
                 }
-                Role::Replica | Role::Promoting => {
-                    r#"{"state":"running","role":"replica","xlog":{"received_location":50331816,"replayed_location":50331816},"timeline":1}"#
-                }
-                Role::Down => r#"{"state":"stopped","role":"uninitialized"}"#,
+                Role::Replica | Role::Promoting => format!(
+                    r#"{{"state":"running","role":"replica","xlog":{{"received_location":50331816,"replayed_location":{replayed}}},"timeline":1}}"#
+                ),
+                Role::Down => r#"{"state":"stopped","role":"uninitialized"}"#.to_owned(),
             };
             let mut resp = format!(
                 "HTTP/1.0 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
@@ -2369,12 +2374,22 @@ impl HealthEndpoint {
                 body.len()
             );
             if method != "HEAD" && method != "OPTIONS" {
-                resp.push_str(body);
+                resp.push_str(&body);
             }
             let _ = s.write_all(resp.as_bytes());
             let _ = s.shutdown(Shutdown::Both);
         });
-        HealthEndpoint { role, hits, srv }
+        HealthEndpoint {
+            role,
+            hits,
+            lag,
+            srv,
+        }
+    }
+
+    /// Sets how far behind the primary this replica reports its replay (`GET /patroni`).
+    pub fn set_lag(&self, bytes: u64) {
+        self.lag.store(bytes, Ordering::SeqCst);
     }
 
     pub fn port(&self) -> u16 {

@@ -37,7 +37,7 @@ const DELETE_BOUND: Duration = Duration::from_secs(2);
 const DELETE_STEP: Duration = Duration::from_millis(20);
 /// How many servers one backend keeps parked in maintenance (HAProxy before 2.9) before a
 /// removal reloads instead, which drops them all.
-const PARK_LIMIT: usize = 16;
+const PARK_LIMIT: usize = 64;
 
 /// Keywords `add server` refuses in HAProxy 2.6 that a `default-server` line commonly carries,
 /// each with its one argument: about resolving host names, which a server added at runtime
@@ -1073,7 +1073,10 @@ mod tests {
         let leave = rules(diff(&old, &gone).unwrap());
         let err = plan(&old, &gone, &leave, &Parked::default(), &full, false).unwrap_err();
         assert!(
-            err.contains("backend replicas would keep 17 servers parked"),
+            err.contains(&format!(
+                "backend replicas would keep {} servers parked",
+                PARK_LIMIT + 1
+            )),
             "{err}"
         );
     }
