@@ -8,9 +8,9 @@
 //! (`xlog.location`) and the replica's replay location (`xlog.replayed_location`). The lag is
 //! their difference, in bytes, at most `lag.interval` plus one probe old. Patroni's member keys
 //! carry a figure too, but only every `loop_wait` (10 s), and Patroni's own `/replica?lag=`
-//! compares the replica's *received* location with the leader's last location in etcd: a
-//! replica that receives WAL but does not replay it (`pg_wal_replay_pause()`, a long query
-//! holding replay back) passes that check while its reads grow stale.
+//! compares the replica's replay location with the leader's location as etcd last holds it
+//! (the `status` key's `optime`, also written every `loop_wait`): it sees a lag up to
+//! `loop_wait` late, and under-reports it by whatever the leader wrote since.
 //!
 //! Ownership: the drains are haconfd's. Each HAProxy's drained servers of a cluster are written
 //! to `<server_state.file>.lag-<scope>` as they change; a run killed while a replica is drained
@@ -567,6 +567,9 @@ impl Work {
             (Some(c), Some(_)) => Some(measure(c, self.probe_timeout).await),
             _ => None,
         };
+        if let Some(l) = &lags {
+            tracing::trace!(cluster = %self.scope, lags = ?l, "replay lag measured");
+        }
         let steps = {
             let mut s = lock(&self.shared);
             match (&lags, limits) {

@@ -142,6 +142,8 @@ struct Stack {
     sync_port: Option<u16>,
     /// The shipped template's `replica_fallback`.
     replica_fallback: bool,
+    /// `[lag]` keys, when set.
+    lag: Vec<(&'static str, &'static str)>,
     dir: tempfile::TempDir,
 }
 
@@ -185,6 +187,7 @@ impl Stack {
             maxconn: 1000,
             sync_port: None,
             replica_fallback: false,
+            lag: Vec::new(),
             dir,
         };
         s.write_config();
@@ -252,6 +255,9 @@ impl Stack {
         }
         if self.replica_fallback {
             b = b.var("replica_fallback", true);
+        }
+        for (k, v) in &self.lag {
+            b = b.set("lag", k, *v);
         }
         if self.server_state {
             haproxy = match self.sync_port {
@@ -1170,6 +1176,167 @@ impl NewConnections {
             stack.diag()
         );
     }
+}
+
+/// Whether `backend/server` is drained (`SRV_ADMF_FDRAIN`) in the HAProxy behind `sock`.
+fn drained(sock: &Path, backend: &str, server: &str) -> bool {
+    let Ok(dump) = common::procs::unix_cmd(
+        sock,
+        &format!("show servers state {backend}"),
+        Duration::from_secs(2),
+    ) else {
+        return false;
+    };
+    dump.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() >= 19 && f[3] == server)
+        .and_then(|f| f[6].parse::<u32>().ok())
+        .is_some_and(|a| a & 0x08 != 0)
+}
+
+/// `[lag]` with a real Patroni cluster: a replica whose replay is paused
+/// (`pg_wal_replay_pause()`) while writes continue leaves the replica listener within the delay
+/// + 3 s, an open read session on it keeps working, new reads go to the other replica, and it
+/// comes back after `pg_wal_replay_resume()`; a pause shorter than the delay moves nothing; no
+/// reload throughout.
+#[test]
+fn a_replica_with_replay_paused_stops_taking_reads_and_returns_after_resume() {
+    let _g = serial();
+    let etcd = Etcd::start();
+    let cluster = start_cluster(&etcd, "e2elag");
+    let mut stack = Stack::new(&cluster, true);
+    stack.lag = vec![
+        ("max_bytes", "1MB"),
+        ("readmit_bytes", "256kB"),
+        ("delay", "3s"),
+        ("readmit_delay", "1s"),
+        ("interval", "200ms"),
+    ];
+    stack.write_config();
+    stack.first_render();
+    stack.start_haproxy();
+    stack.start_pgbouncer();
+    stack.start_haconfd();
+    let leader = cluster.wait_leader(None, patroni::SWITCH_TIMEOUT).unwrap();
+    let leader_port = cluster.node(&leader).pg_port;
+    let replicas = cluster.replicas();
+    assert_eq!(replicas.len(), 2, "{replicas:?}");
+    let (lagger, other) = (replicas[0].clone(), replicas[1].clone());
+    let (lag_port, other_port) = (cluster.node(&lagger).pg_port, cluster.node(&other).pg_port);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            (0..6).any(|_| route(stack.replica_port) == Ok((lag_port, true)))
+        }),
+        "reads never reached {lagger}:\n{}",
+        stack.diag()
+    );
+    // An open read session on the replica that will lag.
+    let mut session = None;
+    for _ in 0..40 {
+        let mut c = patroni::connect(stack.replica_port).unwrap();
+        let port: i32 = c
+            .query_one("SELECT inet_server_port()", &[])
+            .unwrap()
+            .get(0);
+        if port == i32::from(lag_port) {
+            session = Some(c);
+            break;
+        }
+    }
+    let mut session = session.expect("no session landed on the lagging replica");
+    let reloads = stack.reload_count();
+    let mut primary = patroni::connect(leader_port).unwrap();
+    primary
+        .batch_execute("CREATE TABLE IF NOT EXISTS lag_fill (x text)")
+        .unwrap();
+    // About 2.5 MB of WAL per call.
+    let fill = |primary: &mut postgres::Client| {
+        primary
+            .batch_execute(
+                "INSERT INTO lag_fill SELECT repeat('x', 1000) FROM generate_series(1, 2000)",
+            )
+            .unwrap()
+    };
+    let mut node = patroni::connect(lag_port).unwrap();
+    // Patroni resumes a paused replay on PostgreSQL 14 and later at every HA cycle, except in
+    // its maintenance mode.
+    cluster.patronictl(&["pause", "--wait"]);
+
+    // A pause shorter than the delay: nothing moves.
+    node.batch_execute("SELECT pg_wal_replay_pause()").unwrap();
+    fill(&mut primary);
+    std::thread::sleep(Duration::from_millis(1500));
+    node.batch_execute("SELECT pg_wal_replay_resume()").unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        !drained(&stack.admin_sock, "replicas", &lagger),
+        "a lag spike shorter than the delay drained {lagger}:\n{}",
+        stack.diag()
+    );
+
+    // Paused while writes go on: out within the delay + 3 s.
+    node.batch_execute("SELECT pg_wal_replay_pause()").unwrap();
+    let t0 = Instant::now();
+    let out = wait_until(Duration::from_secs(6), || {
+        fill(&mut primary);
+        drained(&stack.admin_sock, "replicas", &lagger)
+    });
+    let took = t0.elapsed();
+    assert!(
+        out,
+        "{lagger} with replay paused was not drained:\n{}\nhaconfd's lag lines:\n{}",
+        stack.diag(),
+        stack
+            .haconfd_log_text()
+            .lines()
+            .filter(|l| l.contains("lag"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for _ in 0..8 {
+        let r = route(stack.replica_port);
+        assert_eq!(
+            r,
+            Ok((other_port, true)),
+            "a new read did not go to {other}"
+        );
+    }
+    let port: i32 = session
+        .query_one("SELECT inet_server_port()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(port, i32::from(lag_port), "the open session moved");
+
+    // Resumed: back within readmit_delay + 3 s.
+    node.batch_execute("SELECT pg_wal_replay_resume()").unwrap();
+    let t1 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(4), || !drained(
+            &stack.admin_sock,
+            "replicas",
+            &lagger
+        )),
+        "{lagger} did not come back after resume:\n{}",
+        stack.diag()
+    );
+    let back = t1.elapsed();
+    assert!(
+        wait_until(Duration::from_secs(5), || route(stack.replica_port)
+            == Ok((lag_port, true))),
+        "reads did not return to {lagger}"
+    );
+    let port: i32 = session
+        .query_one("SELECT inet_server_port()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(port, i32::from(lag_port));
+    println!(
+        "RESULT lag: {lagger} drained {:.1}s after replay paused (delay 3s), back {:.1}s after resume (readmit_delay 1s), reloads {}",
+        took.as_secs_f64(),
+        back.as_secs_f64(),
+        stack.reload_count() - reloads
+    );
+    assert_eq!(stack.reload_count(), reloads, "{}", stack.diag());
 }
 
 #[test]

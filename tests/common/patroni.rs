@@ -535,23 +535,20 @@ impl PatroniCluster {
     /// `patronictl edit-config --set <setting> --force` (e.g. `synchronous_mode=true`): the
     /// cluster's dynamic configuration, applied by every member at its next HA loop.
     pub fn edit_config(&self, setting: &str) {
+        self.patronictl(&["edit-config", "--set", setting, "--force"]);
+    }
+
+    /// `patronictl <args>` against the leader's config, bounded to 60 s; panics with its output
+    /// when it fails.
+    pub fn patronictl(&self, args: &[&str]) {
         let leader = self
             .wait_leader(None, SWITCH_TIMEOUT)
-            .unwrap_or_else(|e| panic!("edit-config: no leader: {e:#}"));
+            .unwrap_or_else(|e| panic!("patronictl {args:?}: no leader: {e:#}"));
         let mut cmd = Command::new(&self.binaries.patronictl);
-        cmd.arg("-c").arg(&self.node(&leader).config_path).args([
-            "edit-config",
-            "--set",
-            setting,
-            "--force",
-        ]);
+        cmd.arg("-c").arg(&self.node(&leader).config_path).args(args);
         clean_env(&mut cmd);
-        let out = run_bounded(cmd, Duration::from_secs(60)).expect("run patronictl edit-config");
-        assert!(
-            out.0,
-            "patronictl edit-config --set {setting} failed:\n{}",
-            out.1
-        );
+        let out = run_bounded(cmd, Duration::from_secs(60)).expect("run patronictl");
+        assert!(out.0, "patronictl {args:?} failed:\n{}", out.1);
     }
 
     /// Moves a member's PostgreSQL to `host` (another loopback address, same port), as a node
