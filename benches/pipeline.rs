@@ -48,6 +48,8 @@ mod common;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::Signal;
@@ -70,6 +72,7 @@ const SCENARIOS: &[&str] = &[
     "failover",
     "clusters",
     "membership",
+    "lag",
 ];
 
 /// confd's figures from the field measurements haconfd was designed against (not measured here:
@@ -124,6 +127,7 @@ fn main() {
             "failover" => bench_failover(),
             "clusters" => bench_clusters(),
             "membership" => bench_membership(),
+            "lag" => bench_lag(),
             _ => unreachable!(),
         });
         println!(
@@ -390,6 +394,8 @@ struct Setup {
     replica_port: u16,
     stats_port: u16,
     maxconn: u32,
+    /// More config, appended as it is (`[lag]`).
+    extra: String,
 }
 
 impl Setup {
@@ -417,6 +423,7 @@ impl Setup {
             replica_port: free_port(),
             stats_port: free_port(),
             maxconn: 1000,
+            extra: String::new(),
         }
     }
 
@@ -462,6 +469,7 @@ impl Setup {
                 self.membership
             );
         }
+        s += &self.extra;
         s
     }
 
@@ -3606,4 +3614,267 @@ fn mb_json(r: &MbRun) -> Value {
         "runtime_updates": r.runtime_updates,
         "fallbacks": r.fallbacks,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. lag: lag-aware replicas against HAProxy's /replica?lag= check
+// ---------------------------------------------------------------------------------------------
+
+/// One listener's side of the lag benchmark.
+#[derive(Default)]
+struct LagSide {
+    /// Times the lagging replica started or stopped taking new connections.
+    state_changes: AtomicU64,
+    /// Persistent read sessions that failed (killed by the listener or the server).
+    sessions_killed: AtomicU64,
+    /// New connections, and those served by the lagging replica while its true lag was over
+    /// the limit.
+    new_reads: AtomicU64,
+    stale_new_reads: AtomicU64,
+    /// 100 ms samples in which the lagging replica took new connections while over the limit.
+    stale_samples: AtomicU64,
+}
+
+/// `[lag]` (haconfd, its own HAProxy) against the recipe it replaces (a second HAProxy checking
+/// each node's `GET /replica?lag=<limit>`, `inter 1s fall 3 rise 2 on-marked-down
+/// shutdown-sessions`), side by side on one Patroni cluster (`loop_wait` 10 s, maintenance mode so
+/// that a paused replay stays paused), under a lag that oscillates around the limit: one replica's
+/// replay paused for 2–12 s at a time while about 2.5 MB/s of WAL is written, then resumed.
+fn bench_lag() {
+    use std::sync::atomic::AtomicBool;
+    let limit_mb = env_usize("BENCH_LAG_LIMIT_MB", 4) as u64;
+    let pauses: Vec<u64> = std::env::var("BENCH_LAG_PAUSES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![2, 3, 2, 10, 3, 12, 2, 9, 3, 12]);
+    let etcd = Etcd::shared();
+    let scope = unique_name("bench-lag");
+    let timing = patroni::Timing {
+        ttl: 30,
+        loop_wait: 10,
+        retry_timeout: 10,
+    };
+    let cluster = PatroniCluster::start_with_binaries(
+        &etcd.endpoint(),
+        &scope,
+        3,
+        timing,
+        patroni::Binaries::from_env(),
+    );
+    cluster.patronictl(&["pause", "--wait"]);
+    let leader = cluster.wait_leader(None, patroni::SWITCH_TIMEOUT).unwrap();
+    let replicas = cluster.replicas();
+    let lagger = replicas[0].clone();
+    let lag_port = cluster.node(&lagger).pg_port;
+    let leader_port = cluster.node(&leader).pg_port;
+
+    let dir = temp_dir("bench-lag");
+    let mut setup = Setup::new(dir.path(), &etcd.endpoint(), &scope);
+    setup.extra = format!(
+        "\n[lag]\nmax_bytes = \"{limit_mb}MB\"\nreadmit_bytes = \"{}MB\"\ndelay = \"3s\"\nreadmit_delay = \"3s\"\ninterval = \"1s\"\n",
+        limit_mb / 2
+    );
+    let (haproxy, daemon) = start_stack(&mut setup, dir.path(), Duration::from_millis(500));
+    // The recipe: every node checked on /replica?lag=, as autobase and Patroni's docs set it up.
+    let recipe_port = free_port();
+    let recipe_sock = dir.path().join("recipe.sock");
+    let mut recipe_cfg = format!(
+        "global\n    maxconn 1000\n    stats socket {} mode 600 level admin\n\
+         defaults\n    mode tcp\n    timeout connect 3s\n    timeout client 30m\n    timeout server 30m\n\
+         listen replicas\n    bind 127.0.0.1:{recipe_port}\n    balance roundrobin\n\
+         \x20   option httpchk OPTIONS /replica?lag={limit_mb}MB\n    http-check expect status 200\n\
+         \x20   default-server inter 1s fall 3 rise 2 on-marked-down shutdown-sessions\n",
+        recipe_sock.display()
+    );
+    for n in cluster.nodes() {
+        recipe_cfg += &format!(
+            "    server {} 127.0.0.1:{} check port {}\n",
+            n.name, n.pg_port, n.api_port
+        );
+    }
+    let recipe_path = dir.path().join("recipe.cfg");
+    std::fs::write(&recipe_path, recipe_cfg).unwrap();
+    let recipe = Haproxy::start(&recipe_path);
+    let reloads0 = haproxy.reload_count();
+
+    let listeners = [
+        (
+            "haconfd [lag]",
+            setup.replica_port,
+            setup.stats_socket.clone(),
+        ),
+        ("recipe /replica?lag=", recipe_port, recipe_sock.clone()),
+    ];
+    for (name, port, _) in &listeners {
+        assert!(
+            wait_until(Duration::from_secs(60), || (0..6).any(|_| {
+                patroni::connect(*port)
+                    .ok()
+                    .and_then(|mut c| c.query_one("SELECT inet_server_port()", &[]).ok())
+                    .is_some_and(|r| r.get::<_, i32>(0) == i32::from(lag_port))
+            })),
+            "{name}: reads never reached {lagger}"
+        );
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let over = Arc::new(AtomicBool::new(false));
+    let max_lag = Arc::new(AtomicU64::new(0));
+    let sides: Vec<Arc<LagSide>> = (0..2).map(|_| Arc::new(LagSide::default())).collect();
+    let mut threads = Vec::new();
+    // The true lag, from the nodes themselves, every 100 ms.
+    {
+        let (stop, over, max_lag) = (stop.clone(), over.clone(), max_lag.clone());
+        let limit = limit_mb << 20;
+        threads.push(std::thread::spawn(move || {
+            let mut p = patroni::connect(leader_port).unwrap();
+            let mut r = patroni::connect(lag_port).unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                let head: i64 = p
+                    .query_one(
+                        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
+                        &[],
+                    )
+                    .map(|r| r.get(0))
+                    .unwrap_or(0);
+                let done: i64 = r
+                    .query_one(
+                        "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint",
+                        &[],
+                    )
+                    .map(|r| r.get(0))
+                    .unwrap_or(head);
+                let lag = (head - done).max(0) as u64;
+                max_lag.fetch_max(lag, Ordering::SeqCst);
+                over.store(lag > limit, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }));
+    }
+    for (i, (_, port, sock)) in listeners.iter().enumerate() {
+        // The lagging replica's state in this listener, every 100 ms.
+        let (stop_m, over_m, side, sock, name) = (
+            stop.clone(),
+            over.clone(),
+            sides[i].clone(),
+            sock.clone(),
+            lagger.clone(),
+        );
+        threads.push(std::thread::spawn(move || {
+            let mut last = None;
+            while !stop_m.load(Ordering::SeqCst) {
+                if let Some((op, admin)) = procs::server_state(&sock, "replicas", &name) {
+                    let serving = op == 2 && admin & 0x08 == 0 && admin & 0x01 == 0;
+                    if last.is_some_and(|l| l != serving) {
+                        side.state_changes.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if serving && over_m.load(Ordering::SeqCst) {
+                        side.stale_samples.fetch_add(1, Ordering::SeqCst);
+                    }
+                    last = Some(serving);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }));
+        // 10 persistent read sessions, a query every 200 ms; a failed one reconnects.
+        for _ in 0..10 {
+            let (stop, side, port) = (stop.clone(), sides[i].clone(), *port);
+            threads.push(std::thread::spawn(move || {
+                let mut c = None;
+                while !stop.load(Ordering::SeqCst) {
+                    if c.is_none() {
+                        c = patroni::connect(port).ok();
+                    }
+                    if let Some(client) = c.as_mut() {
+                        if let Err(e) = client.simple_query("SELECT 1") {
+                            if side.sessions_killed.fetch_add(1, Ordering::SeqCst) < 3 {
+                                println!("session error: {}", patroni::pg_err_text(&e));
+                            }
+                            c = None;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }));
+        }
+        // A new connection every 100 ms: where does it land, and is that node too far behind?
+        let (stop, over, side, port) = (stop.clone(), over.clone(), sides[i].clone(), *port);
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(mut c) = patroni::connect(port) {
+                    if let Ok(r) = c.query_one("SELECT inet_server_port()", &[]) {
+                        side.new_reads.fetch_add(1, Ordering::SeqCst);
+                        if r.get::<_, i32>(0) == i32::from(lag_port) && over.load(Ordering::SeqCst)
+                        {
+                            side.stale_new_reads.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }));
+    }
+    // WAL at about 2.5 MB/s while the cycles run.
+    {
+        let stop = stop.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut p = patroni::connect(leader_port).unwrap();
+            p.batch_execute("CREATE TABLE IF NOT EXISTS bench_lag_fill (x text)")
+                .unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                let _ = p.batch_execute(
+                    "INSERT INTO bench_lag_fill SELECT repeat('x', 1000) FROM generate_series(1, 500)",
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }));
+    }
+    let mut node = patroni::connect(lag_port).unwrap();
+    let t0 = Instant::now();
+    for (k, p) in pauses.iter().enumerate() {
+        node.batch_execute("SELECT pg_wal_replay_pause()").unwrap();
+        std::thread::sleep(Duration::from_secs(*p));
+        node.batch_execute("SELECT pg_wal_replay_resume()").unwrap();
+        println!(
+            "cycle {k}: replay paused {p} s, then resumed ({:.0} s in)",
+            t0.elapsed().as_secs_f64()
+        );
+        std::thread::sleep(Duration::from_secs(6));
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        let _ = t.join();
+    }
+    let took = t0.elapsed().as_secs_f64();
+    let reloads = haproxy.reload_count() - reloads0;
+    let mut runs = Vec::new();
+    for (i, (name, _, _)) in listeners.iter().enumerate() {
+        let s = &sides[i];
+        let g = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        let r = json!({
+            "listener": name,
+            "state_changes": g(&s.state_changes),
+            "sessions_killed": g(&s.sessions_killed),
+            "new_reads": g(&s.new_reads),
+            "stale_new_reads": g(&s.stale_new_reads),
+            "stale_serving_seconds": g(&s.stale_samples) as f64 / 10.0,
+            "reloads": if i == 0 { reloads } else { 0 },
+        });
+        println!(
+            "RESULT lag/{name}: state changes {}, persistent sessions killed {}, new reads {} of which {} to {lagger} while over {limit_mb} MB, {:.1} s serving new connections while over, reloads {}",
+            r["state_changes"], r["sessions_killed"], r["new_reads"], r["stale_new_reads"], r["stale_serving_seconds"], r["reloads"]
+        );
+        runs.push(r);
+    }
+    print_json(json!({
+        "scenario": "lag",
+        "limit_mb": limit_mb,
+        "pauses_s": pauses,
+        "seconds": took,
+        "max_lag_mb": max_lag.load(Ordering::SeqCst) as f64 / 1048576.0,
+        "runs": runs,
+    }));
+    drop(daemon);
+    drop(recipe);
+    drop(haproxy);
 }

@@ -1180,18 +1180,7 @@ impl NewConnections {
 
 /// Whether `backend/server` is drained (`SRV_ADMF_FDRAIN`) in the HAProxy behind `sock`.
 fn drained(sock: &Path, backend: &str, server: &str) -> bool {
-    let Ok(dump) = common::procs::unix_cmd(
-        sock,
-        &format!("show servers state {backend}"),
-        Duration::from_secs(2),
-    ) else {
-        return false;
-    };
-    dump.lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() >= 19 && f[3] == server)
-        .and_then(|f| f[6].parse::<u32>().ok())
-        .is_some_and(|a| a & 0x08 != 0)
+    common::procs::server_state(sock, backend, server).is_some_and(|(_, a)| a & 0x08 != 0)
 }
 
 /// `[lag]` with a real Patroni cluster: a replica whose replay is paused

@@ -816,23 +816,9 @@ fn the_sync_listener_follows_the_synchronous_standby() {
     assert_eq!(h.reload_count(), before, "{}", d.log());
 }
 
-/// The admin state flags (`srv_admin_state`) of `backend/server`, if HAProxy has it.
-fn admin_state(w: &World, backend: &str, server: &str) -> Option<u32> {
-    let dump = unix_cmd(
-        &w.admin_sock(),
-        &format!("show servers state {backend}"),
-        Duration::from_secs(2),
-    )
-    .ok()?;
-    dump.lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() >= 19 && f[1] == backend && f[3] == server)
-        .and_then(|f| f[6].parse().ok())
-}
-
 /// Drained by `set server … state drain` (`SRV_ADMF_FDRAIN`).
 fn is_drained(w: &World, backend: &str, server: &str) -> bool {
-    admin_state(w, backend, server).is_some_and(|a| a & 0x08 != 0)
+    server_state(&w.admin_sock(), backend, server).is_some_and(|(_, a)| a & 0x08 != 0)
 }
 
 /// Lag-aware replicas (`[lag]`): a replica over `max_bytes` for longer than `delay` is drained

@@ -545,7 +545,9 @@ impl PatroniCluster {
             .wait_leader(None, SWITCH_TIMEOUT)
             .unwrap_or_else(|e| panic!("patronictl {args:?}: no leader: {e:#}"));
         let mut cmd = Command::new(&self.binaries.patronictl);
-        cmd.arg("-c").arg(&self.node(&leader).config_path).args(args);
+        cmd.arg("-c")
+            .arg(&self.node(&leader).config_path)
+            .args(args);
         clean_env(&mut cmd);
         let out = run_bounded(cmd, Duration::from_secs(60)).expect("run patronictl");
         assert!(out.0, "patronictl {args:?} failed:\n{}", out.1);
