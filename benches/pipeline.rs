@@ -3717,6 +3717,14 @@ fn bench_lag() {
         );
     }
 
+    // The recipe's HAProxy starts every server UP: its checks take the leader out (and, with
+    // `shutdown-sessions`, any session on it) before the sessions below open.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            procs::server_state(&recipe_sock, "replicas", &leader).is_some_and(|(op, _)| op == 0)
+        }),
+        "the recipe's checks never took the leader {leader} out"
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let over = Arc::new(AtomicBool::new(false));
     let max_lag = Arc::new(AtomicU64::new(0));

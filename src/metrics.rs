@@ -111,10 +111,14 @@ impl Metrics {
             drift: Some(self.drift.clone()),
             moves: Some(self.moves.clone()),
             fences_expired: Some(self.fences_expired.clone()),
-            lag: crate::lag::LagObservers {
-                bytes: Some(self.lag_bytes.clone()),
-                drained: Some(self.lag_drained.clone()),
-            },
+        }
+    }
+
+    /// The lag watchers' gauges, shared with them.
+    pub fn lag_observers(&self) -> crate::lag::LagObservers {
+        crate::lag::LagObservers {
+            bytes: Some(self.lag_bytes.clone()),
+            drained: Some(self.lag_drained.clone()),
         }
     }
 

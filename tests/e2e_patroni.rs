@@ -1185,9 +1185,9 @@ fn drained(sock: &Path, backend: &str, server: &str) -> bool {
 
 /// `[lag]` with a real Patroni cluster: a replica whose replay is paused
 /// (`pg_wal_replay_pause()`) while writes continue leaves the replica listener within the delay
-/// + 3 s, an open read session on it keeps working, new reads go to the other replica, and it
-/// comes back after `pg_wal_replay_resume()`; a pause shorter than the delay moves nothing; no
-/// reload throughout.
+/// plus 3 s, an open read session on it keeps working, new reads go to the other replica, and
+/// it comes back after `pg_wal_replay_resume()`; a pause shorter than the delay moves nothing;
+/// no reload throughout.
 #[test]
 fn a_replica_with_replay_paused_stops_taking_reads_and_returns_after_resume() {
     let _g = serial();

@@ -775,11 +775,8 @@ fn a_replica_tagged_for_a_read_route_joins_its_listener_without_a_reload() {
     assert_eq!(h.reload_count(), before, "{}", d.log());
 }
 
-/// `sync_port`: the sync listener serves the leader's synchronous standby only (Patroni's `sync`
-/// key), and follows a change of synchronous standby (the new one through the runtime API).
-#[test]
-fn the_sync_listener_follows_the_synchronous_standby() {
-    let w = World::new("sync");
+/// pga (the leader), pgb and pgc (replicas), their keys in `w`'s etcd.
+fn leader_and_two_replicas(w: &World) -> (FakeMember, FakeMember, FakeMember) {
     let a = FakeMember::start("pga", Role::Primary);
     let b = FakeMember::start("pgb", Role::Replica);
     let c = FakeMember::start("pgc", Role::Replica);
@@ -787,6 +784,15 @@ fn the_sync_listener_follows_the_synchronous_standby() {
     w.put_member(&b.name, &b.member_json("replica"));
     w.put_member(&c.name, &c.member_json("replica"));
     w.put_leader(&a.name);
+    (a, b, c)
+}
+
+/// `sync_port`: the sync listener serves the leader's synchronous standby only (Patroni's `sync`
+/// key), and follows a change of synchronous standby (the new one through the runtime API).
+#[test]
+fn the_sync_listener_follows_the_synchronous_standby() {
+    let w = World::new("sync");
+    let (_a, _b, _c) = leader_and_two_replicas(&w);
     w.etcd()
         .put(&w.key("sync"), r#"{"leader":"pga","sync_standby":"pgb"}"#);
     let sync_port = free_port();
@@ -831,13 +837,7 @@ fn is_drained(w: &World, backend: &str, server: &str) -> bool {
 #[test]
 fn a_replica_over_the_lag_limit_is_drained_after_the_delay_and_returns_under_the_readmit_level() {
     let w = World::new("lag");
-    let a = FakeMember::start("pga", Role::Primary);
-    let b = FakeMember::start("pgb", Role::Replica);
-    let c = FakeMember::start("pgc", Role::Replica);
-    w.put_member(&a.name, &a.member_json("master"));
-    w.put_member(&b.name, &b.member_json("replica"));
-    w.put_member(&c.name, &c.member_json("replica"));
-    w.put_leader(&a.name);
+    let (_a, b, _c) = leader_and_two_replicas(&w);
     let daemon_cfg: &[(&str, &str)] = &[("min_interval", "100ms"), ("retry_interval", "1s")];
     let with_lag = |b: ConfigBuilder| {
         b.set("lag", "max_bytes", "1MB")

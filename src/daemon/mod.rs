@@ -195,7 +195,11 @@ impl Daemon {
         })?;
         let (reload_tx, reload_rx) = mpsc::channel::<&'static str>(8);
         let (confirm_tx, confirm_rx) = mpsc::unbounded_channel();
-        engine.attach_router(confirm_tx.clone(), metrics.failover_observers());
+        engine.attach_router(
+            confirm_tx.clone(),
+            metrics.failover_observers(),
+            metrics.lag_observers(),
+        );
         let hooks = Hooks::start(
             settings.hooks_config.clone(),
             settings.hooks.clone(),

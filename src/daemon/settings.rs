@@ -74,8 +74,11 @@ impl Daemon {
         if other_cluster {
             // Another cluster: what the guard remembers of the old one says nothing about it.
             self.engine = Engine::new(Arc::clone(&new))?;
-            self.engine
-                .attach_router(self.confirm_tx.clone(), self.metrics.failover_observers());
+            self.engine.attach_router(
+                self.confirm_tx.clone(),
+                self.metrics.failover_observers(),
+                self.metrics.lag_observers(),
+            );
         } else {
             self.engine.replace(Arc::clone(&new))?;
         }

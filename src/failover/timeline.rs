@@ -192,8 +192,6 @@ pub struct FenceView {
 /// [`crate::metrics`].
 #[derive(Clone, Default)]
 pub struct Observers {
-    /// The lag watcher's gauges (see [`crate::lag`]).
-    pub lag: crate::lag::LagObservers,
     /// Leader key → HAProxy switched, seconds.
     pub haproxy: Option<prometheus_client::metrics::histogram::Histogram>,
     /// Leader key → PgBouncer switched, seconds.

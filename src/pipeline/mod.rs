@@ -165,8 +165,9 @@ impl Engine {
         &mut self,
         notify: tokio::sync::mpsc::UnboundedSender<failover::Confirmed>,
         observers: failover::Observers,
+        lag: crate::lag::LagObservers,
     ) {
-        self.observe.attach(notify, observers);
+        self.observe.attach(notify, observers, lag);
     }
 
     /// The last pass's timings and counts.

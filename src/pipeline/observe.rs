@@ -63,6 +63,7 @@ pub(super) struct Observe {
     attach: Option<(
         tokio::sync::mpsc::UnboundedSender<failover::Confirmed>,
         failover::Observers,
+        crate::lag::LagObservers,
     )>,
     /// Whether the PgBouncer pauses an earlier run left were looked for.
     repaired: bool,
@@ -100,12 +101,13 @@ impl Observe {
         &mut self,
         notify: tokio::sync::mpsc::UnboundedSender<failover::Confirmed>,
         observers: failover::Observers,
+        lag: crate::lag::LagObservers,
     ) {
         for st in self.clusters.values_mut() {
             st.router.attach(notify.clone(), observers.clone());
-            st.lag.attach(observers.lag.clone());
+            st.lag.attach(lag.clone());
         }
-        self.attach = Some((notify, observers));
+        self.attach = Some((notify, observers, lag));
     }
 
     /// The clusters to model this pass: those the config names (or every one under the
@@ -271,10 +273,10 @@ impl Observe {
     /// One cluster's step of a pass: its events, the fast path, the guard.
     async fn step(&mut self, setup: &Setup, id: &ClusterId, model: Arc<Cluster>) -> Verdict {
         let st = self.clusters.get_mut(id).expect("modelled above");
-        if let Some((n, o)) = &self.attach {
+        if let Some((n, o, lag)) = &self.attach {
             if !st.router.is_attached() {
                 st.router.attach(n.clone(), o.clone());
-                st.lag.attach(o.lag.clone());
+                st.lag.attach(lag.clone());
             }
         }
         if setup.mode.is_many() && !st.announced {
