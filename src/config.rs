@@ -236,6 +236,12 @@ pub struct TemplateConfig {
     /// templates is up to the template; this flag makes it explicit).
     #[serde(default)]
     pub require_leader: bool,
+    /// With `require_leader`: what the target does in a Patroni standby cluster, whose leader
+    /// takes no writes. `"keep"` (the default) keeps the last file and says so; `"follow"`
+    /// points it at the standby leader once it answers `GET /standby-leader` (a read-only pool
+    /// at a disaster-recovery site).
+    #[serde(default)]
+    pub standby_leader: StandbyLeader,
     /// Carry HAProxy server state over reloads; with `[failover]`, the HAProxy the fast path
     /// moves through its runtime API.
     pub server_state: Option<ServerStateConfig>,
@@ -245,6 +251,17 @@ pub struct TemplateConfig {
     /// Variables for this template only; they override the global `[vars]`.
     #[serde(default)]
     pub vars: toml::Table,
+}
+
+/// `standby_leader` of a `[[template]]` (see [`TemplateConfig::standby_leader`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StandbyLeader {
+    /// Keep the last file while the leader is a standby leader.
+    #[default]
+    Keep,
+    /// Point at the standby leader once `GET /standby-leader` answers 200.
+    Follow,
 }
 
 /// `reload = {...}`: exactly one of `pidfile`, `master_socket` or `command`.
@@ -747,6 +764,11 @@ fn resolve_template(
     check_argv(&t.check).map_err(ctx)?;
     positive("check_timeout", t.check_timeout).map_err(ctx)?;
     let dest = resolve_path(base_dir, &t.dest).map_err(|m| ctx(format!("dest: {m}")))?;
+    if t.standby_leader == StandbyLeader::Follow && !t.require_leader {
+        return Err(ctx(
+            "standby_leader = \"follow\" goes with require_leader = true (without it, the target renders whatever leader there is)".into(),
+        ));
+    }
     if let Some(parent) = dest.parent() {
         if parent.to_string_lossy().contains(SCOPE_PLACEHOLDER) {
             return Err(ctx(format!(
@@ -787,6 +809,7 @@ fn resolve_template(
         group,
         reload,
         require_leader: t.require_leader,
+        follow_standby: t.standby_leader == StandbyLeader::Follow,
         consumer,
         vars,
         name,

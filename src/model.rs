@@ -33,6 +33,12 @@ pub struct Cluster {
     /// synchronous mode, or when the key names another leader (it is rewritten after a
     /// failover).
     pub sync_standbys: Vec<String>,
+    /// A Patroni standby cluster: its `config` key has a `standby_cluster` section (without a
+    /// `config` key: its leader's role is `standby_leader`). Its leader replicates from another
+    /// cluster and takes no writes; it serves reads with the replicas. The `config` key changes
+    /// first at a promotion (`patronictl edit-config` removing the section) and at a demotion,
+    /// before Patroni rewrites the leader's member key.
+    pub standby_cluster: bool,
     /// A pending switchover or failover from Patroni's `failover` key; None when the key is
     /// absent, `{}` (Patroni leaves that behind after a switchover) or refused. Templates do not
     /// see it (it is not in the render context): it drives events, not file contents.
@@ -219,6 +225,22 @@ impl Cluster {
         for m in members.iter_mut() {
             m.is_sync = sync_standbys.contains(&m.name);
         }
+        let config_key = format!("{prefix}config");
+        let standby_cluster = match snapshot.kvs.get(&config_key).map(|v| standby_of(v)) {
+            Some(Ok(standby)) => standby,
+            Some(Err(reason)) => {
+                skipped.push(Skipped {
+                    key: config_key,
+                    reason: format!("config value refused: {reason}"),
+                    member_kept: false,
+                });
+                false
+            }
+            None => leader_name
+                .as_deref()
+                .and_then(|l| members.iter().find(|m| m.name == l))
+                .is_some_and(Member::is_standby_leader),
+        };
         skipped.sort_by(|a, b| a.key.cmp(&b.key));
         Built {
             cluster: Cluster {
@@ -229,11 +251,32 @@ impl Cluster {
                 leader_name,
                 members,
                 sync_standbys,
+                standby_cluster,
                 failover,
             },
             skipped,
         }
     }
+
+    /// The leader of a standby cluster (see [`Cluster::standby_cluster`]): it holds the leader
+    /// key but takes no writes. None in an ordinary cluster, or without a leader.
+    pub fn standby_leader(&self) -> Option<&Member> {
+        self.leader().filter(|_| self.standby_cluster)
+    }
+
+    /// The leader, when it is one that takes writes (not a standby cluster's).
+    pub fn writable_leader(&self) -> Option<&Member> {
+        self.leader().filter(|_| !self.standby_cluster)
+    }
+}
+
+/// Whether Patroni's `config` value describes a standby cluster: a non-null `standby_cluster`
+/// object. An error for a value that is not a JSON object.
+fn standby_of(value: &[u8]) -> Result<bool, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(value).map_err(|e| format!("not JSON: {e}"))?;
+    let obj = v.as_object().ok_or("not a JSON object")?;
+    Ok(obj.get("standby_cluster").is_some_and(|s| s.is_object()))
 }
 
 /// The synchronous standbys of Patroni's `sync` value (`{"leader": "pg1", "sync_standby":
@@ -342,6 +385,7 @@ impl MemberCache {
         self.leader = snapshot.kvs.get(&format!("{prefix}leader")).cloned();
         self.failover = snapshot.kvs.get(&format!("{prefix}failover")).cloned();
         self.sync = snapshot.kvs.get(&format!("{prefix}sync")).cloned();
+        self.config = snapshot.kvs.get(&format!("{prefix}config")).cloned();
         parsed
     }
 }
@@ -610,6 +654,7 @@ impl Cluster {
         raw("leader").map(Vec::as_slice) == cache.leader.as_deref()
             && raw("failover").map(Vec::as_slice) == cache.failover.as_deref()
             && raw("sync").map(Vec::as_slice) == cache.sync.as_deref()
+            && raw("config").map(Vec::as_slice) == cache.config.as_deref()
     }
 
     /// Whether a template sees the same context in `self` and `other`. With `with_wal` false,
@@ -625,11 +670,13 @@ impl Cluster {
             leader_name,
             members,
             sync_standbys,
+            standby_cluster,
             // Not in the render context: a switchover request alone renders nothing.
             failover: _,
             leader_key: _,
         } = self;
-        namespace == &other.namespace
+        standby_cluster == &other.standby_cluster
+            && namespace == &other.namespace
             && scope == &other.scope
             && group == &other.group
             && leader_name == &other.leader_name
@@ -776,6 +823,8 @@ pub struct MemberCache {
     failover: Option<Vec<u8>>,
     /// The `sync` value of the last build.
     sync: Option<Vec<u8>>,
+    /// The `config` value of the last build.
+    config: Option<Vec<u8>>,
 }
 
 impl Member {
@@ -1506,6 +1555,48 @@ mod tests {
             assert_eq!(cached.skipped, fresh.skipped);
         }
         assert_eq!(cache.parsed.len(), 2);
+    }
+
+    /// The `config` key says whether the cluster is a standby cluster, and it wins over the
+    /// leader's member key (promotion and demotion change it first); without it, the leader's
+    /// role decides.
+    #[test]
+    fn the_config_key_says_whether_the_cluster_is_a_standby_cluster() {
+        let standby_leader = PG1.replace(r#""role":"master""#, r#""role":"standby_leader""#);
+        assert_ne!(standby_leader, PG1, "the fixture's role did not change");
+        let with = |leader: &str, config: Option<&str>| {
+            let mut kvs = vec![
+                ("leader", "pg1"),
+                ("members/pg1", leader),
+                ("members/pg2", PG2),
+            ];
+            if let Some(c) = config {
+                kvs.push(("config", c));
+            }
+            let b = Cluster::build(&snap(&kvs), "/service", "demo");
+            (
+                b.cluster.standby_cluster,
+                b.cluster.writable_leader().is_some(),
+                b.skipped.len(),
+            )
+        };
+        let standby = r#"{"ttl":30,"standby_cluster":{"host":"10.0.0.1","port":5432}}"#;
+        assert_eq!(with(&standby_leader, Some(standby)), (true, false, 0));
+        assert_eq!(with(&standby_leader, None), (true, false, 0));
+        // Promoted: the config key changed, the member key not yet.
+        assert_eq!(
+            with(&standby_leader, Some(r#"{"ttl":30}"#)),
+            (false, true, 0)
+        );
+        assert_eq!(
+            with(&standby_leader, Some(r#"{"standby_cluster":null}"#)),
+            (false, true, 0)
+        );
+        // Demoted: the config key changed, the member key still says primary.
+        assert_eq!(with(PG1, Some(standby)), (true, false, 0));
+        assert_eq!(with(PG1, None), (false, true, 0));
+        // A bad value: skipped with a note, the cluster is not a standby cluster.
+        assert_eq!(with(PG1, Some("[1,2]")), (false, true, 1));
     }
 
     #[test]

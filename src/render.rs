@@ -152,6 +152,9 @@ pub struct GroupContext<'a> {
     pub replicas: Vec<&'a Member>,
     /// The leader's synchronous standbys (Patroni's `sync` key), sorted by name.
     pub sync_standbys: Vec<&'a Member>,
+    /// A Patroni standby cluster (`standby_cluster` in its `config` key): the leader takes no
+    /// writes and serves reads.
+    pub standby_cluster: bool,
 }
 
 /// `target.*` in the context.
@@ -188,6 +191,7 @@ fn group_context(c: Option<&Cluster>) -> GroupContext<'_> {
             members: &c.members,
             replicas: c.members.iter().filter(|m| !m.is_leader).collect(),
             sync_standbys: c.members.iter().filter(|m| m.is_sync).collect(),
+            standby_cluster: c.standby_cluster,
         },
         None => GroupContext {
             group: None,
@@ -196,6 +200,7 @@ fn group_context(c: Option<&Cluster>) -> GroupContext<'_> {
             members: &NO_MEMBERS,
             replicas: Vec::new(),
             sync_standbys: Vec::new(),
+            standby_cluster: false,
         },
     }
 }

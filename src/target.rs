@@ -46,6 +46,9 @@ pub struct Target {
     pub reload: Option<Reload>,
     /// Refuse to render with no leader.
     pub require_leader: bool,
+    /// With `require_leader`: point at a standby cluster's leader once it answers
+    /// `GET /standby-leader` (`standby_leader = "follow"`).
+    pub follow_standby: bool,
     /// Which program reads the file: HAProxy with server state, PgBouncer with its console, or
     /// another told by `reload` only.
     pub consumer: Consumer,
@@ -70,6 +73,7 @@ impl Target {
             group: None,
             reload: None,
             require_leader: false,
+            follow_standby: false,
             consumer: Consumer::Plain,
             vars: serde_json::Map::new(),
             per_cluster: false,

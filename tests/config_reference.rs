@@ -49,6 +49,7 @@ fn everything() -> RawConfig {
             timeout: Some(Duration::from_secs(1)),
         }),
         require_leader: true,
+        standby_leader: haconfd::config::StandbyLeader::Follow,
         server_state: Some(ServerStateConfig {
             stats_socket: "/s".into(),
             file: "/f".into(),

@@ -144,6 +144,8 @@ struct Stack {
     replica_fallback: bool,
     /// `[lag]` keys, when set.
     lag: Vec<(&'static str, &'static str)>,
+    /// The PgBouncer template's `standby_leader = "follow"`.
+    follow_standby: bool,
     dir: tempfile::TempDir,
 }
 
@@ -188,6 +190,7 @@ impl Stack {
             sync_port: None,
             replica_fallback: false,
             lag: Vec::new(),
+            follow_standby: false,
             dir,
         };
         s.write_config();
@@ -276,6 +279,9 @@ impl Stack {
                 pgbouncer.pgbouncer_admin(&self.pgb_dir, self.pgb_port, "pgbouncer", Some("15s"));
         }
         pgbouncer = pgbouncer.pgbouncer_test_vars(&self.pgb_dir, self.pgb_port);
+        if self.follow_standby {
+            pgbouncer = pgbouncer.set("standby_leader", "follow");
+        }
         b.template(haproxy)
             .template(pgbouncer)
             .write_atomic(&self.config);
@@ -1326,6 +1332,99 @@ fn a_replica_with_replay_paused_stops_taking_reads_and_returns_after_resume() {
         stack.reload_count() - reloads
     );
     assert_eq!(stack.reload_count(), reloads, "{}", stack.diag());
+}
+
+/// A Patroni standby cluster (a second cluster replicating from the first): reads go to its
+/// standby leader and its replica, the write port serves nothing, and once `patronictl
+/// edit-config` removes `standby_cluster`, writes reach the promoted leader through the fast
+/// path (no config edit) right after it accepts them.
+#[test]
+fn a_standby_cluster_serves_reads_from_its_standby_leader_and_takes_writes_once_promoted() {
+    let _g = serial();
+    let etcd = Etcd::start();
+    let source = start_cluster(&etcd, "e2esrc");
+    let src_leader = source.wait_leader(None, patroni::SWITCH_TIMEOUT).unwrap();
+    let src_port = source.node(&src_leader).pg_port;
+    let dr = PatroniCluster::start_standby(
+        &etcd.endpoint(),
+        "e2edr",
+        2,
+        patroni::Timing::default(),
+        patroni::Binaries::from_env(),
+        src_port,
+    );
+    let mut stack = Stack::new(&dr, true);
+    // PgBouncer is a read-only pool on the standby leader until the promotion.
+    stack.follow_standby = true;
+    stack.write_config();
+    stack.first_render();
+    stack.start_haproxy();
+    stack.start_pgbouncer();
+    stack.start_haconfd();
+    let leader = dr
+        .leader()
+        .expect("the standby cluster has a standby leader");
+    let leader_port = dr.node(&leader).pg_port;
+    let replica = dr.replicas().first().cloned().expect("a replica");
+    let replica_port = dr.node(&replica).pg_port;
+    // Reads: the standby leader and the replica, both in recovery.
+    for want in [leader_port, replica_port] {
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                (0..4).any(|_| route(stack.replica_port) == Ok((want, true)))
+            }),
+            "reads never reached port {want} in the standby cluster:\n{}",
+            stack.diag()
+        );
+    }
+    // Writes: nothing serves the write port.
+    assert!(
+        route(stack.primary_port).is_err(),
+        "the write port served something in a standby cluster"
+    );
+
+    // Promotion: the node and the write port are polled every 5 ms from the same moment.
+    let first_write = move |port: u16, t0: Instant| {
+        let mut at = None;
+        wait_until(Duration::from_secs(60), || {
+            let hit = route(port) == Ok((leader_port, false));
+            if hit {
+                at = Some(t0.elapsed());
+            } else {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            hit
+        });
+        at
+    };
+    let t0 = Instant::now();
+    dr.patronictl(&["edit-config", "--set", "standby_cluster=null", "--force"]);
+    let node = std::thread::spawn(move || first_write(leader_port, t0));
+    let lb = first_write(stack.primary_port, t0);
+    let (Some(lb), Some(node)) = (lb, node.join().unwrap()) else {
+        panic!(
+            "writes never reached the promoted {leader}:\n{}",
+            stack.diag()
+        );
+    };
+    let after_ms = lb.as_secs_f64() * 1000.0 - node.as_secs_f64() * 1000.0;
+    println!(
+        "RESULT standby promotion: {leader} took writes {:.0} ms after the edit, the write port {:.0} ms ({after_ms:+.0} ms after the node)",
+        node.as_secs_f64() * 1000.0,
+        lb.as_secs_f64() * 1000.0,
+    );
+    assert!(
+        after_ms <= 1000.0,
+        "writes reached the promoted leader {after_ms:.0} ms after it took them:\n{}",
+        stack.diag()
+    );
+    assert!(
+        stack
+            .haconfd_log_text()
+            .contains("the new primary takes writes"),
+        "{}",
+        stack.diag()
+    );
 }
 
 #[test]

@@ -264,3 +264,37 @@ fn patroni4_replica_fallback_adds_the_leader_as_a_tracking_backup() {
         "{replicas}"
     );
 }
+
+/// A Patroni standby cluster (`standby_cluster` in its `config` key, its leader's role
+/// `standby_leader`): the read port checks `/read-only`, so that the standby leader serves reads
+/// with the replicas, and the fallback to the leader is left out (it takes no writes). The file
+/// passes `haproxy -c`.
+#[test]
+fn patroni4_standby_cluster_reads_from_the_standby_leader_and_its_replicas() {
+    let mut snap = Snapshot::from_file(&root().join("tests/fixtures/patroni4-kv.json")).unwrap();
+    let key = "/service/demo/members/pg2".to_owned();
+    let mut leader: serde_json::Value = serde_json::from_slice(&snap.kvs[&key]).unwrap();
+    leader["role"] = "standby_leader".into();
+    snap.put(key, serde_json::to_vec(&leader).unwrap());
+    let config_key = "/service/demo/config".to_owned();
+    let mut config: serde_json::Value = snap
+        .kvs
+        .get(&config_key)
+        .map(|v| serde_json::from_slice(v).unwrap())
+        .unwrap_or_else(|| serde_json::json!({}));
+    config["standby_cluster"] = serde_json::json!({ "host": "10.0.1.5", "port": 5432 });
+    snap.put(config_key, serde_json::to_vec(&config).unwrap());
+    let text = golden_haproxy_with(
+        &snap,
+        &[("replica_fallback", true.into())],
+        "patroni4-standby-haproxy.cfg",
+    );
+    let replicas = text
+        .split("listen replicas")
+        .nth(1)
+        .expect("the replica listener");
+    assert!(replicas.contains("HEAD /read-only"), "{replicas}");
+    assert!(!replicas.contains("-primary "), "{replicas}");
+    let primary = text.split("listen primary").nth(1).unwrap();
+    assert!(primary.contains("HEAD /primary"), "{primary}");
+}

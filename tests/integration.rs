@@ -1522,11 +1522,15 @@ fn a_member_change_whose_file_fails_its_check_is_undone_by_one_reload_onto_the_l
 /// A Patroni standby cluster: the leader key's holder has role `standby_leader` and takes no
 /// writes. `once` does not report success for the PgBouncer file it could not point at a
 /// primary (it said "up to date" and exited 0), no server takes writes in HAProxy's state, and
-/// `run` neither probes it for writes nor warns about drift.
+/// `run` neither probes it for writes nor warns about drift. The standby leader serves reads
+/// with the replica. Promoted (`standby_cluster` gone from the `config` key), it takes writes
+/// through the fast path as soon as its REST API says PostgreSQL does, with no config edit, and
+/// PgBouncer follows; demoted again, it leaves the write port and serves reads.
 #[test]
-fn a_standby_leader_takes_no_writes_and_once_says_what_it_did_not_write() {
+fn a_standby_cluster_reads_from_its_leader_follows_promotion_and_demotion_and_once_says_what_it_did_not_write(
+) {
     let w = World::new("standby");
-    let a = FakeMember::start("pga", Role::Replica);
+    let a = FakeMember::start("pga", Role::StandbyLeader);
     let b = FakeMember::start("pgb", Role::Replica);
     w.put_member(&a.name, &a.member_json("standby_leader"));
     w.put_member(&b.name, &b.member_json("replica"));
@@ -1548,6 +1552,21 @@ fn a_standby_leader_takes_no_writes_and_once_says_what_it_did_not_write() {
         "{err}"
     );
     assert!(!w.pgbouncer_ini().exists(), "pgbouncer.ini written");
+    // With `standby_leader = "follow"`, the PgBouncer file points at the standby leader once
+    // it answers /standby-leader (a read-only pool at a disaster-recovery site).
+    let follow = [
+        w.haproxy_block(&World::haproxy_check(), None),
+        w.pgbouncer_block(None).set("standby_leader", "follow"),
+    ];
+    let follow_cfg = w.write_config_with(&[], &follow, fast);
+    let out = w.haconfd(&follow_cfg, &["once", "--no-reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    assert!(
+        read(&w.pgbouncer_ini()).contains(&format!("port={}", a.port())),
+        "{}",
+        read(&w.pgbouncer_ini())
+    );
+    std::fs::remove_file(w.pgbouncer_ini()).unwrap();
     // haproxy.cfg is written, and its state file starts the standby leader DOWN where writes
     // go.
     assert!(w.haproxy_cfg().exists());
@@ -1585,6 +1604,65 @@ fn a_standby_leader_takes_no_writes_and_once_says_what_it_did_not_write() {
         Some(0),
         "the standby leader is UP where writes go"
     );
+    // It serves reads with the replica (the read port checks /read-only).
+    wait_banner(w.replica_port, "pga", Duration::from_secs(5)).unwrap();
+    wait_banner(w.replica_port, "pgb", Duration::from_secs(5)).unwrap();
+
+    // Promotion: Patroni's config key loses `standby_cluster` first; PostgreSQL leaves recovery
+    // a moment later; the member key follows at Patroni's next loop. Writes go to pga once its
+    // REST API says it takes them.
+    a.set_role(Role::Promoting);
+    w.etcd()
+        .put(&w.key("config"), r#"{"ttl":30,"loop_wait":10}"#);
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        !d.messages().contains("the new primary takes writes"),
+        "pga confirmed before PostgreSQL left recovery:\n{}",
+        d.log()
+    );
+    let t0 = Instant::now();
+    a.set_role(Role::Primary);
+    wait_banner(w.primary_port, "pga", Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("writes did not reach the promoted pga: {e}\n{}", d.log()));
+    assert!(
+        wait_until(Duration::from_secs(2), || d
+            .messages()
+            .contains("the new primary takes writes")),
+        "the promoted leader was not confirmed:\n{}",
+        d.log()
+    );
+    println!(
+        "RESULT standby promotion: pga confirmed within {:?} of taking writes",
+        t0.elapsed()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || w.pgbouncer_ini().exists()
+            && read(&w.pgbouncer_ini()).contains(&a.port().to_string())),
+        "PgBouncer was not pointed at the promoted leader:\n{}",
+        d.log()
+    );
+
+    // Demotion: `standby_cluster` back in the config key; pga restarts as a standby leader.
+    w.etcd().put(
+        &w.key("config"),
+        r#"{"ttl":30,"loop_wait":10,"standby_cluster":{"host":"10.0.0.1","port":5432}}"#,
+    );
+    a.set_role(Role::StandbyLeader);
+    assert!(
+        wait_until(Duration::from_secs(2), || {
+            common::procs::server_state(&w.admin_sock(), "primary", "pga").is_some_and(|s| s.0 == 0)
+        }),
+        "the demoted leader still takes writes:\n{}",
+        d.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || d
+            .messages()
+            .contains("the cluster became a standby cluster")),
+        "{}",
+        d.log()
+    );
+    wait_banner(w.replica_port, "pga", Duration::from_secs(5)).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -35,18 +35,36 @@ impl Router {
         let first = !sh.started;
         sh.started = true;
         // A standby cluster's leader takes no writes: for the write path the cluster has no
-        // leader (nothing to confirm, no HAProxy server to bring UP, no drift to report).
-        let standby = cluster.leader().filter(|m| m.is_standby_leader());
+        // leader (nothing to confirm, no HAProxy server to bring UP, no drift to report). Its
+        // promotion (the `config` key without `standby_cluster`) makes it a leader to confirm
+        // like any new one; a demotion takes the leader that took writes out.
+        let standby = cluster.standby_leader();
         if self.noted_standby.as_deref() != standby.map(|m| m.name.as_str()) {
             self.noted_standby = standby.map(|m| m.name.clone());
+            sh.standby_confirmed = None;
+            if let Some(p) = self.standby_probe.take() {
+                p.abort();
+            }
             if let Some(m) = standby {
-                tracing::info!(cluster = %cluster.scope, leader = %m.name, "the leader is a standby leader (a Patroni standby cluster): it takes no writes, so no server takes writes in HAProxy and require_leader targets keep their files");
+                tracing::info!(cluster = %cluster.scope, leader = %m.name, "the leader is a standby leader (a Patroni standby cluster): it takes no writes, so no server takes writes in HAProxy; it serves reads with the replicas");
+                self.standby_probe = self.probe_standby(m);
             }
         }
-        let Some(m) = cluster.leader().filter(|m| !m.is_standby_leader()) else {
+        let Some(m) = cluster.writable_leader() else {
             sh.leader = None;
+            let demoted = standby
+                .filter(|m| sh.confirmed.as_deref() == Some(m.name.as_str()))
+                .map(|m| m.name.clone());
+            if demoted.is_some() {
+                sh.confirmed = None;
+                sh.moved = None;
+            }
             drop(sh);
             self.cancel_confirming();
+            if let Some(old) = demoted {
+                tracing::warn!(cluster = %cluster.scope, leader = %old, "the cluster became a standby cluster: its leader takes no writes any more and leaves the primary backends");
+                self.send(Move::Demote { old });
+            }
             if first {
                 self.repair(None);
             }
@@ -186,13 +204,48 @@ impl Router {
         }
     }
 
+    /// Probes a standby leader's `GET /standby-leader` until it answers 200 (the daemon: a
+    /// pass follows), for targets with `standby_leader = "follow"`.
+    fn probe_standby(&self, m: &Member) -> Option<tokio::task::AbortHandle> {
+        let notify = self.notify.clone()?;
+        let (member, cfg, shared) = (m.clone(), self.cfg.clone(), Arc::clone(&self.shared));
+        let task = tokio::spawn(async move {
+            let deadline = Instant::now() + cfg.confirm_timeout;
+            let interval = cfg.confirm_interval.max(Duration::from_millis(100));
+            match confirm::until_standby_leader(&member, interval, cfg.probe_timeout, deadline)
+                .await
+            {
+                Ok(true) => {
+                    lock(&shared).standby_confirmed = Some(member.name.clone());
+                    tracing::info!(leader = %member.name, "the standby leader answers /standby-leader: targets with standby_leader = \"follow\" point at it");
+                    let _ = notify.send(Confirmed {
+                        leader: member.name.clone(),
+                    });
+                }
+                Ok(false) => {}
+                Err(e) => tracing::info!("{e}"),
+            }
+        });
+        Some(task.abort_handle())
+    }
+
     /// For `once` (no daemon to wake): probes the leader once if it is not confirmed yet, so
     /// that a one-shot render does not wait for Patroni to rewrite its member key.
     pub async fn confirm_now(&mut self, cluster: &Cluster) {
-        if !self.cfg.enabled || self.notify.is_some() || self.gate_open(cluster) {
+        if self.notify.is_some() {
             return;
         }
-        let Some(m) = cluster.leader().filter(|m| !m.is_standby_leader()) else {
+        if let Some(m) = cluster.standby_leader() {
+            let answer = confirm::get(m, "/standby-leader", self.cfg.probe_timeout).await;
+            if matches!(answer, Ok(Ok((200, _)))) {
+                lock(&self.shared).standby_confirmed = Some(m.name.clone());
+            }
+            return;
+        }
+        if !self.cfg.enabled || self.gate_open(cluster) {
+            return;
+        }
+        let Some(m) = cluster.writable_leader() else {
             return;
         };
         match confirm::probe(m, self.cfg.probe_timeout).await {

@@ -130,6 +130,27 @@ pub fn verdict(status: u16, body: &[u8]) -> Probe {
     }
 }
 
+/// Whether `member` answers `GET /standby-leader` with 200: the leader of a standby cluster,
+/// replicating from its source (Patroni answers 503 on any other node). Probed every
+/// `interval` until it does or `deadline` passes.
+pub async fn until_standby_leader(
+    member: &Member,
+    interval: Duration,
+    probe_timeout: Duration,
+    deadline: Instant,
+) -> Result<bool, ConfirmError> {
+    loop {
+        if let Ok((200, _)) = get(member, "/standby-leader", probe_timeout).await? {
+            return Ok(true);
+        }
+        if Instant::now() + interval >= deadline {
+            tracing::warn!(member = %member.name, "the standby leader did not answer GET /standby-leader with 200 before failover.confirm_timeout: targets with standby_leader = \"follow\" keep their files");
+            return Ok(false);
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
 /// Probes `member` every `interval` until it takes writes (the time it was seen writable) or
 /// `deadline` passes (None, after logging the last answer). Cancel by aborting the task.
 pub async fn until_writable(

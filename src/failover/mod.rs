@@ -153,6 +153,9 @@ struct Shared {
     started: bool,
     /// The leader key holder, per the last pass.
     leader: Option<String>,
+    /// The standby leader confirmed through `GET /standby-leader`: targets with
+    /// `standby_leader = "follow"` may point at it.
+    standby_confirmed: Option<String>,
     /// The leader confirmed to take writes: PgBouncer may point at it.
     confirmed: Option<String>,
     /// The leader HAProxy was last moved to (or found on at start).
@@ -193,6 +196,8 @@ pub struct Router {
     confirming: Option<(String, AbortHandle)>,
     /// The standby leader last logged as such (once per leader, not at every pass).
     noted_standby: Option<String>,
+    /// The probe of the standby leader's `/standby-leader`, while it runs.
+    standby_probe: Option<AbortHandle>,
     drift: Option<AbortHandle>,
     /// Lifts fences at their bound; woken when the fences change.
     watchdog: Option<(Arc<Notify>, AbortHandle)>,
@@ -274,6 +279,7 @@ impl Router {
             notify: None,
             confirming: None,
             noted_standby: None,
+            standby_probe: None,
             drift: None,
             watchdog: None,
             observers: Observers::default(),
@@ -345,6 +351,9 @@ impl Router {
     /// Whether PgBouncer-like targets (`require_leader`) may be rendered for the cluster's
     /// leader: only once it is confirmed to take writes.
     pub fn gate_open(&self, cluster: &Cluster) -> bool {
+        if cluster.standby_leader().is_some() {
+            return false;
+        }
         if !self.cfg.enabled {
             return true;
         }
@@ -352,6 +361,16 @@ impl Router {
             return true;
         };
         lock(&self.shared).confirmed.as_deref() == Some(&leader.name)
+    }
+
+    /// Whether targets with `standby_leader = "follow"` may point at `cluster`'s leader: a
+    /// leader that takes writes, as [`Router::gate_open`] says, or a standby cluster's leader
+    /// that answered `GET /standby-leader` with 200.
+    pub fn follow_gate_open(&self, cluster: &Cluster) -> bool {
+        match cluster.standby_leader() {
+            Some(m) => lock(&self.shared).standby_confirmed.as_deref() == Some(&m.name),
+            None => self.gate_open(cluster),
+        }
     }
 
     /// Whether HAProxy's reloads wait: while a leader change is under way (at most

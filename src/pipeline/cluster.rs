@@ -32,6 +32,9 @@ pub(super) struct ClusterState {
     /// The last accepted view with a leader confirmed to take writes: what `require_leader`
     /// targets render this cluster from when several clusters are followed.
     pub(super) led: Option<Arc<Cluster>>,
+    /// [`ClusterState::led`] for targets with `standby_leader = "follow"`: a standby leader
+    /// confirmed through `/standby-leader` counts too.
+    pub(super) led_follow: Option<Arc<Cluster>>,
     /// Why the guard refused the last view.
     pub(super) refused: Option<GuardError>,
     /// Whether its appearance was logged (several clusters).
@@ -78,6 +81,7 @@ impl ClusterState {
             built: None,
             accepted: None,
             led: None,
+            led_follow: None,
             refused: None,
             announced: false,
             events: Vec::new(),
@@ -89,6 +93,11 @@ impl ClusterState {
     /// `require_leader` targets point at it (confirmed to take writes).
     pub(super) fn leader_gate(&self, c: &Cluster) -> Option<bool> {
         c.leader().map(|_| self.router.gate_open(c))
+    }
+
+    /// [`ClusterState::leader_gate`] for targets with `standby_leader = "follow"`.
+    pub(super) fn follow_gate(&self, c: &Cluster) -> Option<bool> {
+        c.leader().map(|_| self.router.follow_gate_open(c))
     }
 
     /// Whether the files hold a section for this cluster (see [`Setup::has_section`]).

@@ -189,7 +189,7 @@ impl Engine {
     ) -> Result<Vec<Rendered>, RenderError> {
         let models = self.observe.models(&self.setup, snap, self.render.reuse());
         plan::select(&self.setup.settings.targets, only)?;
-        plan::plan(&self.setup, &models, &models, &[])
+        plan::plan(&self.setup, &models, &models, &models, &[])
             .iter()
             .filter(|(p, _)| only.is_none_or(|n| n == p.base))
             .map(|(p, view)| self.render.render_planned(&self.setup, p, view))
@@ -205,7 +205,7 @@ impl Engine {
     ) -> Result<Vec<(String, serde_json::Value)>, RenderError> {
         let models = self.observe.models(&self.setup, snap, self.render.reuse());
         plan::select(&self.setup.settings.targets, only)?;
-        Ok(plan::plan(&self.setup, &models, &models, &[])
+        Ok(plan::plan(&self.setup, &models, &models, &models, &[])
             .iter()
             .filter(|(p, _)| only.is_none_or(|n| n == p.base))
             .map(|(p, view)| {
@@ -307,7 +307,7 @@ impl Engine {
         if let Some(e) = self.refusal_of(&models) {
             return Err(e.into());
         }
-        let plan = plan::plan(&self.setup, &models, &models, &[]);
+        let plan = plan::plan(&self.setup, &models, &models, &models, &[]);
         let mut names = Vec::new();
         let mut failures = Vec::new();
         for (i, (p, view)) in plan.iter().enumerate() {

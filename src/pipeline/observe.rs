@@ -45,6 +45,12 @@ pub(super) struct Views {
     pub(super) held: Vec<String>,
     /// Whether some cluster's leader key names a member not yet confirmed to take writes.
     pub(super) gates_closed: bool,
+    /// [`Views::led`] and [`Views::gates_closed`] for targets with `standby_leader =
+    /// "follow"`: a standby cluster's leader confirmed through `/standby-leader` counts.
+    pub(super) led_follow: ByScope,
+    pub(super) follow_gates_closed: bool,
+    /// Whether some cluster is a standby cluster (for the log).
+    pub(super) standby: bool,
 }
 
 /// What the first half of a pass leaves to the second.
@@ -317,6 +323,9 @@ impl Observe {
                 if st.leader_gate(&model) == Some(true) {
                     st.led = Some(Arc::clone(&model));
                 }
+                if st.follow_gate(&model) == Some(true) {
+                    st.led_follow = Some(Arc::clone(&model));
+                }
                 // Discovered clusters come and go with their keys; an emptied one goes only
                 // when the guard lets it (`--force`, or a `min_members` of 0).
                 let discovered = matches!(setup.settings.etcd.clusters, Clusters::Discover);
@@ -438,6 +447,11 @@ impl Observe {
             .iter()
             .filter_map(|(id, st)| Some((id, st.led.as_ref()?)));
         views.led = by_scope(led);
+        let led_follow = self
+            .clusters
+            .iter()
+            .filter_map(|(id, st)| Some((id, st.led_follow.as_ref()?)));
+        views.led_follow = by_scope(led_follow);
         for (id, st) in &self.clusters {
             let seen = st.seen.as_deref();
             // Refused at first sight, but the files hold a section for it (the guard's memory
@@ -447,6 +461,8 @@ impl Observe {
             }
             if let Some(c) = seen {
                 views.gates_closed |= st.leader_gate(c) == Some(false);
+                views.follow_gates_closed |= st.follow_gate(c) == Some(false);
+                views.standby |= c.standby_leader().is_some();
                 if setup.mode.is_many() && c.leader().is_none() && st.led.is_some() {
                     stats.leaderless.push(id.to_string());
                 }

@@ -71,15 +71,17 @@ pub(super) fn plan(
     setup: &Setup,
     all: &[(String, Vec<Arc<Cluster>>)],
     led: &[(String, Vec<Arc<Cluster>>)],
+    led_follow: &[(String, Vec<Arc<Cluster>>)],
     held: &[String],
 ) -> Vec<(Planned, ViewOf)> {
     let (all_view, led_view) = (Arc::new(all.to_vec()), Arc::new(led.to_vec()));
+    let follow_view = Arc::new(led_follow.to_vec());
     let mut out = Vec::new();
     for t in &setup.settings.targets {
-        let source = if t.require_leader && setup.mode.is_many() {
-            &led_view
-        } else {
-            &all_view
+        let source = match (t.require_leader && setup.mode.is_many(), t.follow_standby) {
+            (true, true) => &follow_view,
+            (true, false) => &led_view,
+            (false, _) => &all_view,
         };
         let view = ViewOf {
             clusters: Arc::clone(source),
@@ -156,7 +158,13 @@ impl Plan {
         seen: &Observed,
         stats: &mut PassStats,
     ) -> Plan {
-        let mut items = plan(setup, &views.all, &views.led, &views.held);
+        let mut items = plan(
+            setup,
+            &views.all,
+            &views.led,
+            &views.led_follow,
+            &views.held,
+        );
         // The per-cluster files of clusters that are gone (the guard accepted their empty view):
         // removed, their consumers reloaded.
         for scope in seen
@@ -184,22 +192,35 @@ impl Plan {
         }
         // PgBouncer-like targets point at a leader only once it takes writes: with one cluster
         // they wait; with several, they render each cluster's last confirmed leader.
-        let awaiting: Vec<usize> = if setup.mode.is_many() || !views.gates_closed {
+        // A target with `standby_leader = "follow"` also takes a standby leader confirmed
+        // through `/standby-leader`.
+        let closed = |t: &Target| match t.follow_standby {
+            true => views.follow_gates_closed,
+            false => views.gates_closed,
+        };
+        let awaiting: Vec<usize> = if setup.mode.is_many() {
             Vec::new()
         } else {
             (0..items.len())
-                .filter(|&i| items[i].0.target.require_leader)
+                .filter(|&i| items[i].0.target.require_leader && closed(&items[i].0.target))
                 .collect()
         };
         for &i in &awaiting {
             let t = &items[i].0.target;
-            tracing::info!(target = %t.name, "the new leader does not take writes yet: this target keeps pointing where it did");
+            match views.standby {
+                true => {
+                    tracing::info!(target = %t.name, "this target keeps its file: a standby cluster's leader takes no writes (standby_leader = \"follow\" points it at the standby leader)")
+                }
+                false => {
+                    tracing::info!(target = %t.name, "the new leader does not take writes yet: this target keeps pointing where it did")
+                }
+            }
         }
-        if views.gates_closed {
-            stats
-                .awaiting
-                .extend(leader_targets().map(|(p, _)| p.target.name.clone()));
-        }
+        stats.awaiting.extend(
+            leader_targets()
+                .filter(|(p, _)| closed(&p.target))
+                .map(|(p, _)| p.target.name.clone()),
+        );
         let held_back =
             if setup.mode.is_many() && !views.held.is_empty() && !seen.refusals.is_empty() {
                 (0..items.len())

@@ -225,6 +225,8 @@ pub struct PatroniCluster {
     pub startup: Duration,
     /// The `patroni` and `patronictl` this cluster runs.
     pub binaries: Binaries,
+    /// A standby cluster's source: the PostgreSQL port its standby leader replicates from.
+    standby_source: Option<u16>,
 }
 
 impl PatroniCluster {
@@ -246,6 +248,7 @@ impl PatroniCluster {
             timing,
             DcsSection::Etcd3,
             Binaries::default(),
+            None,
         )
     }
 
@@ -257,7 +260,15 @@ impl PatroniCluster {
         timing: Timing,
         dcs: DcsSection,
     ) -> PatroniCluster {
-        Self::start_full(etcd_endpoint, scope, n, timing, dcs, Binaries::default())
+        Self::start_full(
+            etcd_endpoint,
+            scope,
+            n,
+            timing,
+            dcs,
+            Binaries::default(),
+            None,
+        )
     }
 
     /// Like [`Self::start_with`], running `binaries` (e.g. [`Binaries::from_env`]) instead of
@@ -269,7 +280,37 @@ impl PatroniCluster {
         timing: Timing,
         binaries: Binaries,
     ) -> PatroniCluster {
-        Self::start_full(etcd_endpoint, scope, n, timing, DcsSection::Etcd3, binaries)
+        Self::start_full(
+            etcd_endpoint,
+            scope,
+            n,
+            timing,
+            DcsSection::Etcd3,
+            binaries,
+            None,
+        )
+    }
+
+    /// A Patroni standby cluster of `n` nodes replicating from the PostgreSQL at 127.0.0.1:
+    /// `source_port` (another cluster's primary): its bootstrap `standby_cluster` section makes
+    /// its leader a `standby_leader`, taken with `pg_basebackup`.
+    pub fn start_standby(
+        etcd_endpoint: &str,
+        scope: &str,
+        n: usize,
+        timing: Timing,
+        binaries: Binaries,
+        source_port: u16,
+    ) -> PatroniCluster {
+        Self::start_full(
+            etcd_endpoint,
+            scope,
+            n,
+            timing,
+            DcsSection::Etcd3,
+            binaries,
+            Some(source_port),
+        )
     }
 
     fn start_full(
@@ -279,6 +320,7 @@ impl PatroniCluster {
         timing: Timing,
         dcs: DcsSection,
         binaries: Binaries,
+        standby_source: Option<u16>,
     ) -> PatroniCluster {
         assert!(n >= 1, "need at least one node");
         let t0 = Instant::now();
@@ -318,6 +360,7 @@ impl PatroniCluster {
             guardian: None,
             startup: Duration::ZERO,
             binaries,
+            standby_source,
         };
         for _ in 0..n {
             c.spawn_new_node();
@@ -538,16 +581,16 @@ impl PatroniCluster {
         self.patronictl(&["edit-config", "--set", setting, "--force"]);
     }
 
-    /// `patronictl <args>` against the leader's config, bounded to 60 s; panics with its output
-    /// when it fails.
+    /// `patronictl <args>` with the leader's config (any node's in a cluster with no leader
+    /// that takes writes: a standby cluster), bounded to 60 s; panics with its output when it
+    /// fails.
     pub fn patronictl(&self, args: &[&str]) {
-        let leader = self
-            .wait_leader(None, SWITCH_TIMEOUT)
-            .unwrap_or_else(|e| panic!("patronictl {args:?}: no leader: {e:#}"));
+        let config = match self.leader() {
+            Some(l) => self.node(&l).config_path.clone(),
+            None => self.nodes[0].config_path.clone(),
+        };
         let mut cmd = Command::new(&self.binaries.patronictl);
-        cmd.arg("-c")
-            .arg(&self.node(&leader).config_path)
-            .args(args);
+        cmd.arg("-c").arg(&config).args(args);
         clean_env(&mut cmd);
         let out = run_bounded(cmd, Duration::from_secs(60)).expect("run patronictl");
         assert!(out.0, "patronictl {args:?} failed:\n{}", out.1);
@@ -769,6 +812,13 @@ impl PatroniCluster {
             "tags": { "nofailover": false, "noloadbalance": false, "clonefrom": false, "nosync": false }
         });
         cfg[section] = json!({ "hosts": hosts });
+        if let Some(port) = self.standby_source {
+            cfg["bootstrap"]["dcs"]["standby_cluster"] = json!({
+                "host": "127.0.0.1",
+                "port": port,
+                "create_replica_methods": ["basebackup"]
+            });
+        }
         cfg
     }
 

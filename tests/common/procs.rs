@@ -2289,15 +2289,20 @@ pub enum Role {
     Promoting,
     /// Answers 503 everywhere (Patroni up, PostgreSQL not running).
     Down,
+    /// A standby cluster's leader: `/standby-leader` and `/read-only` answer 200, `/primary`
+    /// and `/replica` 503; the body says `standby_leader`, with replay locations.
+    StandbyLeader,
 }
 
 /// Status code Patroni would give for `path` in `role` (query string ignored).
 pub fn patroni_status(role: Role, path: &str) -> u16 {
     let p = path.split('?').next().unwrap_or("");
     let ok = match p {
-        "/" | "/primary" | "/master" | "/leader" | "/read-write" => {
+        "/" | "/primary" | "/master" | "/read-write" => {
             matches!(role, Role::Primary | Role::Promoting)
         }
+        "/leader" => matches!(role, Role::Primary | Role::Promoting | Role::StandbyLeader),
+        "/standby-leader" | "/standby_leader" => role == Role::StandbyLeader,
         // A fake cannot tell a synchronous standby: templates list only those under /sync.
         "/replica" | "/async" | "/sync" => matches!(role, Role::Replica | Role::Promoting),
         "/read-only" | "/health" | "/readiness" | "/patroni" => role != Role::Down,
@@ -2365,6 +2370,9 @@ impl HealthEndpoint {
                 }
                 Role::Replica | Role::Promoting => format!(
                     r#"{{"state":"running","role":"replica","xlog":{{"received_location":50331816,"replayed_location":{replayed}}},"timeline":1}}"#
+                ),
+                Role::StandbyLeader => format!(
+                    r#"{{"state":"running","role":"standby_leader","xlog":{{"received_location":50331816,"replayed_location":{replayed}}},"timeline":1}}"#
                 ),
                 Role::Down => r#"{"state":"stopped","role":"uninitialized"}"#.to_owned(),
             };

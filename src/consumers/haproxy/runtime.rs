@@ -50,6 +50,13 @@ pub enum Move {
         /// The leader, confirmed to take writes.
         leader: Option<String>,
     },
+    /// The cluster became a standby cluster (`standby_cluster` added to its `config` key): its
+    /// leader, which took writes, is set DOWN in the primary backends (its sessions shut: it
+    /// restarts as a standby).
+    Demote {
+        /// The leader that took writes.
+        old: String,
+    },
 }
 
 /// `srv_admin_state` flags of `show servers state` (HAProxy's `SRV_ADMF_*`).
@@ -135,7 +142,7 @@ pub fn move_commands(
         if primary {
             // Lift a drain no fence in force accounts for (not for a fence, which sets one).
             let lifts = match mv {
-                Move::Fence { .. } => false,
+                Move::Fence { .. } | Move::Demote { .. } => false,
                 Move::Unfence { servers } => servers.contains(name),
                 Move::Promote { .. }
                 | Move::Repair {
@@ -157,6 +164,7 @@ pub fn move_commands(
             Move::Fence { old } if primary && name == old && !s.is_drained() && !s.in_maint() => {
                 down.push(format!("set server {at} state drain"));
             }
+            Move::Demote { old } if primary && name == old => leaving(&mut down),
             Move::Promote { new, demote } => {
                 if name == new {
                     if primary {
@@ -466,6 +474,26 @@ mod tests {
                 "{mv:?}"
             );
         }
+    }
+
+    /// A cluster that became a standby cluster: its leader leaves the primary backends (its
+    /// sessions shut), and nothing else moves.
+    #[test]
+    fn a_demoted_leader_leaves_the_primary_backends_only() {
+        let up = live(&[
+            ("primary", "pg1", 2, 0),
+            ("primary", "pg2", 0, 0),
+            ("replicas", "pg1", 0, 0),
+            ("replicas", "pg2", 2, 0),
+        ]);
+        let demote = Move::Demote { old: "pg1".into() };
+        assert_eq!(
+            move_commands(&cfg(), &up, &demote, &none()),
+            [
+                "set server primary/pg1 health down",
+                "shutdown sessions server primary/pg1"
+            ]
+        );
     }
 
     #[test]

@@ -132,16 +132,17 @@ impl<'a> Owners<'a> {
     }
 
     /// Whether etcd's view lets `server` serve in `backend`: the leader (not a standby
-    /// cluster's) only in primary backends, healthy non-leaders without `noloadbalance` only in replica backends. Other
-    /// backends: no view.
+    /// cluster's) only in primary backends; healthy members without `noloadbalance` in replica
+    /// backends, but the leader of an ordinary cluster. A standby cluster's leader takes no
+    /// writes and serves reads. Other backends: no view.
     fn permitted(&self, backend: &str, server: &str) -> Option<bool> {
         let (kind, cluster) = self.by_backend.get(backend)?;
         let member = cluster.members.iter().find(|m| m.name == server);
+        let standby = cluster.standby_cluster;
         Some(match kind {
-            // A standby cluster's leader takes no writes.
-            Kind::Primary => member.is_some_and(|m| m.is_leader && !m.is_standby_leader()),
+            Kind::Primary => member.is_some_and(|m| m.is_leader && !standby),
             Kind::Replica => member.is_some_and(|m| {
-                !m.is_leader
+                (!m.is_leader || standby)
                     && !m.noloadbalance
                     && matches!(m.state.as_str(), "running" | "streaming")
             }),
@@ -363,6 +364,25 @@ mod tests {
             s.put(format!("/service/demo/members/{n}"), format!(r#"{{"conn_url":"postgres://127.0.0.1:{p}/postgres","api_url":"http://127.0.0.1:{}/patroni","state":"running","role":"replica"}}"#, p + 2570).into_bytes());
         }
         Cluster::build(&s, "/service", "demo").cluster
+    }
+
+    /// In a standby cluster the leader takes no writes and serves reads: DOWN in the primary
+    /// backends, allowed in the replica backends; promoted, the reverse.
+    #[test]
+    fn a_standby_leader_serves_reads_and_no_writes() {
+        let mut standby = cluster();
+        standby.standby_cluster = true;
+        let per = [cfg()];
+        let pairs = [(&per[0], &standby)];
+        let owners = Owners::new(&pairs);
+        assert_eq!(owners.permitted("primary", "pg1"), Some(false));
+        assert_eq!(owners.permitted("replicas", "pg1"), Some(true));
+        assert_eq!(owners.permitted("replicas", "pg2"), Some(true));
+        let promoted = cluster();
+        let pairs = [(&per[0], &promoted)];
+        let owners = Owners::new(&pairs);
+        assert_eq!(owners.permitted("primary", "pg1"), Some(true));
+        assert_eq!(owners.permitted("replicas", "pg1"), Some(false));
     }
 
     #[test]
