@@ -229,6 +229,17 @@ pub struct PatroniCluster {
     standby_source: Option<u16>,
 }
 
+/// How a cluster is started beyond its size and timing.
+#[derive(Default)]
+struct Shape {
+    /// The etcd section of each node's config.
+    dcs: DcsSection,
+    /// The `patroni` and `patronictl` to run.
+    binaries: Binaries,
+    /// A standby cluster's source port (see [`PatroniCluster::start_standby`]).
+    standby_source: Option<u16>,
+}
+
 impl PatroniCluster {
     /// Starts an `n`-node cluster with the default [`Timing`]; panics (with log tails) on failure.
     pub fn start(etcd_endpoint: &str, scope: &str, n: usize) -> PatroniCluster {
@@ -241,15 +252,7 @@ impl PatroniCluster {
         n: usize,
         timing: Timing,
     ) -> PatroniCluster {
-        Self::start_full(
-            etcd_endpoint,
-            scope,
-            n,
-            timing,
-            DcsSection::Etcd3,
-            Binaries::default(),
-            None,
-        )
+        Self::start_full(etcd_endpoint, scope, n, timing, Shape::default())
     }
 
     /// [`PatroniCluster::start_with`] with the given etcd section (`etcd:` for the v2 API).
@@ -260,15 +263,11 @@ impl PatroniCluster {
         timing: Timing,
         dcs: DcsSection,
     ) -> PatroniCluster {
-        Self::start_full(
-            etcd_endpoint,
-            scope,
-            n,
-            timing,
+        let shape = Shape {
             dcs,
-            Binaries::default(),
-            None,
-        )
+            ..Shape::default()
+        };
+        Self::start_full(etcd_endpoint, scope, n, timing, shape)
     }
 
     /// Like [`Self::start_with`], running `binaries` (e.g. [`Binaries::from_env`]) instead of
@@ -280,15 +279,11 @@ impl PatroniCluster {
         timing: Timing,
         binaries: Binaries,
     ) -> PatroniCluster {
-        Self::start_full(
-            etcd_endpoint,
-            scope,
-            n,
-            timing,
-            DcsSection::Etcd3,
+        let shape = Shape {
             binaries,
-            None,
-        )
+            ..Shape::default()
+        };
+        Self::start_full(etcd_endpoint, scope, n, timing, shape)
     }
 
     /// A Patroni standby cluster of `n` nodes replicating from the PostgreSQL at 127.0.0.1:
@@ -302,15 +297,12 @@ impl PatroniCluster {
         binaries: Binaries,
         source_port: u16,
     ) -> PatroniCluster {
-        Self::start_full(
-            etcd_endpoint,
-            scope,
-            n,
-            timing,
-            DcsSection::Etcd3,
+        let shape = Shape {
             binaries,
-            Some(source_port),
-        )
+            standby_source: Some(source_port),
+            ..Shape::default()
+        };
+        Self::start_full(etcd_endpoint, scope, n, timing, shape)
     }
 
     fn start_full(
@@ -318,10 +310,13 @@ impl PatroniCluster {
         scope: &str,
         n: usize,
         timing: Timing,
-        dcs: DcsSection,
-        binaries: Binaries,
-        standby_source: Option<u16>,
+        shape: Shape,
     ) -> PatroniCluster {
+        let Shape {
+            dcs,
+            binaries,
+            standby_source,
+        } = shape;
         assert!(n >= 1, "need at least one node");
         let t0 = Instant::now();
         let user = User::from_name("postgres")
