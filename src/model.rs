@@ -39,6 +39,12 @@ pub struct Cluster {
     /// first at a promotion (`patronictl edit-config` removing the section) and at a demotion,
     /// before Patroni rewrites the leader's member key.
     pub standby_cluster: bool,
+    /// Patroni's `ttl` from the `config` key, in seconds: how long a crashed leader's key
+    /// lives on (its lease), so the longest a leader change can leave writes without a
+    /// primary. None without a readable `config` key.
+    pub ttl: Option<u64>,
+    /// Patroni's `loop_wait` from the `config` key, in seconds.
+    pub loop_wait: Option<u64>,
     /// A pending switchover or failover from Patroni's `failover` key; None when the key is
     /// absent, `{}` (Patroni leaves that behind after a switchover) or refused. Templates do not
     /// see it (it is not in the render context): it drives events, not file contents.
@@ -226,16 +232,20 @@ impl Cluster {
             m.is_sync = sync_standbys.contains(&m.name);
         }
         let config_key = format!("{prefix}config");
-        let standby_cluster = match snapshot.kvs.get(&config_key).map(|v| standby_of(v)) {
-            Some(Ok(standby)) => standby,
+        let config = match snapshot.kvs.get(&config_key).map(|v| DcsConfig::parse(v)) {
+            Some(Ok(c)) => Some(c),
             Some(Err(reason)) => {
                 skipped.push(Skipped {
                     key: config_key,
                     reason: format!("config value refused: {reason}"),
                     member_kept: false,
                 });
-                false
+                None
             }
+            None => None,
+        };
+        let standby_cluster = match &config {
+            Some(c) => c.standby,
             None => leader_name
                 .as_deref()
                 .and_then(|l| members.iter().find(|m| m.name == l))
@@ -252,6 +262,8 @@ impl Cluster {
                 members,
                 sync_standbys,
                 standby_cluster,
+                ttl: config.as_ref().and_then(|c| c.ttl),
+                loop_wait: config.as_ref().and_then(|c| c.loop_wait),
                 failover,
             },
             skipped,
@@ -270,13 +282,29 @@ impl Cluster {
     }
 }
 
-/// Whether Patroni's `config` value describes a standby cluster: a non-null `standby_cluster`
-/// object. An error for a value that is not a JSON object.
-fn standby_of(value: &[u8]) -> Result<bool, String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(value).map_err(|e| format!("not JSON: {e}"))?;
-    let obj = v.as_object().ok_or("not a JSON object")?;
-    Ok(obj.get("standby_cluster").is_some_and(|s| s.is_object()))
+/// What haconfd reads of Patroni's `config` key (the cluster-wide dynamic configuration).
+struct DcsConfig {
+    /// A non-null `standby_cluster` object.
+    standby: bool,
+    /// `ttl` and `loop_wait`, when they are positive whole numbers of seconds; another value
+    /// is left out.
+    ttl: Option<u64>,
+    loop_wait: Option<u64>,
+}
+
+impl DcsConfig {
+    /// An error for a value that is not a JSON object.
+    fn parse(value: &[u8]) -> Result<DcsConfig, String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(value).map_err(|e| format!("not JSON: {e}"))?;
+        let obj = v.as_object().ok_or("not a JSON object")?;
+        let secs = |k: &str, min: u64| obj.get(k).and_then(|v| v.as_u64()).filter(|s| *s >= min);
+        Ok(DcsConfig {
+            standby: obj.get("standby_cluster").is_some_and(|s| s.is_object()),
+            ttl: secs("ttl", 1),
+            loop_wait: secs("loop_wait", 1),
+        })
+    }
 }
 
 /// The synchronous standbys of Patroni's `sync` value (`{"leader": "pg1", "sync_standby":
@@ -671,11 +699,15 @@ impl Cluster {
             members,
             sync_standbys,
             standby_cluster,
+            ttl,
+            loop_wait,
             // Not in the render context: a switchover request alone renders nothing.
             failover: _,
             leader_key: _,
         } = self;
         standby_cluster == &other.standby_cluster
+            && ttl == &other.ttl
+            && loop_wait == &other.loop_wait
             && namespace == &other.namespace
             && scope == &other.scope
             && group == &other.group
@@ -1597,6 +1629,15 @@ mod tests {
         assert_eq!(with(PG1, None), (false, true, 0));
         // A bad value: skipped with a note, the cluster is not a standby cluster.
         assert_eq!(with(PG1, Some("[1,2]")), (false, true, 1));
+        // Its lease timing, for the hold's bound: whole seconds only.
+        let timing = |config: &str| {
+            let kvs = [("leader", "pg1"), ("members/pg1", PG1), ("config", config)];
+            let c = Cluster::build(&snap(&kvs), "/service", "demo").cluster;
+            (c.ttl, c.loop_wait)
+        };
+        assert_eq!(timing(r#"{"ttl":30,"loop_wait":10}"#), (Some(30), Some(10)));
+        assert_eq!(timing(r#"{"ttl":"30","loop_wait":-1}"#), (None, None));
+        assert_eq!(timing("{}"), (None, None));
     }
 
     #[test]

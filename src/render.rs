@@ -155,6 +155,11 @@ pub struct GroupContext<'a> {
     /// A Patroni standby cluster (`standby_cluster` in its `config` key): the leader takes no
     /// writes and serves reads.
     pub standby_cluster: bool,
+    /// Patroni's `ttl` (seconds) from the `config` key, or null: the longest a crashed
+    /// leader's key lives on.
+    pub ttl: Option<u64>,
+    /// Patroni's `loop_wait` (seconds) from the `config` key, or null.
+    pub loop_wait: Option<u64>,
 }
 
 /// `target.*` in the context.
@@ -192,6 +197,8 @@ fn group_context(c: Option<&Cluster>) -> GroupContext<'_> {
             replicas: c.members.iter().filter(|m| !m.is_leader).collect(),
             sync_standbys: c.members.iter().filter(|m| m.is_sync).collect(),
             standby_cluster: c.standby_cluster,
+            ttl: c.ttl,
+            loop_wait: c.loop_wait,
         },
         None => GroupContext {
             group: None,
@@ -201,6 +208,8 @@ fn group_context(c: Option<&Cluster>) -> GroupContext<'_> {
             replicas: Vec::new(),
             sync_standbys: Vec::new(),
             standby_cluster: false,
+            ttl: None,
+            loop_wait: None,
         },
     }
 }

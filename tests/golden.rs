@@ -189,6 +189,42 @@ fn shipped_haproxy_template_with_the_hold_action_passes_haproxy_check() {
     assert!(ok, "haproxy -c refuses the hold action:\n{output}");
 }
 
+/// Without `hold_max_ms`, the hold lasts the cluster's Patroni `ttl` (from its `config` key) plus
+/// a second: a crashed leader's key lives that long, so a new write connection waits for the
+/// next leader instead of being closed in the middle of the lease (10 s without a `ttl`).
+#[test]
+fn the_hold_lasts_the_clusters_lease_unless_set() {
+    let lua = root().join("templates/hold.lua");
+    let render = |snap: &Snapshot| {
+        let mut s = settings();
+        s.targets[0]
+            .vars
+            .insert("hold_lua".into(), lua.display().to_string().into());
+        let mut engine = Engine::new(Arc::new(s)).unwrap();
+        let out = engine
+            .render(snap, Some("haproxy"))
+            .unwrap()
+            .remove(0)
+            .bytes;
+        String::from_utf8(out).unwrap()
+    };
+    let mut snap = Snapshot::from_file(&root().join("tests/fixtures/patroni4-kv.json")).unwrap();
+    let text = render(&snap);
+    assert!(text.contains("tcp-request inspect-delay 32000ms"), "{text}");
+    assert!(
+        text.contains("tcp-request content lua.haconfd_hold primary 31000 10"),
+        "{text}"
+    );
+    let (ok, output) = haproxy_check(&text);
+    assert!(ok, "{output}");
+    snap.kvs.remove("/service/demo/config");
+    let text = render(&snap);
+    assert!(
+        text.contains("tcp-request content lua.haconfd_hold primary 10000 10"),
+        "{text}"
+    );
+}
+
 /// `tag_routes`: a listener for the members tagged `workload: olap` (tag routing), checked with
 /// Patroni's `/replica?tag_workload=olap`; a tagged member with `noloadbalance` stays out, and
 /// so does every member without the tag. The file passes `haproxy -c`.
