@@ -63,6 +63,20 @@ fn haproxy_check(text: &str) -> (bool, String) {
     Haproxy::check_config(&cfg)
 }
 
+/// The haproxy target rendered from `snap` with `vars` added.
+fn render_haproxy_with(snap: &Snapshot, vars: &[(&str, serde_json::Value)]) -> Vec<u8> {
+    let mut s = settings();
+    for (k, v) in vars {
+        s.targets[0].vars.insert((*k).into(), v.clone());
+    }
+    let mut engine = Engine::new(Arc::new(s)).unwrap();
+    engine
+        .render(snap, Some("haproxy"))
+        .unwrap()
+        .remove(0)
+        .bytes
+}
+
 /// Renders the haproxy target from `snap` with `vars` added, compares it with the golden file
 /// `expected` (written anew with `UPDATE_GOLDEN=1`), checks it with `haproxy -c`, and returns it.
 fn golden_haproxy_with(
@@ -70,16 +84,7 @@ fn golden_haproxy_with(
     vars: &[(&str, serde_json::Value)],
     expected: &str,
 ) -> String {
-    let mut s = settings();
-    for (k, v) in vars {
-        s.targets[0].vars.insert((*k).into(), v.clone());
-    }
-    let mut engine = Engine::new(Arc::new(s)).unwrap();
-    let out = engine
-        .render(snap, Some("haproxy"))
-        .unwrap()
-        .remove(0)
-        .bytes;
+    let out = render_haproxy_with(snap, vars);
     let path = root().join("tests/golden").join(expected);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, &out).unwrap();
@@ -196,17 +201,8 @@ fn shipped_haproxy_template_with_the_hold_action_passes_haproxy_check() {
 fn the_hold_lasts_the_clusters_lease_unless_set() {
     let lua = root().join("templates/hold.lua");
     let render = |snap: &Snapshot| {
-        let mut s = settings();
-        s.targets[0]
-            .vars
-            .insert("hold_lua".into(), lua.display().to_string().into());
-        let mut engine = Engine::new(Arc::new(s)).unwrap();
-        let out = engine
-            .render(snap, Some("haproxy"))
-            .unwrap()
-            .remove(0)
-            .bytes;
-        String::from_utf8(out).unwrap()
+        let vars = [("hold_lua", lua.display().to_string().into())];
+        String::from_utf8(render_haproxy_with(snap, &vars)).unwrap()
     };
     let mut snap = Snapshot::from_file(&root().join("tests/fixtures/patroni4-kv.json")).unwrap();
     let text = render(&snap);
