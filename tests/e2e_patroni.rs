@@ -1096,6 +1096,32 @@ fn the_sync_listener_follows_the_synchronous_standby_and_reads_fall_back_to_the_
         "with no replica, reads did not fall back to the primary:\n{}",
         stack.diag()
     );
+
+    // Without `replica_fallback` (haconfd re-reads its config on SIGHUP; the backup server
+    // leaves HAProxy through its runtime API), reads fail while no replica is up.
+    stack.replica_fallback = false;
+    stack.write_config();
+    stack
+        .haconfd
+        .as_ref()
+        .expect("haconfd running")
+        .signal(Signal::SIGHUP)
+        .expect("SIGHUP haconfd");
+    assert!(
+        wait_until(Duration::from_secs(10), || route(stack.replica_port)
+            .is_err()),
+        "with no replica and no fallback, reads still reached a server: {:?}\n{}",
+        route(stack.replica_port),
+        stack.diag()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            !std::fs::read_to_string(&stack.haproxy_cfg)
+                .unwrap_or_default()
+                .contains("-primary ")
+        }),
+        "the fallback server is still in the file"
+    );
 }
 
 /// Write probes for a leader change: one on each node's own port (when does the new primary
