@@ -2168,8 +2168,15 @@ impl Server {
         name: &str,
         handle: impl Fn(TcpStream, &AtomicBool) + Send + Sync + 'static,
     ) -> Server {
-        let port = free_port();
-        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind test server");
+        // Bound on port 0 and kept: a port looked up first and bound later can be taken in
+        // between (CI saw `Address already in use` here).
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind test server");
+        let port = listener.local_addr().expect("test server address").port();
+        HANDED_OUT_PORTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(HashSet::new)
+            .insert(port);
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let threads: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
