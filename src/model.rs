@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -45,6 +46,9 @@ pub struct Cluster {
     pub ttl: Option<u64>,
     /// Patroni's `loop_wait` from the `config` key, in seconds.
     pub loop_wait: Option<u64>,
+    /// Patroni's `retry_timeout` from the `config` key, in seconds: how long the new leader's
+    /// DCS and PostgreSQL operations may take once the lease has run out.
+    pub retry_timeout: Option<u64>,
     /// A pending switchover or failover from Patroni's `failover` key; None when the key is
     /// absent, `{}` (Patroni leaves that behind after a switchover) or refused. Templates do not
     /// see it (it is not in the render context): it drives events, not file contents.
@@ -264,6 +268,7 @@ impl Cluster {
                 standby_cluster,
                 ttl: config.as_ref().and_then(|c| c.ttl),
                 loop_wait: config.as_ref().and_then(|c| c.loop_wait),
+                retry_timeout: config.as_ref().and_then(|c| c.retry_timeout),
                 failover,
             },
             skipped,
@@ -280,6 +285,15 @@ impl Cluster {
     pub fn writable_leader(&self) -> Option<&Member> {
         self.leader().filter(|_| !self.standby_cluster)
     }
+
+    /// The longest a crashed leader can leave the cluster without a primary: its key lives
+    /// up to `ttl` after the crash, then the new leader's DCS and PostgreSQL operations take up
+    /// to `retry_timeout` (Patroni's default, 10 s, when the `config` key does not say). None
+    /// without a `ttl`.
+    pub fn lease_bound(&self) -> Option<Duration> {
+        self.ttl
+            .map(|ttl| Duration::from_secs(ttl + self.retry_timeout.unwrap_or(10)))
+    }
 }
 
 /// What haconfd reads of Patroni's `config` key (the cluster-wide dynamic configuration).
@@ -290,6 +304,7 @@ struct DcsConfig {
     /// is left out.
     ttl: Option<u64>,
     loop_wait: Option<u64>,
+    retry_timeout: Option<u64>,
 }
 
 impl DcsConfig {
@@ -303,6 +318,7 @@ impl DcsConfig {
             standby: obj.get("standby_cluster").is_some_and(|s| s.is_object()),
             ttl: secs("ttl", 1),
             loop_wait: secs("loop_wait", 1),
+            retry_timeout: secs("retry_timeout", 1),
         })
     }
 }
@@ -701,6 +717,7 @@ impl Cluster {
             standby_cluster,
             ttl,
             loop_wait,
+            retry_timeout,
             // Not in the render context: a switchover request alone renders nothing.
             failover: _,
             leader_key: _,
@@ -708,6 +725,7 @@ impl Cluster {
         standby_cluster == &other.standby_cluster
             && ttl == &other.ttl
             && loop_wait == &other.loop_wait
+            && retry_timeout == &other.retry_timeout
             && namespace == &other.namespace
             && scope == &other.scope
             && group == &other.group

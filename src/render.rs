@@ -160,6 +160,12 @@ pub struct GroupContext<'a> {
     pub ttl: Option<u64>,
     /// Patroni's `loop_wait` (seconds) from the `config` key, or null.
     pub loop_wait: Option<u64>,
+    /// Patroni's `retry_timeout` (seconds) from the `config` key, or null.
+    pub retry_timeout: Option<u64>,
+    /// The longest a crashed leader can leave the cluster without a primary, in milliseconds:
+    /// `ttl` + `retry_timeout` (10 s when unset), or null without a `ttl`. haconfd's crash hold
+    /// lasts at most this; the shipped HAProxy templates hold new write connections as long.
+    pub lease_bound_ms: Option<u64>,
 }
 
 /// `target.*` in the context.
@@ -199,6 +205,8 @@ fn group_context(c: Option<&Cluster>) -> GroupContext<'_> {
             standby_cluster: c.standby_cluster,
             ttl: c.ttl,
             loop_wait: c.loop_wait,
+            retry_timeout: c.retry_timeout,
+            lease_bound_ms: c.lease_bound().map(|d| d.as_millis() as u64),
         },
         None => GroupContext {
             group: None,
@@ -210,6 +218,8 @@ fn group_context(c: Option<&Cluster>) -> GroupContext<'_> {
             standby_cluster: false,
             ttl: None,
             loop_wait: None,
+            retry_timeout: None,
+            lease_bound_ms: None,
         },
     }
 }

@@ -194,9 +194,11 @@ fn shipped_haproxy_template_with_the_hold_action_passes_haproxy_check() {
     assert!(ok, "haproxy -c refuses the hold action:\n{output}");
 }
 
-/// Without `hold_max_ms`, the hold lasts the cluster's Patroni `ttl` (from its `config` key) plus
-/// a second: a crashed leader's key lives that long, so a new write connection waits for the
-/// next leader instead of being closed in the middle of the lease (10 s without a `ttl`).
+/// Without `hold_max_ms`, the hold lasts the cluster's lease: Patroni's `ttl` plus its
+/// `retry_timeout` (from its `config` key; 10 s when the key has no `retry_timeout`): a crashed
+/// leader's key lives up to `ttl`, and the new leader's operations take up to `retry_timeout`, so
+/// a new write connection waits for the next leader instead of being closed in the middle of the
+/// lease (10 s without a `ttl`).
 #[test]
 fn the_hold_lasts_the_clusters_lease_unless_set() {
     let lua = root().join("templates/hold.lua");
@@ -206,13 +208,22 @@ fn the_hold_lasts_the_clusters_lease_unless_set() {
     };
     let mut snap = Snapshot::from_file(&root().join("tests/fixtures/patroni4-kv.json")).unwrap();
     let text = render(&snap);
-    assert!(text.contains("tcp-request inspect-delay 32000ms"), "{text}");
+    assert!(text.contains("tcp-request inspect-delay 41000ms"), "{text}");
     assert!(
-        text.contains("tcp-request content lua.haconfd_hold primary 31000 10"),
+        text.contains("tcp-request content lua.haconfd_hold primary 40000 10"),
         "{text}"
     );
     let (ok, output) = haproxy_check(&text);
     assert!(ok, "{output}");
+    snap.kvs.insert(
+        "/service/demo/config".into(),
+        br#"{"ttl":20,"loop_wait":2}"#.to_vec(),
+    );
+    let text = render(&snap);
+    assert!(
+        text.contains("tcp-request content lua.haconfd_hold primary 30000 10"),
+        "{text}"
+    );
     snap.kvs.remove("/service/demo/config");
     let text = render(&snap);
     assert!(

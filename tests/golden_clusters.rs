@@ -342,14 +342,15 @@ fn clusters_templates_with_the_hold_action_pass_haproxy_check() {
         let (ok, output) = haproxy_check(&text);
         assert!(ok, "{target} with the hold action:\n{output}");
     }
-    // Without `hold_max_ms`: each cluster's own lease (`ttl` 30 in its config key) plus 1 s.
+    // Without `hold_max_ms`: each cluster's own lease (`ttl` 30 + `retry_timeout` 10 in its
+    // config key).
     let mut s = discover();
     let t = s.targets.iter_mut().find(|t| t.name == "haproxy").unwrap();
     t.vars
         .insert("hold_lua".into(), lua.display().to_string().into());
     let text = render(s, "haproxy");
     assert!(
-        text.contains("tcp-request content lua.haconfd_hold alpha_primary 31000 10"),
+        text.contains("tcp-request content lua.haconfd_hold alpha_primary 40000 10"),
         "{text}"
     );
 }
