@@ -3,7 +3,9 @@
 //! recovery), but the JSON body is built from a query on the node itself, and its `role` is
 //! `master` (Patroni 3) or `primary` (Patroni 4) only when `pg_is_in_recovery()` was false, with
 //! `xlog.location` (a replica reports `received_location`/`replayed_location` instead). So a 200
-//! whose body says primary, running, with a write location, means the node takes writes now.
+//! whose body says primary, with a write location, means the node takes writes now. Its `state`
+//! is Patroni's own idea and may lag: after Patroni starts a crashed primary's PostgreSQL again,
+//! it says `starting` for up to a `loop_wait` while the query already shows a primary.
 
 use std::time::{Duration, Instant};
 
@@ -120,7 +122,7 @@ pub fn verdict(status: u16, body: &[u8]) -> Probe {
         .get("xlog")
         .and_then(|x| x.get("location"))
         .is_some_and(|l| !l.is_null());
-    if status == 200 && matches!(role, "master" | "primary") && state == "running" && writes {
+    if status == 200 && matches!(role, "master" | "primary") && writes {
         Probe::Writable
     } else {
         Probe::NotYet(format!(
@@ -186,6 +188,10 @@ mod tests {
             br#"{"state":"running","role":"primary","xlog":{"location":1},"timeline":2}"#;
         assert_eq!(verdict(200, primary3), Probe::Writable);
         assert_eq!(verdict(200, primary4), Probe::Writable);
+        // Patroni started a crashed primary again: its state lags, the query does not.
+        let restarted =
+            br#"{"state":"starting","role":"master","xlog":{"location":67108960},"timeline":2}"#;
+        assert_eq!(verdict(200, restarted), Probe::Writable);
         // The leader lock is held but PostgreSQL is still in recovery: the body says replica.
         let promoting = br#"{"state":"running","role":"replica","xlog":{"received_location":5,"replayed_location":5}}"#;
         assert!(matches!(verdict(200, promoting), Probe::NotYet(_)));
