@@ -43,6 +43,8 @@ struct Active {
     gen: u64,
     why: String,
     began: Instant,
+    /// When the deadline resumes it (`pause_timeout`, or the crash hold's bound).
+    bound: Duration,
     stage: Stage,
     pause_task: Option<JoinHandle<()>>,
     deadline_task: Option<JoinHandle<()>>,
@@ -222,6 +224,20 @@ impl Pause {
     /// `pause_timeout` whatever happens (logged at warn with how long it was paused).
     /// Must be called within a tokio runtime.
     pub fn begin(&self, why: &str) {
+        self.begin_with(why, self.inner.admin.cfg.pause_timeout, false);
+    }
+
+    /// The crash hold's pause: [`Pause::begin`] bounded by `bound` (the cluster's lease)
+    /// instead of `pause_timeout`, and sent to session-mode pools too. Their sessions were on
+    /// the dead primary, whose server connections PgBouncer has closed already, so `PAUSE`
+    /// answers at once and new sessions wait instead of failing to connect; with the primary's
+    /// host gone silent, `PAUSE` stays pending (new sessions wait all the same) until the hold
+    /// ends with `RESUME`.
+    pub fn begin_hold(&self, why: &str, bound: Duration) {
+        self.begin_with(why, bound, true);
+    }
+
+    fn begin_with(&self, why: &str, bound: Duration, sessions: bool) {
         let mut st = self.inner.lock();
         if let Some(a) = st.current.as_ref() {
             debug!(
@@ -237,17 +253,18 @@ impl Pause {
         info!(
             console = admin.console(),
             why,
-            pause_timeout = %humantime::format_duration(admin.cfg.pause_timeout),
+            bound = %humantime::format_duration(bound),
             "PgBouncer: pausing for a switch"
         );
         let weak = Arc::downgrade(&self.inner);
-        let pause_task = tokio::spawn(run_pause(weak.clone(), admin.clone(), gen));
-        let after = admin.cfg.pause_timeout;
+        let pause_task = tokio::spawn(run_pause(weak.clone(), admin.clone(), gen, sessions));
+        let after = bound;
         let deadline_task = tokio::spawn(run_deadline(weak, admin, gen, after));
         st.current = Some(Active {
             gen,
             why: why.to_string(),
             began: Instant::now(),
+            bound,
             stage: Stage::Checking,
             pause_task: Some(pause_task),
             deadline_task: Some(deadline_task),

@@ -82,8 +82,9 @@ pub(super) async fn finish(
         ),
         Ender::Deadline => warn!(
             console, began = %active.why, paused_ms,
-            "PgBouncer resumed at pause_timeout ({}) after {paused_text} paused: the switch did not end in time{}",
-            humantime::format_duration(admin.cfg.pause_timeout),
+            "PgBouncer resumed at {} ({}) after {paused_text} paused: the switch did not end in time{}",
+            if active.bound == admin.cfg.pause_timeout { "pause_timeout" } else { "the crash hold's bound" },
+            humantime::format_duration(active.bound),
             if answered { "" } else { " (its PAUSE never answered: transactions were still running)" },
         ),
         Ender::Dropped => warn!(
@@ -99,7 +100,7 @@ pub(super) fn round_ms(d: Duration) -> Duration {
 }
 
 /// The background half of [`Pause::begin`]: pool modes, then `PAUSE` and its answer.
-pub(super) async fn run_pause(inner: Weak<Inner>, admin: Admin, gen: u64) {
+pub(super) async fn run_pause(inner: Weak<Inner>, admin: Admin, gen: u64, sessions: bool) {
     let Some(transition) = inner.upgrade().map(|i| i.transition.clone()) else {
         return;
     };
@@ -108,20 +109,24 @@ pub(super) async fn run_pause(inner: Weak<Inner>, admin: Admin, gen: u64) {
         Ok(c) => c,
         Err(e) => return pause_failed(&inner, &admin, gen, None, e).await,
     };
-    match admin.session_pools_on(&mut conn).await {
-        Err(e) => return pause_failed(&inner, &admin, gen, None, e).await,
-        Ok(Some(pools)) => {
-            if let Some(i) = inner.upgrade() {
-                i.set_stage(gen, Stage::Session);
+    // The crash hold pauses whatever the pool modes (and asks nothing first: each round trip
+    // is a moment in which a client's retry meets the dead server).
+    if !sessions {
+        match admin.session_pools_on(&mut conn).await {
+            Err(e) => return pause_failed(&inner, &admin, gen, None, e).await,
+            Ok(Some(pools)) => {
+                if let Some(i) = inner.upgrade() {
+                    i.set_stage(gen, Stage::Session);
+                }
+                info!(
+                    console = admin.console(),
+                    "PgBouncer not paused: {pools}, and PAUSE would wait for those clients to \
+                     disconnect; the switch ends with RECONNECT instead",
+                );
+                return;
             }
-            info!(
-                console = admin.console(),
-                "PgBouncer not paused: {pools}, and PAUSE would wait for those clients to \
-                 disconnect; the switch ends with RECONNECT instead",
-            );
-            return;
+            Ok(None) => {}
         }
-        Ok(None) => {}
     }
     let sent = Instant::now();
     match inner.upgrade() {
