@@ -44,6 +44,8 @@ pub const EVENTS: &[&str] = &[
     "member_down",
     "leaderless",
     "pass_failed",
+    "primary_down_detected",
+    "hold_released",
 ];
 
 /// `[hooks]`: how hooks run, for all of them.

@@ -49,6 +49,8 @@ pub struct Metrics {
     switch_seconds: Family<Labels, Histogram>,
     moves: Family<Labels, Counter>,
     fences_expired: Counter,
+    crash_hold_seconds: Histogram,
+    crash_holds: Family<Labels, Counter>,
     drift: Gauge,
     lag_bytes: Family<Labels, Gauge>,
     lag_drained: Family<Labels, Gauge>,
@@ -85,6 +87,17 @@ impl Metrics {
             }),
             moves: Family::default(),
             fences_expired: Counter::default(),
+            // 50 ms .. ~100 s: a restart of PostgreSQL takes a second, a lease tens of seconds.
+            crash_hold_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            // Every way a hold ends, at 0 from the start: an alert on `ended="bound"` has a
+            // series to read before the first hold.
+            crash_holds: {
+                let f: Family<Labels, Counter> = Family::default();
+                for ended in ["new_leader", "recovered", "bound", "shutdown"] {
+                    drop(f.get_or_create(&vec![("ended".to_owned(), ended.to_owned())]));
+                }
+                f
+            },
             drift: Gauge::default(),
             lag_bytes: Family::default(),
             lag_drained: Family::default(),
@@ -111,6 +124,9 @@ impl Metrics {
             drift: Some(self.drift.clone()),
             moves: Some(self.moves.clone()),
             fences_expired: Some(self.fences_expired.clone()),
+            crash_hold: Some(self.crash_hold_seconds.clone()),
+            crash_holds: Some(self.crash_holds.clone()),
+            hook_events: None,
         }
     }
 
@@ -263,6 +279,16 @@ impl Metrics {
             "failover_fences_expired",
             "Fences (drains of the old primary) lifted by their bound rather than by the end of a leader change: a switchover request nobody acted on within failover.fence_timeout, or no new leader confirmed within failover.confirm_timeout",
             self.fences_expired.clone(),
+        );
+        r.register(
+            "crash_hold_seconds",
+            "How long crash holds lasted: from a dead primary noticed (its PostgreSQL refusing or not answering) to the hold's release",
+            self.crash_hold_seconds.clone(),
+        );
+        r.register(
+            "crash_holds",
+            "Crash holds by how they ended: new_leader (another member took writes), recovered (the same member took writes again), bound (the cluster's lease passed), shutdown",
+            self.crash_holds.clone(),
         );
         r.register(
             "hook_runs",

@@ -54,6 +54,9 @@ pub struct ClusterOverview {
     pub fences: Vec<FenceOverview>,
     /// PgBouncer pauses in progress.
     pub pauses: Vec<PauseOverview>,
+    /// The crash hold in force, in a line: the dead primary, what the probes saw, how long, and
+    /// when its bound releases it.
+    pub crash_hold: Option<String>,
     /// Seconds since a leader change began, while one is under way.
     pub change_under_way_s: Option<f64>,
     /// Runtime-API moves refused since start, and the last one.
@@ -477,6 +480,15 @@ fn cluster(c: &Value, st: &Value) -> ClusterOverview {
                 for_s: f(x, "for_s").unwrap_or(0.0),
             })
             .collect(),
+        crash_hold: fp.get("crash_hold").filter(|h| h.is_object()).map(|h| {
+            format!(
+                "{} is down ({}), its clients held for {}, released in {} at the latest",
+                s(h, "server").unwrap_or_default(),
+                s(h, "why").unwrap_or_default(),
+                secs(f(h, "for_s").unwrap_or(0.0)),
+                secs(f(h, "released_in_s").unwrap_or(0.0)),
+            )
+        }),
         change_under_way_s: f(fp, "change_under_way_s"),
         moves_refused: u(fp, "moves_refused"),
         last_refused: s(fp, "last_refused"),
@@ -585,6 +597,9 @@ impl ClusterOverview {
     /// What the fast path holds now, one line each (or one line saying nothing is held).
     pub fn in_progress(&self) -> Vec<String> {
         let mut v = Vec::new();
+        if let Some(h) = &self.crash_hold {
+            v.push(format!("crash hold: {h}"));
+        }
         for x in &self.fences {
             v.push(format!(
                 "fence: {} drained ({}) for {}, lifted in {} at the latest",
@@ -771,6 +786,23 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("last failover: pg1 -> pg2 at 2001-09-09T01:46:40.000Z: fence -2410 ms, confirm +183 ms (rest), HAProxy +185 ms, PgBouncer -"), "{t}");
+    }
+
+    #[test]
+    fn a_crash_hold_shows_with_what_the_probes_saw_and_its_bound() {
+        let mut d = doc();
+        d["clusters"][0]["fast_path"]["crash_hold"] = serde_json::json!({
+            "server": "pg2", "why": "PostgreSQL refused connections for 0 ms (2 probes)",
+            "since": 1.0e9, "for_s": 4.2, "bound_s": 40.0, "released_in_s": 35.8
+        });
+        let t = Overview::from_status(&d).table("127.0.0.1:9187");
+        assert!(
+            t.contains("crash hold: pg2 is down (PostgreSQL refused connections for 0 ms (2 probes)), its clients held for 4.2 s, released in 35.8 s at the latest"),
+            "{t}"
+        );
+        assert!(!Overview::from_status(&doc())
+            .table("x")
+            .contains("crash hold"));
     }
 
     #[test]

@@ -27,6 +27,7 @@ fn everything() -> RawConfig {
     c.lag.max_bytes = Some(1 << 20);
     c.lag.readmit_bytes = Some(1 << 19);
     c.lag.readmit_delay = Some(Duration::from_secs(1));
+    c.failover.crash_hold.max = Some(Duration::from_secs(30));
     c.http.listen = Some("127.0.0.1:1".into());
     c.vars.insert("x".into(), toml::Value::Integer(1));
     let mut vars = toml::Table::new();

@@ -266,6 +266,8 @@ impl Stack {
                     "leader_lost",
                     "leader_changed",
                     "failover_completed",
+                    "primary_down_detected",
+                    "hold_released",
                 ]),
             )
             .hook(Hook::new("hang", ["sleep", "60"]).timeout("2s"))
@@ -1749,6 +1751,248 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
         gone,
         "{crashed} crashed and its keys expired (etcd now holds {member_keys:?}), but haconfd still \
          lists it in haproxy.cfg 15 s after {third} was elected:\n{}",
+        stack.diag()
+    );
+}
+
+/// The clients of one crash: two persistent PgBouncer clients (transaction pooling), one that
+/// reconnects through PgBouncer for every write, new connections through the write port every
+/// 200 ms, and a probe on every node itself.
+struct CrashClients {
+    nodes: Vec<(String, u16, WriteProbe)>,
+    pooled: Vec<WriteProbe>,
+    reconnecting: WriteProbe,
+    write_port: WriteProbe,
+}
+
+impl CrashClients {
+    fn start(cluster: &PatroniCluster, stack: &Stack) -> CrashClients {
+        let step = Duration::from_millis(10);
+        CrashClients {
+            nodes: cluster
+                .nodes()
+                .iter()
+                .map(|n| {
+                    let p = WriteProbe::start(n.pg_port, Mode::Sticky, step, LOAD_MAX);
+                    (n.name.clone(), n.pg_port, p)
+                })
+                .collect(),
+            pooled: (0..2)
+                .map(|_| WriteProbe::start(stack.pgb_port, Mode::Persistent, step, LOAD_MAX))
+                .collect(),
+            reconnecting: WriteProbe::start(stack.pgb_port, Mode::Reconnect, step, LOAD_MAX),
+            write_port: WriteProbe::start(
+                stack.primary_port,
+                Mode::Reconnect,
+                Duration::from_millis(200),
+                LOAD_MAX,
+            ),
+        }
+    }
+
+    /// When `node` itself first took a write after `t0`.
+    fn own_first(&self, node: &str, t0: Instant) -> Option<Instant> {
+        let (_, port, p) = self.nodes.iter().find(|(n, _, _)| n == node)?;
+        switch::first_on(&p.attempts(), *port, t0)
+    }
+}
+
+/// Unix seconds of `at`, an `Instant` taken now-ish.
+fn unix_of(at: Instant) -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    now - at.elapsed().as_secs_f64()
+}
+
+/// Issue 20: a crashed primary costs its clients a wait, not errors. With the crash hold (on by
+/// default), haconfd probes the leader's PostgreSQL port; refused, it drains the leader in
+/// HAProxy (new connections to the write port wait in hold.lua) and pauses PgBouncer (queries
+/// queue), until a primary takes writes.
+/// - PostgreSQL alone is SIGKILLed (Patroni lives and starts it again as the primary at its
+///   next loop): the hold ends as soon as it takes writes again, with no leader change.
+/// - The leader's Patroni and PostgreSQL are SIGKILLed: the clients wait out the lease, and go
+///   on with the new leader.
+///
+/// Each time: no PgBouncer client fails once the hold has begun, each sees at most the
+/// transaction in flight when PostgreSQL died and one retry in the milliseconds before the
+/// pause took effect, no new write-port connection made after the dead primary was noticed
+/// fails, and writes through PgBouncer follow the node's own first one at once.
+#[test]
+fn a_crashed_primary_costs_pgbouncer_clients_a_wait_not_errors() {
+    let _g = serial();
+    let etcd = Etcd::start();
+    let mut cluster = start_cluster(&etcd, "e2ehold");
+    let stack = Stack::start(&cluster, true);
+    let pgb = stack.pgb_port;
+    let first = cluster.wait_leader(None, patroni::SWITCH_TIMEOUT).unwrap();
+    let first_port = cluster.node(&first).pg_port;
+    wait_route_to(stack.primary_port, first_port, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}\n{}", stack.diag()));
+    wait_route_to(pgb, first_port, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}\n{}", stack.diag()));
+
+    // Checks one crash's clients from `t0`: returns (PgBouncer after the node ms, longest wait).
+    let check = |what: &str,
+                 clients: CrashClients,
+                 node: &str,
+                 port: u16,
+                 t0: Instant,
+                 n: usize| {
+        let own = clients
+            .own_first(node, t0)
+            .unwrap_or_else(|| panic!("{what}: {node} never took a write\n{}", stack.diag()));
+        // Writes through PgBouncer (queued by the pause, then resumed) reach the node.
+        let mut via = None;
+        for _ in 0..200 {
+            // After the node came back (a PostgreSQL-only crash keeps the port: writes just
+            // before the crash count for nothing); its own probe steps every 10 ms.
+            let from = own.checked_sub(Duration::from_millis(20)).unwrap_or(own);
+            via = switch::first_on(&clients.pooled[0].attempts(), port, from);
+            if via.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let downs = stack.hook_events("primary_down_detected");
+        assert!(
+            downs.len() >= n,
+            "{what}: no primary_down_detected hook: {downs:?}\n{}",
+            stack.diag()
+        );
+        let noticed = downs[n - 1]["at"].as_f64().unwrap() - unix_of(t0);
+        let CrashClients {
+            nodes,
+            pooled,
+            reconnecting,
+            write_port,
+        } = clients;
+        let pooled = switch::stop_all(pooled);
+        let reconnecting = reconnecting.stop();
+        let write_port = write_port.stop();
+        switch::stop_all(nodes.into_iter().map(|(_, _, p)| p).collect());
+        let via = via.unwrap_or_else(|| {
+            panic!(
+                "{what}: no write through PgBouncer reached {node}\n{}",
+                stack.diag()
+            )
+        });
+        let after = switch::ms_between(own, via);
+        let longest = pooled
+            .iter()
+            .map(|l| switch::longest(l, t0))
+            .max()
+            .unwrap_or_default();
+        let after_notice = t0 + Duration::from_secs_f64(noticed.max(0.0));
+        println!(
+            "RESULT crash hold, {what}: noticed after {:.0} ms; PgBouncer +{after:.0} ms after {node}'s own first write; errors: persistent {:?}, reconnecting {:?}, write port {:?} (after the notice {:?}); longest wait {:.0} ms",
+            noticed * 1000.0,
+            pooled.iter().map(|l| switch::errors_by_class(l, t0)).collect::<Vec<_>>(),
+            switch::errors_by_class(&reconnecting, t0),
+            switch::errors_by_class(&write_port, t0),
+            switch::errors_by_class(&write_port, after_notice),
+            longest.as_secs_f64() * 1000.0,
+        );
+        for (client, log) in pooled
+            .iter()
+            .map(|l| ("a persistent PgBouncer client", l))
+            .chain([("the reconnecting PgBouncer client", &reconnecting)])
+        {
+            // The transaction in flight when PostgreSQL died fails; a retry that meets the dead
+            // server in the few milliseconds before the pause takes effect may fail too (the
+            // probes retry every 10 ms). Nothing begun after the pause took effect fails.
+            let errors: u64 = switch::errors_by_class(log, t0).values().sum();
+            assert!(
+                errors <= 2,
+                "{what}: {client} saw {errors} errors: {:?}\n{}",
+                switch::first_errors(log, t0, 5),
+                stack.diag()
+            );
+            let paused = after_notice + Duration::from_millis(5);
+            let late: Vec<String> = log
+                .iter()
+                .filter(|a| a.started >= paused)
+                .filter_map(|a| a.result.as_ref().err().cloned())
+                .collect();
+            assert!(
+                late.is_empty(),
+                "{what}: {client} failed after the hold began: {late:?}\n{}",
+                stack.diag()
+            );
+        }
+        let late: Vec<&switch::Attempt> = write_port
+            .iter()
+            .filter(|a| a.started >= after_notice && a.result.is_err())
+            .collect();
+        assert!(late.is_empty(), "{what}: new write-port connections made after the dead primary was noticed failed: {late:?}\n{}", stack.diag());
+        (after, longest)
+    };
+
+    // 1. PostgreSQL alone crashes; Patroni starts it again as the primary.
+    let clients = CrashClients::start(&cluster, &stack);
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    patroni::kill_postmaster(&cluster.node(&first).data_dir, Signal::SIGKILL)
+        .unwrap_or_else(|| panic!("no postmaster for {first}"));
+    let back = wait_until(Duration::from_secs(60), || {
+        clients.own_first(&first, t0).is_some()
+    });
+    assert!(
+        back,
+        "{first}'s PostgreSQL did not come back within 60 s\n{}",
+        stack.diag()
+    );
+    let (after, _) = check("PostgreSQL-only crash", clients, &first, first_port, t0, 1);
+    assert_eq!(
+        cluster.leader().as_deref(),
+        Some(first.as_str()),
+        "the leader changed"
+    );
+    let released = stack.hook_events("hold_released");
+    assert_eq!(
+        released.first().and_then(|e| e["detail"].as_str()),
+        Some("recovered"),
+        "{released:?}"
+    );
+    assert!(
+        after <= 100.0,
+        "the hold was released {after:.0} ms after {first} took writes again (bound 100 ms)\n{}",
+        stack.diag()
+    );
+
+    // 2. The leader's Patroni and PostgreSQL crash: the clients wait out the lease.
+    cluster.wait_healthy(patroni::READY_TIMEOUT).unwrap();
+    let clients = CrashClients::start(&cluster, &stack);
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let crashed = cluster.crash_leader();
+    let second = cluster
+        .wait_leader(Some(&crashed), patroni::FAILOVER_TIMEOUT)
+        .unwrap_or_else(|e| panic!("no leader after crashing {crashed}: {e:#}"));
+    let second_port = cluster.node(&second).pg_port;
+    let elected = t0.elapsed();
+    let ok = wait_until(Duration::from_secs(10), || {
+        clients.own_first(&second, t0).is_some()
+    });
+    assert!(ok, "{second} took no write\n{}", stack.diag());
+    let (after, longest) = check("crash", clients, &second, second_port, t0, 2);
+    let released = stack.hook_events("hold_released");
+    assert_eq!(
+        released.get(1).and_then(|e| e["detail"].as_str()),
+        Some("new_leader"),
+        "{released:?}"
+    );
+    // Generous bounds for a shared 2-core machine; the benchmark measures the real figures.
+    assert!(
+        after <= 500.0,
+        "PgBouncer reached {second} {after:.0} ms after it took writes\n{}",
+        stack.diag()
+    );
+    assert!(
+        longest <= elected + Duration::from_secs(2),
+        "a PgBouncer client waited {longest:?}, the new leader came {elected:?} after the crash\n{}",
         stack.diag()
     );
 }

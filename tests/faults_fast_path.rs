@@ -9,6 +9,7 @@
 mod common;
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::fastpath::*;
@@ -383,5 +384,170 @@ fn moves_a_user_level_stats_socket_refuses_are_errors_never_switches() {
             && err.contains("level \"user\"")
             && err.contains("level admin"),
         "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A primary that dies: the crash hold
+// ---------------------------------------------------------------------------------------------
+
+/// pg1's PostgreSQL behind a front the test crashes (its port refuses connections, its sessions
+/// are cut, its REST API answers 503) and starts again, with `failover.crash_hold.max = "2s"`:
+/// - frozen (connections accepted, never served), it is slow, not dead: nothing is held;
+/// - crashed, it is drained in HAProxy and PgBouncer pauses at once (`/status` shows the hold),
+///   until it takes writes again (Patroni restarting PostgreSQL with its lock kept);
+/// - crashed with haconfd SIGKILLed during the hold: the next start lifts the drain and resumes
+///   PgBouncer, holds again (PostgreSQL is still down) and releases at the bound;
+/// - crashed with haconfd stopped (SIGTERM) during the hold: nothing stays drained or paused.
+#[test]
+fn a_dead_primary_is_held_until_it_takes_writes_again_or_the_bound_and_nothing_outlives_haconfd() {
+    let setup = Setup {
+        front: true,
+        more: Some(Arc::new(|b| b.set("failover.crash_hold", "max", "2s"))),
+        ..Setup::default()
+    };
+    let mut rig = Rig::start("crashhold", setup);
+    rig.assert_writes_reach("pg1", Duration::from_secs(3), "before the crash");
+    let crash = |rig: &Rig, when: &str| -> Duration {
+        rig.member("pg1").api.set_role(Role::Down);
+        let t0 = Instant::now();
+        rig.front.as_ref().unwrap().crash();
+        rig.wait_server("primary", "pg1", (UP, DRAIN), Duration::from_secs(2));
+        let noticed = t0.elapsed();
+        rig.assert_pgbouncer_paused(when);
+        noticed
+    };
+    let back = |rig: &Rig| {
+        rig.front.as_ref().unwrap().restart();
+        rig.member("pg1").api.set_role(Role::Primary);
+    };
+
+    // Slow is not dead.
+    rig.front.as_ref().unwrap().freeze(true);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        rig.server("primary", "pg1"),
+        Some((UP, READY)),
+        "a frozen PostgreSQL was held:\n{}",
+        rig.diag()
+    );
+    assert!(rig.status()["fast_path"]["crash_hold"].is_null());
+    rig.front.as_ref().unwrap().freeze(false);
+
+    // 1. Dead, then back with its lock kept.
+    let noticed = crash(&rig, "during the hold");
+    let st = rig.status();
+    let hold = &st["fast_path"]["crash_hold"];
+    assert_eq!(hold["server"], "pg1", "{st}");
+    assert!(hold["why"].as_str().unwrap().contains("refused"), "{st}");
+    assert_eq!(hold["bound_s"], 2.0, "{st}");
+    assert_eq!(st["fast_path"]["fences"][0]["why"], "primary down", "{st}");
+    back(&rig);
+    rig.wait_log(
+        "crash hold released: the primary takes writes again",
+        Duration::from_secs(2),
+    );
+    rig.assert_writes_reach("pg1", Duration::from_secs(2), "back with its lock");
+    assert!(
+        rig.metrics()
+            .contains("haconfd_crash_holds_total{ended=\"recovered\"} 1"),
+        "{}",
+        rig.metrics()
+    );
+    assert!(rig.status()["fast_path"]["crash_hold"].is_null());
+    println!("RESULT crash hold: the dead primary was drained {noticed:?} after its port closed");
+
+    // 2. Dead, haconfd killed during the hold, started again while PostgreSQL is still down.
+    crash(&rig, "before the kill");
+    rig.stop_with(Signal::SIGKILL);
+    let log_before = rig.log_text().len();
+    rig.run();
+    rig.wait_log("crash hold released at its bound", Duration::from_secs(6));
+    let run2 = rig.log_text()[log_before..].to_owned();
+    assert!(
+        run2.contains("PgBouncer was left paused") && run2.contains("the primary is down"),
+        "the new run did not resume what the killed one left, or did not hold again:\n{run2}"
+    );
+    rig.wait_server("primary", "pg1", (UP, READY), Duration::from_secs(2));
+    let r = reached(rig.pgb_port, Duration::from_secs(2));
+    assert_ne!(
+        r,
+        Err("no answer".to_owned()),
+        "PgBouncer still paused after the bound:\n{}",
+        rig.diag()
+    );
+    assert!(
+        rig.metrics()
+            .contains("haconfd_crash_holds_total{ended=\"bound\"} 1"),
+        "{}",
+        rig.metrics()
+    );
+    back(&rig);
+    rig.assert_writes_reach("pg1", Duration::from_secs(3), "back after the bound");
+    // Held once to its bound, it is held again only once its port has answered since.
+    rig.wait_log(
+        "the primary's PostgreSQL answers again",
+        Duration::from_secs(3),
+    );
+
+    // 3. Dead, haconfd stopped during the hold: nothing outlives it.
+    crash(&rig, "before the stop");
+    rig.stop_with(Signal::SIGTERM);
+    assert_eq!(
+        rig.server("primary", "pg1"),
+        Some((UP, READY)),
+        "the hold's drain outlived haconfd:\n{}",
+        rig.diag()
+    );
+    let r = reached(rig.pgb_port, Duration::from_secs(2));
+    assert_ne!(
+        r,
+        Err("no answer".to_owned()),
+        "PgBouncer still paused after haconfd stopped:\n{}",
+        rig.diag()
+    );
+    assert!(
+        rig.log_text()
+            .contains("shutting down: crash hold released"),
+        "{}",
+        rig.diag()
+    );
+}
+
+/// Session pool mode: a switchover does not `PAUSE` a session pool (it would wait for every
+/// client to disconnect), but the crash hold does: the sessions were on the dead primary and
+/// PgBouncer has closed them, so `PAUSE` answers at once, and a new session waits for the
+/// primary instead of failing to connect.
+#[test]
+fn a_crash_hold_pauses_a_session_pool_and_new_sessions_wait() {
+    let setup = Setup {
+        front: true,
+        pool_mode: Some("session"),
+        ..Setup::default()
+    };
+    let rig = Rig::start("crashsession", setup);
+    rig.assert_writes_reach("pg1", Duration::from_secs(3), "session pool, before");
+    rig.member("pg1").api.set_role(Role::Down);
+    rig.front.as_ref().unwrap().crash();
+    rig.wait_server("primary", "pg1", (UP, DRAIN), Duration::from_secs(2));
+    rig.wait_log("PgBouncer paused: PAUSE answered", Duration::from_secs(2));
+    let st = rig.status();
+    assert_eq!(
+        st["fast_path"]["pauses"][0]["stage"], "paused",
+        "the session pool is not paused during the hold: {st}"
+    );
+    // A new session waits through the hold and reaches pg1 once it is back.
+    let waiting = std::thread::spawn({
+        let port = rig.pgb_port;
+        move || reached(port, Duration::from_secs(5))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    rig.front.as_ref().unwrap().restart();
+    rig.member("pg1").api.set_role(Role::Primary);
+    assert_eq!(
+        waiting.join().unwrap().as_deref(),
+        Ok("127.0.0.11"),
+        "a session opened during the hold did not reach the primary once it was back:\n{}",
+        rig.diag()
     );
 }

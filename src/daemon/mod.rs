@@ -157,6 +157,9 @@ struct Daemon {
     confirm_tx: mpsc::UnboundedSender<Confirmed>,
     /// The failover fast path's confirmations of a new leader: each runs a pass at once.
     confirm_rx: mpsc::UnboundedReceiver<Confirmed>,
+    /// Hook events made outside a pass (the crash hold's), run as they come.
+    hook_rx: mpsc::UnboundedReceiver<HookEvent>,
+    hook_tx: mpsc::UnboundedSender<HookEvent>,
     config_path: PathBuf,
     overrides: Overrides,
     engine: Engine,
@@ -170,6 +173,17 @@ struct Daemon {
     reload_rx: mpsc::Receiver<&'static str>,
     hup: Signal,
     shutdown: watch::Receiver<bool>,
+}
+
+/// The fast path's metrics, and the way its hook events reach the dispatcher.
+fn failover_observers(
+    metrics: &Metrics,
+    hook_tx: &mpsc::UnboundedSender<HookEvent>,
+) -> crate::failover::Observers {
+    crate::failover::Observers {
+        hook_events: Some(hook_tx.clone()),
+        ..metrics.failover_observers()
+    }
 }
 
 impl Daemon {
@@ -195,9 +209,10 @@ impl Daemon {
         })?;
         let (reload_tx, reload_rx) = mpsc::channel::<&'static str>(8);
         let (confirm_tx, confirm_rx) = mpsc::unbounded_channel();
+        let (hook_tx, hook_rx) = mpsc::unbounded_channel();
         engine.attach_router(
             confirm_tx.clone(),
-            metrics.failover_observers(),
+            failover_observers(&metrics, &hook_tx),
             metrics.lag_observers(),
         );
         let hooks = Hooks::start(
@@ -209,6 +224,8 @@ impl Daemon {
             hooks,
             confirm_tx,
             confirm_rx,
+            hook_rx,
+            hook_tx,
             config_path,
             overrides,
             source: Source::start(settings),
@@ -272,6 +289,10 @@ impl Daemon {
             Some(c) = self.confirm_rx.recv() => {
                 tracing::debug!(leader = %c.leader, "confirmed: running a pass at once");
                 p.pacer.changed(true);
+                Trigger::Seen
+            }
+            Some(e) = self.hook_rx.recv() => {
+                self.hooks.event(e);
                 Trigger::Seen
             }
             _ = wake => Trigger::Pass,

@@ -76,7 +76,7 @@ impl Daemon {
             self.engine = Engine::new(Arc::clone(&new))?;
             self.engine.attach_router(
                 self.confirm_tx.clone(),
-                self.metrics.failover_observers(),
+                super::failover_observers(&self.metrics, &self.hook_tx),
                 self.metrics.lag_observers(),
             );
         } else {

@@ -27,6 +27,12 @@ impl Router {
             return;
         }
         let now = Instant::now();
+        {
+            let mut sh = lock(&self.shared);
+            sh.hold_bound = self.cfg.crash_hold.bound(cluster);
+            sh.leader_member = cluster.writable_leader().cloned();
+        }
+        self.who = Some(super::crash::Who::of(cluster));
         for e in events {
             self.on_event(cluster, e, now);
         }
@@ -141,9 +147,15 @@ impl Router {
     /// with the leader in place undoes its fence.
     fn leader_in_place(&mut self, cluster: &Cluster, leader: &str) {
         let mut sh = lock(&self.shared);
-        if cluster.failover.is_some() || sh.fences.remove(leader).is_none() {
+        // Only a switchover's fence: a crash hold on the leader ends when it takes writes.
+        let switchover = sh
+            .fences
+            .get(leader)
+            .is_some_and(|f| f.why == FenceWhy::Switchover);
+        if cluster.failover.is_some() || !switchover {
             return;
         }
+        sh.fences.remove(leader);
         let done = sh.fences.is_empty();
         if done {
             sh.changing_since = None;
@@ -315,6 +327,7 @@ impl Router {
         Core {
             shared: Arc::clone(&self.shared),
             actuator: self.actuator(),
+            observers: self.observers.clone(),
         }
     }
 }
@@ -323,6 +336,7 @@ impl Router {
 pub(super) struct Core {
     pub(super) shared: Arc<Mutex<Shared>>,
     pub(super) actuator: Option<mpsc::UnboundedSender<Job>>,
+    pub(super) observers: super::Observers,
 }
 
 impl Core {
@@ -343,6 +357,7 @@ impl Core {
         // set DOWN in the primary backends (deliberately left down, never forgotten).
         let fenced: Vec<String> = std::mem::take(&mut sh.fences).into_keys().collect();
         sh.changing_since = None;
+        let hold = sh.hold.take();
         let demote: Vec<String> = sh
             .moved
             .iter()
@@ -355,6 +370,14 @@ impl Core {
         let repeat = sh.moved.as_deref() == Some(name) && fenced.is_empty();
         sh.moved = Some(name.to_owned());
         drop(sh);
+        if let Some(hold) = &hold {
+            let how = if hold.member.name == name {
+                super::crash::Ended::Recovered
+            } else {
+                super::crash::Ended::NewLeader
+            };
+            super::crash::released(hold, how, Some(name), &self.observers);
+        }
         if !repeat {
             if let Some(a) = &self.actuator {
                 let _ = a.send(Job {

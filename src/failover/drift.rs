@@ -35,9 +35,14 @@ pub(super) async fn drift_loop(
     let mut unreachable = vec![false; routes.len()];
     loop {
         tokio::time::sleep(cfg.drift_interval).await;
+        // A leader under a crash hold is not UP for the repair: its PostgreSQL is down.
         let (leader, confirmed) = {
             let sh = lock(&shared);
-            (sh.leader.clone(), sh.confirmed.clone())
+            let held = sh.hold.as_ref().map(|h| h.member.name.clone());
+            (
+                sh.leader.clone(),
+                sh.confirmed.clone().filter(|c| held.as_ref() != Some(c)),
+            )
         };
         let mut disagree = Vec::new();
         let mut repair = false;

@@ -21,6 +21,8 @@ pub(super) enum FenceWhy {
     LeaderLost,
     /// The fenced leader's key has moved to another member: `confirm_timeout`.
     KeyMoved,
+    /// The leader's PostgreSQL is down (the crash hold): the cluster's lease.
+    Crash,
 }
 
 impl FenceWhy {
@@ -29,6 +31,7 @@ impl FenceWhy {
             FenceWhy::Switchover => "switchover requested",
             FenceWhy::LeaderLost => "leader lost",
             FenceWhy::KeyMoved => "leader key moved",
+            FenceWhy::Crash => "primary down",
         }
     }
 }
@@ -50,6 +53,7 @@ impl Router {
         let bound = match why {
             FenceWhy::Switchover => self.cfg.fence_timeout,
             FenceWhy::LeaderLost | FenceWhy::KeyMoved => self.cfg.confirm_timeout,
+            FenceWhy::Crash => lock(&self.shared).hold_bound,
         };
         let mut sh = lock(&self.shared);
         let first_fence = !sh.fences.contains_key(old);
@@ -186,7 +190,7 @@ pub(super) async fn watchdog(
             }
         }
         let now = Instant::now();
-        let (expired, none_left) = {
+        let (expired, none_left, hold) = {
             let mut sh = lock(&shared);
             let expired: Vec<(String, Fence)> = sh
                 .fences
@@ -201,8 +205,15 @@ pub(super) async fn watchdog(
             if none_left && !expired.is_empty() {
                 sh.changing_since = None;
             }
-            (expired, none_left)
+            let hold = match &sh.hold {
+                Some(h) if expired.iter().any(|(s, _)| *s == h.member.name) => sh.hold.take(),
+                _ => None,
+            };
+            (expired, none_left, hold)
         };
+        if let Some(hold) = &hold {
+            super::crash::released(hold, super::crash::Ended::Bound, None, &observers);
+        }
         if expired.is_empty() {
             continue;
         }
@@ -214,6 +225,8 @@ pub(super) async fn watchdog(
                 now.saturating_duration_since(f.since).as_millis() as u64,
             ));
             match f.why {
+                // Logged by the hold's release.
+                FenceWhy::Crash => {}
                 FenceWhy::Switchover => {
                     tracing::warn!(server = %server, lasted = %lasted, "the switchover request was not acted on within failover.fence_timeout (its leader key did not move): the drain is lifted and the leader takes new connections again; the failover key stays until Patroni or an operator clears it")
                 }

@@ -27,6 +27,7 @@
 mod actuator;
 mod change;
 pub mod confirm;
+mod crash;
 mod drift;
 mod fence;
 mod timeline;
@@ -44,9 +45,10 @@ use crate::consumers::pgbouncer::Pause;
 use crate::model::Cluster;
 use crate::target::Target;
 use actuator::Actuator;
+pub use crash::CrashHoldConfig;
 use fence::Fence;
 pub(crate) use timeline::round3;
-pub use timeline::{FastPath, FenceView, Observers, PauseView, Timeline, TimelineView};
+pub use timeline::{FastPath, FenceView, HoldView, Observers, PauseView, Timeline, TimelineView};
 
 /// `[failover]`: the fast path's settings.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -76,6 +78,10 @@ pub struct FailoverConfig {
     /// How long they may disagree (health checks catching up) before haconfd warns.
     #[serde(default = "default_drift_grace", with = "humantime_serde")]
     pub drift_grace: Duration,
+    /// `[failover.crash_hold]`: a dead primary noticed from here, its clients held until a
+    /// primary takes writes (see [`CrashHoldConfig`]).
+    #[serde(default)]
+    pub crash_hold: CrashHoldConfig,
 }
 
 fn yes() -> bool {
@@ -110,6 +116,7 @@ impl Default for FailoverConfig {
             fence_timeout: default_fence_timeout(),
             drift_interval: default_drift_interval(),
             drift_grace: default_drift_grace(),
+            crash_hold: CrashHoldConfig::default(),
         }
     }
 }
@@ -129,7 +136,7 @@ impl FailoverConfig {
                 return Err(format!("failover.{key} must be longer than 0s"));
             }
         }
-        Ok(())
+        self.crash_hold.validate()
     }
 }
 
@@ -168,6 +175,14 @@ struct Shared {
     /// Since when a leader change is under way (a fence, or a candidate not yet confirmed).
     changing_since: Option<Instant>,
     timeline: Option<Timeline>,
+    /// The crash hold in force: the confirmed leader's PostgreSQL died (its fence is in
+    /// `fences`, `Crash`).
+    hold: Option<crash::Hold>,
+    /// The bound of a hold that begins now: the cluster's lease, capped by the settings.
+    hold_bound: Duration,
+    /// The leader key holder's member, when it takes writes: the one the crash watcher probes
+    /// once it is confirmed.
+    leader_member: Option<crate::model::Member>,
     /// Moves a consumer refused or could not take.
     moves_refused: u64,
     last_refused: Option<String>,
@@ -201,6 +216,10 @@ pub struct Router {
     drift: Option<AbortHandle>,
     /// Lifts fences at their bound; woken when the fences change.
     watchdog: Option<(Arc<Notify>, AbortHandle)>,
+    /// The crash watcher and the member it probes.
+    crash: Option<(crate::model::Member, AbortHandle)>,
+    /// The cluster, for the crash hold's hook events.
+    who: Option<crash::Who>,
     observers: Observers,
 }
 
@@ -213,6 +232,9 @@ impl Drop for Router {
             t.abort();
         }
         if let Some((_, t)) = self.watchdog.take() {
+            t.abort();
+        }
+        if let Some((_, t)) = self.crash.take() {
             t.abort();
         }
     }
@@ -282,6 +304,8 @@ impl Router {
             standby_probe: None,
             drift: None,
             watchdog: None,
+            crash: None,
+            who: None,
             observers: Observers::default(),
         }
     }
@@ -346,6 +370,12 @@ impl Router {
         if !lock(&self.shared).fences.is_empty() {
             self.wake_watchdog();
         }
+        // A crash hold in force is watched on by the new router.
+        self.who = old.who.clone();
+        if let Some((_, t)) = old.crash.take() {
+            t.abort();
+        }
+        self.watch_primary();
     }
 
     /// Whether PgBouncer-like targets (`require_leader`) may be rendered for the cluster's
@@ -408,17 +438,27 @@ impl Router {
     /// every PgBouncer pause ended with `RESUME`. The caller bounds it.
     pub async fn shutdown(&mut self) {
         self.cancel_confirming();
-        for t in [self.drift.take(), self.watchdog.take().map(|(_, t)| t)]
-            .into_iter()
-            .flatten()
+        for t in [
+            self.drift.take(),
+            self.watchdog.take().map(|(_, t)| t),
+            self.crash.take().map(|(_, t)| t),
+        ]
+        .into_iter()
+        .flatten()
         {
             t.abort();
         }
-        let fenced: Vec<String> = {
+        let (fenced, hold): (Vec<String>, _) = {
             let mut sh = lock(&self.shared);
             sh.changing_since = None;
-            std::mem::take(&mut sh.fences).into_keys().collect()
+            (
+                std::mem::take(&mut sh.fences).into_keys().collect(),
+                sh.hold.take(),
+            )
         };
+        if let Some(hold) = &hold {
+            crash::released(hold, crash::Ended::Shutdown, None, &self.observers);
+        }
         if !fenced.is_empty() {
             tracing::info!(servers = ?fenced, "shutting down: lifting the fast path's drains");
             self.send(Move::Unfence { servers: fenced });

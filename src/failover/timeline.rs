@@ -101,6 +101,18 @@ impl TimelineView {
                 .collect(),
             moves_refused: sh.moves_refused,
             last_refused: sh.last_refused.clone(),
+            crash_hold: sh.hold.as_ref().map(|h| HoldView {
+                server: h.member.name.clone(),
+                why: h.why.clone(),
+                since: h.since_unix,
+                for_s: round3(now.saturating_duration_since(h.since).as_secs_f64()),
+                bound_s: round3(h.bound.as_secs_f64()),
+                released_in_s: round3(
+                    (h.since + h.bound)
+                        .saturating_duration_since(now)
+                        .as_secs_f64(),
+                ),
+            }),
             change_under_way_s: sh
                 .changing_since
                 .map(|t| round3(now.saturating_duration_since(t).as_secs_f64())),
@@ -161,6 +173,25 @@ pub struct FastPath {
     pub change_under_way_s: Option<f64>,
     /// PgBouncer pauses in progress.
     pub pauses: Vec<PauseView>,
+    /// The crash hold in force: the primary's PostgreSQL is down and its clients wait.
+    pub crash_hold: Option<HoldView>,
+}
+
+/// A crash hold in force, for `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HoldView {
+    /// The primary whose PostgreSQL is down.
+    pub server: String,
+    /// What the probes saw (and its REST API's answer).
+    pub why: String,
+    /// When it began (Unix seconds).
+    pub since: f64,
+    /// Seconds it has lasted.
+    pub for_s: f64,
+    /// Its bound: the cluster's lease, capped by `failover.crash_hold.max`.
+    pub bound_s: f64,
+    /// Seconds until the bound releases it, unless a primary takes writes first.
+    pub released_in_s: f64,
 }
 
 /// A PgBouncer pause in progress.
@@ -202,6 +233,12 @@ pub struct Observers {
     pub moves: Option<Family<Vec<(String, String)>, Counter>>,
     /// Fences lifted by their bound, not by the end of a change.
     pub fences_expired: Option<Counter>,
+    /// How long crash holds lasted, seconds.
+    pub crash_hold: Option<prometheus_client::metrics::histogram::Histogram>,
+    /// Crash holds by how they ended (`new_leader`, `recovered`, `bound`, `shutdown`).
+    pub crash_holds: Option<Family<Vec<(String, String)>, Counter>>,
+    /// The crash hold's hook events (`primary_down_detected`, `hold_released`), to the daemon.
+    pub hook_events: Option<tokio::sync::mpsc::UnboundedSender<crate::hooks::HookEvent>>,
 }
 
 impl Observers {

@@ -315,6 +315,7 @@ impl Observe {
             st.lag.observe(&model);
         }
         st.router.confirm_now(&model).await;
+        st.router.watch_primary();
         match self.memory.admit(&setup.settings.guard, &model) {
             Ok(()) => {
                 st.refused = None;

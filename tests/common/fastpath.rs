@@ -33,6 +33,8 @@ pub struct Member {
     pub name: &'static str,
     pub addr: &'static str,
     pub api: HealthEndpoint,
+    /// Its PostgreSQL port: the shared PostgreSQL's, or a [`PgFront`]'s.
+    pub pg_port: u16,
 }
 
 impl Member {
@@ -42,7 +44,7 @@ impl Member {
 
     pub fn json_with(&self, role: &str, tags: serde_json::Value) -> String {
         serde_json::json!({
-            "conn_url": format!("postgres://{}:{}/postgres", self.addr, postgres().port()),
+            "conn_url": format!("postgres://{}:{}/postgres", self.addr, self.pg_port),
             "api_url": format!("http://127.0.0.1:{}/patroni", self.api.port()),
             "state": "running",
             "role": role,
@@ -72,6 +74,10 @@ pub struct Setup {
     pub socket_level: &'static str,
     /// More settings (hooks, `[vars]`), added to the config after the rig's own.
     pub more: Option<Arc<dyn Fn(ConfigBuilder) -> ConfigBuilder + Send + Sync>>,
+    /// pg1's PostgreSQL behind a [`PgFront`] the test can crash and start again.
+    pub front: bool,
+    /// PgBouncer's `pool_mode` (`transaction` unless set).
+    pub pool_mode: Option<&'static str>,
 }
 
 impl Default for Setup {
@@ -81,6 +87,8 @@ impl Default for Setup {
             pgb_check: None,
             socket_level: "admin",
             more: None,
+            front: false,
+            pool_mode: None,
         }
     }
 }
@@ -104,6 +112,8 @@ pub struct Rig {
     pub haproxy: Option<Haproxy>,
     pub pgbouncer: Option<Pgbouncer>,
     pub haconfd: Option<Proc>,
+    /// pg1's PostgreSQL port, when [`Setup::front`] asked for one.
+    pub front: Option<PgFront>,
 }
 
 impl Rig {
@@ -115,22 +125,24 @@ impl Rig {
         let pg = postgres();
         let etcd = Etcd::shared();
         let prefix = format!("/service/{}/", unique_name(tag));
+        let front = setup.front.then(|| PgFront::start("127.0.0.11", pg.port()));
         let members = vec![
             Member {
                 name: "pg1",
                 addr: "127.0.0.11",
                 api: HealthEndpoint::start(Role::Primary),
+                pg_port: front.as_ref().map_or(pg.port(), |f| f.port),
             },
             Member {
                 name: "pg2",
                 addr: "127.0.0.12",
                 api: HealthEndpoint::start(Role::Replica),
+                pg_port: pg.port(),
             },
         ];
         etcd.put(&format!("{prefix}members/pg1"), &members[0].json("primary"));
         etcd.put(&format!("{prefix}members/pg2"), &members[1].json("replica"));
         etcd.put(&format!("{prefix}leader"), "pg1");
-        let _ = pg;
         let dir = temp_dir(tag);
         let d = dir.path().to_path_buf();
         let tpl_dir = d.join("tpl");
@@ -166,6 +178,7 @@ impl Rig {
             haproxy: None,
             pgbouncer: None,
             haconfd: None,
+            front,
         };
         rig.write_config();
         haconfd_once_no_reload(&rig.config);
@@ -204,6 +217,9 @@ impl Rig {
         .require_leader(true)
         .pgbouncer_admin(&self.pgb_dir, self.pgb_port, "pgbouncer", Some("15s"))
         .pgbouncer_test_vars(&self.pgb_dir, self.pgb_port);
+        if let Some(mode) = self.setup.pool_mode {
+            pgbouncer = pgbouncer.var("pool_mode", mode);
+        }
         if self.pgbouncer.is_some() {
             let pidfile = self.pgb_dir.join("pgbouncer.pid");
             pgbouncer = pgbouncer.reload(Reload::signal(pidfile, "SIGHUP", "pgbouncer"));
@@ -451,5 +467,124 @@ impl Rig {
             "{backend}/{server} is not {want:?} within {within:?}:\n{}",
             self.diag()
         );
+    }
+}
+
+/// A member's PostgreSQL port in front of the shared PostgreSQL, which a test can crash (the
+/// listener closed, every forwarded connection cut: connections are refused, as after a
+/// postmaster's death), freeze (connections accepted by the kernel, never served: a node that is
+/// merely slow) and start again on the same port.
+pub struct PgFront {
+    pub addr: &'static str,
+    pub port: u16,
+    backend: u16,
+    state: Arc<std::sync::Mutex<FrontState>>,
+}
+
+#[derive(Default)]
+struct FrontState {
+    /// Bumped at every crash: the accept loop and the pipes of an older generation stop.
+    generation: u64,
+    frozen: bool,
+    open: Vec<std::net::TcpStream>,
+}
+
+impl PgFront {
+    pub fn start(addr: &'static str, backend: u16) -> PgFront {
+        let listener = std::net::TcpListener::bind((addr, 0)).expect("bind the PostgreSQL front");
+        let port = listener.local_addr().unwrap().port();
+        let front = PgFront {
+            addr,
+            port,
+            backend,
+            state: Arc::default(),
+        };
+        front.serve(listener);
+        front
+    }
+
+    fn serve(&self, listener: std::net::TcpListener) {
+        listener.set_nonblocking(true).unwrap();
+        let state = Arc::clone(&self.state);
+        let (addr, backend) = (self.addr, self.backend);
+        let generation = state.lock().unwrap().generation;
+        std::thread::spawn(move || {
+            // Bounded: at most an hour of 5 ms steps.
+            for _ in 0..720_000 {
+                {
+                    let st = state.lock().unwrap();
+                    if st.generation != generation {
+                        return;
+                    }
+                    if st.frozen {
+                        drop(st);
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                }
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let _ = client.set_nonblocking(false);
+                        let Ok(server) = std::net::TcpStream::connect((addr, backend)) else {
+                            continue;
+                        };
+                        let mut st = state.lock().unwrap();
+                        st.open.push(client.try_clone().unwrap());
+                        st.open.push(server.try_clone().unwrap());
+                        drop(st);
+                        for (mut from, mut to) in [
+                            (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                            (server, client),
+                        ] {
+                            std::thread::spawn(move || {
+                                let _ = std::io::copy(&mut from, &mut to);
+                                let _ = to.shutdown(std::net::Shutdown::Both);
+                            });
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+    }
+
+    /// Closes the port (new connections are refused) and cuts every open connection.
+    pub fn crash(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.generation += 1;
+        st.frozen = false;
+        for c in st.open.drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        drop(st);
+        // The accept loop sees the generation within 5 ms and drops the listener.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    /// Listens on the same port again.
+    pub fn restart(&self) {
+        let listener = (0..100)
+            .find_map(|_| {
+                std::net::TcpListener::bind((self.addr, self.port))
+                    .map_err(|_| std::thread::sleep(Duration::from_millis(20)))
+                    .ok()
+            })
+            .expect("bind the PostgreSQL front again");
+        self.serve(listener);
+    }
+
+    /// Stops serving (or serves again): connections still complete in the kernel's backlog.
+    pub fn freeze(&self, frozen: bool) {
+        self.state.lock().unwrap().frozen = frozen;
+    }
+}
+
+impl Drop for PgFront {
+    fn drop(&mut self) {
+        let mut st = self.state.lock().unwrap();
+        st.generation += 1;
+        for c in st.open.drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
