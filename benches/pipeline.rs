@@ -73,6 +73,7 @@ const SCENARIOS: &[&str] = &[
     "clusters",
     "membership",
     "lag",
+    "crash-hold",
 ];
 
 /// confd's figures from the field measurements haconfd was designed against (not measured here:
@@ -128,6 +129,7 @@ fn main() {
             "clusters" => bench_clusters(),
             "membership" => bench_membership(),
             "lag" => bench_lag(),
+            "crash-hold" => bench_crash_hold(),
             _ => unreachable!(),
         });
         println!(
@@ -1395,8 +1397,12 @@ const FO_PROBE_MAX: Duration = Duration::from_secs(240);
 /// The two ways haconfd is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FoVariant {
-    /// `server_state`, `[failover] enabled = true`, the hold action, `pgbouncer_admin`.
+    /// `server_state`, `[failover] enabled = true`, the hold action, `pgbouncer_admin`, and
+    /// the crash hold (on by default).
     Fast,
+    /// [`FoVariant::Fast`] with `[failover.crash_hold] enabled = false`: the fast path as it
+    /// was before the crash hold.
+    NoHold,
     /// No server state, `[failover] enabled = false`, no hold, PgBouncer reloaded by SIGHUP:
     /// HAProxy's health checks alone move the write port.
     Checks,
@@ -1406,6 +1412,7 @@ impl FoVariant {
     fn name(self) -> &'static str {
         match self {
             FoVariant::Fast => "fast",
+            FoVariant::NoHold => "no_hold",
             FoVariant::Checks => "checks",
         }
     }
@@ -1419,6 +1426,9 @@ enum FoKind {
     /// SIGKILL of the leader's Patroni and postmaster: a replica takes over once the leader
     /// key's lease (`ttl`) runs out.
     Crash,
+    /// SIGKILL of the leader's postmaster alone: its Patroni starts PostgreSQL again as the
+    /// primary at its next loop, with the leader key kept.
+    PgCrash,
 }
 
 impl FoKind {
@@ -1426,6 +1436,7 @@ impl FoKind {
         match self {
             FoKind::Switchover => "switchover",
             FoKind::Crash => "crash",
+            FoKind::PgCrash => "pg_crash",
         }
     }
 }
@@ -1549,7 +1560,7 @@ impl FoStack {
     /// haconfd's config for the current variant (as tests/e2e_patroni.rs writes it).
     fn config_text(&self) -> String {
         let q = |p: &Path| format!("{:?}", p.display().to_string());
-        let fast = self.variant == FoVariant::Fast;
+        let fast = self.variant != FoVariant::Checks;
         let haproxy_reload = match &self.haproxy {
             Some(h) => format!(
                 "reload = {{ pidfile = {}, signal = \"SIGUSR2\", process = \"haproxy\"{} }}\n",
@@ -1567,10 +1578,12 @@ impl FoStack {
             "[etcd]\nendpoints = [{:?}]\nscope = {:?}\n\n\
              [daemon]\nmin_interval = \"100ms\"\nretry_interval = \"1s\"\n\n\
              [failover]\nenabled = {fast}\n\n\
+             [failover.crash_hold]\nenabled = {}\n\n\
              [vars]\nbind_address = \"127.0.0.1\"\nprimary_port = {}\nreplica_port = {}\n\
              stats_port = {}\nstats_socket = {}\nmaxconn = 1000\n",
             self.endpoint,
             self.scope,
+            self.variant == FoVariant::Fast,
             self.primary_port,
             self.replica_port,
             self.stats_port,
@@ -1653,7 +1666,7 @@ impl FoStack {
         self.variant = variant;
         let before = self.haproxy().reload_count();
         self.start_daemon();
-        let want_hold = variant == FoVariant::Fast;
+        let want_hold = variant != FoVariant::Checks;
         let ok = wait_until(Duration::from_secs(20), || {
             std::fs::read_to_string(&self.haproxy_cfg)
                 .is_ok_and(|c| c.contains("lua-load") == want_hold)
@@ -1883,6 +1896,12 @@ struct FoRun {
     sample_errors: Vec<(&'static str, Vec<String>)>,
     /// Attempts per probe in the window (shows the probes' pace).
     attempts: Vec<usize>,
+    /// The longest attempt per probe that began in the window, ms: the longest a client
+    /// waited (a query queued by PgBouncer's pause, a connection held by hold.lua).
+    longest_ms: Vec<f64>,
+    /// Errors of the :5000 probe's connections made after haconfd noticed the dead primary
+    /// (its `crash_noticed` mark); None without that mark.
+    haproxy_errors_after_notice: Option<ErrorCounts>,
     /// haconfd's log, ms after the event: fenced, confirmed, HAProxy moved, PgBouncer
     /// followed, PgBouncer and HAProxy reloaded (first of each).
     marks: std::collections::BTreeMap<&'static str, f64>,
@@ -1956,6 +1975,8 @@ fn fo_marks(daemon: &mut Haconfd, wall0_ms: f64) -> std::collections::BTreeMap<&
             "the new primary takes writes" => "confirmed",
             "HAProxy follows the new primary" => "haproxy_moved",
             "PgBouncer follows the new primary" => "pgbouncer_followed",
+            m if m.starts_with("the primary is down: holding its clients") => "crash_noticed",
+            m if m.starts_with("crash hold released") => "hold_released",
             "reloaded" if l.raw.contains("\"target\":\"pgbouncer\"") => "pgbouncer_reloaded",
             "reloaded" if l.is_haproxy() => "haproxy_reloaded",
             _ => continue,
@@ -2006,6 +2027,12 @@ fn failover_round(
         FoKind::Switchover => {
             let new = cluster.switchover(None);
             (settled.leader.clone(), new)
+        }
+        FoKind::PgCrash => {
+            let old = settled.leader.clone();
+            patroni::kill_postmaster(&cluster.node(&old).data_dir, Signal::SIGKILL)
+                .unwrap_or_else(|| panic!("no postmaster for {old}"));
+            (old.clone(), old)
         }
         FoKind::Crash => {
             let old = cluster.crash_leader();
@@ -2094,6 +2121,23 @@ fn failover_round(
             .iter()
             .map(|l| l.iter().filter(|a| a.at >= t0 && a.at < end).count())
             .collect(),
+        longest_ms: logs
+            .iter()
+            .map(|l| switch::longest(l, t0).as_secs_f64() * 1000.0)
+            .collect(),
+        haproxy_errors_after_notice: marks.get("crash_noticed").map(|ms| {
+            let noticed = t0 + Duration::from_secs_f64(ms.max(0.0) / 1000.0);
+            let mut out = ErrorCounts::new();
+            for a in logs[0]
+                .iter()
+                .filter(|a| a.started >= noticed && a.at < end)
+            {
+                if let Err(e) = &a.result {
+                    *out.entry(switch::error_class(e)).or_default() += 1;
+                }
+            }
+            out
+        }),
         marks,
         window_ms: switch::ms_between(t0, end),
         old_workers,
@@ -2106,6 +2150,133 @@ fn failover_round(
         cluster.restart_member(&old);
     }
     run
+}
+
+/// The crash hold's rounds: crashes (Patroni and PostgreSQL), PostgreSQL-only crashes and
+/// switchovers, each with the crash hold on (`fast`) and off (`no_hold`, the fast path as it
+/// was), ABBA, on one Patroni cluster, one HAProxy and one PgBouncer (see docs/BENCHMARKS.md).
+fn bench_crash_hold() {
+    let crashes = env_usize("BENCH_HOLD_CRASHES", 3);
+    let pg_crashes = env_usize("BENCH_HOLD_PG_CRASHES", 2);
+    let switchovers = env_usize("BENCH_HOLD_SWITCHOVERS", 2);
+    let max_secs = env_usize("BENCH_HOLD_MAX_SECS", 3600) as u64;
+    let binaries = patroni::Binaries::from_env();
+    let start = Instant::now();
+    let etcd = Etcd::shared();
+    let scope = unique_name("bench-hold");
+    let timing = patroni::Timing::default();
+    let mut cluster =
+        PatroniCluster::start_with_binaries(&etcd.endpoint(), &scope, 3, timing, binaries);
+    let version = cluster
+        .patroni_version()
+        .unwrap_or_else(|e| format!("unknown ({e:#})"));
+    println!(
+        "crash-hold: {version} ({}), ttl {} s, loop_wait {} s, retry_timeout {} s; {crashes}          crashes, {pg_crashes} PostgreSQL-only crashes and {switchovers} switchovers per variant",
+        cluster.binaries.patroni.display(),
+        timing.ttl,
+        timing.loop_wait,
+        timing.retry_timeout,
+    );
+    cluster.create_probe_table();
+    // ABBA within each kind: fast, no_hold, no_hold, fast, ...
+    let variant = |i: usize| {
+        if (i / 2) % 2 == (i % 2) {
+            FoVariant::Fast
+        } else {
+            FoVariant::NoHold
+        }
+    };
+    let mut stack = FoStack::start(&cluster, FoVariant::Fast);
+    let plan: Vec<(FoKind, FoVariant)> = [
+        (FoKind::Crash, crashes),
+        (FoKind::PgCrash, pg_crashes),
+        (FoKind::Switchover, switchovers),
+    ]
+    .into_iter()
+    .flat_map(|(k, n)| (0..2 * n).map(move |i| (k, variant(i))))
+    .collect();
+    let mut runs = Vec::with_capacity(plan.len());
+    let mut stopped_early = false;
+    for (round, &(kind, v)) in plan.iter().enumerate() {
+        if start.elapsed() > Duration::from_secs(max_secs) {
+            eprintln!("[crash-hold] BENCH_HOLD_MAX_SECS={max_secs} reached after {round} rounds");
+            stopped_early = true;
+            break;
+        }
+        let t = Instant::now();
+        let run = failover_round(&mut cluster, &mut stack, kind, v, round);
+        fo_print_run(&run);
+        println!(
+            "       longest wait per probe {:?} ms; :5000 errors after the crash was noticed: {}; round took {:.1} s",
+            run.longest_ms.iter().map(|v| v.round()).collect::<Vec<_>>(),
+            run.haproxy_errors_after_notice
+                .as_ref()
+                .map_or("no notice".into(), fo_fmt_errors),
+            t.elapsed().as_secs_f64()
+        );
+        runs.push(run);
+    }
+    drop(stack);
+    drop(cluster);
+
+    let total = |e: &ErrorCounts| e.values().sum::<u64>() as f64;
+    let mut summary = serde_json::Map::new();
+    for v in [FoVariant::Fast, FoVariant::NoHold] {
+        let mut per_kind = serde_json::Map::new();
+        for kind in [FoKind::Crash, FoKind::PgCrash, FoKind::Switchover] {
+            let rs: Vec<&FoRun> = runs
+                .iter()
+                .filter(|r| r.variant == v && r.kind == kind)
+                .collect();
+            if rs.is_empty() {
+                continue;
+            }
+            let stat = |f: &dyn Fn(&FoRun) -> Option<f64>| {
+                let xs: Vec<f64> = rs.iter().filter_map(|r| f(r)).collect();
+                let (p50, max) = fo_p50_max(&xs);
+                json!({"per_run": xs, "p50": p50, "max": max})
+            };
+            let pooled_max = |r: &FoRun| Some(total(&r.errors[2]).max(total(&r.errors[3])));
+            let e = json!({
+                "pooled_errors_per_client_max": stat(&pooled_max),
+                "reconnecting_pgbouncer_errors": stat(&|r| Some(total(&r.errors[1]))),
+                "new_5000_errors": stat(&|r| Some(total(&r.errors[0]))),
+                "new_5000_errors_after_notice": stat(&|r| r.haproxy_errors_after_notice.as_ref().map(total)),
+                "longest_wait_pooled_ms": stat(&|r| Some(r.longest_ms[2].max(r.longest_ms[3]).round())),
+                "pgbouncer_after_own_ms": stat(&|r| r.pgbouncer_after_own()),
+                "haproxy_after_own_ms": stat(&|r| r.haproxy_after_own()),
+                "noticed_ms": stat(&|r| r.marks.get("crash_noticed").copied()),
+                "errors_by_class": {
+                    "pooled": rs.iter().fold(ErrorCounts::new(), |a, r| fo_add(&a, &FoRun::pooled(&r.errors))),
+                    "reconnecting_pgbouncer": rs.iter().fold(ErrorCounts::new(), |a, r| fo_add(&a, &r.errors[1])),
+                    "new_5000": rs.iter().fold(ErrorCounts::new(), |a, r| fo_add(&a, &r.errors[0])),
+                },
+            });
+            println!(
+                "RESULT crash-hold/{} {} over {} runs: {e}",
+                v.name(),
+                kind.name(),
+                rs.len()
+            );
+            per_kind.insert(kind.name().into(), e);
+        }
+        summary.insert(v.name().into(), per_kind.into());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    print_json(json!({
+        "bench": "crash-hold",
+        "patroni": version,
+        "patroni_bin": patroni::Binaries::from_env().patroni.display().to_string(),
+        "ttl": timing.ttl,
+        "loop_wait": timing.loop_wait,
+        "retry_timeout": timing.retry_timeout,
+        "order": "per kind ABBA by round (fast = crash hold on, no_hold = off); one cluster, one HAProxy, one PgBouncer; haconfd restarted with the variant's config when it changes",
+        "probes": "errors[0] new connections through :5000 every 5 ms, errors[1] a PgBouncer client reconnecting for every write every 5 ms, errors[2..3] two persistent PgBouncer clients writing every 10 ms",
+        "summary": summary,
+        "runs": runs.iter().map(fo_run_json).collect::<Vec<_>>(),
+        "stopped_early": stopped_early,
+        "seconds": secs,
+    }));
 }
 
 fn fo_print_run(r: &FoRun) {
@@ -2181,6 +2352,8 @@ fn fo_run_json(r: &FoRun) -> Value {
         "errors_after_own": per_probe(&r.errors_after_own),
         "errors_before_event": per_probe(&r.errors_before),
         "attempts": r.attempts,
+        "longest_wait_ms": r.longest_ms.iter().map(|v| v.round()).collect::<Vec<_>>(),
+        "haproxy_errors_after_notice": r.haproxy_errors_after_notice,
         "haconfd_log_ms": r.marks,
         "window_ms": r1(Some(r.window_ms)),
         "haproxy_old_workers_after_own": r.old_workers,
