@@ -1900,7 +1900,8 @@ struct FoRun {
     /// waited (a query queued by PgBouncer's pause, a connection held by hold.lua).
     longest_ms: Vec<f64>,
     /// Errors of the :5000 probe's connections made after haconfd noticed the dead primary
-    /// (its `crash_noticed` mark); None without that mark.
+    /// and HAProxy took the drain (its `drained` mark after `crash_noticed`; a connection
+    /// that came in between went to the dead server); None without a notice.
     haproxy_errors_after_notice: Option<ErrorCounts>,
     /// haconfd's log, ms after the event: fenced, confirmed, HAProxy moved, PgBouncer
     /// followed, PgBouncer and HAProxy reloaded (first of each).
@@ -1976,6 +1977,7 @@ fn fo_marks(daemon: &mut Haconfd, wall0_ms: f64) -> std::collections::BTreeMap<&
             "HAProxy follows the new primary" => "haproxy_moved",
             "PgBouncer follows the new primary" => "pgbouncer_followed",
             m if m.starts_with("the primary is down: holding its clients") => "crash_noticed",
+            "HAProxy moved through the runtime API" if l.raw.contains("state drain") => "drained",
             m if m.starts_with("crash hold released") => "hold_released",
             "reloaded" if l.raw.contains("\"target\":\"pgbouncer\"") => "pgbouncer_reloaded",
             "reloaded" if l.is_haproxy() => "haproxy_reloaded",
@@ -2055,8 +2057,19 @@ fn failover_round(
     // Bounded polls (every 20 ms) for the three first writes.
     let own_deadline = Instant::now() + FO_OWN_BOUND;
     let mut own = None;
+    // A PostgreSQL-only crash keeps the node: its first write counts once it has failed (a
+    // write that finished just as the SIGKILL went out is from before).
+    let down_since = |log: &[switch::Attempt]| {
+        if kind != FoKind::PgCrash {
+            return Some(t0);
+        }
+        log.iter()
+            .find(|a| a.at >= t0 && a.result.is_err())
+            .map(|a| a.at)
+    };
     for _ in 0..2000 {
-        own = switch::first_on(&own_probe.attempts(), new_port, t0);
+        own = down_since(&own_probe.attempts())
+            .and_then(|from| switch::first_on(&own_probe.attempts(), new_port, from));
         if own.is_some() || Instant::now() >= own_deadline {
             break;
         }
@@ -2067,13 +2080,19 @@ fn failover_round(
     std::thread::sleep(Duration::from_millis(200));
     let old_workers = fo_old_workers(stack.haproxy());
     let reach_deadline = own.unwrap_or_else(Instant::now) + FO_REACH_BOUND;
+    // After a PostgreSQL-only crash, writes through HAProxy and PgBouncer count from just
+    // before the node's own first one (the probes step every 5 ms).
+    let reach_from = match (kind, own) {
+        (FoKind::PgCrash, Some(o)) => o.checked_sub(Duration::from_millis(20)).unwrap_or(t0),
+        _ => t0,
+    };
     let (mut via_haproxy, mut via_pgbouncer) = (None, None);
     for _ in 0..2000 {
         if via_haproxy.is_none() {
-            via_haproxy = switch::first_on(&probes[0].attempts(), new_port, t0);
+            via_haproxy = switch::first_on(&probes[0].attempts(), new_port, reach_from);
         }
         if via_pgbouncer.is_none() {
-            via_pgbouncer = switch::first_on(&probes[1].attempts(), new_port, t0);
+            via_pgbouncer = switch::first_on(&probes[1].attempts(), new_port, reach_from);
         }
         if (via_haproxy.is_some() && via_pgbouncer.is_some()) || Instant::now() >= reach_deadline {
             break;
@@ -2125,7 +2144,12 @@ fn failover_round(
             .iter()
             .map(|l| switch::longest(l, t0).as_secs_f64() * 1000.0)
             .collect(),
-        haproxy_errors_after_notice: marks.get("crash_noticed").map(|ms| {
+        haproxy_errors_after_notice: marks.get("crash_noticed").map(|noticed_ms| {
+            let ms = marks
+                .get("drained")
+                .copied()
+                .filter(|d| d >= noticed_ms)
+                .unwrap_or(*noticed_ms);
             let noticed = t0 + Duration::from_secs_f64(ms.max(0.0) / 1000.0);
             let mut out = ErrorCounts::new();
             for a in logs[0]
