@@ -2184,24 +2184,16 @@ fn bench_crash_hold() {
     let pg_crashes = env_usize("BENCH_HOLD_PG_CRASHES", 2);
     let switchovers = env_usize("BENCH_HOLD_SWITCHOVERS", 2);
     let max_secs = env_usize("BENCH_HOLD_MAX_SECS", 3600) as u64;
-    let binaries = patroni::Binaries::from_env();
     let start = Instant::now();
-    let etcd = Etcd::shared();
-    let scope = unique_name("bench-hold");
-    let timing = patroni::Timing::default();
-    let mut cluster =
-        PatroniCluster::start_with_binaries(&etcd.endpoint(), &scope, 3, timing, binaries);
-    let version = cluster
-        .patroni_version()
-        .unwrap_or_else(|e| format!("unknown ({e:#})"));
+    let (mut cluster, version, timing) = fo_cluster("bench-hold");
     println!(
-        "crash-hold: {version} ({}), ttl {} s, loop_wait {} s, retry_timeout {} s; {crashes}          crashes, {pg_crashes} PostgreSQL-only crashes and {switchovers} switchovers per variant",
+        "crash-hold: {version} ({}), ttl {} s, loop_wait {} s, retry_timeout {} s; per \
+         variant {crashes} crashes, {pg_crashes} PostgreSQL-only crashes, {switchovers} switchovers",
         cluster.binaries.patroni.display(),
         timing.ttl,
         timing.loop_wait,
         timing.retry_timeout,
     );
-    cluster.create_probe_table();
     // ABBA within each kind: fast, no_hold, no_hold, fast, ...
     let variant = |i: usize| {
         if (i / 2) % 2 == (i % 2) {
@@ -2446,24 +2438,34 @@ fn fo_summary(runs: &[&FoRun], variant: FoVariant, kind: FoKind) -> Value {
     })
 }
 
+/// The failover and crash-hold scenarios' cluster: three members of the Patroni
+/// `BENCH_PATRONI_VENV` names (Debian's without it), with the probe table; its version and
+/// timing. ttl 20 s is the shortest Patroni allows (4.x raises a smaller one to 20; 3.0.2 does
+/// not check): the harness's default timing.
+fn fo_cluster(tag: &str) -> (PatroniCluster, String, patroni::Timing) {
+    let timing = patroni::Timing::default();
+    let cluster = PatroniCluster::start_with_binaries(
+        &Etcd::shared().endpoint(),
+        &unique_name(tag),
+        3,
+        timing,
+        patroni::Binaries::from_env(),
+    );
+    let version = cluster
+        .patroni_version()
+        .unwrap_or_else(|e| format!("unknown ({e:#})"));
+    cluster.create_probe_table();
+    (cluster, version, timing)
+}
+
 /// Switchovers and crash failovers, each measured with the fast path on and with health
 /// checks alone, on one Patroni cluster, one HAProxy and one PgBouncer (see docs/BENCHMARKS.md).
 fn bench_failover() {
     let switchovers = env_usize("BENCH_FAILOVER_SWITCHOVERS", 5);
     let crashes = env_usize("BENCH_FAILOVER_CRASHES", 3);
     let max_secs = env_usize("BENCH_FAILOVER_MAX_SECS", 3600) as u64;
-    let binaries = patroni::Binaries::from_env();
     let start = Instant::now();
-    let etcd = Etcd::shared();
-    let scope = unique_name("bench-fo");
-    // ttl 20 s is the shortest Patroni allows (4.x raises a smaller one to 20; 3.0.2 does not
-    // check): the harness's default timing.
-    let timing = patroni::Timing::default();
-    let mut cluster =
-        PatroniCluster::start_with_binaries(&etcd.endpoint(), &scope, 3, timing, binaries);
-    let version = cluster
-        .patroni_version()
-        .unwrap_or_else(|e| format!("unknown ({e:#})"));
+    let (mut cluster, version, timing) = fo_cluster("bench-fo");
     println!(
         "failover: {version} ({}), ttl {} s, loop_wait {} s, retry_timeout {} s; cluster up in \
          {:.1} s; {switchovers} switchovers and {crashes} crashes per variant",
@@ -2473,7 +2475,6 @@ fn bench_failover() {
         timing.retry_timeout,
         cluster.startup.as_secs_f64()
     );
-    cluster.create_probe_table();
     let mut stack = FoStack::start(&cluster, fo_variant(0));
     let plan: Vec<FoKind> = std::iter::repeat_n(FoKind::Switchover, 2 * switchovers)
         .chain(std::iter::repeat_n(FoKind::Crash, 2 * crashes))

@@ -376,6 +376,18 @@ impl Stack {
         self.haproxy.as_ref().expect("haproxy started")
     }
 
+    /// The leader, once writes through the write port and through PgBouncer reach it (5 s
+    /// each), and its port.
+    fn routed_to_leader(&self, cluster: &PatroniCluster) -> (String, u16) {
+        let leader = cluster.wait_leader(None, patroni::SWITCH_TIMEOUT).unwrap();
+        let port = cluster.node(&leader).pg_port;
+        for via in [self.primary_port, self.pgb_port] {
+            wait_route_to(via, port, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("{e}\n{}", self.diag()));
+        }
+        (leader, port)
+    }
+
     /// What the recording hook received, one event per line.
     fn hooks_file(&self) -> PathBuf {
         self.dir.path().join("hooks.jsonl")
@@ -1129,23 +1141,32 @@ fn the_sync_listener_follows_the_synchronous_standby_and_reads_fall_back_to_the_
 /// Write probes for a leader change: one on each node's own port (when does the new primary
 /// itself first take a write), new connections through HAProxy's write port and through PgBouncer.
 struct Probes {
-    nodes: Vec<(String, WriteProbe)>,
+    nodes: Vec<(String, u16, WriteProbe)>,
     via_haproxy: WriteProbe,
     via_pgb: WriteProbe,
+}
+
+/// A write probe on each node's own port: name, port, probe.
+fn node_probes(
+    cluster: &PatroniCluster,
+    mode: Mode,
+    step: Duration,
+) -> Vec<(String, u16, WriteProbe)> {
+    cluster
+        .nodes()
+        .iter()
+        .map(|n| {
+            let p = WriteProbe::start(n.pg_port, mode, step, LOAD_MAX);
+            (n.name.clone(), n.pg_port, p)
+        })
+        .collect()
 }
 
 impl Probes {
     fn start(cluster: &PatroniCluster, stack: &Stack) -> Probes {
         let step = Duration::from_millis(5);
         Probes {
-            nodes: cluster
-                .nodes()
-                .iter()
-                .map(|n| {
-                    let p = WriteProbe::start(n.pg_port, Mode::Persistent, step, LOAD_MAX);
-                    (n.name.clone(), p)
-                })
-                .collect(),
+            nodes: node_probes(cluster, Mode::Persistent, step),
             via_haproxy: WriteProbe::start(stack.primary_port, Mode::Reconnect, step, LOAD_MAX),
             via_pgb: WriteProbe::start(stack.pgb_port, Mode::Reconnect, step, LOAD_MAX),
         }
@@ -1162,8 +1183,8 @@ impl Probes {
         let own_log = self
             .nodes
             .iter()
-            .find(|(n, _)| n == node)
-            .map(|(_, p)| p.attempts())
+            .find(|(n, _, _)| n == node)
+            .map(|(_, _, p)| p.attempts())
             .unwrap_or_else(|| panic!("no probe on {node}"));
         let own = switch::first_on(&own_log, port, t0)
             .unwrap_or_else(|| panic!("{node} never took a direct write"));
@@ -1487,12 +1508,7 @@ fn switchover_and_leader_crash_repoint_writes_and_pgbouncer() {
     let sampler = Sampler::start(stack.haproxy_cfg.clone(), stack.pgb_ini.clone());
     let pgb = stack.pgb_port;
 
-    let first = cluster.wait_leader(None, patroni::SWITCH_TIMEOUT).unwrap();
-    let first_port = cluster.node(&first).pg_port;
-    wait_route_to(stack.primary_port, first_port, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("{e}\n{}", stack.diag()));
-    wait_route_to(pgb, first_port, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("{e}\n{}", stack.diag()));
+    let (first, _) = stack.routed_to_leader(&cluster);
     let writes = WriteLoad::start(stack.primary_port, LOAD_MAX);
     // When each node itself first takes a write, and when writes through HAProxy and PgBouncer
     // first reach it: new connections through both, and two persistent PgBouncer clients.
@@ -1769,14 +1785,7 @@ impl CrashClients {
     fn start(cluster: &PatroniCluster, stack: &Stack) -> CrashClients {
         let step = Duration::from_millis(10);
         CrashClients {
-            nodes: cluster
-                .nodes()
-                .iter()
-                .map(|n| {
-                    let p = WriteProbe::start(n.pg_port, Mode::Sticky, step, LOAD_MAX);
-                    (n.name.clone(), n.pg_port, p)
-                })
-                .collect(),
+            nodes: node_probes(cluster, Mode::Sticky, step),
             pooled: (0..2)
                 .map(|_| WriteProbe::start(stack.pgb_port, Mode::Persistent, step, LOAD_MAX))
                 .collect(),
@@ -1832,13 +1841,7 @@ fn a_crashed_primary_costs_pgbouncer_clients_a_wait_not_errors() {
     let etcd = Etcd::start();
     let mut cluster = start_cluster(&etcd, "e2ehold");
     let stack = Stack::start(&cluster, true);
-    let pgb = stack.pgb_port;
-    let first = cluster.wait_leader(None, patroni::SWITCH_TIMEOUT).unwrap();
-    let first_port = cluster.node(&first).pg_port;
-    wait_route_to(stack.primary_port, first_port, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("{e}\n{}", stack.diag()));
-    wait_route_to(pgb, first_port, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("{e}\n{}", stack.diag()));
+    let (first, first_port) = stack.routed_to_leader(&cluster);
 
     // Checks one crash's clients from `t0`: returns (PgBouncer after the node ms, longest wait).
     let check = |what: &str,
