@@ -476,11 +476,11 @@ fn a_dead_primary_is_held_until_it_takes_writes_again_or_the_bound_and_nothing_o
         "PgBouncer still paused after the bound:\n{}",
         rig.diag()
     );
+    let metrics = rig.metrics();
     assert!(
-        rig.metrics()
-            .contains("haconfd_crash_holds_total{ended=\"bound\"} 1"),
-        "{}",
-        rig.metrics()
+        metrics.contains("haconfd_crash_holds_total{ended=\"bound\"} 1")
+            && metrics.contains("haconfd_failover_fences_expired_total 0"),
+        "a hold at its bound counts as that, and not as a fence past its bound too:\n{metrics}"
     );
     back(&rig);
     rig.assert_writes_reach("pg1", Duration::from_secs(3), "back after the bound");

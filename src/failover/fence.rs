@@ -218,7 +218,13 @@ pub(super) async fn watchdog(
             continue;
         }
         for (server, f) in &expired {
-            if let Some(c) = &observers.fences_expired {
+            // A crash hold at its bound is counted as such (`haconfd_crash_holds_total`), not
+            // twice.
+            if let Some(c) = observers
+                .fences_expired
+                .as_ref()
+                .filter(|_| f.why != FenceWhy::Crash)
+            {
                 c.inc();
             }
             let lasted = humantime::format_duration(Duration::from_millis(
