@@ -102,19 +102,31 @@ pub fn haconfd_bin() -> PathBuf {
 
 static HANDED_OUT_PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
-/// A free TCP port on 127.0.0.1, never the same one twice within this process.
+/// Where [`free_port`] looks: below the kernel's ephemeral range (32768–60999), so that no
+/// outgoing connection (a client's, a probe's) takes a port between the test picking it and a
+/// server binding it (CI saw HAProxy fail with `Address already in use` on such a port).
+const TEST_PORTS: std::ops::Range<u32> = 20000..32000;
+
+static NEXT_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A free TCP port on 127.0.0.1 below the ephemeral range, never the same one twice within this
+/// process; each process starts at its own place in the range.
 pub fn free_port() -> u16 {
-    for _ in 0..500 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("bind 127.0.0.1:0")
-            .port();
+    let span = TEST_PORTS.end - TEST_PORTS.start;
+    let offset = std::process::id().wrapping_mul(2654435761) % span;
+    for _ in 0..2000 {
+        let i = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (TEST_PORTS.start + (offset + i) % span) as u16;
         let mut g = HANDED_OUT_PORTS.lock().unwrap_or_else(|e| e.into_inner());
-        if g.get_or_insert_with(HashSet::new).insert(port) {
+        if g.get_or_insert_with(HashSet::new).contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            g.get_or_insert_with(HashSet::new).insert(port);
             return port;
         }
     }
-    panic!("free_port: no fresh port after 500 tries");
+    panic!("free_port: no free port in {TEST_PORTS:?} after 2000 tries");
 }
 
 /// True when something accepts TCP connections on 127.0.0.1:`port`.
